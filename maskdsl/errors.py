@@ -1,0 +1,36 @@
+"""Errors that teach: every rejected spec names file:line:col, shows the line, and hints at a fix."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be accepted.
+
+    The message reads `file:line:col: what is wrong`, then the offending line with a caret
+    under the column, then a hint. Line and column are 1-based (0 when unknown).
+    """
+
+    def __init__(self, message: str, *, filename: str = "<string>", line: int = 0, column: int = 0,
+                 source: str | None = None, hint: str | None = None):
+        self.filename = filename
+        self.line = line
+        self.column = column
+        self.reason = message
+        self.hint = hint
+        text = f"{filename}:{line}:{column}: {message}"
+        if source is not None and line >= 1:
+            lines = source.splitlines()
+            if line <= len(lines):
+                src = lines[line - 1]
+                text += f"\n    {src}\n    {' ' * max(column - 1, 0)}^"
+        if hint:
+            text += f"\nhint: {hint}"
+        super().__init__(text)
+
+
+def suggest(name: str, known, prefix: str = "; did you mean ") -> str:
+    """'; did you mean X?' for the nearest known name, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"{prefix}{close[0]!r}?" if close else ""

@@ -1,0 +1,164 @@
+"""Spec text -> validated IR (`Spec`). Front of the language: `parse` and `load`.
+
+Statements are resolved in file order, so a mask may only use masks defined above it;
+named masks are inlined, which makes the IR self-contained and names irrelevant to hashes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maskdsl import ir
+from maskdsl.errors import SpecError, suggest
+from maskdsl.primitives import BARE_PRIMITIVES, PRIMITIVES, BindError, Param, bind_args, bind_call
+from maskdsl.syntax import BinOp, Call, Ref, Stmt, parse_syntax
+
+RESERVED = set(PRIMITIVES) | {"grid", "layout", "mask", "attention", "on", "true", "false"}
+ATTENTION_PARAMS = (Param("mask", "word"), Param("heads", "int"), Param("head_dim", "int", 128),
+                    Param("kv_heads", "int", 0), Param("dtype", "word", "bf16"), Param("batch", "int", 1))
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def parse(text: str, filename: str = "<string>") -> ir.Spec:
+    """Parse and validate a spec; raises SpecError (a ValueError) with file:line:col and a hint."""
+    try:
+        return _Resolver(text, filename).run()
+    except BindError as exc:
+        line, column = exc.pos
+        raise SpecError(exc.message, filename=filename, line=line, column=column, source=text, hint=exc.hint) from None
+
+
+def load(path) -> ir.Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec: {exc.strerror}", filename=str(path), line=0, column=0,
+                        hint="check the path") from None
+    return parse(text, filename=str(path))
+
+
+class _Resolver:
+    def __init__(self, text: str, filename: str):
+        self.text, self.filename = text, filename
+        self.layouts: dict[str, ir.Layout] = {}
+        self.masks: dict[str, ir.MaskDef] = {}
+        self.attentions: dict[str, ir.Attention] = {}
+
+    def run(self) -> ir.Spec:
+        for stmt in parse_syntax(self.text, self.filename):
+            self._check_name(stmt)
+            if stmt.kind == "layout":
+                self.layouts[stmt.name] = self._layout(stmt)
+            elif stmt.kind == "mask":
+                self.masks[stmt.name] = self._mask(stmt)
+            else:
+                self.attentions[stmt.name] = self._attention(stmt)
+        return ir.Spec(tuple(self.layouts.values()), tuple(self.masks.values()), tuple(self.attentions.values()))
+
+    def _check_name(self, stmt: Stmt) -> None:
+        if stmt.name in RESERVED:
+            raise BindError(f"{stmt.name!r} is a reserved word and cannot name a {stmt.kind}", stmt.name_pos,
+                            "pick another name")
+        table = {"layout": self.layouts, "mask": self.masks, "attention": self.attentions}[stmt.kind]
+        if stmt.name in table:
+            raise BindError(f"duplicate {stmt.kind} name {stmt.name!r}", stmt.name_pos,
+                            f"each {stmt.kind} needs its own name")
+
+    def _layout(self, stmt: Stmt) -> ir.Layout:
+        call = stmt.body
+        if not isinstance(call, Call) or call.name != "grid":
+            pos = call.pos if isinstance(call, (Call, Ref)) else stmt.pos
+            name = getattr(call, "name", "?")
+            raise BindError(f"a layout is a grid, not {name!r}", pos, "write layout NAME = grid(n0[, n1[, n2]])")
+        if not 1 <= len(call.args) <= 3 or any(a.key is not None for a in call.args):
+            raise BindError(f"grid takes 1 to 3 positional extents, got {len(call.args)} argument(s)", call.pos,
+                            "write grid(4096), grid(128, 128) or grid(30, 48, 80)")
+        shape = []
+        for arg in call.args:
+            v = arg.value
+            if v.kind != "int":
+                raise BindError(f"a grid extent must be an integer, got {v.describe()}", v.pos)
+            if v.value < 1:
+                raise BindError(f"grid extent {v.value} must be positive", v.pos)
+            shape.append(v.value)
+        return ir.Layout(stmt.name, tuple(shape))
+
+    def _mask(self, stmt: Stmt) -> ir.MaskDef:
+        layout = self._mask_layout(stmt)
+        return ir.MaskDef(stmt.name, self._expr(stmt.body, layout), layout)
+
+    def _mask_layout(self, stmt: Stmt) -> ir.Layout:
+        if stmt.on is not None:
+            if stmt.on.name not in self.layouts:
+                raise BindError(f"unknown layout {stmt.on.name!r}{suggest(stmt.on.name, self.layouts)}", stmt.on.pos,
+                                f"layouts defined so far: {', '.join(self.layouts) or 'none'}")
+            return self.layouts[stmt.on.name]
+        used = [r for r in _refs(stmt.body) if r.name in self.masks]
+        if used:
+            return self.masks[used[0].name].layout
+        if len(self.layouts) == 1:
+            return next(iter(self.layouts.values()))
+        if not self.layouts:
+            raise BindError(f"mask {stmt.name!r} needs a layout, and none is defined", stmt.name_pos,
+                            "add `layout NAME = grid(...)` above it")
+        raise BindError(f"mask {stmt.name!r} does not say which layout it is on", stmt.name_pos,
+                        f"add `on LAYOUT` with one of: {', '.join(self.layouts)}")
+
+    def _expr(self, node, layout: ir.Layout) -> ir.MaskExpr:
+        if isinstance(node, BinOp):
+            left, right = self._expr(node.left, layout), self._expr(node.right, layout)
+            return ir.union(left, right) if node.op == "|" else ir.intersection(left, right)
+        if isinstance(node, Call):
+            return bind_call(node, layout)
+        if node.name in self.masks:
+            used = self.masks[node.name]
+            if used.layout.shape != layout.shape:
+                raise BindError(f"mask {node.name!r} is on {used.layout.name!r} {used.layout.shape}, but this mask "
+                                f"is on {layout.name!r} {layout.shape}", node.pos,
+                                "masks can only be combined over layouts of the same size")
+            return used.expr
+        if node.name in BARE_PRIMITIVES:
+            return bind_call(Call(node.name, (), node.pos), layout)
+        if node.name in PRIMITIVES:
+            raise BindError(f"{node.name} needs arguments", node.pos, f"write {node.name}(...)")
+        known = list(self.masks) + list(BARE_PRIMITIVES)
+        raise BindError(f"unknown mask {node.name!r}{suggest(node.name, known)}", node.pos,
+                        f"masks defined so far: {', '.join(self.masks) or 'none'}; a mask must be defined before use")
+
+    def _attention(self, stmt: Stmt) -> ir.Attention:
+        call = Call("attention", stmt.body, stmt.name_pos)
+        values = bind_args(call, ATTENTION_PARAMS, f"attention {stmt.name}")
+        out = {}
+        for p in ATTENTION_PARAMS:
+            v = values[p.name]
+            if p.kind == "int" and v.kind != "int":
+                raise BindError(f"{p.name} must be an integer, got {v.describe()}", v.pos)
+            if p.kind == "word" and v.kind != "word":
+                raise BindError(f"{p.name} must be a name, got {v.describe()}", v.pos)
+            out[p.name] = v.value
+        if out["mask"] not in self.masks:
+            raise BindError(f"unknown mask {out['mask']!r}{suggest(out['mask'], self.masks)}", values["mask"].pos,
+                            f"masks defined so far: {', '.join(self.masks) or 'none'}")
+        for key in ("heads", "batch"):
+            if out[key] < 1:
+                raise BindError(f"{key}={out[key]} must be positive", values[key].pos)
+        kv = out["kv_heads"] or out["heads"]
+        if kv < 1 or out["heads"] % kv:
+            raise BindError(f"kv_heads={kv} must divide heads={out['heads']}", values["kv_heads"].pos,
+                            "grouped-query attention shares each kv head among heads/kv_heads query heads")
+        if out["head_dim"] not in HEAD_DIMS:
+            raise BindError(f"head_dim={out['head_dim']} is not supported", values["head_dim"].pos,
+                            f"supported: {', '.join(map(str, HEAD_DIMS))}")
+        if out["dtype"] not in ir.DTYPES:
+            raise BindError(f"unknown dtype {out['dtype']!r}{suggest(out['dtype'], ir.DTYPES)}", values["dtype"].pos,
+                            f"dtypes: {', '.join(ir.DTYPES)}")
+        return ir.Attention(stmt.name, out["mask"], out["heads"], kv, out["head_dim"], out["dtype"], out["batch"])
+
+
+def _refs(node):
+    if isinstance(node, BinOp):
+        yield from _refs(node.left)
+        yield from _refs(node.right)
+    elif isinstance(node, Ref):
+        yield node

@@ -1,0 +1,53 @@
+"""Reference attention in float64 from the materialized mask: the oracle for every kernel test.
+
+Small problems only (it builds the [Lq, Lk] mask and the [B, H, Lq, Lk] scores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from maskdsl import ir
+from maskdsl.semantics import static_mask
+
+
+def _mask_def(spec: ir.Spec, mask_name: str) -> ir.MaskDef:
+    return spec.mask(mask_name)
+
+
+def reference_mask(spec: ir.Spec, mask_name: str) -> torch.Tensor:
+    """Boolean [Lq, Lk] over row-major token order: True where the query attends to the key."""
+    mask = _mask_def(spec, mask_name)
+    return static_mask(mask.expr, mask.layout.shape)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ir.Spec, mask_name: str,
+                        scale: float | None = None, return_lse: bool = False):
+    """softmax(q k^T * scale, masked) v in float64; rows that see no key give 0 (and LSE -inf).
+
+    q: [B, H, L, D]; k, v: [B, H_kv, L, D] with H_kv dividing H (query head h uses kv head h // (H/H_kv)).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, L, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim or heads % kv_heads:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={batch}, H_kv, L, D={dim}] "
+                         f"with H_kv dividing H={heads}")
+    mask = reference_mask(spec, mask_name)
+    if mask.shape != (length, k.shape[2]):
+        raise ValueError(f"the mask covers {mask.shape[0]} query and {mask.shape[1]} key tokens, "
+                         f"but q has {length} and k has {k.shape[2]}")
+    group = heads // kv_heads
+    q64 = q.detach().to(torch.float64).cpu()
+    k64 = k.detach().to(torch.float64).cpu().repeat_interleave(group, dim=1)
+    v64 = v.detach().to(torch.float64).cpu().repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float64).min))
+    out = probs @ v64
+    return (out, lse) if return_lse else out

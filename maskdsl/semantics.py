@@ -1,0 +1,96 @@
+"""The exact mask semantics (DESIGN.md §3): the oracle that every other part is tested against.
+
+Per dimension of extent n, a neighborhood with window w, dilation d, stride s and causal flag c
+relates query coordinate i to key coordinate j as follows (NATTEN's rule, as written in
+SHI-Labs/NATTEN src/natten/backends/flex.py `get_na_flex_mask` and
+csrc/include/natten/cuda/reference/mask.hpp `get_win_start`/`get_win_end`; paraphrased):
+
+* dilation: only keys with j mod d == i mod d; the rest runs on the group's own coordinates
+  i' = i // d, j' = j // d, and group length n' = ceil((n - i mod d) / d);
+* non-causal: leader = min(floor(i'/s)*s + s//2, n'-1) (for even s the right-hand centre),
+  start = clamp(leader - w//2, 0, n' - w), keys start <= j' < start + w;
+* causal: leader = min(floor(i'/s)*s + s - 1, n'-1) (the group's last query), keys
+  max(0, leader - w + 1) <= j' <= i'. The lower bound follows the stride group's leader while
+  the upper bound is the query itself, exactly as NATTEN does.
+
+Even windows put w//2 keys on the left and w//2 - 1 on the right (before clamping), as
+NATTEN's `window_size_right = w//2 + (w%2 - 1)`. These formulas are only claimed for w*d <= n,
+which the language enforces (as NATTEN's checks do).
+
+A multi-dimensional neighborhood attends iff every dimension does. Everything here is
+written for clarity, not speed: it materializes [n, n] per dimension and [L, L] overall.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maskdsl import ir
+
+
+def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False) -> torch.Tensor:
+    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension."""
+    i = torch.arange(n).view(n, 1)
+    j = torch.arange(n).view(1, n)
+    group = i % dilation
+    same_group = group == (j % dilation)
+    gi, gj = i // dilation, j // dilation
+    glen = (n - group + dilation - 1) // dilation
+    if causal:
+        leader = torch.minimum((gi // stride) * stride + stride - 1, glen - 1)
+        seen = (gj <= gi) & (leader - gj < window)
+    else:
+        leader = torch.minimum((gi // stride) * stride + stride // 2, glen - 1)
+        start = torch.clamp(leader - window // 2, min=0)
+        start = torch.minimum(start, glen - window)
+        seen = (gj >= start) & (gj < start + window)
+    return same_group & seen
+
+
+def _flat_coords(shape: tuple[int, ...], flat: torch.Tensor) -> list[torch.Tensor]:
+    """Per-dimension coordinates of row-major flat token indices."""
+    coords = []
+    for n in reversed(shape):
+        coords.append(flat % n)
+        flat = flat // n
+    return coords[::-1]
+
+
+def static_mask(expr: ir.MaskExpr, shape: tuple[int, ...], rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [L, L] over row-major tokens for a mask with no data-dependent part.
+
+    With `rows` (flat query indices) only those rows are built: [len(rows), L], so a few rows of a
+    115,200-token grid can be looked at without the full matrix.
+    """
+    tokens = 1
+    for n in shape:
+        tokens *= n
+    keys = torch.arange(tokens)
+    queries = keys if rows is None else rows.to(torch.int64)
+    qi, kj = queries.view(-1, 1), keys.view(1, -1)
+    if isinstance(expr, ir.Neighborhood):
+        qc, kc = _flat_coords(shape, queries), _flat_coords(shape, keys)
+        mask = torch.ones(len(queries), tokens, dtype=torch.bool)
+        for d, n in enumerate(shape):
+            m1 = neighborhood_1d(n, expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d])
+            mask &= m1[qc[d].view(-1, 1), kc[d].view(1, -1)]
+        return mask
+    if isinstance(expr, ir.Causal):
+        return qi >= kj
+    if isinstance(expr, ir.Full):
+        return torch.ones(len(queries), tokens, dtype=torch.bool)
+    if isinstance(expr, ir.Sink):
+        return (qi < expr.n) | (kj < expr.n)
+    if isinstance(expr, ir.Union_):
+        out = torch.zeros(len(queries), tokens, dtype=torch.bool)
+        for t in expr.terms:
+            out |= static_mask(t, shape, rows)
+        return out
+    if isinstance(expr, ir.Intersection):
+        out = torch.ones(len(queries), tokens, dtype=torch.bool)
+        for t in expr.terms:
+            out &= static_mask(t, shape, rows)
+        return out
+    if isinstance(expr, ir.TopK):
+        raise ValueError(f"{expr.fmt()} depends on the data: pass q and k to build its mask")
+    raise TypeError(f"not a mask expression: {expr!r}")

@@ -1,0 +1,1 @@
+"""GNA-style tile-schedule simulator: predicts what a tiled kernel visits, before any GPU runs."""

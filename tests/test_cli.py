@@ -1,0 +1,59 @@
+"""The command line: check every example, fmt round-trips, show draws a picture, errors exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+import maskdsl
+from maskdsl.cli import main
+
+from conftest import EXAMPLES
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.mask"))
+
+
+def test_examples_exist():
+    names = {p.stem for p in EXAMPLE_FILES}
+    assert {"llm_sliding_window", "image_2d", "video_3d", "video_gna", "image_dilated", "video_blocked",
+            "streaming_llm", "topk_window"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
+def test_examples_pass_check(path, capsys):
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    spec = maskdsl.load(path)
+    for mask in spec.masks:
+        assert f"{mask.name}: on {mask.layout.name}" in out
+    assert out.strip().endswith(f"spec hash {spec.content_hash()})")
+
+
+def test_check_reports_exact_density(tmp_path, capsys):
+    path = tmp_path / "w.mask"
+    path.write_text("layout s = grid(10)\nmask w = sliding_window(3, causal=true)\n")
+    main(["check", str(path)])
+    # rows see 1, 2, 3, 3, ... keys: 1 + 2 + 8 * 3 = 27 of 100 pairs
+    assert "density 27.0000%" in capsys.readouterr().out
+
+
+def test_fmt_prints_canonical_text(capsys):
+    main(["fmt", str(EXAMPLES / "video_3d.mask")])
+    out = capsys.readouterr().out
+    assert "mask sparse = neighborhood(window=(15, 24, 40)) | sink(4) on video" in out
+    assert maskdsl.parse(out) == maskdsl.load(EXAMPLES / "video_3d.mask")
+
+
+def test_show_draws_png(tmp_path):
+    out = tmp_path / "m.png"
+    assert main(["show", str(EXAMPLES / "video_gna.mask"), "--mask", "gna", "-o", str(out), "--query", "0,0,0"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_exit_2_with_location(tmp_path):
+    path = tmp_path / "bad.mask"
+    path.write_text("layout s = grid(8)\nmask a = sliding_window(9)\n")
+    proc = subprocess.run([sys.executable, "-m", "maskdsl.cli", "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{path}:2:" in proc.stderr and "window 9 is larger than the extent 8" in proc.stderr
+    assert "Traceback" not in proc.stderr
