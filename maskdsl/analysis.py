@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from maskdsl import ir
-from maskdsl.intervals import group_bounds
+from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
+                               rel_neighborhood, rel_queries_in)
 
 
 class NotAnalyzable(ValueError):
@@ -52,58 +53,53 @@ class Rel1D:
         t_end = (edges[None, :] - g + d - 1) // d  # group coordinates below the edge
         return np.clip(np.minimum(self.hi[:, None] + 1, t_end) - self.lo[:, None], 0, None)
 
+    def permuted(self) -> "Rel1D":
+        """The same relation over dilation-group-major positions (GNA's dilation permutation).
 
-def _rel(n, lo, hi, dilation=1) -> Rel1D:
-    i = np.zeros(n, dtype=np.int64)
-    return Rel1D(n, dilation, np.broadcast_to(np.asarray(lo, np.int64), i.shape).copy(),
-                 np.broadcast_to(np.asarray(hi, np.int64), i.shape).copy())
-
-
-def rel_all(n):
-    return _rel(n, 0, n - 1)
-
-
-def rel_before(n, inclusive):
-    i = np.arange(n)
-    return _rel(n, 0, i if inclusive else i - 1)
-
-
-def rel_equal(n):
-    i = np.arange(n)
-    return _rel(n, i, i)
+        Group g occupies positions [off_g, off_g + len_g); there a dilated relation is contiguous.
+        """
+        d, n = self.dilation, self.n
+        if d == 1:
+            return self
+        c = np.arange(n)
+        g = c % d
+        offsets = np.concatenate([[0], np.cumsum([(n - k + d - 1) // d for k in range(d)])])
+        pos = offsets[g] + c // d
+        lo, hi = np.empty(n, np.int64), np.empty(n, np.int64)
+        lo[pos], hi[pos] = offsets[g] + self.lo, offsets[g] + self.hi
+        empty = self.lo > self.hi
+        lo[pos[empty]], hi[pos[empty]] = 0, -1
+        return Rel1D(n, 1, lo, hi)
 
 
-def rel_keys_in(n, start, stop):
-    return _rel(n, start, stop - 1)
+Product = tuple[SymRel, ...]
 
 
-def rel_queries_in(n, start, stop):
-    i = np.arange(n)
-    inside = (i >= start) & (i < stop)
-    return _rel(n, 0, np.where(inside, n - 1, -1))
+@dataclass(frozen=True, eq=False)
+class Term:
+    """A product term: symbolic (for codegen) and evaluated (for counting) side by side."""
+
+    sym: Product
+    num: tuple[Rel1D, ...]
+
+    @classmethod
+    def build(cls, sym: Product, shape) -> "Term | None":
+        num = []
+        for rel, n in zip(sym, shape):
+            lo, hi = evaluate(rel, n)
+            r = Rel1D(n, rel.dilation, lo, hi)
+            if r.empty:
+                return None
+            num.append(r)
+        return cls(tuple(sym), tuple(num))
 
 
-def rel_neighborhood(n, window, dilation, stride, causal) -> Rel1D:
-    lo, hi = group_bounds(n, window, dilation, stride, causal)
-    return Rel1D(n, dilation, lo, hi)
-
-
-def intersect_rel(a: Rel1D, b: Rel1D) -> Rel1D:
-    if a.dilation == b.dilation:
-        return Rel1D(a.n, a.dilation, np.maximum(a.lo, b.lo), np.minimum(a.hi, b.hi))
-    if a.dilation != 1 and b.dilation != 1:
-        raise NotAnalyzable(f"intersecting dilations {a.dilation} and {b.dilation} in one dimension is not supported")
-    if b.dilation == 1:
-        a, b = b, a
-    # a is contiguous in plain coordinates: restate its bounds in b's dilation-group coordinates.
-    d = b.dilation
-    g = np.arange(a.n) % d
-    t_lo = -((g - a.lo) // d)  # ceil((lo - g) / d)
-    t_hi = (a.hi - g) // d
-    return Rel1D(a.n, d, np.maximum(t_lo, b.lo), np.minimum(t_hi, b.hi))
-
-
-Product = tuple[Rel1D, ...]
+def intersect_terms(a: Term, b: Term, shape) -> Term | None:
+    try:
+        sym = tuple(intersect(x, y) for x, y in zip(a.sym, b.sym))
+    except ValueError as exc:
+        raise NotAnalyzable(str(exc)) from None
+    return Term.build(sym, shape)
 
 
 def _rel_within(a: Rel1D, b: Rel1D) -> bool:
@@ -118,31 +114,25 @@ def _rel_within(a: Rel1D, b: Rel1D) -> bool:
     return False
 
 
-def simplify(prods: list[Product]) -> list[Product]:
-    """Drop products contained in another (duplicates too): unions of sinks and causal pieces repeat a lot."""
-    kept: list[Product] = []
-    for idx, p in enumerate(prods):
-        later = prods[idx + 1:]
-        if any(all(_rel_within(x, y) for x, y in zip(p, q)) for q in kept + later):
+def simplify(terms: list[Term]) -> list[Term]:
+    """Drop terms contained in another (duplicates too): unions of sinks and causal pieces repeat a lot."""
+    kept: list[Term] = []
+    for idx, t in enumerate(terms):
+        if any(all(_rel_within(x, y) for x, y in zip(t.num, u.num)) for u in kept + terms[idx + 1:]):
             continue
-        kept.append(p)
+        kept.append(t)
     return kept
-
-
-def intersect_products(a: Product, b: Product) -> Product | None:
-    out = tuple(intersect_rel(x, y) for x, y in zip(a, b))
-    return None if any(r.empty for r in out) else out
 
 
 def _prefix_boxes(shape, n_tokens):
     """The first n_tokens of a row-major grid as disjoint boxes [(start, stop) per dimension]."""
+    if n_tokens >= int(np.prod(shape)):
+        return [tuple((0, n) for n in shape)]
     digits, rem = [], n_tokens
     for k in range(len(shape)):
         block = int(np.prod(shape[k + 1:], dtype=np.int64))
         digits.append(rem // block)
         rem %= block
-    if n_tokens >= int(np.prod(shape)):
-        return [tuple((0, n) for n in shape)]
     boxes = []
     for k, c in enumerate(digits):
         if c:
@@ -151,52 +141,77 @@ def _prefix_boxes(shape, n_tokens):
     return boxes
 
 
-def products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Product]:
-    """The static mask as a list of products whose union it is (empty products dropped)."""
+def _symbolic(expr: ir.MaskExpr, shape) -> list[Product]:
     rank = len(shape)
     if isinstance(expr, ir.Neighborhood):
-        return [tuple(rel_neighborhood(n, expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d])
-                      for d, n in enumerate(shape))]
+        return [tuple(rel_neighborhood(expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d])
+                      for d in range(rank))]
     if isinstance(expr, ir.Full):
-        return [tuple(rel_all(n) for n in shape)]
+        return [tuple(rel_all() for _ in shape)]
     if isinstance(expr, ir.Causal):
-        out = []
-        for k in range(rank):
-            out.append(tuple(rel_equal(n) if d < k else rel_before(n, inclusive=(k == rank - 1)) if d == k
-                             else rel_all(n) for d, n in enumerate(shape)))
-        return [p for p in out if not any(r.empty for r in p)]
+        return [tuple(rel_equal() if d < k else rel_before(inclusive=(k == rank - 1)) if d == k else rel_all()
+                      for d in range(rank)) for k in range(rank)]
     if isinstance(expr, ir.Sink):
         boxes = _prefix_boxes(shape, expr.n)
-        rows = [tuple(rel_queries_in(n, *box[d]) for d, n in enumerate(shape)) for box in boxes]
-        cols = [tuple(rel_keys_in(n, *box[d]) for d, n in enumerate(shape)) for box in boxes]
+        rows = [tuple(rel_queries_in(*box[d]) for d in range(rank)) for box in boxes]
+        cols = [tuple(rel_keys_in(*box[d]) for d in range(rank)) for box in boxes]
         return rows + cols
-    if isinstance(expr, ir.Union_):
-        return simplify([p for t in expr.terms for p in products(t, shape)])
-    if isinstance(expr, ir.Intersection):
-        acc = products(expr.terms[0], shape)
-        for t in expr.terms[1:]:
-            nxt = products(t, shape)
-            acc = simplify([q for a in acc for b in nxt if (q := intersect_products(a, b)) is not None])
-        return acc
     if isinstance(expr, ir.TopK):
         raise NotAnalyzable(f"{expr.fmt()} depends on the data; only its static part can be counted exactly")
     raise TypeError(f"not a mask expression: {expr!r}")
 
 
-MAX_TERMS = 4096
+def products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
+    """The static mask as a list of product terms whose union it is (empty ones dropped)."""
+    if isinstance(expr, ir.Union_):
+        return simplify([t for term in expr.terms for t in products(term, shape)])
+    if isinstance(expr, ir.Intersection):
+        acc = products(expr.terms[0], shape)
+        for term in expr.terms[1:]:
+            nxt = products(term, shape)
+            acc = simplify([q for a in acc for b in nxt if (q := intersect_terms(a, b, shape)) is not None])
+        return acc
+    return [t for sym in _symbolic(expr, shape) if (t := Term.build(sym, shape)) is not None]
 
 
-def inclusion_exclusion(prods: list[Product]) -> list[tuple[int, Product]]:
-    """(sign, product) pairs whose signed counts sum to the count of the union.
+def layout_dilation(terms: list[Term], rank: int) -> tuple[int, ...]:
+    """The dilation of each dimension's group permutation: the one every term agrees on.
+
+    Tile-major kernels lay dilation groups out contiguously; that needs one dilation per
+    dimension across all terms (an undilated term whose keys span every group is fine).
+    """
+    out = []
+    for d in range(rank):
+        dil = {t.sym[d].dilation for t in terms} - {1}
+        if len(dil) > 1:
+            raise NotAnalyzable(f"dimension {d} mixes dilations {sorted(dil)}; one dilation per dimension is supported")
+        out.append(dil.pop() if dil else 1)
+        if out[-1] > 1:
+            for t in terms:
+                rel = t.num[d]
+                if rel.dilation == 1 and not (np.all(rel.lo == 0) and np.all(rel.hi == rel.n - 1)):
+                    raise NotAnalyzable(f"dimension {d} mixes dilation {out[-1]} with an undilated term; "
+                                        "tile-major layouts need one dilation per dimension")
+    return tuple(out)
+
+
+def _permuted(rel: Rel1D, dilation: int) -> Rel1D:
+    if dilation == 1 or rel.dilation == dilation:
+        return rel.permuted()
+    return rel  # an undilated "all keys" relation is the same in any order
+
+
+def inclusion_exclusion(terms: list[Term], shape) -> list[tuple[int, Term]]:
+    """(sign, term) pairs whose signed counts sum to the count of the union.
 
     Empty intersections prune every superset, so disjoint pieces (causal's, a sink's boxes)
     cost nothing; the cap only bites on unions of many overlapping terms.
     """
-    out: list[tuple[int, Product]] = []
+    out: list[tuple[int, Term]] = []
 
     def rec(start, current, size):
-        for idx in range(start, len(prods)):
-            nxt = prods[idx] if current is None else intersect_products(current, prods[idx])
+        for idx in range(start, len(terms)):
+            nxt = terms[idx] if current is None else intersect_terms(current, terms[idx], shape)
             if nxt is None:
                 continue
             out.append((1 if size % 2 == 0 else -1, nxt))
@@ -209,10 +224,13 @@ def inclusion_exclusion(prods: list[Product]) -> list[tuple[int, Product]]:
     return out
 
 
-def box_pair_counts(prod: Product, qboxes: np.ndarray, kboxes: np.ndarray) -> np.ndarray:
-    """[NQ, NK] attended pairs of `prod` between query boxes and key boxes ([N, rank, 2] start/stop)."""
+MAX_TERMS = 4096
+
+
+def box_pair_counts(rels: tuple[Rel1D, ...], qboxes: np.ndarray, kboxes: np.ndarray) -> np.ndarray:
+    """[NQ, NK] attended pairs of a product between query boxes and key boxes ([N, rank, 2] start/stop)."""
     result = np.ones((len(qboxes), len(kboxes)), dtype=np.int64)
-    for d, rel in enumerate(prod):
+    for d, rel in enumerate(rels):
         edges = np.unique(kboxes[:, d, :])
         cum = rel.counts_below(edges)
         table = np.zeros((rel.n + 1, len(edges)), dtype=np.int64)
@@ -225,11 +243,19 @@ def box_pair_counts(prod: Product, qboxes: np.ndarray, kboxes: np.ndarray) -> np
     return result
 
 
-def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.ndarray) -> np.ndarray:
-    """[NQ, NK] attended pairs of the whole static mask between boxes, exactly."""
+def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.ndarray,
+                    permuted: bool = False) -> np.ndarray:
+    """[NQ, NK] attended pairs of the whole static mask between boxes, exactly.
+
+    With `permuted`, box coordinates are positions in the dilation-group-major order of
+    `layout_dilation` (each dimension's groups laid out one after another).
+    """
+    terms = products(expr, shape)
+    dilation = layout_dilation(terms, len(shape)) if permuted else None
     total = np.zeros((len(qboxes), len(kboxes)), dtype=np.int64)
-    for sign, prod in inclusion_exclusion(products(expr, shape)):
-        total += sign * box_pair_counts(prod, qboxes, kboxes)
+    for sign, term in inclusion_exclusion(terms, shape):
+        rels = term.num if dilation is None else tuple(_permuted(r, d) for r, d in zip(term.num, dilation))
+        total += sign * box_pair_counts(rels, qboxes, kboxes)
     return total
 
 
