@@ -1,0 +1,115 @@
+"""`maskdsl.compile`: a mask spec becomes a callable attention, registered as a PyTorch custom op.
+
+Static masks need no per-call work besides the launch: the loop bounds live in the kernel.
+The call goes through `torch.ops.maskdsl.attention`, so `torch.compile` sees one opaque op
+(no graph break) and a fake implementation gives it shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from codegen.checks import check_qkv
+from codegen.config import KernelConfig, default_config
+from codegen.plan import KernelPlan, build_plan
+from codegen.render import load_kernel
+from maskdsl import ir
+
+_REGISTRY: dict[str, "CompiledAttention"] = {}
+
+
+class CompiledAttention:
+    """A compiled mask: call it as `fn(q, k, v, scale=None, return_lse=False)`.
+
+    q is [B, H, L, D], k and v [B, H_kv, L, D] in the grid's row-major token order; the output
+    is [B, H, L, D] in q's dtype, and the log-sum-exp [B, H, L] in float32 when asked for.
+    """
+
+    def __init__(self, mask: ir.MaskDef, plan: KernelPlan, module, source_path: Path):
+        self.mask = mask
+        self.plan = plan
+        self.config = plan.config
+        self.module = module
+        self.source_path = source_path
+        self.key = f"{mask.content_hash()}:{plan.config.key()}"
+        _REGISTRY[self.key] = self
+
+    @property
+    def source(self) -> str:
+        return self.source_path.read_text()
+
+    def __repr__(self) -> str:
+        return f"CompiledAttention({self.mask.name} = {self.mask.expr.fmt()}, {self.config.key()})"
+
+    def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, out=None):
+        check_qkv(q, k, v, self.mask.layout.tokens, self.mask.layout.name)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        if out is not None:  # writes into a caller's buffer (tests poison it first)
+            lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+            self.launch(q, k, v, scale, out, lse)
+            return (out, lse) if return_lse else out
+        o, lse = torch.ops.maskdsl.attention(q, k, v, self.key, scale)
+        return (o, lse) if return_lse else o
+
+    def launch(self, q, k, v, scale, out, lse) -> None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
+                             f"got {tuple(out.shape)} {out.dtype}")
+        batch, heads = q.shape[:2]
+        grid = (self.plan.q_tiles, batch * heads)
+        self.module.attention_fwd[grid](
+            q, k, v, out, lse, scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            heads, heads // k.shape[1],
+            HEAD_DIM=q.shape[-1], STORE_LSE=True,
+            num_warps=self.config.num_warps, num_stages=self.config.num_stages,
+        )
+
+
+@torch.library.custom_op("maskdsl::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: str,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _REGISTRY[key]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    fn.launch(q, k, v, scale, out, lse)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, key, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _resolve(spec, mask: str) -> ir.MaskDef:
+    if isinstance(spec, (str, Path)):
+        from maskdsl.parser import load
+
+        spec = load(spec)
+    if not isinstance(spec, ir.Spec):
+        raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
+    return spec.mask(mask)
+
+
+def lookup_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
+    """The best stored config for this mask (tuning database), else the default. Never tunes."""
+    try:
+        from autotune.database import best_config
+    except ImportError:
+        return default_config(mask, head_dim)
+    return best_config(mask, head_dim) or default_config(mask, head_dim)
+
+
+def compile_attention(spec, mask: str, config: KernelConfig | None = None) -> CompiledAttention:
+    mdef = _resolve(spec, mask)
+    if config is None:
+        config = lookup_config(mdef)
+    plan = build_plan(mdef, config)
+    module, path = load_kernel(mdef.content_hash(), plan)
+    return CompiledAttention(mdef, plan, module, path)

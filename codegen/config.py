@@ -1,0 +1,83 @@
+"""Kernel configurations: tile shapes per dimension, warps and pipeline depth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from maskdsl import ir
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """A query tile and a key tile (boxes of the grid, one extent per dimension) plus launch knobs.
+
+    Tile volumes must be powers of two (Triton's block shapes); per-dimension extents are
+    powers of two too, so every factorization of a volume over the grid is expressible.
+    """
+
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return _prod(self.q_tile)
+
+    @property
+    def block_n(self) -> int:
+        return _prod(self.kv_tile)
+
+    def key(self) -> str:
+        return (f"q{'x'.join(map(str, self.q_tile))}_k{'x'.join(map(str, self.kv_tile))}"
+                f"_w{self.num_warps}_s{self.num_stages}")
+
+    def validate(self, rank: int) -> None:
+        for name, tile in (("q_tile", self.q_tile), ("kv_tile", self.kv_tile)):
+            if len(tile) != rank:
+                raise ValueError(f"config.{name}={tile} has {len(tile)} entries but the layout has {rank} dimensions")
+            if any(t < 1 or t & (t - 1) for t in tile):
+                raise ValueError(f"config.{name}={tile}: every extent must be a power of two")
+            if not 16 <= _prod(tile) <= 256:
+                raise ValueError(f"config.{name}={tile} holds {_prod(tile)} tokens; use 16 to 256")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config.num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+        if not 1 <= self.num_stages <= 6:
+            raise ValueError(f"config.num_stages={self.num_stages} must be between 1 and 6")
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _split(volume: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Spread a power-of-two volume round-robin over the dimensions (last first), within each extent.
+
+    Near-cubic tiles keep the halo of a neighborhood small; whatever does not fit goes to
+    the first dimension that still has room (or the last one, padding a small grid).
+    """
+    tile = [1] * len(shape)
+    remaining = volume
+    while remaining > 1:
+        grew = False
+        for d in reversed(range(len(shape))):
+            if remaining > 1 and tile[d] * 2 <= max(shape[d], 1):
+                tile[d] *= 2
+                remaining //= 2
+                grew = True
+        if not grew:
+            tile[-1] *= remaining
+            remaining = 1
+    return tuple(tile)
+
+
+def default_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
+    """A config that is correct everywhere and reasonable on Hopper; tuning finds better ones."""
+    shape = mask.layout.shape
+    block_n = 64 if head_dim > 64 else 128
+    q = _split(128, shape)
+    k = _split(block_n, shape)
+    return KernelConfig(q, k, num_warps=8 if head_dim > 64 else 4, num_stages=2)

@@ -1,0 +1,102 @@
+"""What a kernel must do for one mask and config: the template's whole input, nothing more.
+
+The mask becomes the analysis' union of product terms; each term contributes, per dimension,
+printed Triton expressions for its key bounds lo(i)/hi(i) (dilation-group coordinates) and a
+query range. The template turns these into closed-form key-tile loops per query tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from codegen.config import KernelConfig
+from maskdsl import ir
+from maskdsl.analysis import NotAnalyzable, products
+
+
+class UnsupportedMask(ValueError):
+    """The mask is valid but this kernel generator cannot run it (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class DimPlan:
+    extent: int
+    stride: int  # row-major token stride of this dimension
+    dilation: int
+    q_tile: int
+    kv_tile: int
+
+    @property
+    def group_len_max(self) -> int:
+        return -(-self.extent // self.dilation)
+
+    @property
+    def q_tiles_per_group(self) -> int:
+        return -(-self.group_len_max // self.q_tile)
+
+    @property
+    def q_tiles(self) -> int:
+        return self.dilation * self.q_tiles_per_group
+
+
+@dataclass(frozen=True)
+class TermDim:
+    """One dimension of one product term: its key bounds (sympy, group coordinates) and query range."""
+
+    lo: sp.Expr
+    hi: sp.Expr
+    qa: int
+    qb: int
+    restricts_queries: bool
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    mask_name: str
+    mask_text: str
+    shape: tuple[int, ...]
+    dims: tuple[DimPlan, ...]
+    terms: tuple[tuple[TermDim, ...], ...]
+    config: KernelConfig
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def q_tiles(self) -> int:
+        total = 1
+        for d in self.dims:
+            total *= d.q_tiles
+        return total
+
+
+def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
+    if mask.dynamic:
+        raise UnsupportedMask(f"mask {mask.name!r} has a top-k part; dynamic masks use codegen.topk")
+    shape = mask.layout.shape
+    config.validate(len(shape))
+    try:
+        terms = products(mask.expr, shape)
+    except NotAnalyzable as exc:
+        raise UnsupportedMask(f"mask {mask.name!r}: {exc}") from None
+    dilation = []
+    for d in range(len(shape)):
+        dil = {t.sym[d].dilation for t in terms}
+        if len(dil) > 1:
+            raise UnsupportedMask(
+                f"mask {mask.name!r}: dimension {d} unites terms with dilations {sorted(dil)}; the kernel lays out "
+                "one dilation per dimension", )
+        dilation.append(dil.pop() if dil else 1)
+    strides = []
+    acc = 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    strides.reverse()
+    dims = tuple(DimPlan(n, strides[d], dilation[d], config.q_tile[d], config.kv_tile[d]) for d, n in enumerate(shape))
+    planned = [tuple(TermDim(rel.lo, rel.hi, rel.qa, rel.query_stop(n), rel.qa > 0 or rel.query_stop(n) < n)
+                     for rel, n in zip(t.sym, shape)) for t in terms]
+    return KernelPlan(mask.name, mask.expr.fmt(), shape, dims, tuple(planned), config)
