@@ -8,6 +8,7 @@ The call goes through `torch.ops.maskdsl.attention`, so `torch.compile` sees one
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -67,9 +68,13 @@ class CompiledAttention:
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             heads, heads // k.shape[1],
-            HEAD_DIM=q.shape[-1], STORE_LSE=True,
+            HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
             num_warps=self.config.num_warps, num_stages=self.config.num_stages,
         )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @torch.library.custom_op("maskdsl::attention", mutates_args=())

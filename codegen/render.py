@@ -126,8 +126,8 @@ def load_kernel(mask_hash: str, plan: KernelPlan) -> tuple[ModuleType, Path]:
     """Import the rendered module, rendering it only when the cache has no file for this key."""
     key = kernel_key(mask_hash, plan)
     path = cache_dir() / f"attn_{key}.py"
-    if key in _LOADED:
-        return _LOADED[key], path
+    if str(path) in _LOADED and path.exists():
+        return _LOADED[str(path)], path
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(render(plan))
@@ -135,5 +135,5 @@ def load_kernel(mask_hash: str, plan: KernelPlan) -> tuple[ModuleType, Path]:
     spec = importlib.util.spec_from_file_location(f"maskdsl_kernel_{key}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    _LOADED[key] = module
+    _LOADED[str(path)] = module
     return module, path
