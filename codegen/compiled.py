@@ -55,19 +55,21 @@ class CompiledAttention:
         o, lse = torch.ops.maskdsl.attention(q, k, v, self.key, scale)
         return (o, lse) if return_lse else o
 
-    def launch(self, q, k, v, scale, out, lse) -> None:
+    def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
+        """Run the kernel into `out`/`lse`; `tiles` limits it to a range of query tiles (a slice to check)."""
         if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
                              f"got {tuple(out.shape)} {out.dtype}")
         batch, heads = q.shape[:2]
-        grid = (self.plan.q_tiles, batch * heads)
+        tiles = tiles or range(self.plan.q_tiles)
+        grid = (len(tiles), batch * heads)
         self.module.attention_fwd[grid](
             q, k, v, out, lse, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            heads, heads // k.shape[1],
+            heads, heads // k.shape[1], tiles.start,
             HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
             num_warps=self.config.num_warps, num_stages=self.config.num_stages,
         )

@@ -100,3 +100,20 @@ def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
     planned = [tuple(TermDim(rel.lo, rel.hi, rel.qa, rel.query_stop(n), rel.qa > 0 or rel.query_stop(n) < n)
                      for rel, n in zip(t.sym, shape)) for t in terms]
     return KernelPlan(mask.name, mask.expr.fmt(), shape, dims, tuple(planned), config)
+
+
+def tile_rows(plan: KernelPlan, tile: int) -> list[int]:
+    """Flat (row-major) token indices of the valid rows of query tile `tile`, as the kernel orders them."""
+    coords = []
+    rem = tile
+    for dim in reversed(plan.dims):
+        qt = rem % dim.q_tiles
+        rem //= dim.q_tiles
+        g, first = qt // dim.q_tiles_per_group, (qt % dim.q_tiles_per_group) * dim.q_tile
+        glen = (dim.extent - g + dim.dilation - 1) // dim.dilation
+        coords.append([g + dim.dilation * t for t in range(first, min(first + dim.q_tile, glen))])
+    coords.reverse()
+    rows = [0]
+    for dim, cs in zip(plan.dims, coords):
+        rows = [r + c * dim.stride for r in rows for c in cs]
+    return rows

@@ -23,6 +23,30 @@ def reference_mask(spec: ir.Spec, mask_name: str) -> torch.Tensor:
     return static_mask(mask.expr, mask.layout.shape)
 
 
+def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ir.Spec, mask_name: str,
+                             rows: torch.Tensor, scale: float | None = None, return_lse: bool = False):
+    """The reference for a subset of query rows only: [B, H, len(rows), D] in float64.
+
+    Builds just those rows of the mask, so real sizes (115,200 tokens) can be spot-checked.
+    """
+    from maskdsl.semantics import static_mask
+
+    mask_def = _mask_def(spec, mask_name)
+    rows = rows.to(torch.int64).cpu()
+    mask = static_mask(mask_def.expr, mask_def.layout.shape, rows).to(q.device)
+    group = q.shape[1] // k.shape[1]
+    q64 = q[:, :, rows.to(q.device)].to(torch.float64)
+    k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
+    v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float64).min))
+    out = probs @ v64
+    return (out, lse) if return_lse else out
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ir.Spec, mask_name: str,
                         scale: float | None = None, return_lse: bool = False):
     """softmax(q k^T * scale, masked) v in float64; rows that see no key give 0 (and LSE -inf).
