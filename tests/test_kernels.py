@@ -183,3 +183,16 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     c = fn(q, k, v, scale=0.5)
     torch.testing.assert_close(a, b)
     assert rel_err(c.double(), maskdsl.reference_attention(q, k, v, spec, "m", scale=0.5)) < 2e-3
+
+
+def test_nn_module_matches_reference_and_compiles_fullgraph():
+    from maskdsl.nn import MaskedAttention
+
+    spec = maskdsl.parse("layout g = grid(6, 7)\nmask m = neighborhood(window=(3, 5), stride=(1, 2))")
+    layer = MaskedAttention(spec, "m", KernelConfig((4, 4), (2, 8)))
+    assert "neighborhood(window=(3, 5), stride=(1, 2))" in repr(layer)
+    q, k, v = (torch.randn(2, 2, 42, 32) for _ in range(3))
+    ref = maskdsl.reference_attention(q, k, v, spec, "m")
+    assert rel_err(layer(q, k, v).double(), ref) < 2e-3
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert rel_err(compiled(q, k, v).double(), ref) < 2e-3

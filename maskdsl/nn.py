@@ -1,0 +1,27 @@
+"""`maskdsl.nn.MaskedAttention`: a compiled mask as an nn.Module (no parameters of its own).
+
+It compiles once at construction (codegen is imported lazily, keeping the language layer free
+of kernel imports), so a forward pass does no mask work at all for static masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MaskedAttention(torch.nn.Module):
+    """softmax(q k^T * scale, masked) v for q [B, H, L, D] and k, v [B, H_kv, L, D] (row-major tokens)."""
+
+    def __init__(self, spec, mask: str, config=None, scale: float | None = None):
+        super().__init__()
+        from codegen.compiled import compile_attention
+
+        self.attention = compile_attention(spec, mask, config)
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attention(q, k, v, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        m = self.attention.mask
+        return f"mask={m.name}: {m.expr.fmt()} on grid{m.layout.shape}, config={self.attention.config.key()}"
