@@ -115,6 +115,10 @@ def lookup_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
 
 def compile_attention(spec, mask: str, config: KernelConfig | None = None) -> CompiledAttention:
     mdef = _resolve(spec, mask)
+    if mdef.dynamic:
+        from codegen.topk import CompiledTopKAttention
+
+        return CompiledTopKAttention(mdef, config)
     if config is None:
         config = lookup_config(mdef)
     plan = build_plan(mdef, config)

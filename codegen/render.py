@@ -40,9 +40,13 @@ def _env() -> jinja2.Environment:
     return env
 
 
-@lru_cache(maxsize=1)
-def template_hash() -> str:
-    return hashlib.sha256((TEMPLATES / TEMPLATE).read_bytes()).hexdigest()[:12]
+@lru_cache(maxsize=None)
+def template_hash(name: str = TEMPLATE) -> str:
+    return hashlib.sha256((TEMPLATES / name).read_bytes()).hexdigest()[:12]
+
+
+def render_template(name: str, **context) -> str:
+    return _env().get_template(name).render(**context)
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,10 @@ def render(plan: KernelPlan) -> str:
     return _env().get_template(TEMPLATE).render(**_context(plan))
 
 
-def kernel_key(mask_hash: str, plan: KernelPlan) -> str:
+def kernel_key(mask_hash: str, config_key: str, template: str = TEMPLATE) -> str:
     import triton
 
-    text = f"{mask_hash}|{plan.config.key()}|triton {triton.__version__}|template {template_hash()}"
+    text = f"{mask_hash}|{config_key}|triton {triton.__version__}|template {template_hash(template)}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -124,13 +128,17 @@ _LOADED: dict[str, ModuleType] = {}
 
 def load_kernel(mask_hash: str, plan: KernelPlan) -> tuple[ModuleType, Path]:
     """Import the rendered module, rendering it only when the cache has no file for this key."""
-    key = kernel_key(mask_hash, plan)
+    return load_module(kernel_key(mask_hash, plan.config.key()), lambda: render(plan))
+
+
+def load_module(key: str, make_source) -> tuple[ModuleType, Path]:
+    """Import the cached module `key`, calling `make_source()` only when no file holds it yet."""
     path = cache_dir() / f"attn_{key}.py"
     if str(path) in _LOADED and path.exists():
         return _LOADED[str(path)], path
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(render(plan))
+        tmp.write_text(make_source())
         os.replace(tmp, path)  # atomic: concurrent compiles never see half a file
     spec = importlib.util.spec_from_file_location(f"maskdsl_kernel_{key}", path)
     module = importlib.util.module_from_spec(spec)

@@ -17,9 +17,20 @@ def _mask_def(spec: ir.Spec, mask_name: str) -> ir.MaskDef:
     return spec.mask(mask_name)
 
 
-def reference_mask(spec: ir.Spec, mask_name: str) -> torch.Tensor:
-    """Boolean [Lq, Lk] over row-major token order: True where the query attends to the key."""
+def reference_mask(spec: ir.Spec, mask_name: str, q: torch.Tensor | None = None,
+                   k: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [Lq, Lk] over row-major token order: True where the query attends to the key.
+
+    A mask with a top-k term depends on the data: pass q [B, H, L, D] and k [B, H_kv, L, D]
+    and get [B, H, Lq, Lk] (maskdsl.topk states the rule).
+    """
     mask = _mask_def(spec, mask_name)
+    if mask.dynamic:
+        if q is None or k is None:
+            raise ValueError(f"mask {mask_name!r} has a top-k term and depends on the data: pass q and k")
+        from maskdsl.topk import dynamic_mask
+
+        return dynamic_mask(mask, q.detach().cpu(), k.detach().cpu())
     return static_mask(mask.expr, mask.layout.shape)
 
 
@@ -60,9 +71,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim or heads % kv_heads:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={batch}, H_kv, L, D={dim}] "
                          f"with H_kv dividing H={heads}")
-    mask = reference_mask(spec, mask_name)
-    if mask.shape != (length, k.shape[2]):
-        raise ValueError(f"the mask covers {mask.shape[0]} query and {mask.shape[1]} key tokens, "
+    mask = reference_mask(spec, mask_name, q, k)
+    if mask.shape[-2:] != (length, k.shape[2]):
+        raise ValueError(f"the mask covers {mask.shape[-2]} query and {mask.shape[-1]} key tokens, "
                          f"but q has {length} and k has {k.shape[2]}")
     group = heads // kv_heads
     q64 = q.detach().to(torch.float64).cpu()
