@@ -12,11 +12,11 @@ def _parse_tile(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,8,8, got {text!r}") from None
 
 
-def _config(args, mask):
+def _config(args, mask, attention=None):
     from codegen.compiled import lookup_config
     from codegen.config import KernelConfig
 
-    base = lookup_config(mask)
+    base = lookup_config(mask, attention)
     if not (args.q_tile or args.kv_tile or args.num_warps or args.num_stages):
         return base
     return KernelConfig(args.q_tile or base.q_tile, args.kv_tile or base.kv_tile,
@@ -29,7 +29,7 @@ def cmd_compile(args) -> int:
 
     spec = load(args.file)
     mask = spec.mask(args.mask)
-    fn = compile_attention(spec, args.mask, _config(args, mask))
+    fn = compile_attention(spec, args.mask, _config(args, mask, spec.attention_for(args.mask)))
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(fn.source)
@@ -42,7 +42,7 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from codegen.run import run_main_job
 
-    return run_main_job(args.file, args.mask, _config_factory=lambda mask: _config(args, mask),
+    return run_main_job(args.file, args.mask, _config_factory=lambda mask, att: _config(args, mask, att),
                         tiles=args.tiles, seed=args.seed)
 
 

@@ -94,33 +94,46 @@ def _(q, k, v, key, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _resolve(spec, mask: str) -> ir.MaskDef:
+def _resolve(spec, mask: str) -> tuple[ir.MaskDef, ir.Attention | None]:
     if isinstance(spec, (str, Path)):
         from maskdsl.parser import load
 
         spec = load(spec)
     if not isinstance(spec, ir.Spec):
         raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
-    return spec.mask(mask)
+    return spec.mask(mask), spec.attention_for(mask)
 
 
-def lookup_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
-    """The best stored config for this mask (tuning database), else the default. Never tunes."""
+def untuned_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
+    """What compile uses when nothing is tuned: the default config (top-k picks its own tile)."""
+    if mask.dynamic:
+        from codegen.topk import topk_config
+
+        return topk_config(mask, None)
+    return default_config(mask, head_dim)
+
+
+def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None) -> KernelConfig:
+    """The best stored config (tuning database: exact problem, else the nearest), else the untuned one.
+
+    Never tunes: a lookup reads the database and nothing else.
+    """
+    head_dim = attention.head_dim if attention else 128
     try:
         from autotune.database import best_config
-    except ImportError:
-        return default_config(mask, head_dim)
-    return best_config(mask, head_dim) or default_config(mask, head_dim)
+    except ImportError:  # autotune not installed
+        return untuned_config(mask, head_dim)
+    return best_config(mask, attention) or untuned_config(mask, head_dim)
 
 
 def compile_attention(spec, mask: str, config: KernelConfig | None = None) -> CompiledAttention:
-    mdef = _resolve(spec, mask)
+    mdef, attention = _resolve(spec, mask)
+    if config is None:
+        config = lookup_config(mdef, attention)
     if mdef.dynamic:
         from codegen.topk import CompiledTopKAttention
 
         return CompiledTopKAttention(mdef, config)
-    if config is None:
-        config = lookup_config(mdef)
     plan = build_plan(mdef, config)
     module, path = load_kernel(mdef.content_hash(), plan)
     return CompiledAttention(mdef, plan, module, path)

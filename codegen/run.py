@@ -61,7 +61,7 @@ def run_main_job(path, mask_name=None, _config_factory=None, tiles=2, seed=0) ->
         print(f"mask {mask.name!r} has a top-k part; the dynamic kernel is not available yet")
         return 2
     start = time.perf_counter()
-    config = _config_factory(mask) if _config_factory else None
+    config = _config_factory(mask, spec.attention_for(mask.name)) if _config_factory else None
     fn = compile_attention(spec, mask.name, config)
     compile_s = time.perf_counter() - start
     lay = mask.layout

@@ -1,0 +1,58 @@
+"""`maskdsl tune FILE --mask NAME` and `maskdsl tune --list`."""
+
+from __future__ import annotations
+
+
+def cmd_tune(args) -> int:
+    if args.list:
+        return _list(args)
+    if not args.file or not args.mask:
+        print("give FILE and --mask NAME (or --list)")
+        return 2
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("no GPU found: tuning under Triton's interpreter on a slice of the problem; "
+              "the times only show the machinery works, they do not rank configs for a GPU")
+    from autotune.tuner import tune
+    from maskdsl.parser import load
+
+    spec = load(args.file)
+    result = tune(spec, args.mask, trials=args.trials, storage=args.storage, timeout=args.timeout,
+                  progress=not args.quiet)
+    print(f"study {result.study}: {result.trials} trials ({result.pruned} pruned)")
+    if result.best:
+        line = f"best {result.best.key()}: {result.best_ms:.4f} ms"
+        if result.default_ms:
+            line += f"; default config {result.default_ms:.4f} ms ({result.default_ms / result.best_ms:.2f}x)"
+        print(line)
+    return 0
+
+
+def _list(args) -> int:
+    from autotune.database import list_studies, storage_url
+
+    rows = list_studies(args.storage)
+    print(f"storage {storage_url(args.storage)}: {len(rows)} study(ies)")
+    for r in rows:
+        best = "-" if r["best_ms"] is None else f"{r['best_ms']:.4f} ms"
+        spd = "-" if r["speedup_vs_default"] is None else f"{r['speedup_vs_default']:.2f}x"
+        note = " (interpreter)" if r["interpreted"] else ""
+        print(f"  {r['gpu']} {r['capability']} {r['triton']} | {r['mask']} = {r['mask_text']} | {r['problem']} | "
+              f"{r['trials']} trials | best {best} {r['best_config'] or ''} | vs default {spd}{note}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="autotune a mask's kernel with Optuna into the tuning database")
+    p.add_argument("file", nargs="?")
+    p.add_argument("--mask")
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the user cache directory)")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--list", action="store_true", help="list stored studies")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)

@@ -1,0 +1,56 @@
+"""The search space of a mask: tile shapes the simulator ranks well, times warps and pipeline depth.
+
+Tile shapes come from the simulator (maskdsl's closed-form analysis): for every pair of tile
+volumes (BLOCK_M, BLOCK_N) the best few multi-D factorizations by upper-bound and predicted
+speedup. An explicit list keeps the space small enough to sweep exhaustively for checking.
+"""
+
+from __future__ import annotations
+
+from codegen.config import KernelConfig
+from maskdsl import ir
+
+Q_TOKENS = (64, 128)
+KV_TOKENS = (32, 64, 128)
+WARPS = (4, 8)
+STAGES = (2, 3, 4)
+
+
+def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    from simulator import sweep
+
+    mdef = spec.mask(mask)
+    if mdef.dynamic:
+        return [((t,), (t,)) for t in (64, 128) if _topk_ok(mdef, t)]
+    pairs = []
+    for qv in Q_TOKENS:
+        for kv in KV_TOKENS:
+            try:
+                ranked = sweep(spec, mask, q_tokens=qv, kv_tokens=kv, limit=per_volume)
+            except ValueError:
+                continue
+            pairs += [(c.q_tile, c.kv_tile) for c, _ in ranked if (c.q_tile, c.kv_tile) not in pairs]
+    return pairs
+
+
+def _topk_ok(mdef, tile) -> bool:
+    from maskdsl.topk import normal_form
+
+    return normal_form(mdef.expr).topk.block % tile == 0
+
+
+def configs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[KernelConfig]:
+    return [KernelConfig(q, k, w, s) for q, k in tile_pairs(spec, mask, per_volume) for w in WARPS for s in STAGES]
+
+
+def seeds(spec: ir.Spec, mask: str, count: int = 4) -> list[KernelConfig]:
+    """The simulator's top predictions, to enqueue before sampling."""
+    from simulator import sweep
+
+    mdef = spec.mask(mask)
+    warps = 8 if 8 in WARPS else WARPS[-1]
+    stages = 2 if 2 in STAGES else STAGES[0]
+    if mdef.dynamic:
+        return [KernelConfig(q, k, warps, stages) for q, k in tile_pairs(spec, mask)][:count]
+    ranked = sweep(spec, mask, q_tokens=128, limit=count)
+    return [KernelConfig(c.q_tile, c.kv_tile, warps, stages) for c, _ in ranked]
