@@ -21,14 +21,35 @@ def cmd_tune(args) -> int:
     from maskdsl.parser import load
 
     spec = load(args.file)
+    if args.exhaustive:
+        return _exhaustive(spec, args)
     result = tune(spec, args.mask, trials=args.trials, storage=args.storage, timeout=args.timeout,
-                  progress=not args.quiet)
+                  progress=not args.quiet, per_volume=args.per_volume)
     print(f"study {result.study}: {result.trials} trials ({result.pruned} pruned)")
     if result.best:
         line = f"best {result.best.key()}: {result.best_ms:.4f} ms"
         if result.default_ms:
             line += f"; default config {result.default_ms:.4f} ms ({result.default_ms / result.best_ms:.2f}x)"
         print(line)
+    return 0
+
+
+def _exhaustive(spec, args) -> int:
+    import json
+
+    from autotune.tuner import exhaustive
+
+    def show(cfg, ms, err):
+        print(f"  swept {cfg.key()}: {'failed: ' + err if ms is None else f'{ms:.4f} ms'}", flush=True)
+
+    rows = exhaustive(spec, args.mask, per_volume=args.per_volume, on_result=show)
+    timed = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1])
+    print(f"exhaustive sweep: {len(rows)} configs, {len(timed)} ran, {len(rows) - len(timed)} failed")
+    for cfg, ms, _ in timed[:5]:
+        print(f"  {cfg.key()}: {ms:.4f} ms")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([{"config": c.key(), "ms": ms, "error": err} for c, ms, err in rows], fh, indent=1)
     return 0
 
 
@@ -55,4 +76,7 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--list", action="store_true", help="list stored studies")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--exhaustive", action="store_true", help="time every config of the space instead (no study)")
+    p.add_argument("--per-volume", type=int, default=3, help="tile shapes per (BLOCK_M, BLOCK_N) in the space")
+    p.add_argument("--json", help="with --exhaustive: write every timing here")
     p.set_defaults(func=cmd_tune)

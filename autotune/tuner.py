@@ -100,3 +100,18 @@ def summarize(study, device: Device) -> TuneResult:
     best = min(done, key=lambda t: t.value) if done else None
     return TuneResult(study.study_name, device, decode(best.params) if best else None, best.value if best else None,
                       study.user_attrs.get("default_ms"), len(study.trials), len(pruned))
+
+
+def exhaustive(spec: ir.Spec, mask: str, per_volume: int = 3, on_result=None) -> list[tuple[KernelConfig, float | None, str]]:
+    """Time every config of the same space (the yardstick the tuner is checked against)."""
+    device = current_device()
+    bench = Bench(spec, mask, Problem.of(spec, mask), device)
+    out = []
+    for cfg in space.configs(spec, mask, per_volume):
+        try:
+            out.append((cfg, bench.time_ms(cfg), ""))
+        except Exception as exc:
+            out.append((cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+        if on_result:
+            on_result(*out[-1])
+    return out

@@ -101,6 +101,13 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
     result["dense_best_ms"] = best_dense
 
     ours = []
+    if configs is None and mask.dynamic:
+        from codegen.compiled import untuned_config
+        from codegen.config import KernelConfig
+
+        base = untuned_config(mask, dim)
+        configs = [base] + [KernelConfig(base.q_tile, base.kv_tile, w, s) for w, s in ((4, 2), (8, 3)) if
+                            (w, s) != (base.num_warps, base.num_stages)]
     for cfg in configs or candidate_configs(mask, dim):
         entry = {"config": cfg.key()}
         try:
@@ -127,6 +134,11 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
         result["ours_best"] = best
         result["speedup_vs_dense"] = best_dense / best["ms"]
 
+    if with_flex and mask.dynamic:
+        try:
+            result.update(_flex_topk(spec, mask_name, q, k, v, sample, ref, best_dense, bench, result))
+        except Exception as exc:
+            result["flex_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if with_flex and not mask.dynamic:
         try:
             from bench.flex import FlexRunner
@@ -163,6 +175,39 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
     except Exception as exc:
         result["sim_failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return result
+
+
+def _flex_topk(spec, mask_name, q, k, v, sample, ref, best_dense, bench, result) -> dict:
+    """FlexAttention with a BlockMask built from the same selection (pure top-k: picked blocks are full)."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from codegen.compiled import compile_attention
+
+    fn = compile_attention(spec, mask_name, None)
+    if fn.form.static is not None or type(fn.form.restrict).__name__ != "Full":
+        return {"flex_note": "flex comparison implemented for pure top-k only"}
+    block = fn.form.topk.block
+
+    def block_mask():
+        picked, idx, count = fn.select(q, k)
+        zeros = torch.zeros_like(count)
+        return BlockMask.from_kv_blocks(zeros, idx, count, idx, BLOCK_SIZE=block, mask_mod=None)
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    bm = block_mask()
+    gqa = q.shape[1] != k.shape[1]
+    out = flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+    out_ours = fn(q, k, v)
+    res = {"flex_error": _err(out[:1, :2, sample.cuda()], ref),
+           "flex_vs_ours_max_diff": (out.float() - out_ours.float()).abs().max().item(),
+           "flex_ms": bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=gqa)),
+           "flex_with_selection_ms": bench(lambda: flex(q, k, v, block_mask=block_mask(), enable_gqa=gqa)),
+           "selection_ms": bench(lambda: fn.select(q, k))}
+    res["flex_speedup_vs_dense"] = best_dense / res["flex_with_selection_ms"]
+    if "ours_best" in result:
+        res["speedup_vs_flex"] = res["flex_with_selection_ms"] / result["ours_best"]["ms"]
+    return res
 
 
 def environment() -> dict:

@@ -20,11 +20,13 @@ materialized at [L, L]: cost is O(n_d x edges) per dimension.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import sympy as sp
 
 from maskdsl import ir
-from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
+from maskdsl.intervals import (G, I, N, SymRel, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
 
@@ -53,6 +55,50 @@ class Rel1D:
         t_end = (edges[None, :] - g + d - 1) // d  # group coordinates below the edge
         return np.clip(np.minimum(self.hi[:, None] + 1, t_end) - self.lo[:, None], 0, None)
 
+    def prefix_counts(self, bounds: np.ndarray, edges: np.ndarray) -> np.ndarray:
+        """[X, E]: attended pairs with query i < bounds[x] and key j < edges[e].
+
+        `bounds` is sorted, unique, starts at 0 and ends at n. Same numbers as summing
+        `counts_below` over query prefixes, without its [n, E] table: rows are sorted by
+        (query segment, dilation group, lo) and by (segment, group, hi), so each segment's sum
+        at each edge is a difference of prefix sums found by binary search. That is
+        O(n log n + X * d * E log n), which keeps a 32k-token dimension with 256 tiles in ms.
+        For a non-empty row, |[lo, hi] ∩ [0, e)| = sum_{lo<e}(hi+1-lo) - sum_{hi+1>e}(hi+1-e)
+        + sum_{lo>=e}(hi+1-e); each of the three is such a prefix sum.
+        """
+        n, d = self.n, self.dilation
+        i = np.arange(n, dtype=np.int64)
+        rows = self.lo <= self.hi
+        nseg = len(bounds) - 1
+        bucket = ((np.searchsorted(bounds, i, side="right") - 1) * d + i % d)[rows]
+        lo = np.maximum(self.lo[rows], 0)
+        hi1 = self.hi[rows] + 1
+        big = n + 2  # above every lo, hi + 1 and group-coordinate edge
+        key_lo = bucket * big + lo
+        order = np.argsort(key_lo, kind="stable")
+        key_lo = key_lo[order]
+        cum_w = np.concatenate([[0], np.cumsum((hi1 - lo)[order])])
+        cum_h = np.concatenate([[0], np.cumsum(hi1[order])])
+        key_hi = bucket * big + hi1
+        order = np.argsort(key_hi, kind="stable")
+        key_hi = key_hi[order]
+        cum_h2 = np.concatenate([[0], np.cumsum(hi1[order])])
+        g = np.arange(d, dtype=np.int64)
+        t_end = np.clip((edges[None, :] - g[:, None] + d - 1) // d, 0, None)  # [d, E] edge in group coordinates
+        base = (np.arange(nseg * d, dtype=np.int64) * big).reshape(nseg, d, 1)
+        query = base + t_end[None]
+        start, stop = np.searchsorted(key_lo, base), np.searchsorted(key_lo, base + big)
+        p = np.searchsorted(key_lo, query)  # rows with lo < e before p
+        below = cum_w[p] - cum_w[start]
+        past_lo = (cum_h[stop] - cum_h[p]) - t_end * (stop - p)
+        stop_h = np.searchsorted(key_hi, base + big)
+        ph = np.searchsorted(key_hi, query, side="right")  # rows with hi + 1 > e from ph on
+        past_hi = (cum_h2[stop_h] - cum_h2[ph]) - t_end * (stop_h - ph)
+        seg = (below - past_hi + past_lo).sum(axis=1)
+        out = np.zeros((nseg + 1, len(edges)), dtype=np.int64)
+        np.cumsum(seg, axis=0, out=out[1:])
+        return out
+
     def permuted(self) -> "Rel1D":
         """The same relation over dilation-group-major positions (GNA's dilation permutation).
 
@@ -75,6 +121,85 @@ class Rel1D:
 Product = tuple[SymRel, ...]
 
 
+def evaluate_exact(rel: SymRel, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """lo, hi (group coordinates) for every query coordinate 0..n-1, in integer arithmetic.
+
+    Same contract as `maskdsl.intervals.evaluate` (empty rows get lo > hi), but floor/ceiling
+    of a fraction is computed as an integer floor division of its numerator, as codegen's
+    printer does: `lambdify` expands floor((x - g)/3) into floor(-g/3 + x/3) in floats, which
+    gives 0 for x = 5, g = 2 (0.9999...).
+    """
+    c = np.arange(n, dtype=np.int64)
+    d = rel.dilation
+    g, i = c % d, c // d
+    glen = (n - g + d - 1) // d
+    env = {I: i, G: g, N: glen}
+    lo = np.broadcast_to(np.asarray(_int_eval(rel.lo, env), dtype=np.int64), (n,))
+    hi = np.minimum(np.broadcast_to(np.asarray(_int_eval(rel.hi, env), dtype=np.int64), (n,)), glen - 1)
+    inside = (c >= rel.qa) & (c < rel.query_stop(n))
+    return np.where(inside, np.maximum(lo, 0), 0), np.where(inside, hi, -1)
+
+
+def _int_eval(e: sp.Expr, env: dict):
+    return _compiled(e)(env)
+
+
+@lru_cache(maxsize=8192)
+def _compiled(e: sp.Expr):
+    """A function env -> value for an interval expression (integers, i/g/n, +, *, Min, Max,
+    floor, ceiling), exact in integers: each fraction is put over one integer denominator and
+    floor-divided (sympy only leaves a bare fraction where it proved the value an integer)."""
+    if e.is_Integer:
+        value = int(e)
+        return lambda env: value
+    if e in (I, G, N):
+        return lambda env: env[e]
+    if isinstance(e, (sp.Min, sp.Max)):
+        fn = np.minimum if isinstance(e, sp.Min) else np.maximum
+        parts = [_compiled(a) for a in e.args]
+
+        def fold(env):
+            out = parts[0](env)
+            for p in parts[1:]:
+                out = fn(out, p(env))
+            return out
+        return fold
+    if isinstance(e, (sp.floor, sp.ceiling, sp.Add, sp.Mul)):
+        inner = e.args[0] if isinstance(e, (sp.floor, sp.ceiling)) else e
+        num, den = sp.fraction(sp.together(inner))
+        if not (den.is_Integer and den > 0):
+            raise NotAnalyzable(f"cannot evaluate {e}: the denominator must be a positive integer")
+        den = int(den)
+        if den != 1:
+            top = _compiled(sp.expand(num))
+            if isinstance(e, sp.ceiling):
+                return lambda env: -((-top(env)) // den)
+            return lambda env: top(env) // den
+        if isinstance(e, (sp.floor, sp.ceiling)):
+            return _compiled(num)
+    if isinstance(e, sp.Add):
+        parts = [_compiled(a) for a in e.args]
+
+        def add(env):
+            out = 0
+            for p in parts:
+                out = out + p(env)
+            return out
+        return add
+    if isinstance(e, sp.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        factor = int(coeff)  # an integer: fractions were taken out above
+        parts = [_compiled(a) for a in sp.Mul.make_args(rest)]
+
+        def mul(env):
+            out = factor
+            for p in parts:
+                out = out * p(env)
+            return out
+        return mul
+    raise NotAnalyzable(f"cannot evaluate {e!r} ({type(e).__name__}) in integer arithmetic")
+
+
 @dataclass(frozen=True, eq=False)
 class Term:
     """A product term: symbolic (for codegen) and evaluated (for counting) side by side."""
@@ -86,7 +211,7 @@ class Term:
     def build(cls, sym: Product, shape) -> "Term | None":
         num = []
         for rel, n in zip(sym, shape):
-            lo, hi = evaluate(rel, n)
+            lo, hi = evaluate_exact(rel, n)
             r = Rel1D(n, rel.dilation, lo, hi)
             if r.empty:
                 return None
@@ -162,16 +287,26 @@ def _symbolic(expr: ir.MaskExpr, shape) -> list[Product]:
 
 
 def products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
-    """The static mask as a list of product terms whose union it is (empty ones dropped)."""
+    """The static mask as a list of product terms whose union it is (empty ones dropped).
+
+    Cached on (expression, shape): building the sympy expressions costs ~10 ms per call, far
+    more than counting, and the simulator and codegen ask for the same mask again and again.
+    The list is fresh per call; the Terms in it are shared and must be treated as read-only.
+    """
+    return list(_products(expr, tuple(int(n) for n in shape)))
+
+
+@lru_cache(maxsize=512)
+def _products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
     if isinstance(expr, ir.Union_):
-        return simplify([t for term in expr.terms for t in products(term, shape)])
+        return tuple(simplify([t for term in expr.terms for t in _products(term, shape)]))
     if isinstance(expr, ir.Intersection):
-        acc = products(expr.terms[0], shape)
+        acc = list(_products(expr.terms[0], shape))
         for term in expr.terms[1:]:
-            nxt = products(term, shape)
+            nxt = _products(term, shape)
             acc = simplify([q for a in acc for b in nxt if (q := intersect_terms(a, b, shape)) is not None])
-        return acc
-    return [t for sym in _symbolic(expr, shape) if (t := Term.build(sym, shape)) is not None]
+        return tuple(acc)
+    return tuple(t for sym in _symbolic(expr, shape) if (t := Term.build(sym, shape)) is not None)
 
 
 def layout_dilation(terms: list[Term], rank: int) -> tuple[int, ...]:
@@ -201,6 +336,15 @@ def _permuted(rel: Rel1D, dilation: int) -> Rel1D:
     return rel  # an undilated "all keys" relation is the same in any order
 
 
+def permuted_rels(term: Term, dilation: tuple[int, ...]) -> tuple[Rel1D, ...]:
+    """The term's relations over dilation-group-major positions (`dilation` from `layout_dilation`).
+
+    The coordinates tile-major kernels (and the simulator) cut tiles in: there every relation is
+    contiguous, so a tile's keys are an interval per dimension.
+    """
+    return tuple(_permuted(r, d) for r, d in zip(term.num, dilation))
+
+
 def inclusion_exclusion(terms: list[Term], shape) -> list[tuple[int, Term]]:
     """(sign, term) pairs whose signed counts sum to the count of the union.
 
@@ -227,18 +371,31 @@ def inclusion_exclusion(terms: list[Term], shape) -> list[tuple[int, Term]]:
 MAX_TERMS = 4096
 
 
+def signed_terms(expr: ir.MaskExpr, shape) -> list[tuple[int, Term]]:
+    """`inclusion_exclusion(products(expr, shape), shape)`, cached on (expression, shape).
+
+    The expansion intersects sympy expressions (tens of ms for a union with sinks); counting
+    many tile configurations of one mask must not pay that each time.
+    """
+    return list(_signed_terms(expr, tuple(int(n) for n in shape)))
+
+
+@lru_cache(maxsize=256)
+def _signed_terms(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[tuple[int, Term], ...]:
+    return tuple(inclusion_exclusion(products(expr, shape), shape))
+
+
 def box_pair_counts(rels: tuple[Rel1D, ...], qboxes: np.ndarray, kboxes: np.ndarray) -> np.ndarray:
     """[NQ, NK] attended pairs of a product between query boxes and key boxes ([N, rank, 2] start/stop)."""
     result = np.ones((len(qboxes), len(kboxes)), dtype=np.int64)
     for d, rel in enumerate(rels):
         edges = np.unique(kboxes[:, d, :])
-        cum = rel.counts_below(edges)
-        table = np.zeros((rel.n + 1, len(edges)), dtype=np.int64)
-        np.cumsum(cum, axis=0, out=table[1:])
+        bounds = np.unique(np.concatenate([[0, rel.n], qboxes[:, d, :].reshape(-1)]))
+        table = rel.prefix_counts(bounds, edges)
         e0 = np.searchsorted(edges, kboxes[:, d, 0])
         e1 = np.searchsorted(edges, kboxes[:, d, 1])
-        i0, i1 = qboxes[:, d, 0], qboxes[:, d, 1]
-        t0, t1 = table[i0], table[i1]
+        t0 = table[np.searchsorted(bounds, qboxes[:, d, 0])]
+        t1 = table[np.searchsorted(bounds, qboxes[:, d, 1])]
         result *= (t1[:, e1] - t1[:, e0]) - (t0[:, e1] - t0[:, e0])
     return result
 
@@ -250,11 +407,10 @@ def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.nda
     With `permuted`, box coordinates are positions in the dilation-group-major order of
     `layout_dilation` (each dimension's groups laid out one after another).
     """
-    terms = products(expr, shape)
-    dilation = layout_dilation(terms, len(shape)) if permuted else None
+    dilation = layout_dilation(products(expr, shape), len(shape)) if permuted else None
     total = np.zeros((len(qboxes), len(kboxes)), dtype=np.int64)
-    for sign, term in inclusion_exclusion(terms, shape):
-        rels = term.num if dilation is None else tuple(_permuted(r, d) for r, d in zip(term.num, dilation))
+    for sign, term in signed_terms(expr, shape):
+        rels = term.num if dilation is None else permuted_rels(term, dilation)
         total += sign * box_pair_counts(rels, qboxes, kboxes)
     return total
 

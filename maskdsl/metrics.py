@@ -17,7 +17,7 @@ def recall(q: torch.Tensor, k: torch.Tensor, spec: ir.Spec, mask: str, scale: fl
     on q's device, a chunk of query rows at a time (memory O(chunk x L), never [L, L] at once).
     """
     from maskdsl.semantics import static_mask
-    from maskdsl.topk import normal_form, reference_picks
+    from maskdsl.topk import normal_form, reference_picks, rows_mask
 
     mdef = spec.mask(mask)
     shape, tokens = mdef.layout.shape, mdef.layout.tokens
@@ -37,11 +37,6 @@ def recall(q: torch.Tensor, k: torch.Tensor, spec: ir.Spec, mask: str, scale: fl
         if form is None:
             keep = static_mask(mdef.expr, shape, rows).to(q.device)
         else:
-            blk = form.topk.block
-            key_block = torch.arange(tokens, device=q.device) // blk
-            picked = picks[:, :, (rows // blk).to(q.device)][..., key_block]
-            keep = picked & static_mask(form.restrict, shape, rows).to(q.device)
-            if form.static is not None:
-                keep = keep | static_mask(form.static, shape, rows).to(q.device)
+            keep = rows_mask(mdef, q, k, rows, picks)
         total += (probs * keep).sum().item()
     return total / (q.shape[0] * q.shape[1] * tokens)

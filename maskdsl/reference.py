@@ -44,7 +44,12 @@ def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     mask_def = _mask_def(spec, mask_name)
     rows = rows.to(torch.int64).cpu()
-    mask = static_mask(mask_def.expr, mask_def.layout.shape, rows).to(q.device)
+    if mask_def.dynamic:
+        from maskdsl.topk import rows_mask
+
+        mask = rows_mask(mask_def, q, k, rows)
+    else:
+        mask = static_mask(mask_def.expr, mask_def.layout.shape, rows).to(q.device)
     group = q.shape[1] // k.shape[1]
     q64 = q[:, :, rows.to(q.device)].to(torch.float64)
     k64 = k.to(torch.float64).repeat_interleave(group, dim=1)

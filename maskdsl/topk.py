@@ -154,3 +154,23 @@ def dynamic_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor) -> torch.Te
     if form.static is not None:
         out = out | static_mask(form.static, shape).to(picks.device)
     return out
+
+
+def rows_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
+              picks: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, H, len(rows), L]: the given query rows of a top-k mask (picks computed if not given)."""
+    from maskdsl.semantics import static_mask
+
+    form = normal_form(mask.expr)
+    shape, tokens = mask.layout.shape, mask.layout.tokens
+    if picks is None:
+        picks = reference_picks(q, k, form, shape)
+    picks = picks.to(q.device)
+    rows = rows.to(torch.int64).cpu()
+    blk = form.topk.block
+    key_block = torch.arange(tokens, device=q.device) // blk
+    keep = picks[:, :, (rows // blk).to(q.device)][..., key_block]
+    keep = keep & static_mask(form.restrict, shape, rows).to(q.device)
+    if form.static is not None:
+        keep = keep | static_mask(form.static, shape, rows).to(q.device)
+    return keep
