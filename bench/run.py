@@ -74,7 +74,14 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
     sample = torch.randperm(tokens, device="cuda", generator=gen)[:rows].sort().values.cpu()
     kvh = max(1, kv_heads * 2 // heads) if heads >= 2 else 1
     ref = reference_attention_rows(q[:1, :2].float(), k[:1, :kvh].float(), v[:1, :kvh].float(), spec, mask_name, sample)
-    density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
+    if mask.dynamic:  # expected density: the picked fraction of key blocks (the static part counted exactly on top)
+        from maskdsl.topk import normal_form
+
+        topk = normal_form(mask.expr).topk
+        nb = math.ceil(tokens / topk.block)
+        density = min(topk.k, nb) / nb
+    else:
+        density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
     dense_flops = 4 * batch * heads * tokens * tokens * dim
     result = {"mask": mask_name, "expr": mask.expr.fmt(), "grid": list(mask.layout.shape), "tokens": tokens,
               "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
