@@ -17,19 +17,24 @@ STAGES = (2, 3, 4)
 
 
 def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Tile pairs of the space, best predicted first (the simulator's upper bound, then its prediction)."""
     from simulator import sweep
 
     mdef = spec.mask(mask)
     if mdef.dynamic:
-        return [((t,), (t,)) for t in (64, 128) if _topk_ok(mdef, t)]
-    pairs = []
+        return [((t,), (t,)) for t in (128, 64) if _topk_ok(mdef, t)]
+    ranked = []
     for qv in Q_TOKENS:
         for kv in KV_TOKENS:
             try:
-                ranked = sweep(spec, mask, q_tokens=qv, kv_tokens=kv, limit=per_volume)
+                ranked += sweep(spec, mask, q_tokens=qv, kv_tokens=kv, limit=per_volume)
             except ValueError:
                 continue
-            pairs += [(c.q_tile, c.kv_tile) for c, _ in ranked if (c.q_tile, c.kv_tile) not in pairs]
+    ranked.sort(key=lambda cr: (-cr[1].predicted_speedup, -cr[1].upper_bound_speedup))
+    pairs = []
+    for c, _ in ranked:
+        if (c.q_tile, c.kv_tile) not in pairs:
+            pairs.append((c.q_tile, c.kv_tile))
     return pairs
 
 
@@ -43,14 +48,8 @@ def configs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[KernelConfig]
     return [KernelConfig(q, k, w, s) for q, k in tile_pairs(spec, mask, per_volume) for w in WARPS for s in STAGES]
 
 
-def seeds(spec: ir.Spec, mask: str, count: int = 4) -> list[KernelConfig]:
-    """The simulator's top predictions, to enqueue before sampling."""
-    from simulator import sweep
-
-    mdef = spec.mask(mask)
+def seeds(spec: ir.Spec, mask: str, count: int = 4, per_volume: int = 3) -> list[KernelConfig]:
+    """The simulator's top predictions within the space, to enqueue before sampling."""
     warps = 8 if 8 in WARPS else WARPS[-1]
     stages = 2 if 2 in STAGES else STAGES[0]
-    if mdef.dynamic:
-        return [KernelConfig(q, k, warps, stages) for q, k in tile_pairs(spec, mask)][:count]
-    ranked = sweep(spec, mask, q_tokens=128, limit=count)
-    return [KernelConfig(c.q_tile, c.kv_tile, warps, stages) for c, _ in ranked]
+    return [KernelConfig(q, k, warps, stages) for q, k in tile_pairs(spec, mask, per_volume)[:count]]

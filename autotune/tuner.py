@@ -66,9 +66,8 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
         study.set_user_attr("grid", list(mdef.layout.shape))
         study.set_user_attr("interpreted", device.interpreted)
     if not study.trials:
-        for cfg in space.seeds(spec, mask):
-            if _tiles_label(cfg.q_tile, cfg.kv_tile) in tiles:
-                study.enqueue_trial(encode(cfg), user_attrs={"seed": "simulator"})
+        for cfg in space.seeds(spec, mask, count=min(4, trials), per_volume=per_volume):
+            study.enqueue_trial(encode(cfg), user_attrs={"seed": "simulator"})
     bench = Bench(spec, mask, problem, device)
 
     def objective(trial: optuna.Trial) -> float:
@@ -99,7 +98,7 @@ def summarize(study, device: Device) -> TuneResult:
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     best = min(done, key=lambda t: t.value) if done else None
     return TuneResult(study.study_name, device, decode(best.params) if best else None, best.value if best else None,
-                      study.user_attrs.get("default_ms"), len(study.trials), len(pruned))
+                      study.user_attrs.get("default_ms"), len(done) + len(pruned), len(pruned))
 
 
 def exhaustive(spec: ir.Spec, mask: str, per_volume: int = 3, on_result=None) -> list[tuple[KernelConfig, float | None, str]]:

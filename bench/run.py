@@ -197,9 +197,10 @@ def _flex_topk(spec, mask_name, q, k, v, sample, ref, best_dense, bench, result)
     block = fn.form.topk.block
 
     def block_mask():
-        picked, idx, count = fn.select(q, k)
-        zeros = torch.zeros_like(count)
-        return BlockMask.from_kv_blocks(zeros, idx, count, idx, BLOCK_SIZE=block, mask_mod=None)
+        picked, _, count = fn.select(q, k)
+        # full-width index rows, picked blocks first (FlexAttention reads only the first `count`)
+        order = torch.argsort((picked == 0).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return BlockMask.from_kv_blocks(torch.zeros_like(count), order, count, order, BLOCK_SIZE=block, mask_mod=None)
 
     flex = torch.compile(flex_attention, dynamic=False)
     bm = block_mask()
