@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import sympy as sp
 
 from maskdsl import ir
-from maskdsl.intervals import (G, I, N, SymRel, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
+from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
 
@@ -121,85 +120,6 @@ class Rel1D:
 Product = tuple[SymRel, ...]
 
 
-def evaluate_exact(rel: SymRel, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """lo, hi (group coordinates) for every query coordinate 0..n-1, in integer arithmetic.
-
-    Same contract as `maskdsl.intervals.evaluate` (empty rows get lo > hi), but floor/ceiling
-    of a fraction is computed as an integer floor division of its numerator, as codegen's
-    printer does: `lambdify` expands floor((x - g)/3) into floor(-g/3 + x/3) in floats, which
-    gives 0 for x = 5, g = 2 (0.9999...).
-    """
-    c = np.arange(n, dtype=np.int64)
-    d = rel.dilation
-    g, i = c % d, c // d
-    glen = (n - g + d - 1) // d
-    env = {I: i, G: g, N: glen}
-    lo = np.broadcast_to(np.asarray(_int_eval(rel.lo, env), dtype=np.int64), (n,))
-    hi = np.minimum(np.broadcast_to(np.asarray(_int_eval(rel.hi, env), dtype=np.int64), (n,)), glen - 1)
-    inside = (c >= rel.qa) & (c < rel.query_stop(n))
-    return np.where(inside, np.maximum(lo, 0), 0), np.where(inside, hi, -1)
-
-
-def _int_eval(e: sp.Expr, env: dict):
-    return _compiled(e)(env)
-
-
-@lru_cache(maxsize=8192)
-def _compiled(e: sp.Expr):
-    """A function env -> value for an interval expression (integers, i/g/n, +, *, Min, Max,
-    floor, ceiling), exact in integers: each fraction is put over one integer denominator and
-    floor-divided (sympy only leaves a bare fraction where it proved the value an integer)."""
-    if e.is_Integer:
-        value = int(e)
-        return lambda env: value
-    if e in (I, G, N):
-        return lambda env: env[e]
-    if isinstance(e, (sp.Min, sp.Max)):
-        fn = np.minimum if isinstance(e, sp.Min) else np.maximum
-        parts = [_compiled(a) for a in e.args]
-
-        def fold(env):
-            out = parts[0](env)
-            for p in parts[1:]:
-                out = fn(out, p(env))
-            return out
-        return fold
-    if isinstance(e, (sp.floor, sp.ceiling, sp.Add, sp.Mul)):
-        inner = e.args[0] if isinstance(e, (sp.floor, sp.ceiling)) else e
-        num, den = sp.fraction(sp.together(inner))
-        if not (den.is_Integer and den > 0):
-            raise NotAnalyzable(f"cannot evaluate {e}: the denominator must be a positive integer")
-        den = int(den)
-        if den != 1:
-            top = _compiled(sp.expand(num))
-            if isinstance(e, sp.ceiling):
-                return lambda env: -((-top(env)) // den)
-            return lambda env: top(env) // den
-        if isinstance(e, (sp.floor, sp.ceiling)):
-            return _compiled(num)
-    if isinstance(e, sp.Add):
-        parts = [_compiled(a) for a in e.args]
-
-        def add(env):
-            out = 0
-            for p in parts:
-                out = out + p(env)
-            return out
-        return add
-    if isinstance(e, sp.Mul):
-        coeff, rest = e.as_coeff_Mul()
-        factor = int(coeff)  # an integer: fractions were taken out above
-        parts = [_compiled(a) for a in sp.Mul.make_args(rest)]
-
-        def mul(env):
-            out = factor
-            for p in parts:
-                out = out * p(env)
-            return out
-        return mul
-    raise NotAnalyzable(f"cannot evaluate {e!r} ({type(e).__name__}) in integer arithmetic")
-
-
 @dataclass(frozen=True, eq=False)
 class Term:
     """A product term: symbolic (for codegen) and evaluated (for counting) side by side."""
@@ -211,7 +131,7 @@ class Term:
     def build(cls, sym: Product, shape) -> "Term | None":
         num = []
         for rel, n in zip(sym, shape):
-            lo, hi = evaluate_exact(rel, n)
+            lo, hi = evaluate(rel, n)
             r = Rel1D(n, rel.dilation, lo, hi)
             if r.empty:
                 return None
@@ -221,7 +141,7 @@ class Term:
 
 def intersect_terms(a: Term, b: Term, shape) -> Term | None:
     try:
-        sym = tuple(intersect(x, y) for x, y in zip(a.sym, b.sym))
+        sym = tuple(intersect(x, y, n) for x, y, n in zip(a.sym, b.sym, shape))
     except ValueError as exc:
         raise NotAnalyzable(str(exc)) from None
     return Term.build(sym, shape)

@@ -1,6 +1,6 @@
 """Closed-form per-dimension key intervals, as sympy expressions: the one source of truth.
 
-The simulator evaluates these (numpy, through `lambdify`) and codegen prints them into the
+The simulator evaluates these (exact integer arithmetic, `evaluate`) and codegen prints them into the
 Triton kernel, so the tile schedule predicted and the one executed cannot drift apart.
 
 A `SymRel` is one dimension of one product term of a mask. It runs on *dilation-group
@@ -73,45 +73,101 @@ def rel_queries_in(start: int, stop: int) -> SymRel:
     return SymRel(1, sp.Integer(0), N - 1, start, stop)
 
 
-# Stands for "the end of the dimension" once a contiguous relation moves to group coordinates;
-# every consumer clamps hi to the group's last coordinate, so any bound past the end is exact.
-BEYOND = 2**30
-
-
-def _to_groups(rel: SymRel, d: int) -> SymRel:
-    """Restate a contiguous (d = 1) relation in the coordinates of dilation-d groups."""
-    subs = {I: G + d * I, N: BEYOND}
+def _to_groups(rel: SymRel, d: int, n: int) -> SymRel:
+    """Restate a contiguous (d = 1) relation on a dimension of extent n in dilation-d group coordinates."""
+    subs = {I: G + d * I, N: n}  # the real extent: a lo clamped at the right edge (n - w) stays exact
     lo, hi = rel.lo.subs(subs, simultaneous=True), rel.hi.subs(subs, simultaneous=True)
     return SymRel(d, sp.ceiling((lo - G) / d), sp.floor((hi - G) / d), rel.qa, rel.qb)
 
 
-def intersect(a: SymRel, b: SymRel) -> SymRel:
-    """Per-dimension intersection; None-free. Raises ValueError for two different dilations."""
+def intersect(a: SymRel, b: SymRel, n: int) -> SymRel:
+    """Per-dimension intersection on a dimension of extent n. ValueError for two different dilations."""
     if a.dilation != b.dilation:
         if a.dilation != 1 and b.dilation != 1:
             raise ValueError(f"intersecting dilations {a.dilation} and {b.dilation} in one dimension is not supported")
         if a.dilation == 1:
-            a = _to_groups(a, b.dilation)
+            a = _to_groups(a, b.dilation, n)
         else:
-            b = _to_groups(b, a.dilation)
+            b = _to_groups(b, a.dilation, n)
     qb = a.qb if b.qb is None else b.qb if a.qb is None else min(a.qb, b.qb)
     return SymRel(a.dilation, sp.Max(a.lo, b.lo), sp.Min(a.hi, b.hi), max(a.qa, b.qa), qb)
 
 
-@lru_cache(maxsize=4096)
-def _lambdified(expr: sp.Expr):
-    return sp.lambdify((I, G, N), expr, "numpy")
-
-
 def evaluate(rel: SymRel, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """lo, hi (group coordinates) for every query coordinate 0..n-1; empty rows get lo > hi."""
+    """lo, hi (group coordinates) for every query coordinate 0..n-1, in integer arithmetic.
+
+    Empty rows get lo > hi. Floor/ceiling of a fraction is an integer floor division of its
+    numerator, as codegen's printer does (not `lambdify`, which expands floor((x - g)/3) into
+    floor(-g/3 + x/3) in floats: 0 for x = 5, g = 2).
+    """
     c = np.arange(n, dtype=np.int64)
     d = rel.dilation
     g, i = c % d, c // d
     glen = (n - g + d - 1) // d
-    lo = np.broadcast_to(np.asarray(_lambdified(rel.lo)(i, g, glen)), (n,)).astype(np.int64)
-    hi = np.broadcast_to(np.asarray(_lambdified(rel.hi)(i, g, glen)), (n,)).astype(np.int64)
-    hi = np.minimum(hi, glen - 1)
+    env = {I: i, G: g, N: glen}
+    lo = np.broadcast_to(np.asarray(_int_eval(rel.lo, env), dtype=np.int64), (n,))
+    hi = np.minimum(np.broadcast_to(np.asarray(_int_eval(rel.hi, env), dtype=np.int64), (n,)), glen - 1)
     inside = (c >= rel.qa) & (c < rel.query_stop(n))
     return np.where(inside, np.maximum(lo, 0), 0), np.where(inside, hi, -1)
+
+
+def _int_eval(e: sp.Expr, env: dict):
+    return _compiled(e)(env)
+
+
+@lru_cache(maxsize=8192)
+def _compiled(e: sp.Expr):
+    """A function env -> value for an interval expression (integers, i/g/n, +, *, Min, Max,
+    floor, ceiling), exact in integers: each fraction is put over one integer denominator and
+    floor-divided (sympy only leaves a bare fraction where it proved the value an integer)."""
+    if e.is_Integer:
+        value = int(e)
+        return lambda env: value
+    if e in (I, G, N):
+        return lambda env: env[e]
+    if isinstance(e, (sp.Min, sp.Max)):
+        fn = np.minimum if isinstance(e, sp.Min) else np.maximum
+        parts = [_compiled(a) for a in e.args]
+
+        def fold(env):
+            out = parts[0](env)
+            for p in parts[1:]:
+                out = fn(out, p(env))
+            return out
+        return fold
+    if isinstance(e, (sp.floor, sp.ceiling, sp.Add, sp.Mul)):
+        inner = e.args[0] if isinstance(e, (sp.floor, sp.ceiling)) else e
+        num, den = sp.fraction(sp.together(inner))
+        if not (den.is_Integer and den > 0):
+            raise ValueError(f"cannot evaluate {e}: the denominator must be a positive integer")
+        den = int(den)
+        if den != 1:
+            top = _compiled(sp.expand(num))
+            if isinstance(e, sp.ceiling):
+                return lambda env: -((-top(env)) // den)
+            return lambda env: top(env) // den
+        if isinstance(e, (sp.floor, sp.ceiling)):
+            return _compiled(num)
+    if isinstance(e, sp.Add):
+        parts = [_compiled(a) for a in e.args]
+
+        def add(env):
+            out = 0
+            for p in parts:
+                out = out + p(env)
+            return out
+        return add
+    if isinstance(e, sp.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        factor = int(coeff)  # an integer: fractions were taken out above
+        parts = [_compiled(a) for a in sp.Mul.make_args(rest)]
+
+        def mul(env):
+            out = factor
+            for p in parts:
+                out = out * p(env)
+            return out
+        return mul
+    raise ValueError(f"cannot evaluate {e!r} ({type(e).__name__}) in integer arithmetic")
+
 

@@ -140,7 +140,7 @@ def _convert(param: Param, value: Value, layout: ir.Layout, prim: str):
     if len(items) != layout.rank:
         raise BindError(f"{prim}: {param.name} has {len(items)} entries but layout {layout.name!r} "
                         f"has {layout.rank} dimensions {layout.shape}", value.pos,
-                        f"give one entry per dimension, or a scalar to use it in every dimension")
+                        "give one entry per dimension, or a scalar to use it in every dimension")
     return tuple(i.value for i in items)
 
 

@@ -36,6 +36,7 @@ CASES = [
     ("union-two-windows", "layout s = grid(48)\nmask m = sliding_window(4) | neighborhood(window=16, stride=16)",
      (16,), (16,)),
     ("intersection-empty-rows", "layout s = grid(40)\nmask m = sink(3) & neighborhood(window=2)", (16,), (16,)),
+    ("dilated-and-window", "layout s = grid(23)\nmask m = dilated(window=5, dilation=2) & sliding_window(6)", (16,), (16,)),
     ("causal-2d-flat", "layout g = grid(5, 7)\nmask m = causal & neighborhood(window=(3, 5))", (4, 4), (2, 8)),
 ]
 

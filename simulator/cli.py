@@ -1,0 +1,133 @@
+"""`maskdsl simulate`: the simulator from the command line (registered by maskdsl.cli).
+
+    maskdsl simulate FILE --mask NAME [--q-tile 2,8,8 --kv-tile 2,8,8] [--no-permute]
+                     [--sweep [--limit N]] [--suggest] [--json] [--gpu NAME] [--costs FILE]
+
+Without tiles it simulates the best 128-token tile (``simulator.ranking.default_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+def _tile(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated tile extents like 2,8,8, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"tile extents must be positive, got {text!r}")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="predict the tile schedule and speedup of a mask (GNA-style)")
+    p.add_argument("file")
+    p.add_argument("--mask", help="mask name (default: the attention statement's mask, or the only mask)")
+    p.add_argument("--q-tile", type=_tile, help="query tile extents per dimension, e.g. 2,8,8")
+    p.add_argument("--kv-tile", type=_tile, help="key tile extents (default: the query tile)")
+    p.add_argument("--no-permute", action="store_true", help="row-major tokens: a tile is prod(tile) consecutive tokens")
+    p.add_argument("--sweep", action="store_true", help="rank every tile configuration (16..256 tokens per tile)")
+    p.add_argument("--limit", type=int, default=10, help="configs shown by --sweep (default 10)")
+    p.add_argument("--suggest", action="store_true",
+                   help="perfectly block-sparse windows/strides near the mask's, for the tile")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--gpu", help="GPU whose cost constants to use (default: NVIDIA H100 80GB HBM3)")
+    p.add_argument("--costs", help="JSON file of fitted cost constants overriding the built-in ones")
+    p.set_defaults(func=cmd_simulate)
+
+
+def _mask_name(spec, name):
+    if name:
+        spec.mask(name)  # KeyError with a suggestion when unknown
+        return name
+    if len(spec.attentions) == 1:
+        return spec.attentions[0].mask
+    if len(spec.masks) == 1:
+        return spec.masks[0].name
+    raise ValueError(f"the spec has {len(spec.masks)} masks; pick one with --mask "
+                     f"({', '.join(m.name for m in spec.masks)})")
+
+
+def cmd_simulate(args) -> int:
+    from maskdsl.parser import load
+    from simulator.simulation import simulate
+    from simulator.suggestions import suggest
+    from simulator.ranking import default_config, sweep
+
+    spec = load(args.file)
+    mask = _mask_name(spec, args.mask)
+    permute = not args.no_permute
+    cost = {"gpu": args.gpu, "costs": args.costs}
+    if args.kv_tile and not args.q_tile:
+        raise ValueError("--kv-tile needs --q-tile; hint: give both, e.g. --q-tile 2,8,8 --kv-tile 2,8,8")
+    if args.sweep:
+        rows = [r for _, r in sweep(spec, mask, permute=permute, limit=args.limit, **cost)]
+        title = f"sweep of {mask}: best {len(rows)} configs by upper bound, then predicted speedup"
+    elif args.q_tile:
+        rows = [simulate(spec, mask, args.q_tile, args.kv_tile, permute=permute, **cost)]
+        title = f"simulation of {mask}"
+    else:
+        rows = [default_config(spec, mask, permute=permute, **cost)[1]]
+        title = f"simulation of {mask} (best 128-token tile; choose with --q-tile/--kv-tile)"
+    suggestions = []
+    if args.suggest:
+        best = rows[0]
+        suggestions = suggest(spec, mask, best.q_tile, best.kv_tile, **cost)
+    if args.json:
+        out = {"file": args.file, "mask": mask, "results": [r.to_dict() for r in rows]}
+        if args.suggest:
+            out["suggestions"] = [{"expr": nb.fmt(), **r.to_dict()} for nb, r in suggestions]
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(title)
+    print(format_table(rows))
+    for note in dict.fromkeys(n for r in rows for n in r.notes):
+        print(f"note: {note}")
+    if args.suggest:
+        _print_suggestions(spec.mask(mask).expr, rows[0], suggestions)
+    return 0
+
+
+def _print_suggestions(expr, base, suggestions) -> None:
+    tiles = f"q {_dims(base.q_tile)} / kv {_dims(base.kv_tile)}"
+    if not suggestions:
+        why = " (a causal dimension never is: its diagonal tile is partial)" if any(getattr(expr, "causal", ())) else ""
+        print(f"\nno perfectly block-sparse window/stride near {expr.fmt()} for {tiles}{why}")
+        return
+    print(f"\nperfectly block-sparse neighborhoods near {expr.fmt()} for {tiles}:")
+    for nb, r in suggestions:
+        print(f"  {nb.fmt():<58} upper bound {_x(r.upper_bound_speedup)}, FLOP-ideal {_x(r.flop_ideal_speedup)}, "
+              f"predicted {_x(r.predicted_speedup)}")
+
+
+def _dims(t) -> str:
+    return "x".join(map(str, t))
+
+
+def _x(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{v:.2f}x"
+
+
+def _n(v) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"~{v:,.1f}"
+
+
+def format_table(rows) -> str:
+    """One line per SimResult: tiles, tile counts, bounds, prediction, load balance."""
+    head = ("q tile", "kv tile", "layout", "tiles q x kv", "visited", "full", "partial", "upper bound",
+            "FLOP-ideal", "predicted", "visits max/mean", "block-sparse")
+    body = [(_dims(r.q_tile), _dims(r.kv_tile), "tile-major" if r.permute else "row-major",
+             f"{r.q_tiles:,} x {r.kv_tiles:,}", _n(r.visited_tiles), _n(r.full_tiles), _n(r.partial_tiles),
+             _x(r.upper_bound_speedup), _x(r.flop_ideal_speedup), _x(r.predicted_speedup),
+             f"{_n(r.max_visits)}/{r.mean_visits:,.1f}", "yes" if r.perfectly_block_sparse else "no")
+            for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""`simulate`: what a tiled attention kernel will do for one mask and one tile configuration.
+
+Counts are exact (``simulator.counting``); the speedups follow GNA's definitions:
+
+* upper bound = dense tiles / visited tiles (a kernel that skips empty tiles for free and pays
+  for every visited tile as for a dense one can go no faster);
+* FLOP-ideal = 1 / density (what a kernel that computed only attended pairs would reach);
+* perfectly block-sparse = no visited tile needs the mask (then the two bounds agree when the
+  tiles divide the grid).
+
+Top-k masks depend on the data. The simulator then reports expectations (``expected=True``):
+each query tile is taken to pick k * ceil(block / V_k) key tiles uniformly at random among those
+the rest of the expression allows (the "envelope": the expression with top-k read as `full`),
+on top of the exact static part (top-k read as the empty mask). With nothing else restricting
+it, the density this gives is the static density plus k / key_blocks of the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from maskdsl import ir
+from maskdsl.analysis import NotAnalyzable
+from simulator.cost import CostModel
+from simulator.counting import TileStats, tile_stats
+from simulator.tiles import check_tile
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """The tile schedule of one configuration, its bounds, and the calibrated prediction."""
+
+    mask: str
+    shape: tuple[int, ...]
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    permute: bool
+    q_tiles: int
+    kv_tiles: int
+    dense_tiles: int
+    visited_tiles: float  # an int unless `expected` (top-k)
+    full_tiles: float
+    partial_tiles: float
+    attended_pairs: float  # useful work: attended (query, key) pairs
+    executed_pairs: int  # work a kernel does: visited tiles x padded tile volumes
+    density: float
+    upper_bound_speedup: float
+    flop_ideal_speedup: float
+    perfectly_block_sparse: bool
+    max_visits: float  # key tiles visited by the busiest query tile
+    mean_visits: float
+    predicted_time: float  # cost-model units (one full 128x128 tile on one SM)
+    predicted_dense_time: float
+    predicted_speedup: float
+    predicted_ms: float | None
+    gpu: str
+    cost_source: str
+    expected: bool = False  # True for top-k masks: the tile counts are expectations
+    notes: tuple[str, ...] = ()
+    visits_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
+    full_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
+
+    @property
+    def config(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+        return self.q_tile, self.kv_tile, self.permute
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest query tile over the mean: 1.0 is perfectly balanced."""
+        return self.max_visits / self.mean_visits if self.mean_visits else 1.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields (per-query-tile arrays left out; they are long)."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            if name in ("visits_per_query_tile", "full_per_query_tile"):
+                continue
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        for name in ("upper_bound_speedup", "flop_ideal_speedup"):
+            if math.isinf(out[name]):
+                out[name] = None  # JSON has no infinity: an empty mask
+        return out
+
+
+def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: str | None = None,
+             costs: CostModel | str | os.PathLike | None = None) -> SimResult:
+    """Simulate `mask` of `spec` (an ir.Spec or a path to a .mask file) with the given tiles.
+
+    `kv_tile` defaults to `q_tile`. `gpu` names the cost constants (gpu_costs.json); `costs`
+    is a CostModel or a JSON file of fitted constants overriding the built-in ones.
+    """
+    spec = _as_spec(spec)
+    mdef = spec.mask(mask)
+    shape = mdef.layout.shape
+    q_tile = check_tile(q_tile, shape, "q_tile")
+    kv_tile = q_tile if kv_tile is None else check_tile(kv_tile, shape, "kv_tile")
+    if not isinstance(permute, bool):
+        raise ValueError(f"permute must be True or False, got {permute!r}")
+    model = costs if isinstance(costs, CostModel) else CostModel.for_gpu(gpu, costs)
+    att = spec.attention_for(mask)
+    copies = att.batch * att.heads if att else 1
+    try:
+        if mdef.dynamic:
+            stats, visits, full, pairs, notes = _topk(mdef.expr, shape, q_tile, kv_tile, permute)
+        else:
+            stats = tile_stats(mdef.expr, shape, q_tile, kv_tile, permute)
+            visits, full, pairs, notes = stats.visits, stats.full, stats.attended, ()
+    except NotAnalyzable as exc:
+        hint = "; hint: simulate the row-major layout with permute=False (--no-permute)" if permute else ""
+        raise NotAnalyzable(f"mask {mask!r}: {exc}{hint}") from None
+    return _result(mdef.name, shape, q_tile, kv_tile, permute, stats, visits, full, pairs, model, copies,
+                   mdef.dynamic, notes)
+
+
+def _as_spec(spec) -> ir.Spec:
+    if isinstance(spec, ir.Spec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        from maskdsl.parser import load
+
+        return load(spec)
+    raise ValueError(f"spec must be a maskdsl Spec or a path to a .mask file, got {type(spec).__name__}")
+
+
+def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, full, pairs, model: CostModel,
+            copies, expected, notes) -> SimResult:
+    tokens = math.prod(shape)
+    vq, vk = math.prod(q_tile), math.prod(kv_tile)
+    nq, nk = stats.q_tiles, stats.k_tiles
+    visited = _num(visits.sum())
+    full_tiles = _num(full.sum())
+    partial = _num(visited - full_tiles)
+    density = float(pairs) / tokens**2
+    time = model.time(full, visits - full, vq, vk, copies)
+    dense_time = model.dense_time(nq, nk, vq, vk, copies)
+    if model.placeholder:
+        notes = notes + (f"predicted speedup uses PLACEHOLDER constants for {model.name}; "
+                         "replace them with device measurements",)
+    return SimResult(
+        mask=name, shape=tuple(shape), q_tile=q_tile, kv_tile=kv_tile, permute=permute,
+        q_tiles=nq, kv_tiles=nk, dense_tiles=nq * nk,
+        visited_tiles=visited, full_tiles=full_tiles, partial_tiles=partial,
+        attended_pairs=_num(pairs), executed_pairs=int(round(visited * vq * vk)), density=density,
+        upper_bound_speedup=nq * nk / visited if visited else math.inf,
+        flop_ideal_speedup=1.0 / density if density else math.inf,
+        perfectly_block_sparse=bool(partial == 0),
+        max_visits=_num(visits.max()) if nq else 0, mean_visits=float(visits.mean()) if nq else 0.0,
+        predicted_time=time, predicted_dense_time=dense_time,
+        predicted_speedup=dense_time / time if time else math.inf,
+        predicted_ms=time * model.tile_us / 1000.0 if model.tile_us else None,
+        gpu=model.name, cost_source=model.source, expected=expected, notes=tuple(notes),
+        visits_per_query_tile=np.asarray(visits), full_per_query_tile=np.asarray(full),
+    )
+
+
+def _num(x):
+    """Exact counts stay ints; expectations (top-k) stay floats."""
+    return float(x) if isinstance(x, (float, np.floating)) else int(x)
+
+
+# --- top-k: expectations around the exact static part -------------------------------------------
+
+def _replace_topk(expr: ir.MaskExpr, as_full: bool) -> ir.MaskExpr | None:
+    """The expression with every top-k term read as `full` (as_full) or as the empty mask (None)."""
+    if isinstance(expr, ir.TopK):
+        return ir.Full() if as_full else None
+    if isinstance(expr, ir.Union_):
+        kept = [p for t in expr.terms if (p := _replace_topk(t, as_full)) is not None]
+        return ir.union(*kept) if kept else None
+    if isinstance(expr, ir.Intersection):
+        parts = [_replace_topk(t, as_full) for t in expr.terms]
+        return None if any(p is None for p in parts) else ir.intersection(*parts)
+    return expr
+
+
+def _topk(expr, shape, q_tile, kv_tile, permute):
+    static = _replace_topk(expr, as_full=False)
+    envelope = _replace_topk(expr, as_full=True)
+    s = tile_stats(static, shape, q_tile, kv_tile, permute)
+    e = tile_stats(envelope, shape, q_tile, kv_tile, permute)
+    vk = math.prod(kv_tile)
+    picks = sum(node.k * -(-node.block // vk) for node in ir.walk(expr) if isinstance(node, ir.TopK))
+    n_e, n_s = e.visits.astype(np.float64), s.visits.astype(np.float64)
+    share = np.divide(np.minimum(picks, n_e), n_e, out=np.zeros_like(n_e), where=n_e > 0)
+    visits = n_s + share * (n_e - n_s)
+    full_share = np.divide(e.full, n_e, out=np.zeros_like(n_e), where=n_e > 0)
+    full = s.full + share * (n_e - n_s) * full_share
+    pairs = float(s.pairs.sum() + (share * (e.pairs - s.pairs)).sum())
+    notes = (f"top-k: tile counts, density and speedups are EXPECTATIONS: each query tile picks {picks} key "
+             "tile(s) uniformly among those the rest of the mask allows, on top of the exact static part",)
+    return s, visits, full, pairs, notes

@@ -1,0 +1,155 @@
+"""Where tiles sit in the token order: the layout conventions the kernels use, stated once.
+
+Two layouts, matching what codegen runs:
+
+* **tile-major** (``permute=True``, GNA's token permutation): a tile is a box of the grid. In a
+  dimension with dilation ``d`` (``maskdsl.analysis.layout_dilation``) the coordinates are first
+  laid out dilation-group-major: group ``g = c mod d`` occupies positions
+  ``[off_g, off_g + len_g)`` with ``len_g = ceil((n - g) / d)``, and tiles are cut per group, so a
+  tile never straddles two groups: the tile edges are ``off_g + k*T`` clipped to the group's end.
+  Tiles are numbered row-major over the per-dimension tile indices (dimension 0 slowest), and in
+  one dimension group 0's tiles come first, then group 1's, and so on.
+* **row-major** (``permute=False``): tokens keep their order; tile ``t`` is the flat range
+  ``[t*V, min((t+1)*V, L))`` with ``V = prod(tile)``; the last one may be ragged. A flat range is
+  a union of at most ``2*rank - 1`` disjoint boxes (``flat_range_boxes``), which is how it is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import numpy as np
+
+MIN_TILE_TOKENS = 16
+MAX_TILE_TOKENS = 256
+
+
+def check_tile(tile, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The tile as a tuple of ints, or a ValueError naming the argument and saying how to fix it."""
+    rank = len(shape)
+    if isinstance(tile, (int, np.integer)) and not isinstance(tile, bool):
+        tile = (int(tile),)
+    try:
+        values = tuple(tile)
+    except TypeError:
+        raise ValueError(f"{name} must be a tuple of {rank} positive integers (one per grid dimension), "
+                         f"got {tile!r}; hint: {name}={default_tile(shape)}") from None
+    if len(values) != rank:
+        raise ValueError(f"{name} has {len(values)} entries but the grid {shape} has {rank} dimension(s); "
+                         f"hint: give one tile extent per dimension, e.g. {name}={default_tile(shape)}")
+    out = []
+    for d, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name}[{d}] = {v!r} is not a positive integer; hint: tile extents are token counts "
+                             f"per dimension, e.g. {name}={default_tile(shape)}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def group_offsets(n: int, d: int) -> np.ndarray:
+    """[d + 1] start positions of the dilation groups in the group-major order (the last is n)."""
+    lengths = [(n - g + d - 1) // d for g in range(d)]
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def dim_intervals(n: int, tile: int, dilation: int = 1) -> np.ndarray:
+    """[T, 2] (start, stop) of one dimension's tiles in the tile-major (group-major) positions."""
+    offsets = group_offsets(n, dilation)
+    spans = []
+    for g in range(dilation):
+        start, stop = int(offsets[g]), int(offsets[g + 1])
+        edges = np.arange(start, stop, tile, dtype=np.int64)
+        spans.append(np.stack([edges, np.minimum(edges + tile, stop)], axis=1))
+    return np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
+
+
+def permuted_boxes(per_dim: list[np.ndarray]) -> np.ndarray:
+    """[N, rank, 2]: the Cartesian product of per-dimension intervals, row-major over tile indices."""
+    grids = np.meshgrid(*[np.arange(len(iv)) for iv in per_dim], indexing="ij")
+    idx = [g.reshape(-1) for g in grids]
+    return np.stack([iv[i] for iv, i in zip(per_dim, idx)], axis=1)
+
+
+def flat_range_boxes(shape: tuple[int, ...], a: int, b: int) -> list[tuple[tuple[int, int], ...]]:
+    """The row-major flat range [a, b) as disjoint boxes ((start, stop) per dimension), in order.
+
+    Peel the range from the left until ``a`` is aligned to the largest block it can be, take the
+    whole aligned middle, then peel the right end: at most ``2*rank - 1`` boxes.
+    """
+    rank = len(shape)
+    strides = [math.prod(shape[k + 1:]) for k in range(rank)]
+    boxes: list[tuple[tuple[int, int], ...]] = []
+
+    def coords(flat):
+        return [(flat // strides[k]) % shape[k] for k in range(rank)]
+
+    def box(start, level, count):
+        """`count` consecutive blocks of size strides[level], from flat `start` (aligned to it)."""
+        c = coords(start)
+        return tuple((c[k], c[k] + 1) for k in range(level)) + ((c[level], c[level] + count),) + tuple(
+            (0, shape[k]) for k in range(level + 1, rank))
+
+    pos = a
+    # left: climb from the finest level while pos is not aligned to the next coarser block
+    for level in range(rank - 1, 0, -1):
+        step, coarse = strides[level], strides[level - 1]
+        if pos % coarse == 0:
+            continue
+        upto = min(b, (pos // coarse + 1) * coarse)
+        count = (upto - pos) // step
+        if count:
+            boxes.append(box(pos, level, count))
+            pos += count * step
+        if pos < upto:  # b falls inside this level: finish with finer pieces below
+            break
+    # middle and right: descend from the coarsest level
+    for level in range(rank):
+        step = strides[level]
+        count = (b - pos) // step
+        if count:
+            boxes.append(box(pos, level, count))
+            pos += count * step
+    assert pos == b, (shape, a, b)
+    return boxes
+
+
+def row_major_tiles(shape: tuple[int, ...], volume: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of every row-major tile of `volume` tokens: ([B, rank, 2] boxes, [T + 1] box offsets per tile)."""
+    total = math.prod(shape)
+    boxes, starts = [], [0]
+    for a in range(0, total, volume):
+        pieces = flat_range_boxes(shape, a, min(a + volume, total))
+        boxes.extend(pieces)
+        starts.append(len(boxes))
+    return np.array(boxes, dtype=np.int64).reshape(-1, len(shape), 2), np.array(starts, dtype=np.int64)
+
+
+def default_tile(shape: tuple[int, ...], tokens: int = 128) -> tuple[int, ...]:
+    """`tokens` (a power of two) split into power-of-two extents, more where the grid is longer.
+
+    Repeatedly double the extent of the dimension with the most tiles left (extent / tile),
+    the later dimension on ties; stops early when every dimension is covered. Used for hints
+    and as the seed tile; `simulator.ranking.default_config` picks the best 128-token tile by
+    simulation instead.
+    """
+    tile = [1] * len(shape)
+    while math.prod(tile) < tokens:
+        room = [(shape[d] / tile[d], d) for d in range(len(shape)) if tile[d] < shape[d]]
+        if not room:
+            break
+        tile[max(room)[1]] *= 2
+    return tuple(tile)
+
+
+def candidate_tiles(shape: tuple[int, ...], min_tokens: int = MIN_TILE_TOKENS,
+                    max_tokens: int = MAX_TILE_TOKENS) -> list[tuple[int, ...]]:
+    """Tile shapes a kernel can use: power-of-two extents, volume in [min_tokens, max_tokens].
+
+    Extents stop at the next power of two at or above the grid extent: anything larger is the
+    same tiling of that dimension with more padding.
+    """
+    caps = [1 << max(0, (n - 1).bit_length()) for n in shape]
+    options = [[1 << e for e in range(cap.bit_length())] for cap in caps]
+    out = [t for t in product(*options) if min_tokens <= math.prod(t) <= max_tokens]
+    return sorted(out, key=lambda t: (math.prod(t), t))
