@@ -244,7 +244,49 @@ def run_suite(paths, out_json: str | None, only: str | None = None) -> list[dict
             if out_json:
                 Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     print_table(results)
+    calibrate(results, env["gpu"])
+    if out_json:
+        Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     return results
+
+
+def calibrate(results, gpu: str) -> None:
+    """Fit the simulator's cost constants to this run, store them, and report predicted vs measured."""
+    from maskdsl.parser import load
+    from simulator.calibrate import Measurement, evaluate_fit, fit, parse_config_key, store
+    from simulator.cost import fitted_path
+
+    meas = []
+    for r in results:
+        spec = load(r["file"])
+        if spec.mask(r["mask"]).dynamic:
+            continue
+        for e in r["ours"]:
+            if "ms" in e:
+                q, k = parse_config_key(e["config"])
+                meas.append(Measurement(spec, r["mask"], q, k, r["batch"] * r["heads"], e["ms"]))
+    if len(meas) < 3:
+        return
+    entry = fit(meas, gpu, source=f"fitted by maskdsl bench --suite on {time.strftime('%Y-%m-%d')}, "
+                                  f"{len(meas)} measurements")
+    path = store(entry, gpu, fitted_path())
+    print(f"\nfitted cost constants for {gpu} -> {path}: {entry}")
+    for r in results:
+        best = r.get("ours_best")
+        if not best or spec_is_dynamic(r):
+            continue
+        q, k = parse_config_key(best["config"])
+        ev = evaluate_fit([Measurement(load(r["file"]), r["mask"], q, k, r["batch"] * r["heads"], best["ms"])],
+                          entry, gpu)[0]
+        r["predicted_ms"] = ev["predicted_ms"]
+        r["measured_over_predicted"] = ev["ratio"]
+        r["predicted_speedup_vs_dense"] = r["dense_best_ms"] / ev["predicted_ms"]
+        print(f"  {Path(r['file']).stem}:{r['mask']}: measured {best['ms']:.3f} ms, predicted {ev['predicted_ms']:.3f} ms "
+              f"(measured/predicted {ev['ratio']:.2f})")
+
+
+def spec_is_dynamic(result) -> bool:
+    return result["expr"].startswith("topk") or "topk(" in result["expr"]
 
 
 def print_table(results) -> None:

@@ -48,6 +48,7 @@ class CostModel:
     sms: int
     tile_us: float | None = None
     source: str = ""
+    pair_exponent: float = 1.0  # cost of a tile pair ~ (V_q V_k)^beta: small tiles use the tensor cores worse
 
     @property
     def placeholder(self) -> bool:
@@ -61,6 +62,9 @@ class CostModel:
         win over the shipped defaults.
         """
         table = _load(_BUILTIN)
+        fitted = fitted_path()
+        if fitted.exists():  # what the last `maskdsl bench --suite` on this machine fitted
+            table.update(_load(fitted))
         override = path or os.environ.get("MASKDSL_GPU_COSTS")
         if override:
             table.update(_load(Path(override)))
@@ -74,7 +78,7 @@ class CostModel:
             model = cls(name=name, c_full=float(entry["c_full"]), c_partial=float(entry["c_partial"]),
                         c_tile=float(entry["c_tile"]), sms=int(entry["sms"]),
                         tile_us=None if entry.get("tile_us") is None else float(entry["tile_us"]),
-                        source=str(entry.get("source", "")))
+                        source=str(entry.get("source", "")), pair_exponent=float(entry.get("pair_exponent", 1.0)))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
@@ -84,8 +88,8 @@ class CostModel:
 
     def scaled(self, q_tokens: int, kv_tokens: int) -> tuple[float, float, float]:
         """(c_full', c_partial', c_tile') for tiles of `q_tokens` x `kv_tokens` (see the module doc)."""
-        pair = q_tokens * kv_tokens / REFERENCE_TILE**2
-        return self.c_full * pair, self.c_partial * pair, self.c_tile * q_tokens / REFERENCE_TILE
+        pair = (q_tokens * kv_tokens / REFERENCE_TILE**2) ** self.pair_exponent
+        return self.c_full * pair, self.c_partial * pair, self.c_tile * (q_tokens / REFERENCE_TILE) ** self.pair_exponent
 
     def query_tile_times(self, full: np.ndarray, partial: np.ndarray, q_tokens: int, kv_tokens: int) -> np.ndarray:
         cf, cp, ct = self.scaled(q_tokens, kv_tokens)
@@ -100,6 +104,13 @@ class CostModel:
         """The same kernel with no sparsity: every query tile visits every key tile, all full."""
         cf, _, ct = self.scaled(q_tokens, kv_tokens)
         return lpt_makespan(np.array([k_tiles * cf + ct]), np.array([q_tiles * copies]), self.sms)
+
+
+def fitted_path() -> Path:
+    """Where `maskdsl bench --suite` stores the constants it fits, next to the tuning database."""
+    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
+    return Path(root) / "gpu_costs.json"
 
 
 def lpt_makespan(values: np.ndarray, counts: np.ndarray, bins: int) -> float:
