@@ -15,19 +15,22 @@ from pathlib import Path
 SUITE = Path(__file__).parent / "suite"
 
 
-def candidate_configs(mask, head_dim: int, limit: int = 4):
-    """A few sensible configs to time (the autotuner searches the whole space)."""
+def candidate_configs(mask, head_dim: int, limit: int = 6, attention=None):
+    """The tuned config (tuning database) if any, the default, and a few sensible others."""
+    from codegen.compiled import lookup_config
     from codegen.config import KernelConfig, _split, default_config
 
     shape = mask.layout.shape
     rank = len(shape)
-    out = [default_config(mask, head_dim)]
+    out = [lookup_config(mask, attention)]
+    if default_config(mask, head_dim) not in out:
+        out.append(default_config(mask, head_dim))
     if rank == 1:
         tiles = [((128,), (64,)), ((128,), (128,)), ((64,), (64,))]
     elif rank == 2:
         tiles = [((8, 16), (8, 8)), ((16, 8), (8, 8)), ((8, 16), (8, 16))]
     else:
-        tiles = [((2, 8, 8), (2, 4, 8)), ((2, 8, 8), (1, 8, 8)), ((2, 8, 8), (2, 8, 8)), ((4, 4, 8), (2, 4, 8))]
+        tiles = [((2, 8, 8), (2, 8, 8)), ((2, 8, 8), (1, 8, 8)), ((4, 4, 8), (4, 4, 4)), ((2, 8, 8), (2, 4, 8))]
     for q, k in tiles:
         q = tuple(min(t, 1 << max(0, (n - 1).bit_length())) for t, n in zip(q, shape)) if rank > 1 else q
         q = q if math.prod(q) in (64, 128) else _split(128, shape)
@@ -115,7 +118,8 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
         base = untuned_config(mask, dim)
         configs = [base] + [KernelConfig(base.q_tile, base.kv_tile, w, s) for w, s in ((4, 2), (8, 3)) if
                             (w, s) != (base.num_warps, base.num_stages)]
-    for cfg in configs or candidate_configs(mask, dim):
+    configs = configs or candidate_configs(mask, dim, attention=att)
+    for cfg in configs:
         entry = {"config": cfg.key()}
         try:
             start = time.perf_counter()
@@ -173,7 +177,7 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
         from simulator import simulate
 
         if "ours_best" in result:
-            best_cfg = next(c for c in (configs or candidate_configs(mask, dim)) if c.key() == result["ours_best"]["config"])
+            best_cfg = next(c for c in configs if c.key() == result["ours_best"]["config"])
             sim = simulate(spec, mask=mask_name, q_tile=best_cfg.q_tile, kv_tile=best_cfg.kv_tile)
             result["sim_upper_bound"] = sim.upper_bound_speedup
             result["sim_full_tiles"] = int(sim.full_tiles)
