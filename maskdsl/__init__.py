@@ -18,3 +18,12 @@ def compile(spec, mask, config=None):  # noqa: A001 - the name users expect
     from codegen.compiled import compile_attention
 
     return compile_attention(spec, mask, config)
+
+
+def __getattr__(name):
+    """`maskdsl.nn`, `maskdsl.metrics` and `maskdsl.topk` load on first use (they pull in more of torch)."""
+    if name in ("nn", "metrics", "topk"):
+        import importlib
+
+        return importlib.import_module(f"maskdsl.{name}")
+    raise AttributeError(f"module 'maskdsl' has no attribute {name!r}")
