@@ -60,19 +60,23 @@ class CompiledAttention:
         if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
                              f"got {tuple(out.shape)} {out.dtype}")
-        batch, heads = q.shape[:2]
-        tiles = tiles or range(self.plan.q_tiles)
-        grid = (len(tiles), batch * heads)
-        self.module.attention_fwd[grid](
-            q, k, v, out, lse, scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            heads, heads // k.shape[1], tiles.start,
-            HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
-            num_warps=self.config.num_warps, num_stages=self.config.num_stages,
-        )
+        launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale,
+                      tiles or range(self.plan.q_tiles))
+
+
+def launch_kernel(kernel, config: KernelConfig, q, k, v, out, lse, extra: tuple, scale: float, tiles: range) -> None:
+    """One program per (query tile, batch x head); `extra` are the template's pointers after LSE."""
+    batch, heads = q.shape[:2]
+    kernel[(len(tiles), batch * heads)](
+        q, k, v, out, lse, *extra, scale * 1.4426950408889634,  # exp2-based softmax: scale by log2(e)
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, heads // k.shape[1], tiles.start,
+        HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
 
 
 def _interpreting() -> bool:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from codegen.compiled import _REGISTRY, CompiledAttention, _interpreting
+from codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
 from codegen.config import KernelConfig
 from codegen.plan import TermDim, UnsupportedMask
 from codegen.render import kernel_key, load_module, render_template
@@ -95,16 +94,6 @@ class CompiledTopKAttention(CompiledAttention):
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
         picked, idx, count = self.select(q, k)
         self.last_picks = picked
-        batch, heads = q.shape[:2]
-        tiles = tiles or range(self.q_tiles)
-        self.module.attention_fwd[(len(tiles), batch * heads)](
-            q, k, v, out, lse, picked, idx, count, scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            heads, heads // k.shape[1], tiles.start,
-            HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
-            num_warps=self.config.num_warps, num_stages=self.config.num_stages,
-        )
+        launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (picked, idx, count), scale,
+                      tiles or range(self.q_tiles))
 

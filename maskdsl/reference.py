@@ -50,13 +50,18 @@ def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask = rows_mask(mask_def, q, k, rows)
     else:
         mask = static_mask(mask_def.expr, mask_def.layout.shape, rows).to(q.device)
+    return _attend(q[:, :, rows.to(q.device)], k, v, mask, scale, return_lse)
+
+
+def _attend(q, k, v, mask, scale, return_lse):
+    """Masked softmax attention in float64 on q's device; GQA by repeating kv heads; empty rows give 0."""
     group = q.shape[1] // k.shape[1]
-    q64 = q[:, :, rows.to(q.device)].to(torch.float64)
-    k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
-    v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
+    q64 = q.detach().to(torch.float64)
+    k64 = k.detach().to(torch.float64).repeat_interleave(group, dim=1)
+    v64 = v.detach().to(torch.float64).repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q64 @ k64.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float64).min))
     out = probs @ v64
@@ -80,14 +85,4 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     if mask.shape[-2:] != (length, k.shape[2]):
         raise ValueError(f"the mask covers {mask.shape[-2]} query and {mask.shape[-1]} key tokens, "
                          f"but q has {length} and k has {k.shape[2]}")
-    group = heads // kv_heads
-    q64 = q.detach().to(torch.float64).cpu()
-    k64 = k.detach().to(torch.float64).cpu().repeat_interleave(group, dim=1)
-    v64 = v.detach().to(torch.float64).cpu().repeat_interleave(group, dim=1)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    scores = (q64 @ k64.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float64).min))
-    out = probs @ v64
-    return (out, lse) if return_lse else out
+    return _attend(q.cpu(), k.cpu(), v.cpu(), mask, scale, return_lse)
