@@ -12,12 +12,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool_kernel(X, OUT, stride_b, stride_h, stride_l, H, L, NB,
-                 BLOCK: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
-    pid = tl.program_id(0)
-    j = pid % NB
-    bh = pid // NB
-    base = X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+def _block_mean(base, j, stride_l, L, BLOCK: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+    """Mean (fp32) of rows [j*BLOCK, min((j+1)*BLOCK, L)) of one (batch, head) slice."""
     offs_d = tl.arange(0, D)
     acc = tl.zeros([D], tl.float32)
     for c in tl.range(0, BLOCK, CHUNK):
@@ -25,8 +21,18 @@ def _pool_kernel(X, OUT, stride_b, stride_h, stride_l, H, L, NB,
         ok = (rows < L) & (c + tl.arange(0, CHUNK) < BLOCK)
         x = tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
-    count = tl.minimum(BLOCK, L - j * BLOCK)
-    tl.store(OUT + (bh * NB + j).to(tl.int64) * D + offs_d, acc / count)
+    return acc / tl.minimum(BLOCK, L - j * BLOCK)
+
+
+@triton.jit
+def _pool_kernel(X, OUT, stride_b, stride_h, stride_l, H, L, NB,
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid % NB
+    bh = pid // NB
+    base = X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    mean = _block_mean(base, j, stride_l, L, BLOCK, CHUNK, D)
+    tl.store(OUT + (bh * NB + j).to(tl.int64) * D + tl.arange(0, D), mean)
 
 
 @triton.jit
@@ -39,13 +45,7 @@ def _score_kernel(Q, KBAR, S, stride_b, stride_h, stride_l, H, GROUP, L, NQB, NK
     b, h = bh // H, bh % H
     base = Q + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     offs_d = tl.arange(0, D)
-    qbar = tl.zeros([D], tl.float32)
-    for c in tl.range(0, BLOCK, CHUNK):
-        rows = i * BLOCK + c + tl.arange(0, CHUNK)
-        ok = (rows < L) & (c + tl.arange(0, CHUNK) < BLOCK)
-        x = tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0)
-        qbar += tl.sum(x.to(tl.float32), 0)
-    qbar = qbar / tl.minimum(BLOCK, L - i * BLOCK)
+    qbar = _block_mean(base, i, stride_l, L, BLOCK, CHUNK, D)
     kv = b * (H // GROUP) + h // GROUP
     for j0 in tl.range(0, NKB, NK):
         js = j0 + tl.arange(0, NK)
