@@ -16,31 +16,37 @@ SUITE = Path(__file__).parent / "suite"
 
 
 def candidate_configs(mask, head_dim: int, limit: int = 6, attention=None):
-    """The tuned config (tuning database) if any, the default, and a few sensible others."""
+    """The tuned config (tuning database) if any, the default, and the configs that measured best on an
+    H200 for each rank (docs/BENCHMARKS.md), clipped to the grid."""
     from codegen.compiled import lookup_config
-    from codegen.config import KernelConfig, _split, default_config
+    from codegen.config import KernelConfig, default_config
 
     shape = mask.layout.shape
-    rank = len(shape)
     out = [lookup_config(mask, attention)]
     if default_config(mask, head_dim) not in out:
         out.append(default_config(mask, head_dim))
-    if rank == 1:
-        tiles = [((128,), (64,)), ((128,), (128,)), ((64,), (64,))]
-    elif rank == 2:
-        tiles = [((8, 16), (8, 8)), ((16, 8), (8, 8)), ((8, 16), (8, 16))]
-    else:
-        tiles = [((2, 8, 8), (2, 8, 8)), ((2, 8, 8), (1, 8, 8)), ((4, 4, 8), (4, 4, 4)), ((2, 8, 8), (2, 4, 8))]
-    for q, k in tiles:
-        q = tuple(min(t, 1 << max(0, (n - 1).bit_length())) for t, n in zip(q, shape)) if rank > 1 else q
-        q = q if math.prod(q) in (64, 128) else _split(128, shape)
-        for warps, stages in ((8, 2), (4, 3)):
-            if head_dim > 64 and warps == 4 and math.prod(k) > 64:
-                continue
-            cfg = KernelConfig(q, k, warps, stages)
-            if cfg not in out:
-                out.append(cfg)
+    by_rank = {
+        1: [((128,), (128,), 8, 3), ((128,), (64,), 8, 3), ((64,), (64,), 4, 3)],
+        2: [((8, 8), (8, 8), 4, 3), ((8, 8), (4, 8), 4, 3), ((8, 16), (8, 8), 8, 3)],
+        3: [((2, 8, 8), (1, 8, 8), 8, 3), ((1, 8, 8), (1, 8, 8), 4, 3), ((4, 4, 4), (4, 4, 4), 4, 3),
+            ((2, 8, 8), (2, 4, 8), 8, 2)],
+    }
+    for q, k, warps, stages in by_rank.get(len(shape), []):
+        if head_dim > 128 and math.prod(k) > 64:
+            continue  # the K/V stages would not fit in shared memory
+        try:
+            cfg = KernelConfig(_clip(q, shape), _clip(k, shape), warps, stages)
+            cfg.validate(len(shape))
+        except ValueError:
+            continue
+        if cfg not in out:
+            out.append(cfg)
     return out[:limit]
+
+
+def _clip(tile, shape):
+    """A tile no longer than the grid in any dimension (rounded up to a power of two)."""
+    return tuple(min(t, 1 << max(0, (n - 1).bit_length())) for t, n in zip(tile, shape))
 
 
 def _flex_tile(mask):
@@ -248,13 +254,13 @@ def run_suite(paths, out_json: str | None, only: str | None = None) -> list[dict
             if out_json:
                 Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     print_table(results)
-    calibrate(results, env["gpu"])
-    if out_json:
-        Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    fitted = calibrate(results, env["gpu"])
+    if out_json:  # the fit goes with the run, so the shipped simulator/gpu_costs.json can be updated from it
+        Path(out_json).write_text(json.dumps({"environment": env, "results": results, "cost_fit": fitted}, indent=1))
     return results
 
 
-def calibrate(results, gpu: str) -> None:
+def calibrate(results, gpu: str) -> dict | None:
     """Fit the simulator's cost constants to this run, store them, and report predicted vs measured."""
     from maskdsl.parser import load
     from simulator.calibrate import Measurement, evaluate_fit, fit, parse_config_key, store
@@ -270,7 +276,7 @@ def calibrate(results, gpu: str) -> None:
                 q, k = parse_config_key(e["config"])
                 meas.append(Measurement(spec, r["mask"], q, k, r["batch"] * r["heads"], e["ms"]))
     if len(meas) < 3:
-        return
+        return None
     entry = fit(meas, gpu, source=f"fitted by maskdsl bench --suite on {time.strftime('%Y-%m-%d')}, "
                                   f"{len(meas)} measurements")
     path = store(entry, gpu, fitted_path())
@@ -287,6 +293,7 @@ def calibrate(results, gpu: str) -> None:
         r["predicted_speedup_vs_dense"] = r["dense_best_ms"] / ev["predicted_ms"]
         print(f"  {Path(r['file']).stem}:{r['mask']}: measured {best['ms']:.3f} ms, predicted {ev['predicted_ms']:.3f} ms "
               f"(measured/predicted {ev['ratio']:.2f})")
+    return entry
 
 
 def spec_is_dynamic(result) -> bool:

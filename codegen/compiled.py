@@ -61,11 +61,45 @@ class CompiledAttention:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
                              f"got {tuple(out.shape)} {out.dtype}")
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale,
-                      tiles or range(self.plan.q_tiles))
+                      tiles or range(self.plan.q_tiles), tma_descriptors(self.plan, q, k, v, out))
 
 
-def launch_kernel(kernel, config: KernelConfig, q, k, v, out, lse, extra: tuple, scale: float, tiles: range) -> None:
-    """One program per (query tile, batch x head); `extra` are the template's pointers after LSE."""
+def tma_descriptors(plan: KernelPlan, q, k, v, out) -> dict:
+    """Copy-engine (TMA) descriptors for Q, K, V and O when the layout allows them, else the pointer path.
+
+    A descriptor addresses a tile as a box of the grid: [batch x head, n_0, .., n_r-1, head_dim].
+    That needs every dimension undilated (a dilation group is not a box of memory), at most three grid
+    dimensions (the copy engine takes five), batch and head foldable into one stride, and 16-byte
+    aligned strides. Anything else keeps the pointer loads, which read any strides.
+    """
+    none = {"desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
+    if not plan.tma_ok or os.environ.get("MASKDSL_TMA") == "0":
+        return none
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return none
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cfg = plan.config
+    descs = {}
+    for name, t, tile in (("desc_q", q, cfg.q_tile), ("desc_k", k, cfg.kv_tile), ("desc_v", v, cfg.kv_tile),
+                          ("desc_o", out, cfg.q_tile)):
+        batch, heads = t.shape[:2]
+        sb, sh, sl, sd = t.stride()
+        if sd != 1 or (batch > 1 and sb != heads * sh) or t.data_ptr() % 16:
+            return none
+        grid_strides = [sl * d.stride for d in plan.dims]
+        strides = [sh, *grid_strides, 1]
+        if any((s * t.element_size()) % 16 for s in strides[:-1]):
+            return none
+        descs[name] = TensorDescriptor(t, [batch * heads, *plan.shape, t.shape[-1]], strides,
+                                       [1, *tile, t.shape[-1]])
+    return {**descs, "TMA": True}
+
+
+def launch_kernel(kernel, config: KernelConfig, q, k, v, out, lse, extra: tuple, scale: float, tiles: range,
+                  kwargs: dict | None = None) -> None:
+    """One program per (query tile, batch x head); `extra` are the template's pointers after LSE and
+    `kwargs` its keyword arguments (the static kernel's copy-engine descriptors)."""
     batch, heads = q.shape[:2]
     kernel[(len(tiles), batch * heads)](
         q, k, v, out, lse, *extra, scale * 1.4426950408889634,  # exp2-based softmax: scale by log2(e)
@@ -75,7 +109,7 @@ def launch_kernel(kernel, config: KernelConfig, q, k, v, out, lse, extra: tuple,
         out.stride(0), out.stride(1), out.stride(2),
         heads, heads // k.shape[1], tiles.start,
         HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **(kwargs or {}),
     )
 
 

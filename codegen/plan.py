@@ -60,10 +60,16 @@ class KernelPlan:
     dims: tuple[DimPlan, ...]
     terms: tuple[tuple[TermDim, ...], ...]
     config: KernelConfig
+    shell_free: bool = False  # one term whose visited tiles are all full: no partial-tile loops at all
 
     @property
     def rank(self) -> int:
         return len(self.shape)
+
+    @property
+    def tma_ok(self) -> bool:
+        """Tiles are boxes of memory (no dilation) within the copy engine's five dimensions."""
+        return self.rank <= 3 and all(d.dilation == 1 for d in self.dims)
 
     @property
     def q_tiles(self) -> int:
@@ -99,7 +105,36 @@ def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
     dims = tuple(DimPlan(n, strides[d], dilation[d], config.q_tile[d], config.kv_tile[d]) for d, n in enumerate(shape))
     planned = [tuple(TermDim(rel.lo, rel.hi, rel.qa, rel.query_stop(n), rel.qa > 0 or rel.query_stop(n) < n)
                      for rel, n in zip(t.sym, shape)) for t in terms]
-    return KernelPlan(mask.name, mask.expr.fmt(), shape, dims, tuple(planned), config)
+    shell_free = len(terms) == 1 and all(_shell_free(rel, n, dim) for rel, n, dim in zip(terms[0].sym, shape, dims))
+    return KernelPlan(mask.name, mask.expr.fmt(), shape, dims, tuple(planned), config, shell_free)
+
+
+def _shell_free(rel, n: int, dim: DimPlan) -> bool:
+    """Whether, in this dimension, every query tile's visited key tiles are all fully seen.
+
+    One term is a product over dimensions, so a tile pair is partial exactly when some dimension
+    is; when no dimension can be, the kernel drops its predicate loops (perfectly block-sparse
+    masks: blocked attention, GNA with tiles that divide the strides). Same tile arithmetic as
+    the template, on the exact integer bounds of every row.
+    """
+    from maskdsl.intervals import evaluate
+
+    lo, hi = evaluate(rel, n)
+    d, qt, kt = dim.dilation, dim.q_tile, dim.kv_tile
+    for g in range(d):
+        glo, ghi = lo[g::d], hi[g::d]
+        for start in range(0, len(glo), qt):
+            rlo, rhi = glo[start:start + qt], ghi[start:start + qt]
+            seen = rlo <= rhi
+            if not seen.any():
+                continue
+            if not seen.all():
+                return False
+            a, b = int(rlo.min()) // kt, int(rhi.max()) // kt
+            flo, fhi = int(rlo.max()), int(rhi.min())
+            if flo > fhi or -(-flo // kt) != a or (fhi + 1) // kt - 1 != b:
+                return False
+    return True
 
 
 def tile_rows(plan: KernelPlan, tile: int) -> list[int]:

@@ -100,7 +100,7 @@ def _context(plan: KernelPlan) -> dict:
         "version": __version__, "plan": plan, "cfg": cfg, "dims": dims, "terms": terms, "slabs": slabs,
         "tokens": _tokens(plan.shape), "dilations": tuple(d.dilation for d in plan.dims),
         "fa_list": [f"fa_0_{d}" for d in range(rank)], "nf_list": [f"nf_{d}" for d in range(rank)],
-        "cvars": [f"c_{d}" for d in range(rank)],
+        "cvars": [f"c_{d}" for d in range(rank)], "tma_ok": plan.tma_ok,
     }
 
 

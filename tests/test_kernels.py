@@ -38,17 +38,25 @@ CASES = [
     ("intersection-empty-rows", "layout s = grid(40)\nmask m = sink(3) & neighborhood(window=2)", (16,), (16,)),
     ("dilated-and-window", "layout s = grid(23)\nmask m = dilated(window=5, dilation=2) & sliding_window(6)", (16,), (16,)),
     ("causal-2d-flat", "layout g = grid(5, 7)\nmask m = causal & neighborhood(window=(3, 5))", (4, 4), (2, 8)),
+    # perfectly block-sparse: the kernel has no partial-tile loops at all (plan.shell_free)
+    ("3d-blocked-shell-free", "layout v = grid(4, 8, 8)\nmask m = block((2, 4, 4))", (2, 4, 4), (1, 4, 4)),
+    ("2d-gna-shell-free", "layout g = grid(8, 16)\nmask m = neighborhood(window=(6, 8), stride=(2, 8))", (2, 8), (2, 8)),
 ]
 
 
-def run_case(text, q_tile, kv_tile, batch=1, heads=2, kv_heads=1, dim=16, dtype=torch.float32, seed=None):
+def run_case(text, q_tile, kv_tile, batch=1, heads=2, kv_heads=1, dim=16, dtype=torch.float32, seed=None,
+             token_major=False):
     spec = maskdsl.parse(text)
     fn = maskdsl.compile(spec, "m", KernelConfig(q_tile, kv_tile))
     tokens = spec.masks[0].layout.tokens
     gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
-    q = torch.randn(batch, heads, tokens, dim, generator=gen).to(dtype)
-    k = torch.randn(batch, kv_heads, tokens, dim, generator=gen).to(dtype)
-    v = torch.randn(batch, kv_heads, tokens, dim, generator=gen).to(dtype)
+
+    def draw(h):
+        if token_major:  # [B, L, H, D] memory seen as [B, H, L, D], as many models hold it
+            return torch.randn(batch, tokens, h, dim, generator=gen).to(dtype).transpose(1, 2)
+        return torch.randn(batch, h, tokens, dim, generator=gen).to(dtype)
+
+    q, k, v = draw(heads), draw(kv_heads), draw(kv_heads)
     out = torch.full_like(q, float("nan"))
     o, lse = fn(q, k, v, out=out, return_lse=True)
     ref, ref_lse = maskdsl.reference_attention(q, k, v, spec, "m", return_lse=True)
@@ -197,3 +205,92 @@ def test_nn_module_matches_reference_and_compiles_fullgraph():
     assert rel_err(layer(q, k, v).double(), ref) < 2e-3
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert rel_err(compiled(q, k, v).double(), ref) < 2e-3
+
+
+def _tile_classes(spec, plan):
+    """(visited, partial) tile-pair counts from the oracle's dense mask: independent of the plan's algebra.
+
+    A key tile is a box of the grid (no dilation here); it is full for a query tile when it lies inside
+    the grid and every (row, key) pair is attended, as the kernel's full-tile loop assumes.
+    """
+    import itertools
+
+    from codegen.plan import tile_rows
+    from maskdsl.semantics import static_mask
+
+    shape = plan.shape
+    dense = static_mask(spec.masks[0].expr, shape)
+    flat = torch.tensor([math.prod(shape[d + 1:]) for d in range(len(shape))])
+    boxes = [range(-(-n // t)) for n, t in zip(shape, plan.config.kv_tile)]
+    visited = partial = 0
+    for tile in range(plan.q_tiles):
+        rows = torch.tensor(tile_rows(plan, tile))
+        if len(rows) == 0:
+            continue
+        for box in itertools.product(*boxes):
+            axes = [torch.arange(b * t, (b + 1) * t) for b, t in zip(box, plan.config.kv_tile)]
+            coords = torch.cartesian_prod(*axes).view(-1, len(shape))
+            inside = (coords < torch.tensor(shape)).all(1)
+            seen = dense[rows][:, (coords[inside] * flat).sum(1)]
+            if seen.any():
+                visited += 1
+                partial += int(not (inside.all() and seen.all()))
+    return visited, partial
+
+
+SHELL_CASES = [
+    ("layout v = grid(4, 8, 8)\nmask m = block((2, 4, 4))", (2, 4, 4), (1, 4, 4)),
+    ("layout v = grid(4, 8, 8)\nmask m = block((2, 4, 4))", (2, 4, 4), (2, 8, 4)),
+    ("layout v = grid(5, 8, 8)\nmask m = block((2, 4, 4))", (2, 4, 4), (2, 4, 4)),
+    ("layout g = grid(8, 16)\nmask m = neighborhood(window=(4, 8), stride=(2, 8))", (2, 8), (2, 8)),
+    ("layout g = grid(8, 16)\nmask m = neighborhood(window=(6, 8), stride=(2, 8))", (2, 8), (2, 8)),
+    ("layout g = grid(8, 16)\nmask m = neighborhood(window=(6, 8), stride=(2, 8))", (2, 8), (4, 8)),
+    ("layout g = grid(8, 16)\nmask m = neighborhood(window=(6, 8), stride=(4, 8))", (4, 8), (2, 8)),
+    ("layout g = grid(8, 16)\nmask m = neighborhood(window=(3, 8), stride=(3, 8))", (2, 8), (2, 8)),
+    ("layout s = grid(64)\nmask m = full", (16,), (32,)),
+    ("layout s = grid(60)\nmask m = full", (16,), (32,)),
+    ("layout s = grid(64)\nmask m = sliding_window(16)", (16,), (16,)),
+]
+
+
+@pytest.mark.parametrize("text,q_tile,kv_tile", SHELL_CASES)
+def test_shell_free_plans_are_exactly_those_without_partial_tiles(text, q_tile, kv_tile):
+    from codegen.plan import build_plan
+
+    spec = maskdsl.parse(text)
+    plan = build_plan(spec.masks[0], KernelConfig(q_tile, kv_tile))
+    visited, partial = _tile_classes(spec, plan)
+    assert visited > 0
+    assert plan.shell_free == (partial == 0), (visited, partial)
+
+
+PATH_CASES = [
+    # (id, spec, q_tile, kv_tile, batch, token_major, env MASKDSL_TMA, copy engine expected)
+    ("contiguous", "layout v = grid(3, 5, 6)\nmask m = neighborhood(window=(2, 3, 4))", (1, 4, 4), (2, 2, 4),
+     2, False, None, True),
+    ("token-major-batch-1", "layout g = grid(9, 13)\nmask m = neighborhood(window=(5, 6))", (4, 4), (4, 8),
+     1, True, None, True),
+    ("token-major-batch-2", "layout g = grid(9, 13)\nmask m = neighborhood(window=(5, 6))", (4, 4), (4, 8),
+     2, True, None, False),
+    ("switched-off", "layout s = grid(45)\nmask m = sliding_window(10)", (16,), (16,), 1, False, "0", False),
+    ("dilated", "layout s = grid(50)\nmask m = dilated(window=5, dilation=3)", (16,), (16,), 1, False, None, False),
+]
+
+
+@pytest.mark.parametrize("name,text,q_tile,kv_tile,batch,token_major,env,expect", PATH_CASES,
+                         ids=[c[0] for c in PATH_CASES])
+def test_copy_engine_and_pointer_paths(monkeypatch, name, text, q_tile, kv_tile, batch, token_major, env, expect):
+    """The copy-engine (TMA) path is taken exactly where the layout allows it, and both paths are exact."""
+    from codegen.compiled import tma_descriptors
+
+    if env is not None:
+        monkeypatch.setenv("MASKDSL_TMA", env)
+    spec = maskdsl.parse(text)
+    fn = maskdsl.compile(spec, "m", KernelConfig(q_tile, kv_tile))
+    tokens = spec.masks[0].layout.tokens
+    shape = (batch, tokens, 2, 16) if token_major else (batch, 2, tokens, 16)
+    t = torch.randn(*shape)
+    t = t.transpose(1, 2) if token_major else t
+    assert tma_descriptors(fn.plan, t, t, t, torch.empty_like(t))["TMA"] is expect
+    o, lse, ref, ref_lse = run_case(text, q_tile, kv_tile, batch=batch, token_major=token_major)
+    assert rel_err(o, ref) < 2e-3
