@@ -17,6 +17,7 @@ import torch
 import triton
 
 import maskdsl
+from bench.run import _err
 from codegen.compiled import compile_attention
 from codegen.config import KernelConfig
 from maskdsl.reference import reference_attention_rows
@@ -71,8 +72,7 @@ def main(only):
                     out = torch.full_like(q, float("nan"))
                     t0 = time.perf_counter(); fn(q, k, v, out=out); torch.cuda.synchronize(); e["first_s"] = time.perf_counter() - t0
                     e["unwritten"] = int(torch.isnan(out).any(-1).sum())
-                    got = out[:1, :2, sample.cuda()].double()
-                    e["err"] = ((got - ref).norm() / ref.norm()).item()
+                    e["err"] = _err(out[:1, :2, sample.cuda()], ref)
                     e["ms"] = bench(lambda: fn(q, k, v))
                     e["x_dense"] = dense / e["ms"]
                     e["shell_free"] = getattr(getattr(fn, "plan", None), "shell_free", None)
