@@ -17,7 +17,7 @@ def cmd_tune(args) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         print("no GPU found: tuning under Triton's interpreter on a slice of the problem; "
               "the times only show the machinery works, they do not rank configs for a GPU")
-    from autotune.tuner import tune
+    from maskdsl.autotune.tuner import tune
     from maskdsl.parser import load
 
     spec = load(args.file)
@@ -37,7 +37,7 @@ def cmd_tune(args) -> int:
 def _exhaustive(spec, args) -> int:
     import json
 
-    from autotune.tuner import exhaustive
+    from maskdsl.autotune.tuner import exhaustive
 
     def show(cfg, ms, err):
         print(f"  swept {cfg.key()}: {'failed: ' + err if ms is None else f'{ms:.4f} ms'}", flush=True)
@@ -54,7 +54,7 @@ def _exhaustive(spec, args) -> int:
 
 
 def _list(args) -> int:
-    from autotune.database import list_studies, storage_url
+    from maskdsl.autotune.database import list_studies, storage_url
 
     rows = list_studies(args.storage)
     print(f"storage {storage_url(args.storage)}: {len(rows)} study(ies)")

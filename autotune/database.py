@@ -51,8 +51,8 @@ def list_studies(url: str | None = None) -> list[dict]:
     """Every maskdsl study in the storage with its best time, speedup over the default config and trials."""
     import optuna
 
-    from autotune.keys import parse_study_name
-    from autotune.tuner import decode
+    from maskdsl.autotune.keys import parse_study_name
+    from maskdsl.autotune.space import decode
 
     storage = open_storage(url)
     rows = []
@@ -75,7 +75,7 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None  # nothing tuned yet: don't create a database just to look
-    from autotune.keys import Problem, current_device
+    from maskdsl.autotune.keys import Problem, current_device
 
     device = current_device()
     problem = (Problem(attention.batch, attention.heads, attention.kv_heads, attention.head_dim, attention.dtype)
@@ -85,7 +85,7 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
 
 @lru_cache(maxsize=256)
 def _lookup(url, gpu, capability, triton_version, mask_hash, problem):
-    from autotune.tuner import decode
+    from maskdsl.autotune.space import decode
 
     candidates = []
     for row in list_studies(url):

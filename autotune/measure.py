@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from autotune.keys import Device, Problem
-from codegen.config import KernelConfig
+from maskdsl.autotune.keys import Device, Problem
+from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -32,7 +32,7 @@ class Bench:
     interpreter_tiles: int = 2
 
     def __post_init__(self):
-        from codegen.compiled import compile_attention, untuned_config
+        from maskdsl.codegen.compiled import compile_attention, untuned_config
 
         mdef = self.spec.mask(self.mask)
         tokens = mdef.layout.tokens

@@ -7,7 +7,7 @@ speedup. An explicit list keeps the space small enough to sweep exhaustively for
 
 from __future__ import annotations
 
-from codegen.config import KernelConfig
+from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
 
 Q_TOKENS = (64, 128)
@@ -18,7 +18,7 @@ STAGES = (2, 3, 4)
 
 def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Tile pairs of the space, best predicted first (the simulator's upper bound, then its prediction)."""
-    from simulator import sweep
+    from maskdsl.simulator import sweep
 
     mdef = spec.mask(mask)
     if mdef.dynamic:
@@ -53,3 +53,20 @@ def seeds(spec: ir.Spec, mask: str, count: int = 4, per_volume: int = 3) -> list
     warps = 8 if 8 in WARPS else WARPS[-1]
     stages = 2 if 2 in STAGES else STAGES[0]
     return [KernelConfig(q, k, warps, stages) for q, k in tile_pairs(spec, mask, per_volume)[:count]]
+
+
+def tiles_label(q_tile, kv_tile) -> str:
+    """The categorical value Optuna samples for a tile pair: '2x8x8/1x8x8'."""
+    return "x".join(map(str, q_tile)) + "/" + "x".join(map(str, kv_tile))
+
+
+def encode(config: KernelConfig) -> dict:
+    """A config as the parameters a trial stores."""
+    return {"tiles": tiles_label(config.q_tile, config.kv_tile), "num_warps": config.num_warps,
+            "num_stages": config.num_stages}
+
+
+def decode(params: dict) -> KernelConfig:
+    """A trial's parameters back to a config, through the one key parser."""
+    q, k = params["tiles"].split("/")
+    return KernelConfig.from_key(f"q{q}_k{k}_w{params['num_warps']}_s{params['num_stages']}")

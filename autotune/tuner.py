@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import optuna
 
-from autotune import space
-from autotune.database import open_storage
-from autotune.keys import Device, Problem, current_device, study_name
-from autotune.measure import Bench, WrongOutput
-from codegen.compiled import untuned_config
-from codegen.config import KernelConfig
+from maskdsl.autotune import space
+from maskdsl.autotune.space import decode, encode, tiles_label
+from maskdsl.autotune.database import open_storage
+from maskdsl.autotune.keys import Device, Problem, current_device, study_name
+from maskdsl.autotune.measure import Bench, WrongOutput
+from maskdsl.codegen.compiled import untuned_config
+from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
 
 
@@ -33,21 +34,6 @@ class TuneResult:
     pruned: int
 
 
-def encode(config: KernelConfig) -> dict:
-    return {"tiles": _tiles_label(config.q_tile, config.kv_tile), "num_warps": config.num_warps,
-            "num_stages": config.num_stages}
-
-
-def decode(params: dict) -> KernelConfig:
-    q, k = params["tiles"].split("/")
-    return KernelConfig(tuple(map(int, q.split("x"))), tuple(map(int, k.split("x"))),
-                        int(params["num_warps"]), int(params["num_stages"]))
-
-
-def _tiles_label(q, k) -> str:
-    return "x".join(map(str, q)) + "/" + "x".join(map(str, k))
-
-
 def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None, timeout: float | None = None,
          seed: int | None = None, progress: bool = False, per_volume: int = 3) -> TuneResult:
     optuna.logging.set_verbosity(logging.WARNING)
@@ -56,7 +42,7 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
     problem = Problem.of(spec, mask)
     name = study_name(device, mdef, problem)
     configs = space.configs(spec, mask, per_volume)
-    tiles = sorted({_tiles_label(c.q_tile, c.kv_tile) for c in configs})
+    tiles = sorted({tiles_label(c.q_tile, c.kv_tile) for c in configs})
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
     if not study.user_attrs:

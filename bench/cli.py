@@ -7,7 +7,7 @@ def cmd_bench(args) -> int:
     if args.replot:
         import json
 
-        from bench.plot import plot
+        from maskdsl.bench.plot import plot
 
         data = json.load(open(args.replot))
         env = data.get("environment", {})
@@ -19,7 +19,7 @@ def cmd_bench(args) -> int:
         print("maskdsl bench measures on a GPU and none is available here; "
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
-    from bench.run import bench_mask, print_table, run_suite, suite_files
+    from maskdsl.bench.run import bench_mask, print_table, run_suite, suite_files
 
     if args.suite:
         results = run_suite(suite_files(), args.json, only=args.only)
@@ -50,8 +50,8 @@ def _maybe_plot(results, args) -> None:
     if not args.plot:
         return
     try:
-        from bench.plot import plot
-        from bench.run import environment
+        from maskdsl.bench.plot import plot
+        from maskdsl.bench.run import environment
 
         print(f"wrote {plot(results, args.plot, _title(environment()))}")
     except ImportError:

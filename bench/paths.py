@@ -1,8 +1,8 @@
 """Copy-engine (TMA) against pointer loads, per suite case and config, in one process (GPU only).
 
-    python3 -m bench.paths [CASE ...]      # writes $OUT/paths.json (or /tmp/paths.json)
+    python3 -m maskdsl.bench.paths [CASE ...]      # writes $OUT/paths.json (or /tmp/paths.json)
     ncu --clock-control none --kernel-name regex:attention_fwd --launch-skip 1 --launch-count 1 \
-        python3 -m bench.paths --once CASE CONFIG   # three launches of one kernel, for a profiler
+        python3 -m maskdsl.bench.paths --once CASE CONFIG   # three launches of one kernel, for a profiler
 
 Each config runs with MASKDSL_TMA=1 and =0 on the same inputs: unwritten rows and the error against the
 float64 reference rows are checked, then do_bench medians, with cuDNN's dense time from the same run.
@@ -17,19 +17,12 @@ import torch
 import triton
 
 import maskdsl
-from bench.run import _err
-from codegen.compiled import compile_attention
-from codegen.config import KernelConfig
+from maskdsl.bench.run import _err
+from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.config import KernelConfig
 from maskdsl.reference import reference_attention_rows
 
 OUT = os.environ.get("OUT", "/tmp")
-
-
-def K(s):
-    q, k, w, st = s.split("_")
-    f = lambda t: tuple(int(x) for x in t[1:].split("x"))  # noqa: E731
-    return KernelConfig(f(q), f(k), int(w[1:]), int(st[1:]))
-
 
 
 CASES = {  # the configs of the comparison in docs/BENCHMARKS.md
@@ -68,7 +61,7 @@ def main(only):
                 os.environ["MASKDSL_TMA"] = tma
                 e = {"case": case, "config": c, "tma": tma == "1", "dense_ms": dense}
                 try:
-                    fn = compile_attention(spec, name, K(c))
+                    fn = compile_attention(spec, name, KernelConfig.from_key(c))
                     out = torch.full_like(q, float("nan"))
                     t0 = time.perf_counter(); fn(q, k, v, out=out); torch.cuda.synchronize(); e["first_s"] = time.perf_counter() - t0
                     e["unwritten"] = int(torch.isnan(out).any(-1).sum())
@@ -92,7 +85,7 @@ def once(case: str, config: str) -> None:
     att = spec.attention_for(name)
     tokens = spec.mask(name).layout.tokens
     q, k, v = (torch.randn(1, att.heads, tokens, att.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    fn = compile_attention(spec, name, K(config))
+    fn = compile_attention(spec, name, KernelConfig.from_key(config))
     for _ in range(3):
         fn(q, k, v)
     torch.cuda.synchronize()

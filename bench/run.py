@@ -18,8 +18,8 @@ SUITE = Path(__file__).parent / "suite"
 def candidate_configs(mask, head_dim: int, limit: int = 6, attention=None):
     """The tuned config (tuning database) if any, the default, and the configs that measured best on an
     H200 for each rank (docs/BENCHMARKS.md), clipped to the grid."""
-    from codegen.compiled import lookup_config
-    from codegen.config import KernelConfig, default_config
+    from maskdsl.api import lookup_config
+    from maskdsl.codegen.config import KernelConfig, default_config
 
     shape = mask.layout.shape
     out = [lookup_config(mask, attention)]
@@ -66,7 +66,7 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
     import torch
     import triton
 
-    from codegen.compiled import compile_attention
+    from maskdsl.codegen.compiled import compile_attention
     from maskdsl.analysis import attended_pairs
     from maskdsl.reference import reference_attention_rows
 
@@ -118,8 +118,8 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
 
     ours = []
     if configs is None and mask.dynamic:
-        from codegen.compiled import untuned_config
-        from codegen.config import KernelConfig
+        from maskdsl.codegen.compiled import untuned_config
+        from maskdsl.codegen.config import KernelConfig
 
         base = untuned_config(mask, dim)
         configs = [base] + [KernelConfig(base.q_tile, base.kv_tile, w, s) for w, s in ((4, 2), (8, 3)) if
@@ -158,7 +158,7 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
             result["flex_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if with_flex and not mask.dynamic:
         try:
-            from bench.flex import FlexRunner
+            from maskdsl.bench.flex import FlexRunner
 
             tile = _flex_tile(mask)
             start = time.perf_counter()
@@ -180,7 +180,7 @@ def bench_mask(spec, mask_name: str, configs=None, with_flex: bool = True, rows:
         except Exception as exc:
             result["flex_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     try:
-        from simulator import simulate
+        from maskdsl.simulator import simulate
 
         if "ours_best" in result:
             best_cfg = next(c for c in configs if c.key() == result["ours_best"]["config"])
@@ -199,7 +199,7 @@ def _flex_topk(spec, mask_name, q, k, v, sample, ref, best_dense, bench, result)
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    from codegen.compiled import compile_attention
+    from maskdsl.codegen.compiled import compile_attention
 
     fn = compile_attention(spec, mask_name, None)
     if fn.form.static is not None or type(fn.form.restrict).__name__ != "Full":
@@ -263,8 +263,9 @@ def run_suite(paths, out_json: str | None, only: str | None = None) -> list[dict
 def calibrate(results, gpu: str) -> dict | None:
     """Fit the simulator's cost constants to this run, store them, and report predicted vs measured."""
     from maskdsl.parser import load
-    from simulator.calibrate import Measurement, evaluate_fit, fit, parse_config_key, store
-    from simulator.cost import fitted_path
+    from maskdsl.codegen.config import KernelConfig
+    from maskdsl.simulator.calibrate import Measurement, evaluate_fit, fit, store
+    from maskdsl.simulator.cost import fitted_path
 
     meas = []
     for r in results:
@@ -273,8 +274,8 @@ def calibrate(results, gpu: str) -> dict | None:
             continue
         for e in r["ours"]:
             if "ms" in e:
-                q, k = parse_config_key(e["config"])
-                meas.append(Measurement(spec, r["mask"], q, k, r["batch"] * r["heads"], e["ms"]))
+                cfg = KernelConfig.from_key(e["config"])
+                meas.append(Measurement(spec, r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"], e["ms"]))
     if len(meas) < 3:
         return None
     entry = fit(meas, gpu, source=f"fitted by maskdsl bench --suite on {time.strftime('%Y-%m-%d')}, "
@@ -285,8 +286,9 @@ def calibrate(results, gpu: str) -> dict | None:
         best = r.get("ours_best")
         if not best or spec_is_dynamic(r):
             continue
-        q, k = parse_config_key(best["config"])
-        ev = evaluate_fit([Measurement(load(r["file"]), r["mask"], q, k, r["batch"] * r["heads"], best["ms"])],
+        cfg = KernelConfig.from_key(best["config"])
+        ev = evaluate_fit([Measurement(load(r["file"]), r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"],
+                                       best["ms"])],
                           entry, gpu)[0]
         r["predicted_ms"] = ev["predicted_ms"]
         r["measured_over_predicted"] = ev["ratio"]

@@ -13,8 +13,8 @@ def _parse_tile(text: str) -> tuple[int, ...]:
 
 
 def _config(args, mask, attention=None):
-    from codegen.compiled import lookup_config
-    from codegen.config import KernelConfig
+    from maskdsl.api import lookup_config
+    from maskdsl.codegen.config import KernelConfig
 
     base = lookup_config(mask, attention)
     if not (args.q_tile or args.kv_tile or args.num_warps or args.num_stages):
@@ -24,12 +24,10 @@ def _config(args, mask, attention=None):
 
 
 def cmd_compile(args) -> int:
-    from codegen.compiled import compile_attention
-    from maskdsl.parser import load
+    from maskdsl.api import compile, resolve
 
-    spec = load(args.file)
-    mask = spec.mask(args.mask)
-    fn = compile_attention(spec, args.mask, _config(args, mask, spec.attention_for(args.mask)))
+    spec, mask, attention = resolve(args.file, args.mask)
+    fn = compile(spec, args.mask, _config(args, mask, attention))
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(fn.source)
@@ -40,7 +38,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from codegen.run import run_main_job
+    from maskdsl.codegen.run import run_main_job
 
     return run_main_job(args.file, args.mask, _config_factory=lambda mask, att: _config(args, mask, att),
                         tiles=args.tiles, seed=args.seed)

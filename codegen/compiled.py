@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from codegen.checks import check_qkv
-from codegen.config import KernelConfig, default_config
-from codegen.plan import KernelPlan, build_plan
-from codegen.render import load_kernel
+from maskdsl.codegen.checks import check_qkv
+from maskdsl.codegen.config import KernelConfig, default_config
+from maskdsl.codegen.plan import KernelPlan, build_plan
+from maskdsl.codegen.render import load_kernel
 from maskdsl import ir
 
 _REGISTRY: dict[str, "CompiledAttention"] = {}
@@ -132,44 +132,28 @@ def _(q, k, v, key, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _resolve(spec, mask: str) -> tuple[ir.MaskDef, ir.Attention | None]:
-    if isinstance(spec, (str, Path)):
-        from maskdsl.parser import load
-
-        spec = load(spec)
-    if not isinstance(spec, ir.Spec):
-        raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
-    return spec.mask(mask), spec.attention_for(mask)
-
-
 def untuned_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
-    """What compile uses when nothing is tuned: the default config (top-k picks its own tile)."""
+    """What a kernel uses when nobody chose a config: the default config (top-k picks its own tile)."""
     if mask.dynamic:
-        from codegen.topk import topk_config
+        from maskdsl.codegen.topk import topk_config
 
         return topk_config(mask, None)
     return default_config(mask, head_dim)
 
 
-def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None) -> KernelConfig:
-    """The best stored config (tuning database: exact problem, else the nearest), else the untuned one.
+def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = None) -> CompiledAttention:
+    """Render (or load from the cache) the kernel of `mask` for `config`, the untuned default if None.
 
-    Never tunes: a lookup reads the database and nothing else.
+    Looking a tuned config up is the front door's job (maskdsl.api), not codegen's.
     """
-    head_dim = attention.head_dim if attention else 128
-    try:
-        from autotune.database import best_config
-    except ImportError:  # autotune not installed
-        return untuned_config(mask, head_dim)
-    return best_config(mask, attention) or untuned_config(mask, head_dim)
-
-
-def compile_attention(spec, mask: str, config: KernelConfig | None = None) -> CompiledAttention:
-    mdef, attention = _resolve(spec, mask)
+    if not isinstance(spec, ir.Spec):
+        raise ValueError(f"spec must be a maskdsl.Spec, got {type(spec).__name__}")
+    mdef = spec.mask(mask)
+    attention = spec.attention_for(mask)
     if config is None:
-        config = lookup_config(mdef, attention)
+        config = untuned_config(mdef, attention.head_dim if attention else 128)
     if mdef.dynamic:
-        from codegen.topk import CompiledTopKAttention
+        from maskdsl.codegen.topk import CompiledTopKAttention
 
         return CompiledTopKAttention(mdef, config)
     plan = build_plan(mdef, config)

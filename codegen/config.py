@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from maskdsl import ir
+
+_KEY = re.compile(r"q(\d+(?:x\d+)*)_k(\d+(?:x\d+)*)_w(\d+)_s(\d+)")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,19 @@ class KernelConfig:
     def key(self) -> str:
         return (f"q{'x'.join(map(str, self.q_tile))}_k{'x'.join(map(str, self.kv_tile))}"
                 f"_w{self.num_warps}_s{self.num_stages}")
+
+    @classmethod
+    def from_key(cls, key: str) -> "KernelConfig":
+        """The inverse of `key()`: 'q2x8x8_k1x8x8_w8_s3' -> KernelConfig((2, 8, 8), (1, 8, 8), 8, 3).
+
+        The one parser of config keys: the tuning database, the cost fit and the benchmarks store keys.
+        """
+        m = _KEY.fullmatch(key.strip())
+        if not m:
+            raise ValueError(f"not a kernel config key: {key!r}; expected e.g. 'q2x8x8_k1x8x8_w8_s3' "
+                             "(query tile, key tile, warps, stages)")
+        tile = lambda text: tuple(int(x) for x in text.split("x"))  # noqa: E731
+        return cls(tile(m[1]), tile(m[2]), int(m[3]), int(m[4]))
 
     def validate(self, rank: int) -> None:
         for name, tile in (("q_tile", self.q_tile), ("kv_tile", self.kv_tile)):

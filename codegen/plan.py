@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from codegen.config import KernelConfig
+from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
 

@@ -17,8 +17,8 @@ from types import ModuleType
 
 import jinja2
 
-from codegen.plan import KernelPlan
-from codegen.printer import to_triton
+from maskdsl.codegen.plan import KernelPlan
+from maskdsl.codegen.printer import to_triton
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "attention_fwd.py.jinja"
@@ -64,7 +64,7 @@ class _Dim:
 
 
 def _context(plan: KernelPlan) -> dict:
-    from maskdsl import __version__
+    from maskdsl.version import __version__
 
     cfg = plan.config
     rank = plan.rank

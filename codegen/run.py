@@ -30,7 +30,7 @@ def _check_rows(fn, spec, mask, q, k, v, out, tiles):
     """Compare the rows the given query tiles wrote against the reference for exactly those rows."""
     import torch
 
-    from codegen.plan import tile_rows
+    from maskdsl.codegen.plan import tile_rows
     from maskdsl.reference import reference_attention_rows
 
     rows = sorted({r for t in tiles for r in tile_rows(fn.plan, t)})
@@ -50,7 +50,7 @@ def run_main_job(path, mask_name=None, _config_factory=None, tiles=2, seed=0) ->
     gpu = torch.cuda.is_available()
     if not gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel module
-    from codegen.compiled import compile_attention
+    from maskdsl.api import compile as compile_attention
     from maskdsl.describe import density_line, describe
     from maskdsl.parser import load
 

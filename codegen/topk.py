@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 
-from codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
-from codegen.config import KernelConfig
-from codegen.plan import TermDim, UnsupportedMask
-from codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
+from maskdsl.codegen.config import KernelConfig
+from maskdsl.codegen.plan import TermDim, UnsupportedMask
+from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.topk import candidate_blocks, normal_form
@@ -66,7 +66,7 @@ class CompiledTopKAttention(CompiledAttention):
         s_terms = _terms(form.static, mask.layout.shape, f"mask {mask.name!r}, static part")
         r_terms = _terms(form.restrict, mask.layout.shape, f"mask {mask.name!r}, top-k restriction")
         self.candidates = candidate_blocks(form, mask.layout.shape)
-        from maskdsl import __version__
+        from maskdsl.version import __version__
 
         context = dict(version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk,
                        tokens=tokens, s_text=form.static.fmt() if form.static else "none", r_text=form.restrict.fmt(),
@@ -85,7 +85,7 @@ class CompiledTopKAttention(CompiledAttention):
         return f"CompiledTopKAttention({self.mask.name} = {self.mask.expr.fmt()}, {self.config.key()})"
 
     def select(self, q, k):
-        from codegen.topk_select import block_scores, select
+        from maskdsl.codegen.topk_select import block_scores, select
 
         scores = block_scores(q, k, self.form.topk.block)
         cand = self.candidates.to(q.device)

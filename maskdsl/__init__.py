@@ -1,29 +1,28 @@
 """maskdsl: attention masks as a small language, compiled to Triton kernels.
 
-The package is the bottom of the import graph (language, IR, analysis, reference semantics);
-`compile` and the CLI reach into codegen/simulator/autotune lazily so nothing here imports them.
+The package root is the language layer (parse, IR, errors) and stays light: `import maskdsl;
+maskdsl.parse(...)` loads neither torch nor triton. The reference semantics (torch), the front door
+`compile` and the modules above (nn, metrics, topk) load on first use, so nothing at the bottom of
+the import graph pulls in the top.
 """
 
 from maskdsl.errors import SpecError
 from maskdsl.ir import Spec
 from maskdsl.parser import load, parse
-from maskdsl.reference import reference_attention, reference_mask
+from maskdsl.version import __version__
 
 __all__ = ["SpecError", "Spec", "parse", "load", "reference_mask", "reference_attention", "compile"]
-__version__ = "0.1.0"
 
-
-def compile(spec, mask, config=None):  # noqa: A001 - the name users expect
-    """Compile `mask` of `spec` into a callable attention kernel (see codegen.compiled)."""
-    from codegen.compiled import compile_attention
-
-    return compile_attention(spec, mask, config)
+_LAZY_FUNCTIONS = {"reference_mask": "maskdsl.reference", "reference_attention": "maskdsl.reference",
+                   "compile": "maskdsl.api"}
+_LAZY_MODULES = ("nn", "metrics", "topk", "api")
 
 
 def __getattr__(name):
-    """`maskdsl.nn`, `maskdsl.metrics` and `maskdsl.topk` load on first use (they pull in more of torch)."""
-    if name in ("nn", "metrics", "topk"):
-        import importlib
+    import importlib
 
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
+    if name in _LAZY_MODULES:
         return importlib.import_module(f"maskdsl.{name}")
     raise AttributeError(f"module 'maskdsl' has no attribute {name!r}")

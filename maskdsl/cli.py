@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Subcommands that live above the language layer (simulator, codegen, autotune, bench)."""
     out = []
-    for module in ("simulator.cli", "codegen.cli", "autotune.cli", "bench.cli"):
+    for module in ("maskdsl.simulator.cli", "maskdsl.codegen.cli", "maskdsl.autotune.cli", "maskdsl.bench.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError as exc:

@@ -1,7 +1,7 @@
 """`maskdsl.nn.MaskedAttention`: a compiled mask as an nn.Module (no parameters of its own).
 
-It compiles once at construction (codegen is imported lazily, keeping the language layer free
-of kernel imports), so a forward pass does no mask work at all for static masks.
+It compiles once at construction through the front door (`maskdsl.api.compile`: tuned config,
+else the default), so a forward pass does no mask work at all for static masks.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ class MaskedAttention(torch.nn.Module):
 
     def __init__(self, spec, mask: str, config=None, scale: float | None = None):
         super().__init__()
-        from codegen.compiled import compile_attention
+        from maskdsl.api import compile
 
-        self.attention = compile_attention(spec, mask, config)
+        self.attention = compile(spec, mask, config)
         self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@
 docs/SIMULATOR.md explains the model. Only maskdsl is imported from here, never codegen/autotune.
 """
 
-from simulator.cost import CostModel
-from simulator.ranking import TileConfig, default_config, sweep
-from simulator.simulation import SimResult, simulate
-from simulator.suggestions import suggest
+from maskdsl.simulator.cost import CostModel
+from maskdsl.simulator.ranking import TileConfig, default_config, sweep
+from maskdsl.simulator.simulation import SimResult, simulate
+from maskdsl.simulator.suggestions import suggest
 
 __all__ = ["simulate", "SimResult", "sweep", "TileConfig", "default_config", "suggest", "CostModel"]

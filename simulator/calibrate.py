@@ -14,14 +14,13 @@ microseconds of that unit, so the predicted speedup (a ratio) does not depend on
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from simulator.cost import REFERENCE_TILE, CostModel
-from simulator.simulation import simulate
+from maskdsl.simulator.cost import REFERENCE_TILE, CostModel
+from maskdsl.simulator.simulation import simulate
 
 
 @dataclass(frozen=True)
@@ -32,14 +31,6 @@ class Measurement:
     kv_tile: tuple[int, ...]
     copies: int
     ms: float
-
-
-def parse_config_key(key: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """'q2x8x8_k2x4x8_w8_s2' -> ((2, 8, 8), (2, 4, 8))."""
-    m = re.match(r"q([\dx]+)_k([\dx]+)_", key)
-    if not m:
-        raise ValueError(f"not a kernel config key: {key!r}")
-    return tuple(map(int, m[1].split("x"))), tuple(map(int, m[2].split("x")))
 
 
 def _features(m: Measurement, sms: int, beta: float) -> np.ndarray:

@@ -55,9 +55,9 @@ def _mask_name(spec, name):
 
 def cmd_simulate(args) -> int:
     from maskdsl.parser import load
-    from simulator.simulation import simulate
-    from simulator.suggestions import suggest
-    from simulator.ranking import default_config, sweep
+    from maskdsl.simulator.simulation import simulate
+    from maskdsl.simulator.suggestions import suggest
+    from maskdsl.simulator.ranking import default_config, sweep
 
     spec = load(args.file)
     mask = _mask_name(spec, args.mask)

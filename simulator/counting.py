@@ -23,8 +23,8 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import layout_dilation, mask_box_counts, products
-from simulator.tables import dim_tables, term_rels
-from simulator.tiles import dim_intervals, row_major_tiles
+from maskdsl.simulator.tables import dim_tables, term_rels
+from maskdsl.simulator.tiles import dim_intervals, row_major_tiles
 
 CHUNK_ELEMENTS = 1 << 22  # tile pairs assembled at once on the general path (~32 MiB of int64)
 

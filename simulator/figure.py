@@ -1,6 +1,6 @@
 """Tile maps: which (query tile, key tile) pairs a kernel skips, runs unmasked, or runs masked.
 
-    python -m simulator.figure docs/simulator_tilemap.png      # the figure in docs/SIMULATOR.md
+    python -m maskdsl.simulator.figure docs/simulator_tilemap.png      # the figure in docs/SIMULATOR.md
 
 Each panel is the [query tiles, key tiles] grid of one configuration, colored empty / partial /
 full from the exact counts (``simulator.counting.tile_pair_counts``), so it is for small grids.
@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 from maskdsl.parser import parse
-from simulator.counting import layout_for, tile_pair_counts
-from simulator.simulation import _as_spec, simulate
+from maskdsl.simulator.counting import layout_for, tile_pair_counts
+from maskdsl.simulator.simulation import _as_spec, simulate
 
 COLORS = ("#f4f4f4", "#f0a35e", "#2d6a9f")  # empty, partial, full
 DOCS_SPEC = """\

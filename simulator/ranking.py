@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from itertools import product
 
 from maskdsl.analysis import NotAnalyzable
-from simulator.cost import CostModel
-from simulator.simulation import SimResult, _as_spec, simulate
-from simulator.support import SupportCounter
-from simulator.tiles import MAX_TILE_TOKENS, MIN_TILE_TOKENS, candidate_tiles, check_tile, default_tile
+from maskdsl.simulator.cost import CostModel
+from maskdsl.simulator.simulation import SimResult, _as_spec, simulate
+from maskdsl.simulator.support import SupportCounter
+from maskdsl.simulator.tiles import MAX_TILE_TOKENS, MIN_TILE_TOKENS, candidate_tiles, check_tile, default_tile
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable
-from simulator.cost import CostModel
-from simulator.counting import TileStats, tile_stats
-from simulator.tiles import check_tile
+from maskdsl.simulator.cost import CostModel
+from maskdsl.simulator.counting import TileStats, tile_stats
+from maskdsl.simulator.tiles import check_tile
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from dataclasses import replace
 from itertools import product
 
 from maskdsl import ir
-from simulator.counting import tile_stats
-from simulator.simulation import SimResult, _as_spec, simulate
-from simulator.tiles import check_tile
+from maskdsl.simulator.counting import tile_stats
+from maskdsl.simulator.simulation import SimResult, _as_spec, simulate
+from maskdsl.simulator.tiles import check_tile
 
 PER_DIM = 3  # best per-dimension choices combined
 NEAR = 2  # multiples of the tile considered on each side of the user's value

@@ -21,7 +21,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable
-from simulator.tables import dim_tables, term_rels
+from maskdsl.simulator.tables import dim_tables, term_rels
 
 MAX_SUBSETS = 4096
 

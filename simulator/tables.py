@@ -20,7 +20,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import box_pair_counts, layout_dilation, permuted_rels, products, signed_terms
-from simulator.tiles import dim_intervals
+from maskdsl.simulator.tiles import dim_intervals
 
 BUDGET_ELEMENTS = 1 << 24  # ~128 MiB of int64 across all cached tables
 

@@ -9,9 +9,9 @@ import optuna
 import pytest
 
 import maskdsl
-from autotune import space
-from autotune.database import clear_cache, list_studies
-from autotune.tuner import tune
+from maskdsl.autotune import space
+from maskdsl.autotune.database import clear_cache, list_studies
+from maskdsl.autotune.tuner import tune
 
 SPEC = """\
 layout g = grid(12, 10)
@@ -53,7 +53,7 @@ def test_impossible_configs_are_pruned_with_a_reason(storage, monkeypatch):
 
 
 def test_lookup_without_database_returns_nothing(storage):
-    from autotune.database import best_config
+    from maskdsl.autotune.database import best_config
 
     spec = maskdsl.parse(SPEC)
     assert best_config(spec.mask("m"), spec.attention_for("m"), storage) is None

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskdsl
-from codegen.config import KernelConfig
+from maskdsl.codegen.config import KernelConfig
 
 CASES = [
     # (id, spec text, q_tile, kv_tile)
@@ -215,7 +215,7 @@ def _tile_classes(spec, plan):
     """
     import itertools
 
-    from codegen.plan import tile_rows
+    from maskdsl.codegen.plan import tile_rows
     from maskdsl.semantics import static_mask
 
     shape = plan.shape
@@ -255,7 +255,7 @@ SHELL_CASES = [
 
 @pytest.mark.parametrize("text,q_tile,kv_tile", SHELL_CASES)
 def test_shell_free_plans_are_exactly_those_without_partial_tiles(text, q_tile, kv_tile):
-    from codegen.plan import build_plan
+    from maskdsl.codegen.plan import build_plan
 
     spec = maskdsl.parse(text)
     plan = build_plan(spec.masks[0], KernelConfig(q_tile, kv_tile))
@@ -281,7 +281,7 @@ PATH_CASES = [
                          ids=[c[0] for c in PATH_CASES])
 def test_copy_engine_and_pointer_paths(monkeypatch, name, text, q_tile, kv_tile, batch, token_major, env, expect):
     """The copy-engine (TMA) path is taken exactly where the layout allows it, and both paths are exact."""
-    from codegen.compiled import tma_descriptors
+    from maskdsl.codegen.compiled import tma_descriptors
 
     if env is not None:
         monkeypatch.setenv("MASKDSL_TMA", env)

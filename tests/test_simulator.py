@@ -1,7 +1,7 @@
 """The simulator against brute force over the reference mask: counts, bounds, sweep, suggest, costs, CLI.
 
 Every expected number here is computed independently of the simulator: tile membership of each
-token from the layout rules written out directly (not from simulator.tiles), counts by summing
+token from the layout rules written out directly (not from maskdsl.simulator.tiles), counts by summing
 `maskdsl.reference_mask` over tile pairs, greedy scheduling with a heap one job at a time.
 """
 
@@ -20,12 +20,12 @@ import maskdsl
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, Rel1D, attended_pairs, layout_dilation, products
 from maskdsl.cli import main
-from simulator import CostModel, default_config, simulate, suggest, sweep
-from simulator import tables
-from simulator.cost import lpt_makespan
-from simulator.counting import tile_pair_counts
-from simulator.figure import draw_tilemaps, tile_classes
-from simulator.support import SupportCounter
+from maskdsl.simulator import CostModel, default_config, simulate, suggest, sweep
+from maskdsl.simulator import tables
+from maskdsl.simulator.cost import lpt_makespan
+from maskdsl.simulator.counting import tile_pair_counts
+from maskdsl.simulator.figure import draw_tilemaps, tile_classes
+from maskdsl.simulator.support import SupportCounter
 
 from conftest import EXAMPLES
 
@@ -439,8 +439,8 @@ def test_gpu_cost_entries(tmp_path, monkeypatch):
     assert h100.placeholder and "PLACEHOLDER" in h100.source
     assert CostModel.for_gpu("h100").name == "NVIDIA H100 80GB HBM3"
     # constants fitted by `maskdsl bench --suite` on this machine override the shipped ones
-    from simulator.calibrate import store
-    from simulator.cost import fitted_path
+    from maskdsl.simulator.calibrate import store
+    from maskdsl.simulator.cost import fitted_path
 
     store({"c_full": 1.0, "c_partial": 2.0, "c_tile": 0.1, "sms": 100, "tile_us": 5.0, "source": "fitted here"},
           "NVIDIA H200", fitted_path())
@@ -495,7 +495,7 @@ def test_figure_classes_match_brute_force(tmp_path):
 
 def test_calibration_recovers_known_constants():
     """Times made from chosen constants (linear, evenly loaded SMs) must fit back to those constants."""
-    from simulator.calibrate import Measurement, _features, fit
+    from maskdsl.simulator.calibrate import Measurement, _features, fit
 
     cases = [("neighborhood(window=(15, 24, 40))", (2, 8, 8), (2, 8, 8)),
              ("neighborhood(window=(15, 24, 40), stride=(2, 8, 8))", (2, 8, 8), (2, 8, 8)),

@@ -1,0 +1,150 @@
+"""The house rules that keep the package one namespace with imports going one way (DESIGN.md §1, §8).
+
+Layers, bottom to top: the language (parse, IR, analysis, reference semantics) -> simulator and codegen
+(peers, neither imports the other) -> autotune -> bench, the CLI and the front door (maskdsl.api,
+maskdsl.nn). A module may import its own layer or any below it, never one above.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"maskdsl": "maskdsl", "codegen": "maskdsl.codegen", "simulator": "maskdsl.simulator",
+           "autotune": "maskdsl.autotune", "bench": "maskdsl.bench"}
+FOLDER_NAMES = ("codegen", "simulator", "autotune", "bench")  # installed only as maskdsl.<name>
+FRONT_DOOR = {"maskdsl.api", "maskdsl.nn", "maskdsl.cli", "maskdsl.codegen.run"}
+
+
+def layer(module: str) -> tuple[int, str]:
+    """(height, family) of a module; a family is a subpackage, peers share a height but not a family."""
+    if module in FRONT_DOOR or module.endswith(".cli") or module.startswith("maskdsl.bench"):
+        return 4, "top"
+    for family, height in (("maskdsl.autotune", 3), ("maskdsl.codegen", 2), ("maskdsl.simulator", 2)):
+        if module == family or module.startswith(family + "."):
+            return height, family
+    return 1, "maskdsl"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
+    """Every `import x` / `from x import y` in the file, at any depth (lazy imports count too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:  # relative: resolve against this module's package
+                base = module.split(".")[: -node.level] if not path.name == "__init__.py" else module.split(".")
+                found.append((node.lineno, ".".join(base + [node.module])))
+            else:
+                found.append((node.lineno, node.module))
+                # `from maskdsl import nn` names a module too
+                found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
+                          if f"{node.module}.{a.name}" in modules()]
+    return found
+
+
+def violations() -> list[str]:
+    known = modules()
+    bad = []
+    for module, path in known.items():
+        height, family = layer(module)
+        for line, target in imports_of(path, module):
+            top = target.split(".")[0]
+            if top in FOLDER_NAMES:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: imports top-level {target!r}; write maskdsl.{target}")
+                continue
+            if top != "maskdsl" or target == "maskdsl":
+                continue
+            t_height, t_family = layer(target)
+            if t_height > height or (t_height == height == 2 and t_family != family):
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {module} (layer {height}) imports {target} "
+                           f"(layer {t_height}, {t_family})")
+    return bad
+
+
+def test_imports_go_one_way():
+    assert violations() == []
+
+
+def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check itself must be able to fail: a simulator module importing codegen is caught."""
+    fake = tmp_path / "simulator"
+    fake.mkdir()
+    (fake / "leak.py").write_text("def f():\n    from maskdsl.codegen.config import KernelConfig\n")
+    (fake / "top.py").write_text("import codegen.plan\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    monkeypatch.setitem(globals(), "FOLDERS", {"simulator": "maskdsl.simulator"})
+    found = violations()
+    assert any("maskdsl.simulator.leak" in v and "maskdsl.codegen.config" in v for v in found)
+    assert any("top-level 'codegen.plan'" in v for v in found)
+
+
+def test_parse_does_not_import_torch():
+    code = textwrap.dedent("""
+        import sys, maskdsl
+        maskdsl.parse("layout a = grid(16)\\nmask m = sliding_window(3) on a")
+        heavy = sorted(m for m in ("torch", "triton", "optuna", "sympy") if m in sys.modules)
+        print(",".join(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "torch" not in out.stdout.strip().split(","), out.stdout
+
+
+@pytest.mark.skipif(os.environ.get("MASKDSL_SKIP_WHEEL_TEST") == "1", reason="asked to skip by MASKDSL_SKIP_WHEEL_TEST")
+def test_wheel_installs_one_namespace(tmp_path):
+    """Build the wheel, install it into a fresh venv (no dependencies), and list top-level packages."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(ROOT)], check=True, capture_output=True, text=True)
+    venv = tmp_path / "venv"
+    # system site-packages give it the dependencies; the wheel's files go into the venv's own site-packages,
+    # which come first, so the imports below resolve to what the wheel installed
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    wheel = next(wheels.glob("maskdsl-*.whl"))
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+        names = z.namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"maskdsl"}, top
+    for sub in ("codegen/templates/attention_fwd.py.jinja", "simulator/gpu_costs.json", "grammar.lark"):
+        assert f"maskdsl/{sub}" in names, sub
+    probe = textwrap.dedent("""
+        import importlib, importlib.util, json, sys
+        site = sys.argv[1]
+        where = {}
+        for name in ("maskdsl", "maskdsl.codegen.compiled", "maskdsl.simulator", "maskdsl.autotune.tuner",
+                     "maskdsl.bench.run", "maskdsl.api"):
+            where[name] = importlib.import_module(name).__file__.startswith(site)
+        for name in ("codegen", "simulator", "autotune", "bench"):
+            spec = importlib.util.find_spec(name)
+            where[name] = spec is not None and (spec.origin or "").startswith(site)
+        print(json.dumps(where))
+    """)
+    out = subprocess.run([python, "-c", probe, site], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    import json
+
+    found = json.loads(out)
+    assert all(found[n] for n in ("maskdsl", "maskdsl.codegen.compiled", "maskdsl.simulator", "maskdsl.autotune.tuner",
+                                  "maskdsl.bench.run", "maskdsl.api")), found
+    assert not any(found[n] for n in ("codegen", "simulator", "autotune", "bench")), found
