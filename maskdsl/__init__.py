@@ -6,10 +6,27 @@ maskdsl.parse(...)` loads neither torch nor triton. The reference semantics (tor
 the import graph pulls in the top.
 """
 
-from maskdsl.errors import SpecError
-from maskdsl.ir import Spec
-from maskdsl.parser import load, parse
-from maskdsl.version import __version__
+from pathlib import Path as _Path
+
+
+def _source_checkout_path() -> list[str]:
+    """In a source checkout the subpackages are the folders beside this one (the layout the user asked
+    for); pyproject.toml maps them into maskdsl on install. Adding the checkout's root to this package's
+    search path gives the same names when the tree is used without installing it (a git worktree, a copy
+    sent to a GPU machine). An installed maskdsl holds its subpackages itself and skips this."""
+    here = _Path(__file__).resolve().parent
+    root = here.parent
+    if (here / "codegen").is_dir() or not (root / "pyproject.toml").is_file():
+        return []
+    return [str(root)] if (root / "codegen" / "__init__.py").is_file() else []
+
+
+__path__ += _source_checkout_path()  # noqa: F821 - a package's __path__
+
+from maskdsl.errors import SpecError  # noqa: E402
+from maskdsl.ir import Spec  # noqa: E402
+from maskdsl.parser import load, parse  # noqa: E402
+from maskdsl.version import __version__  # noqa: E402
 
 __all__ = ["SpecError", "Spec", "parse", "load", "reference_mask", "reference_attention", "compile"]
 
