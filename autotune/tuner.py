@@ -18,7 +18,6 @@ from maskdsl.autotune.space import decode, encode, tiles_label
 from maskdsl.autotune.database import open_storage
 from maskdsl.autotune.keys import Device, Problem, current_device, study_name
 from maskdsl.autotune.measure import Bench, WrongOutput
-from maskdsl.codegen.compiled import untuned_config
 from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
 
@@ -70,7 +69,7 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
 
     study.optimize(objective, n_trials=trials, timeout=timeout, show_progress_bar=progress, catch=())
     if "default_ms" not in study.user_attrs:
-        default = untuned_config(mdef, problem.head_dim)
+        default = space.ranked_default(mdef, problem.head_dim)
         study.set_user_attr("default_config", encode(default))
         try:
             study.set_user_attr("default_ms", bench.time_ms(default))

@@ -24,18 +24,19 @@ def resolve(spec, mask: str) -> tuple[ir.Spec, ir.MaskDef, ir.Attention | None]:
 
 
 def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
-    """The best stored config (tuning database: exact problem, else the nearest), else the untuned one.
+    """The best stored config (tuning database: exact problem, else the nearest), else the simulator's
+    best-ranked tile pair (`maskdsl.autotune.space.ranked_default`).
 
     Never tunes: a lookup reads the database and nothing else.
     """
-    from maskdsl.codegen.compiled import untuned_config
+    from maskdsl.autotune.space import ranked_default
 
     head_dim = attention.head_dim if attention else 128
     try:
         from maskdsl.autotune.database import best_config
-    except ImportError:  # optuna is not installed: compile still works with the untuned config
-        return untuned_config(mask, head_dim)
-    return best_config(mask, attention) or untuned_config(mask, head_dim)
+    except ImportError:  # optuna is not installed: compile still works without a tuning database
+        return ranked_default(mask, head_dim)
+    return best_config(mask, attention) or ranked_default(mask, head_dim)
 
 
 def compile(spec, mask: str, config=None):  # noqa: A001 - the name users expect
