@@ -14,12 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from maskdsl import ir
+from maskdsl.cache import cache_root
 
 
 def default_path() -> Path:
-    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
-    return Path(root) / "tuning.db"
+    return cache_root() / "tuning.db"
 
 
 def storage_url(url: str | None = None) -> str:
