@@ -328,19 +328,3 @@ def attended_pairs(expr: ir.MaskExpr, shape) -> int:
     """How many (query, key) pairs the static mask attends, exactly, without materializing it."""
     box = whole_grid(shape)
     return int(mask_box_counts(expr, shape, box, box)[0, 0])
-
-
-def static_part(expr: ir.MaskExpr) -> ir.MaskExpr | None:
-    """The mask with its data-dependent (top-k) terms dropped from unions; None if nothing static is left.
-
-    Under an intersection a top-k term only removes keys, so the static terms bound it from above.
-    """
-    if isinstance(expr, ir.TopK):
-        return None
-    if isinstance(expr, ir.Union_):
-        kept = [p for t in expr.terms if (p := static_part(t)) is not None]
-        return ir.union(*kept) if kept else None
-    if isinstance(expr, ir.Intersection):
-        kept = [p for t in expr.terms if (p := static_part(t)) is not None]
-        return ir.intersection(*kept) if kept else ir.Full()
-    return expr

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import maskdsl
 from maskdsl.cli import main
@@ -57,3 +58,30 @@ def test_errors_exit_2_with_location(tmp_path):
     assert proc.returncode == 2
     assert f"{path}:2:" in proc.stderr and "window 9 is larger than the extent 8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_check_topk_restriction_is_not_a_static_part(tmp_path, capsys):
+    """`topk & window`: the window only limits where picks land, so nothing is attended whatever the data."""
+    path = tmp_path / "tw.mask"
+    path.write_text("layout s = grid(1024)\nmask m = topk(k=4, block=64) & sliding_window(129)\n")
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no static part" in out and "static part density" not in out
+    # every row sees exactly 129 keys (windows shift at the edges, they do not shrink): 129 / 1024 = 12.60%,
+    # below the picks' own bound of 4 blocks of 64 keys per row (25%)
+    assert "density at most 12.60%" in out
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1024, 8, generator=gen), torch.randn(1, 2, 1024, 8, generator=gen)
+    assert maskdsl.reference_mask(maskdsl.load(path), "m", q, k).float().mean().item() <= 129 / 1024
+
+
+def test_check_topk_with_a_static_part_counts_it_exactly(capsys):
+    assert main(["check", str(EXAMPLES / "topk_window.mask")]) == 0
+    out = capsys.readouterr().out
+    # static part (sliding_window(512, causal) | sink(4)) & causal on 32,768 tokens: row i sees min(i + 1, 512)
+    # window keys, and rows past the window the 4 sinks too
+    tokens = 32768
+    pairs = sum(range(1, 513)) + (tokens - 512) * (512 + 4)
+    assert f"static part density {pairs / tokens**2:.4%}" in out
+    # the picks add at most 16 blocks of 128 keys per row
+    assert f"density at most {pairs / tokens**2 + 16 * 128 / tokens:.2%}" in out
