@@ -85,3 +85,25 @@ def test_check_topk_with_a_static_part_counts_it_exactly(capsys):
     assert f"static part density {pairs / tokens**2:.4%}" in out
     # the picks add at most 16 blocks of 128 keys per row
     assert f"density at most {pairs / tokens**2 + 16 * 128 / tokens:.2%}" in out
+
+
+PIPED = [("check", str(EXAMPLES / "video_3d.mask")), ("simulate", str(EXAMPLES / "video_gna.mask"), "--json")]
+
+
+@pytest.mark.parametrize("args", PIPED, ids=["check", "simulate-json"])
+def test_a_reader_that_leaves_ends_the_command_quietly(args):
+    """The pipe is closed before the command writes: it stops with the SIGPIPE status and no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "maskdsl.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=EXAMPLES.parent)
+    proc.stdout.close()  # the child is still importing: its first write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+@pytest.mark.parametrize("args", PIPED, ids=["check", "simulate-json"])
+def test_piped_into_head_prints_the_first_line_and_nothing_on_stderr(args):
+    command = " ".join([sys.executable, "-m", "maskdsl.cli", *args]) + " | head -1"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=EXAMPLES.parent, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("local: on video" if args[0] == "check" else "{") and proc.stdout.count("\n") == 1
