@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
+from maskdsl.harness import relative_error as rel_err
 
 from conftest import case_seed
 
@@ -63,10 +64,6 @@ def run_case(text, q_tile, kv_tile, batch=1, heads=2, kv_heads=1, dim=16, dtype=
     assert not torch.isnan(o).any(), "an output element was not written (or is NaN)"
     assert not torch.isnan(lse).any()
     return o.double(), lse.double(), ref, ref_lse
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("name,text,q_tile,kv_tile", CASES, ids=[c[0] for c in CASES])
