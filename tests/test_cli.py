@@ -107,3 +107,25 @@ def test_piped_into_head_prints_the_first_line_and_nothing_on_stderr(args):
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=EXAMPLES.parent, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.startswith("local: on video" if args[0] == "check" else "{") and proc.stdout.count("\n") == 1
+
+
+def test_run_checks_a_slice_of_query_tiles_in_the_interpreter(tmp_path, capsys):
+    path = tmp_path / "two.mask"
+    path.write_text("layout g = grid(9, 13)\nmask m = neighborhood(window=(5, 6))\nmask n = full\n"
+                    "attention a(mask=m, heads=2, head_dim=16, dtype=fp32)\n")
+    assert main(["run", str(path), "--tiles", "3", "--q-tile", "4,4", "--kv-tile", "4,8"]) == 0
+    out = capsys.readouterr().out
+    # the attention statement's mask; of 3 x 4 tiles the first, the middle and the last (4x4 + 4x4 + 1x1 rows)
+    assert "mask m = neighborhood(window=(5, 6))" in out and "kernel q4x4_k4x8" in out
+    assert "query tiles [0, 6, 11]" in out and ": 33 rows, relative error" in out and out.strip().endswith("ok")
+    path.write_text("layout g = grid(9, 13)\nmask m = neighborhood(window=(5, 6))\nmask n = full\n")
+    assert main(["run", str(path)]) == 2
+    assert "pick one with --mask (m, n)" in capsys.readouterr().err
+
+
+def test_run_a_topk_mask(tmp_path, capsys):
+    path = tmp_path / "tk.mask"
+    path.write_text("layout s = grid(100)\nmask m = (topk(k=1, block=32) | sliding_window(5, causal=true)) & causal\n")
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "query tiles [0, 2]" in out and ": 64 rows" in out and out.strip().endswith("ok")
