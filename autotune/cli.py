@@ -17,10 +17,10 @@ def cmd_tune(args) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         print("no GPU found: tuning under Triton's interpreter on a slice of the problem; "
               "the times only show the machinery works, they do not rank configs for a GPU")
+    from maskdsl.api import resolve
     from maskdsl.autotune.tuner import tune
-    from maskdsl.parser import load
 
-    spec = load(args.file)
+    spec, _, _ = resolve(args.file, args.mask)  # an unknown --mask fails here, before any study is made
     if args.exhaustive:
         return _exhaustive(spec, args)
     result = tune(spec, args.mask, trials=args.trials, storage=args.storage, timeout=args.timeout,

@@ -14,12 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from maskdsl import ir
+from maskdsl.cache import cache_root
 
 
 def default_path() -> Path:
-    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
-    return Path(root) / "tuning.db"
+    return cache_root() / "tuning.db"
 
 
 def storage_url(url: str | None = None) -> str:
@@ -75,11 +74,11 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None  # nothing tuned yet: don't create a database just to look
-    from maskdsl.autotune.keys import Problem, current_device
+    from maskdsl.autotune.keys import current_device
+    from maskdsl.harness import Problem
 
     device = current_device()
-    problem = (Problem(attention.batch, attention.heads, attention.kv_heads, attention.head_dim, attention.dtype)
-               if attention else Problem(1, 8, 8, 128, "bf16"))
+    problem = Problem.for_attention(attention)
     return _lookup(url, device.name, device.capability, device.triton, mask.content_hash(), problem)
 
 

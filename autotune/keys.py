@@ -1,4 +1,7 @@
-"""Who is tuning what: the device identity and the study key of a (GPU, Triton, mask, problem)."""
+"""Who is tuning what: the device identity and the study key of a (GPU, Triton, mask, problem).
+
+The problem (`maskdsl.harness.Problem`) is the harness's: the tuner measures the problem it keys by.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from maskdsl import ir
+from maskdsl.harness import Problem
 
 
 @dataclass(frozen=True)
@@ -27,25 +31,6 @@ def current_device() -> Device:
         major, minor = torch.cuda.get_device_capability()
         return Device(torch.cuda.get_device_name(), f"sm{major}{minor}", triton.__version__)
     return Device("triton-interpreter", "cpu", triton.__version__)
-
-
-@dataclass(frozen=True)
-class Problem:
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-
-    @classmethod
-    def of(cls, spec: ir.Spec, mask: str) -> "Problem":
-        att = spec.attention_for(mask)
-        if att is None:
-            return cls(1, 8, 8, 128, "bf16")
-        return cls(att.batch, att.heads, att.kv_heads, att.head_dim, att.dtype)
-
-    def label(self) -> str:
-        return f"B{self.batch}H{self.heads}K{self.kv_heads}D{self.head_dim}-{self.dtype}"
 
 
 def study_name(device: Device, mask: ir.MaskDef, problem: Problem) -> str:

@@ -16,7 +16,8 @@ import optuna
 from maskdsl.autotune import space
 from maskdsl.autotune.space import decode, encode, tiles_label
 from maskdsl.autotune.database import open_storage
-from maskdsl.autotune.keys import Device, Problem, current_device, study_name
+from maskdsl.autotune.keys import Device, current_device, study_name
+from maskdsl.harness import Problem
 from maskdsl.autotune.measure import Bench, WrongOutput
 from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir

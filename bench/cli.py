@@ -19,22 +19,37 @@ def cmd_bench(args) -> int:
         print("maskdsl bench measures on a GPU and none is available here; "
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
-    from maskdsl.bench.run import bench_mask, print_table, run_suite, suite_files
+    from maskdsl.bench.report import print_paths, print_table
+    from maskdsl.bench.run import bench_mask, profile_launches, run_suite, suite_files
 
     if args.suite:
-        results = run_suite(suite_files(), args.json, only=args.only)
-        _maybe_plot(results, args)
+        results = run_suite(suite_files(), args.json, only=args.only, flex_gather=args.flex_gather, paths=args.paths)
+        if args.paths:
+            print_paths(results)
+        else:
+            _maybe_plot(results, args)
         return 0
-    if not args.file or not args.mask:
-        print("give FILE and --mask, or --suite")
+    if not args.file:
+        print("give FILE (and --mask when the spec has several), or --suite")
         return 2
     import json
 
-    from maskdsl.parser import load
+    from maskdsl.api import resolve
+    from maskdsl.codegen.config import KernelConfig
 
-    result = bench_mask(load(args.file), args.mask)
+    spec, mask, _ = resolve(args.file, args.mask)
+    configs = [KernelConfig.from_key(c) for c in args.config] if args.config else None
+    if args.profile:
+        if not configs or len(configs) != 1:
+            print("--profile launches one kernel: give exactly one --config, e.g. --config q2x8x8_k1x8x8_w8_s3")
+            return 2
+        profile_launches(spec, mask.name, configs[0])
+        return 0
+    result = bench_mask(spec, mask.name, configs, flex_gather=args.flex_gather, paths=args.paths)
     result["file"] = args.file
     print_table([result])
+    if args.paths:
+        print_paths([result])
     _maybe_plot([result], args)
     if args.json:
         with open(args.json, "w") as fh:
@@ -64,6 +79,15 @@ def register(sub) -> None:
     p.add_argument("--mask")
     p.add_argument("--suite", action="store_true", help="run bench/suite (the DESIGN.md §7 cases and more)")
     p.add_argument("--only", help="with --suite: only cases whose 'file:mask' contains this text")
+    p.add_argument("--config", action="append", metavar="KEY",
+                   help="time this config (e.g. q2x8x8_k1x8x8_w8_s3; repeatable) instead of the candidates")
+    p.add_argument("--paths", action="store_true",
+                   help="run every config with copy-engine (TMA) loads and with pointer loads (MASKDSL_TMA=1/0); "
+                        "with --suite: the configs of docs/BENCHMARKS.md's comparison, no cost fit")
+    p.add_argument("--flex-gather", action="store_true",
+                   help="also time FlexAttention with a mask_mod that gathers the token permutation per element")
+    p.add_argument("--profile", action="store_true",
+                   help="with FILE and one --config: three launches of that kernel and nothing else (for ncu)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
     p.add_argument("--replot", metavar="JSON", help="draw --plot from a saved --json of a suite run (no GPU needed)")

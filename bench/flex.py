@@ -1,11 +1,18 @@
 """FlexAttention with the same mask, for the comparison every benchmark reports.
 
-FlexAttention runs on a tile-major (GNA-permuted) token order: tokens are laid out tile by
-tile (each tile a box of the grid), so that its 128-token blocks are our tiles. The
-`mask_mod` is generated from the IR (it decodes a permuted index back to grid coordinates
-and applies maskdsl's rule); the BlockMask is built from the exact closed-form tile
-classification (maskdsl.analysis), which is what `create_block_mask` would compute by
-evaluating the mask_mod over all L x L pairs.
+FlexAttention runs on a tile-major (GNA-permuted) token order: tokens are laid out tile by tile
+(each tile a box of the grid), so that its blocks are our tiles. Its `mask_mod` applies
+maskdsl's own rule (`maskdsl.semantics.attends`) to the grid coordinates of a tile-major position,
+which it gets in one of two ways:
+
+* ``arithmetic`` (the default, the strongest FlexAttention): decode the position with integer
+  arithmetic (tile index and offset inside the tile, unravelled over the tile grid and the tile),
+  as a FlexAttention user who knows the layout writes it; nothing is read from memory per element.
+* ``gather``: look the row-major token up in the permutation (`perm[q_idx]`), one global load per
+  element and operand; the generic form, kept as a second column.
+
+The BlockMask is built from the exact closed-form tile classification (maskdsl.analysis), which is
+what `create_block_mask` would compute by evaluating the mask_mod over all L x L pairs.
 """
 
 from __future__ import annotations
@@ -17,92 +24,72 @@ import torch
 
 from maskdsl import ir
 from maskdsl.analysis import mask_box_counts
+from maskdsl.semantics import attends, flat_coords, flat_index
+from maskdsl.simulator.tiles import dim_intervals, permuted_boxes
+
+FORMS = ("arithmetic", "gather")
+
+
+def tile_grid(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[int]:
+    """Tiles per dimension (the last one ragged where the tile does not divide the extent)."""
+    return [math.ceil(n / t) for n, t in zip(shape, tile)]
+
+
+def tile_major_coords(pos, shape: tuple[int, ...], tile: tuple[int, ...]) -> list:
+    """Grid coordinates of tile-major positions, by arithmetic (padding gives coordinates past the extent)."""
+    volume = math.prod(tile)
+    tiles = flat_coords(tuple(tile_grid(shape, tile)), pos // volume)
+    inner = flat_coords(tuple(tile), pos % volume)
+    return [tc * t + ic for tc, ic, t in zip(tiles, inner, tile)]
 
 
 def tile_permutation(shape: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
     """perm[p] = row-major token index at tile-major position p (-1 for padding of ragged tiles)."""
-    grids = [math.ceil(n / t) for n, t in zip(shape, tile)]
-    tile_ids = torch.arange(math.prod(grids))
-    inner = torch.arange(math.prod(tile))
-    tc = _unravel(tile_ids, grids)
-    ic = _unravel(inner, tile)
-    coords = [tc[d].view(-1, 1) * tile[d] + ic[d].view(1, -1) for d in range(len(shape))]
-    valid = torch.ones_like(coords[0], dtype=torch.bool)
-    flat = torch.zeros_like(coords[0])
-    for d, n in enumerate(shape):
-        valid &= coords[d] < n
-        flat = flat * n + coords[d]
-    return torch.where(valid, flat, -1).reshape(-1)
+    positions = torch.arange(math.prod(tile_grid(shape, tile)) * math.prod(tile))
+    coords = tile_major_coords(positions, shape, tile)
+    valid = _inside(coords, shape)
+    return torch.where(valid, flat_index(shape, coords), -1)
 
 
-def _unravel(idx: torch.Tensor, dims) -> list[torch.Tensor]:
-    out = []
-    for n in reversed(dims):
-        out.append(idx % n)
-        idx = idx // n
-    return out[::-1]
+def _inside(coords, shape):
+    out = None
+    for c, n in zip(coords, shape):
+        out = (c < n) if out is None else out & (c < n)
+    return out
 
 
-def _dim_rule(i, j, n, w, d, s, causal):
-    """maskdsl.semantics.neighborhood_1d, elementwise on index tensors (torch.compile-friendly)."""
-    same = (i % d) == (j % d)
-    g = i % d
-    gi, gj = i // d, j // d
-    glen = (n - g + d - 1) // d
-    if causal:
-        leader = torch.minimum((gi // s) * s + s - 1, glen - 1)
-        return same & (gj <= gi) & (leader - gj < w)
-    leader = torch.minimum((gi // s) * s + s // 2, glen - 1)
-    start = torch.minimum(torch.clamp(leader - w // 2, min=0), glen - w)
-    return same & (gj >= start) & (gj < start + w)
+def make_mask_mod(expr: ir.MaskExpr, shape: tuple[int, ...], tile: tuple[int, ...], form: str = "arithmetic",
+                  perm: torch.Tensor | None = None):
+    """A FlexAttention mask_mod over tile-major positions for the static mask `expr`.
 
+    `form` says how a position becomes grid coordinates (module docstring); ``gather`` reads `perm`
+    (`tile_permutation(shape, tile)` on the attention's device, built here when not given).
+    Padding positions of ragged tiles attend nothing and are attended by nothing.
+    """
+    if form == "arithmetic":
+        def coords(pos):
+            c = tile_major_coords(pos, shape, tile)
+            return c, _inside(c, shape)
+    elif form == "gather":
+        table = tile_permutation(shape, tile) if perm is None else perm
 
-def make_mask_mod(expr: ir.MaskExpr, shape: tuple[int, ...], perm: torch.Tensor):
-    """A FlexAttention mask_mod over tile-major positions, for the static mask `expr`."""
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-
-    def coords(flat):
-        return [(flat // st) % n for st, n in zip(strides, shape)]
-
-    def evaluate(e, qf, kf):
-        if isinstance(e, ir.Neighborhood):
-            qc, kc = coords(qf), coords(kf)
-            out = None
-            for d, n in enumerate(shape):
-                m = _dim_rule(qc[d], kc[d], n, e.window[d], e.dilation[d], e.stride[d], e.causal[d])
-                out = m if out is None else out & m
-            return out
-        if isinstance(e, ir.Causal):
-            return qf >= kf
-        if isinstance(e, ir.Full):
-            return qf >= 0
-        if isinstance(e, ir.Sink):
-            return (qf < e.n) | (kf < e.n)
-        parts = [evaluate(t, qf, kf) for t in e.terms]
-        out = parts[0]
-        for p in parts[1:]:
-            out = out | p if isinstance(e, ir.Union_) else out & p
-        return out
+        def coords(pos):
+            flat = table[pos]
+            return flat_coords(shape, flat), flat >= 0
+    else:
+        raise ValueError(f"unknown FlexAttention mask_mod form {form!r}; hint: use one of {', '.join(FORMS)}")
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qf, kf = perm[q_idx], perm[kv_idx]
-        return evaluate(expr, qf, kf) & (qf >= 0) & (kf >= 0)
+        qc, q_ok = coords(q_idx)
+        kc, k_ok = coords(kv_idx)
+        return attends(expr, shape, qc, kc) & q_ok & k_ok
 
     return mask_mod
 
 
 def tile_boxes(shape, tile) -> np.ndarray:
-    """[tiles, rank, 2] start/stop of every tile, in tile-major (row-major over the tile grid) order."""
-    grids = [math.ceil(n / t) for n, t in zip(shape, tile)]
-    ids = np.arange(math.prod(grids))
-    boxes = np.zeros((len(ids), len(shape), 2), dtype=np.int64)
-    rem = ids.copy()
-    for d in reversed(range(len(shape))):
-        c = rem % grids[d]
-        rem //= grids[d]
-        boxes[:, d, 0] = c * tile[d]
-        boxes[:, d, 1] = np.minimum(c * tile[d] + tile[d], shape[d])
-    return boxes
+    """[tiles, rank, 2] start/stop of every tile, in tile-major order (the simulator's undilated layout)."""
+    return permuted_boxes([dim_intervals(n, t) for n, t in zip(shape, tile)])
 
 
 def block_mask_from_analysis(expr: ir.MaskExpr, shape, tile, device, mask_mod):
@@ -130,17 +117,19 @@ def block_mask_from_analysis(expr: ir.MaskExpr, shape, tile, device, mask_mod):
 class FlexRunner:
     """FlexAttention on tile-major tokens: permute once, run compiled flex_attention, un-permute."""
 
-    def __init__(self, mask: ir.MaskDef, tile: tuple[int, ...], device, compile: bool = True):
+    def __init__(self, mask: ir.MaskDef, tile: tuple[int, ...], device, compile: bool = True,
+                 form: str = "arithmetic"):
         from torch.nn.attention.flex_attention import flex_attention
 
         shape = mask.layout.shape
         self.perm = tile_permutation(shape, tile).to(device)
         self.valid = self.perm >= 0
         self.gather = torch.where(self.valid, self.perm, 0)
-        self.mask_mod = make_mask_mod(mask.expr, shape, self.perm)
+        self.mask_mod = make_mask_mod(mask.expr, shape, tile, form, self.perm)
         self.block_mask = block_mask_from_analysis(mask.expr, shape, tile, device, self.mask_mod)
         self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
         self.tile = tile
+        self.form = form
         self.tokens = mask.layout.tokens
 
     def permute(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +139,10 @@ class FlexRunner:
         gqa = qp.shape[1] != kp.shape[1]
         return self.flex(qp, kp, vp, block_mask=self.block_mask, enable_gqa=gqa)
 
-    def __call__(self, q, k, v):
-        out_p = self.attend_permuted(self.permute(q), self.permute(k), self.permute(v))
-        out = torch.empty_like(q)
+    def unpermute(self, out_p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(like)
         out[:, :, self.perm[self.valid]] = out_p[:, :, self.valid]
         return out
+
+    def __call__(self, q, k, v):
+        return self.unpermute(self.attend_permuted(self.permute(q), self.permute(k), self.permute(v)), q)

@@ -1,4 +1,4 @@
-"""`maskdsl compile` (write the rendered kernel) and `maskdsl run` (the main job: compile, check, time)."""
+"""`maskdsl compile` (write the rendered kernel) and `maskdsl run` (the main job, `maskdsl.bench.job`)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from maskdsl.codegen.run import run_main_job
+    from maskdsl.bench.job import run_main_job
 
-    return run_main_job(args.file, args.mask, _config_factory=lambda mask, att: _config(args, mask, att),
+    return run_main_job(args.file, args.mask, config_factory=lambda mask, att: _config(args, mask, att),
                         tiles=args.tiles, seed=args.seed)
 
 
@@ -61,7 +61,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("run", help="compile a mask, check it against the reference, and time it (the main job)")
     p.add_argument("file")
-    p.add_argument("--mask", help="default: the mask of the spec's first attention statement, else the first mask")
+    p.add_argument("--mask", help="default: the mask of the spec's attention statement, else its only mask")
     p.add_argument("--tiles", type=int, default=2, help="query tiles to run under the interpreter (no GPU)")
     p.add_argument("--seed", type=int, default=0)
     _add_config_args(p)

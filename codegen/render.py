@@ -25,9 +25,9 @@ TEMPLATE = "attention_fwd.py.jinja"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
-    path = Path(root) / "kernels"
+    from maskdsl.cache import cache_root
+
+    path = cache_root() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -19,12 +19,14 @@ materialized at [L, L]: cost is O(n_d x edges) per dimension.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from maskdsl import ir
+from maskdsl.boxes import flat_range_boxes
 from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
@@ -169,23 +171,6 @@ def simplify(terms: list[Term]) -> list[Term]:
     return kept
 
 
-def _prefix_boxes(shape, n_tokens):
-    """The first n_tokens of a row-major grid as disjoint boxes [(start, stop) per dimension]."""
-    if n_tokens >= int(np.prod(shape)):
-        return [tuple((0, n) for n in shape)]
-    digits, rem = [], n_tokens
-    for k in range(len(shape)):
-        block = int(np.prod(shape[k + 1:], dtype=np.int64))
-        digits.append(rem // block)
-        rem %= block
-    boxes = []
-    for k, c in enumerate(digits):
-        if c:
-            boxes.append(tuple((digits[m], digits[m] + 1) for m in range(k)) + ((0, c),)
-                         + tuple((0, n) for n in shape[k + 1:]))
-    return boxes
-
-
 def _symbolic(expr: ir.MaskExpr, shape) -> list[Product]:
     rank = len(shape)
     if isinstance(expr, ir.Neighborhood):
@@ -197,7 +182,7 @@ def _symbolic(expr: ir.MaskExpr, shape) -> list[Product]:
         return [tuple(rel_equal() if d < k else rel_before(inclusive=(k == rank - 1)) if d == k else rel_all()
                       for d in range(rank)) for k in range(rank)]
     if isinstance(expr, ir.Sink):
-        boxes = _prefix_boxes(shape, expr.n)
+        boxes = flat_range_boxes(shape, 0, min(expr.n, math.prod(shape)))
         rows = [tuple(rel_queries_in(*box[d]) for d in range(rank)) for box in boxes]
         cols = [tuple(rel_keys_in(*box[d]) for d in range(rank)) for box in boxes]
         return rows + cols
@@ -343,19 +328,3 @@ def attended_pairs(expr: ir.MaskExpr, shape) -> int:
     """How many (query, key) pairs the static mask attends, exactly, without materializing it."""
     box = whole_grid(shape)
     return int(mask_box_counts(expr, shape, box, box)[0, 0])
-
-
-def static_part(expr: ir.MaskExpr) -> ir.MaskExpr | None:
-    """The mask with its data-dependent (top-k) terms dropped from unions; None if nothing static is left.
-
-    Under an intersection a top-k term only removes keys, so the static terms bound it from above.
-    """
-    if isinstance(expr, ir.TopK):
-        return None
-    if isinstance(expr, ir.Union_):
-        kept = [p for t in expr.terms if (p := static_part(t)) is not None]
-        return ir.union(*kept) if kept else None
-    if isinstance(expr, ir.Intersection):
-        kept = [p for t in expr.terms if (p := static_part(t)) is not None]
-        return ir.intersection(*kept) if kept else ir.Full()
-    return expr

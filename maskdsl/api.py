@@ -12,15 +12,31 @@ from pathlib import Path
 from maskdsl import ir
 
 
-def resolve(spec, mask: str) -> tuple[ir.Spec, ir.MaskDef, ir.Attention | None]:
-    """A spec (or the path of a .mask file) and a mask name -> the spec, the mask and its attention statement."""
+def resolve(spec, mask: str | None = None) -> tuple[ir.Spec, ir.MaskDef, ir.Attention | None]:
+    """A spec (or the path of a .mask file) and a mask name -> the spec, the mask and its attention statement.
+
+    Without a name: the mask the spec's attention statements use, else its only mask; a spec where
+    that is ambiguous gets an error listing the names to choose from (every command resolves this way).
+    """
     if isinstance(spec, (str, Path)):
         from maskdsl.parser import load
 
         spec = load(spec)
     if not isinstance(spec, ir.Spec):
         raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
+    if mask is None:
+        mask = default_mask(spec)
     return spec, spec.mask(mask), spec.attention_for(mask)
+
+
+def default_mask(spec: ir.Spec) -> str:
+    used = list(dict.fromkeys(att.mask for att in spec.attentions))
+    if len(used) == 1:
+        return used[0]
+    if not used and len(spec.masks) == 1:
+        return spec.masks[0].name
+    names = used or [m.name for m in spec.masks]
+    raise ValueError(f"the spec has {len(names)} candidate masks; pick one with --mask ({', '.join(names)})")
 
 
 def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from maskdsl.errors import SpecError
@@ -86,10 +87,20 @@ def _extensions():
     return out
 
 
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a tool ended by SIGPIPE, as `yes | head -1` does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader (`head`, a pager) has what it wanted: stop quietly, and point stdout at devnull so
+        # the interpreter's own final flush does not report the same closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

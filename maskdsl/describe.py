@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from maskdsl import ir
-from maskdsl.analysis import attended_pairs, static_part
+from maskdsl.analysis import attended_pairs
 
 
 def _dims(values) -> str:
@@ -38,16 +38,30 @@ def describe(expr: ir.MaskExpr, rank: int) -> str:
 
 
 def density_line(mask: ir.MaskDef) -> str:
-    """Exact density of the static part; for top-k, the expected density it adds is said as such."""
+    """Exact density of a static mask; for top-k, what is exact (the static part) and a bound on the rest.
+
+    A top-k mask is S | (picked & R) (`maskdsl.topk.normal_form`): S is attended whatever the data,
+    R only limits where picks may land. So S's density is exact, the picks add at most k blocks of
+    keys per query row, and the whole never exceeds S | R. The restriction R is not a static part.
+    """
     tokens = mask.layout.tokens
-    static = static_part(mask.expr)
+    shape = mask.layout.shape
     if not mask.dynamic:
-        density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
+        density = attended_pairs(mask.expr, shape) / tokens**2
         return f"density {density:.4%} ({1 / density:.2f}x FLOP-ideal)" if density else "density 0 (empty mask)"
-    topk = next(n for n in ir.walk(mask.expr) if isinstance(n, ir.TopK))
-    blocks = math.ceil(tokens / topk.block)
-    expected = min(topk.k, blocks) / blocks
-    text = f"top-k keeps {min(topk.k, blocks)} of {blocks} key blocks (expected density {expected:.2%})"
-    if static is not None and not isinstance(static, ir.Full):
-        text += f"; static part density {attended_pairs(static, mask.layout.shape) / tokens**2:.4%}"
-    return text
+    from maskdsl.topk import normal_form  # torch: only top-k masks pay for it
+
+    form = normal_form(mask.expr)
+    blocks = math.ceil(tokens / form.topk.block)
+    keep = min(form.topk.k, blocks)
+    text = f"top-k keeps {keep} of {blocks} key blocks"
+    restricted = not isinstance(form.restrict, ir.Full)
+    if form.static is None and not restricted:
+        return text + f" (expected density {keep / blocks:.2%})"
+    if restricted:
+        text += f" among those {form.restrict.fmt()} reaches, and only its pairs inside them"
+    static = attended_pairs(form.static, shape) / tokens**2 if form.static is not None else 0.0
+    text += f"; static part density {static:.4%}" if form.static is not None else "; no static part"
+    envelope = ir.union(*[e for e in (form.static, form.restrict) if e is not None])
+    bound = min(attended_pairs(envelope, shape) / tokens**2, static + keep * form.topk.block / tokens)
+    return text + f"; density at most {bound:.2%}"

@@ -40,8 +40,6 @@ def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Builds just those rows of the mask, so real sizes (115,200 tokens) can be spot-checked.
     """
-    from maskdsl.semantics import static_mask
-
     mask_def = _mask_def(spec, mask_name)
     rows = rows.to(torch.int64).cpu()
     if mask_def.dynamic:

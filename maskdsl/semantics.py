@@ -28,10 +28,12 @@ import torch
 from maskdsl import ir
 
 
-def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False) -> torch.Tensor:
-    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension."""
-    i = torch.arange(n).view(n, 1)
-    j = torch.arange(n).view(1, n)
+def neighborhood_rule(i, j, n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False):
+    """Whether query coordinate i sees key coordinate j in one dimension of extent n: the rule, once.
+
+    Elementwise on integer tensors that broadcast (or 0-d ones: FlexAttention's `mask_mod` calls it
+    per element under vmap and compiles it into its kernel), so tables and mask_mods share it.
+    """
     group = i % dilation
     same_group = group == (j % dilation)
     gi, gj = i // dilation, j // dilation
@@ -47,7 +49,13 @@ def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, cau
     return same_group & seen
 
 
-def _flat_coords(shape: tuple[int, ...], flat: torch.Tensor) -> list[torch.Tensor]:
+def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False) -> torch.Tensor:
+    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension."""
+    return neighborhood_rule(torch.arange(n).view(n, 1), torch.arange(n).view(1, n), n, window, dilation, stride,
+                             causal)
+
+
+def flat_coords(shape: tuple[int, ...], flat) -> list:
     """Per-dimension coordinates of row-major flat token indices."""
     coords = []
     for n in reversed(shape):
@@ -56,41 +64,65 @@ def _flat_coords(shape: tuple[int, ...], flat: torch.Tensor) -> list[torch.Tenso
     return coords[::-1]
 
 
+def flat_index(shape: tuple[int, ...], coords) -> object:
+    """The row-major flat token index of per-dimension coordinates (the inverse of `flat_coords`)."""
+    flat = coords[0]
+    for n, c in zip(shape[1:], coords[1:]):
+        flat = flat * n + c
+    return flat
+
+
+def attends(expr: ir.MaskExpr, shape: tuple[int, ...], qc, kc, neighborhood=None):
+    """Elementwise: does the query at coordinates `qc` see the key at `kc` (lists of broadcasting tensors)?
+
+    The composition rules, once: a neighborhood holds in every dimension, `causal` compares
+    row-major flat indices, `sink(n)` opens the first n tokens both ways, `|` and `&` combine.
+    `neighborhood(expr, qc, kc)` may replace the per-dimension rule by an equivalent (a table lookup).
+    """
+    if isinstance(expr, ir.Neighborhood):
+        if neighborhood is not None:
+            return neighborhood(expr, qc, kc)
+        out = None
+        for d, n in enumerate(shape):
+            m = neighborhood_rule(qc[d], kc[d], n, expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d])
+            out = m if out is None else out & m
+        return out
+    if isinstance(expr, ir.TopK):
+        raise ValueError(f"{expr.fmt()} depends on the data: pass q and k to build its mask")
+    qf, kf = flat_index(shape, qc), flat_index(shape, kc)
+    if isinstance(expr, ir.Causal):
+        return qf >= kf
+    if isinstance(expr, ir.Full):
+        return (qf >= 0) & (kf >= 0)
+    if isinstance(expr, ir.Sink):
+        return (qf < expr.n) | (kf < expr.n)
+    if isinstance(expr, (ir.Union_, ir.Intersection)):
+        parts = [attends(t, shape, qc, kc, neighborhood) for t in expr.terms]
+        out = parts[0]
+        for p in parts[1:]:
+            out = (out | p) if isinstance(expr, ir.Union_) else (out & p)
+        return out
+    raise TypeError(f"not a mask expression: {expr!r}")
+
+
 def static_mask(expr: ir.MaskExpr, shape: tuple[int, ...], rows: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [L, L] over row-major tokens for a mask with no data-dependent part.
 
     With `rows` (flat query indices) only those rows are built: [len(rows), L], so a few rows of a
-    115,200-token grid can be looked at without the full matrix.
+    115,200-token grid can be looked at without the full matrix. Neighborhoods look their
+    per-dimension [n, n] tables up (`neighborhood_1d`) instead of redoing the arithmetic per pair.
     """
     tokens = 1
     for n in shape:
         tokens *= n
     keys = torch.arange(tokens)
     queries = keys if rows is None else rows.to(torch.int64)
-    qi, kj = queries.view(-1, 1), keys.view(1, -1)
-    if isinstance(expr, ir.Neighborhood):
-        qc, kc = _flat_coords(shape, queries), _flat_coords(shape, keys)
-        mask = torch.ones(len(queries), tokens, dtype=torch.bool)
-        for d, n in enumerate(shape):
-            m1 = neighborhood_1d(n, expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d])
-            mask &= m1[qc[d].view(-1, 1), kc[d].view(1, -1)]
-        return mask
-    if isinstance(expr, ir.Causal):
-        return qi >= kj
-    if isinstance(expr, ir.Full):
-        return torch.ones(len(queries), tokens, dtype=torch.bool)
-    if isinstance(expr, ir.Sink):
-        return (qi < expr.n) | (kj < expr.n)
-    if isinstance(expr, ir.Union_):
-        out = torch.zeros(len(queries), tokens, dtype=torch.bool)
-        for t in expr.terms:
-            out |= static_mask(t, shape, rows)
-        return out
-    if isinstance(expr, ir.Intersection):
+    qc, kc = flat_coords(shape, queries.view(-1, 1)), flat_coords(shape, keys.view(1, -1))
+
+    def tables(e, qc, kc):
         out = torch.ones(len(queries), tokens, dtype=torch.bool)
-        for t in expr.terms:
-            out &= static_mask(t, shape, rows)
+        for d, n in enumerate(shape):
+            out &= neighborhood_1d(n, e.window[d], e.dilation[d], e.stride[d], e.causal[d])[qc[d], kc[d]]
         return out
-    if isinstance(expr, ir.TopK):
-        raise ValueError(f"{expr.fmt()} depends on the data: pass q and k to build its mask")
-    raise TypeError(f"not a mask expression: {expr!r}")
+
+    return attends(expr, shape, qc, kc, tables)

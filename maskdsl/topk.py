@@ -64,49 +64,18 @@ def block_count(tokens: int, block: int) -> int:
 def candidate_blocks(form: TopKForm, shape: tuple[int, ...]) -> torch.Tensor:
     """Bool [query blocks, key blocks]: where R attends at least one pair (closed form, no [L, L])."""
     from maskdsl.analysis import mask_box_counts
+    from maskdsl.boxes import row_major_tiles
 
     tokens = math.prod(shape)
     nb = block_count(tokens, form.topk.block)
     if isinstance(form.restrict, ir.Full):
         return torch.ones(nb, nb, dtype=torch.bool)
-    boxes, owner = flat_range_boxes(shape, form.topk.block)
+    boxes, starts = row_major_tiles(shape, form.topk.block)
+    owner = np.repeat(np.arange(nb), np.diff(starts))  # the block each box belongs to
     counts = mask_box_counts(form.restrict, shape, boxes, boxes)
     per_block = np.zeros((nb, nb), dtype=np.int64)
     np.add.at(per_block, (owner[:, None], owner[None, :]), counts)
     return torch.from_numpy(per_block > 0)
-
-
-def flat_range_boxes(shape: tuple[int, ...], size: int):
-    """Boxes ([N, rank, 2]) covering consecutive row-major ranges of `size` tokens, and each box's range index."""
-    tokens = math.prod(shape)
-    boxes, owner = [], []
-    for r, start in enumerate(range(0, tokens, size)):
-        for box in _range_to_boxes(shape, start, min(start + size, tokens)):
-            boxes.append(box)
-            owner.append(r)
-    return np.array(boxes, dtype=np.int64).reshape(-1, len(shape), 2), np.array(owner)
-
-
-def _range_to_boxes(shape, start, stop):
-    """Split the flat range [start, stop) of a row-major grid into disjoint boxes."""
-    if start >= stop:
-        return []
-    if len(shape) == 1:
-        return [[(start, stop)]]
-    inner = math.prod(shape[1:])
-    r0, r1 = start // inner, (stop - 1) // inner
-    if r0 == r1:
-        return [[(r0, r0 + 1)] + b for b in _range_to_boxes(shape[1:], start - r0 * inner, stop - r0 * inner)]
-    out = []
-    if start % inner:
-        out += [[(r0, r0 + 1)] + b for b in _range_to_boxes(shape[1:], start - r0 * inner, inner)]
-        r0 += 1
-    full_stop = r1 if stop % inner else r1 + 1
-    if full_stop > r0:
-        out.append([(r0, full_stop)] + [(0, n) for n in shape[1:]])
-    if stop % inner:
-        out += [[(r1, r1 + 1)] + b for b in _range_to_boxes(shape[1:], 0, stop - r1 * inner)]
-    return out
 
 
 def pooled(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -41,26 +41,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def _mask_name(spec, name):
-    if name:
-        spec.mask(name)  # KeyError with a suggestion when unknown
-        return name
-    if len(spec.attentions) == 1:
-        return spec.attentions[0].mask
-    if len(spec.masks) == 1:
-        return spec.masks[0].name
-    raise ValueError(f"the spec has {len(spec.masks)} masks; pick one with --mask "
-                     f"({', '.join(m.name for m in spec.masks)})")
-
-
 def cmd_simulate(args) -> int:
-    from maskdsl.parser import load
+    from maskdsl.api import resolve
     from maskdsl.simulator.simulation import simulate
     from maskdsl.simulator.suggestions import suggest
     from maskdsl.simulator.ranking import default_config, sweep
 
-    spec = load(args.file)
-    mask = _mask_name(spec, args.mask)
+    spec, mdef, _ = resolve(args.file, args.mask)
+    mask = mdef.name
     permute = not args.no_permute
     cost = {"gpu": args.gpu, "costs": args.costs}
     if args.kv_tile and not args.q_tile:

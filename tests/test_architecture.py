@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"maskdsl": "maskdsl", "codegen": "maskdsl.codegen", "simulator": "maskdsl.simulator",
            "autotune": "maskdsl.autotune", "bench": "maskdsl.bench"}
 FOLDER_NAMES = ("codegen", "simulator", "autotune", "bench")  # installed only as maskdsl.<name>
-FRONT_DOOR = {"maskdsl.api", "maskdsl.nn", "maskdsl.cli", "maskdsl.codegen.run"}
+FRONT_DOOR = {"maskdsl.api", "maskdsl.nn", "maskdsl.cli"}
 
 
 def layer(module: str) -> tuple[int, str]:

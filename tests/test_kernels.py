@@ -4,7 +4,6 @@ Every run starts from a NaN-poisoned output: an element the kernel forgets to wr
 """
 
 import math
-import time
 
 import pytest
 import torch
@@ -13,6 +12,9 @@ from hypothesis import strategies as st
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
+from maskdsl.harness import relative_error as rel_err
+
+from conftest import case_seed
 
 CASES = [
     # (id, spec text, q_tile, kv_tile)
@@ -44,12 +46,11 @@ CASES = [
 ]
 
 
-def run_case(text, q_tile, kv_tile, batch=1, heads=2, kv_heads=1, dim=16, dtype=torch.float32, seed=None,
-             token_major=False):
+def run_case(text, q_tile, kv_tile, batch=1, heads=2, kv_heads=1, dim=16, dtype=torch.float32, token_major=False):
     spec = maskdsl.parse(text)
     fn = maskdsl.compile(spec, "m", KernelConfig(q_tile, kv_tile))
     tokens = spec.masks[0].layout.tokens
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    gen = torch.Generator().manual_seed(case_seed(text, q_tile, kv_tile, batch, heads, kv_heads, dim, dtype, token_major))
 
     def draw(h):
         if token_major:  # [B, L, H, D] memory seen as [B, H, L, D], as many models hold it
@@ -63,10 +64,6 @@ def run_case(text, q_tile, kv_tile, batch=1, heads=2, kv_heads=1, dim=16, dtype=
     assert not torch.isnan(o).any(), "an output element was not written (or is NaN)"
     assert not torch.isnan(lse).any()
     return o.double(), lse.double(), ref, ref_lse
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("name,text,q_tile,kv_tile", CASES, ids=[c[0] for c in CASES])
@@ -105,10 +102,10 @@ def test_random_2d_neighborhoods(n0, n1, data):
     assert rel_err(o, ref) < 2e-3, text
 
 
-def test_strided_views_are_accepted():
+def test_strided_views_are_accepted(gen):
     spec = maskdsl.parse("layout s = grid(20)\nmask m = sliding_window(5)")
     fn = maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
-    base = torch.randn(1, 20, 2, 16)  # [B, L, H, D], as many models hold it
+    base = torch.randn(1, 20, 2, 16, generator=gen)  # [B, L, H, D], as many models hold it
     q = base.transpose(1, 2)
     out = fn(q, q, q)
     ref = maskdsl.reference_attention(q, q, q, spec, "m")
@@ -155,7 +152,7 @@ def test_unsupported_mix_of_dilations_is_explained():
         maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
 
 
-def test_torch_compile_has_no_graph_break():
+def test_torch_compile_has_no_graph_break(gen):
     spec = maskdsl.parse("layout s = grid(20)\nmask m = sliding_window(5)")
     fn = maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
 
@@ -163,30 +160,35 @@ def test_torch_compile_has_no_graph_break():
         return fn(q * 2.0, k, v) + 1.0
 
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, 20, 16, generator=gen) for _ in range(3))
     torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
 
 
-def test_source_is_cached_readable_and_warm_compile_is_fast(tmp_path, monkeypatch):
+def test_source_is_cached_readable_and_a_warm_compile_renders_nothing(tmp_path, monkeypatch):
+    """DESIGN.md §7's warm-compile target rests on this: a second compile of the same mask and config neither
+    renders nor re-imports (same module), and a new process finds the file (renders nothing)."""
+    from maskdsl.codegen import render
+
     monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
+    rendered = []
+    real = render.render
+    monkeypatch.setattr(render, "render", lambda plan: rendered.append(plan) or real(plan))
     spec = maskdsl.parse("layout g = grid(9, 13)\nmask m = neighborhood(window=(5, 6))")
     cfg = KernelConfig((4, 4), (4, 8))
-    start = time.perf_counter()
     fn = maskdsl.compile(spec, "m", cfg)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
     again = maskdsl.compile(spec, "m", cfg)
-    warm = time.perf_counter() - start
+    assert len(rendered) == 1 and again.module is fn.module
+    monkeypatch.setattr(render, "_LOADED", {})  # as a fresh process sees it: only the file on disk
+    assert maskdsl.compile(spec, "m", cfg).source_path == fn.source_path and len(rendered) == 1
     assert again.source_path == fn.source_path and fn.source_path.parent == tmp_path / "kernels"
     assert "mask m = neighborhood(window=(5, 6))" in fn.source and "q_tile=(4, 4)" in fn.source
     compile(fn.source, str(fn.source_path), "exec")  # it is valid Python
-    assert cold < 5.0 and warm < 0.05, (cold, warm)
 
 
-def test_default_scale_is_inverse_sqrt_head_dim():
+def test_default_scale_is_inverse_sqrt_head_dim(gen):
     spec = maskdsl.parse("layout s = grid(16)\nmask m = full")
     fn = maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
-    q, k, v = (torch.randn(1, 1, 16, 32) for _ in range(3))
+    q, k, v = (torch.randn(1, 1, 16, 32, generator=gen) for _ in range(3))
     a = fn(q, k, v)
     b = fn(q, k, v, scale=1 / math.sqrt(32))
     c = fn(q, k, v, scale=0.5)
@@ -194,13 +196,13 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     assert rel_err(c.double(), maskdsl.reference_attention(q, k, v, spec, "m", scale=0.5)) < 2e-3
 
 
-def test_nn_module_matches_reference_and_compiles_fullgraph():
+def test_nn_module_matches_reference_and_compiles_fullgraph(gen):
     from maskdsl.nn import MaskedAttention
 
     spec = maskdsl.parse("layout g = grid(6, 7)\nmask m = neighborhood(window=(3, 5), stride=(1, 2))")
     layer = MaskedAttention(spec, "m", KernelConfig((4, 4), (2, 8)))
     assert "neighborhood(window=(3, 5), stride=(1, 2))" in repr(layer)
-    q, k, v = (torch.randn(2, 2, 42, 32) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 42, 32, generator=gen) for _ in range(3))
     ref = maskdsl.reference_attention(q, k, v, spec, "m")
     assert rel_err(layer(q, k, v).double(), ref) < 2e-3
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)

@@ -1,0 +1,73 @@
+"""What a benchmark run says: the table, the TMA / pointer-load comparison, and the simulator's cost fit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def _fmt(x, places: int = 3) -> str:
+    return "-" if x is None else f"{x:.{places}f}"
+
+
+def print_table(results) -> None:
+    """One row per case: best dense, FlexAttention (and its gather form when timed), ours, ratios, bound, error."""
+    gather = any("flex_gather_ms" in r for r in results)
+    print(f"\n{'case':34s} {'dense':>9s} {'flex':>9s} " + (f"{'flex gather':>11s} " if gather else "")
+          + f"{'ours':>9s} {'x dense':>8s} {'x flex':>7s} {'ideal':>7s} {'bound':>7s} {'err':>8s}  config")
+    for r in results:
+        best = r.get("ours_best", {})
+        print(f"{Path(r['file']).stem + ':' + r['mask']:34s} {_fmt(r.get('dense_best_ms')):>9s} "
+              f"{_fmt(r.get('flex_ms')):>9s} " + (f"{_fmt(r.get('flex_gather_ms')):>11s} " if gather else "")
+              + f"{_fmt(best.get('ms')):>9s} {_fmt(r.get('speedup_vs_dense'), 2):>8s} "
+              f"{_fmt(r.get('speedup_vs_flex'), 2):>7s} {_fmt(r.get('flop_ideal'), 1):>7s} "
+              f"{_fmt(r.get('sim_upper_bound'), 2):>7s} {_fmt(best.get('error'), 5) if best else '-':>8s}  "
+              f"{best.get('config', '-')}")
+
+
+def print_paths(results) -> None:
+    """Per case and config: copy-engine (TMA) against pointer loads, and the time TMA saves."""
+    print(f"\n{'case':34s} {'config':24s} {'pointer ms':>10s} {'TMA ms':>9s} {'saved':>7s}")
+    for r in results:
+        by_config: dict[str, dict] = {}
+        for e in r["ours"]:
+            by_config.setdefault(e["config"], {})[e.get("tma")] = e.get("ms")
+        for config, t in by_config.items():
+            on, off = t.get(True), t.get(False)
+            saved = f"{1 - on / off:.1%}" if on and off else "-"
+            print(f"{Path(r['file']).stem + ':' + r['mask']:34s} {config:24s} {_fmt(off):>10s} {_fmt(on):>9s} "
+                  f"{saved:>7s}")
+
+
+def calibrate(results, gpu: str) -> dict | None:
+    """Fit the simulator's cost constants to this run, store them, and report predicted vs measured."""
+    from maskdsl.codegen.config import KernelConfig
+    from maskdsl.parser import load
+    from maskdsl.simulator.calibrate import Measurement, evaluate_fit, fit, store
+    from maskdsl.simulator.cost import fitted_path
+
+    specs = {r["file"]: load(r["file"]) for r in results}
+    static = [r for r in results if not specs[r["file"]].mask(r["mask"]).dynamic]
+
+    def measurement(r, e):
+        cfg = KernelConfig.from_key(e["config"])
+        return Measurement(specs[r["file"]], r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"], e["ms"])
+
+    meas = [measurement(r, e) for r in static for e in r["ours"] if "ms" in e]
+    if len(meas) < 3:
+        return None
+    entry = fit(meas, gpu, source=f"fitted by maskdsl bench --suite on {time.strftime('%Y-%m-%d')}, "
+                                  f"{len(meas)} measurements")
+    path = store(entry, gpu, fitted_path())
+    print(f"\nfitted cost constants for {gpu} -> {path}: {entry}")
+    for r in static:
+        best = r.get("ours_best")
+        if not best:
+            continue
+        ev = evaluate_fit([measurement(r, best)], entry, gpu)[0]
+        r["predicted_ms"] = ev["predicted_ms"]
+        r["measured_over_predicted"] = ev["ratio"]
+        r["predicted_speedup_vs_dense"] = r["dense_best_ms"] / ev["predicted_ms"]
+        print(f"  {Path(r['file']).stem}:{r['mask']}: measured {best['ms']:.3f} ms, "
+              f"predicted {ev['predicted_ms']:.3f} ms (measured/predicted {ev['ratio']:.2f})")
+    return entry

@@ -1,0 +1,211 @@
+"""One measurement harness: the problem, its inputs, the row check and the timer.
+
+The main job (`maskdsl run`), the tuner's trials (`maskdsl.autotune.measure`) and the benchmarks
+(`maskdsl.bench`) all run a kernel on random inputs, check sampled rows against the float64 reference
+and time it. They share these pieces so that they agree on what the default problem is, on what
+"correct" means (no unwritten row, a relative error under the tolerance of the device) and on how a
+time is taken (a `triton.testing.do_bench` median).
+
+It sits in the language layer because it knows nothing of kernels: anything callable is timed,
+any output tensor is checked. torch and triton load on first use, so `Problem` stays light for the
+tuning database's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from maskdsl import ir
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # spec dtype name -> torch attribute
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a spec's dtype name (`bf16`, `fp16`, `fp32`)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; hint: use one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Batch, heads and head_dim of one attention call: the spec's `attention` statement, or the default.
+
+    The default (batch 1, 8 heads, head_dim 128, bf16) is the one problem every tool assumes when a
+    spec names none: the tuner keys its studies by it and `compile` looks configs up with it.
+    """
+
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bf16"
+
+    @classmethod
+    def of(cls, spec: ir.Spec, mask: str) -> "Problem":
+        return cls.for_attention(spec.attention_for(mask))
+
+    @classmethod
+    def for_attention(cls, attention: ir.Attention | None) -> "Problem":
+        if attention is None:
+            return cls()
+        return cls(attention.batch, attention.heads, attention.kv_heads, attention.head_dim, attention.dtype)
+
+    def label(self) -> str:
+        return f"B{self.batch}H{self.heads}K{self.kv_heads}D{self.head_dim}-{self.dtype}"
+
+    def interpreter_slice(self) -> "Problem":
+        """One head of one batch in float32: what Triton's interpreter runs in seconds (same head_dim)."""
+        return replace(self, batch=1, heads=1, kv_heads=1, dtype="fp32")
+
+    def describe(self) -> str:
+        return f"batch {self.batch}, {self.heads} heads ({self.kv_heads} kv), head_dim {self.head_dim}, {self.dtype}"
+
+
+def make_inputs(problem: Problem, tokens: int, device="cpu", seed: int = 0):
+    """q [B, H, L, D] and k, v [B, H_kv, L, D], standard normal, drawn on `device` from `seed`.
+
+    Drawn on the device itself: the 115,200-token cases would take seconds to draw on the CPU.
+    """
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch_dtype(problem.dtype)
+    q_shape = (problem.batch, problem.heads, tokens, problem.head_dim)
+    kv_shape = (problem.batch, problem.kv_heads, tokens, problem.head_dim)
+    return tuple(torch.randn(shape, generator=gen, device=device, dtype=dtype)
+                 for shape in (q_shape, kv_shape, kv_shape))
+
+
+def sample_rows(tokens: int, count: int, seed: int = 0):
+    """`count` distinct query rows (all if fewer), sorted, as a CPU int64 tensor."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(tokens, generator=gen)[:count].sort().values
+
+
+def tolerance(device) -> float:
+    """Largest relative error that passes: float32 in the interpreter, bf16/fp16 output rounding on a GPU."""
+    return 2e-3 if str(device).startswith("cpu") else 2e-2
+
+
+def relative_error(got, ref, dtype=None) -> float:
+    """||got - ref|| / ||ref|| (Frobenius), in float64 unless `dtype` says otherwise; NaN anywhere gives NaN."""
+    import torch
+
+    dtype = dtype or torch.float64
+    ref = ref.to(dtype)
+    return ((got.to(dtype) - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """The outcome of comparing a poisoned-then-written output with the reference rows."""
+
+    rows: int  # query rows compared with the reference
+    unwritten: int  # (batch, head, row) outputs still NaN where the kernel had to write
+    stray: int  # (batch, head, row) outputs written where the kernel had not to (a slice that leaked)
+    error: float  # relative error of the compared rows (NaN when any was unwritten)
+
+    def ok(self, tol: float) -> bool:
+        return self.unwritten == 0 and self.stray == 0 and self.error < tol  # NaN fails
+
+    def describe(self) -> str:
+        text = f"{self.rows} rows, relative error vs float64 reference {self.error:.2e}"
+        if self.unwritten or self.stray:
+            text += f"; {self.unwritten} unwritten and {self.stray} stray output rows"
+        return text
+
+
+@dataclass(frozen=True)
+class RowReference:
+    """The float64 reference for some query rows of batch 0 and the first few heads, built once."""
+
+    rows: object  # CPU int64 tensor of flat query indices
+    heads: int
+    values: object  # [1, heads, len(rows), D] float64
+
+    def check(self, out, slice_only: bool = False) -> RowCheck:
+        """Compare `out` (poisoned with NaN before the run) with the reference rows.
+
+        Every row of `out` must have been written, or with `slice_only` exactly the reference rows
+        (the kernel ran only the query tiles that hold them).
+        """
+        import torch
+
+        written = ~torch.isnan(out).any(-1)  # [B, H, L]
+        idx = self.rows.to(out.device)
+        if slice_only:
+            inside = torch.zeros(out.shape[2], dtype=torch.bool, device=out.device)
+            inside[idx] = True
+            unwritten = int((~written[:, :, idx]).sum())
+            stray = int((written & ~inside).sum())
+        else:
+            unwritten, stray = int((~written).sum()), 0
+        error = relative_error(out[:1, :self.heads, idx], self.values)
+        return RowCheck(len(self.rows), unwritten, stray, error)
+
+
+def reference_rows(q, k, v, spec: ir.Spec, mask: str, rows, heads: int = 2) -> RowReference:
+    """The reference for `rows` of batch 0 and up to `heads` query heads (with the kv heads they use)."""
+    from maskdsl.reference import reference_attention_rows
+
+    group = q.shape[1] // k.shape[1]
+    heads = min(heads, q.shape[1])
+    if heads > group:
+        heads -= heads % group  # whole groups, so the reference pairs query and kv heads as the kernel does
+    kv = max(1, heads // group)
+    values = reference_attention_rows(q[:1, :heads].float(), k[:1, :kv].float(), v[:1, :kv].float(), spec, mask,
+                                      rows)
+    return RowReference(rows.to("cpu"), heads, values)
+
+
+def check_rows(out, q, k, v, spec: ir.Spec, mask: str, rows, heads: int = 2, slice_only: bool = False) -> RowCheck:
+    """`reference_rows(...).check(out)` in one step, for a single output."""
+    return reference_rows(q, k, v, spec, mask, rows, heads).check(out, slice_only)
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Milliseconds per call of `fn()`: the median of `triton.testing.do_bench` (GPU only)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+DENSE_BACKENDS = ("cudnn", "flash")
+
+
+def dense_times(q, k, v, warmup: int = 25, rep: int = 100) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Dense SDPA with each backend alone: ({backend: ms or None}, {backend: why it could not run}).
+
+    The baseline of every speedup is the best of these, measured in the same process on the same inputs.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    kq = k.repeat_interleave(group, 1) if group != 1 else k
+    vq = v.repeat_interleave(group, 1) if group != 1 else v
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    times, errors = {}, {}
+    for name in DENSE_BACKENDS:
+        try:
+            with sdpa_kernel(backends[name]):
+                times[name] = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, kq, vq),
+                                      warmup, rep)
+        except RuntimeError as exc:
+            times[name] = None
+            errors[name] = str(exc)[:200]
+    return times, errors
+
+
+def best_dense(times: dict[str, float | None]) -> tuple[str, float]:
+    """(backend, ms) of the fastest dense backend that ran."""
+    ran = {name: ms for name, ms in times.items() if ms}
+    if not ran:
+        raise RuntimeError(f"no dense SDPA backend ran ({', '.join(times)})")
+    name = min(ran, key=ran.get)
+    return name, ran[name]

@@ -1,0 +1,50 @@
+"""The simulator's surface: errors that name the argument, `maskdsl simulate`, and the tile-map figure."""
+
+import json
+
+import numpy as np
+import pytest
+
+import maskdsl
+from maskdsl import ir
+from maskdsl.cli import main
+from maskdsl.simulator import simulate
+from maskdsl.simulator.figure import draw_tilemaps, tile_classes
+
+from conftest import EXAMPLES
+from sim_brute import brute_counts, make_spec, video_spec
+
+
+def test_bad_tiles_name_the_argument():
+    spec = video_spec("neighborhood(window=(15, 24, 40))")
+    with pytest.raises(ValueError, match=r"q_tile has 2 entries.*3 dimension"):
+        simulate(spec, "m", (8, 8))
+    with pytest.raises(ValueError, match=r"kv_tile\[1\] = 0 is not a positive integer"):
+        simulate(spec, "m", (2, 8, 8), (2, 0, 8))
+    with pytest.raises(KeyError, match="no mask named"):
+        simulate(spec, "nope", (2, 8, 8))
+
+
+def test_cli_table_json_sweep_suggest(capsys):
+    path = str(EXAMPLES / "video_gna.mask")
+    assert main(["simulate", path, "--mask", "gna", "--q-tile", "2,8,8", "--kv-tile", "2,8,8", "--suggest"]) == 0
+    out = capsys.readouterr().out
+    r = simulate(maskdsl.load(path), "gna", (2, 8, 8))
+    assert "upper bound" in out and f"{r.upper_bound_speedup:.2f}x" in out and f"{r.visited_tiles:,}" in out
+    assert "perfectly block-sparse neighborhoods" in out
+    assert main(["simulate", path, "--q-tile", "2,8,8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["results"][0]["visited_tiles"] == r.visited_tiles
+    assert main(["simulate", path, "--sweep", "--limit", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 3
+    assert main(["simulate", path, "--q-tile", "128", "--no-permute"]) == 2
+    assert "q_tile has 1 entries" in capsys.readouterr().err
+
+
+def test_figure_classes_match_brute_force(tmp_path):
+    spec = make_spec((12, 12), ir.Neighborhood((5, 5), (1, 1), (2, 2), (False, False)))
+    counts, qs, ks = brute_counts(spec, (4, 4), (4, 4), True)
+    want = np.where(counts == 0, 0, np.where(counts == np.multiply.outer(qs, ks), 2, 1))
+    np.testing.assert_array_equal(tile_classes(spec, "m", (4, 4)), want)
+    out = draw_tilemaps(spec, [("m", (4, 4), (4, 4))], str(tmp_path / "map.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
