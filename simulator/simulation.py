@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable
+from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.simulator.cost import CostModel, KernelWork
 from maskdsl.simulator.counting import TileStats, key_tile_visits, tile_stats
-from maskdsl.simulator.tables import term_rels
 from maskdsl.simulator.tiles import check_tile
 
 
@@ -78,6 +77,7 @@ class SimResult:
     num_stages: int = 0
     union_kernel: bool = False  # the several-term loop runs every visited tile (unions, top-k)
     predicted_backward_time: float | None = None  # None until backward constants are measured
+    work: KernelWork = field(default=None, compare=False, repr=False)  # what the cost model scheduled
     visits_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
     full_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
 
@@ -94,7 +94,7 @@ class SimResult:
         """Plain JSON-able fields (per-query-tile arrays left out; they are long)."""
         out = {}
         for name in self.__dataclass_fields__:
-            if name in ("visits_per_query_tile", "full_per_query_tile"):
+            if name in ("visits_per_query_tile", "full_per_query_tile", "work"):
                 continue
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else value
@@ -135,7 +135,7 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     except NotAnalyzable as exc:
         hint = "; hint: simulate the row-major layout with permute=False (--no-permute)" if permute else ""
         raise NotAnalyzable(f"mask {mask!r}: {exc}{hint}") from None
-    union_kernel = mdef.dynamic or len(term_rels(mdef.expr, tuple(shape), "products")) > 1
+    union_kernel = mdef.dynamic or len(products(mdef.expr, tuple(shape))) > 1  # codegen's several-term loop
     kernel_full = full if stats.kernel_full is None or mdef.dynamic else stats.kernel_full
     zero = np.zeros(len(visits))
     if union_kernel:
@@ -195,7 +195,7 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
         visits_per_query_tile=np.asarray(visits), full_per_query_tile=np.asarray(full),
         worst_tile_speedup=nk / max_visits if max_visits else math.inf,
         ctas_per_sm=sched.ctas_per_sm, waves=sched.waves, num_warps=warps, num_stages=stages,
-        union_kernel=bool(work.union.any()), predicted_backward_time=backward_time,
+        union_kernel=bool(work.union.any()), predicted_backward_time=backward_time, work=work,
     )
 
 
