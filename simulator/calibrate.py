@@ -1,26 +1,39 @@
-"""Fit the cost model's per-GPU constants from measured kernel times.
+"""Fit the cost model's per-GPU constants from measured kernel times, and test them out of sample.
 
-Each measurement is (spec, mask, q_tile, kv_tile, copies = batch x heads, measured ms). The
-simulator gives every query tile's full and partial key-tile counts; with the SMs evenly
-loaded the time is linear in the constants,
+Each measurement is one kernel config on one suite case: (spec, mask, tiles, warps, stages,
+copies = batch x heads, measured ms, and the case's dense SDPA ms). The simulator gives every
+query tile's full / partial / union key-tile counts (`SimResult.work`). The predicted time is
+the busiest slot's load after list scheduling (`simulator.schedule`), and for a fixed critical
+slot that load is linear in the constants:
 
-    ms ~ copies / sms * (c_full * sum(full) * s_pair + c_partial * sum(partial) * s_pair + c_tile * Q * s_q),
+    us = a_full * F_full + a_partial * F_partial + a_union * F_union + a_tile * F_tile + launch_us
 
-so a least-squares fit on relative errors (each row divided by its measured time) gives them.
-They are stored in units of one full 128x128 tile (c_full = 1) plus `tile_us`, the
-microseconds of that unit, so the predicted speedup (a ratio) does not depend on the unit.
+(F = the critical slot's feature sums, a = microseconds per unit). So the fit alternates: pick
+the critical slots with the current constants, solve a non-negative least-squares problem on
+relative errors (each row divided by its measured time, so a 20 us and a 60 ms case weigh the
+same), repeat until the critical slots stop changing. The tile-size exponent beta is the best of
+a small grid. The dense baseline's two constants (per tile, per CTA) are fitted the same way on
+the dense times. Few parameters on purpose: 5 + 2 + beta, against 20+ cases x several configs.
+
+`cross_validate` holds each case out in turn (or k folds of cases), fits on the rest and
+predicts the held-out case: the out-of-sample error `maskdsl bench --suite` reports and
+docs/SIMULATOR.md tabulates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from maskdsl.simulator.cost import REFERENCE_TILE, CostModel
+from maskdsl.simulator.cost import DENSE_TILE, REFERENCE_TILE, CostModel
 from maskdsl.simulator.simulation import simulate
+
+BETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
+ITERATIONS = 6
 
 
 @dataclass(frozen=True)
@@ -31,62 +44,194 @@ class Measurement:
     kv_tile: tuple[int, ...]
     copies: int
     ms: float
+    num_warps: int | None = None  # None: codegen's untuned default
+    num_stages: int | None = None
+    dense_ms: float | None = None  # the case's dense SDPA baseline, for the dense fit and speedups
+    case: str = ""  # the suite case (file:mask); cross-validation holds out whole cases
 
+    @property
+    def case_key(self) -> str:
+        return self.case or self.mask
 
-def _features(m: Measurement, sms: int, beta: float) -> np.ndarray:
-    r = _sim(m)
-    q_tokens, kv_tokens = int(np.prod(m.q_tile)), int(np.prod(m.kv_tile))
-    pair = (q_tokens * kv_tokens / REFERENCE_TILE**2) ** beta
-    return np.array([r.full_tiles * pair, r.partial_tiles * pair, r.q_tiles * (q_tokens / REFERENCE_TILE) ** beta],
-                    dtype=np.float64) * m.copies / sms
+    @property
+    def config(self) -> str:
+        dims = lambda t: "x".join(map(str, t))  # noqa: E731
+        return f"q{dims(self.q_tile)}_k{dims(self.kv_tile)}_w{self.num_warps or '-'}_s{self.num_stages or '-'}"
 
 
 _SIMS: dict = {}
 
 
 def _sim(m: Measurement):
-    key = (id(m.spec), m.mask, m.q_tile, m.kv_tile)
+    """The simulation of a measurement (tile counts only depend on the config; cached)."""
+    key = (id(m.spec), m.mask, m.q_tile, m.kv_tile, m.num_warps, m.num_stages)
     if key not in _SIMS:
-        _SIMS[key] = simulate(m.spec, m.mask, m.q_tile, m.kv_tile)
+        _SIMS[key] = simulate(m.spec, m.mask, m.q_tile, m.kv_tile, num_warps=m.num_warps, num_stages=m.num_stages)
     return _SIMS[key]
 
 
-def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str = "") -> dict:
-    """A cost entry (gpu_costs.json shape) fitted to the measurements.
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min |a x - b| with x >= 0, by dropping the most negative coefficient until none is (few columns)."""
+    active = [j for j in range(a.shape[1]) if np.any(a[:, j])]
+    x = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        if sol.min() >= 0:
+            x[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return x
 
-    The three constants are a linear least-squares fit on relative error; the tile-size exponent
-    beta is the best of a small grid (0.5 .. 1.0) by root-mean-square relative error.
-    """
-    if len(measurements) < 3:
-        raise ValueError(f"fitting three constants needs at least 3 measurements, got {len(measurements)}")
-    y = np.array([m.ms * 1000.0 for m in measurements])  # microseconds
+
+def _model(theta: np.ndarray, beta: float, sms: int, gpu: str) -> CostModel:
+    """A CostModel from fitted microseconds (FEATURES order, then launch)."""
+    a_full, a_partial, a_union, a_tile, launch = theta
+    unit = a_full if a_full > 0 else max(a_partial, 1e-9)
+    return CostModel(name=gpu, c_full=a_full / unit, c_partial=a_partial / unit, c_tile=a_tile / unit, sms=sms,
+                     tile_us=unit, pair_exponent=beta, c_union=(a_union / unit) if a_union > 0 else None,
+                     launch_us=launch)
+
+
+def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS):
+    """(rms relative error, beta, theta) of the best beta."""
+    y = np.array([m.ms * 1000.0 for m in meas])
+    works = [_sim(m).work for m in meas]
     best = None
-    for beta in np.linspace(0.5, 1.0, 11):
-        a = np.stack([_features(m, sms, beta) for m in measurements]) / y[:, None]
-        coef, *_ = np.linalg.lstsq(a, np.ones(len(y)), rcond=None)
-        coef = np.clip(coef, 1e-9, None)
-        err = float(np.sqrt(np.mean((a @ coef - 1.0) ** 2)))
+    for beta in betas:
+        coef = np.array([1.0, 1.3, 1.6, 2.0])  # a start: only the ratios matter for the critical slots
+        theta = None
+        for _ in range(ITERATIONS):
+            probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms)
+            rows = [np.append(probe.critical_features(w, beta, coef), 1.0) for w in works]
+            a = np.array(rows) / y[:, None]
+            new = _nnls(a, np.ones(len(y)))
+            if theta is not None and np.allclose(new, theta, rtol=1e-6, atol=1e-12):
+                break
+            theta, coef = new, np.maximum(new[:4], 1e-9)
+        model = _model(theta, beta, sms, gpu)
+        pred = np.array([model.schedule(w).time * model.tile_us for w in works])
+        err = float(np.sqrt(np.mean((pred / y - 1.0) ** 2)))
         if best is None or err < best[0]:
-            best = (err, beta, coef)
-    _, beta, (c_full, c_partial, c_tile) = best
-    return {"c_full": 1.0, "c_partial": float(c_partial / c_full), "c_tile": float(c_tile / c_full), "sms": sms,
-            "tile_us": float(c_full), "pair_exponent": float(beta), "head_dim": 128, "source": source}
+            best = (err, beta, theta)
+    return best
+
+
+def _dense_rows(meas: list[Measurement], sms: int):
+    """One row per case with a dense time: features [waves * h * n, waves * h] and the measured us."""
+    seen, rows, y = set(), [], []
+    for m in meas:
+        if m.dense_ms is None or m.case_key in seen:
+            continue
+        seen.add(m.case_key)
+        r = _sim(m)
+        n = math.ceil(math.prod(r.shape) / DENSE_TILE)
+        waves = math.ceil(n * m.copies / sms)
+        h = r.work.head_dim / REFERENCE_TILE
+        rows.append([waves * h * n, waves * h])
+        y.append(m.dense_ms * 1000.0)
+    return np.array(rows), np.array(y)
+
+
+def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str = "", betas=BETAS) -> dict:
+    """A cost entry (gpu_costs.json shape) fitted to the measurements."""
+    if len({m.case_key for m in measurements}) < 3 or len(measurements) < 5:
+        raise ValueError(f"fitting the cost model needs at least 5 measurements of 3 cases, got "
+                         f"{len(measurements)}; hint: run maskdsl bench --suite")
+    err, beta, theta = _fit_kernel(measurements, sms, gpu, betas)
+    model = _model(theta, beta, sms, gpu)
+    entry = {"c_full": model.c_full, "c_partial": model.c_partial, "c_tile": model.c_tile,
+             "c_union": model.c_union, "sms": sms, "tile_us": model.tile_us, "pair_exponent": beta,
+             "launch_us": model.launch_us, "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
+             "fitted_cases": sorted({m.case_key for m in measurements}), "source": source}
+    a, y = _dense_rows(measurements, sms)
+    if len(y) >= 2:
+        sol = _nnls(a / (y - model.launch_us)[:, None], np.ones(len(y)))
+        if sol[0] > 0:
+            entry["dense_tile_us"] = float(sol[0])
+            entry["dense_cta"] = float(sol[1] / sol[0])
+    return entry
 
 
 def evaluate_fit(measurements: list[Measurement], entry: dict, gpu: str) -> list[dict]:
-    """Predicted against measured time for each measurement, with the full (load-balanced) model."""
+    """Predicted against measured time (and speedup, when the dense time is known) per measurement."""
     model = CostModel.from_entry(gpu, entry)
     out = []
     for m in measurements:
-        r = simulate(m.spec, m.mask, m.q_tile, m.kv_tile, costs=model)
-        q_tokens, kv_tokens = int(np.prod(m.q_tile)), int(np.prod(m.kv_tile))
-        full = np.asarray(r.full_per_query_tile, dtype=np.float64)
-        partial = np.asarray(r.visits_per_query_tile, dtype=np.float64) - full
-        units = model.time(full, partial, q_tokens, kv_tokens, copies=m.copies)
-        pred_ms = units * model.tile_us / 1000.0
-        out.append({"mask": m.mask, "q_tile": m.q_tile, "kv_tile": m.kv_tile, "measured_ms": m.ms,
-                    "predicted_ms": pred_ms, "ratio": m.ms / pred_ms})
+        r = _sim(m)
+        pred_ms = model.schedule(r.work).time * model.tile_us / 1000.0
+        dense = model.dense_schedule(math.prod(r.shape), r.work.copies, r.work.head_dim, r.q_tiles, r.kv_tiles,
+                                     r.work.block_m, r.work.block_n)
+        row = {"case": m.case_key, "mask": m.mask, "config": m.config, "q_tile": m.q_tile, "kv_tile": m.kv_tile,
+               "measured_ms": m.ms, "predicted_ms": pred_ms, "ratio": m.ms / pred_ms,
+               "predicted_dense_ms": dense.time * model.tile_us / 1000.0,
+               "worst_tile_speedup": r.worst_tile_speedup, "upper_bound_speedup": r.upper_bound_speedup}
+        row["predicted_speedup"] = row["predicted_dense_ms"] / pred_ms
+        if m.dense_ms:
+            row["dense_ms"] = m.dense_ms
+            row["measured_speedup"] = m.dense_ms / m.ms
+            row["speedup_ratio"] = row["measured_speedup"] / row["predicted_speedup"]
+        out.append(row)
     return out
+
+
+def cross_validate(measurements: list[Measurement], gpu: str, sms: int = 132, folds="loo",
+                   betas=BETAS) -> list[dict]:
+    """Out-of-sample predictions: each case predicted by constants fitted without it.
+
+    `folds="loo"` holds out one case at a time; an int k splits the sorted cases round-robin into
+    k folds. Returns `evaluate_fit` rows (measured, predicted, ratio, speedups) for every
+    measurement, each from the fit that did not see its case, with `fold` naming that fit.
+    """
+    cases = sorted({m.case_key for m in measurements})
+    if folds == "loo":
+        groups = [[c] for c in cases]
+    elif isinstance(folds, int) and 2 <= folds <= len(cases):
+        groups = [cases[i::folds] for i in range(folds)]
+    else:
+        raise ValueError(f"folds must be 'loo' or an int between 2 and {len(cases)} (the cases), got {folds!r}")
+    out = []
+    for i, held in enumerate(groups):
+        train = [m for m in measurements if m.case_key not in held]
+        test = [m for m in measurements if m.case_key in held]
+        entry = fit(train, gpu, sms, source=f"cross-validation fold {i}", betas=betas)
+        for row in evaluate_fit(test, entry, gpu):
+            out.append({**row, "fold": i})
+    return out
+
+
+def summarize(rows: list[dict], best_only: bool = True) -> dict:
+    """Worst and median out-of-sample errors (|ratio - 1|), on each case's fastest measured config."""
+    if best_only:
+        best = {}
+        for r in rows:
+            if r["case"] not in best or r["measured_ms"] < best[r["case"]]["measured_ms"]:
+                best[r["case"]] = r
+        rows = list(best.values())
+    time_err = [abs(r["ratio"] - 1.0) for r in rows]
+    speed_err = [abs(r["speedup_ratio"] - 1.0) for r in rows if "speedup_ratio" in r]
+    worst = max(rows, key=lambda r: abs(r["ratio"] - 1.0)) if rows else None
+    return {"cases": len(rows), "median_time_error": float(np.median(time_err)) if rows else None,
+            "worst_time_error": float(max(time_err)) if rows else None,
+            "worst_case": worst and worst["case"],
+            "worst_speedup_error": float(max(speed_err)) if speed_err else None,
+            "within_15_percent": int(sum(e <= 0.15 for e in time_err))}
+
+
+def format_cross_validation(rows: list[dict], best_only: bool = True) -> str:
+    """The table `maskdsl bench --suite` prints and docs/SIMULATOR.md shows."""
+    if best_only:
+        rows = [r for r in rows if r["measured_ms"] == min(x["measured_ms"] for x in rows if x["case"] == r["case"])]
+    head = f"{'held-out case':40s} {'config':24s} {'measured ms':>11s} {'predicted':>10s} {'meas/pred':>9s} " \
+           f"{'x dense':>8s} {'pred x':>7s} {'worst-tile x':>12s}"
+    lines = [head]
+    for r in sorted(rows, key=lambda r: r["case"]):
+        lines.append(f"{r['case'][:40]:40s} {r['config'][:24]:24s} {r['measured_ms']:11.3f} {r['predicted_ms']:10.3f} "
+                     f"{r['ratio']:9.2f} {r.get('measured_speedup', math.nan):8.2f} {r['predicted_speedup']:7.2f} "
+                     f"{r['worst_tile_speedup']:12.2f}")
+    s = summarize(rows, best_only=False)
+    lines.append(f"out of sample: {s['within_15_percent']}/{s['cases']} within 15%, median |error| "
+                 f"{s['median_time_error']:.1%}, worst {s['worst_time_error']:.1%} ({s['worst_case']})")
+    return "\n".join(lines)
 
 
 def store(entry: dict, gpu: str, path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """`maskdsl simulate`: the simulator from the command line (registered by maskdsl.cli).
 
-    maskdsl simulate FILE --mask NAME [--q-tile 2,8,8 --kv-tile 2,8,8] [--no-permute]
+    maskdsl simulate FILE --mask NAME [--q-tile 2,8,8 --kv-tile 2,8,8] [--no-permute] [--warps 8 --stages 3]
                      [--sweep [--limit N]] [--suggest] [--json] [--gpu NAME] [--costs FILE]
 
 Without tiles it simulates the best 128-token tile (``simulator.ranking.default_config``).
@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--gpu", help="GPU whose cost constants to use (default: NVIDIA H100 80GB HBM3)")
     p.add_argument("--costs", help="JSON file of fitted cost constants overriding the built-in ones")
+    p.add_argument("--warps", type=int, help="num_warps of the kernel (occupancy; default: codegen's untuned choice)")
+    p.add_argument("--stages", type=int, help="num_stages of the kernel (occupancy; default 3)")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -57,7 +59,8 @@ def cmd_simulate(args) -> int:
         rows = [r for _, r in sweep(spec, mask, permute=permute, limit=args.limit, **cost)]
         title = f"sweep of {mask}: best {len(rows)} configs by upper bound, then predicted speedup"
     elif args.q_tile:
-        rows = [simulate(spec, mask, args.q_tile, args.kv_tile, permute=permute, **cost)]
+        rows = [simulate(spec, mask, args.q_tile, args.kv_tile, permute=permute, num_warps=args.warps,
+                         num_stages=args.stages, **cost)]
         title = f"simulation of {mask}"
     else:
         rows = [default_config(spec, mask, permute=permute, **cost)[1]]
@@ -107,13 +110,14 @@ def _n(v) -> str:
 
 
 def format_table(rows) -> str:
-    """One line per SimResult: tiles, tile counts, bounds, prediction, load balance."""
+    """One line per SimResult: tiles, tile counts, bounds (ours and the GNA paper's), prediction, schedule."""
     head = ("q tile", "kv tile", "layout", "tiles q x kv", "visited", "full", "partial", "upper bound",
-            "FLOP-ideal", "predicted", "visits max/mean", "block-sparse")
+            "worst tile", "FLOP-ideal", "predicted", "pred ms", "CTAs/SM", "waves", "visits max/mean", "block-sparse")
     body = [(_dims(r.q_tile), _dims(r.kv_tile), "tile-major" if r.permute else "row-major",
              f"{r.q_tiles:,} x {r.kv_tiles:,}", _n(r.visited_tiles), _n(r.full_tiles), _n(r.partial_tiles),
-             _x(r.upper_bound_speedup), _x(r.flop_ideal_speedup), _x(r.predicted_speedup),
-             f"{_n(r.max_visits)}/{r.mean_visits:,.1f}", "yes" if r.perfectly_block_sparse else "no")
+             _x(r.upper_bound_speedup), _x(r.worst_tile_speedup), _x(r.flop_ideal_speedup), _x(r.predicted_speedup),
+             "-" if r.predicted_ms is None else f"{r.predicted_ms:.3f}", f"{r.ctas_per_sm} ({r.num_warps}w/{r.num_stages}s)",
+             f"{r.waves:,.1f}", f"{_n(r.max_visits)}/{r.mean_visits:,.1f}", "yes" if r.perfectly_block_sparse else "no")
             for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]

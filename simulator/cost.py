@@ -1,45 +1,103 @@
-"""The calibrated cost model: tile counts -> predicted kernel time, per GPU.
+"""The calibrated cost model: per-query-tile work -> predicted kernel time, per GPU.
 
-One program of the kernel handles one query tile of one (batch, head). Its time is
+One CTA of the kernel handles one query tile of one (batch, head). Its SM time is
 
-    t_q = full_q * c_full' + partial_q * c_partial' + c_tile'
+    t_q = h * [ pair * (full_q * c_full + partial_q * c_partial + union_q * c_union) + qs * c_tile ]
 
-(full key tiles run without the mask predicate, partial ones with it, plus a fixed per-query-tile
-cost for loading Q and writing O and the log-sum-exp). The primes are the per-GPU constants
-scaled to the tile size, since the work of a tile pair grows with BLOCK_M * BLOCK_N and the
-per-query-tile work with BLOCK_M:
+* full / partial: key tiles the single-term kernel runs without / with the mask predicate (a
+  ragged key tile is always partial: the kernel's fully-seen box stops at the last whole tile);
+* union: key tiles visited through the several-term loop of a union mask (sinks, causal in
+  several dimensions, top-k), which evaluates the predicate and does not software-pipeline;
+* c_tile: the per-CTA fixed cost (prologue, Q load, epilogue, O and LSE store), paid by a ragged
+  query tile in full, as is every visited key tile: the GPU computes whole tiles;
+* pair = (V_q V_k / 128^2)^beta, qs = (V_q / 128)^beta, h = head_dim / 128, V = padded tile volume.
 
-    c_full' = c_full * (V_q * V_k) / 128^2,  c_partial' = c_partial * (V_q * V_k) / 128^2,
-    c_tile' = c_tile * V_q / 128           (V = tokens per tile, padded: prod(tile))
+CTAs are then placed by `simulator.schedule`: k = `ctas_per_sm` of the config share each SM
+(a CTA occupies its slot for k * t_q), and the `sms * k` slots take the batch x heads copies of
+the per-tile times in launch order (greedy list scheduling: waves, the last partial wave, and
+imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel.
 
-The batch * heads copies of every t_q are scheduled longest-first onto `sms` bins (greedy:
-each program goes to the least-loaded SM), and the predicted time is the busiest SM's load:
-that is where a few heavy query tiles (sinks, dense rows) show up as imbalance. The dense
-baseline is the same kernel with every key tile full (NK * c_full' + c_tile' per query tile),
-and predicted_speedup = dense time / predicted time.
+The baseline of `predicted_speedup` is the dense SDPA kernel `maskdsl bench` measures (cuDNN or
+FlashAttention on the flat, unpadded sequence): ceil(L/128) CTAs per (batch, head), each
+ceil(L/128) dense tiles of `dense_tile_us` plus `dense_cta` tiles of fixed cost, in whole waves
+over the SMs. Entries without `dense_tile_us` (older fits) fall back to this kernel with every
+tile full, in the same units, so speedups stay unit-free.
 
-Constants live in gpu_costs.json in units of "one full 128x128 tile"; `tile_us`, when measured,
-turns units into microseconds. A fitted override is a JSON file of the same shape, passed as
-`path` or named by the MASKDSL_GPU_COSTS environment variable.
+Constants live in gpu_costs.json in units of "one full 128x128 tile" (c_full = 1), `tile_us`
+turning units into microseconds. A fitted override is a JSON file of the same shape, passed as
+`path` or named by the MASKDSL_GPU_COSTS environment variable. Backward constants (`bwd_*`)
+stay None until measured: `backward_time` then returns None.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from maskdsl.simulator.schedule import ctas_per_sm, default_launch, list_schedule, uniform_makespan
+
 DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
-REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles
+REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles and head_dim 128
+DENSE_TILE = 128  # the dense SDPA baseline's query and key tiles
 _BUILTIN = Path(__file__).with_name("gpu_costs.json")
+FEATURES = ("full", "partial", "union", "tile")  # per-CTA work terms; the fit adds launch_us
+
+
+@dataclass(frozen=True)
+class KernelWork:
+    """What one launch does: per query tile key-tile counts by kind, the config, and the copies."""
+
+    full: np.ndarray  # [NQ] key tiles run without the predicate
+    partial: np.ndarray  # [NQ] key tiles run with it (single-term kernel)
+    union: np.ndarray  # [NQ] key tiles run by the several-term loop
+    block_m: int
+    block_n: int
+    head_dim: int = 128
+    num_warps: int | None = None  # None: codegen's untuned default for the block size
+    num_stages: int | None = None
+    copies: int = 1  # batch x heads
+
+    def launch(self) -> tuple[int, int]:
+        warps, stages = default_launch(self.block_m, self.head_dim)
+        return self.num_warps or warps, self.num_stages or stages
+
+    @property
+    def ctas_per_sm(self) -> int:
+        warps, stages = self.launch()
+        return ctas_per_sm(self.block_m, self.block_n, self.head_dim, warps, stages)
+
+    def features(self, beta: float) -> np.ndarray:
+        """[NQ, 4] SM-time per unit of each constant (FEATURES order), before the slot factor k."""
+        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta
+        h = self.head_dim / REFERENCE_TILE
+        n = len(self.full)
+        qs = np.full(n, (self.block_m / REFERENCE_TILE) ** beta)
+        cols = [np.asarray(x, dtype=np.float64) * pair for x in (self.full, self.partial, self.union)]
+        return np.stack(cols + [qs], axis=1) * h
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The predicted launch: time (units), occupancy, waves."""
+
+    time: float
+    ctas: int
+    ctas_per_sm: int
+    slots: int
+
+    @property
+    def waves(self) -> float:
+        return self.ctas / self.slots
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-GPU constants (units: one full 128x128 tile) and where they came from."""
+    """Per-GPU constants (units: one full 128x128 tile on one SM) and where they came from."""
 
     name: str
     c_full: float
@@ -49,6 +107,13 @@ class CostModel:
     tile_us: float | None = None
     source: str = ""
     pair_exponent: float = 1.0  # cost of a tile pair ~ (V_q V_k)^beta: small tiles use the tensor cores worse
+    c_union: float | None = None  # None: as c_partial
+    launch_us: float = 0.0
+    dense_tile_us: float | None = None  # the dense SDPA baseline, per 128x128 tile on one SM
+    dense_cta: float = 0.0  # its fixed cost per CTA, in its tiles
+    bwd_c_full: float | None = None  # backward (dK/dV + dQ) constants: unfitted until measured
+    bwd_c_partial: float | None = None
+    bwd_c_tile: float | None = None
 
     @property
     def placeholder(self) -> bool:
@@ -74,36 +139,92 @@ class CostModel:
 
     @classmethod
     def from_entry(cls, name: str, entry: dict) -> "CostModel":
+        opt = lambda k: None if entry.get(k) is None else float(entry[k])  # noqa: E731
         try:
             model = cls(name=name, c_full=float(entry["c_full"]), c_partial=float(entry["c_partial"]),
-                        c_tile=float(entry["c_tile"]), sms=int(entry["sms"]),
-                        tile_us=None if entry.get("tile_us") is None else float(entry["tile_us"]),
-                        source=str(entry.get("source", "")), pair_exponent=float(entry.get("pair_exponent", 1.0)))
+                        c_tile=float(entry["c_tile"]), sms=int(entry["sms"]), tile_us=opt("tile_us"),
+                        source=str(entry.get("source", "")), pair_exponent=float(entry.get("pair_exponent", 1.0)),
+                        c_union=opt("c_union"), launch_us=float(entry.get("launch_us") or 0.0),
+                        dense_tile_us=opt("dense_tile_us"), dense_cta=float(entry.get("dense_cta") or 0.0),
+                        bwd_c_full=opt("bwd_c_full"), bwd_c_partial=opt("bwd_c_partial"),
+                        bwd_c_tile=opt("bwd_c_tile"))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
-        if model.sms <= 0 or min(model.c_full, model.c_partial, model.c_tile) < 0:
+        consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta]
+        if model.sms <= 0 or min(consts) < 0:
             raise ValueError(f"cost entry for {name!r} needs sms > 0 and non-negative constants, got {entry}")
         return model
 
-    def scaled(self, q_tokens: int, kv_tokens: int) -> tuple[float, float, float]:
-        """(c_full', c_partial', c_tile') for tiles of `q_tokens` x `kv_tokens` (see the module doc)."""
-        pair = (q_tokens * kv_tokens / REFERENCE_TILE**2) ** self.pair_exponent
-        return self.c_full * pair, self.c_partial * pair, self.c_tile * (q_tokens / REFERENCE_TILE) ** self.pair_exponent
+    @property
+    def coefficients(self) -> np.ndarray:
+        """The per-CTA constants in FEATURES order (units)."""
+        union = self.c_partial if self.c_union is None else self.c_union
+        return np.array([self.c_full, self.c_partial, union, self.c_tile])
 
-    def query_tile_times(self, full: np.ndarray, partial: np.ndarray, q_tokens: int, kv_tokens: int) -> np.ndarray:
-        cf, cp, ct = self.scaled(q_tokens, kv_tokens)
-        return np.asarray(full, dtype=np.float64) * cf + np.asarray(partial, dtype=np.float64) * cp + ct
+    def query_tile_times(self, work: KernelWork) -> np.ndarray:
+        """[NQ] SM time (units) of each query tile's CTA."""
+        return work.features(self.pair_exponent) @ self.coefficients
 
-    def time(self, full: np.ndarray, partial: np.ndarray, q_tokens: int, kv_tokens: int, copies: int = 1) -> float:
-        """Predicted time (units) of the kernel: busiest SM after longest-first scheduling."""
-        values, counts = np.unique(self.query_tile_times(full, partial, q_tokens, kv_tokens), return_counts=True)
-        return lpt_makespan(values, counts * copies, self.sms)
+    def schedule(self, work: KernelWork) -> Schedule:
+        """Predicted time (units) of the kernel: list scheduling over SMs x CTAs-per-SM slots, plus launch."""
+        k = work.ctas_per_sm
+        slots = self.sms * k
+        per_tile = self.query_tile_times(work) * k
+        jobs = np.tile(per_tile, work.copies)
+        if len(per_tile) and np.ptp(per_tile) == 0:
+            span = uniform_makespan(len(jobs), float(per_tile[0]), slots)
+        else:
+            span = list_schedule(jobs, slots)
+        return Schedule(span + self._launch_units(), len(jobs), k, slots)
 
-    def dense_time(self, q_tiles: int, k_tiles: int, q_tokens: int, kv_tokens: int, copies: int = 1) -> float:
-        """The same kernel with no sparsity: every query tile visits every key tile, all full."""
-        cf, _, ct = self.scaled(q_tokens, kv_tokens)
-        return lpt_makespan(np.array([k_tiles * cf + ct]), np.array([q_tiles * copies]), self.sms)
+    def critical_features(self, work: KernelWork, beta: float, coef: np.ndarray) -> np.ndarray:
+        """Feature sums (FEATURES order, slot factor included) of the jobs on the slot finishing last.
+
+        With `coef` (FEATURES order) the makespan is features @ coef exactly: linear in the
+        constants for as long as the same slot stays critical, which is what the fit iterates on.
+        """
+        k = work.ctas_per_sm
+        feats = work.features(beta) * k
+        jobs = np.tile(feats @ coef, work.copies)
+        _, slot, critical = list_schedule(jobs, self.sms * k, with_slots=True)
+        on = np.flatnonzero(slot == critical) % len(feats)
+        return np.bincount(on, minlength=len(feats)) @ feats
+
+    def dense_schedule(self, tokens: int, copies: int, head_dim: int, q_tiles: int = 0, k_tiles: int = 0,
+                       block_m: int = DENSE_TILE, block_n: int = DENSE_TILE) -> Schedule:
+        """The dense baseline (units). With `dense_tile_us`: the SDPA kernel on the flat sequence;
+        without: this kernel's tiles (`q_tiles` x `k_tiles`), all full."""
+        h = head_dim / REFERENCE_TILE
+        if self.dense_tile_us is not None and self.tile_us:
+            n = math.ceil(tokens / DENSE_TILE)
+            per_cta = h * (n + self.dense_cta) * self.dense_tile_us / self.tile_us
+            return Schedule(uniform_makespan(n * copies, per_cta, self.sms) + self._launch_units(), n * copies, 1,
+                            self.sms)
+        work = KernelWork(np.full(q_tiles, k_tiles), np.zeros(q_tiles), np.zeros(q_tiles), block_m, block_n,
+                          head_dim, copies=copies)
+        return self.schedule(work)
+
+    def backward_time(self, q_visits: np.ndarray, k_visits: np.ndarray, block_m: int, block_n: int,
+                      copies: int, head_dim: int = 128) -> float | None:
+        """HOOK for the backward pass (units), None until backward constants are measured.
+
+        The backward runs the same (query tile, key tile) pairs transposed: the dK/dV kernel has one
+        CTA per key tile, whose critical path is that key tile's visiting query tiles (`k_visits`);
+        dQ has one per query tile (`q_visits`). Both are scheduled like the forward.
+        """
+        if self.bwd_c_full is None or self.bwd_c_tile is None:
+            return None
+        total = 0.0
+        for visits, own, other in ((k_visits, block_n, block_m), (q_visits, block_m, block_n)):
+            pair = (own * other / REFERENCE_TILE**2) ** self.pair_exponent
+            per = (np.asarray(visits, np.float64) * pair * self.bwd_c_full
+                   + self.bwd_c_tile * (own / REFERENCE_TILE) ** self.pair_exponent) * head_dim / REFERENCE_TILE
+            total += list_schedule(np.tile(per, copies), self.sms)
+        return total + 2 * self._launch_units()
+
+    def _launch_units(self) -> float:
+        return self.launch_us / self.tile_us if self.tile_us else 0.0
 
 
 def fitted_path() -> Path:
@@ -115,6 +236,9 @@ def fitted_path() -> Path:
 
 def lpt_makespan(values: np.ndarray, counts: np.ndarray, bins: int) -> float:
     """Makespan of longest-first greedy scheduling of `counts[i]` jobs of length `values[i]`.
+
+    Not the model any more (the GPU schedules in launch order: `schedule.list_schedule`); kept as
+    the lower envelope a perfect reordering of the CTAs could reach.
 
     Exact, and fast for many equal jobs: `r` equal jobs of length v go to the `r` least-loaded
     bins as long as those all sit below (least load + v), which is what one-at-a-time greedy does.

@@ -38,6 +38,7 @@ class TileStats:
     visits: np.ndarray  # [NQ] key tiles with at least one attended pair
     full: np.ndarray  # [NQ] key tiles whose every pair is attended
     pairs: np.ndarray  # [NQ] attended (query, key) pairs of each query tile
+    kernel_full: np.ndarray | None = None  # [NQ] full key tiles the kernel's fully-seen box runs (None: = full)
 
     @property
     def attended(self) -> int:
@@ -222,10 +223,32 @@ def _single_product(terms, layout: TileLayout, qs, ks) -> TileStats:
         return TileStats(qs, ks, zero, zero.copy(), zero.copy())
     (sign, tables), = terms
     assert sign == 1
-    visits = full = pairs = np.ones(1, dtype=np.int64)
-    for table, q, k in zip(tables, layout.q_dims, layout.k_dims):
+    visits = full = pairs = kernel_full = np.ones(1, dtype=np.int64)
+    for table, q, k, tk in zip(tables, layout.q_dims, layout.k_dims, layout.kv_tile):
         size = np.multiply.outer(q[:, 1] - q[:, 0], k[:, 1] - k[:, 0])
+        whole = (k[:, 1] - k[:, 0]) == tk  # the kernel's fully-seen box stops before a ragged key tile
         visits = np.multiply.outer(visits, np.count_nonzero(table, axis=1)).reshape(-1)
         full = np.multiply.outer(full, np.count_nonzero(table == size, axis=1)).reshape(-1)
+        kernel_full = np.multiply.outer(kernel_full, np.count_nonzero((table == size) & whole, axis=1)).reshape(-1)
         pairs = np.multiply.outer(pairs, table.sum(axis=1)).reshape(-1)
-    return TileStats(qs, ks, visits, full, pairs)
+    return TileStats(qs, ks, visits, full, pairs, kernel_full)
+
+
+def key_tile_visits(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True) -> np.ndarray:
+    """[NK] query tiles visiting each key tile: the transposed schedule a dK/dV backward kernel runs.
+
+    One product term: outer products of per-dimension column counts, as for the query side; a
+    union: column counts of the exact tile-pair chunks.
+    """
+    layout = layout_for(expr, tuple(shape), q_tile, kv_tile, permute)
+    if layout.permute:
+        terms = _dim_tables(expr, layout)
+        if len(terms) == 1:
+            out = np.ones(1, dtype=np.int64)
+            for table in terms[0][1]:
+                out = np.multiply.outer(out, np.count_nonzero(table, axis=0)).reshape(-1)
+            return out
+    out = np.zeros(len(layout.sizes()[1]), dtype=np.int64)
+    for _, block in pair_count_chunks(expr, layout):
+        out += np.count_nonzero(block, axis=0)
+    return out

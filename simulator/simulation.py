@@ -6,7 +6,16 @@ Counts are exact (``simulator.counting``); the speedups follow GNA's definitions
   for every visited tile as for a dense one can go no faster);
 * FLOP-ideal = 1 / density (what a kernel that computed only attended pairs would reach);
 * perfectly block-sparse = no visited tile needs the mask (then the two bounds agree when the
-  tiles divide the grid).
+  tiles divide the grid);
+* worst-tile speedup = key tiles / the most key tiles any query tile visits: the GNA paper's
+  simulator bound (its Table/figures' "speedup upper bound"), which assumes the slowest query
+  tile is the critical path. Key tiles are counted on the padded tile grid (ceil per dimension)
+  and a key tile is visited when it intersects the query tile's key range; that definition
+  reproduces the paper's published values (tests/test_simulator_paper_bound.py).
+
+The calibrated prediction (``simulator.cost``) adds what the bounds leave out: the per-CTA fixed
+cost, occupancy and waves, launch-order imbalance, ragged and union tiles, and a dense baseline
+that is the dense SDPA kernel itself.
 
 Top-k masks depend on the data. The simulator then reports expectations (``expected=True``):
 each query tile is taken to pick k * ceil(block / V_k) key tiles uniformly at random among those
@@ -24,9 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable
-from maskdsl.simulator.cost import CostModel
-from maskdsl.simulator.counting import TileStats, tile_stats
+from maskdsl.analysis import NotAnalyzable, products
+from maskdsl.simulator.cost import CostModel, KernelWork
+from maskdsl.simulator.counting import TileStats, key_tile_visits, tile_stats
 from maskdsl.simulator.tiles import check_tile
 
 
@@ -54,13 +63,21 @@ class SimResult:
     max_visits: float  # key tiles visited by the busiest query tile
     mean_visits: float
     predicted_time: float  # cost-model units (one full 128x128 tile on one SM)
-    predicted_dense_time: float
+    predicted_dense_time: float  # the dense SDPA baseline, same units
     predicted_speedup: float
     predicted_ms: float | None
     gpu: str
     cost_source: str
     expected: bool = False  # True for top-k masks: the tile counts are expectations
     notes: tuple[str, ...] = ()
+    worst_tile_speedup: float = math.nan  # GNA paper: kv_tiles / max_visits
+    ctas_per_sm: int = 1  # CTAs of this config resident on one SM
+    waves: float = 0.0  # CTAs / (SMs x CTAs per SM)
+    num_warps: int = 0
+    num_stages: int = 0
+    union_kernel: bool = False  # the several-term loop runs every visited tile (unions, top-k)
+    predicted_backward_time: float | None = None  # None until backward constants are measured
+    work: KernelWork = field(default=None, compare=False, repr=False)  # what the cost model scheduled
     visits_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
     full_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
 
@@ -77,22 +94,26 @@ class SimResult:
         """Plain JSON-able fields (per-query-tile arrays left out; they are long)."""
         out = {}
         for name in self.__dataclass_fields__:
-            if name in ("visits_per_query_tile", "full_per_query_tile"):
+            if name in ("visits_per_query_tile", "full_per_query_tile", "work"):
                 continue
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else value
-        for name in ("upper_bound_speedup", "flop_ideal_speedup"):
+        for name in ("upper_bound_speedup", "flop_ideal_speedup", "worst_tile_speedup"):
             if math.isinf(out[name]):
                 out[name] = None  # JSON has no infinity: an empty mask
         return out
 
 
 def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: str | None = None,
-             costs: CostModel | str | os.PathLike | None = None) -> SimResult:
+             costs: CostModel | str | os.PathLike | None = None, num_warps: int | None = None,
+             num_stages: int | None = None, backward: bool = False) -> SimResult:
     """Simulate `mask` of `spec` (an ir.Spec or a path to a .mask file) with the given tiles.
 
     `kv_tile` defaults to `q_tile`. `gpu` names the cost constants (gpu_costs.json); `costs`
-    is a CostModel or a JSON file of fitted constants overriding the built-in ones.
+    is a CostModel or a JSON file of fitted constants overriding the built-in ones. Warps and
+    stages (occupancy) default to codegen's untuned choice; batch, heads and head_dim come from
+    the spec's `attention` statement for the mask. `backward` also predicts the backward pass
+    (when the GPU's backward constants are known).
     """
     spec = _as_spec(spec)
     mdef = spec.mask(mask)
@@ -104,6 +125,7 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     model = costs if isinstance(costs, CostModel) else CostModel.for_gpu(gpu, costs)
     att = spec.attention_for(mask)
     copies = att.batch * att.heads if att else 1
+    head_dim = att.head_dim if att else 128
     try:
         if mdef.dynamic:
             stats, visits, full, pairs, notes = _topk(mdef.expr, shape, q_tile, kv_tile, permute)
@@ -113,8 +135,21 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     except NotAnalyzable as exc:
         hint = "; hint: simulate the row-major layout with permute=False (--no-permute)" if permute else ""
         raise NotAnalyzable(f"mask {mask!r}: {exc}{hint}") from None
-    return _result(mdef.name, shape, q_tile, kv_tile, permute, stats, visits, full, pairs, model, copies,
-                   mdef.dynamic, notes)
+    union_kernel = mdef.dynamic or len(products(mdef.expr, tuple(shape))) > 1  # codegen's several-term loop
+    kernel_full = full if stats.kernel_full is None or mdef.dynamic else stats.kernel_full
+    zero = np.zeros(len(visits))
+    if union_kernel:
+        work = KernelWork(zero, zero, visits, math.prod(q_tile), math.prod(kv_tile), head_dim, num_warps,
+                          num_stages, copies)
+    else:
+        work = KernelWork(kernel_full, visits - kernel_full, zero, math.prod(q_tile), math.prod(kv_tile), head_dim,
+                          num_warps, num_stages, copies)
+    backward_time = None
+    if backward and not mdef.dynamic:
+        backward_time = model.backward_time(visits, key_tile_visits(mdef.expr, shape, q_tile, kv_tile, permute),
+                                            work.block_m, work.block_n, copies, head_dim)
+    return _result(mdef.name, shape, q_tile, kv_tile, permute, stats, visits, full, pairs, model, work,
+                   mdef.dynamic, notes, backward_time)
 
 
 def _as_spec(spec) -> ir.Spec:
@@ -128,7 +163,7 @@ def _as_spec(spec) -> ir.Spec:
 
 
 def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, full, pairs, model: CostModel,
-            copies, expected, notes) -> SimResult:
+            work: KernelWork, expected, notes, backward_time=None) -> SimResult:
     tokens = math.prod(shape)
     vq, vk = math.prod(q_tile), math.prod(kv_tile)
     nq, nk = stats.q_tiles, stats.k_tiles
@@ -136,8 +171,11 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
     full_tiles = _num(full.sum())
     partial = _num(visited - full_tiles)
     density = float(pairs) / tokens**2
-    time = model.time(full, visits - full, vq, vk, copies)
-    dense_time = model.dense_time(nq, nk, vq, vk, copies)
+    sched = model.schedule(work)
+    dense = model.dense_schedule(tokens, work.copies, work.head_dim, nq, nk, vq, vk)
+    time, dense_time = sched.time, dense.time
+    warps, stages = work.launch()
+    max_visits = _num(visits.max()) if nq else 0
     if model.placeholder:
         notes = notes + (f"predicted speedup uses PLACEHOLDER constants for {model.name}; "
                          "replace them with device measurements",)
@@ -149,12 +187,15 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
         upper_bound_speedup=nq * nk / visited if visited else math.inf,
         flop_ideal_speedup=1.0 / density if density else math.inf,
         perfectly_block_sparse=bool(partial == 0),
-        max_visits=_num(visits.max()) if nq else 0, mean_visits=float(visits.mean()) if nq else 0.0,
+        max_visits=max_visits, mean_visits=float(visits.mean()) if nq else 0.0,
         predicted_time=time, predicted_dense_time=dense_time,
         predicted_speedup=dense_time / time if time else math.inf,
         predicted_ms=time * model.tile_us / 1000.0 if model.tile_us else None,
         gpu=model.name, cost_source=model.source, expected=expected, notes=tuple(notes),
         visits_per_query_tile=np.asarray(visits), full_per_query_tile=np.asarray(full),
+        worst_tile_speedup=nk / max_visits if max_visits else math.inf,
+        ctas_per_sm=sched.ctas_per_sm, waves=sched.waves, num_warps=warps, num_stages=stages,
+        union_kernel=bool(work.union.any()), predicted_backward_time=backward_time, work=work,
     )
 
 

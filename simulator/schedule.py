@@ -1,0 +1,86 @@
+"""How a GPU runs a grid of CTAs: how many fit on an SM at once, and when the last one finishes.
+
+The kernel launches one CTA per (query tile, batch x head), grid axis 0 the query tile, axis 1
+the batch x head: the block scheduler hands CTAs out in that linear order (tile-major within a
+head, then the next head) to whichever SM slot frees first. That is greedy list scheduling in
+launch order, and it is what decides the makespan of imbalanced work: a heavy query tile that
+launches early (the sink's tile 0, the first rows of a causal mask) runs alongside many short
+ones and is usually not the critical path; one that launches last is. Longest-first scheduling
+(LPT) would hide exactly that, so it is not what is modelled here.
+
+`ctas_per_sm` estimates occupancy from the tile config; several co-resident CTAs share their SM,
+so each slot runs at 1/k of the SM's speed (processor sharing): a CTA costing t SM-time units
+occupies its slot for k * t. With k slots per SM the waves are finer (the last partial wave
+wastes less), which is the point of occupancy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SMEM_BYTES = 227 * 1024  # usable shared memory per SM (and per CTA) on H100 / H200
+REGISTERS = 65536  # 32-bit registers per SM
+MAX_THREADS = 2048
+MAX_CTAS = 32
+
+
+def default_launch(block_m: int, head_dim: int = 128) -> tuple[int, int]:
+    """(num_warps, num_stages) of codegen's untuned config for a query tile of `block_m` tokens."""
+    return (8 if block_m >= 128 and head_dim > 64 else 4), 3
+
+
+def ctas_per_sm(block_m: int, block_n: int, head_dim: int = 128, num_warps: int = 8, num_stages: int = 3,
+                dtype_bytes: int = 2, smem_bytes: int = SMEM_BYTES) -> int:
+    """CTAs of one config resident on an SM at once: the tightest of shared memory, registers, threads.
+
+    Shared memory: `num_stages` buffers of a K and a V tile plus the Q tile. Registers: the fp32
+    output accumulator and score tile spread over the CTA's threads plus ~48 for addresses and
+    softmax state, capped at 255 (the compiler spills beyond). A 128-row tile on 8 warps gets
+    one CTA per SM; a 64-row tile on 4 warps gets two.
+    """
+    smem = num_stages * block_n * head_dim * dtype_bytes * 2 + block_m * head_dim * dtype_bytes
+    threads = 32 * num_warps
+    regs = min(255, 48 + math.ceil((block_m * head_dim + 1.5 * block_m * block_n) / threads))
+    limits = (smem_bytes // max(1, smem), REGISTERS // (regs * threads), MAX_THREADS // threads, MAX_CTAS)
+    return max(1, min(limits))
+
+
+def uniform_makespan(jobs: int, duration: float, slots: int) -> float:
+    """`jobs` equal CTAs on `slots` slots: whole waves, the last one partial."""
+    return math.ceil(jobs / slots) * duration if jobs > 0 else 0.0
+
+
+def list_schedule(durations: np.ndarray, slots: int, with_slots: bool = False):
+    """Makespan of greedy list scheduling of `durations` in order onto `slots` identical slots.
+
+    Each job, in order, starts on the slot that frees first. Exact, and vectorised: with the
+    slots' free times sorted (f_0 <= f_1 <= ...), the next m jobs go to the m earliest slots, in
+    order, as long as f_i <= f_0 + (shortest of those jobs), because then no job of the batch ends
+    before the later ones start. So a round moves up to `slots` jobs at once; a spread of finish
+    times wider than the shortest job only makes rounds smaller.
+
+    Returns the makespan, or with `with_slots` (makespan, each job's slot, the slot finishing last):
+    the jobs on that critical slot make the time linear in the constants, for the fit.
+    """
+    d = np.asarray(durations, dtype=np.float64)
+    n = len(d)
+    assign = np.empty(n, dtype=np.int64) if with_slots else None
+    if n == 0:
+        return (0.0, assign, 0) if with_slots else 0.0
+    free = np.zeros(slots, dtype=np.float64)
+    ids = np.arange(slots)
+    j = 0
+    while j < n:
+        window = d[j:j + slots]
+        reach = free[0] + np.minimum.accumulate(window)
+        m = len(window) if free[len(window) - 1] <= reach[-1] else int(np.argmin(free[:len(window)] <= reach))
+        free[:m] += window[:m]
+        if with_slots:
+            assign[j:j + m] = ids[:m]
+        j += m
+        order = np.argsort(free, kind="stable")
+        free, ids = free[order], ids[order]
+    makespan = float(free[-1])
+    return (makespan, assign, int(ids[-1])) if with_slots else makespan
