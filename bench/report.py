@@ -40,27 +40,33 @@ def print_paths(results) -> None:
 
 
 def calibrate(results, gpu: str) -> dict | None:
-    """Fit the simulator's cost constants to this run, store them, and report predicted vs measured."""
+    """Fit the simulator's cost constants to this run, store them, report predicted vs measured, and
+    predict each case from a fit on the other cases (leave one case out): the out-of-sample check."""
     from maskdsl.codegen.config import KernelConfig
     from maskdsl.parser import load
-    from maskdsl.simulator.calibrate import Measurement, evaluate_fit, fit, store
+    from maskdsl.simulator.calibrate import (Measurement, cross_validate, evaluate_fit, fit,
+                                             format_cross_validation, store, summarize)
     from maskdsl.simulator.cost import fitted_path
 
     specs = {r["file"]: load(r["file"]) for r in results}
-    static = [r for r in results if not specs[r["file"]].mask(r["mask"]).dynamic]
 
     def measurement(r, e):
         cfg = KernelConfig.from_key(e["config"])
-        return Measurement(specs[r["file"]], r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"], e["ms"])
+        return Measurement(specs[r["file"]], r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"], e["ms"],
+                           cfg.num_warps, cfg.num_stages, dense_ms=r.get("dense_best_ms"),
+                           case=f"{Path(r['file']).stem}:{r['mask']}")
 
-    meas = [measurement(r, e) for r in static for e in r["ours"] if "ms" in e]
+    def correct(e):
+        return "ms" in e and e.get("unwritten", 0) == 0 and e.get("error", 1.0) < 2e-2
+
+    meas = [measurement(r, e) for r in results for e in r.get("ours", []) if correct(e)]
     if len(meas) < 3:
         return None
     entry = fit(meas, gpu, source=f"fitted by maskdsl bench --suite on {time.strftime('%Y-%m-%d')}, "
                                   f"{len(meas)} measurements")
     path = store(entry, gpu, fitted_path())
     print(f"\nfitted cost constants for {gpu} -> {path}: {entry}")
-    for r in static:
+    for r in results:
         best = r.get("ours_best")
         if not best:
             continue
@@ -70,4 +76,12 @@ def calibrate(results, gpu: str) -> dict | None:
         r["predicted_speedup_vs_dense"] = r["dense_best_ms"] / ev["predicted_ms"]
         print(f"  {Path(r['file']).stem}:{r['mask']}: measured {best['ms']:.3f} ms, "
               f"predicted {ev['predicted_ms']:.3f} ms (measured/predicted {ev['ratio']:.2f})")
+    try:
+        cv = cross_validate(meas, gpu)
+    except ValueError as exc:  # too few cases to hold one out
+        print(f"\nno out-of-sample check: {exc}")
+    else:
+        print("\nsimulator out of sample (each case predicted by a fit on the other cases):")
+        print(format_cross_validation(cv))
+        entry = {**entry, "cross_validation": cv, "cross_validation_summary": summarize(cv)}
     return entry

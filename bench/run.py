@@ -244,8 +244,11 @@ def simulator_step(case: Case, result: dict, configs) -> None:
         return
     try:
         best_cfg = next(c for c in configs if c.key() == result["ours_best"]["config"])
-        sim = simulate(case.spec, mask=case.mask.name, q_tile=best_cfg.q_tile, kv_tile=best_cfg.kv_tile)
+        sim = simulate(case.spec, mask=case.mask.name, q_tile=best_cfg.q_tile, kv_tile=best_cfg.kv_tile,
+                       num_warps=best_cfg.num_warps, num_stages=best_cfg.num_stages)
         result["sim_upper_bound"] = sim.upper_bound_speedup
+        result["sim_worst_tile_speedup"] = sim.worst_tile_speedup
+        result["sim_predicted_speedup"] = sim.predicted_speedup
         result["sim_full_tiles"] = int(sim.full_tiles)
         result["sim_partial_tiles"] = int(sim.partial_tiles)
         result["sim_dense_tiles"] = int(sim.dense_tiles)

@@ -234,35 +234,6 @@ def fitted_path() -> Path:
     return Path(root) / "gpu_costs.json"
 
 
-def lpt_makespan(values: np.ndarray, counts: np.ndarray, bins: int) -> float:
-    """Makespan of longest-first greedy scheduling of `counts[i]` jobs of length `values[i]`.
-
-    Not the model any more (the GPU schedules in launch order: `schedule.list_schedule`); kept as
-    the lower envelope a perfect reordering of the CTAs could reach.
-
-    Exact, and fast for many equal jobs: `r` equal jobs of length v go to the `r` least-loaded
-    bins as long as those all sit below (least load + v), which is what one-at-a-time greedy does.
-    """
-    loads = np.zeros(bins, dtype=np.float64)
-    order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
-    for v, c in zip(np.asarray(values, dtype=np.float64)[order], np.asarray(counts, dtype=np.int64)[order]):
-        c = int(c)
-        if v <= 0 or c <= 0:
-            continue
-        while c > 0:
-            loads.sort()
-            if loads[-1] < loads[0] + v:  # every bin takes one before any takes two
-                rounds, c = divmod(c, bins)
-                loads += rounds * v
-                loads[:c] += v
-                c = 0
-            else:
-                r = min(c, int(np.searchsorted(loads, loads[0] + v, side="left")))
-                loads[:r] += v
-                c -= r
-    return float(loads.max())
-
-
 def _load(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
