@@ -135,7 +135,7 @@ class BackwardKernels:
         lse = lse.contiguous()
         delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
         m = self.module
-        m.attention_bwd_preprocess[(triton_cdiv(tokens, PREPROCESS_BLOCK), batch * heads)](
+        m.attention_bwd_preprocess[(_cdiv(tokens, PREPROCESS_BLOCK), batch * heads)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads,
             BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim)
         t_kv, t_q = self.tables_on(q.device)
@@ -154,5 +154,5 @@ class BackwardKernels:
             HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
