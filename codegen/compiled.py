@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from maskdsl.codegen.checks import check_qkv
-from maskdsl.codegen.config import KernelConfig, default_config
+from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import load_kernel
 from maskdsl import ir
@@ -29,13 +29,18 @@ class CompiledAttention:
     is [B, H, L, D] in q's dtype, and the log-sum-exp [B, H, L] in float32 when asked for.
     """
 
-    def __init__(self, mask: ir.MaskDef, plan: KernelPlan, module, source_path: Path):
+    def __init__(self, mask: ir.MaskDef, plan: KernelPlan, module, source_path: Path,
+                 backward_config: BackwardConfig | None = None):
         self.mask = mask
         self.plan = plan
         self.config = plan.config
         self.module = module
         self.source_path = source_path
+        self.backward_config = backward_config
+        self._backward = None
         self.key = f"{mask.content_hash()}:{plan.config.key()}"
+        if backward_config is not None:
+            self.key += f":{backward_config.key()}"
         _REGISTRY[self.key] = self
 
     @property
@@ -62,6 +67,23 @@ class CompiledAttention:
                              f"got {tuple(out.shape)} {out.dtype}")
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale,
                       tiles or range(self.plan.q_tiles), tma_descriptors(self.plan, q, k, v, out))
+
+
+    def backward_kernels(self, head_dim: int = 128):
+        """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""
+        if self._backward is None:
+            from maskdsl.codegen.backward import BackwardKernels
+
+            config = self.backward_config or default_backward_config(self.mask, head_dim)
+            self._backward = BackwardKernels(self.mask, config)
+        return self._backward
+
+    def launch_backward(self, q, k, v, out, lse, dout, scale, dq, dk, dv) -> None:
+        """dq, dk, dv (pre-allocated, shaped like q, k, v) <- the gradients for dout; `lse` is the forward's.
+
+        The interface `maskdsl::attention_backward` dispatches to (top-k kernels implement it too).
+        """
+        self.backward_kernels(q.shape[-1]).launch(q, k, v, out, lse, dout, scale, dq, dk, dv)
 
 
 def tma_descriptors(plan: KernelPlan, q, k, v, out) -> dict:
@@ -132,6 +154,39 @@ def _(q, k, v, key, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+@torch.library.custom_op("maskdsl::attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           dout: torch.Tensor, key: str, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if dout.stride(-1) != 1:  # autograd may hand an expanded gradient (stride 0)
+        dout = dout.contiguous()
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    _REGISTRY[key].launch_backward(q, k, v, out, lse, dout, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, key, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.key, ctx.scale = key, scale
+    ctx.mark_non_differentiable(lse)  # the returned log-sum-exp is a constant for autograd
+
+
+def _attention_grad(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.maskdsl.attention_backward(q, k, v, out, lse, dout, ctx.key, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+
+
 def untuned_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
     """What a kernel uses when nobody chose a config: the default config (top-k picks its own tile)."""
     if mask.dynamic:
@@ -141,8 +196,12 @@ def untuned_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
     return default_config(mask, head_dim)
 
 
-def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = None) -> CompiledAttention:
+def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = None,
+                      backward_config: BackwardConfig | None = None) -> CompiledAttention:
     """Render (or load from the cache) the kernel of `mask` for `config`, the untuned default if None.
+
+    `backward_config` chooses the backward kernels' tiles (codegen.config.default_backward_config if
+    None); they are rendered on the first gradient.
 
     Looking a tuned config up is the front door's job (maskdsl.api), not codegen's.
     """
@@ -158,4 +217,6 @@ def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = No
         return CompiledTopKAttention(mdef, config)
     plan = build_plan(mdef, config)
     module, path = load_kernel(mdef.content_hash(), plan)
-    return CompiledAttention(mdef, plan, module, path)
+    if backward_config is not None:
+        backward_config.validate(len(mdef.layout.shape))
+    return CompiledAttention(mdef, plan, module, path, backward_config)

@@ -98,3 +98,46 @@ def default_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
     k = _split(block_n, shape)
     # three stages of 64-token K/V tiles: 132 KB of shared memory at head_dim 128, within an A100's 164 KB
     return KernelConfig(q, k, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """The backward's two walking kernels, each a KernelConfig read the forward's way round:
+    `dkdv.kv_tile` is the key tile a dK/dV program owns and `dkdv.q_tile` the query tiles it walks;
+    `dq` is laid out like the forward (its program owns `dq.q_tile`). The preprocess needs no config.
+    """
+
+    dkdv: KernelConfig
+    dq: KernelConfig
+
+    def key(self) -> str:
+        return f"bwd-{self.dkdv.key()}-{self.dq.key()}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "BackwardConfig":
+        """The inverse of `key()`: 'bwd-q64_k64_w4_s2-q128_k64_w8_s2'."""
+        parts = key.strip().split("-")
+        if len(parts) != 3 or parts[0] != "bwd":
+            raise ValueError(f"not a backward config key: {key!r}; expected e.g. 'bwd-q64_k64_w4_s2-q128_k64_w8_s2' "
+                             "(the dK/dV kernel's config, then the dQ kernel's)")
+        return cls(KernelConfig.from_key(parts[1]), KernelConfig.from_key(parts[2]))
+
+    def validate(self, rank: int) -> None:
+        self.dkdv.validate(rank)
+        self.dq.validate(rank)
+
+
+def default_backward_config(mask: ir.MaskDef, head_dim: int = 128) -> BackwardConfig:
+    """Conservative for Hopper's shared memory and registers; tuning finds better ones.
+
+    dK/dV keeps two [key tile, head_dim] float32 accumulators in registers, dQ one [query tile,
+    head_dim]: at head_dim 128 a 64-key tile with 4 warps and a 128-row query tile with 8 warps
+    stay near 64 accumulator registers per thread.
+    """
+    shape = mask.layout.shape
+    if head_dim > 64:
+        dkdv = KernelConfig(_split(64, shape), _split(64, shape), num_warps=4, num_stages=2)
+    else:
+        dkdv = KernelConfig(_split(64, shape), _split(128, shape), num_warps=8, num_stages=2)
+    dq = KernelConfig(_split(128, shape), _split(64, shape), num_warps=8, num_stages=2)
+    return BackwardConfig(dkdv, dq)

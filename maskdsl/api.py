@@ -55,14 +55,17 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
     return best_config(mask, attention) or ranked_default(mask, head_dim)
 
 
-def compile(spec, mask: str, config=None):  # noqa: A001 - the name users expect
-    """Compile `mask` of `spec` into a callable attention kernel.
+def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 - the name users expect
+    """Compile `mask` of `spec` into a callable attention kernel (differentiable: it trains).
 
-    `config` (a `maskdsl.codegen.config.KernelConfig`) overrides the tuning database's choice.
+    `config` (a `maskdsl.codegen.config.KernelConfig`) overrides the tuning database's choice;
+    `backward_config` (a `BackwardConfig`) the backward kernels' default tiles.
     """
     from maskdsl.codegen.compiled import compile_attention
 
     spec, mdef, attention = resolve(spec, mask)
     if config is None:
         config = lookup_config(mdef, attention)
-    return compile_attention(spec, mask, config)
+    if backward_config is None:
+        return compile_attention(spec, mask, config)
+    return compile_attention(spec, mask, config, backward_config)

@@ -52,11 +52,14 @@ def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _attend(q, k, v, mask, scale, return_lse):
-    """Masked softmax attention in float64 on q's device; GQA by repeating kv heads; empty rows give 0."""
+    """Masked softmax attention in float64 on q's device; GQA by repeating kv heads; empty rows give 0.
+
+    Differentiable: torch.autograd through it gives the reference gradients (empty rows: zero, not NaN).
+    """
     group = q.shape[1] // k.shape[1]
-    q64 = q.detach().to(torch.float64)
-    k64 = k.detach().to(torch.float64).repeat_interleave(group, dim=1)
-    v64 = v.detach().to(torch.float64).repeat_interleave(group, dim=1)
+    q64 = q.to(torch.float64)
+    k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
+    v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q64 @ k64.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))

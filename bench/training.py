@@ -1,0 +1,207 @@
+"""Training benchmark: forward, backward and forward+backward of maskdsl against dense cuDNN SDPA and
+FlexAttention with the same mask, all measured in one process on the same inputs (GPU).
+
+Gradients are checked before timing, without ever building an [L, L] mask: dQ rows are local to
+their query row, so the float64 reference of a sample of rows (`reference_attention_rows`) gives
+them exactly; and with dO zero outside those rows, dK and dV of the whole grid are exactly the
+sample's contributions, which the same reference gives by autograd. On the CPU (Triton's
+interpreter) only the check runs, which is what the tests exercise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+
+def backward_candidates(mask, head_dim: int):
+    """The default backward config and a few neighbours worth timing (tuning replaces this list)."""
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig, _split, default_backward_config
+
+    shape = mask.layout.shape
+    out = [default_backward_config(mask, head_dim)]
+    options = [((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 64, 4, 3)), ((64, 64, 4, 3), (128, 32, 8, 3))]
+    for (dq_m, dkv_n, w1, s1), (q_m, kv_n, w2, s2) in options:
+        cfg = BackwardConfig(KernelConfig(_split(dq_m, shape), _split(dkv_n, shape), w1, s1),
+                             KernelConfig(_split(q_m, shape), _split(kv_n, shape), w2, s2))
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _err(got, ref) -> float:
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30)).item()
+
+
+def check_gradients(fn, spec, mask_name, q, k, v, rows, scale=None) -> dict:
+    """Relative errors of dQ (sampled rows), dK and dV (whole grid) against the float64 reference."""
+    import torch
+
+    from maskdsl.reference import reference_attention_rows
+
+    idx = rows.to(torch.int64).cpu()
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.zeros(q.shape, dtype=q.dtype)
+    dout[:, :, idx] = torch.randn(q.shape[0], q.shape[1], len(idx), q.shape[3], generator=gen).to(q.dtype)
+    dout = dout.to(q.device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, scale=scale)
+    got = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    ref = reference_attention_rows(*ref_leaves, spec, mask_name, idx, scale=scale)
+    want = torch.autograd.grad(ref, ref_leaves, dout[:, :, idx.to(q.device)].to(torch.float64))
+    nan = any(bool(torch.isnan(g).any()) for g in got)
+    return {"dq_error": _err(got[0][:, :, idx.to(q.device)], want[0][:, :, idx.to(q.device)]),
+            "dk_error": _err(got[1], want[1]), "dv_error": _err(got[2], want[2]), "grad_nan": nan}
+
+
+def _timings(bench, forward, inputs, dout) -> dict:
+    """fwd, bwd (on a retained graph) and fwd+bwd medians (ms) of `forward()` -> output."""
+    import torch
+
+    with torch.no_grad():
+        fwd = bench(forward)
+    out = forward()
+    bwd = bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
+
+    def step():
+        torch.autograd.grad(forward(), inputs, dout)
+    return {"fwd_ms": fwd, "bwd_ms": bwd, "fwd_bwd_ms": bench(step)}
+
+
+def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, rows: int = 64, seed: int = 0,
+                   device: str = "cuda") -> dict:
+    """Time maskdsl, dense SDPA and FlexAttention training steps of one mask; `configs` lists
+    KernelConfigs or (KernelConfig, BackwardConfig) pairs (default: tuned/default forward x backward_candidates).
+    """
+    import torch
+
+    from maskdsl.analysis import attended_pairs
+    from maskdsl.api import lookup_config
+    from maskdsl.codegen.compiled import compile_attention
+
+    mask = spec.mask(mask_name)
+    if mask.dynamic:
+        raise ValueError(f"mask {mask_name!r} has a top-k term; bench_training covers static masks")
+    att = spec.attention_for(mask_name)
+    heads, kv_heads, dim = (att.heads, att.kv_heads, att.head_dim) if att else (8, 8, 128)
+    batch = att.batch if att else 1
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[att.dtype if att else "bf16"]
+    gpu = device != "cpu"
+    if not gpu:  # the interpreter: a small slice of heads, check only
+        batch, heads, kv_heads, dtype = 1, min(heads, 2), 1, torch.float32
+    tokens = mask.layout.tokens
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, dout = (torch.randn(batch, h, tokens, dim, device=device, dtype=dtype, generator=gen)
+                     for h in (heads, kv_heads, kv_heads, heads))
+    sample = torch.randperm(tokens, device=device, generator=gen)[:rows].sort().values.cpu()
+    density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
+    result = {"mask": mask_name, "expr": mask.expr.fmt(), "grid": list(mask.layout.shape), "tokens": tokens,
+              "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
+              "density": density, "flop_ideal": 1 / density}
+    if configs is None:
+        fwd_cfg = lookup_config(mask, att)
+        configs = [(fwd_cfg, b) for b in backward_candidates(mask, dim)]
+    kvh = 1 if kv_heads == 1 or heads < 2 else max(1, kv_heads * 2 // heads)
+    small = [t[:1, :h].contiguous() for t, h in ((q, 2), (k, kvh), (v, kvh))]
+
+    def bench(fn):
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ours = []
+    for item in configs:
+        fwd_cfg, bwd_cfg = item if isinstance(item, tuple) else (item, None)
+        entry = {"config": fwd_cfg.key(), "backward_config": bwd_cfg.key() if bwd_cfg else "default"}
+        try:
+            start = time.perf_counter()
+            fn = compile_attention(spec, mask_name, fwd_cfg, bwd_cfg)
+            entry.update(check_gradients(fn, spec, mask_name, *small, sample))
+            entry["compile_and_check_s"] = time.perf_counter() - start
+            if gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                torch.autograd.grad(fn(*leaves), leaves, dout)
+                torch.cuda.synchronize()
+                grads = sum(t.numel() * t.element_size() for t in leaves)
+                # beyond the gradients themselves: O, LSE, delta and allocator slack
+                entry["extra_bytes_per_head_token"] = (torch.cuda.max_memory_allocated() - base - grads) / (
+                    batch * heads * tokens)
+                entry.update(_timings(bench, lambda: fn(*leaves), leaves, dout))
+        except Exception as exc:  # a config that fails must not hide the others
+            entry["failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        ours.append(entry)
+        print(f"    {mask_name} {entry}", flush=True)
+    result["ours"] = ours
+    good = [e for e in ours if "fwd_bwd_ms" in e and not e["grad_nan"]
+            and max(e["dq_error"], e["dk_error"], e["dv_error"]) < 3e-2]
+    if good:
+        result["ours_best"] = min(good, key=lambda e: e["fwd_bwd_ms"])
+    if not gpu:
+        return result
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = heads // kv_heads
+    dense_leaves = [leaves[0], *(t.detach().repeat_interleave(group, 1).requires_grad_() for t in leaves[1:])]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    dense = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                dense[name] = _timings(bench, lambda: sdpa(*dense_leaves), dense_leaves, dout)
+        except RuntimeError as exc:
+            result[f"dense_{name}_error"] = str(exc)[:200]
+    result["dense"] = dense
+    if dense:
+        best = min(dense, key=lambda n: dense[n]["fwd_bwd_ms"])
+        result["dense_best"] = {"backend": best, **dense[best]}
+        if "ours_best" in result:
+            result["speedup_vs_dense_fwd_bwd"] = dense[best]["fwd_bwd_ms"] / result["ours_best"]["fwd_bwd_ms"]
+            result["speedup_vs_dense_bwd"] = dense[best]["bwd_ms"] / result["ours_best"]["bwd_ms"]
+    if with_flex:
+        try:
+            result.update(_flex(mask, leaves, dout, bench, result))
+        except Exception as exc:
+            result["flex_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return result
+
+
+def _flex(mask, leaves, dout, bench, result) -> dict:
+    """FlexAttention on tile-major tokens with the BlockMask from the same closed-form analysis
+    (bench.flex); the permutation is done once, outside the timed region, like the forward bench."""
+    import torch
+
+    from maskdsl.bench.flex import FlexRunner
+    from maskdsl.bench.run import _flex_tile
+
+    tile = _flex_tile(mask)
+    start = time.perf_counter()
+    runner = FlexRunner(mask, tile, leaves[0].device)
+    out = {"flex_tile": list(tile), "flex_blockmask_s": time.perf_counter() - start}
+    perm = [runner.permute(t.detach()).requires_grad_() for t in leaves]
+    dout_p = runner.permute(dout)
+    start = time.perf_counter()
+    torch.autograd.grad(runner.attend_permuted(*perm), perm, dout_p)
+    torch.cuda.synchronize()
+    out["flex_compile_s"] = time.perf_counter() - start
+    out["flex"] = _timings(bench, lambda: runner.attend_permuted(*perm), perm, dout_p)
+    if "ours_best" in result:
+        out["speedup_vs_flex_fwd_bwd"] = out["flex"]["fwd_bwd_ms"] / result["ours_best"]["fwd_bwd_ms"]
+    if "dense_best" in result:
+        out["flex_speedup_vs_dense_fwd_bwd"] = result["dense_best"]["fwd_bwd_ms"] / out["flex"]["fwd_bwd_ms"]
+    return out
+
+
+def format_row(result) -> str:
+    """One line per mask: fwd+bwd ms of each contender and the speedups."""
+    best = result.get("ours_best", {})
+    dense = result.get("dense_best", {})
+    flex = result.get("flex", {})
+    return (f"{result['mask']:>14s} ours {best.get('fwd_bwd_ms', math.nan):8.3f} ms  "
+            f"dense {dense.get('fwd_bwd_ms', math.nan):8.3f} ms  flex {flex.get('fwd_bwd_ms', math.nan):8.3f} ms  "
+            f"x{result.get('speedup_vs_dense_fwd_bwd', math.nan):.2f} vs dense  "
+            f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex")

@@ -1,0 +1,158 @@
+"""The backward of a static mask's attention: FlashAttention-2's three kernels rendered from the plan.
+
+`attention_bwd.py.jinja` holds a preprocess (delta = rowsum(dO * O)), a dK/dV kernel (one program
+per key tile and kv head, walking the query tiles that see the tile) and a dQ kernel (one program
+per query tile and head, walking its key tiles). Both walks read per-dimension tile ranges from a
+small int32 table built here from the exact row bounds (`maskdsl.transpose`): [terms, rank, tiles
+in the dimension, 4], O(extent) entries per dimension, never [L, L] and no block mask. A GQA
+group's query heads are summed inside the dK/dV program, so no kernel uses atomics: the same
+inputs give the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from maskdsl import ir
+from maskdsl.codegen.config import BackwardConfig
+from maskdsl.codegen.plan import KernelPlan, build_plan
+from maskdsl.codegen.render import _context, kernel_key, load_module, render_template
+from maskdsl.intervals import SymRel, evaluate
+from maskdsl.transpose import key_tile_ranges, query_tile_ranges
+
+TEMPLATE = "attention_bwd.py.jinja"
+LOG2E = 1.4426950408889634
+PREPROCESS_BLOCK = 64
+
+
+def _kv_tiles_per_group(dim) -> int:
+    return -(-dim.group_len_max // dim.kv_tile)
+
+
+def _rows(plan: KernelPlan, term, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-row key bounds of one term in dimension d (the predicate's numbers, evaluated)."""
+    td, dim = term[d], plan.dims[d]
+    return evaluate(SymRel(dim.dilation, td.lo, td.hi, td.qa, td.qb), dim.extent)
+
+
+def schedule_tables(plan_kv: KernelPlan, plan_q: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(dK/dV table, dQ table), each [terms, rank, max tiles in a dimension, 4] int32.
+
+    dK/dV rows are key tiles of `plan_kv` (group-major per dimension) holding [qa, qb, fa, fb]:
+    the query tiles that visit the key tile and those that see all of it. dQ rows are query tiles
+    of `plan_q` holding [a, b, fa, fb] in key tiles. Indices are local to the dilation group.
+    """
+    rank = plan_q.rank
+    kv_rows = [[None] * rank for _ in plan_q.terms]
+    q_rows = [[None] * rank for _ in plan_q.terms]
+    for t, term in enumerate(plan_q.terms):
+        for d in range(rank):
+            lo, hi = _rows(plan_q, term, d)
+            dq_dim, kv_dim = plan_q.dims[d], plan_kv.dims[d]
+            q_rows[t][d] = query_tile_ranges(lo, hi, dq_dim.dilation, dq_dim.q_tile, dq_dim.kv_tile)
+            walk = query_tile_ranges(lo, hi, kv_dim.dilation, kv_dim.q_tile, kv_dim.kv_tile)
+            kv_rows[t][d] = key_tile_ranges(walk, kv_dim.dilation, _kv_tiles_per_group(kv_dim))
+    return _pack(kv_rows), _pack(q_rows)
+
+
+def _pack(rows) -> np.ndarray:
+    maxt = max(len(r) for term in rows for r in term)
+    out = np.tile(np.array([0, -1, 0, -1], dtype=np.int32), (len(rows), len(rows[0]), maxt, 1))
+    for t, term in enumerate(rows):
+        for d, r in enumerate(term):
+            out[t, d, :len(r)] = r
+    return out
+
+
+def _shell_free(table: np.ndarray) -> bool:
+    """One term whose every visited pair is full in every dimension: the kernel drops its predicate loops."""
+    if table.shape[0] != 1:
+        return False
+    t = table[0].reshape(-1, 4)
+    seen = t[:, 0] <= t[:, 1]
+    return bool(np.all(t[seen, 0] == t[seen, 2]) and np.all(t[seen, 1] == t[seen, 3]))
+
+
+def _dims(plan: KernelPlan) -> list[dict]:
+    cfg, rank = plan.config, plan.rank
+    out = []
+    for d, dp in enumerate(plan.dims):
+        q_inner = math.prod(cfg.q_tile[d + 1:])
+        kv_inner = math.prod(cfg.kv_tile[d + 1:])
+        kpg = _kv_tiles_per_group(dp)
+        out.append(dict(i=d, extent=dp.extent, stride=dp.stride, dilation=dp.dilation, q_tile=dp.q_tile,
+                        kv_tile=dp.kv_tile, q_tiles=dp.q_tiles, q_tiles_per_group=dp.q_tiles_per_group,
+                        kv_tiles=dp.dilation * kpg, kv_tiles_per_group=kpg, q_inner=q_inner, kv_inner=kv_inner))
+    assert len(out) == rank
+    return out
+
+
+def render_backward(plan_kv: KernelPlan, plan_q: KernelPlan, tables: tuple[np.ndarray, np.ndarray]) -> str:
+    kv, qd = _context(plan_kv), _context(plan_q)
+    kv["dims"], qd["dims"] = _dims(plan_kv), _dims(plan_q)
+    rank = plan_q.rank
+    terms = [{"i": t, "dims": list(term), "a_list": [f"a_{t}_{d}" for d in range(rank)],
+              "nb_list": [f"nb_{t}_{d}" for d in range(rank)]} for t, term in enumerate(plan_q.terms)]
+    return render_template(
+        TEMPLATE, version=kv["version"], kv=kv, qd=qd, terms=terms, tokens=kv["tokens"],
+        kv_tiles=math.prod(d["kv_tiles"] for d in kv["dims"]),
+        kv_maxt=tables[0].shape[2], q_maxt=tables[1].shape[2],
+        kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]))
+
+
+class BackwardKernels:
+    """The rendered backward of one mask and BackwardConfig, with its schedule tables."""
+
+    def __init__(self, mask: ir.MaskDef, config: BackwardConfig):
+        self.mask, self.config = mask, config
+        self.plan_kv = build_plan(mask, config.dkdv)
+        self.plan_q = build_plan(mask, config.dq)
+        self.tables = schedule_tables(self.plan_kv, self.plan_q)
+        self.kv_tiles = math.prod(d.dilation * _kv_tiles_per_group(d) for d in self.plan_kv.dims)
+        key = kernel_key(mask.content_hash(), config.key(), TEMPLATE)
+        self.module, self.source_path = load_module(
+            key, lambda: render_backward(self.plan_kv, self.plan_q, self.tables))
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables as int32 tensors on `device`, copied there once (a few KB)."""
+        device = torch.device(device)
+        if device not in self._device_tables:
+            self._device_tables[device] = tuple(torch.from_numpy(t).to(device) for t in self.tables)
+        return self._device_tables[device]
+
+    def launch(self, q, k, v, out, lse, dout, scale: float, dq, dk, dv) -> None:
+        """dq, dk, dv <- the gradients of softmax attention given dout; lse is the forward's (natural log)."""
+        for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v), ("out", out, q), ("dout", dout, q)):
+            if t.shape != like.shape or t.stride(-1) != 1:
+                raise ValueError(f"{name} must be {tuple(like.shape)} with a contiguous last dimension; "
+                                 f"got {tuple(t.shape)} with strides {t.stride()}")
+        batch, heads, tokens, head_dim = q.shape
+        lse = lse.contiguous()
+        delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
+        m = self.module
+        m.attention_bwd_preprocess[(_cdiv(tokens, PREPROCESS_BLOCK), batch * heads)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads,
+            BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim)
+        t_kv, t_q = self.tables_on(q.device)
+        dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+        group = heads // k.shape[1]
+        common = (q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3])
+        cfg = self.config.dkdv
+        m.attention_bwd_dkdv[(self.kv_tiles, batch * k.shape[1])](
+            q, k, v, dout, dk, dv, lse, delta, t_kv, scale * LOG2E, scale,
+            *(s for st in common for s in st), *dk.stride()[:3], *dv.stride()[:3], heads, group,
+            HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        cfg = self.config.dq
+        m.attention_bwd_dq[(self.plan_q.q_tiles, batch * heads)](
+            q, k, v, dout, dq, lse, delta, t_q, scale * LOG2E, scale,
+            *(s for st in common for s in st), *dq.stride()[:3], heads, group,
+            HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
