@@ -97,7 +97,6 @@ class CompiledTopKAttention(CompiledAttention):
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (picked, idx, count), scale,
                       tiles or range(self.q_tiles))
 
-
     @cached_property
     def backward(self):
         """The backward kernels, rendered on first use (inference never pays for them)."""

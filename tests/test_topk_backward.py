@@ -146,3 +146,31 @@ def test_static_query_tile_table_covers_every_tile_pair_of_a_term(text):
             assert all(q_lo <= qt <= q_hi for qt in need), (text, s, kt, need, q_lo, q_hi)
             if need:  # tight: lo and hi are monotone, so the interval is exactly the tiles that need kt
                 assert (q_lo, q_hi) == (need[0], need[-1])
+
+
+def test_bfloat16_gradients_within_bf16_error():
+    spec = maskdsl.parse("layout s = grid(80)\nmask m = topk(k=2, block=16) | sliding_window(3)")
+    fn = maskdsl.compile(spec, "m")
+    gen = torch.Generator().manual_seed(SEED)
+    q, k, v, dout = (torch.randn(1, 2, 80, 16, generator=gen) for _ in range(4))
+    k, v = k[:, :1], v[:, :1]
+    bq, bk, bv, bdo = (x.bfloat16() for x in (q, k, v, dout))
+    out, lse = torch.empty_like(bq), torch.empty(1, 2, 80)
+    fn.launch(bq, bk, bv, 0.25, out, lse)
+    grads = [torch.full_like(x, float("nan")) for x in (bq, bk, bv)]
+    fn.launch_backward(bq, bk, bv, out, lse, bdo, 0.25, *grads)
+    mask = rows_mask(spec.masks[0], bq, bk, torch.arange(80), picks=fn.select(bq, bk)[0].bool())
+    leaves = [x.double().requires_grad_() for x in (bq, bk, bv)]
+    attend64(*leaves, mask, 0.25).backward(bdo.double())
+    for got, want in zip(grads, (x.grad for x in leaves)):
+        assert got.dtype == torch.bfloat16 and not torch.isnan(got).any()
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_gradient_buffers_are_checked():
+    spec = maskdsl.parse("layout s = grid(32)\nmask m = topk(k=1, block=16)")
+    fn = maskdsl.compile(spec, "m")
+    q = k = v = torch.randn(1, 1, 32, 16)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 32)
+    with pytest.raises(ValueError, match=r"dk must be \(1, 1, 32, 16\) torch.float32"):
+        fn.launch_backward(q, k, v, out, lse, q, 0.25, torch.empty_like(q), torch.empty(1, 1, 32, 8), torch.empty_like(v))
