@@ -9,7 +9,7 @@ computed at compile time (closed form); nothing is ever [L, L].
 from __future__ import annotations
 
 import math
-
+from functools import cached_property
 
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
 from maskdsl.codegen.config import KernelConfig
@@ -97,3 +97,19 @@ class CompiledTopKAttention(CompiledAttention):
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (picked, idx, count), scale,
                       tiles or range(self.q_tiles))
 
+    @cached_property
+    def backward(self):
+        """The backward kernels, rendered on first use (inference never pays for them)."""
+        from maskdsl.codegen.topk_backward import TopKBackward
+
+        return TopKBackward(self)
+
+    def launch_backward(self, q, k, v, out, lse, dout, scale, dq, dk, dv, selection=None) -> None:
+        """Write dq, dk, dv for the forward's selection (not differentiated, as in NSA and MoBA).
+
+        The selection is recomputed from q and k by `select`, the forward's own code path: pooling,
+        scoring and the stable sort are deterministic, so it is the forward's, bit for bit, with no
+        state kept between calls. `selection` (select's triple) skips the recomputation.
+        """
+        self.backward.launch(q, k, v, out, lse, dout, scale, dq, dk, dv,
+                             self.select(q, k) if selection is None else selection)

@@ -14,6 +14,10 @@ where S is a static mask (None when empty) and R the static restriction the top-
 intersected with (`topk & static`): only key blocks where R attends at least one pair for the
 query block are candidates (no pick is wasted on a block that would be masked out), and inside
 a picked block R still applies elementwise. `(topk | A) & B` distributes to `(topk & B) | (A & B)`.
+
+Gradients. The selection is piecewise constant in q and k, so it is not differentiated (as in
+NSA and MoBA): the backward holds the forward's picks fixed and gives every attended pair its
+exact gradient, i.e. the gradient of static attention under the mask those picks produce.
 """
 
 from __future__ import annotations

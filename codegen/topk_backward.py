@@ -1,0 +1,144 @@
+"""Backward of top-k attention (S | (picked & R)): FlashAttention-2's split over the forward's selection.
+
+The selection is not differentiated (as in NSA and MoBA): the picked blocks are a constant of
+the backward, and every pair they (and S) attend gets its exact gradient. Three launches:
+
+- preprocess: delta = rowsum(dO * O) per query row;
+- dK/dV: one program per (key tile, batch x kv head). It walks the query tiles that see its key
+  tile: first S's, from a compile-time table that transposes S's closed-form per-query-tile key
+  ranges (a superset interval per key tile; the kernel re-checks each query tile with the
+  forward's own bounds), then the query blocks that picked its key block, from the transposed
+  pick list built here on the device. A pair already inside S's key range is left to the S walk,
+  so each (query tile, key tile) pair is done once. The query heads of a GQA group are summed
+  inside the program: no atomics, bitwise deterministic;
+- dQ: one program per (query tile, batch x head), with the forward's loop structure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from maskdsl.analysis import products
+from maskdsl.codegen.compiled import _interpreting
+from maskdsl.codegen.plan import TermDim
+from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.intervals import evaluate
+
+TEMPLATE = "attention_topk_bwd.py.jinja"
+MAX_TILE = 64
+
+
+def _rels(expr, shape):
+    """The product terms of a static part as 1-D SymRels (the forward's `_terms` rejects what it cannot run)."""
+    return [] if expr is None else [t.sym[0] for t in products(expr, shape)]
+
+
+def _term_dims(rels, n):
+    return [TermDim(r.lo, r.hi, r.qa, r.query_stop(n), r.qa > 0 or r.query_stop(n) < n) for r in rels]
+
+
+def static_query_tiles(rels, tokens: int, tile: int) -> np.ndarray:
+    """int32 [terms, 2, key tiles]: per S term and key tile, an interval of query tiles holding every
+    query tile whose key-tile range (the forward's [sa, sb]) contains that key tile.
+
+    O(tokens): the per-row bounds come from maskdsl.intervals.evaluate, the tile bounds follow the
+    kernel's formulas (first/last row of the tile, clipped to the term's query range). lo and hi are
+    non-decreasing, so the interval is exact; it is a superset in any case, and the kernel re-checks.
+    """
+    tiles = math.ceil(tokens / tile)
+    out = np.zeros((max(len(rels), 1), 2, tiles), dtype=np.int32)
+    out[:, 1] = -1  # empty unless filled
+    qt = np.arange(tiles)
+    first = qt * tile
+    last = np.minimum(first + tile, tokens) - 1
+    for s, rel in enumerate(rels):
+        lo, hi = evaluate(rel, tokens)
+        qa, qb = rel.qa, rel.query_stop(tokens)
+        tf, tl = np.maximum(first, qa), np.minimum(last, qb - 1)
+        on = tf <= tl
+        klo = np.where(on, lo[np.clip(tf, 0, tokens - 1)], 0)
+        khi = np.where(on, hi[np.clip(tl, 0, tokens - 1)], -1)
+        on &= klo <= khi
+        a, b = klo[on] // tile, khi[on] // tile
+        first_reaching = np.full(tiles + 1, tiles, dtype=np.int64)  # smallest query tile whose range ends at >= kt
+        np.minimum.at(first_reaching, b, qt[on])
+        out[s, 0] = np.minimum.accumulate(first_reaching[::-1])[::-1][:tiles]
+        last_starting = np.full(tiles, -1, dtype=np.int64)  # largest query tile whose range starts at <= kt
+        np.maximum.at(last_starting, a, qt[on])
+        out[s, 1] = np.maximum.accumulate(last_starting)
+    return out
+
+
+def transpose_picks(idx: torch.Tensor, nblocks: int):
+    """From idx [B, H, query blocks, k] (ascending key blocks, `nblocks` for unused slots) to, per
+    (batch, head), the query blocks that picked each key block: (offsets int32 [B, H, nblocks + 1],
+    query blocks int32 [B, H, query blocks * k]). Key block j's pickers are entries
+    offsets[j] .. offsets[j + 1] - 1, in ascending order. O(query blocks * k), on idx's device:
+    a stable sort by key block (FlexAttention transposes its block mask the same way).
+    """
+    batch, heads, nqb, k = idx.shape
+    flat = idx.reshape(batch, heads, nqb * k).to(torch.int64)
+    order = torch.sort(flat, dim=-1, stable=True)
+    qblocks = (order.indices // k).to(torch.int32)
+    edges = torch.arange(nblocks + 1, device=idx.device).expand(batch, heads, nblocks + 1).contiguous()
+    offsets = torch.searchsorted(order.values.contiguous(), edges).to(torch.int32)
+    return offsets.contiguous(), qblocks.contiguous()
+
+
+class TopKBackward:
+    """The rendered backward kernels of one CompiledTopKAttention, and their launch."""
+
+    def __init__(self, fn):
+        mask, form, cfg = fn.mask, fn.form, fn.config
+        shape, tokens = mask.layout.shape, mask.layout.tokens
+        s_rels = _rels(form.static, shape)
+        r_rels = _rels(form.restrict, shape)  # Full gives one all-keys term, as in the forward
+        self.fn = fn
+        # square tiles of at most 64: a dK/dV program holds K, V, dK, dV for its key tile in registers, so
+        # the forward's 128 would spill at head_dim 128. 64 still divides the top-k block (the forward's tile does).
+        self.tile = min(cfg.block_m, MAX_TILE)
+        self.tiles = math.ceil(tokens / self.tile)
+        self.s_table = torch.from_numpy(static_query_tiles(s_rels, tokens, self.tile))
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        from maskdsl.version import __version__
+
+        context = dict(version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk,
+                       tokens=tokens, cfg=cfg, tile=self.tile, tiles=self.tiles, nblocks=fn.nblocks,
+                       k_eff=min(form.topk.k, fn.nblocks), tiles_per_block=form.topk.block // self.tile,
+                       s_terms=_term_dims(s_rels, tokens), r_terms=_term_dims(r_rels, tokens))
+        key = kernel_key(mask.content_hash(), f"{cfg.key()}:bwd{self.tile}", TEMPLATE)
+        self.module, self.source_path = load_module(key, lambda: render_template(TEMPLATE, **context))
+
+    def launch(self, q, k, v, out, lse, dout, scale, dq, dk, dv, selection) -> None:
+        picked, idx, count = selection
+        for name, grad, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+            if grad.shape != like.shape or grad.dtype != like.dtype or grad.stride(-1) != 1:
+                raise ValueError(f"{name} must be {tuple(like.shape)} {like.dtype} with a contiguous last "
+                                 f"dimension; got {tuple(grad.shape)} {grad.dtype}")
+        if dout.shape != q.shape or out.shape != q.shape:
+            raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q {tuple(q.shape)}")
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        lse = lse.contiguous()
+        batch, heads, tokens, dim = q.shape
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        m = self.module
+        common = dict(HEAD_DIM=dim, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+                      num_warps=self.fn.config.num_warps, num_stages=self.fn.config.num_stages)
+        delta = torch.empty(batch, heads, tokens, device=q.device, dtype=torch.float32)
+        m.attention_bwd_preprocess[(self.tiles, batch * heads)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, HEAD_DIM=dim)
+        offsets, qblocks = transpose_picks(idx, self.fn.nblocks)
+        table = self._tables.get(q.device)
+        if table is None:
+            table = self._tables[q.device] = self.s_table.to(q.device)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+        m.attention_bwd_dkdv[(self.tiles, batch * kv_heads)](
+            q, k, v, dout, dk, dv, lse, delta, picked, offsets, qblocks, table, scale * 1.4426950408889634, scale,
+            *strides, *dk.stride()[:3], *dv.stride()[:3], heads, group, **common)
+        m.attention_bwd_dq[(self.tiles, batch * heads)](
+            q, k, v, dout, dq, lse, delta, picked, idx, count, scale * 1.4426950408889634, scale,
+            *strides, *dq.stride()[:3], heads, group, **common)
