@@ -22,6 +22,17 @@ def cmd_bench(args) -> int:
     from maskdsl.bench.report import print_paths, print_table
     from maskdsl.bench.run import bench_mask, profile_launches, run_suite, suite_files
 
+    if args.train:
+        from maskdsl.bench.training import run_training
+
+        if not (args.suite or args.file):
+            print("give FILE (and --mask when the spec has several), or --suite")
+            return 2
+        if args.suite:
+            run_training(suite_files(), args.json, only=args.only)
+        else:
+            run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None)
+        return 0
     if args.suite:
         results = run_suite(suite_files(), args.json, only=args.only, flex_gather=args.flex_gather, paths=args.paths)
         if args.paths:
@@ -88,6 +99,8 @@ def register(sub) -> None:
                    help="also time FlexAttention with a mask_mod that gathers the token permutation per element")
     p.add_argument("--profile", action="store_true",
                    help="with FILE and one --config: three launches of that kernel and nothing else (for ncu)")
+    p.add_argument("--train", action="store_true",
+                   help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
     p.add_argument("--replot", metavar="JSON", help="draw --plot from a saved --json of a suite run (no GPU needed)")

@@ -178,6 +178,9 @@ def _flex(mask, leaves, dout, bench, result) -> dict:
     from maskdsl.bench.flex import FlexRunner
     from maskdsl.bench.run import _flex_tile
 
+    # the backward is timed on a retained graph (bench `bwd_ms`), which compiled FlexAttention refuses while
+    # it donates its saved buffers; donation only saves memory, so turn it off for the measurement
+    torch._functorch.config.donated_buffer = False
     tile = _flex_tile(mask)
     start = time.perf_counter()
     runner = FlexRunner(mask, tile, leaves[0].device)
@@ -205,3 +208,32 @@ def format_row(result) -> str:
             f"dense {dense.get('fwd_bwd_ms', math.nan):8.3f} ms  flex {flex.get('fwd_bwd_ms', math.nan):8.3f} ms  "
             f"x{result.get('speedup_vs_dense_fwd_bwd', math.nan):.2f} vs dense  "
             f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex")
+
+
+def run_training(files, out_json: str | None = None, only: str | None = None) -> list[dict]:
+    """`maskdsl bench --train`: every static attention statement of the files (matching `only`), one process."""
+    import json
+    from pathlib import Path
+
+    from maskdsl.bench.run import environment
+    from maskdsl.parser import load
+
+    env = environment()
+    print(f"# {env}", flush=True)
+    results = []
+    for path in files:
+        spec = load(path)
+        for att in spec.attentions:
+            if (only and only not in f"{Path(path).stem}:{att.mask}") or spec.mask(att.mask).dynamic:
+                continue
+            print(f"== {path} mask {att.mask} (training)", flush=True)
+            r = bench_training(spec, att.mask)
+            r["file"] = str(path)
+            results.append(r)
+            print(format_row(r), flush=True)
+            if out_json:
+                Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    print("\nforward+backward, do_bench medians:")
+    for r in results:
+        print(format_row(r))
+    return results
