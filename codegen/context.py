@@ -7,6 +7,7 @@ tile that divides its dimension needs no bounds check, a tile extent of 1 no div
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from maskdsl.codegen.bounds import KernelDim, TermText, term_text
@@ -207,7 +208,7 @@ def static_context(plan: KernelPlan) -> dict:
 
     return {
         "version": __version__, "plan": plan, "cfg": cfg, "terms": terms, "q": q,
-        "tokens": _tokens(plan.shape), "dilations": tuple(d.dilation for d in plan.dims),
+        "tokens": math.prod(plan.shape), "dilations": tuple(d.dilation for d in plan.dims),
         "fdiv": any("_fdiv(" in line for t in terms for line in t.rows + t.tiles),
         "cvars": ", ".join(cvars),
         "tile_params": _params(state + cvars + ctx + decl + ["MASKED: tl.constexpr"], "def _attend_tile("),
@@ -225,7 +226,7 @@ def static_context(plan: KernelPlan) -> dict:
         "next_in_box": ", ".join(next_params),
         "next_lines": next_lines,
         "loops": _single_term_loops(plan, dims, state, box_ctx, consts) if single
-        else _union_loops(plan, dims, terms, state, ctx, box_ctx, consts),
+        else _union_loops(dims, terms, state, ctx, box_ctx, consts),
     }
 
 
@@ -273,7 +274,7 @@ def _single_term_loops(plan, dims, state, ctx, consts) -> list[Loop]:
     return loops
 
 
-def _union_loops(plan, dims, terms: list[TermText], state, ctx, box_ctx, consts) -> list[Loop]:
+def _union_loops(dims, terms: list[TermText], state, ctx, box_ctx, consts) -> list[Loop]:
     """Several terms: each visits its own box, masked, skipping tiles an earlier term's box covered."""
     cvars = [f"c_{d.i}" for d in dims]
     first = terms[0].label
@@ -281,16 +282,15 @@ def _union_loops(plan, dims, terms: list[TermText], state, ctx, box_ctx, consts)
                   _box_call([(f"kt_lo_{first}_{d.i}", f"kt_hi_{first}_{d.i}") for d in dims],
                             state, box_ctx, consts, True))]
     attend = wrap("acc, m_i, l_i = _attend_tile(", state + cvars + ctx + consts + ["MASKED=True"], 12)
-    for t in terms[1:]:
+    for k, t in enumerate(terms[1:], start=1):
         s = t.label
         lines = [f"{', '.join(cvars)} = {', '.join(f'kt_lo_{s}_{d.i}' for d in dims)}",
-                 "for _ in tl.range(0, " + " * ".join(f"(kt_hi_{s}_{d.i} - kt_lo_{s}_{d.i} + 1)" for d in dims)
-                 + "):"]
-        seen = []
-        for u in terms[:terms.index(t)]:
-            inside = " & ".join(f"(c_{d.i} >= kt_lo_{u.label}_{d.i}) & (c_{d.i} <= kt_hi_{u.label}_{d.i})"
-                                for d in dims)
-            seen.append(inside if len(terms[:terms.index(t)]) == 1 else f"({inside})")
+                 "n_tiles = " + " * ".join(f"(kt_hi_{s}_{d.i} - kt_lo_{s}_{d.i} + 1)" for d in dims),
+                 "for _ in tl.range(0, n_tiles):"]
+        seen = [" & ".join(f"(c_{d.i} >= kt_lo_{u.label}_{d.i}) & (c_{d.i} <= kt_hi_{u.label}_{d.i})" for d in dims)
+                for u in terms[:k]]
+        if len(seen) > 1:
+            seen = [f"({x})" for x in seen]
         lines += ["    " + ln for ln in join("seen = ", seen, " | ", 8)]
         lines.append("    if not seen:")
         lines += ["        " + ln for ln in attend]
@@ -298,10 +298,3 @@ def _union_loops(plan, dims, terms: list[TermText], state, ctx, box_ctx, consts)
         lines.append(f"    {', '.join(cvars)} = _next_tile({', '.join(step)})")
         loops.append(Loop(f"term {s}: its box of key tiles, except those an earlier term's box covered", lines))
     return loops
-
-
-def _tokens(shape) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total

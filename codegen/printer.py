@@ -16,7 +16,7 @@ interpreter's flooring then agree), else `_fdiv`, a floor division on both.
 from __future__ import annotations
 
 from itertools import count
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import sympy as sp

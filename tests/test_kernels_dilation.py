@@ -17,15 +17,15 @@ from test_kernels import rel_err, run_case
 
 CASES = [
     # (id, spec, q_tile, kv_tile, layout dilation the plan must use)
-    ("2d-dilated-or-wide", "layout g = grid(12, 10)\nmask m = neighborhood(window=(3, 5), dilation=(2, 1)) "
-     "| neighborhood(window=(12, 3))", (4, 4), (2, 8), (1, 1)),
+    ("2d-dilated-or-wide", ("layout g = grid(12, 10)\nmask m = neighborhood(window=(3, 5), dilation=(2, 1)) "
+                            "| neighborhood(window=(12, 3))"), (4, 4), (2, 8), (1, 1)),
     ("1d-near-or-dilated", "layout s = grid(45)\nmask m = sliding_window(3) | dilated(3, 4)", (16,), (16,), (1,)),
     ("2d-dilated-or-sink", "layout g = grid(11, 9)\nmask m = neighborhood(window=(3, 3), dilation=(2, 3)) | sink(5)",
      (4, 4), (4, 4), (1, 1)),
     ("1d-restricted-strided", "layout s = grid(37)\nmask m = (dilated(3, 3) & sink(7)) | sliding_window(4)",
      (16,), (16,), (1,)),
-    ("2d-one-dim-mixed", "layout g = grid(9, 13)\nmask m = neighborhood(window=(3, 4), dilation=(2, 3)) "
-     "| neighborhood(window=(2, 4), dilation=(1, 3))", (4, 4), (2, 8), (1, 3)),
+    ("2d-one-dim-mixed", ("layout g = grid(9, 13)\nmask m = neighborhood(window=(3, 4), dilation=(2, 3)) "
+                          "| neighborhood(window=(2, 4), dilation=(1, 3))"), (4, 4), (2, 8), (1, 3)),
 ]
 
 
