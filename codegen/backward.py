@@ -20,7 +20,7 @@ import torch
 from maskdsl import ir
 from maskdsl.codegen.config import BackwardConfig
 from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import _context, kernel_key, load_module, render_template
+from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl.intervals import SymRel, evaluate
 from maskdsl.transpose import key_tile_ranges, query_tile_ranges
 
@@ -91,14 +91,43 @@ def _dims(plan: KernelPlan) -> list[dict]:
     return out
 
 
+def _context(plan: KernelPlan) -> dict:
+    """What the backward template reads of one kernel's plan: per-dimension facts (`_dims`) and the
+    2 x rank slabs that cut the partial shell around the fully-seen box (origin and size per dimension)."""
+    rank = plan.rank
+    slabs = []
+    for d in range(rank):
+        for side in ("left", "right"):
+            origin, size = [], []
+            for k in range(rank):
+                if k < d:
+                    origin.append(f"fa_0_{k}")
+                    size.append(f"nf_{k}")
+                elif k > d:
+                    origin.append(f"a_0_{k}")
+                    size.append(f"nb_0_{k}")
+                elif side == "left":
+                    origin.append(f"a_0_{k}")
+                    size.append(f"(fa_0_{k} - a_0_{k})")
+                else:
+                    origin.append(f"(fb_0_{k} + 1)")
+                    size.append(f"(a_0_{k} + nb_0_{k} - 1 - fb_0_{k})")
+            slabs.append({"name": f"partial tiles, {side} of the full box in dimension {d}",
+                          "origin": origin, "size": size})
+    return {"plan": plan, "cfg": plan.config, "dims": _dims(plan), "slabs": slabs,
+            "dilations": tuple(d.dilation for d in plan.dims),
+            "fa_list": [f"fa_0_{d}" for d in range(rank)], "nf_list": [f"nf_{d}" for d in range(rank)]}
+
+
 def render_backward(plan_kv: KernelPlan, plan_q: KernelPlan, tables: tuple[np.ndarray, np.ndarray]) -> str:
+    from maskdsl.version import __version__
+
     kv, qd = _context(plan_kv), _context(plan_q)
-    kv["dims"], qd["dims"] = _dims(plan_kv), _dims(plan_q)
     rank = plan_q.rank
     terms = [{"i": t, "dims": list(term), "a_list": [f"a_{t}_{d}" for d in range(rank)],
               "nb_list": [f"nb_{t}_{d}" for d in range(rank)]} for t, term in enumerate(plan_q.terms)]
     return render_template(
-        TEMPLATE, version=kv["version"], kv=kv, qd=qd, terms=terms, tokens=kv["tokens"],
+        TEMPLATE, version=__version__, kv=kv, qd=qd, terms=terms, tokens=math.prod(plan_q.shape),
         kv_tiles=math.prod(d["kv_tiles"] for d in kv["dims"]),
         kv_maxt=tables[0].shape[2], q_maxt=tables[1].shape[2],
         kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]))

@@ -1,8 +1,9 @@
 """What a kernel must do for one mask and config: the template's whole input, nothing more.
 
 The mask becomes the analysis' union of product terms; each term contributes, per dimension,
-printed Triton expressions for its key bounds lo(i)/hi(i) (dilation-group coordinates) and a
-query range. The template turns these into closed-form key-tile loops per query tile.
+its key bounds lo(i)/hi(i) (sympy, dilation-group coordinates) and a query range. The layout,
+each dimension's dilation included, is the analysis' (`layout_dilation`), the one the simulator
+counts with. codegen.bounds prints the bounds; the template turns them into key-tile loops.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sympy as sp
 
 from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable, products
+from maskdsl.analysis import NotAnalyzable, layout_dilation, products
 
 
 class UnsupportedMask(ValueError):
@@ -24,7 +25,7 @@ class UnsupportedMask(ValueError):
 class DimPlan:
     extent: int
     stride: int  # row-major token stride of this dimension
-    dilation: int
+    dilation: int  # of the layout: query tiles are cut per dilation group
     q_tile: int
     kv_tile: int
 
@@ -43,13 +44,20 @@ class DimPlan:
 
 @dataclass(frozen=True)
 class TermDim:
-    """One dimension of one product term: its key bounds (sympy, group coordinates) and query range."""
+    """One dimension of one product term: its key bounds (sympy, group coordinates of its own
+    dilation) and the original coordinates [qa, qb) of the queries it applies to."""
 
     lo: sp.Expr
     hi: sp.Expr
     qa: int
     qb: int
     restricts_queries: bool
+    dilation: int = 1  # the term's; the layout's may be 1 where terms differ (codegen.bounds: "strided")
+
+    @classmethod
+    def of(cls, rel, n: int) -> "TermDim":
+        qb = rel.query_stop(n)
+        return cls(rel.lo, rel.hi, rel.qa, qb, rel.qa > 0 or qb < n, rel.dilation)
 
 
 @dataclass(frozen=True)
@@ -88,14 +96,7 @@ def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
         terms = products(mask.expr, shape)
     except NotAnalyzable as exc:
         raise UnsupportedMask(f"mask {mask.name!r}: {exc}") from None
-    dilation = []
-    for d in range(len(shape)):
-        dil = {t.sym[d].dilation for t in terms}
-        if len(dil) > 1:
-            raise UnsupportedMask(
-                f"mask {mask.name!r}: dimension {d} unites terms with dilations {sorted(dil)}; the kernel lays out "
-                "one dilation per dimension", )
-        dilation.append(dil.pop() if dil else 1)
+    dilation = layout_dilation(terms, len(shape))
     strides = []
     acc = 1
     for n in reversed(shape):
@@ -103,8 +104,7 @@ def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
         acc *= n
     strides.reverse()
     dims = tuple(DimPlan(n, strides[d], dilation[d], config.q_tile[d], config.kv_tile[d]) for d, n in enumerate(shape))
-    planned = [tuple(TermDim(rel.lo, rel.hi, rel.qa, rel.query_stop(n), rel.qa > 0 or rel.query_stop(n) < n)
-                     for rel, n in zip(t.sym, shape)) for t in terms]
+    planned = [tuple(TermDim.of(rel, n) for rel, n in zip(t.sym, shape)) for t in terms]
     shell_free = len(terms) == 1 and all(_shell_free(rel, n, dim) for rel, n, dim in zip(terms[0].sym, shape, dims))
     return KernelPlan(mask.name, mask.expr.fmt(), shape, dims, tuple(planned), config, shell_free)
 

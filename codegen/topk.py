@@ -13,7 +13,10 @@ from functools import cached_property
 
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.plan import TermDim, UnsupportedMask
+from maskdsl.codegen.bounds import KernelDim, term_text
+from maskdsl.codegen.context import join, query_text, wrap
+from maskdsl.codegen.plan import DimPlan, TermDim, UnsupportedMask
+from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
@@ -22,21 +25,76 @@ from maskdsl.topk import candidate_blocks, normal_form
 TEMPLATE = "attention_topk.py.jinja"
 
 
-def _terms(expr, shape, what):
+def _terms(expr, shape, what) -> list[tuple[TermDim, ...]]:
     if expr is None:
         return []
     try:
         terms = products(expr, shape)
     except NotAnalyzable as exc:
         raise UnsupportedMask(f"{what}: {exc}") from None
-    out = []
-    for t in terms:
-        rel = t.sym[0]
-        if rel.dilation != 1:
-            raise UnsupportedMask(f"{what}: dilation is not supported together with top-k")
-        n = shape[0]
-        out.append(TermDim(rel.lo, rel.hi, rel.qa, rel.query_stop(n), rel.qa > 0 or rel.query_stop(n) < n))
-    return out
+    if any(t.sym[0].dilation != 1 for t in terms):
+        raise UnsupportedMask(f"{what}: dilation is not supported together with top-k")
+    return [(TermDim.of(t.sym[0], shape[0]),) for t in terms]
+
+
+def _context(mask: ir.MaskDef, form, config: KernelConfig, q_tiles: int, nblocks: int) -> dict:
+    """The top-k template's input: the shared query-tile text, the S and R terms' bounds, the calls."""
+    from maskdsl.version import __version__
+
+    tokens, block, bn = mask.layout.tokens, form.topk.block, config.block_n
+    dim = KernelDim(0, DimPlan(tokens, 1, 1, config.block_m, bn), 1, 1)
+    temps = Temps()
+    s_terms = [term_text(f"s{t}", term, [dim], temps, full=True)
+               for t, term in enumerate(_terms(form.static, mask.layout.shape, f"mask {mask.name!r}, static part"))]
+    r_terms = [term_text(f"r{t}", term, [dim], temps, full=True)
+               for t, term in enumerate(_terms(form.restrict, mask.layout.shape,
+                                               f"mask {mask.name!r}, top-k restriction"))]
+
+    def inside(kind, terms):
+        return [f"(kt >= {kind}_lo_{t.label}_0) & (kt <= {kind}_hi_{t.label}_0)" for t in terms]
+
+    def pred(terms):
+        return [f"_between(kc, lo_{t.label}_0, hi_{t.label}_0)" for t in terms]
+
+    def either(conds):
+        return conds[0] if len(conds) == 1 else " | ".join(f"({c})" for c in conds)
+
+    past_end = [f"kt * {bn} >= {tokens}"] if tokens % block else []  # the last block's tiles past the grid
+    covered = [either(inside("kt", s_terms[:s])) for s in range(len(s_terms))]
+    covered.append(either(past_end + inside("kt", s_terms)) if past_end or s_terms else "")
+    r_full = either(inside("full", r_terms))
+    if tokens % bn:
+        r_full = f"((kt + 1) * {bn} <= {tokens}) & ({r_full})"
+    tpb = block // bn
+    bounds = [f"{b}_{t.label}_0" for t in s_terms + r_terms for b in ("lo", "hi")]
+    state = ["acc", "m_i", "l_i", "q", "qk_scale", "kt"]
+    memory = ["k_base", "v_base", "stride_kl", "stride_vl"]
+
+    def call(picked, masked, static):
+        return wrap("acc, m_i, l_i = _attend_tile(", [state, bounds, memory + [
+            picked, "HEAD_DIM", "DOT_F32", f"MASKED={masked}", f"STATIC={static}"]], 12)
+
+    params = state + bounds + memory + ["picked", "HEAD_DIM: tl.constexpr", "DOT_F32: tl.constexpr",
+                                        "MASKED: tl.constexpr", "STATIC: tl.constexpr"]
+    return dict(
+        version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk, tokens=tokens,
+        s_text=form.static.fmt() if form.static else "none", r_text=form.restrict.fmt(), cfg=config,
+        block_m=config.block_m, block_n=bn, q_tiles=q_tiles, nblocks=nblocks, k_eff=min(form.topk.k, nblocks),
+        tiles_per_block=tpb, s_terms=s_terms, r_terms=r_terms,
+        fast_picked=not s_terms and isinstance(form.restrict, ir.Full) and tokens % bn == 0,
+        q=query_text([dim], config.block_m, bn, tma=False),
+        fdiv=any("_fdiv(" in line for t in s_terms + r_terms for line in t.rows + t.tiles),
+        tile_params="\n".join(wrap("def _attend_tile(", params, 0, tail=""))[len("def _attend_tile("):],
+        keep_static=join("keep = ", pred(s_terms) + [f"(picked & {either(pred(r_terms))})"], " | ", 12)
+        if s_terms else ["keep = False"],
+        keep_picked=join("keep = ", pred(r_terms), " | ", 12), covered=covered, r_full=r_full,
+        picked_block="picked_row + kt" if tpb == 1 else f"picked_row + kt // {tpb}",
+        picked_count="n_picked" if tpb == 1 else f"n_picked * {tpb}",
+        s_full=either(inside("full", s_terms)) if s_terms else "False",
+        picked_tile="tl.load(idx_row + it)" if tpb == 1 else f"tl.load(idx_row + it // {tpb}) * {tpb} + it % {tpb}",
+        calls={"static_full": call("False", False, True), "static_masked": call("picked", True, True),
+               "picked_full": call("False", False, False), "picked_masked": call("False", True, False)},
+    )
 
 
 def topk_config(mask: ir.MaskDef, config: KernelConfig | None) -> KernelConfig:
@@ -63,18 +121,8 @@ class CompiledTopKAttention(CompiledAttention):
         tokens = mask.layout.tokens
         self.nblocks = math.ceil(tokens / form.topk.block)
         self.q_tiles = math.ceil(tokens / self.config.block_m)
-        s_terms = _terms(form.static, mask.layout.shape, f"mask {mask.name!r}, static part")
-        r_terms = _terms(form.restrict, mask.layout.shape, f"mask {mask.name!r}, top-k restriction")
         self.candidates = candidate_blocks(form, mask.layout.shape)
-        from maskdsl.version import __version__
-
-        context = dict(version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk,
-                       tokens=tokens, s_text=form.static.fmt() if form.static else "none", r_text=form.restrict.fmt(),
-                       cfg=self.config, block_m=self.config.block_m, block_n=self.config.block_n,
-                       q_tiles=self.q_tiles, nblocks=self.nblocks, k_eff=min(form.topk.k, self.nblocks),
-                       tiles_per_block=form.topk.block // self.config.block_n,
-                       s_terms=s_terms, r_terms=r_terms,
-                       fast_picked=not s_terms and isinstance(form.restrict, ir.Full) and tokens % self.config.block_n == 0)
+        context = _context(mask, form, self.config, self.q_tiles, self.nblocks)
         key = kernel_key(mask.content_hash(), self.config.key(), TEMPLATE)
         self.module, self.source_path = load_module(key, lambda: render_template(TEMPLATE, **context))
         self.key = f"{mask.content_hash()}:{self.config.key()}"

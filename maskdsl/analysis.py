@@ -215,30 +215,24 @@ def _products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
 
 
 def layout_dilation(terms: list[Term], rank: int) -> tuple[int, ...]:
-    """The dilation of each dimension's group permutation: the one every term agrees on.
+    """The dilation of each dimension's group permutation: the one every term has there, else 1.
 
-    Tile-major kernels lay dilation groups out contiguously; that needs one dilation per
-    dimension across all terms (an undilated term whose keys span every group is fine).
+    Tile-major kernels lay dilation groups out contiguously, which only helps when every term keeps
+    to its group. Where terms differ (`sliding_window(3) | dilated(3, 4)`, or a dilated window with
+    a sink) the dimension keeps its own order: a dilated term's keys are then a strided set inside a
+    key range, which kernels bound by that range and the predicate makes exact. The simulator and
+    codegen both lay tiles out by this one answer, so what is predicted is what runs.
     """
     out = []
     for d in range(rank):
-        dil = {t.sym[d].dilation for t in terms} - {1}
-        if len(dil) > 1:
-            raise NotAnalyzable(f"dimension {d} mixes dilations {sorted(dil)}; one dilation per dimension is supported")
-        out.append(dil.pop() if dil else 1)
-        if out[-1] > 1:
-            for t in terms:
-                rel = t.num[d]
-                if rel.dilation == 1 and not (np.all(rel.lo == 0) and np.all(rel.hi == rel.n - 1)):
-                    raise NotAnalyzable(f"dimension {d} mixes dilation {out[-1]} with an undilated term; "
-                                        "tile-major layouts need one dilation per dimension")
+        dil = {t.sym[d].dilation for t in terms}
+        out.append(dil.pop() if len(dil) == 1 else 1)
     return tuple(out)
 
 
 def _permuted(rel: Rel1D, dilation: int) -> Rel1D:
-    if dilation == 1 or rel.dilation == dilation:
-        return rel.permuted()
-    return rel  # an undilated "all keys" relation is the same in any order
+    # a relation whose dilation the layout does not permute by stays in the dimension's own order
+    return rel.permuted() if rel.dilation == dilation else rel
 
 
 def permuted_rels(term: Term, dilation: tuple[int, ...]) -> tuple[Rel1D, ...]:

@@ -93,6 +93,22 @@ def intersect(a: SymRel, b: SymRel, n: int) -> SymRel:
     return SymRel(a.dilation, sp.Max(a.lo, b.lo), sp.Min(a.hi, b.hi), max(a.qa, b.qa), qb)
 
 
+def query_domain(dilation: int, n: int) -> dict:
+    """Every valid query point (I, G, N) of a dimension of extent n in dilation-d group coordinates.
+
+    The bounds are only ever used there (codegen's tiles clip to it), so two expressions equal on
+    it are interchangeable: that is what lets codegen drop a clamp that never binds.
+    """
+    c = np.arange(n, dtype=np.int64)
+    g = c % dilation
+    return {I: c // dilation, G: g, N: (n - g + dilation - 1) // dilation}
+
+
+def values(expr: sp.Expr, env: dict) -> np.ndarray:
+    """`expr` at every point of `env` (from `query_domain`), in exact integer arithmetic."""
+    return np.broadcast_to(np.asarray(_int_eval(sp.sympify(expr), env), dtype=np.int64), env[I].shape)
+
+
 def evaluate(rel: SymRel, n: int) -> tuple[np.ndarray, np.ndarray]:
     """lo, hi (group coordinates) for every query coordinate 0..n-1, in integer arithmetic.
 
@@ -101,12 +117,9 @@ def evaluate(rel: SymRel, n: int) -> tuple[np.ndarray, np.ndarray]:
     floor(-g/3 + x/3) in floats: 0 for x = 5, g = 2).
     """
     c = np.arange(n, dtype=np.int64)
-    d = rel.dilation
-    g, i = c % d, c // d
-    glen = (n - g + d - 1) // d
-    env = {I: i, G: g, N: glen}
-    lo = np.broadcast_to(np.asarray(_int_eval(rel.lo, env), dtype=np.int64), (n,))
-    hi = np.minimum(np.broadcast_to(np.asarray(_int_eval(rel.hi, env), dtype=np.int64), (n,)), glen - 1)
+    env = query_domain(rel.dilation, n)
+    lo = values(rel.lo, env)
+    hi = np.minimum(values(rel.hi, env), env[N] - 1)
     inside = (c >= rel.qa) & (c < rel.query_stop(n))
     return np.where(inside, np.maximum(lo, 0), 0), np.where(inside, hi, -1)
 

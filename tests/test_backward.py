@@ -8,6 +8,7 @@ write fails. Seeds are fixed per case.
 
 import pytest
 import torch
+from conftest import EXAMPLES
 
 import maskdsl
 from maskdsl.codegen.compiled import compile_attention
@@ -189,11 +190,11 @@ def test_bench_training_checks_gradients_on_sampled_rows():
     assert not entry["grad_nan"] and max(entry["dq_error"], entry["dk_error"], entry["dv_error"]) < 1e-5
 
 
-def test_training_example_runs_and_both_runs_agree(tmp_path, examples_dir):
+def test_training_example_runs_and_both_runs_agree(tmp_path):
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("train_video_block", examples_dir / "train_video_block.py")
+    spec = importlib.util.spec_from_file_location("train_video_block", EXAMPLES / "train_video_block.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     assert example.main(["--steps", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0

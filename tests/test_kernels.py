@@ -146,12 +146,6 @@ def test_bad_config_is_a_clear_error():
         maskdsl.compile(spec, "m", KernelConfig((16,), (4, 4)))
 
 
-def test_unsupported_mix_of_dilations_is_explained():
-    spec = maskdsl.parse("layout s = grid(40)\nmask m = sliding_window(3) | dilated(3, 4)")
-    with pytest.raises(ValueError, match="one dilation per dimension"):
-        maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
-
-
 def test_torch_compile_has_no_graph_break(gen):
     spec = maskdsl.parse("layout s = grid(20)\nmask m = sliding_window(5)")
     fn = maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))

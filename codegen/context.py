@@ -1,0 +1,300 @@
+"""What the templates are rendered with: a plan turned into the kernel's names and lines.
+
+Dimension-generic text is built here (jinja is poor at it); the templates lay it out. Identities
+fold as the text is built: an undilated dimension has no group (g = 0) and a constant length, a
+tile that divides its dimension needs no bounds check, a tile extent of 1 no division.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from maskdsl.codegen.bounds import KernelDim, TermText, term_text
+from maskdsl.codegen.plan import KernelPlan
+from maskdsl.codegen.printer import Temps, to_triton
+
+LINE = 110
+
+
+def kernel_dims(plan: KernelPlan) -> list[KernelDim]:
+    cfg, rank = plan.config, plan.rank
+    out = []
+    for d, dp in enumerate(plan.dims):
+        q_inner = kv_inner = 1
+        for k in range(d + 1, rank):
+            q_inner *= cfg.q_tile[k]
+            kv_inner *= cfg.kv_tile[k]
+        out.append(KernelDim(d, dp, q_inner, kv_inner))
+    return out
+
+
+def _mul(name: str, factor: int) -> str:
+    return name if factor == 1 else f"{name} * {factor}"
+
+
+def _lane(offs: str, inner: int, tile: int, block: int) -> str:
+    """Which step of this dimension each row (or key) of a tile is: (offs // inner) % tile, folded."""
+    if tile == 1:
+        return f"{offs} * 0"
+    step = offs if inner == 1 else f"{offs} // {inner}"
+    if inner * tile == block:
+        return step
+    return f"{step} % {tile}" if inner == 1 else f"({step}) % {tile}"
+
+
+def _flat(dims: list[KernelDim], coord: str) -> str:
+    """Row-major token index of per-dimension group coordinates `coord_d`."""
+    return " + ".join(_mul(d.coordinate(f"{coord}_{d.i}"), d.plan.stride) for d in dims)
+
+
+def _conj(parts: list[str]) -> str:
+    if len(parts) <= 1:
+        return "".join(parts)
+    return " & ".join(f"({p})" for p in parts)
+
+
+@dataclass
+class QueryText:
+    """The query tile's lines, shared by every template (`attention_common.start` / `finish`)."""
+
+    block_m: int
+    block_n: int
+    tma: bool
+    decode: list[str] = field(default_factory=list)
+    rows: list[str] = field(default_factory=list)
+    key_offsets: list[str] = field(default_factory=list)
+    row_valid: str = ""
+    row_flat: str = ""
+    tma_offsets: str = ""
+    tma_box: str = ""
+
+    @property
+    def row_mask(self) -> str:
+        return ", mask=row_valid[:, None], other=0.0" if self.row_valid else ""
+
+    @property
+    def row_mask_store(self) -> str:
+        return ", mask=row_valid[:, None]" if self.row_valid else ""
+
+    @property
+    def lse_mask(self) -> str:
+        return ", mask=row_valid" if self.row_valid else ""
+
+
+def query_text(dims: list[KernelDim], block_m: int, block_n: int, tma: bool) -> QueryText:
+    """Decode pid_m into per-dimension group g_d and coordinates first_d..last_d, then each row's."""
+    out = QueryText(block_m, block_n, tma)
+    rank = len(dims)
+    tile = "pid_m" if rank == 1 else "tile"
+    if rank > 1:
+        out.decode.append("tile = pid_m")
+    for d in reversed(dims):
+        p = d.plan
+        # the slowest dimension takes what is left: pid_m < Q_TILES
+        qt = tile if d.i == 0 else f"{tile} % {p.q_tiles}"
+        if p.dilation > 1:
+            out.decode.append(f"g_{d.i} = {qt if d.i == 0 else f'({qt})'} // {p.q_tiles_per_group}")
+            pos = f"{tile} % {p.q_tiles_per_group}"
+            if d.group_len_const is None:
+                out.decode.append(f"n_{d.i} = ({p.extent} - g_{d.i} + {p.dilation - 1}) // {p.dilation}")
+        else:
+            pos = qt
+        out.decode.append(f"first_{d.i} = {_mul(pos if pos == tile else f'({pos})', p.q_tile)}")
+        n = to_triton(d.n)
+        if p.q_tile == 1:
+            last = f"first_{d.i}"
+        elif d.ragged_q:
+            last = f"tl.minimum(first_{d.i} + {p.q_tile}, {n}) - 1"
+        else:
+            last = f"first_{d.i} + {p.q_tile - 1}"
+        out.decode.append(f"last_{d.i} = {last}")
+        if d.i > 0:
+            out.decode.append(f"{tile} //= {p.q_tiles}")
+    for d in dims:
+        out.rows.append(f"rows_{d.i} = first_{d.i} + {_lane('offs_m', d.q_inner, d.plan.q_tile, block_m)}")
+        out.key_offsets.append(f"koff_{d.i} = {_lane('offs_n', d.kv_inner, d.plan.kv_tile, block_n)}")
+    out.row_valid = _conj([f"rows_{d.i} < {to_triton(d.n)}" for d in dims if d.ragged_q])
+    out.row_flat = _flat(dims, "rows")
+    out.tma_offsets = ", ".join(f"first_{d.i}" for d in dims)
+    out.tma_box = ", ".join(str(d.plan.q_tile) for d in dims)
+    return out
+
+
+def wrap(head: str, args: list, indent: int, tail: str = ")") -> list[str]:
+    """`head` + the args + `tail`, broken after commas into lines of at most LINE characters (counting
+    `indent` spaces before each); continuation lines line up under the first argument. An arg that
+    is a list is a group: it starts a line of its own."""
+    lines, cur = [], head
+    items = [(a, False) if isinstance(a, str) else (x, k == 0) for a in args
+             for k, x in (enumerate(a) if not isinstance(a, str) else [(0, a)])]
+    for k, (a, starts) in enumerate(items):
+        piece = a + (", " if k < len(items) - 1 else tail)
+        if cur != head and (starts or indent + len(cur) + len(piece.rstrip()) > LINE):
+            lines.append(cur.rstrip())
+            cur = " " * len(head) + piece
+        else:
+            cur += piece
+    lines.append(cur)
+    return lines
+
+
+def join(head: str, parts: list[str], sep: str, indent: int, close: str = "") -> list[str]:
+    """`head part sep part ... close` on one line if it fits, else in parentheses, one break per sep."""
+    one = head + sep.join(parts) + close
+    if indent + len(one) <= LINE:
+        return [one]
+    if not head.endswith("("):
+        head, close = head + "(", close + ")"
+    lines, cur = [], head
+    for k, p in enumerate(parts):
+        piece = p if k == 0 else sep + p
+        if k and indent + len(cur) + len(piece) > LINE:
+            lines.append(cur)
+            cur = " " * len(head) + piece.lstrip()
+        else:
+            cur += piece
+    lines.append(cur + close)
+    return lines
+
+
+def static_context(plan: KernelPlan) -> dict:
+    from maskdsl.version import __version__
+
+    cfg = plan.config
+    dims = kernel_dims(plan)
+    temps = Temps()
+    single = len(plan.terms) == 1
+    terms = [term_text(str(t), term, dims, temps, full=single) for t, term in enumerate(plan.terms)]
+    q = query_text(dims, cfg.block_m, cfg.block_n, plan.tma_ok)
+    cvars = [f"c_{d.i}" for d in dims]
+
+    ctx = [f"koff_{d.i}" for d in dims]
+    for d in dims:
+        if d.plan.dilation > 1:
+            ctx.append(f"g_{d.i}")
+            if d.group_len_const is None:
+                ctx.append(f"n_{d.i}")
+    ctx += [f"{b}_{t.label}_{d.i}" for t in terms for d in dims for b in ("lo", "hi")]
+    ctx += ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v", "bh_kv"]
+    consts = ["HEAD_DIM", "TMA", "DOT_F32"]
+    decl = [f"{c}: tl.constexpr" for c in consts]
+    state = ["acc", "m_i", "l_i", "q", "qk_scale"]
+
+    key_lines = [f"kc_{d.i} = {_mul(f'c_{d.i}', d.plan.kv_tile)} + koff_{d.i}" for d in dims]
+    valid = [f"kc_{d.i} < {to_triton(d.n)}" for d in dims if d.ragged_kv]
+    if valid:
+        key_lines.append(f"key_valid = {_conj(valid)}")
+    predicate = []
+    for t in terms:
+        parts = []
+        for d, phase in zip(dims, t.phases):
+            parts.append(f"_between(kc_{d.i}, lo_{t.label}_{d.i}, hi_{t.label}_{d.i})")
+            if phase:
+                parts.append(f"((kc_{d.i}[None, :] - lo_{t.label}_{d.i}[:, None]) % {phase} == 0)")
+        predicate += join("keep = keep | (" if predicate else "keep = ", parts, " & ", 8, ")" if predicate else "")
+    if valid:
+        predicate.append("keep = keep & key_valid[None, :]")
+
+    box = [f"box_{s}_{d.i}" for d in dims for s in ("lo", "hi")]
+    box_ctx = [c for c in ctx if not c.startswith("koff_")]  # the box computes them before its loop
+    next_params = cvars + [f"box_{s}_{d.i}" for d in dims[1:] for s in ("lo", "hi")]
+    next_lines = [f"c_{dims[-1].i} += 1"]
+    for d in reversed(dims[1:]):
+        next_lines += [f"wrap = c_{d.i} > box_hi_{d.i}",
+                       f"c_{d.i - 1} = tl.where(wrap, c_{d.i - 1} + 1, c_{d.i - 1})",
+                       f"c_{d.i} = tl.where(wrap, box_lo_{d.i}, c_{d.i})"]
+    attend = wrap("acc, m_i, l_i = _attend_tile(", state + cvars + ctx + consts + ["MASKED"], 8)
+
+    return {
+        "version": __version__, "plan": plan, "cfg": cfg, "terms": terms, "q": q,
+        "tokens": math.prod(plan.shape), "dilations": tuple(d.dilation for d in plan.dims),
+        "fdiv": any("_fdiv(" in line for t in terms for line in t.rows + t.tiles),
+        "cvars": ", ".join(cvars),
+        "tile_params": _params(state + cvars + ctx + decl + ["MASKED: tl.constexpr"], "def _attend_tile("),
+        "box_params": _params(state + box + box_ctx + decl + ["MASKED: tl.constexpr"], "def _attend_box("),
+        "box_stages": cfg.num_stages if single else None,
+        "next_params": ", ".join(next_params),
+        "key_lines": key_lines, "key_valid": "key_valid" if valid else "None",
+        "load_masked": "MASKED" if valid else "False",
+        "key_flat": _flat(dims, "kc"),
+        "kv_tma_offsets": ", ".join(_mul(f"c_{d.i}", d.plan.kv_tile) for d in dims),
+        "predicate": predicate,
+        "box_lo": ", ".join(f"box_lo_{d.i}" for d in dims),
+        "box_count": " * ".join(f"(box_hi_{d.i} - box_lo_{d.i} + 1)" for d in dims),
+        "attend_in_box": "\n        ".join(attend),
+        "next_in_box": ", ".join(next_params),
+        "next_lines": next_lines,
+        "loops": _single_term_loops(plan, dims, state, box_ctx, consts) if single
+        else _union_loops(dims, terms, state, ctx, box_ctx, consts),
+    }
+
+
+def _params(names: list[str], head: str) -> str:
+    return "\n".join(wrap(head, names, 0, tail=""))[len(head):]
+
+
+def _box_call(box: list[tuple[str, str]], state, ctx, consts, masked: bool) -> list[str]:
+    """The call visiting one box; a line each for the softmax state, the box, the rest."""
+    args = [state, [x for lo_hi in box for x in lo_hi], ctx + consts + [f"MASKED={masked}"]]
+    return wrap("acc, m_i, l_i = _attend_box(", args, 4)
+
+
+@dataclass
+class Loop:
+    comment: str
+    lines: list[str]
+
+
+def _single_term_loops(plan, dims, state, ctx, consts) -> list[Loop]:
+    """One term: the box every row fully sees runs unmasked; the shell around it is 2 x rank slabs."""
+    def rng(kind, d):
+        return (f"{kind}_lo_0_{d.i}", f"{kind}_hi_0_{d.i}")
+
+    loops = [Loop("full tiles: every row sees every key, no mask arithmetic",
+                  _box_call([rng("full", d) for d in dims], state, ctx, consts, False))]
+    if plan.shell_free:
+        loops.append(Loop("no partial tiles: for this mask and these tiles every visited tile is full "
+                          "(checked at plan time)", []))
+        return loops
+    for d in dims:
+        for side in ("left", "right"):
+            box = []
+            for k in dims:
+                if k.i < d.i:
+                    box.append(rng("full", k))
+                elif k.i > d.i:
+                    box.append(rng("kt", k))
+                elif side == "left":
+                    box.append((f"kt_lo_0_{k.i}", f"full_lo_0_{k.i} - 1"))
+                else:
+                    box.append((f"full_hi_0_{k.i} + 1", f"kt_hi_0_{k.i}"))
+            loops.append(Loop(f"partial tiles {side} of the full box in dimension {d.i}",
+                              _box_call(box, state, ctx, consts, True)))
+    return loops
+
+
+def _union_loops(dims, terms: list[TermText], state, ctx, box_ctx, consts) -> list[Loop]:
+    """Several terms: each visits its own box, masked, skipping tiles an earlier term's box covered."""
+    cvars = [f"c_{d.i}" for d in dims]
+    first = terms[0].label
+    loops = [Loop(f"term {first}: its box of key tiles",
+                  _box_call([(f"kt_lo_{first}_{d.i}", f"kt_hi_{first}_{d.i}") for d in dims],
+                            state, box_ctx, consts, True))]
+    attend = wrap("acc, m_i, l_i = _attend_tile(", state + cvars + ctx + consts + ["MASKED=True"], 12)
+    for k, t in enumerate(terms[1:], start=1):
+        s = t.label
+        lines = [f"{', '.join(cvars)} = {', '.join(f'kt_lo_{s}_{d.i}' for d in dims)}",
+                 "n_tiles = " + " * ".join(f"(kt_hi_{s}_{d.i} - kt_lo_{s}_{d.i} + 1)" for d in dims),
+                 "for _ in tl.range(0, n_tiles):"]
+        seen = [" & ".join(f"(c_{d.i} >= kt_lo_{u.label}_{d.i}) & (c_{d.i} <= kt_hi_{u.label}_{d.i})" for d in dims)
+                for u in terms[:k]]
+        if len(seen) > 1:
+            seen = [f"({x})" for x in seen]
+        lines += ["    " + ln for ln in join("seen = ", seen, " | ", 8)]
+        lines.append("    if not seen:")
+        lines += ["        " + ln for ln in attend]
+        step = cvars + [f"kt_{b}_{s}_{d.i}" for d in dims[1:] for b in ("lo", "hi")]
+        lines.append(f"    {', '.join(cvars)} = _next_tile({', '.join(step)})")
+        loops.append(Loop(f"term {s}: its box of key tiles, except those an earlier term's box covered", lines))
+    return loops
