@@ -15,15 +15,21 @@ import time
 
 
 def backward_candidates(mask, head_dim: int):
-    """The default backward config and a few neighbours worth timing (tuning replaces this list)."""
-    from maskdsl.codegen.config import BackwardConfig, KernelConfig, _split, default_backward_config
+    """The default backward config and a few neighbours worth timing (tuning replaces this list); every
+    kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
+    from maskdsl.autotune.space import ranked_backward_default, ranked_tiles
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig, _split
 
-    shape = mask.layout.shape
-    out = [default_backward_config(mask, head_dim)]
-    options = [((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 64, 4, 3)), ((64, 64, 4, 3), (128, 32, 8, 3))]
-    for (dq_m, dkv_n, w1, s1), (q_m, kv_n, w2, s2) in options:
-        cfg = BackwardConfig(KernelConfig(_split(dq_m, shape), _split(dkv_n, shape), w1, s1),
-                             KernelConfig(_split(q_m, shape), _split(kv_n, shape), w2, s2))
+    def kernel(block_m, block_n, warps, stages):
+        tiles = ranked_tiles(mask, block_m, block_n) or (_split(block_m, mask.layout.shape),
+                                                        _split(block_n, mask.layout.shape))
+        return KernelConfig(*tiles, warps, stages)
+
+    out = [ranked_backward_default(mask, head_dim)]
+    options = [((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 64, 4, 3)), ((64, 64, 4, 3), (128, 32, 8, 3)),
+               ((64, 64, 8, 2), (128, 64, 8, 3))]
+    for dkdv, dq in options:
+        cfg = BackwardConfig(kernel(*dkdv), kernel(*dq))
         if cfg not in out:
             out.append(cfg)
     return out
