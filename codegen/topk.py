@@ -14,7 +14,7 @@ import math
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.plan import TermDim, UnsupportedMask
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.topk import candidate_blocks, normal_form
@@ -68,8 +68,10 @@ class CompiledTopKAttention(CompiledAttention):
         self.candidates = candidate_blocks(form, mask.layout.shape)
         from maskdsl.version import __version__
 
-        context = dict(version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk,
-                       tokens=tokens, s_text=form.static.fmt() if form.static else "none", r_text=form.restrict.fmt(),
+        # The name is not rendered (the file is the same whatever the mask is called); texts in comments are escaped.
+        context = dict(version=__version__, mask_name=UNNAMED, mask_text=comment_safe(mask.expr.fmt()), topk=form.topk,
+                       tokens=tokens, s_text=comment_safe(form.static.fmt() if form.static else "none"),
+                       r_text=comment_safe(form.restrict.fmt()),
                        cfg=self.config, block_m=self.config.block_m, block_n=self.config.block_n,
                        q_tiles=self.q_tiles, nblocks=self.nblocks, k_eff=min(form.topk.k, self.nblocks),
                        tiles_per_block=form.topk.block // self.config.block_n,

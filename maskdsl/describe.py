@@ -37,17 +37,23 @@ def describe(expr: ir.MaskExpr, rank: int) -> str:
     return "(" + joiner.join(describe(t, rank) for t in expr.terms) + ")"
 
 
+def percent(x: float) -> str:
+    """Four decimals, or three significant digits for a density too small for them (never a bare 0.0000%)."""
+    return f"{x:.4%}" if x == 0 or x >= 1e-4 else f"{x * 100:.3g}%"
+
+
 def density_line(mask: ir.MaskDef) -> str:
     """Exact density of the static part; for top-k, the expected density it adds is said as such."""
     tokens = mask.layout.tokens
     static = static_part(mask.expr)
     if not mask.dynamic:
-        density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
-        return f"density {density:.4%} ({1 / density:.2f}x FLOP-ideal)" if density else "density 0 (empty mask)"
+        pairs = attended_pairs(mask.expr, mask.layout.shape)  # an exact Python int
+        return f"density {percent(pairs / tokens**2)} ({tokens**2 / pairs:.2f}x FLOP-ideal)" if pairs else \
+            "density 0 (empty mask)"
     topk = next(n for n in ir.walk(mask.expr) if isinstance(n, ir.TopK))
     blocks = math.ceil(tokens / topk.block)
     expected = min(topk.k, blocks) / blocks
     text = f"top-k keeps {min(topk.k, blocks)} of {blocks} key blocks (expected density {expected:.2%})"
     if static is not None and not isinstance(static, ir.Full):
-        text += f"; static part density {attended_pairs(static, mask.layout.shape) / tokens**2:.4%}"
+        text += f"; static part density {percent(attended_pairs(static, mask.layout.shape) / tokens**2)}"
     return text

@@ -28,9 +28,13 @@ import torch
 from maskdsl import ir
 
 
-def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False) -> torch.Tensor:
-    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension."""
-    i = torch.arange(n).view(n, 1)
+def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False,
+                    queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension.
+
+    With `queries` (coordinates), only their rows: [len(queries), n].
+    """
+    i = (torch.arange(n) if queries is None else queries.to(torch.int64)).view(-1, 1)
     j = torch.arange(n).view(1, n)
     group = i % dilation
     same_group = group == (j % dilation)
@@ -72,8 +76,9 @@ def static_mask(expr: ir.MaskExpr, shape: tuple[int, ...], rows: torch.Tensor | 
         qc, kc = _flat_coords(shape, queries), _flat_coords(shape, keys)
         mask = torch.ones(len(queries), tokens, dtype=torch.bool)
         for d, n in enumerate(shape):
-            m1 = neighborhood_1d(n, expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d])
-            mask &= m1[qc[d].view(-1, 1), kc[d].view(1, -1)]
+            # Only the query coordinates asked for: [Q, n] per dimension, not [n, n] (1 GB at n = 32k).
+            m1 = neighborhood_1d(n, expr.window[d], expr.dilation[d], expr.stride[d], expr.causal[d], queries=qc[d])
+            mask &= m1[:, kc[d]]
         return mask
     if isinstance(expr, ir.Causal):
         return qi >= kj
