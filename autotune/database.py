@@ -46,11 +46,11 @@ def open_storage(url: str | None = None, lookup: bool = False):
     except TuningDatabaseError:
         raise
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy, a driver, sqlite3 and Optuna each raise their own
-        raise TuningDatabaseError(f"cannot open the tuning database {_redact(url)}: {type(exc).__name__}: "
+        raise TuningDatabaseError(f"cannot open the tuning database {redact(url)}: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from exc
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """The URL without a password (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
     import re
 
@@ -89,7 +89,7 @@ def list_studies(url: str | None = None, lookup: bool = False) -> list[dict]:
     try:
         summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=True)
     except Exception as exc:  # noqa: BLE001 - a file that is not a tuning database, a lost connection
-        raise TuningDatabaseError(f"cannot read the tuning database {_redact(storage_url(url))}: "
+        raise TuningDatabaseError(f"cannot read the tuning database {redact(storage_url(url))}: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     for s in summaries:
         key = parse_study_name(s.study_name)

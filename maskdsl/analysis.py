@@ -230,6 +230,34 @@ def products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
     return list(_products(expr, tuple(int(n) for n in shape)))
 
 
+def num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
+    """`products` with numbers only (each Term's `sym` is None): what counting and the simulator need.
+
+    Same terms, same order: leaves are evaluated from their sympy intervals (cached per leaf), but
+    intersections are taken numerically (`intersect_rels`), which stays cheap however long an
+    intersection chain is; chained sympy Min/Max grow and slow down with every step.
+    """
+    return list(_num_products(expr, tuple(int(n) for n in shape)))
+
+
+@lru_cache(maxsize=512)
+def _num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
+    if isinstance(expr, ir.Union_):
+        raw = [t for term in expr.terms for t in _num_products(term, shape)]
+        if len(raw) > 4 * MAX_PRODUCTS:
+            raise NotAnalyzable(_too_many(f"more than {4 * MAX_PRODUCTS}"))
+        return tuple(simplify(raw))
+    if isinstance(expr, ir.Intersection):
+        acc = list(_num_products(expr.terms[0], shape))
+        for term in expr.terms[1:]:
+            nxt = _num_products(term, shape)
+            if len(acc) * len(nxt) > MAX_PRODUCTS**2:
+                raise NotAnalyzable(_too_many(f"up to {len(acc) * len(nxt)}"))
+            acc = simplify([q for a in acc for b in nxt if (q := intersect_num(a, b)) is not None])
+        return tuple(acc)
+    return tuple(Term(None, t.num) for t in _products(expr, shape))
+
+
 def check_analyzable(expr: ir.MaskExpr, shape) -> None:
     """Raise NotAnalyzable (with the reason) unless the static part of `expr` can be counted exactly.
 
@@ -240,7 +268,7 @@ def check_analyzable(expr: ir.MaskExpr, shape) -> None:
         raise NotAnalyzable("a mask may hold one top-k term; combine several selections into one topk(...)")
     static = static_part(expr)
     if static is not None:
-        terms = products(static, shape)
+        terms = num_products(static, shape)
         if len(terms) > MAX_PRODUCTS:
             raise NotAnalyzable(_too_many(len(terms)))
 
@@ -279,7 +307,7 @@ def layout_dilation(terms: list[Term], rank: int) -> tuple[int, ...]:
     """
     out = []
     for d in range(rank):
-        dil = {t.sym[d].dilation for t in terms} - {1}
+        dil = {t.num[d].dilation for t in terms} - {1}
         if len(dil) > 1:
             raise NotAnalyzable(f"dimension {d} mixes dilations {sorted(dil)}; one dilation per dimension is supported")
         out.append(dil.pop() if dil else 1)
@@ -364,7 +392,7 @@ def inclusion_exclusion(terms: list[Term], shape) -> list[tuple[int, Term]]:
 
 
 def signed_terms(expr: ir.MaskExpr, shape) -> list[tuple[int, Term]]:
-    """`inclusion_exclusion(products(expr, shape), shape)`, cached on (expression, shape).
+    """`inclusion_exclusion(num_products(expr, shape), shape)`, cached on (expression, shape).
 
     Counting many tile configurations of one mask must not expand the union each time.
     """
@@ -373,7 +401,7 @@ def signed_terms(expr: ir.MaskExpr, shape) -> list[tuple[int, Term]]:
 
 @lru_cache(maxsize=256)
 def _signed_terms(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[tuple[int, Term], ...]:
-    return tuple(inclusion_exclusion(products(expr, shape), shape))
+    return tuple(inclusion_exclusion(num_products(expr, shape), shape))
 
 
 def box_pair_counts(rels: tuple[Rel1D, ...], qboxes: np.ndarray, kboxes: np.ndarray) -> np.ndarray:
@@ -398,7 +426,7 @@ def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.nda
     With `permuted`, box coordinates are positions in the dilation-group-major order of
     `layout_dilation` (each dimension's groups laid out one after another).
     """
-    dilation = layout_dilation(products(expr, shape), len(shape)) if permuted else None
+    dilation = layout_dilation(num_products(expr, shape), len(shape)) if permuted else None
     total = np.zeros((len(qboxes), len(kboxes)), dtype=np.int64)
     for sign, term in signed_terms(expr, shape):
         rels = term.num if dilation is None else permuted_rels(term, dilation)

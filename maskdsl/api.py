@@ -46,7 +46,7 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
 
     head_dim = attention.head_dim if attention else 128
     try:
-        from maskdsl.autotune.database import best_config, storage_url
+        from maskdsl.autotune.database import best_config, redact, storage_url
     except ImportError:  # optuna is not installed: compile still works with the untuned config
         return untuned_config(mask, head_dim)
     try:
@@ -54,7 +54,7 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
         if config is not None:
             _check_stored(config, mask)
     except Exception as exc:  # noqa: BLE001 - see the docstring: nothing in the database may fail a compile
-        _warn_once(f"the tuning database {storage_url()!r} could not be used ({type(exc).__name__}: "
+        _warn_once(f"the tuning database {redact(storage_url())} could not be used ({type(exc).__name__}: "
                    f"{str(exc).splitlines()[0] if str(exc) else ''}); compiling with the default config. "
                    "Fix or remove the database, or point MASKDSL_TUNING_DB at another one (docs/LIMITS.md)")
         config = None

@@ -78,9 +78,15 @@ def test_mixed_dilations_in_a_union_are_counted_exactly():
     assert attended_pairs(spec.masks[0].expr, (40,)) == int(reference_mask(spec, "m").sum())
 
 
-def test_intersection_of_two_dilations_is_refused_with_a_reason():
-    refused("layout a = grid(16)\nmask m = dilated(window=2, dilation=2) & dilated(window=2, dilation=3)", 2, 6,
-            "dilations 2 and 3")
+def test_intersection_of_two_dilations_is_analysed_and_compile_says_why_not():
+    """It used to parse and then fail `check` with an internal NotAnalyzable."""
+    from maskdsl.codegen.config import KernelConfig
+
+    spec = maskdsl.parse("layout a = grid(16)\nmask m = dilated(window=2, dilation=2) & dilated(window=2, dilation=3)")
+    assert attended_pairs(spec.masks[0].expr, (16,)) == int(reference_mask(spec, "m").sum())
+    assert density_line(spec.masks[0]).startswith("density ")
+    with pytest.raises(ValueError, match="dilations 2 and 3"):
+        maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
 
 
 def test_two_topk_terms_are_refused_at_parse_time():
