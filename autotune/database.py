@@ -62,6 +62,8 @@ def _open(url: str, lookup: bool):
 
     if lookup:
         return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    if url.startswith("postgresql"):
+        return _open_postgres(url)
     if not url.startswith("sqlite:///"):
         return optuna.storages.RDBStorage(url)
     path = Path(url[len("sqlite:///"):])
@@ -72,6 +74,30 @@ def _open(url: str, lookup: bool):
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_SCHEMA_LOCK = 0x6D61736B  # "mask": the advisory lock id that serializes schema set-up on a server
+
+
+def _open_postgres(url: str):
+    """Optuna's storage on PostgreSQL, its schema set-up serialized by a server-side advisory lock.
+
+    Workers starting together on a fresh database otherwise each run CREATE TABLE, and all but one
+    fail on `duplicate key value violates unique constraint "pg_type_typname_nsp_index"`.
+    """
+    import optuna
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:id)"), {"id": _SCHEMA_LOCK})
+            try:
+                return optuna.storages.RDBStorage(url)
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:id)"), {"id": _SCHEMA_LOCK})
+    finally:
+        engine.dispose()
 
 
 def list_studies(url: str | None = None, lookup: bool = False) -> list[dict]:
