@@ -25,15 +25,44 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get("MASKDSL_TUNING_DB") or f"sqlite:///{default_path()}"
 
 
-def open_storage(url: str | None = None):
+class TuningDatabaseError(RuntimeError):
+    """The tuning database cannot be opened or read (a bad URL, a missing driver, a damaged file)."""
+
+
+def open_storage(url: str | None = None, lookup: bool = False):
     """An Optuna storage; for SQLite, set-up is serialized by a lock file so concurrent workers never race.
 
     (Two processes creating a fresh SQLite database at once both run the schema creation and
     one fails on `table studies already exists` or the alembic version row.)
+
+    `lookup=True` opens it for reading only as far as the schema goes: no directory, no lock file, no
+    tables are created, so looking into a file that is not a tuning database leaves it as it was.
+    Any failure is a TuningDatabaseError that names the URL.
     """
+    url = storage_url(url)
+    try:
+        return _open(url, lookup)
+    except TuningDatabaseError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, a driver, sqlite3 and Optuna each raise their own
+        raise TuningDatabaseError(f"cannot open the tuning database {redact(url)}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from exc
+
+
+def redact(url: str) -> str:
+    """The URL without a password (postgresql://user:secret@host/db -> postgresql://user:***@host/db)."""
+    import re
+
+    return repr(re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url))
+
+
+def _open(url: str, lookup: bool):
     import optuna
 
-    url = storage_url(url)
+    if lookup:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    if url.startswith("postgresql"):
+        return _open_postgres(url)
     if not url.startswith("sqlite:///"):
         return optuna.storages.RDBStorage(url)
     path = Path(url[len("sqlite:///"):])
@@ -46,31 +75,78 @@ def open_storage(url: str | None = None):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def list_studies(url: str | None = None) -> list[dict]:
-    """Every maskdsl study in the storage with its best time, speedup over the default config and trials."""
+_SCHEMA_LOCK = 0x6D61736B  # "mask": the advisory lock id that serializes schema set-up on a server
+
+
+def _open_postgres(url: str):
+    """Optuna's storage on PostgreSQL, its schema set-up serialized by a server-side advisory lock.
+
+    Workers starting together on a fresh database otherwise each run CREATE TABLE, and all but one
+    fail on `duplicate key value violates unique constraint "pg_type_typname_nsp_index"`.
+    """
+    import optuna
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:id)"), {"id": _SCHEMA_LOCK})
+            try:
+                return optuna.storages.RDBStorage(url)
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:id)"), {"id": _SCHEMA_LOCK})
+    finally:
+        engine.dispose()
+
+
+def list_studies(url: str | None = None, lookup: bool = False) -> list[dict]:
+    """Every maskdsl study in the storage with its best time, speedup over the default config and trials.
+
+    A study whose best trial holds a config that does not decode lists `best_config` None (and is never
+    looked up) instead of failing the whole listing.
+    """
     import optuna
 
     from maskdsl.autotune.keys import parse_study_name
-    from maskdsl.autotune.space import decode
 
-    storage = open_storage(url)
+    storage = open_storage(url, lookup=lookup)
     rows = []
-    for s in optuna.get_all_study_summaries(storage=storage, include_best_trial=True):
+    try:
+        summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=True)
+    except Exception as exc:  # noqa: BLE001 - a file that is not a tuning database, a lost connection
+        raise TuningDatabaseError(f"cannot read the tuning database {redact(storage_url(url))}: "
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    for s in summaries:
         key = parse_study_name(s.study_name)
         if key is None:
             continue
         best = s.best_trial
         default_ms = s.user_attrs.get("default_ms")
+        config = _decoded(best.params) if best else None
         rows.append({**key, "mask": s.user_attrs.get("mask"), "mask_text": s.user_attrs.get("mask_text"),
                      "trials": s.n_trials, "best_ms": best.value if best else None,
-                     "best_config": decode(best.params).key() if best else None, "default_ms": default_ms,
+                     "best_config": config.key() if config else None, "default_ms": default_ms,
                      "speedup_vs_default": (default_ms / best.value) if best and default_ms else None,
                      "interpreted": s.user_attrs.get("interpreted", False), "study": s.study_name})
     return rows
 
 
+def _decoded(params):
+    """A stored trial's config, or None when the record is malformed (edited, from another maskdsl)."""
+    from maskdsl.autotune.space import decode
+
+    try:
+        return decode(params)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None):
-    """The best stored config for this mask on this GPU: exact problem, else the nearest problem, else None."""
+    """The best stored config for this mask on this GPU: exact problem, else the nearest problem, else None.
+
+    Reads only: a missing SQLite file is "nothing tuned", and nothing is ever created or written. A
+    database that cannot be read raises TuningDatabaseError (the front door falls back to the default).
+    """
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None  # nothing tuned yet: don't create a database just to look
@@ -84,10 +160,8 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
 
 @lru_cache(maxsize=256)
 def _lookup(url, gpu, capability, triton_version, mask_hash, problem):
-    from maskdsl.autotune.space import decode
-
     candidates = []
-    for row in list_studies(url):
+    for row in list_studies(url, lookup=True):
         if (row["gpu"], row["capability"], row["triton"], row["mask_hash"]) != (gpu, capability,
                                                                                 f"triton-{triton_version}", mask_hash):
             continue
@@ -99,8 +173,14 @@ def _lookup(url, gpu, capability, triton_version, mask_hash, problem):
     _, row = min(candidates, key=lambda c: c[0])
     import optuna
 
-    study = optuna.load_study(study_name=row["study"], storage=open_storage(url))
-    return decode(study.best_trial.params)
+    try:
+        study = optuna.load_study(study_name=row["study"], storage=open_storage(url, lookup=True))
+        params = study.best_trial.params
+    except TuningDatabaseError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TuningDatabaseError(f"cannot read study {row['study']!r}: {type(exc).__name__}: {exc}") from exc
+    return _decoded(params)
 
 
 def _distance(label: str, problem) -> float:

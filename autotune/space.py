@@ -7,6 +7,8 @@ speedup. An explicit list keeps the space small enough to sweep exhaustively for
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from maskdsl.codegen.config import KernelConfig
 from maskdsl import ir
 
@@ -72,6 +74,7 @@ def decode(params: dict) -> KernelConfig:
     return KernelConfig.from_key(f"q{q}_k{k}_w{params['num_warps']}_s{params['num_stages']}")
 
 
+@lru_cache(maxsize=256)
 def ranked_tiles(mask: ir.MaskDef, q_tokens: int, kv_tokens: int):
     """The simulator's best (q_tile, kv_tile) at these block sizes, or None when it cannot rank them."""
     from maskdsl.analysis import NotAnalyzable

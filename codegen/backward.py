@@ -20,7 +20,7 @@ import torch
 from maskdsl import ir
 from maskdsl.codegen.config import BackwardConfig
 from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.render import comment_safe, kernel_key, load_module, render_template
 from maskdsl.intervals import SymRel, evaluate
 from maskdsl.transpose import key_tile_ranges, query_tile_ranges
 
@@ -127,7 +127,7 @@ def render_backward(plan_kv: KernelPlan, plan_q: KernelPlan, tables: tuple[np.nd
     terms = [{"i": t, "dims": list(term), "a_list": [f"a_{t}_{d}" for d in range(rank)],
               "nb_list": [f"nb_{t}_{d}" for d in range(rank)]} for t, term in enumerate(plan_q.terms)]
     return render_template(
-        TEMPLATE, version=__version__, kv=kv, qd=qd, terms=terms, tokens=math.prod(plan_q.shape),
+        TEMPLATE, version=__version__, mask_text=comment_safe(plan_q.mask_text), kv=kv, qd=qd, terms=terms, tokens=math.prod(plan_q.shape),
         kv_tiles=math.prod(d["kv_tiles"] for d in kv["dims"]),
         kv_maxt=tables[0].shape[2], q_maxt=tables[1].shape[2],
         kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]))

@@ -45,7 +45,8 @@ class CompiledAttention:
 
     @property
     def source(self) -> str:
-        return self.source_path.read_text()
+        """The source the kernel was executed from (verified in memory; the cache file may have changed since)."""
+        return getattr(self.module, "__maskdsl_source__", None) or self.source_path.read_text()
 
     def __repr__(self) -> str:
         return f"CompiledAttention({self.mask.name} = {self.mask.expr.fmt()}, {self.config.key()})"
@@ -205,8 +206,9 @@ def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = No
 
     Looking a tuned config up is the front door's job (maskdsl.api), not codegen's.
     """
-    if not isinstance(spec, ir.Spec):
-        raise ValueError(f"spec must be a maskdsl.Spec, got {type(spec).__name__}")
+    from maskdsl.validate import validate_spec
+
+    validate_spec(spec)  # public too: a Spec built in Python is checked before any of it is rendered
     mdef = spec.mask(mask)
     attention = spec.attention_for(mask)
     if config is None:

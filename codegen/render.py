@@ -1,20 +1,22 @@
-"""Render a KernelPlan through the jinja2 template; cache the source on disk by content hash.
+"""Render a KernelPlan through the jinja2 template; the kernel cache (codegen/cache.py) stores it.
 
 The cache key is (mask content hash, config, triton version, template hash): a spec edit, a
-new config, a Triton upgrade or a template change each gives a new file, and nothing stale
-is ever loaded. Loading goes through a real file so that Triton's JIT can read the source.
+new config, a Triton upgrade or a template change each gives a new file. The mask's *name* is
+not rendered (a kernel file is the same whatever the user called the mask), and every text that
+lands in a comment is escaped to one line of ASCII, so nothing a user wrote can become code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
 import jinja2
+
+from maskdsl.codegen.cache import cache_dir, load_module  # noqa: F401 - re-exported (the cache's old home)
 
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.codegen.context import static_context
@@ -22,14 +24,6 @@ from maskdsl.codegen.printer import to_triton
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "attention_fwd.py.jinja"
-
-
-def cache_dir() -> Path:
-    from maskdsl.cache import cache_root
-
-    path = cache_root() / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @lru_cache(maxsize=1)
@@ -58,9 +52,21 @@ def render_template(name: str, **context) -> str:
     return _env().get_template(name).render(**context)
 
 
+UNNAMED = "(any name)"  # what templates get for the mask's name: the file must not depend on it
+
+
+def comment_safe(text: str) -> str:
+    """One line of printable ASCII: newlines, form feeds, U+2028 and the like become escapes."""
+    return str(text).encode("unicode_escape").decode("ascii")
+
+
 def render(plan: KernelPlan) -> str:
-    """The kernel module's source: readable Python/Triton, with a header naming mask and config."""
-    return _env().get_template(TEMPLATE).render(**static_context(plan))
+    """The kernel module's source: readable Python/Triton, with a header stating the mask and config.
+
+    The mask's name is not rendered (the file is the same whatever the mask is called) and its text
+    only as an escaped comment and a JSON string."""
+    safe = dataclasses.replace(plan, mask_name=UNNAMED, mask_text=comment_safe(plan.mask_text))
+    return _env().get_template(TEMPLATE).render(**static_context(safe))
 
 
 def kernel_key(mask_hash: str, config_key: str, template: str = TEMPLATE) -> str:
@@ -70,25 +76,6 @@ def kernel_key(mask_hash: str, config_key: str, template: str = TEMPLATE) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-_LOADED: dict[str, ModuleType] = {}
-
-
 def load_kernel(mask_hash: str, plan: KernelPlan) -> tuple[ModuleType, Path]:
-    """Import the rendered module, rendering it only when the cache has no file for this key."""
+    """Render the kernel and load it through the verifying cache (codegen/cache.py)."""
     return load_module(kernel_key(mask_hash, plan.config.key()), lambda: render(plan))
-
-
-def load_module(key: str, make_source) -> tuple[ModuleType, Path]:
-    """Import the cached module `key`, calling `make_source()` only when no file holds it yet."""
-    path = cache_dir() / f"attn_{key}.py"
-    if str(path) in _LOADED and path.exists():
-        return _LOADED[str(path)], path
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(make_source())
-        os.replace(tmp, path)  # atomic: concurrent compiles never see half a file
-    spec = importlib.util.spec_from_file_location(f"maskdsl_kernel_{key}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _LOADED[str(path)] = module
-    return module, path

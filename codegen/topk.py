@@ -17,7 +17,7 @@ from maskdsl.codegen.bounds import KernelDim, term_text
 from maskdsl.codegen.context import join, query_text, wrap
 from maskdsl.codegen.plan import DimPlan, TermDim, UnsupportedMask
 from maskdsl.codegen.printer import Temps
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.topk import candidate_blocks, normal_form
@@ -77,8 +77,10 @@ def _context(mask: ir.MaskDef, form, config: KernelConfig, q_tiles: int, nblocks
     params = state + bounds + memory + ["picked", "HEAD_DIM: tl.constexpr", "DOT_F32: tl.constexpr",
                                         "MASKED: tl.constexpr", "STATIC: tl.constexpr"]
     return dict(
-        version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk, tokens=tokens,
-        s_text=form.static.fmt() if form.static else "none", r_text=form.restrict.fmt(), cfg=config,
+        # the name is not rendered (the file is the same whatever the mask is called); comment texts are escaped
+        version=__version__, mask_name=UNNAMED, mask_text=comment_safe(mask.expr.fmt()), topk=form.topk,
+        tokens=tokens, s_text=comment_safe(form.static.fmt() if form.static else "none"),
+        r_text=comment_safe(form.restrict.fmt()), cfg=config,
         block_m=config.block_m, block_n=bn, q_tiles=q_tiles, nblocks=nblocks, k_eff=min(form.topk.k, nblocks),
         tiles_per_block=tpb, s_terms=s_terms, r_terms=r_terms,
         fast_picked=not s_terms and isinstance(form.restrict, ir.Full) and tokens % bn == 0,

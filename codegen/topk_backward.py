@@ -24,7 +24,7 @@ import torch
 from maskdsl.analysis import products
 from maskdsl.codegen.compiled import _interpreting
 from maskdsl.codegen.plan import TermDim
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.render import comment_safe, kernel_key, load_module, render_template
 from maskdsl.intervals import evaluate
 
 TEMPLATE = "attention_topk_bwd.py.jinja"
@@ -105,7 +105,7 @@ class TopKBackward:
         self._tables: dict[torch.device, torch.Tensor] = {}
         from maskdsl.version import __version__
 
-        context = dict(version=__version__, mask_name=mask.name, mask_text=mask.expr.fmt(), topk=form.topk,
+        context = dict(version=__version__, mask_text=comment_safe(mask.expr.fmt()), topk=form.topk,
                        tokens=tokens, cfg=cfg, tile=self.tile, tiles=self.tiles, nblocks=fn.nblocks,
                        k_eff=min(form.topk.k, fn.nblocks), tiles_per_block=form.topk.block // self.tile,
                        s_terms=_term_dims(s_rels, tokens), r_terms=_term_dims(r_rels, tokens))

@@ -13,15 +13,23 @@ import triton.language as tl
 
 @triton.jit
 def _block_mean(base, j, stride_l, L, BLOCK: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
-    """Mean (fp32) of rows [j*BLOCK, min((j+1)*BLOCK, L)) of one (batch, head) slice."""
+    """Mean (fp32) of the finite rows among [j*BLOCK, min((j+1)*BLOCK, L)) of one (batch, head) slice.
+
+    A row holding NaN or inf is left out (maskdsl.topk states why), so it cannot change the picks of
+    the finite rows of its block; a block with no finite row has mean 0.
+    """
     offs_d = tl.arange(0, D)
     acc = tl.zeros([D], tl.float32)
+    count = tl.zeros([CHUNK], tl.float32)
     for c in tl.range(0, BLOCK, CHUNK):
         rows = j * BLOCK + c + tl.arange(0, CHUNK)
         ok = (rows < L) & (c + tl.arange(0, CHUNK) < BLOCK)
-        x = tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
-    return acc / tl.minimum(BLOCK, L - j * BLOCK)
+        x = tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        bad = tl.sum(tl.where((x == x) & (tl.abs(x) < float("inf")), 0, 1), 1)
+        use = ok & (bad == 0)
+        acc += tl.sum(tl.where(use[:, None], x, 0.0), 0)
+        count += use.to(tl.float32)
+    return acc / tl.maximum(tl.sum(count, 0), 1.0)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.boxes import flat_range_boxes
+from maskdsl.limits import MAX_PRODUCTS
 from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
@@ -47,6 +48,18 @@ class Rel1D:
     @property
     def empty(self) -> bool:
         return bool(np.all(self.lo > self.hi))
+
+    def key_span(self) -> tuple[np.ndarray, np.ndarray]:
+        """First and last key of every query in original coordinates (first > last for empty rows)."""
+        g = np.arange(self.n, dtype=np.int64) % self.dilation
+        rows = self.lo <= self.hi
+        first = np.where(rows, g + self.dilation * self.lo, self.n)
+        last = np.where(rows, g + self.dilation * self.hi, -1)
+        return first, last
+
+    def pairs(self) -> int:
+        """Attended (query, key) pairs of this dimension over its whole extent."""
+        return int(np.clip(self.hi - self.lo + 1, 0, None).sum())
 
     def counts_below(self, edges: np.ndarray) -> np.ndarray:
         """[n, E]: how many keys j < edges[e] query i sees."""
@@ -201,14 +214,80 @@ def products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
     return list(_products(expr, tuple(int(n) for n in shape)))
 
 
+def num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
+    """`products` with numbers only (each Term's `sym` is None): what counting and the simulator need.
+
+    Same terms, same order: leaves are evaluated from their sympy intervals (cached per leaf), but
+    intersections are taken numerically (`intersect_rels`), which stays cheap however long an
+    intersection chain is; chained sympy Min/Max grow and slow down with every step.
+    """
+    return list(_num_products(expr, tuple(int(n) for n in shape)))
+
+
+@lru_cache(maxsize=512)
+def _num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
+    if isinstance(expr, ir.Union_):
+        raw = [t for term in expr.terms for t in _num_products(term, shape)]
+        if len(raw) > 4 * MAX_PRODUCTS:
+            raise NotAnalyzable(_too_many(f"more than {4 * MAX_PRODUCTS}"))
+        return tuple(simplify(raw))
+    if isinstance(expr, ir.Intersection):
+        acc = list(_num_products(expr.terms[0], shape))
+        for term in expr.terms[1:]:
+            nxt = _num_products(term, shape)
+            if len(acc) * len(nxt) > MAX_PRODUCTS**2:
+                raise NotAnalyzable(_too_many(f"up to {len(acc) * len(nxt)}"))
+            acc = simplify([q for a in acc for b in nxt if (q := intersect_num(a, b)) is not None])
+        return tuple(acc)
+    return tuple(Term(None, t.num) for t in _products(expr, shape))
+
+
+def check_analyzable(expr: ir.MaskExpr, shape) -> None:
+    """Raise NotAnalyzable (with the reason) unless the static part of `expr` can be counted exactly.
+
+    The parser calls this for every mask, so that whatever parses can be checked, simulated and
+    counted; it is the expansion `products` does anyway (cached), plus the size bound.
+    """
+    if sum(isinstance(node, ir.TopK) for node in ir.walk(expr)) > 1:
+        raise NotAnalyzable("a mask may hold one top-k term; combine several selections into one topk(...)")
+    if ir.is_dynamic(expr):
+        from maskdsl.topk_form import normal_form
+
+        try:
+            form = normal_form(expr)
+        except ValueError as exc:
+            raise NotAnalyzable(str(exc)) from None
+        parts = [e for e in (form.static, form.restrict) if e is not None]
+        static = ir.union(*parts) if parts else None  # the envelope S | R: what selection can reach
+    else:
+        static = expr
+    if static is not None:
+        terms = num_products(static, shape)
+        if len(terms) > MAX_PRODUCTS:
+            raise NotAnalyzable(_too_many(len(terms)))
+
+
+def _too_many(count) -> str:
+    return (f"the mask expands to {count} product terms, more than the {MAX_PRODUCTS} its exact analysis accepts "
+            "(a union is counted over the overlapping subsets of its terms); causal is one term per dimension, "
+            "sink up to two, and & multiplies the terms of its operands")
+
+
 @lru_cache(maxsize=512)
 def _products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
+    # Bounded as it grows: a 12-term list is the most a mask may have, so a union of more than a few
+    # times that, or an intersection of more than its square of pairs, is refused before it is built.
     if isinstance(expr, ir.Union_):
-        return tuple(simplify([t for term in expr.terms for t in _products(term, shape)]))
+        raw = [t for term in expr.terms for t in _products(term, shape)]
+        if len(raw) > 4 * MAX_PRODUCTS:
+            raise NotAnalyzable(_too_many(f"more than {4 * MAX_PRODUCTS}"))
+        return tuple(simplify(raw))
     if isinstance(expr, ir.Intersection):
         acc = list(_products(expr.terms[0], shape))
         for term in expr.terms[1:]:
             nxt = _products(term, shape)
+            if len(acc) * len(nxt) > MAX_PRODUCTS**2:
+                raise NotAnalyzable(_too_many(f"up to {len(acc) * len(nxt)}"))
             acc = simplify([q for a in acc for b in nxt if (q := intersect_terms(a, b, shape)) is not None])
         return tuple(acc)
     return tuple(t for sym in _symbolic(expr, shape) if (t := Term.build(sym, shape)) is not None)
@@ -225,7 +304,7 @@ def layout_dilation(terms: list[Term], rank: int) -> tuple[int, ...]:
     """
     out = []
     for d in range(rank):
-        dil = {t.sym[d].dilation for t in terms}
+        dil = {t.num[d].dilation for t in terms}
         out.append(dil.pop() if len(dil) == 1 else 1)
     return tuple(out)
 
@@ -244,44 +323,73 @@ def permuted_rels(term: Term, dilation: tuple[int, ...]) -> tuple[Rel1D, ...]:
     return tuple(_permuted(r, d) for r, d in zip(term.num, dilation))
 
 
+def intersect_rels(a: Rel1D, b: Rel1D) -> Rel1D | None:
+    """The keys both relations give each query, numerically (None when no query keeps any).
+
+    Counting needs only the numbers, and sympy intersections cost milliseconds each, which made
+    inclusion-exclusion over a union of a dozen terms take minutes. Two dilations meet on their
+    least common multiple (j = i mod d1 and mod d2); past the extent that is j = i, so it is capped at n.
+    """
+    n = a.n
+    if a.dilation == b.dilation:
+        d, lo, hi = a.dilation, np.maximum(a.lo, b.lo), np.minimum(a.hi, b.hi)
+    else:
+        d = min(math.lcm(a.dilation, b.dilation), n)
+        (fa, la), (fb, lb) = a.key_span(), b.key_span()
+        g = np.arange(n, dtype=np.int64) % d
+        first, last = np.maximum(fa, fb), np.minimum(la, lb)
+        lo, hi = -((g - first) // d), (last - g) // d
+    rows = lo <= hi
+    if not rows.any():
+        return None
+    return Rel1D(n, d, np.where(rows, lo, 0), np.where(rows, hi, -1))
+
+
+def intersect_num(a: Term, b: Term) -> Term | None:
+    rels = []
+    for x, y in zip(a.num, b.num):
+        r = intersect_rels(x, y)
+        if r is None:
+            return None
+        rels.append(r)
+    return Term(None, tuple(rels))
+
+
 def inclusion_exclusion(terms: list[Term], shape) -> list[tuple[int, Term]]:
     """(sign, term) pairs whose signed counts sum to the count of the union.
 
     Empty intersections prune every superset, so disjoint pieces (causal's, a sink's boxes)
-    cost nothing; the cap only bites on unions of many overlapping terms.
+    cost nothing. The language bounds a mask to `limits.MAX_PRODUCTS` terms, so at most
+    2**MAX_PRODUCTS - 1 intersections, each numeric and O(extent) per dimension. The terms
+    returned carry numbers only (`sym` is None): they are for counting, not for codegen.
     """
+    if len(terms) > MAX_PRODUCTS:
+        raise NotAnalyzable(f"the mask expands to {len(terms)} product terms, more than {MAX_PRODUCTS}")
     out: list[tuple[int, Term]] = []
 
     def rec(start, current, size):
         for idx in range(start, len(terms)):
-            nxt = terms[idx] if current is None else intersect_terms(current, terms[idx], shape)
+            nxt = terms[idx] if current is None else intersect_num(current, terms[idx])
             if nxt is None:
                 continue
             out.append((1 if size % 2 == 0 else -1, nxt))
-            if len(out) > MAX_TERMS:
-                raise NotAnalyzable(f"the mask expands to more than {MAX_TERMS} overlapping terms; "
-                                    "it cannot be counted exactly in closed form")
             rec(idx + 1, nxt, size + 1)
 
     rec(0, None, 0)
     return out
 
 
-MAX_TERMS = 4096
-
-
 def signed_terms(expr: ir.MaskExpr, shape) -> list[tuple[int, Term]]:
-    """`inclusion_exclusion(products(expr, shape), shape)`, cached on (expression, shape).
+    """`inclusion_exclusion(num_products(expr, shape), shape)`, cached on (expression, shape).
 
-    The expansion intersects sympy expressions (tens of ms for a union with sinks); counting
-    many tile configurations of one mask must not pay that each time.
+    Counting many tile configurations of one mask must not expand the union each time.
     """
     return list(_signed_terms(expr, tuple(int(n) for n in shape)))
 
 
 @lru_cache(maxsize=256)
 def _signed_terms(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[tuple[int, Term], ...]:
-    return tuple(inclusion_exclusion(products(expr, shape), shape))
+    return tuple(inclusion_exclusion(num_products(expr, shape), shape))
 
 
 def box_pair_counts(rels: tuple[Rel1D, ...], qboxes: np.ndarray, kboxes: np.ndarray) -> np.ndarray:
@@ -306,7 +414,7 @@ def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.nda
     With `permuted`, box coordinates are positions in the dilation-group-major order of
     `layout_dilation` (each dimension's groups laid out one after another).
     """
-    dilation = layout_dilation(products(expr, shape), len(shape)) if permuted else None
+    dilation = layout_dilation(num_products(expr, shape), len(shape)) if permuted else None
     total = np.zeros((len(qboxes), len(kboxes)), dtype=np.int64)
     for sign, term in signed_terms(expr, shape):
         rels = term.num if dilation is None else permuted_rels(term, dilation)
@@ -319,6 +427,16 @@ def whole_grid(shape) -> np.ndarray:
 
 
 def attended_pairs(expr: ir.MaskExpr, shape) -> int:
-    """How many (query, key) pairs the static mask attends, exactly, without materializing it."""
-    box = whole_grid(shape)
-    return int(mask_box_counts(expr, shape, box, box)[0, 0])
+    """How many (query, key) pairs the static mask attends, exactly, without materializing it.
+
+    Per-dimension counts are int64 (at most extent**2); their products and the signed sum are Python
+    integers, so a 65536 x 65536 grid of `full` gives 2**64, not an int64 wrap-around.
+    """
+    total = 0
+    for sign, term in signed_terms(expr, shape):
+        count = 1
+        for rel in term.num:
+            count *= rel.pairs()
+        total += sign * count
+    return total
+

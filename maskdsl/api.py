@@ -7,9 +7,17 @@ anything up; autotune stores and finds configs and never decides what `compile` 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from maskdsl import ir
+
+
+class TuningDatabaseWarning(UserWarning):
+    """The tuning database could not be used; the kernel was compiled with the default config."""
+
+
+_WARNED: set[str] = set()
 
 
 def resolve(spec, mask: str | None = None) -> tuple[ir.Spec, ir.MaskDef, ir.Attention | None]:
@@ -24,6 +32,9 @@ def resolve(spec, mask: str | None = None) -> tuple[ir.Spec, ir.MaskDef, ir.Atte
         spec = load(spec)
     if not isinstance(spec, ir.Spec):
         raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
+    from maskdsl.validate import validate_spec
+
+    validate_spec(spec)  # a Spec built in Python gets the parser's checks (names, numbers, limits)
     if mask is None:
         mask = default_mask(spec)
     return spec, spec.mask(mask), spec.attention_for(mask)
@@ -43,16 +54,43 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
     """The best stored config (tuning database: exact problem, else the nearest), else the simulator's
     best-ranked tile pair (`maskdsl.autotune.space.ranked_default`).
 
-    Never tunes: a lookup reads the database and nothing else.
+    Never tunes: a lookup reads the database and nothing else. The database is optional and stays
+    so: whatever goes wrong in it (a damaged file, a bad MASKDSL_TUNING_DB, a missing driver, a
+    stored config that does not fit this mask) gives one warning and the ranked default, never a
+    failed compile.
     """
     from maskdsl.autotune.space import ranked_default
 
     head_dim = attention.head_dim if attention else 128
     try:
-        from maskdsl.autotune.database import best_config
+        from maskdsl.autotune.database import best_config, redact, storage_url
     except ImportError:  # optuna is not installed: compile still works without a tuning database
         return ranked_default(mask, head_dim)
-    return best_config(mask, attention) or ranked_default(mask, head_dim)
+    try:
+        config = best_config(mask, attention)
+        if config is not None:
+            _check_stored(config, mask)
+    except Exception as exc:  # noqa: BLE001 - see the docstring: nothing in the database may fail a compile
+        _warn_once(f"the tuning database {redact(storage_url())} could not be used ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''}); compiling with the default config. "
+                   "Fix or remove the database, or point MASKDSL_TUNING_DB at another one (docs/LIMITS.md)")
+        config = None
+    return config or ranked_default(mask, head_dim)
+
+
+def _check_stored(config, mask: ir.MaskDef) -> None:
+    """A stored config must be one this mask's kernel can take (ValueError otherwise)."""
+    config.validate(mask.layout.rank)
+    if mask.dynamic:
+        from maskdsl.codegen.topk import topk_config
+
+        topk_config(mask, config)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, TuningDatabaseWarning, stacklevel=4)
 
 
 def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 - the name users expect

@@ -37,6 +37,11 @@ def describe(expr: ir.MaskExpr, rank: int) -> str:
     return "(" + joiner.join(describe(t, rank) for t in expr.terms) + ")"
 
 
+def percent(x: float) -> str:
+    """Four decimals, or three significant digits for a density too small for them (never a bare 0.0000%)."""
+    return f"{x:.4%}" if x == 0 or x >= 1e-4 else f"{x * 100:.3g}%"
+
+
 def density_line(mask: ir.MaskDef) -> str:
     """Exact density of a static mask; for top-k, what is exact (the static part) and a bound on the rest.
 
@@ -47,8 +52,9 @@ def density_line(mask: ir.MaskDef) -> str:
     tokens = mask.layout.tokens
     shape = mask.layout.shape
     if not mask.dynamic:
-        density = attended_pairs(mask.expr, shape) / tokens**2
-        return f"density {density:.4%} ({1 / density:.2f}x FLOP-ideal)" if density else "density 0 (empty mask)"
+        pairs = attended_pairs(mask.expr, shape)  # an exact Python int
+        return f"density {percent(pairs / tokens**2)} ({tokens**2 / pairs:.2f}x FLOP-ideal)" if pairs else \
+            "density 0 (empty mask)"
     from maskdsl.topk import normal_form  # torch: only top-k masks pay for it
 
     form = normal_form(mask.expr)
@@ -61,7 +67,7 @@ def density_line(mask: ir.MaskDef) -> str:
     if restricted:
         text += f" among those {form.restrict.fmt()} reaches, and only its pairs inside them"
     static = attended_pairs(form.static, shape) / tokens**2 if form.static is not None else 0.0
-    text += f"; static part density {static:.4%}" if form.static is not None else "; no static part"
+    text += f"; static part density {percent(static)}" if form.static is not None else "; no static part"
     envelope = ir.union(*[e for e in (form.static, form.restrict) if e is not None])
     bound = min(attended_pairs(envelope, shape) / tokens**2, static + keep * form.topk.block / tokens)
     return text + f"; density at most {bound:.2%}"

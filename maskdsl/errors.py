@@ -21,13 +21,41 @@ class SpecError(ValueError):
         self.hint = hint
         text = f"{filename}:{line}:{column}: {message}"
         if source is not None and line >= 1:
-            lines = source.splitlines()
+            # Lines as the parser counts them: only "\n" ends a line (str.splitlines would also split at
+            # form feeds and U+2028 and put the wrong line under the caret).
+            lines = source.split("\n")
             if line <= len(lines):
-                src = lines[line - 1]
-                text += f"\n    {src}\n    {' ' * max(column - 1, 0)}^"
+                src, caret = _window(_printable(lines[line - 1].rstrip("\r")), max(column - 1, 0))
+                text += f"\n    {src}\n    {' ' * caret}^"
         if hint:
             text += f"\nhint: {hint}"
         super().__init__(text)
+
+
+class BindError(Exception):
+    """A mistake at `pos` (line, column), turned into a SpecError (with file, line and source) by the parser."""
+
+    def __init__(self, message: str, pos: tuple[int, int], hint: str | None = None):
+        super().__init__(message)
+        self.message, self.pos, self.hint = message, pos, hint
+
+
+def _printable(line: str) -> str:
+    """The source line with control characters shown as spaces, so the caret stays under its column."""
+    return "".join(" " if (c < " " and c != "\t") or c in "\x7f\u2028\u2029\x85" else c for c in line)
+
+
+def _window(src: str, caret: int, width: int = 100) -> tuple[str, int]:
+    """At most `width` characters of a long line around the caret (a 5,000-digit literal stays readable)."""
+    if len(src) <= width:
+        return src, caret
+    start = max(0, min(caret - width // 2, len(src) - width))
+    piece = src[start:start + width]
+    if start > 0:
+        piece, caret = "..." + piece, caret + 3
+    if start + width < len(src):
+        piece += "..."
+    return piece, caret - start
 
 
 def suggest(name: str, known, prefix: str = "; did you mean ") -> str:

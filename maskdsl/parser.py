@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskdsl import ir
-from maskdsl.errors import SpecError, suggest
-from maskdsl.primitives import BARE_PRIMITIVES, PRIMITIVES, BindError, Param, bind_args, bind_call
+from maskdsl import ir, limits
+from maskdsl.errors import BindError, SpecError, suggest
+from maskdsl.primitives import BARE_PRIMITIVES, PRIMITIVES, Param, bind_args, bind_call
 from maskdsl.syntax import BinOp, Call, Ref, Stmt, parse_syntax
+from maskdsl.validate import HEAD_DIMS, RESERVED, attention_problem  # noqa: F401 - HEAD_DIMS re-exported
 
-RESERVED = set(PRIMITIVES) | {"grid", "layout", "mask", "attention", "on", "true", "false"}
 ATTENTION_PARAMS = (Param("mask", "word"), Param("heads", "int"), Param("head_dim", "int", 128),
                     Param("kv_heads", "int", 0), Param("dtype", "word", "bf16"), Param("batch", "int", 1))
-HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def parse(text: str, filename: str = "<string>") -> ir.Spec:
     """Parse and validate a spec; raises SpecError (a ValueError) with file:line:col and a hint."""
+    if not isinstance(text, str):
+        raise SpecError(f"a spec is text, got {type(text).__name__}", filename=filename, hint="pass a str")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of line 1
     try:
         return _Resolver(text, filename).run()
     except BindError as exc:
@@ -31,10 +33,17 @@ def parse(text: str, filename: str = "<string>") -> ir.Spec:
 def load(path) -> ir.Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"cannot read the spec: {exc.strerror}", filename=str(path), line=0, column=0,
                         hint="check the path") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(f"the spec is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                        filename=str(path), line=line, column=column, hint="save the file as UTF-8") from None
     return parse(text, filename=str(path))
 
 
@@ -82,11 +91,23 @@ class _Resolver:
             if v.value < 1:
                 raise BindError(f"grid extent {v.value} must be positive", v.pos)
             shape.append(v.value)
+        problem = limits.shape_problem(tuple(shape))
+        if problem is not None:
+            message, dim, hint = problem
+            raise BindError(message, call.pos if dim is None else call.args[dim].value.pos, hint)
         return ir.Layout(stmt.name, tuple(shape))
 
     def _mask(self, stmt: Stmt) -> ir.MaskDef:
         layout = self._mask_layout(stmt)
-        return ir.MaskDef(stmt.name, self._expr(stmt.body, layout), layout)
+        expr = self._expr(stmt.body, layout)
+        from maskdsl.analysis import NotAnalyzable, check_analyzable  # numpy and sympy: only once a mask is read
+
+        try:  # refused here, so that everything that parses can be analysed
+            check_analyzable(expr, layout.shape)
+        except NotAnalyzable as exc:
+            raise BindError(f"mask {stmt.name!r}: {exc}", stmt.name_pos,
+                            "split the mask, or combine fewer terms; docs/LIMITS.md lists what is accepted") from None
+        return ir.MaskDef(stmt.name, expr, layout)
 
     def _mask_layout(self, stmt: Stmt) -> ir.Layout:
         if stmt.on is not None:
@@ -140,19 +161,13 @@ class _Resolver:
         if out["mask"] not in self.masks:
             raise BindError(f"unknown mask {out['mask']!r}{suggest(out['mask'], self.masks)}", values["mask"].pos,
                             f"masks defined so far: {', '.join(self.masks) or 'none'}")
-        for key in ("heads", "batch"):
-            if out[key] < 1:
-                raise BindError(f"{key}={out[key]} must be positive", values[key].pos)
+        problem = attention_problem(out)
+        if problem is not None:
+            message, key, hint = problem
+            if key == "dtype":
+                message += suggest(out["dtype"], ir.DTYPES)
+            raise BindError(message, values[key].pos, hint)
         kv = out["kv_heads"] or out["heads"]
-        if kv < 1 or out["heads"] % kv:
-            raise BindError(f"kv_heads={kv} must divide heads={out['heads']}", values["kv_heads"].pos,
-                            "grouped-query attention shares each kv head among heads/kv_heads query heads")
-        if out["head_dim"] not in HEAD_DIMS:
-            raise BindError(f"head_dim={out['head_dim']} is not supported", values["head_dim"].pos,
-                            f"supported: {', '.join(map(str, HEAD_DIMS))}")
-        if out["dtype"] not in ir.DTYPES:
-            raise BindError(f"unknown dtype {out['dtype']!r}{suggest(out['dtype'], ir.DTYPES)}", values["dtype"].pos,
-                            f"dtypes: {', '.join(ir.DTYPES)}")
         return ir.Attention(stmt.name, out["mask"], out["heads"], kv, out["head_dim"], out["dtype"], out["batch"])
 
 

@@ -11,16 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from maskdsl import ir
-from maskdsl.errors import suggest
+from maskdsl.errors import BindError, suggest  # noqa: F401 - BindError re-exported
 from maskdsl.syntax import Call, Pos, Value
-
-
-class BindError(Exception):
-    """A mistake at `pos`, turned into a SpecError (with file, line and source) by the parser."""
-
-    def __init__(self, message: str, pos: Pos, hint: str | None = None):
-        super().__init__(message)
-        self.message, self.pos, self.hint = message, pos, hint
 
 
 @dataclass(frozen=True)
@@ -145,38 +137,50 @@ def _convert(param: Param, value: Value, layout: ir.Layout, prim: str):
 
 
 def _element_pos(value: Value, dim: int) -> Pos:
-    return value.value[dim].pos if value.kind == "tuple" else value.pos
+    return value.value[dim].pos if value.kind == "tuple" and dim < len(value.value) else value.pos
 
 
 def check_expr(expr: ir.MaskExpr, layout: ir.Layout, values: dict[str, Value]) -> None:
+    """The domain checks of `domain_problem`, pointed at the argument that breaks them."""
+    problem = domain_problem(expr, layout)
+    if problem is None:
+        return
+    message, param, dim, hint = problem
+    if param not in values:  # sugar: block(size) is window = stride = size; strided/dilated name their own
+        param = "size" if "size" in values else "window"
+    value = values[param]
+    raise BindError(message, value.pos if dim is None else _element_pos(value, dim), hint)
+
+
+def domain_problem(expr: ir.MaskExpr, layout: ir.Layout) -> tuple[str, str, int | None, str | None] | None:
+    """(message, parameter, dimension or None, hint) for a primitive outside the semantics' domain.
+
+    One home for these rules: the parser points them at the source, maskdsl.validate at the field
+    of a Spec built in Python.
+    """
     if isinstance(expr, ir.Neighborhood):
-        wkey = "size" if "size" in values else "window"
         for d, n in enumerate(layout.shape):
             w, dil, s = expr.window[d], expr.dilation[d], expr.stride[d]
             where = f"dimension {d}" if layout.rank > 1 else "the layout"
             if w < 1:
-                raise BindError(f"window {w} must be at least 1", _element_pos(values[wkey], d))
+                return f"window {w} must be at least 1", "window", d, None
             if w > n:
-                raise BindError(f"window {w} is larger than the extent {n} of {where}",
-                                _element_pos(values[wkey], d), f"use a window of at most {n}")
-            if "dilation" in values:
-                if dil < 1:
-                    raise BindError(f"dilation {dil} must be at least 1", _element_pos(values["dilation"], d))
-                if w * dil > n:
-                    raise BindError(f"window {w} x dilation {dil} = {w * dil} is larger than the extent {n} of {where}",
-                                    _element_pos(values["dilation"], d),
-                                    f"use a dilation of at most {n // w} or a window of at most {n // dil}")
-            skey = "stride" if "stride" in values else wkey
+                return f"window {w} is larger than the extent {n} of {where}", "window", d, f"use a window of at most {n}"
+            if dil < 1:
+                return f"dilation {dil} must be at least 1", "dilation", d, None
+            if w * dil > n:
+                return (f"window {w} x dilation {dil} = {w * dil} is larger than the extent {n} of {where}",
+                        "dilation", d, f"use a dilation of at most {n // w} or a window of at most {n // dil}")
             if s < 1 or s > w:
-                raise BindError(f"stride {s} must be between 1 and the window {w} in {where}",
-                                _element_pos(values[skey], d), "a stride larger than the window leaves keys unseen")
+                return (f"stride {s} must be between 1 and the window {w} in {where}", "stride", d,
+                        "a stride larger than the window leaves keys unseen")
     elif isinstance(expr, ir.Sink):
         if not 1 <= expr.n <= layout.tokens:
-            raise BindError(f"sink({expr.n}) needs 1 <= n <= {layout.tokens} (the tokens of {layout.name!r})",
-                            values["n"].pos)
+            return f"sink({expr.n}) needs 1 <= n <= {layout.tokens} (the tokens of {layout.name!r})", "n", None, None
     elif isinstance(expr, ir.TopK):
         if expr.k < 1:
-            raise BindError(f"topk k={expr.k} must be at least 1", values["k"].pos, "k is the number of key blocks kept")
+            return f"topk k={expr.k} must be at least 1", "k", None, "k is the number of key blocks kept"
         if expr.block < 1:
-            raise BindError(f"topk block={expr.block} must be at least 1", values["block"].pos,
-                            "block is the number of tokens per block, e.g. 64")
+            return (f"topk block={expr.block} must be at least 1", "block", None,
+                    "block is the number of tokens per block, e.g. 64")
+    return None

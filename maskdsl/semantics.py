@@ -49,10 +49,14 @@ def neighborhood_rule(i, j, n: int, window: int, dilation: int = 1, stride: int 
     return same_group & seen
 
 
-def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False) -> torch.Tensor:
-    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension."""
-    return neighborhood_rule(torch.arange(n).view(n, 1), torch.arange(n).view(1, n), n, window, dilation, stride,
-                             causal)
+def neighborhood_1d(n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False,
+                    queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [n, n]: entry (i, j) says whether query i sees key j in this one dimension.
+
+    With `queries` (coordinates), only their rows: [len(queries), n].
+    """
+    i = (torch.arange(n) if queries is None else queries.to(torch.int64)).view(-1, 1)
+    return neighborhood_rule(i, torch.arange(n).view(1, n), n, window, dilation, stride, causal)
 
 
 def flat_coords(shape: tuple[int, ...], flat) -> list:
@@ -120,9 +124,12 @@ def static_mask(expr: ir.MaskExpr, shape: tuple[int, ...], rows: torch.Tensor | 
     qc, kc = flat_coords(shape, queries.view(-1, 1)), flat_coords(shape, keys.view(1, -1))
 
     def tables(e, qc, kc):
+        # only the query coordinates asked for: [Q, n] per dimension, not [n, n] (4 GB at n = 32k)
         out = torch.ones(len(queries), tokens, dtype=torch.bool)
         for d, n in enumerate(shape):
-            out &= neighborhood_1d(n, e.window[d], e.dilation[d], e.stride[d], e.causal[d])[qc[d], kc[d]]
+            rows_d = qc[d].flatten()
+            table = neighborhood_1d(n, e.window[d], e.dilation[d], e.stride[d], e.causal[d], queries=rows_d)
+            out &= table[torch.arange(len(rows_d)).view(-1, 1), kc[d]]
         return out
 
     return attends(expr, shape, qc, kc, tables)

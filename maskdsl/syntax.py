@@ -12,7 +12,8 @@ from pathlib import Path
 
 import lark
 
-from maskdsl.errors import SpecError
+from maskdsl.errors import BindError, SpecError
+from maskdsl.limits import MAX_DEPTH, MAX_INT
 
 Pos = tuple[int, int]
 
@@ -87,7 +88,26 @@ def parse_syntax(text: str, filename: str) -> list[Stmt]:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, text, filename) from None
+    for child in tree.children:
+        _check_depth(child)
     return [_stmt(child) for child in tree.children]
+
+
+def _check_depth(stmt: lark.Tree) -> None:
+    """Refuse expressions nested deeper than MAX_DEPTH before anything walks them recursively.
+
+    (A chain of a thousand `|` is a thousand levels deep: the conversion below, and every later
+    walk of the IR, would hit Python's recursion limit.) The walk here keeps its own stack.
+    """
+    stack = [(stmt, 0)]
+    while stack:
+        node, level = stack.pop()
+        if node.data in ("union", "intersection"):
+            level += 1
+            if level > MAX_DEPTH:
+                raise BindError(f"the mask expression nests more than {MAX_DEPTH} levels of `|`/`&`", _pos(node),
+                                "name parts of it with their own `mask` statements")
+        stack.extend((c, level) for c in node.children if isinstance(c, lark.Tree))
 
 
 def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, filename: str) -> SpecError:
@@ -158,7 +178,13 @@ def _arglist(tree) -> tuple[Arg, ...]:
 def _value(tree) -> Value:
     kind = tree.data
     if kind == "int":
-        return Value("int", int(tree.children[0]), _pos(tree.children[0]))
+        token = tree.children[0]
+        digits = str(token).lstrip("-").lstrip("0")
+        # Length first: int() of a 5,000-digit literal raises Python's own digit-limit ValueError.
+        if len(digits) > len(str(MAX_INT)) or abs(int(token)) > MAX_INT:
+            raise BindError(f"integer {str(token)[:24]}{'...' if len(token) > 24 else ''} is too large",
+                            _pos(token), f"integers in a spec are at most {MAX_INT} (2^63 - 1)")
+        return Value("int", int(token), _pos(token))
     if kind in ("true", "false"):
         return Value("bool", kind == "true", _pos(tree.children[0]))
     if kind == "word":

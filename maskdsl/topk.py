@@ -3,6 +3,7 @@
 Tokens are cut into blocks of `block` consecutive tokens in row-major order (the last may be
 shorter). For batch b, head h and query block i: qbar_i is the mean of the block's query rows,
 kbar_j the mean of key block j's rows (the kv head that h uses), score_ij = qbar_i . kbar_j.
+Rows holding NaN or inf are left out of these means (see `pooled`).
 The query block attends to every key of its k best-scoring key blocks; ties go to the lower
 block index; k >= the number of candidate blocks means all of them.
 
@@ -23,42 +24,12 @@ exact gradient, i.e. the gradient of static attention under the mask those picks
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from maskdsl import ir
-
-
-@dataclass(frozen=True)
-class TopKForm:
-    topk: ir.TopK
-    static: ir.MaskExpr | None  # S
-    restrict: ir.MaskExpr  # R (Full when unrestricted)
-
-
-def normal_form(expr: ir.MaskExpr) -> TopKForm:
-    """Rewrite a mask with exactly one top-k term as S | (picked & R)."""
-    if isinstance(expr, ir.TopK):
-        return TopKForm(expr, None, ir.Full())
-    if isinstance(expr, ir.Union_):
-        dyn = [t for t in expr.terms if ir.is_dynamic(t)]
-        if len(dyn) != 1:
-            raise ValueError("a mask may hold one top-k term; combine several selections into one topk(...)")
-        inner = normal_form(dyn[0])
-        static = [t for t in expr.terms if not ir.is_dynamic(t)] + ([inner.static] if inner.static else [])
-        return TopKForm(inner.topk, ir.union(*static), inner.restrict)
-    if isinstance(expr, ir.Intersection):
-        dyn = [t for t in expr.terms if ir.is_dynamic(t)]
-        if len(dyn) != 1:
-            raise ValueError("a mask may hold one top-k term; combine several selections into one topk(...)")
-        inner = normal_form(dyn[0])
-        others = [t for t in expr.terms if not ir.is_dynamic(t)]
-        static = ir.intersection(inner.static, *others) if inner.static else None
-        restrict = ir.intersection(*([inner.restrict] if not isinstance(inner.restrict, ir.Full) else []), *others)
-        return TopKForm(inner.topk, static, restrict)
-    raise ValueError(f"{expr.fmt()} has no top-k term")
+from maskdsl.topk_form import TopKForm, normal_form  # noqa: F401 - the rewrite lives with the IR
 
 
 def block_count(tokens: int, block: int) -> int:
@@ -83,14 +54,21 @@ def candidate_blocks(form: TopKForm, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def pooled(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of each block of consecutive rows (the last block may be shorter): [B, H, blocks, D] float64."""
+    """Mean of each block's finite rows (the last block may be shorter): [B, H, blocks, D] float64.
+
+    Rows holding NaN or inf are left out of the mean: otherwise one such query row would make its
+    block's scores NaN and change which key blocks its finite neighbours attend (and one such key
+    row would be picked by every query block). A block with no finite row has mean 0.
+    """
     b, h, tokens, d = x.shape
     nb = block_count(tokens, block)
+    x64 = x.to(torch.float64)
+    finite = torch.isfinite(x64).all(-1, keepdim=True)
     padded = torch.zeros(b, h, nb * block, d, dtype=torch.float64, device=x.device)
-    padded[:, :, :tokens] = x.to(torch.float64)
-    sizes = torch.full((nb,), block, dtype=torch.float64, device=x.device)
-    sizes[-1] = tokens - (nb - 1) * block
-    return padded.view(b, h, nb, block, d).sum(3) / sizes.view(1, 1, nb, 1)
+    padded[:, :, :tokens] = torch.where(finite, x64, 0.0)
+    count = torch.zeros(b, h, nb * block, 1, dtype=torch.float64, device=x.device)
+    count[:, :, :tokens] = finite.to(torch.float64)
+    return padded.view(b, h, nb, block, d).sum(3) / count.view(b, h, nb, block, 1).sum(3).clamp(min=1.0)
 
 
 def select_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from maskdsl import ir
-from maskdsl.analysis import layout_dilation, mask_box_counts, products
+from maskdsl.analysis import layout_dilation, mask_box_counts, num_products
 from maskdsl.simulator.tables import dim_tables, term_rels
 from maskdsl.simulator.tiles import dim_intervals, row_major_tiles
 
@@ -93,7 +93,7 @@ def layout_for(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool) -> Tile
     if not permute:
         return TileLayout(shape, False, tuple(q_tile), tuple(kv_tile), q_volume=math.prod(q_tile),
                           k_volume=math.prod(kv_tile))
-    dil = layout_dilation(products(expr, shape), len(shape))
+    dil = layout_dilation(num_products(expr, shape), len(shape))
     q_dims = tuple(dim_intervals(n, t, d) for n, t, d in zip(shape, q_tile, dil))
     k_dims = tuple(dim_intervals(n, t, d) for n, t, d in zip(shape, kv_tile, dil))
     return TileLayout(shape, True, tuple(q_tile), tuple(kv_tile), q_dims, k_dims)
@@ -101,7 +101,7 @@ def layout_for(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool) -> Tile
 
 def _undilated(expr, shape) -> bool:
     try:
-        return all(d == 1 for d in layout_dilation(products(expr, shape), len(shape)))
+        return all(d == 1 for d in layout_dilation(num_products(expr, shape), len(shape)))
     except ValueError:
         return False
 

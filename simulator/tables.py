@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 
 from maskdsl import ir
-from maskdsl.analysis import box_pair_counts, layout_dilation, permuted_rels, products, signed_terms
+from maskdsl.analysis import box_pair_counts, layout_dilation, num_products, permuted_rels, signed_terms
 from maskdsl.simulator.tiles import dim_intervals
 
 BUDGET_ELEMENTS = 1 << 24  # ~128 MiB of int64 across all cached tables
@@ -37,8 +37,8 @@ def term_rels(expr: ir.MaskExpr, shape: tuple[int, ...], kind: str) -> list[tupl
     """
     key = (expr, shape, kind)
     if key not in _rels:
-        dil = layout_dilation(products(expr, shape), len(shape))
-        terms = signed_terms(expr, shape) if kind == "signed" else [(1, t) for t in products(expr, shape)]
+        dil = layout_dilation(num_products(expr, shape), len(shape))
+        terms = signed_terms(expr, shape) if kind == "signed" else [(1, t) for t in num_products(expr, shape)]
         if len(_rels) > 64:
             _rels.clear()
         _rels[key] = [(sign, permuted_rels(t, dil)) for sign, t in terms]
@@ -53,7 +53,7 @@ def dim_tables(expr: ir.MaskExpr, shape: tuple[int, ...], d: int, tq: int, tk: i
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    dil = layout_dilation(products(expr, shape), len(shape))[d]
+    dil = layout_dilation(num_products(expr, shape), len(shape))[d]
     n = shape[d]
     q, k = dim_intervals(n, tq, dil), dim_intervals(n, tk, dil)
     finer = _finest_divisor(key)

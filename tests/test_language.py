@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -66,8 +67,12 @@ def specs(draw):
     shape = tuple(draw(st.integers(1, 40)) for _ in range(rank))
     layout = ir.Layout("g", shape)
 
+    topk_used = []
+
     def prim():
         kind = draw(st.sampled_from(["nbhd", "causal", "full", "sink", "topk"]))
+        if kind == "topk" and topk_used:  # one top-k term per mask (the language's rule)
+            kind = "full"
         if kind == "nbhd":
             w = [draw(st.integers(1, n)) for n in shape]
             d = [draw(st.integers(1, n // wi)) for n, wi in zip(shape, w)]
@@ -77,6 +82,7 @@ def specs(draw):
         if kind == "sink":
             return ir.Sink(draw(st.integers(1, layout.tokens)))
         if kind == "topk":
+            topk_used.append(True)
             return ir.TopK(draw(st.integers(1, 9)), draw(st.integers(1, 64)))
         return ir.Causal() if kind == "causal" else ir.Full()
 
@@ -86,7 +92,11 @@ def specs(draw):
         terms = [expr(depth - 1) for _ in range(draw(st.integers(2, 3)))]
         return ir.union(*terms) if draw(st.booleans()) else ir.intersection(*terms)
 
-    masks = tuple(ir.MaskDef(f"m{i}", expr(3), layout) for i in range(draw(st.integers(1, 3))))
+    def mask(i):
+        topk_used.clear()
+        return ir.MaskDef(f"m{i}", expr(3), layout)
+
+    masks = tuple(mask(i) for i in range(draw(st.integers(1, 3))))
     atts = (ir.Attention("a", "m0", 8, draw(st.sampled_from([1, 2, 8])), 64, draw(st.sampled_from(ir.DTYPES)), 2),)
     return ir.Spec((layout,), masks, atts)
 
@@ -94,6 +104,15 @@ def specs(draw):
 @settings(max_examples=200, deadline=None)
 @given(specs())
 def test_fmt_round_trips(spec):
+    from maskdsl.validate import validate_spec
+
+    try:  # the strategy can exceed the size bounds (docs/LIMITS.md); those are refused alike both ways
+        validate_spec(spec)
+    except maskdsl.SpecError as exc:
+        with pytest.raises(maskdsl.SpecError, match="product terms"):
+            maskdsl.parse(spec.fmt())
+        assert "product terms" in str(exc)
+        return
     text = spec.fmt()
     again = maskdsl.parse(text)
     assert again == spec

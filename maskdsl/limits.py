@@ -1,0 +1,45 @@
+"""What the language accepts in size, and why each bound sits where it does (docs/LIMITS.md).
+
+Every bound here is checked when a spec is parsed (and when a Spec built in Python is validated,
+maskdsl.validate), so that whatever is accepted can be analysed, simulated and compiled in bounded
+time and memory; nothing later fails on size with a raw Python error.
+"""
+
+from __future__ import annotations
+
+MAX_INT = 2**63 - 1
+"""Largest integer literal: every count a kernel takes fits a signed 64-bit integer."""
+
+MAX_TOKENS = 2**31 - 1
+"""Largest grid (tokens per sequence): the kernels index tokens with 32-bit integers."""
+
+MAX_EXTENT = 2**22
+"""Largest extent of one dimension (4,194,304). The exact analysis evaluates each dimension's key
+interval at every coordinate of that dimension (O(extent) time and memory per dimension); at this
+bound `maskdsl check` of a 1-D causal window with sinks takes about 3 s and 0.6 GB."""
+
+MAX_DEPTH = 64
+"""Deepest nesting of a mask expression (each `|`, `&` or parenthesized operand is a level)."""
+
+MAX_PRODUCTS = 12
+"""Most product terms a mask may expand to (maskdsl.analysis: a neighborhood or `full` is one term,
+`causal` one per dimension, `sink(n)` up to two per dimension; `&` distributes over `|`, empty
+intersections and terms inside others are dropped). Exact counting of a union is inclusion-exclusion
+over the overlapping subsets of its terms: at most 2**12 - 1 = 4095 intersections, each numeric and
+O(extent) per dimension."""
+
+
+def shape_problem(shape: tuple[int, ...]) -> tuple[str, int | None, str] | None:
+    """(reason, offending dimension or None for the whole grid, hint), else None. Extents are >= 1 here."""
+    for d, n in enumerate(shape):
+        if n > MAX_EXTENT:
+            return (f"grid extent {n} is larger than {MAX_EXTENT:,}, the largest extent of one dimension",
+                    d, "the exact analysis works per coordinate of each dimension; split it into more dimensions "
+                    "if the mask allows, see docs/LIMITS.md")
+    tokens = 1
+    for n in shape:
+        tokens *= n
+    if tokens > MAX_TOKENS:
+        return (f"grid{tuple(shape)} has {tokens:,} tokens, more than {MAX_TOKENS:,} (2^31 - 1)", None,
+                "the kernels index tokens with 32-bit integers; a sequence this long cannot run")
+    return None

@@ -1,0 +1,137 @@
+"""The rules a Spec must satisfy, however it was built: by the parser, or by hand in Python.
+
+The parser applies them while it still knows where each value came from (file:line:col);
+`validate_spec` applies the same rules to a `Spec` built from `maskdsl.ir` dataclasses, which the
+front door (`maskdsl.compile`, `maskdsl.codegen.compiled.compile_attention`) is handed with no
+guarantee at all: a name with a newline, a window of "3", a 10**12-token grid. Names and numbers
+reach generated code, the cache and the analysis only after this.
+"""
+
+from __future__ import annotations
+
+import re
+
+from maskdsl import ir, limits
+from maskdsl.errors import SpecError
+from maskdsl.primitives import PRIMITIVES, domain_problem
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the grammar's NAME token
+RESERVED = set(PRIMITIVES) | {"grid", "layout", "mask", "attention", "on", "true", "false"}
+HEAD_DIMS = (16, 32, 64, 128, 256)
+WHERE = "<Spec built in Python>"
+
+
+def name_problem(name, kind: str) -> str | None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        return f"{kind} name {name!r} is not a name (letters, digits and _, not starting with a digit)"
+    if name in RESERVED:
+        return f"{name!r} is a reserved word and cannot name a {kind}"
+    return None
+
+
+def attention_problem(a: dict) -> tuple[str, str, str | None] | None:
+    """(message, field, hint) for an attention statement's values (`mask` is checked by the caller)."""
+    for key in ("heads", "batch"):
+        if a[key] < 1:
+            return f"{key}={a[key]} must be positive", key, None
+        if a[key] > limits.MAX_TOKENS:
+            return f"{key}={a[key]} is larger than {limits.MAX_TOKENS}", key, "the kernels index programs with 32-bit integers"
+    kv = a["kv_heads"] or a["heads"]
+    if kv < 1 or a["heads"] % kv:
+        return (f"kv_heads={kv} must divide heads={a['heads']}", "kv_heads",
+                "grouped-query attention shares each kv head among heads/kv_heads query heads")
+    if a["head_dim"] not in HEAD_DIMS:
+        return f"head_dim={a['head_dim']} is not supported", "head_dim", f"supported: {', '.join(map(str, HEAD_DIMS))}"
+    if a["dtype"] not in ir.DTYPES:
+        return f"unknown dtype {a['dtype']!r}", "dtype", f"dtypes: {', '.join(ir.DTYPES)}"
+    return None
+
+
+def validate_spec(spec) -> ir.Spec:
+    """Check every name and number of `spec`; return it unchanged, or raise SpecError naming the field."""
+    if not isinstance(spec, ir.Spec):
+        raise SpecError(f"expected a maskdsl.Spec, got {type(spec).__name__}", filename=WHERE)
+    for field, cls in (("layouts", ir.Layout), ("masks", ir.MaskDef), ("attentions", ir.Attention)):
+        items = getattr(spec, field)
+        if not isinstance(items, tuple) or not all(isinstance(x, cls) for x in items):
+            _fail(f"Spec.{field} must be a tuple of maskdsl.ir.{cls.__name__}")
+    for kind, items in (("layout", spec.layouts), ("mask", spec.masks), ("attention", spec.attentions)):
+        names = [x.name for x in items]
+        for name in names:
+            if (problem := name_problem(name, kind)) is not None:
+                _fail(problem)
+        if len(set(names)) != len(names):
+            _fail(f"duplicate {kind} names in {names}")
+    for layout in spec.layouts:
+        _check_layout(layout)
+    for mask in spec.masks:
+        _check_layout(mask.layout)
+        where = f"mask {mask.name}"
+        _check_expr(mask.expr, mask.layout, where, 0)
+        from maskdsl.analysis import NotAnalyzable, check_analyzable
+
+        try:
+            check_analyzable(mask.expr, mask.layout.shape)
+        except NotAnalyzable as exc:
+            _fail(f"{where}: {exc}")
+    masks = {m.name for m in spec.masks}
+    for att in spec.attentions:
+        values = {f: getattr(att, f) for f in ("heads", "kv_heads", "head_dim", "batch")}
+        if not all(_is_int(v) for v in values.values()):
+            _fail(f"attention {att.name}: heads, kv_heads, head_dim and batch must be integers, got {values}")
+        if att.mask not in masks:
+            _fail(f"attention {att.name}: unknown mask {att.mask!r}")
+        problem = attention_problem({**values, "dtype": att.dtype})
+        if problem is not None:
+            _fail(f"attention {att.name}: {problem[0]}", problem[2])
+    return spec
+
+
+def _fail(message: str, hint: str | None = None):
+    raise SpecError(message, filename=WHERE, hint=hint)
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # not bool, not a float that happens to be whole, not a string of digits
+
+
+def _check_layout(layout: ir.Layout) -> None:
+    shape = layout.shape
+    if not isinstance(shape, tuple) or not 1 <= len(shape) <= 3 or not all(_is_int(n) for n in shape):
+        _fail(f"layout {layout.name}: shape must be a tuple of 1 to 3 integers, got {shape!r}")
+    if any(n < 1 for n in shape):
+        _fail(f"layout {layout.name}: grid extents must be positive, got {shape}")
+    if (problem := limits.shape_problem(shape)) is not None:
+        _fail(f"layout {layout.name}: {problem[0]}", problem[2])
+
+
+def _check_expr(expr, layout: ir.Layout, where: str, level: int) -> None:
+    if level > limits.MAX_DEPTH:
+        _fail(f"{where}: the expression nests more than {limits.MAX_DEPTH} levels")
+    rank = layout.rank
+    if isinstance(expr, (ir.Union_, ir.Intersection)):
+        if not isinstance(expr.terms, tuple) or len(expr.terms) < 2:
+            _fail(f"{where}: a {type(expr).__name__} needs a tuple of at least two terms")
+        for t in expr.terms:
+            _check_expr(t, layout, where, level + 1)
+        return
+    if isinstance(expr, ir.Neighborhood):
+        for field, kind in (("window", int), ("dilation", int), ("stride", int), ("causal", bool)):
+            value = getattr(expr, field)
+            ok = isinstance(value, tuple) and len(value) == rank and all(
+                type(v) is kind for v in value)
+            if not ok:
+                _fail(f"{where}: neighborhood {field} must be a tuple of {rank} {kind.__name__}s "
+                      f"(one per dimension of {layout.name}), got {value!r}")
+    elif isinstance(expr, ir.Sink):
+        if not _is_int(expr.n):
+            _fail(f"{where}: sink n must be an integer, got {expr.n!r}")
+    elif isinstance(expr, ir.TopK):
+        if not (_is_int(expr.k) and _is_int(expr.block)) or max(expr.k, expr.block) > limits.MAX_INT:
+            _fail(f"{where}: topk k and block must be integers of at most 2^63 - 1, got {expr.k!r}, {expr.block!r}")
+    elif not isinstance(expr, (ir.Causal, ir.Full)):
+        _fail(f"{where}: {expr!r} is not a mask expression (maskdsl.ir.{', '.join(c.__name__ for c in ir.PRIMITIVES)},"
+              " Union_, Intersection)")
+    problem = domain_problem(expr, layout)
+    if problem is not None:
+        _fail(f"{where}: {problem[0]}", problem[3])
