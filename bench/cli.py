@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def cmd_bench(args) -> int:
+    if args.fit_from:
+        return _fit_from(args)
     if args.replot:
         import json
 
@@ -68,6 +70,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _fit_from(args) -> int:
+    """Fit and cross-validate the simulator's constants from saved suite runs (no GPU): several `--json`
+    files of one GPU (a suite split over calls) count as one run."""
+    import json
+
+    from maskdsl.bench.report import calibrate, print_table
+
+    runs = [json.load(open(path)) for path in args.fit_from]
+    gpus = {r["environment"]["gpu"] for r in runs}
+    if len(gpus) != 1:
+        print(f"--fit-from takes runs of one GPU; these are from {sorted(gpus)}")
+        return 2
+    results = [r for run in runs for r in run["results"]]
+    print_table(results)
+    fitted = calibrate(results, gpus.pop())
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": runs[0]["environment"], "sources": args.fit_from, "results": results,
+                       "cost_fit": fitted}, fh, indent=1)
+    return 0
+
+
 def _title(env) -> str:
     return " | ".join(str(env[k]) for k in ("gpu", "torch", "triton", "date") if k in env)
 
@@ -89,7 +113,8 @@ def register(sub) -> None:
     p.add_argument("file", nargs="?")
     p.add_argument("--mask")
     p.add_argument("--suite", action="store_true", help="run bench/suite (the DESIGN.md §7 cases and more)")
-    p.add_argument("--only", help="with --suite: only cases whose 'file:mask' contains this text")
+    p.add_argument("--only", help="with --suite: only cases whose 'file:mask' contains this text (or any of "
+                                  "several, comma-separated)")
     p.add_argument("--config", action="append", metavar="KEY",
                    help="time this config (e.g. q2x8x8_k1x8x8_w8_s3; repeatable) instead of the candidates")
     p.add_argument("--paths", action="store_true",
@@ -103,5 +128,7 @@ def register(sub) -> None:
                    help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
+    p.add_argument("--fit-from", nargs="+", metavar="JSON",
+                   help="fit and cross-validate the simulator from saved --suite --json runs of one GPU (no GPU needed)")
     p.add_argument("--replot", metavar="JSON", help="draw --plot from a saved --json of a suite run (no GPU needed)")
     p.set_defaults(func=cmd_bench)

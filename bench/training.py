@@ -221,7 +221,7 @@ def run_training(files, out_json: str | None = None, only: str | None = None) ->
     import json
     from pathlib import Path
 
-    from maskdsl.bench.run import environment
+    from maskdsl.bench.run import environment, selected
     from maskdsl.parser import load
 
     env = environment()
@@ -230,7 +230,7 @@ def run_training(files, out_json: str | None = None, only: str | None = None) ->
     for path in files:
         spec = load(path)
         for att in spec.attentions:
-            if (only and only not in f"{Path(path).stem}:{att.mask}") or spec.mask(att.mask).dynamic:
+            if not selected(only, f"{Path(path).stem}:{att.mask}") or spec.mask(att.mask).dynamic:
                 continue
             print(f"== {path} mask {att.mask} (training)", flush=True)
             r = bench_training(spec, att.mask)
