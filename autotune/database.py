@@ -51,7 +51,7 @@ def list_studies(url: str | None = None) -> list[dict]:
     import optuna
 
     from maskdsl.autotune.keys import parse_study_name
-    from maskdsl.autotune.space import decode
+    from maskdsl.autotune.space import decode_any
 
     storage = open_storage(url)
     rows = []
@@ -63,14 +63,17 @@ def list_studies(url: str | None = None) -> list[dict]:
         default_ms = s.user_attrs.get("default_ms")
         rows.append({**key, "mask": s.user_attrs.get("mask"), "mask_text": s.user_attrs.get("mask_text"),
                      "trials": s.n_trials, "best_ms": best.value if best else None,
-                     "best_config": decode(best.params).key() if best else None, "default_ms": default_ms,
+                     "best_config": decode_any(best.params).key() if best else None, "default_ms": default_ms,
                      "speedup_vs_default": (default_ms / best.value) if best and default_ms else None,
                      "interpreted": s.user_attrs.get("interpreted", False), "study": s.study_name})
     return rows
 
 
-def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None):
-    """The best stored config for this mask on this GPU: exact problem, else the nearest problem, else None."""
+def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None, pass_: str = "fwd"):
+    """The best stored config for this mask on this GPU: exact problem, else the nearest problem, else None.
+
+    `pass_="bwd"` looks up a BackwardConfig from the backward studies instead (`best_backward_config`).
+    """
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None  # nothing tuned yet: don't create a database just to look
@@ -79,17 +82,40 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
 
     device = current_device()
     problem = Problem.for_attention(attention)
-    return _lookup(url, device.name, device.capability, device.triton, mask.content_hash(), problem)
+    return _lookup(url, device.name, device.capability, device.triton, mask.content_hash(), problem, pass_)
+
+
+_warned: set[str] = set()
+
+
+def best_backward_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None):
+    """The best stored BackwardConfig (exact problem, else the nearest), else None.
+
+    Never raises: `compile` calls it on every static mask, and a database it cannot read (optuna
+    missing, a locked or foreign storage) must leave compile on the untuned backward, with one
+    warning per storage instead of an error.
+    """
+    try:
+        return best_config(mask, attention, url, pass_="bwd")
+    except Exception as exc:  # noqa: BLE001 - a lookup is an optimization, never a failure
+        where = storage_url(url)
+        if where not in _warned:
+            _warned.add(where)
+            import warnings
+
+            warnings.warn(f"maskdsl: could not read tuned backward configs from {where} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); using the untuned backward", stacklevel=2)
+        return None
 
 
 @lru_cache(maxsize=256)
-def _lookup(url, gpu, capability, triton_version, mask_hash, problem):
-    from maskdsl.autotune.space import decode
+def _lookup(url, gpu, capability, triton_version, mask_hash, problem, pass_="fwd"):
+    from maskdsl.autotune.space import decode_any
 
     candidates = []
     for row in list_studies(url):
-        if (row["gpu"], row["capability"], row["triton"], row["mask_hash"]) != (gpu, capability,
-                                                                                f"triton-{triton_version}", mask_hash):
+        if (row["gpu"], row["capability"], row["triton"], row["mask_hash"], row["pass"]) != (
+                gpu, capability, f"triton-{triton_version}", mask_hash, pass_):
             continue
         if row["best_config"] is None:
             continue
@@ -100,7 +126,7 @@ def _lookup(url, gpu, capability, triton_version, mask_hash, problem):
     import optuna
 
     study = optuna.load_study(study_name=row["study"], storage=open_storage(url))
-    return decode(study.best_trial.params)
+    return decode_any(study.best_trial.params)
 
 
 def _distance(label: str, problem) -> float:
