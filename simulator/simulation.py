@@ -171,12 +171,12 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     else:
         work = KernelWork(kernel_full, visits - kernel_full, zero, math.prod(q_tile), math.prod(kv_tile), head_dim,
                           num_warps, num_stages, copies)
-    backward_time = None
+    prediction = None
     if backward is not False and backward is not None and not mdef.dynamic:
-        backward_time = simulate_backward(spec, mask, None if backward is True else backward, q_tile, kv_tile,
-                                          costs=model, permute=permute)
+        prediction = simulate_backward(spec, mask, None if backward is True else backward, q_tile, kv_tile,
+                                       costs=model, permute=permute)
     return _result(mdef.name, shape, q_tile, kv_tile, permute, stats, visits, full, pairs, model, work,
-                   mdef.dynamic, notes, backward_time)
+                   mdef.dynamic, notes, prediction)
 
 
 def _as_spec(spec) -> ir.Spec:
@@ -190,7 +190,7 @@ def _as_spec(spec) -> ir.Spec:
 
 
 def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, full, pairs, model: CostModel,
-            work: KernelWork, expected, notes, backward_time=None) -> SimResult:
+            work: KernelWork, expected, notes, backward=None) -> SimResult:
     tokens = math.prod(shape)
     vq, vk = math.prod(q_tile), math.prod(kv_tile)
     nq, nk = stats.q_tiles, stats.k_tiles
@@ -222,7 +222,7 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
         visits_per_query_tile=np.asarray(visits), full_per_query_tile=np.asarray(full),
         worst_tile_speedup=nk / max_visits if max_visits else math.inf,
         ctas_per_sm=sched.ctas_per_sm, waves=sched.waves, num_warps=warps, num_stages=stages,
-        union_kernel=bool(work.union.any()), backward=backward_time, work=work,
+        union_kernel=bool(work.union.any()), backward=backward, work=work,
     )
 
 
