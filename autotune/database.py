@@ -96,7 +96,10 @@ def best_backward_config(mask: ir.MaskDef, attention: ir.Attention | None = None
     warning per storage instead of an error.
     """
     try:
-        return best_config(mask, attention, url, pass_="bwd")
+        config = best_config(mask, attention, url, pass_="bwd")
+        if config is not None:
+            config.validate(len(mask.layout.shape))  # a malformed record must not reach compile
+        return config
     except Exception as exc:  # noqa: BLE001 - a lookup is an optimization, never a failure
         where = storage_url(url)
         if where not in _warned:

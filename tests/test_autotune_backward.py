@@ -151,3 +151,13 @@ def test_a_failing_lookup_warns_once_and_compile_falls_back(storage, monkeypatch
         warnings.simplefilter("error")  # the second failure stays quiet
         fn = maskdsl.compile(spec, "m")
     assert fn.backward_config == ranked_backward_default(mdef, 16)
+
+
+def test_a_stored_backward_config_that_does_not_fit_the_mask_is_not_used(monkeypatch):
+    spec = maskdsl.parse(SPEC)
+    mdef = spec.mask("m")
+    wrong_rank = BackwardConfig.from_key("bwd-q64_k64_w4_s2-q128_k64_w8_s2")  # 1-D tiles for a 2-D grid
+    monkeypatch.setattr(database, "best_config", lambda *a, **k: wrong_rank)
+    monkeypatch.setattr(database, "_warned", set())
+    with pytest.warns(UserWarning, match="2 dimensions"):
+        assert best_backward_config(mdef, spec.attention_for("m")) is None
