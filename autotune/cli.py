@@ -1,4 +1,4 @@
-"""`maskdsl tune FILE --mask NAME` and `maskdsl tune --list`."""
+"""`maskdsl tune FILE --mask NAME [--backward]` and `maskdsl tune --list`."""
 
 from __future__ import annotations
 
@@ -22,10 +22,16 @@ def cmd_tune(args) -> int:
 
     spec, _, _ = resolve(args.file, args.mask)  # an unknown --mask fails here, before any study is made
     if args.exhaustive:
+        if args.backward:
+            print("--exhaustive times the forward's space; the backward's (the product of its two kernels' "
+                  "configs) is tuned by a study: drop --exhaustive")
+            return 2
         return _exhaustive(spec, args)
+    per_volume = args.per_volume or (1 if args.backward else 3)
     result = tune(spec, args.mask, trials=args.trials, storage=args.storage, timeout=args.timeout,
-                  progress=not args.quiet, per_volume=args.per_volume)
-    print(f"study {result.study}: {result.trials} trials ({result.pruned} pruned)")
+                  progress=not args.quiet, per_volume=per_volume, backward=args.backward)
+    print(f"{'backward' if args.backward else 'forward'} study {result.study}: {result.trials} trials "
+          f"({result.pruned} pruned)")
     if result.best:
         line = f"best {result.best.key()}: {result.best_ms:.4f} ms"
         if result.default_ms:
@@ -42,7 +48,7 @@ def _exhaustive(spec, args) -> int:
     def show(cfg, ms, err):
         print(f"  swept {cfg.key()}: {'failed: ' + err if ms is None else f'{ms:.4f} ms'}", flush=True)
 
-    rows = exhaustive(spec, args.mask, per_volume=args.per_volume, on_result=show)
+    rows = exhaustive(spec, args.mask, per_volume=args.per_volume or 3, on_result=show)
     timed = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1])
     print(f"exhaustive sweep: {len(rows)} configs, {len(timed)} ran, {len(rows) - len(timed)} failed")
     for cfg, ms, _ in timed[:5]:
@@ -63,6 +69,7 @@ def _list(args) -> int:
         spd = "-" if r["speedup_vs_default"] is None else f"{r['speedup_vs_default']:.2f}x"
         note = " (interpreter)" if r["interpreted"] else ""
         print(f"  {r['gpu']} {r['capability']} {r['triton']} | {r['mask']} = {r['mask_text']} | {r['problem']} | "
+              f"{'backward' if r['pass'] == 'bwd' else 'forward'} | "
               f"{r['trials']} trials | best {best} {r['best_config'] or ''} | vs default {spd}{note}")
     return 0
 
@@ -77,6 +84,9 @@ def register(sub) -> None:
     p.add_argument("--list", action="store_true", help="list stored studies")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--exhaustive", action="store_true", help="time every config of the space instead (no study)")
-    p.add_argument("--per-volume", type=int, default=3, help="tile shapes per (BLOCK_M, BLOCK_N) in the space")
+    p.add_argument("--per-volume", type=int,
+                   help="tile shapes per (BLOCK_M, BLOCK_N) in the space (default 3; 1 with --backward)")
+    p.add_argument("--backward", action="store_true",
+                   help="tune the backward kernels (dK/dV and dQ configs; objective: the backward's time)")
     p.add_argument("--json", help="with --exhaustive: write every timing here")
     p.set_defaults(func=cmd_tune)

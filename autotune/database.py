@@ -133,19 +133,21 @@ def list_studies(url: str | None = None, lookup: bool = False) -> list[dict]:
 
 def _decoded(params):
     """A stored trial's config, or None when the record is malformed (edited, from another maskdsl)."""
-    from maskdsl.autotune.space import decode
+    from maskdsl.autotune.space import decode_any
 
     try:
-        return decode(params)
+        return decode_any(params)
     except (KeyError, ValueError, TypeError, AttributeError):
         return None
 
 
-def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None):
+def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None, pass_: str = "fwd"):
     """The best stored config for this mask on this GPU: exact problem, else the nearest problem, else None.
 
     Reads only: a missing SQLite file is "nothing tuned", and nothing is ever created or written. A
     database that cannot be read raises TuningDatabaseError (the front door falls back to the default).
+
+    `pass_="bwd"` looks up a BackwardConfig from the backward studies instead (`best_backward_config`).
     """
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
@@ -155,15 +157,41 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
 
     device = current_device()
     problem = Problem.for_attention(attention)
-    return _lookup(url, device.name, device.capability, device.triton, mask.content_hash(), problem)
+    return _lookup(url, device.name, device.capability, device.triton, mask.content_hash(), problem, pass_)
+
+
+_warned: set[str] = set()
+
+
+def best_backward_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None):
+    """The best stored BackwardConfig (exact problem, else the nearest), else None.
+
+    Never raises: `compile` calls it on every static mask, and a database it cannot read (optuna
+    missing, a locked or foreign storage) must leave compile on the untuned backward, with one
+    warning per storage instead of an error.
+    """
+    try:
+        config = best_config(mask, attention, url, pass_="bwd")
+        if config is not None:
+            config.validate(len(mask.layout.shape))  # a malformed record must not reach compile
+        return config
+    except Exception as exc:  # noqa: BLE001 - a lookup is an optimization, never a failure
+        where = redact(storage_url(url))  # never print a password
+        if where not in _warned:
+            _warned.add(where)
+            import warnings
+
+            warnings.warn(f"maskdsl: could not read tuned backward configs from {where} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); using the untuned backward", stacklevel=2)
+        return None
 
 
 @lru_cache(maxsize=256)
-def _lookup(url, gpu, capability, triton_version, mask_hash, problem):
+def _lookup(url, gpu, capability, triton_version, mask_hash, problem, pass_="fwd"):
     candidates = []
     for row in list_studies(url, lookup=True):
-        if (row["gpu"], row["capability"], row["triton"], row["mask_hash"]) != (gpu, capability,
-                                                                                f"triton-{triton_version}", mask_hash):
+        if (row["gpu"], row["capability"], row["triton"], row["mask_hash"], row["pass"]) != (
+                gpu, capability, f"triton-{triton_version}", mask_hash, pass_):
             continue
         if row["best_config"] is None:
             continue

@@ -33,13 +33,26 @@ def current_device() -> Device:
     return Device("triton-interpreter", "cpu", triton.__version__)
 
 
-def study_name(device: Device, mask: ir.MaskDef, problem: Problem) -> str:
-    """One study per (GPU + capability, Triton version, mask content hash, problem shape and dtype)."""
-    return f"maskdsl|{device.name}|{device.capability}|triton-{device.triton}|{mask.content_hash()}|{problem.label()}"
+PASSES = ("fwd", "bwd")
+
+
+def study_name(device: Device, mask: ir.MaskDef, problem: Problem, pass_: str = "fwd") -> str:
+    """One study per (GPU + capability, Triton version, mask content hash, problem shape and dtype, pass).
+
+    The forward's name carries no pass field: studies stored before the backward was tuned keep
+    their names (and are resumed), and a name without the field reads as a forward study.
+    """
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    name = f"maskdsl|{device.name}|{device.capability}|triton-{device.triton}|{mask.content_hash()}|{problem.label()}"
+    return name if pass_ == "fwd" else f"{name}|{pass_}"
 
 
 def parse_study_name(name: str) -> dict | None:
+    """The fields of a maskdsl study name (with `pass`: 'fwd' or 'bwd'), or None for another tool's study."""
     parts = name.split("|")
-    if len(parts) != 6 or parts[0] != "maskdsl":
+    if len(parts) == 6:
+        parts.append("fwd")
+    if len(parts) != 7 or parts[0] != "maskdsl" or parts[6] not in PASSES:
         return None
-    return dict(zip(("tool", "gpu", "capability", "triton", "mask_hash", "problem"), parts))
+    return dict(zip(("tool", "gpu", "capability", "triton", "mask_hash", "problem", "pass"), parts))

@@ -18,20 +18,23 @@ WARPS = (4, 8)
 STAGES = (2, 3, 4)
 
 
-def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Tile pairs of the space, best predicted first (the simulator's upper bound, then its prediction)."""
+def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3,
+               blocks=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Tile pairs of the space, best predicted first (the simulator's upper bound, then its prediction).
+
+    `blocks`: the (BLOCK_M, BLOCK_N) token counts to factorize (default: Q_TOKENS x KV_TOKENS).
+    """
     from maskdsl.simulator import sweep
 
     mdef = spec.mask(mask)
     if mdef.dynamic:
         return [((t,), (t,)) for t in (128, 64) if _topk_ok(mdef, t)]
     ranked = []
-    for qv in Q_TOKENS:
-        for kv in KV_TOKENS:
-            try:
-                ranked += sweep(spec, mask, q_tokens=qv, kv_tokens=kv, limit=per_volume)
-            except ValueError:
-                continue
+    for qv, kv in blocks or [(q, k) for q in Q_TOKENS for k in KV_TOKENS]:
+        try:
+            ranked += sweep(spec, mask, q_tokens=qv, kv_tokens=kv, limit=per_volume)
+        except ValueError:
+            continue
     ranked.sort(key=lambda cr: (-cr[1].predicted_speedup, -cr[1].upper_bound_speedup))
     pairs = []
     for c, _ in ranked:
@@ -120,3 +123,109 @@ def ranked_backward_default(mask: ir.MaskDef, head_dim: int = 128):
         tiles = ranked_tiles(mask, cfg.block_m, cfg.block_n)
         kernels.append(cfg if tiles is None else KernelConfig(*tiles, cfg.num_warps, cfg.num_stages))
     return BackwardConfig(*kernels)
+
+
+# --- the backward: two kernels, each with its own tiles, warps and stages ---------------------------
+
+# (queries walked, keys owned) of the dK/dV kernel and (queries owned, keys walked) of the dQ kernel:
+# KernelConfig's (BLOCK_M, BLOCK_N) of each (codegen.config.BackwardConfig reads dkdv the forward's way round)
+BWD_BLOCKS = {"dkdv": tuple((q, k) for k in (64, 128) for q in (32, 64, 128)),
+              "dq": tuple((q, k) for q in (64, 128) for k in (32, 64))}
+BWD_WARPS = (4, 8)
+BWD_STAGES = (2, 3)
+KERNELS = ("dkdv", "dq")
+
+
+def backward_tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 1) -> dict[str, list]:
+    """Per backward kernel, its tile pairs: the simulator's best `per_volume` at each of its block sizes.
+
+    The ranking is the forward's: a (query tile, key tile) pair is full or partial whichever kernel
+    walks it, which is why ranked_backward_default takes the same tiles.
+    """
+    return {name: tile_pairs(spec, mask, per_volume, BWD_BLOCKS[name]) for name in KERNELS}
+
+
+def backward_configs(spec: ir.Spec, mask: str, per_volume: int = 1) -> list:
+    """Every BackwardConfig of the space (the product of the two kernels' configs)."""
+    from maskdsl.codegen.config import BackwardConfig
+
+    per_kernel = [_kernel_configs(pairs) for pairs in backward_tile_pairs(spec, mask, per_volume).values()]
+    return [BackwardConfig(a, b) for a in per_kernel[0] for b in per_kernel[1]]
+
+
+def _kernel_configs(pairs) -> list[KernelConfig]:
+    return [KernelConfig(q, k, w, s) for q, k in pairs for w in BWD_WARPS for s in BWD_STAGES]
+
+
+def encode_backward(config) -> dict:
+    """A BackwardConfig as the parameters a trial stores: each kernel's tiles, warps and stages."""
+    out = {}
+    for name, cfg in (("dkdv", config.dkdv), ("dq", config.dq)):
+        for key, value in encode(cfg).items():
+            out[f"{name}_{key}"] = value
+    return out
+
+
+def decode_backward(params: dict):
+    """A backward trial's parameters back to a BackwardConfig, through the one key parser."""
+    from maskdsl.codegen.config import BackwardConfig
+
+    keys = [decode({k: params[f"{name}_{k}"] for k in ("tiles", "num_warps", "num_stages")}).key()
+            for name in KERNELS]
+    return BackwardConfig.from_key("bwd-" + "-".join(keys))
+
+
+def decode_any(params: dict):
+    """A stored trial's parameters -> its KernelConfig (forward) or BackwardConfig (backward)."""
+    return decode_backward(params) if "dkdv_tiles" in params else decode(params)
+
+
+def backward_seeds(spec: ir.Spec, mask: str, head_dim: int = 128, count: int = 4, per_volume: int = 1,
+                   gpu: str | None = None) -> list:
+    """What a fresh backward study tries first: the untuned default (the yardstick), then the
+    simulator's best predicted backward configs where `gpu`'s backward constants are fitted (each
+    kernel ranked on its own: the backward's time is the sum of the two), else each kernel's
+    best-ranked tile pairs at the default warps and stages."""
+    from maskdsl.codegen.config import BackwardConfig
+
+    mdef = spec.mask(mask)
+    default = ranked_backward_default(mdef, head_dim)
+    out = [default]
+    pairs = backward_tile_pairs(spec, mask, per_volume)
+    ranked = {name: _rank_kernel(spec, mask, name, _kernel_configs(pairs[name]), gpu) for name in KERNELS}
+    if ranked["dkdv"] and ranked["dq"]:
+        for i in range(count):
+            cfg = BackwardConfig(ranked["dkdv"][min(i, len(ranked["dkdv"]) - 1)],
+                                 ranked["dq"][min(i, len(ranked["dq"]) - 1)])
+            if cfg not in out:
+                out.append(cfg)
+    else:
+        for dkdv_pair, dq_pair in zip(pairs["dkdv"], pairs["dq"]):
+            cfg = BackwardConfig(KernelConfig(*dkdv_pair, default.dkdv.num_warps, default.dkdv.num_stages),
+                                 KernelConfig(*dq_pair, default.dq.num_warps, default.dq.num_stages))
+            if cfg not in out:
+                out.append(cfg)
+    return out[:count]
+
+
+def _rank_kernel(spec: ir.Spec, mask: str, kernel: str, configs: list[KernelConfig],
+                 gpu: str | None = None) -> list[KernelConfig]:
+    """Configs of one backward kernel, fastest predicted first; [] when `gpu`'s backward is not calibrated."""
+    from maskdsl.simulator.backward import predict_kernel
+    from maskdsl.simulator.cost import CostModel
+
+    try:
+        model = CostModel.for_gpu(gpu)
+    except (KeyError, ValueError):  # a GPU without cost constants: no ranking, not an error
+        return []
+    timed = []
+    for cfg in configs:
+        try:
+            t = predict_kernel(spec, mask, kernel, cfg.q_tile, cfg.kv_tile, cfg.num_warps, cfg.num_stages,
+                               costs=model)
+        except ValueError:
+            continue
+        if t is None:
+            return []
+        timed.append((t, cfg))
+    return [cfg for _, cfg in sorted(timed, key=lambda tc: tc[0])]

@@ -1,4 +1,7 @@
-"""`maskdsl tune`: one Optuna study per (GPU, Triton, mask, problem), resumable, seeded by the simulator.
+"""`maskdsl tune`: one Optuna study per (GPU, Triton, mask, problem, pass), resumable, seeded by the simulator.
+
+The forward and the backward are tuned apart (`--backward`): the backward's two kernels have their
+own tiles, warps and stages, and its objective is the backward's time alone.
 
 The study is created with load_if_exists, so a second run on the same storage continues it.
 A fresh study first gets the simulator's top predictions enqueued, then TPE samples the rest of
@@ -13,13 +16,15 @@ from dataclasses import dataclass
 
 import optuna
 
+from typing import Callable
+
 from maskdsl.autotune import space
-from maskdsl.autotune.space import decode, encode, tiles_label
+from maskdsl.autotune.space import decode, decode_any, decode_backward, encode, encode_backward, tiles_label
 from maskdsl.autotune.database import open_storage
 from maskdsl.autotune.keys import Device, current_device, study_name
 from maskdsl.harness import Problem
-from maskdsl.autotune.measure import Bench, WrongOutput
-from maskdsl.codegen.config import KernelConfig
+from maskdsl.autotune.measure import BackwardBench, Bench, WrongOutput
+from maskdsl.codegen.config import BackwardConfig, KernelConfig
 from maskdsl import ir
 
 
@@ -27,22 +32,67 @@ from maskdsl import ir
 class TuneResult:
     study: str
     device: Device
-    best: KernelConfig | None
+    best: KernelConfig | BackwardConfig | None
     best_ms: float | None
     default_ms: float | None
     trials: int
     pruned: int
 
 
-def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None, timeout: float | None = None,
-         seed: int | None = None, progress: bool = False, per_volume: int = 3) -> TuneResult:
-    optuna.logging.set_verbosity(logging.WARNING)
-    mdef = spec.mask(mask)
-    device = current_device()
-    problem = Problem.of(spec, mask)
-    name = study_name(device, mdef, problem)
+@dataclass(frozen=True)
+class Search:
+    """One pass's search: the categorical choices a trial samples, how parameters map to a config,
+    what a fresh study tries first, and the config its speedup is measured against."""
+
+    pass_: str  # "fwd" or "bwd" (the study key's pass)
+    choices: dict
+    decode: Callable[[dict], object]
+    encode: Callable[[object], dict]
+    seeds: list
+    default: object
+
+
+def forward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_volume: int) -> Search:
     configs = space.configs(spec, mask, per_volume)
     tiles = sorted({tiles_label(c.q_tile, c.kv_tile) for c in configs})
+    return Search("fwd", {"tiles": tiles, "num_warps": list(space.WARPS), "num_stages": list(space.STAGES)},
+                  decode, encode, space.seeds(spec, mask, count=min(4, trials), per_volume=per_volume),
+                  space.ranked_default(spec.mask(mask), problem.head_dim))
+
+
+def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_volume: int,
+                    device: Device | None = None) -> Search:
+    """Each backward kernel's tiles (the simulator's best at its block sizes), warps and stages; seeds
+    ranked with this GPU's backward constants (the default GPU's in the interpreter)."""
+    gpu = None if device is None or device.interpreted else device.name
+    seeds = space.backward_seeds(spec, mask, problem.head_dim, count=min(4, trials), per_volume=per_volume, gpu=gpu)
+    default = seeds[0]  # ranked_backward_default: the untuned backward
+    pairs = space.backward_tile_pairs(spec, mask, per_volume)
+    choices = {}
+    for name in space.KERNELS:
+        labels = [tiles_label(q, k) for q, k in pairs[name]]
+        for cfg in seeds:  # a seed outside the ranked pairs (a near-cube fallback) must still be a choice
+            kernel = getattr(cfg, name)
+            labels.append(tiles_label(kernel.q_tile, kernel.kv_tile))
+        choices[f"{name}_tiles"] = sorted(set(labels))
+        choices[f"{name}_num_warps"] = list(space.BWD_WARPS)
+        choices[f"{name}_num_stages"] = list(space.BWD_STAGES)
+    return Search("bwd", choices, decode_backward, encode_backward, seeds, default)
+
+
+def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None, timeout: float | None = None,
+         seed: int | None = None, progress: bool = False, per_volume: int = 3, backward: bool = False) -> TuneResult:
+    """Run (or resume) the study of `mask`'s forward kernel, or with `backward` of its backward kernels."""
+    optuna.logging.set_verbosity(logging.WARNING)
+    mdef = spec.mask(mask)
+    if backward and mdef.dynamic:
+        raise ValueError(f"mask {mask!r} has a top-k term: backward tuning covers static masks "
+                         "(the top-k backward takes the forward's tiles); hint: tune its forward instead")
+    device = current_device()
+    problem = Problem.of(spec, mask)
+    search = (backward_search(spec, mask, problem, trials, per_volume, device) if backward
+              else forward_search(spec, mask, problem, trials, per_volume))
+    name = study_name(device, mdef, problem, search.pass_)
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
     if not study.user_attrs:
@@ -51,15 +101,14 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
         study.set_user_attr("mask_text", mdef.expr.fmt())
         study.set_user_attr("grid", list(mdef.layout.shape))
         study.set_user_attr("interpreted", device.interpreted)
+        study.set_user_attr("pass", search.pass_)
     if not study.trials:
-        for cfg in space.seeds(spec, mask, count=min(4, trials), per_volume=per_volume):
-            study.enqueue_trial(encode(cfg), user_attrs={"seed": "simulator"})
-    bench = Bench(spec, mask, problem, device)
+        for cfg in search.seeds:
+            study.enqueue_trial(search.encode(cfg), user_attrs={"seed": "simulator"})
+    bench = (BackwardBench if backward else Bench)(spec, mask, problem, device)
 
     def objective(trial: optuna.Trial) -> float:
-        cfg = decode({"tiles": trial.suggest_categorical("tiles", tiles),
-                      "num_warps": trial.suggest_categorical("num_warps", list(space.WARPS)),
-                      "num_stages": trial.suggest_categorical("num_stages", list(space.STAGES))})
+        cfg = search.decode({key: trial.suggest_categorical(key, choices) for key, choices in search.choices.items()})
         try:
             return bench.time_ms(cfg)
         except WrongOutput as exc:
@@ -70,10 +119,9 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
 
     study.optimize(objective, n_trials=trials, timeout=timeout, show_progress_bar=progress, catch=())
     if "default_ms" not in study.user_attrs:
-        default = space.ranked_default(mdef, problem.head_dim)
-        study.set_user_attr("default_config", encode(default))
+        study.set_user_attr("default_config", search.encode(search.default))
         try:
-            study.set_user_attr("default_ms", bench.time_ms(default))
+            study.set_user_attr("default_ms", bench.time_ms(search.default))
         except Exception as exc:
             study.set_user_attr("default_error", f"{type(exc).__name__}: {str(exc)[:300]}")
     return summarize(study, device)
@@ -83,8 +131,9 @@ def summarize(study, device: Device) -> TuneResult:
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     best = min(done, key=lambda t: t.value) if done else None
-    return TuneResult(study.study_name, device, decode(best.params) if best else None, best.value if best else None,
-                      study.user_attrs.get("default_ms"), len(done) + len(pruned), len(pruned))
+    return TuneResult(study.study_name, device, decode_any(best.params) if best else None,
+                      best.value if best else None, study.user_attrs.get("default_ms"), len(done) + len(pruned),
+                      len(pruned))
 
 
 def exhaustive(spec: ir.Spec, mask: str, per_volume: int = 3, on_result=None) -> list[tuple[KernelConfig, float | None, str]]:

@@ -97,8 +97,8 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     """Compile `mask` of `spec` into a callable attention kernel (differentiable: it trains).
 
     `config` (a `maskdsl.codegen.config.KernelConfig`) overrides the tuning database's choice;
-    `backward_config` (a `BackwardConfig`) the backward kernels' tiles (default: the simulator's best
-    tiles at codegen's backward block sizes).
+    `backward_config` (a `BackwardConfig`) the backward kernels' (default: the tuning database's
+    backward study, else the simulator's best tiles at codegen's backward block sizes).
     """
     from maskdsl.codegen.compiled import compile_attention
 
@@ -106,7 +106,9 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     if config is None:
         config = lookup_config(mdef, attention)
     if backward_config is None and not mdef.dynamic:
+        from maskdsl.autotune.database import best_backward_config
         from maskdsl.autotune.space import ranked_backward_default
 
-        backward_config = ranked_backward_default(mdef, attention.head_dim if attention else 128)
+        backward_config = (best_backward_config(mdef, attention)  # tuned (never raises), else untuned
+                           or ranked_backward_default(mdef, attention.head_dim if attention else 128))
     return compile_attention(spec, mask, config, backward_config)

@@ -1,14 +1,18 @@
 """`maskdsl simulate`: the simulator from the command line (registered by maskdsl.cli).
 
     maskdsl simulate FILE --mask NAME [--q-tile 2,8,8 --kv-tile 2,8,8] [--no-permute] [--warps 8 --stages 3]
-                     [--sweep [--limit N]] [--suggest] [--json] [--gpu NAME] [--costs FILE]
+                     [--backward-config KEY] [--sweep [--limit N]] [--suggest] [--json] [--gpu NAME] [--costs FILE]
 
-Without tiles it simulates the best 128-token tile (``simulator.ranking.default_config``).
+Without tiles it simulates the best 128-token tile (``simulator.ranking.default_config``). For a static
+mask it also predicts the backward and forward+backward (``simulator.backward``) of the backward config
+`compile` would use untuned (``autotune.space.ranked_backward_default``) or of --backward-config; a CLI
+sits above codegen and autotune, so it may ask them for the config.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -40,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--costs", help="JSON file of fitted cost constants overriding the built-in ones")
     p.add_argument("--warps", type=int, help="num_warps of the kernel (occupancy; default: codegen's untuned choice)")
     p.add_argument("--stages", type=int, help="num_stages of the kernel (occupancy; default 3)")
+    p.add_argument("--backward-config", help="backward config key to predict, e.g. bwd-q64_k64_w4_s2-q128_k64_w8_s2 "
+                   "(default: the untuned backward's simulator-ranked tiles)")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -65,6 +71,10 @@ def cmd_simulate(args) -> int:
     else:
         rows = [default_config(spec, mask, permute=permute, **cost)[1]]
         title = f"simulation of {mask} (best 128-token tile; choose with --q-tile/--kv-tile)"
+    backward = None
+    if not args.sweep and not mdef.dynamic:
+        backward = _backward(spec, mdef, args, permute, cost)
+        rows[0] = dataclasses.replace(rows[0], backward=backward)
     suggestions = []
     if args.suggest:
         best = rows[0]
@@ -78,11 +88,48 @@ def cmd_simulate(args) -> int:
         return 0
     print(title)
     print(format_table(rows))
+    if not args.sweep and not mdef.dynamic:
+        print(format_backward(rows[0], args.backward_config is None))
     for note in dict.fromkeys(n for r in rows for n in r.notes):
         print(f"note: {note}")
     if args.suggest:
         _print_suggestions(spec.mask(mask).expr, rows[0], suggestions)
     return 0
+
+
+def _backward(spec, mdef, args, permute, cost):
+    """The predicted backward of --backward-config or of the untuned backward config; None if uncalibrated."""
+    from maskdsl.codegen.config import BackwardConfig
+    from maskdsl.simulator.backward import simulate_backward
+
+    if args.backward_config:
+        config = BackwardConfig.from_key(args.backward_config)
+        config.validate(len(mdef.layout.shape))
+    else:
+        from maskdsl.autotune.space import ranked_backward_default
+
+        att = spec.attention_for(mdef.name)
+        config = ranked_backward_default(mdef, att.head_dim if att else 128)
+    return simulate_backward(spec, mdef.name, config, permute=permute, **cost)
+
+
+def format_backward(r, default: bool) -> str:
+    """The backward and forward+backward lines under the forward's table."""
+    b = r.backward
+    if b is None:
+        return (f"backward: not predicted: {r.gpu} has no backward constants; hint: fit them from maskdsl bench "
+                "--train times with maskdsl.simulator.calibrate_backward (docs/SIMULATOR.md)")
+    which = " (the untuned default)" if default else ""
+    line = (f"backward {b.label()}{which}: dK/dV {b.dkdv_ms:.3f} ms + dQ {b.dq_ms:.3f} ms = {b.ms:.3f} ms "
+            f"predicted ({b.dkdv.ctas_per_sm} + {b.dq.ctas_per_sm} CTAs/SM)")
+    if b.speedup is not None:
+        line += f"; dense SDPA backward {b.dense_ms:.3f} ms ({_x(b.speedup)})"
+    if r.predicted_fwd_bwd_ms is not None:
+        line += f"\nforward+backward: {r.predicted_fwd_bwd_ms:.3f} ms predicted"
+        if r.predicted_fwd_bwd_speedup is not None:
+            dense = r.predicted_fwd_bwd_ms * r.predicted_fwd_bwd_speedup
+            line += f"; dense SDPA {dense:.3f} ms ({_x(r.predicted_fwd_bwd_speedup)})"
+    return line
 
 
 def _print_suggestions(expr, base, suggestions) -> None:

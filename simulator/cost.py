@@ -25,8 +25,12 @@ tile full, in the same units, so speedups stay unit-free.
 
 Constants live in gpu_costs.json in units of "one full 128x128 tile" (c_full = 1), `tile_us`
 turning units into microseconds. A fitted override is a JSON file of the same shape, passed as
-`path` or named by the MASKDSL_GPU_COSTS environment variable. Backward constants (`bwd_*`)
-stay None until measured: `backward_time` then returns None.
+`path` or named by the MASKDSL_GPU_COSTS environment variable.
+
+The backward (`BackwardWork`, `backward_kernel_us`) has its own constants, in microseconds so a
+refit of the forward's units leaves them valid: per visited 128x128 pair of the dK/dV walk and of
+the dQ walk, per program, and the partial pairs' premium; scheduled by the same occupancy and list
+scheduling. They stay None until measured (`simulator.calibrate_backward`): the prediction is then None.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles and 
 DENSE_TILE = 128  # the dense SDPA baseline's query and key tiles
 _BUILTIN = Path(__file__).with_name("gpu_costs.json")
 FEATURES = ("full", "partial", "union", "tile")  # per-CTA work terms; the fit adds launch_us
+# per backward program: a 128x128 pair of the dK/dV walk, of the dQ walk, the program's fixed cost
+BACKWARD_FEATURES = ("dkdv_pair", "dq_pair", "program")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,43 @@ class KernelWork:
 
 
 @dataclass(frozen=True)
+class BackwardWork:
+    """One backward kernel's launch: per program the tiles it walks (full / partial), its config, copies.
+
+    dK/dV: a program owns a key tile and walks the query tiles that see it, summing the GQA group's
+    query heads (`group`); dQ: a program owns a query tile and walks its key tiles, like the forward.
+    """
+
+    kernel: str  # "dkdv" or "dq"
+    full: np.ndarray  # [programs] walked tiles run without the predicate
+    partial: np.ndarray  # [programs] walked tiles run with it (every visited tile of a union mask)
+    own: int  # tokens of the tile a program owns
+    other: int  # tokens of each tile it walks
+    head_dim: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+    copies: int = 1  # programs per tile: batch x kv heads (dK/dV) or batch x heads (dQ)
+    group: int = 1  # query heads a program sums (dK/dV under GQA)
+
+    @property
+    def ctas_per_sm(self) -> int:
+        return ctas_per_sm(self.own, self.other, self.head_dim, self.num_warps, self.num_stages)
+
+    @property
+    def programs(self) -> int:
+        return len(self.full) * self.copies
+
+    def features(self, beta: float, partial: float) -> np.ndarray:
+        """[programs, 3] SM-time per microsecond-constant (BACKWARD_FEATURES), before the slot factor."""
+        pair = (self.own * self.other / REFERENCE_TILE**2) ** beta
+        h = self.head_dim / REFERENCE_TILE
+        walk = (np.asarray(self.full, np.float64) + partial * np.asarray(self.partial, np.float64)) * pair * self.group
+        zero = np.zeros(len(walk))
+        cols = [walk, zero] if self.kernel == "dkdv" else [zero, walk]
+        return np.stack(cols + [np.full(len(walk), (self.own / REFERENCE_TILE) ** beta)], axis=1) * h
+
+
+@dataclass(frozen=True)
 class Schedule:
     """The predicted launch: time (units), occupancy, waves."""
 
@@ -111,9 +154,12 @@ class CostModel:
     launch_us: float = 0.0
     dense_tile_us: float | None = None  # the dense SDPA baseline, per 128x128 tile on one SM
     dense_cta: float = 0.0  # its fixed cost per CTA, in its tiles
-    bwd_c_full: float | None = None  # backward (dK/dV + dQ) constants: unfitted until measured
-    bwd_c_partial: float | None = None
-    bwd_c_tile: float | None = None
+    bwd_dkdv_us: float | None = None  # backward, us per visited 128x128 pair of the dK/dV walk; None: unfitted
+    bwd_dq_us: float | None = None  # ... of the dQ walk
+    bwd_program_us: float = 0.0  # per backward program (a 128-token owned tile)
+    bwd_partial: float = 1.0  # a partial pair (mask predicate) costs this many full ones
+    bwd_pair_exponent: float | None = None  # None: the forward's
+    dense_bwd_tile_us: float | None = None  # the dense SDPA backward, per 128x128 tile on one SM
 
     @property
     def placeholder(self) -> bool:
@@ -146,8 +192,10 @@ class CostModel:
                         source=str(entry.get("source", "")), pair_exponent=float(entry.get("pair_exponent", 1.0)),
                         c_union=opt("c_union"), launch_us=float(entry.get("launch_us") or 0.0),
                         dense_tile_us=opt("dense_tile_us"), dense_cta=float(entry.get("dense_cta") or 0.0),
-                        bwd_c_full=opt("bwd_c_full"), bwd_c_partial=opt("bwd_c_partial"),
-                        bwd_c_tile=opt("bwd_c_tile"))
+                        bwd_dkdv_us=opt("bwd_dkdv_us"), bwd_dq_us=opt("bwd_dq_us"),
+                        bwd_program_us=float(entry.get("bwd_program_us") or 0.0),
+                        bwd_partial=float(entry.get("bwd_partial") or 1.0),
+                        bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
@@ -205,23 +253,35 @@ class CostModel:
                           head_dim, copies=copies)
         return self.schedule(work)
 
-    def backward_time(self, q_visits: np.ndarray, k_visits: np.ndarray, block_m: int, block_n: int,
-                      copies: int, head_dim: int = 128) -> float | None:
-        """HOOK for the backward pass (units), None until backward constants are measured.
+    @property
+    def backward_calibrated(self) -> bool:
+        return self.bwd_dkdv_us is not None and self.bwd_dq_us is not None
 
-        The backward runs the same (query tile, key tile) pairs transposed: the dK/dV kernel has one
-        CTA per key tile, whose critical path is that key tile's visiting query tiles (`k_visits`);
-        dQ has one per query tile (`q_visits`). Both are scheduled like the forward.
+    def backward_kernel_us(self, work: "BackwardWork") -> float | None:
+        """Predicted time (us) of one backward kernel, None until the backward constants are measured.
+
+        Scheduled like the forward: `ctas_per_sm` slots per SM, each program occupying its slot for
+        k times its SM time, greedy list scheduling in launch order, plus one launch.
         """
-        if self.bwd_c_full is None or self.bwd_c_tile is None:
+        if not self.backward_calibrated:
             return None
-        total = 0.0
-        for visits, own, other in ((k_visits, block_n, block_m), (q_visits, block_m, block_n)):
-            pair = (own * other / REFERENCE_TILE**2) ** self.pair_exponent
-            per = (np.asarray(visits, np.float64) * pair * self.bwd_c_full
-                   + self.bwd_c_tile * (own / REFERENCE_TILE) ** self.pair_exponent) * head_dim / REFERENCE_TILE
-            total += list_schedule(np.tile(per, copies), self.sms)
-        return total + 2 * self._launch_units()
+        coef = np.array([self.bwd_dkdv_us, self.bwd_dq_us, self.bwd_program_us])
+        k = work.ctas_per_sm
+        jobs = np.tile(work.features(self.backward_exponent, self.bwd_partial) @ coef * k, work.copies)
+        return list_schedule(jobs, self.sms * k) + self.launch_us
+
+    @property
+    def backward_exponent(self) -> float:
+        return self.pair_exponent if self.bwd_pair_exponent is None else self.bwd_pair_exponent
+
+    def dense_backward_us(self, tokens: int, copies: int, head_dim: int) -> float | None:
+        """The dense SDPA backward (us): ceil(L/128) key-tile programs per (batch, head), each walking
+        ceil(L/128) tiles, in whole waves; None without `dense_bwd_tile_us`."""
+        if self.dense_bwd_tile_us is None:
+            return None
+        n = math.ceil(tokens / DENSE_TILE)
+        per_cta = head_dim / REFERENCE_TILE * n * self.dense_bwd_tile_us
+        return uniform_makespan(n * copies, per_cta, self.sms) + self.launch_us
 
     def _launch_units(self) -> float:
         return self.launch_us / self.tile_us if self.tile_us else 0.0

@@ -235,20 +235,34 @@ def _single_product(terms, layout: TileLayout, qs, ks) -> TileStats:
 
 
 def key_tile_visits(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True) -> np.ndarray:
-    """[NK] query tiles visiting each key tile: the transposed schedule a dK/dV backward kernel runs.
+    """[NK] query tiles visiting each key tile: the transposed schedule a dK/dV backward kernel runs."""
+    return key_tile_stats(expr, shape, q_tile, kv_tile, permute)[0]
 
-    One product term: outer products of per-dimension column counts, as for the query side; a
-    union: column counts of the exact tile-pair chunks.
+
+def key_tile_stats(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """([NK] query tiles visiting each key tile, [NK] of them seeing all of it): the dK/dV kernel's walk.
+
+    A ragged key tile is never full, as in the forward: the kernel's fully-seen box is built from
+    whole key tiles (`maskdsl.transpose.query_tile_ranges`). One product term: outer products of
+    per-dimension column counts, as for the query side; a union: column counts of the exact
+    tile-pair chunks.
     """
     layout = layout_for(expr, tuple(shape), q_tile, kv_tile, permute)
+    qs, ks = layout.sizes()
     if layout.permute:
         terms = _dim_tables(expr, layout)
         if len(terms) == 1:
-            out = np.ones(1, dtype=np.int64)
-            for table in terms[0][1]:
-                out = np.multiply.outer(out, np.count_nonzero(table, axis=0)).reshape(-1)
-            return out
-    out = np.zeros(len(layout.sizes()[1]), dtype=np.int64)
-    for _, block in pair_count_chunks(expr, layout):
-        out += np.count_nonzero(block, axis=0)
-    return out
+            visits = full = np.ones(1, dtype=np.int64)
+            for table, q, k, tk in zip(terms[0][1], layout.q_dims, layout.k_dims, layout.kv_tile):
+                size = np.multiply.outer(q[:, 1] - q[:, 0], k[:, 1] - k[:, 0])
+                whole = (k[:, 1] - k[:, 0]) == tk
+                visits = np.multiply.outer(visits, np.count_nonzero(table, axis=0)).reshape(-1)
+                full = np.multiply.outer(full, np.count_nonzero(table == size, axis=0) * whole).reshape(-1)
+            return visits, full
+    visits = np.zeros(len(ks), dtype=np.int64)
+    full = np.zeros(len(ks), dtype=np.int64)
+    whole = ks == math.prod(layout.kv_tile)
+    for rows, block in pair_count_chunks(expr, layout):
+        visits += np.count_nonzero(block, axis=0)
+        full += np.count_nonzero(block == np.multiply.outer(qs[rows], ks), axis=0) * whole
+    return visits, full

@@ -35,7 +35,8 @@ import numpy as np
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.simulator.cost import CostModel, KernelWork
-from maskdsl.simulator.counting import TileStats, key_tile_visits, tile_stats
+from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
+from maskdsl.simulator.counting import TileStats, tile_stats
 from maskdsl.simulator.tiles import check_tile
 
 
@@ -76,7 +77,7 @@ class SimResult:
     num_warps: int = 0
     num_stages: int = 0
     union_kernel: bool = False  # the several-term loop runs every visited tile (unions, top-k)
-    predicted_backward_time: float | None = None  # None until backward constants are measured
+    backward: "BackwardPrediction | None" = field(default=None, compare=False)  # simulate(backward=...)
     work: KernelWork = field(default=None, compare=False, repr=False)  # what the cost model scheduled
     visits_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
     full_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
@@ -84,6 +85,26 @@ class SimResult:
     @property
     def config(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
         return self.q_tile, self.kv_tile, self.permute
+
+    @property
+    def predicted_backward_ms(self) -> float | None:
+        """The backward's predicted time; None unless asked for and the GPU's backward is calibrated."""
+        return self.backward.ms if self.backward else None
+
+    @property
+    def predicted_fwd_bwd_ms(self) -> float | None:
+        if self.backward is None or self.predicted_ms is None:
+            return None
+        return self.predicted_ms + self.backward.ms
+
+    @property
+    def predicted_fwd_bwd_speedup(self) -> float | None:
+        """Dense SDPA forward + backward over ours, both predicted (None without the dense backward's constant)."""
+        b = self.backward
+        if b is None or b.dense_ms is None or self.predicted_ms is None:
+            return None
+        dense_fwd_ms = self.predicted_ms * self.predicted_speedup
+        return (dense_fwd_ms + b.dense_ms) / (self.predicted_ms + b.ms)
 
     @property
     def imbalance(self) -> float:
@@ -96,6 +117,11 @@ class SimResult:
         for name in self.__dataclass_fields__:
             if name in ("visits_per_query_tile", "full_per_query_tile", "work"):
                 continue
+            if name == "backward":
+                out[name] = None if self.backward is None else {
+                    **self.backward.to_dict(), "fwd_bwd_ms": self.predicted_fwd_bwd_ms,
+                    "fwd_bwd_speedup": self.predicted_fwd_bwd_speedup}
+                continue
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else value
         for name in ("upper_bound_speedup", "flop_ideal_speedup", "worst_tile_speedup"):
@@ -106,14 +132,15 @@ class SimResult:
 
 def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: str | None = None,
              costs: CostModel | str | os.PathLike | None = None, num_warps: int | None = None,
-             num_stages: int | None = None, backward: bool = False) -> SimResult:
+             num_stages: int | None = None, backward=False) -> SimResult:
     """Simulate `mask` of `spec` (an ir.Spec or a path to a .mask file) with the given tiles.
 
     `kv_tile` defaults to `q_tile`. `gpu` names the cost constants (gpu_costs.json); `costs`
     is a CostModel or a JSON file of fitted constants overriding the built-in ones. Warps and
     stages (occupancy) default to codegen's untuned choice; batch, heads and head_dim come from
     the spec's `attention` statement for the mask. `backward` also predicts the backward pass
-    (when the GPU's backward constants are known).
+    (`SimResult.backward`, when the GPU's backward constants are known): True with this config's
+    tiles for both backward kernels, or a backward config (`.dkdv`, `.dq`: codegen.config.BackwardConfig).
     """
     spec = _as_spec(spec)
     mdef = spec.mask(mask)
@@ -144,12 +171,12 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     else:
         work = KernelWork(kernel_full, visits - kernel_full, zero, math.prod(q_tile), math.prod(kv_tile), head_dim,
                           num_warps, num_stages, copies)
-    backward_time = None
-    if backward and not mdef.dynamic:
-        backward_time = model.backward_time(visits, key_tile_visits(mdef.expr, shape, q_tile, kv_tile, permute),
-                                            work.block_m, work.block_n, copies, head_dim)
+    prediction = None
+    if backward is not False and backward is not None and not mdef.dynamic:
+        prediction = simulate_backward(spec, mask, None if backward is True else backward, q_tile, kv_tile,
+                                       costs=model, permute=permute)
     return _result(mdef.name, shape, q_tile, kv_tile, permute, stats, visits, full, pairs, model, work,
-                   mdef.dynamic, notes, backward_time)
+                   mdef.dynamic, notes, prediction)
 
 
 def _as_spec(spec) -> ir.Spec:
@@ -163,7 +190,7 @@ def _as_spec(spec) -> ir.Spec:
 
 
 def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, full, pairs, model: CostModel,
-            work: KernelWork, expected, notes, backward_time=None) -> SimResult:
+            work: KernelWork, expected, notes, backward=None) -> SimResult:
     tokens = math.prod(shape)
     vq, vk = math.prod(q_tile), math.prod(kv_tile)
     nq, nk = stats.q_tiles, stats.k_tiles
@@ -195,7 +222,7 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
         visits_per_query_tile=np.asarray(visits), full_per_query_tile=np.asarray(full),
         worst_tile_speedup=nk / max_visits if max_visits else math.inf,
         ctas_per_sm=sched.ctas_per_sm, waves=sched.waves, num_warps=warps, num_stages=stages,
-        union_kernel=bool(work.union.any()), predicted_backward_time=backward_time, work=work,
+        union_kernel=bool(work.union.any()), backward=backward, work=work,
     )
 
 

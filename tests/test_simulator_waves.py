@@ -113,7 +113,7 @@ def test_a_ragged_key_tile_is_partial_for_the_kernel_even_when_fully_attended():
 def test_entries_without_the_new_constants_still_load():
     old = {"c_full": 1.0, "c_partial": 1.3, "c_tile": 0.5, "sms": 132, "source": "an old fit"}
     model = CostModel.from_entry("Old GPU", old)
-    assert model.c_union is None and model.dense_tile_us is None and model.bwd_c_full is None
+    assert model.c_union is None and model.dense_tile_us is None and not model.backward_calibrated
     spec = maskdsl.parse("layout s = grid(4096)\nmask m = full\nattention a(mask=m, heads=8, head_dim=128)\n")
     # no SDPA constants: the baseline is this kernel with every tile full, so `full` predicts exactly 1x
     assert simulate(spec, "m", (128,), costs=model).predicted_speedup == pytest.approx(1.0)
@@ -128,10 +128,12 @@ def test_key_tile_visits_are_the_transposed_schedule():
 
 
 def test_backward_is_none_until_measured_then_scheduled_per_key_and_query_tile():
-    spec = maskdsl.parse("layout s = grid(8)\nmask m = full\nattention a(mask=m, heads=1, head_dim=128)\n")
+    spec = maskdsl.parse("layout s = grid(256)\nmask m = full\nattention a(mask=m, heads=1, head_dim=128)\n")
     entry = {"c_full": 1.0, "c_partial": 1.0, "c_tile": 0.0, "sms": 4}
-    assert simulate(spec, "m", (4,), backward=True, costs=CostModel.from_entry("G", entry)).predicted_backward_time is None
-    model = CostModel.from_entry("G", {**entry, "bwd_c_full": 1.0, "bwd_c_tile": 0.0})
-    r = simulate(spec, "m", (4,), backward=True, costs=model)
-    # dK/dV: 2 key-tile CTAs visited by 2 query tiles each; dQ: the same transposed; one wave each
-    assert r.predicted_backward_time == pytest.approx(2 * 2 * (4 * 4 / 128**2))
+    assert simulate(spec, "m", (128,), backward=True, costs=CostModel.from_entry("G", entry)).backward is None
+    model = CostModel.from_entry("G", {**entry, "bwd_dkdv_us": 1.0, "bwd_dq_us": 3.0, "bwd_program_us": 0.5})
+    r = simulate(spec, "m", (128,), backward=True, costs=model)
+    # 128-token tiles on 8 warps: one CTA per SM. dK/dV: 2 key-tile CTAs visited by 2 query tiles each,
+    # dQ the same transposed; one wave each, in us: (2 x 1 + 0.5) + (2 x 3 + 0.5)
+    assert (r.backward.dkdv.ctas_per_sm, r.backward.dq.ctas_per_sm) == (1, 1)
+    assert r.backward.ms == pytest.approx((2.5 + 6.5) / 1000)

@@ -1,0 +1,178 @@
+"""Fit the backward's constants (`CostModel.bwd_*`, `dense_bwd_tile_us`) from measured backward times.
+
+Each measurement is one backward config on one case with its measured backward time (the
+`bwd_ms` of `maskdsl bench --train`: autograd.grad on a retained graph, do_bench median). As for
+the forward (`simulator.calibrate`), the predicted time of each kernel is its busiest slot's load
+after list scheduling, linear in the constants for fixed critical slots:
+
+    us = a_dkdv * F_dkdv + a_dq * F_dq + a_program * (F_program,dkdv + F_program,dq) + 2 launches
+
+so the fit alternates picking the critical slots and a non-negative least-squares solve on relative
+errors; the tile-size exponent and the partial pairs' premium are the best of small grids. Three
+linear constants on purpose: the first measurements are 4 cases x 4 configs.
+
+The dense SDPA backward's one constant (per 128x128 tile) is fitted on the cases that measured it.
+
+Measurements are recorded in gpu_costs.json with their source (`bwd_measurements`); their configs
+are 'bwd-...' keys, parsed by whoever calls `measurements_from_records` (codegen owns the parser and
+the simulator does not import codegen).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from maskdsl.simulator.backward import KERNELS, backward_work
+from maskdsl.simulator.calibrate import _nnls
+from maskdsl.simulator.cost import BACKWARD_FEATURES, DENSE_TILE, REFERENCE_TILE, CostModel
+from maskdsl.simulator.schedule import list_schedule
+
+BETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
+PARTIAL = (1.0, 1.25, 1.5, 2.0)
+ITERATIONS = 8
+
+
+@dataclass(frozen=True)
+class BackwardMeasurement:
+    spec: object  # maskdsl.Spec or a path
+    mask: str
+    config: object  # a BackwardConfig (or anything with .dkdv/.dq configs)
+    ms: float  # measured backward time
+    case: str = ""
+    dense_bwd_ms: float | None = None  # the dense SDPA backward on the same problem, when measured
+
+
+def measurements_from_records(records: list[dict], parse_config, root=".") -> list[BackwardMeasurement]:
+    """gpu_costs.json's `bwd_measurements` -> measurements; `parse_config` turns a 'bwd-...' key into a
+    config (codegen.config.BackwardConfig.from_key). Spec paths are relative to `root` (the repository)."""
+    from pathlib import Path
+
+    out = []
+    for r in records:
+        for cfg, ms in r["backward_ms"].items():
+            out.append(BackwardMeasurement(str(Path(root) / r["spec"]), r["mask"], parse_config(cfg), float(ms),
+                                           r["case"], r.get("dense_bwd_ms")))
+    return out
+
+
+_WORKS: dict = {}
+
+
+def _works(m: BackwardMeasurement):
+    key = (str(m.spec), m.mask, repr(m.config))
+    if key not in _WORKS:
+        _WORKS[key] = [backward_work(m.spec, m.mask, name, c.q_tile, c.kv_tile, c.num_warps, c.num_stages)
+                       for name, c in zip(KERNELS, (m.config.dkdv, m.config.dq))]
+    return _WORKS[key]
+
+
+def _critical(work, beta: float, partial: float, coef: np.ndarray, sms: int) -> np.ndarray:
+    """Feature sums (dK/dV pair, dQ pair, program; slot factor included) of the slot finishing last."""
+    k = work.ctas_per_sm
+    feats = work.features(beta, partial) * k
+    _, slot, critical = list_schedule(np.tile(feats @ coef, work.copies), sms * k, with_slots=True)
+    on = np.flatnonzero(slot == critical) % len(feats)
+    return np.bincount(on, minlength=len(feats)) @ feats
+
+
+def _with(model: CostModel, theta, beta, partial) -> CostModel:
+    return replace(model, bwd_dkdv_us=float(theta[0]), bwd_dq_us=float(theta[1]), bwd_program_us=float(theta[2]),
+                   bwd_partial=partial, bwd_pair_exponent=beta)
+
+
+def predict_ms(model: CostModel, m: BackwardMeasurement) -> float:
+    return sum(model.backward_kernel_us(w) for w in _works(m)) / 1000.0
+
+
+def fit_backward(measurements: list[BackwardMeasurement], model: CostModel, source: str = "",
+                 betas=BETAS, partials=PARTIAL) -> dict:
+    """The backward fields of a cost entry (gpu_costs.json shape), fitted to the measurements;
+    `model` gives the SM count and the launch cost (the forward's)."""
+    if len({m.case for m in measurements}) < 2 or len(measurements) < 4:
+        raise ValueError(f"fitting the backward needs at least 4 measurements of 2 cases, got {len(measurements)}; "
+                         "hint: run maskdsl bench --train")
+    y = np.array([m.ms * 1000.0 for m in measurements]) - 2 * model.launch_us
+    best = None
+    for beta in betas:
+        for partial in partials:
+            coef, theta = np.ones(len(BACKWARD_FEATURES)), None
+            for _ in range(ITERATIONS):
+                rows = [sum(_critical(w, beta, partial, coef, model.sms) for w in _works(m)) for m in measurements]
+                new = _nnls(np.array(rows) / y[:, None], np.ones(len(y)))
+                if theta is not None and np.allclose(new, theta, rtol=1e-6, atol=1e-12):
+                    break
+                theta, coef = new, np.maximum(new, 1e-9)
+            fitted = _with(model, theta, beta, partial)
+            err = _rms([predict_ms(fitted, m) / m.ms - 1.0 for m in measurements])
+            if best is None or err < best[0]:
+                best = (err, beta, partial, theta)
+    err, beta, partial, theta = best
+    entry = {"bwd_dkdv_us": float(theta[0]), "bwd_dq_us": float(theta[1]), "bwd_program_us": float(theta[2]),
+             "bwd_partial": partial, "bwd_pair_exponent": beta, "bwd_fit_rms_relative_error": err,
+             "bwd_fitted_cases": sorted({m.case for m in measurements}), "bwd_source": source}
+    dense = _fit_dense(measurements, model)
+    if dense is not None:
+        entry["dense_bwd_tile_us"] = dense
+    return entry
+
+
+def _fit_dense(measurements, model: CostModel) -> float | None:
+    """us per 128x128 tile of the dense backward, least squares on relative errors over the cases measuring it."""
+    seen, a = {}, []
+    for m in measurements:
+        if m.dense_bwd_ms is None or m.case in seen:
+            continue
+        seen[m.case] = m
+        w = _works(m)[1]
+        from maskdsl.simulator.simulation import _as_spec
+
+        tokens = _as_spec(m.spec).mask(m.mask).layout.tokens
+        n = math.ceil(tokens / DENSE_TILE)
+        copies = w.copies
+        waves = math.ceil(n * copies / model.sms)
+        a.append(waves * n * w.head_dim / REFERENCE_TILE / (m.dense_bwd_ms * 1000.0 - model.launch_us))
+    if not a:
+        return None
+    a = np.array(a)
+    return float(a.sum() / (a**2).sum())
+
+
+def evaluate_backward(measurements: list[BackwardMeasurement], model: CostModel) -> list[dict]:
+    """Measured against predicted backward time per measurement (and the dense backward where measured)."""
+    rows = []
+    for m in measurements:
+        pred = predict_ms(model, m)
+        row = {"case": m.case, "config": _label(m.config), "measured_ms": m.ms, "predicted_ms": pred,
+               "ratio": m.ms / pred, "error": pred / m.ms - 1.0}
+        if m.dense_bwd_ms is not None:
+            w = _works(m)[1]
+            from maskdsl.simulator.simulation import _as_spec
+
+            tokens = _as_spec(m.spec).mask(m.mask).layout.tokens
+            row["dense_bwd_ms"] = m.dense_bwd_ms
+            row["predicted_dense_bwd_ms"] = model.dense_backward_us(tokens, w.copies, w.head_dim) / 1000.0
+        rows.append(row)
+    return rows
+
+
+def format_evaluation(rows: list[dict]) -> str:
+    lines = [f"{'case':22s} {'backward config':48s} {'measured ms':>11s} {'predicted':>10s} {'meas/pred':>9s}"]
+    for r in rows:
+        lines.append(f"{r['case'][:22]:22s} {r['config'][:48]:48s} {r['measured_ms']:11.3f} {r['predicted_ms']:10.3f} "
+                     f"{r['ratio']:9.2f}")
+    errs = [abs(r["error"]) for r in rows]
+    lines.append(f"rms relative error {_rms(errs):.1%}, "
+                 f"median |error| {float(np.median(errs)):.1%}, worst {max(errs):.1%}")
+    return "\n".join(lines)
+
+
+def _label(config) -> str:
+    key = getattr(config, "key", None)
+    return key() if callable(key) else repr(config)
+
+
+def _rms(values) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
