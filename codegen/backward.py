@@ -21,6 +21,7 @@ import torch
 from maskdsl import ir
 from maskdsl.codegen.config import BackwardConfig
 from maskdsl.codegen.bounds import strided_bounds
+from maskdsl.codegen.checks import padded_head_dim
 from maskdsl.codegen.context import minus_box
 from maskdsl.codegen.printer import symbol
 from maskdsl.codegen.plan import KernelPlan, build_plan
@@ -216,12 +217,13 @@ class BackwardKernels:
                 raise ValueError(f"{name} must be {tuple(like.shape)} with a contiguous last dimension; "
                                  f"got {tuple(t.shape)} with strides {t.stride()}")
         batch, heads, tokens, head_dim = q.shape
+        pad = padded_head_dim(head_dim)
         lse = lse.contiguous()
         delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
         m = self.module
         m.attention_bwd_preprocess[(_cdiv(tokens, PREPROCESS_BLOCK), batch * heads)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads,
-            BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim)
+            BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad)
         t_kv, t_q = self.tables_on(q.device)
         dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         group = heads // k.shape[1]
@@ -230,12 +232,14 @@ class BackwardKernels:
         m.attention_bwd_dkdv[(self.kv_tiles, batch * k.shape[1])](
             q, k, v, dout, dk, dv, lse, delta, t_kv, scale * LOG2E, scale,
             *(s for st in common for s in st), *dk.stride()[:3], *dv.stride()[:3], heads, group,
-            HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         cfg = self.config.dq
         m.attention_bwd_dq[(self.plan_q.q_tiles, batch * heads)](
             q, k, v, dout, dq, lse, delta, t_q, scale * LOG2E, scale,
             *(s for st in common for s in st), *dq.stride()[:3], heads, group,
-            HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -177,7 +177,7 @@ def static_context(plan: KernelPlan) -> dict:
                 ctx.append(f"n_{d.i}")
     ctx += [f"{b}_{t.label}_{d.i}" for t in terms for d in dims for b in ("lo", "hi")]
     ctx += ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v", "bh_kv"]
-    consts = ["HEAD_DIM", "TMA", "DOT_F32"]
+    consts = ["HEAD_DIM", "HEAD_DIM_PAD", "TMA", "DOT_F32"]
     decl = [f"{c}: tl.constexpr" for c in consts]
     state = ["acc", "m_i", "l_i", "q", "qk_scale"]
 

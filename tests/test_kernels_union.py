@@ -24,8 +24,8 @@ CASES = [
     ("1d-window-sink", "layout s = grid(101)\nmask m = sink(5) | sliding_window(37)", (16,), (16,)),
     ("1d-causal-window-sink", "layout s = grid(133)\nmask m = sliding_window(40, causal=true) | sink(4)", (32,), (16,)),
     ("2d-neighborhood-sink", "layout g = grid(15, 14)\nmask m = neighborhood(window=(9, 9)) | sink(6)", (4, 4), (4, 4)),
-    ("3d-two-neighborhoods", "layout v = grid(5, 6, 7)\nmask m = neighborhood(window=(2, 3, 3)) | "
-     "neighborhood(window=(5, 5, 5), causal=(true, false, false))", (1, 4, 4), (2, 2, 4)),
+    ("3d-two-neighborhoods", ("layout v = grid(5, 6, 7)\nmask m = neighborhood(window=(2, 3, 3)) | "
+                              "neighborhood(window=(5, 5, 5), causal=(true, false, false))"), (1, 4, 4), (2, 2, 4)),
     ("1d-heavy-overlap", "layout s = grid(97)\nmask m = sliding_window(30) | sliding_window(34, causal=true)",
      (16,), (16,)),
     ("1d-dilated-sink-strided", "layout s = grid(50)\nmask m = dilated(window=5, dilation=3) | sink(4)", (16,), (16,)),
@@ -41,8 +41,8 @@ def _compile(text, q_tile, kv_tile):
 def _inputs(spec, heads, kv_heads, dim, seed):
     gen = torch.Generator().manual_seed(seed)
     tokens = spec.masks[0].layout.tokens
-    draw = lambda h: torch.randn(1, h, tokens, dim, generator=gen, dtype=torch.float64)  # noqa: E731
-    return draw(heads), draw(kv_heads), draw(kv_heads), draw(heads)
+    shapes = [(1, h, tokens, dim) for h in (heads, kv_heads, kv_heads, heads)]
+    return tuple(torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
 
 
 @pytest.mark.parametrize("name,text,q_tile,kv_tile", CASES, ids=[c[0] for c in CASES])
