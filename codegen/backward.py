@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from maskdsl import ir
 from maskdsl.codegen.config import BackwardConfig
+from maskdsl.codegen.bounds import strided_bounds
+from maskdsl.codegen.checks import padded_head_dim
+from maskdsl.codegen.context import minus_box
+from maskdsl.codegen.printer import symbol
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import comment_safe, kernel_key, load_module, render_template
 from maskdsl.intervals import SymRel, evaluate
@@ -34,9 +39,29 @@ def _kv_tiles_per_group(dim) -> int:
 
 
 def _rows(plan: KernelPlan, term, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact per-row key bounds of one term in dimension d (the predicate's numbers, evaluated)."""
+    """Exact per-row key bounds of one term in dimension d (the predicate's numbers, evaluated).
+
+    A strided term (its dilation is not the layout's, which then is 1) gets its first and last key
+    in the dimension's own coordinates: a bounding range whose tiles are all partial (`_strided`).
+    """
     td, dim = term[d], plan.dims[d]
-    return evaluate(SymRel(dim.dilation, td.lo, td.hi, td.qa, td.qb), dim.extent)
+    if td.dilation == dim.dilation:
+        return evaluate(SymRel(dim.dilation, td.lo, td.hi, td.qa, td.qb), dim.extent)
+    e = td.dilation
+    lo, hi = evaluate(SymRel(e, td.lo, td.hi, td.qa, td.qb), dim.extent)
+    phase = np.arange(dim.extent) % e
+    empty = lo > hi
+    return np.where(empty, 0, phase + e * lo), np.where(empty, -1, phase + e * hi)
+
+
+def _strided(plan: KernelPlan, term, d: int) -> bool:
+    return term[d].dilation != plan.dims[d].dilation
+
+
+def _no_full(table: np.ndarray) -> np.ndarray:
+    """A strided term's keys are every dilation-th of its range: no tile pair of it is full."""
+    table[:, 2], table[:, 3] = 0, -1
+    return table
 
 
 def schedule_tables(plan_kv: KernelPlan, plan_q: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +81,8 @@ def schedule_tables(plan_kv: KernelPlan, plan_q: KernelPlan) -> tuple[np.ndarray
             q_rows[t][d] = query_tile_ranges(lo, hi, dq_dim.dilation, dq_dim.q_tile, dq_dim.kv_tile)
             walk = query_tile_ranges(lo, hi, kv_dim.dilation, kv_dim.q_tile, kv_dim.kv_tile)
             kv_rows[t][d] = key_tile_ranges(walk, kv_dim.dilation, _kv_tiles_per_group(kv_dim))
+            if _strided(plan_q, term, d):
+                q_rows[t][d], kv_rows[t][d] = _no_full(q_rows[t][d]), _no_full(kv_rows[t][d])
     return _pack(kv_rows), _pack(q_rows)
 
 
@@ -119,18 +146,47 @@ def _context(plan: KernelPlan) -> dict:
             "fa_list": [f"fa_0_{d}" for d in range(rank)], "nf_list": [f"nf_{d}" for d in range(rank)]}
 
 
+def _outside_dominant(t: int, rank: int) -> tuple[list[str], list[dict]]:
+    """(lines, pieces): term t's box of tiles minus term 0's, as at most 2 x rank boxes (origin and
+    size per dimension), the forward's `minus_box` on the table's [a, a + nb) ranges."""
+    dims = [SimpleNamespace(i=d) for d in range(rank)]
+    lines, boxes = minus_box(dims, str(t), "a", "e", "0")
+    size_of = {}
+    for d in range(rank):
+        x = f"{t}_{d}"
+        size_of[(f"a_{x}", f"e_{x}")] = f"nb_{x}"
+        ranges = [(f"a_{x}", f"left_hi_{x}", f"left_n_{x}"), (f"right_lo_{x}", f"e_{x}", f"right_n_{x}")]
+        if d < rank - 1:  # minus_box intersects every dimension but the last
+            ranges.append((f"in_lo_{x}", f"in_hi_{x}", f"in_n_{x}"))
+        for lo, hi, n in ranges:
+            lines.append(f"{n} = tl.maximum({hi} - {lo} + 1, 0)")
+            size_of[(lo, hi)] = n
+    pieces = [{"name": f"term {t}, {('left', 'right')[k % 2]} of term 0's box in dimension {k // 2}",
+               "origin": [lo for lo, _ in box], "size": [size_of[r] for r in box]} for k, box in enumerate(boxes)]
+    return lines, pieces
+
+
 def render_backward(plan_kv: KernelPlan, plan_q: KernelPlan, tables: tuple[np.ndarray, np.ndarray]) -> str:
     from maskdsl.version import __version__
 
     kv, qd = _context(plan_kv), _context(plan_q)
     rank = plan_q.rank
-    terms = [{"i": t, "dims": list(term), "a_list": [f"a_{t}_{d}" for d in range(rank)],
-              "nb_list": [f"nb_{t}_{d}" for d in range(rank)]} for t, term in enumerate(plan_q.terms)]
+    terms = []
+    for t, term in enumerate(plan_q.terms):
+        lines, pieces = _outside_dominant(t, rank) if t else ([], [])
+        bounds = []
+        for d, td in enumerate(term):
+            if _strided(plan_q, term, d):  # own coordinates; the predicate checks the phase
+                lo, hi = strided_bounds(td, plan_q.dims[d].extent, symbol("i"))
+                bounds.append({"lo": lo, "hi": hi, "phase": td.dilation, "clamped": True})
+            else:
+                bounds.append({"lo": td.lo, "hi": td.hi, "phase": None, "clamped": False})
+        terms.append({"i": t, "dims": list(term), "bounds": bounds, "minus_lines": lines, "pieces": pieces})
     return render_template(
         TEMPLATE, version=__version__, mask_text=comment_safe(plan_q.mask_text), kv=kv, qd=qd, terms=terms, tokens=math.prod(plan_q.shape),
         kv_tiles=math.prod(d["kv_tiles"] for d in kv["dims"]),
         kv_maxt=tables[0].shape[2], q_maxt=tables[1].shape[2],
-        kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]))
+        kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]), full_box=plan_q.full_box)
 
 
 class BackwardKernels:
@@ -161,12 +217,13 @@ class BackwardKernels:
                 raise ValueError(f"{name} must be {tuple(like.shape)} with a contiguous last dimension; "
                                  f"got {tuple(t.shape)} with strides {t.stride()}")
         batch, heads, tokens, head_dim = q.shape
+        pad = padded_head_dim(head_dim)
         lse = lse.contiguous()
         delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
         m = self.module
         m.attention_bwd_preprocess[(_cdiv(tokens, PREPROCESS_BLOCK), batch * heads)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads,
-            BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim)
+            BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad)
         t_kv, t_q = self.tables_on(q.device)
         dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         group = heads // k.shape[1]
@@ -175,12 +232,14 @@ class BackwardKernels:
         m.attention_bwd_dkdv[(self.kv_tiles, batch * k.shape[1])](
             q, k, v, dout, dk, dv, lse, delta, t_kv, scale * LOG2E, scale,
             *(s for st in common for s in st), *dk.stride()[:3], *dv.stride()[:3], heads, group,
-            HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         cfg = self.config.dq
         m.attention_bwd_dq[(self.plan_q.q_tiles, batch * heads)](
             q, k, v, dout, dq, lse, delta, t_q, scale * LOG2E, scale,
             *(s for st in common for s in st), *dq.stride()[:3], heads, group,
-            HEAD_DIM=head_dim, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -89,7 +89,7 @@ def term_text(label: str, term: tuple[TermDim, ...], dims: list[KernelDim], temp
             out.phases.append(None)
         else:
             if full:
-                raise AssertionError("a strided term only occurs in unions, which run no full tiles")
+                raise AssertionError("a strided term has no full tiles (KernelPlan.full_box)")
             _strided(out, s, td, dim, temps, active)
             out.phases.append(td.dilation)
     first = f"{label}_{dims[0].i}"
@@ -159,15 +159,9 @@ def _aligned(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, full: bo
 
 def _strided(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, active) -> None:
     """A term of dilation e in an undilated dimension: row c is in group c % e at group coordinate c // e."""
-    e, extent, T = td.dilation, dim.plan.extent, dim.plan.kv_tile
-    n = sp.Integer(extent // e) if extent % e == 0 else N
-    lo, hi, _ = _layout_bounds(td, e, extent, n, G)
+    extent, T = dim.plan.extent, dim.plan.kv_tile
     rows = symbol(f"rows_{dim.i}")
-    phase = sp.Mod(rows, e)
-    own = {I: sp.floor(rows / e), G: phase, N: sp.floor((extent - phase + e - 1) / e)}
-    hi = _opaque_hi(lo, hi, n)
-    lo = phase + e * lo.subs(own, simultaneous=True)
-    hi = phase + e * hi.subs(own, simultaneous=True)
+    lo, hi = strided_bounds(td, extent, rows)
     lines, _ = assign([(f"lo_{s}", lo), (f"hi_{s}", hi)], temps)
     out.rows += lines
     if td.restricts_queries:
@@ -181,6 +175,18 @@ def _strided(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, active) 
                   f"kt_lo_{s} = {_div(f'first_key_{s}', T)}",
                   f"kt_hi_{s} = {_div(f'last_key_{s}', T)}"]
     active.append(f"first_key_{s} <= last_key_{s}")
+
+
+def strided_bounds(td: TermDim, extent: int, rows: sp.Symbol) -> tuple[sp.Expr, sp.Expr]:
+    """A strided term's first and last key of row `rows`, in the dimension's own coordinates (the
+    keys between them are those in phase with the row: `(key - lo) % dilation == 0`)."""
+    e = td.dilation
+    n = sp.Integer(extent // e) if extent % e == 0 else N
+    lo, hi, _ = _layout_bounds(td, e, extent, n, G)
+    phase = sp.Mod(rows, e)
+    own = {I: sp.floor(rows / e), G: phase, N: sp.floor((extent - phase + e - 1) / e)}
+    hi = _opaque_hi(lo, hi, n)
+    return phase + e * lo.subs(own, simultaneous=True), phase + e * hi.subs(own, simultaneous=True)
 
 
 def _opaque_hi(lo: sp.Expr, hi: sp.Expr, n: sp.Expr) -> sp.Expr:

@@ -5,10 +5,39 @@ from __future__ import annotations
 import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (16, 32, 64, 128, 256)
+POW2_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, layout: str) -> None:
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two a kernel's tiles are for `head_dim` (HEAD_DIM_PAD): the columns past head_dim
+    are masked off in every load and store, so the inputs are never copied and the output is exact."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def head_dim_error(head_dim: int, padded: bool = True) -> str | None:
+    """Why a kernel cannot take `head_dim`, or None. Kernels that pad (`padded`) take every multiple
+    of 8 from 16 to 256 (72, 80, 96, 192 occur in real models; 8 keeps 16-byte rows for 2-byte
+    dtypes); the others take powers of two only."""
+    if padded:
+        if 16 <= head_dim <= 256 and head_dim % 8 == 0:
+            return None
+        return (f"head_dim {head_dim} is not supported; use a multiple of 8 from 16 to 256 "
+                f"(e.g. {', '.join(map(str, _near(head_dim)))}): pad q, k and v with zero columns to it")
+    if head_dim in POW2_HEAD_DIMS:
+        return None
+    return f"head_dim {head_dim} is not supported by this kernel; use one of {POW2_HEAD_DIMS}"
+
+
+def _near(head_dim: int) -> list[int]:
+    """The supported head dims just below and above `head_dim`, for the hint."""
+    below = min(256, max(16, (head_dim // 8) * 8))
+    above = min(256, max(16, -(-head_dim // 8) * 8))
+    return sorted({below, above})
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, layout: str,
+              padded_head_dim: bool = False) -> None:
+    """`padded_head_dim`: the kernel pads head_dim to a power of two itself (`head_dim_error`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -32,8 +61,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, la
         raise ValueError(f"batch mismatch: q has {q.shape[0]}, k/v have {k.shape[0]}")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"head_dim mismatch: q has {q.shape[3]}, k/v have {k.shape[3]}")
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[3]} is not supported; use one of {HEAD_DIMS}")
+    if (error := head_dim_error(q.shape[3], padded_head_dim)) is not None:
+        raise ValueError(error)
     if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]}) for GQA/MQA")
     if q.device.type == "cpu":

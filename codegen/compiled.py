@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from maskdsl.codegen.checks import check_qkv
+from maskdsl.codegen.checks import check_qkv, padded_head_dim
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import load_kernel
@@ -44,6 +44,12 @@ class CompiledAttention:
         _REGISTRY[self.key] = self
 
     @property
+    def pads_head_dim(self) -> bool:
+        """Whether the kernels take any head_dim `checks.head_dim_error` allows (padded inside to a
+        power of two): the static ones do; the top-k ones take powers of two until they pad too."""
+        return not self.mask.dynamic
+
+    @property
     def source(self) -> str:
         """The source the kernel was executed from (verified in memory; the cache file may have changed since)."""
         return getattr(self.module, "__maskdsl_source__", None) or self.source_path.read_text()
@@ -52,7 +58,7 @@ class CompiledAttention:
         return f"CompiledAttention({self.mask.name} = {self.mask.expr.fmt()}, {self.config.key()})"
 
     def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, out=None):
-        check_qkv(q, k, v, self.mask.layout.tokens, self.mask.layout.name)
+        check_qkv(q, k, v, self.mask.layout.tokens, self.mask.layout.name, self.pads_head_dim)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if out is not None:  # writes into a caller's buffer (tests poison it first)
             lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -67,7 +73,8 @@ class CompiledAttention:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
                              f"got {tuple(out.shape)} {out.dtype}")
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale,
-                      tiles or range(self.plan.q_tiles), tma_descriptors(self.plan, q, k, v, out))
+                      tiles or range(self.plan.q_tiles),
+                      {**tma_descriptors(self.plan, q, k, v, out), "HEAD_DIM_PAD": padded_head_dim(q.shape[-1])})
 
 
     def backward_kernels(self, head_dim: int = 128):
@@ -97,6 +104,8 @@ def tma_descriptors(plan: KernelPlan, q, k, v, out) -> dict:
     """
     none = {"desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
     if not plan.tma_ok or os.environ.get("MASKDSL_TMA") == "0":
+        return none
+    if padded_head_dim(q.shape[-1]) != q.shape[-1]:  # padded head_dim: the pointer loads mask the columns
         return none
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         return none

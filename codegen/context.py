@@ -165,7 +165,7 @@ def static_context(plan: KernelPlan) -> dict:
     dims = kernel_dims(plan)
     temps = Temps()
     single = len(plan.terms) == 1
-    terms = [term_text(str(t), term, dims, temps, full=single) for t, term in enumerate(plan.terms)]
+    terms = [term_text(str(t), term, dims, temps, full=t == 0 and plan.full_box) for t, term in enumerate(plan.terms)]
     q = query_text(dims, cfg.block_m, cfg.block_n, plan.tma_ok)
     cvars = [f"c_{d.i}" for d in dims]
 
@@ -177,7 +177,7 @@ def static_context(plan: KernelPlan) -> dict:
                 ctx.append(f"n_{d.i}")
     ctx += [f"{b}_{t.label}_{d.i}" for t in terms for d in dims for b in ("lo", "hi")]
     ctx += ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v", "bh_kv"]
-    consts = ["HEAD_DIM", "TMA", "DOT_F32"]
+    consts = ["HEAD_DIM", "HEAD_DIM_PAD", "TMA", "DOT_F32"]
     decl = [f"{c}: tl.constexpr" for c in consts]
     state = ["acc", "m_i", "l_i", "q", "qk_scale"]
 
@@ -213,7 +213,9 @@ def static_context(plan: KernelPlan) -> dict:
         "cvars": ", ".join(cvars),
         "tile_params": _params(state + cvars + ctx + decl + ["MASKED: tl.constexpr"], "def _attend_tile("),
         "box_params": _params(state + box + box_ctx + decl + ["MASKED: tl.constexpr"], "def _attend_box("),
-        "box_stages": cfg.num_stages if single else None,
+        "box_stages": cfg.num_stages,
+        "full_box": plan.full_box,
+        "inline_tiles": len(plan.terms) > 2,
         "next_params": ", ".join(next_params),
         "key_lines": key_lines, "key_valid": "key_valid" if valid else "None",
         "load_masked": "MASKED" if valid else "False",
@@ -221,12 +223,12 @@ def static_context(plan: KernelPlan) -> dict:
         "kv_tma_offsets": ", ".join(_mul(f"c_{d.i}", d.plan.kv_tile) for d in dims),
         "predicate": predicate,
         "box_lo": ", ".join(f"box_lo_{d.i}" for d in dims),
-        "box_count": " * ".join(f"(box_hi_{d.i} - box_lo_{d.i} + 1)" for d in dims),
+        "box_count": " * ".join(_extent(f"box_lo_{d.i}", f"box_hi_{d.i}", len(dims)) for d in dims),
         "attend_in_box": "\n        ".join(attend),
         "next_in_box": ", ".join(next_params),
         "next_lines": next_lines,
-        "loops": _single_term_loops(plan, dims, state, box_ctx, consts) if single
-        else _union_loops(dims, terms, state, ctx, box_ctx, consts),
+        "loops": _dominant_loops(plan, dims, state, box_ctx, consts) if single
+        else _union_loops(plan, dims, terms, state, ctx, box_ctx, consts),
     }
 
 
@@ -246,11 +248,15 @@ class Loop:
     lines: list[str]
 
 
-def _single_term_loops(plan, dims, state, ctx, consts) -> list[Loop]:
-    """One term: the box every row fully sees runs unmasked; the shell around it is 2 x rank slabs."""
+def _dominant_loops(plan, dims, state, ctx, consts) -> list[Loop]:
+    """Term 0 (the only one, or a union's dominant one): the box every row fully sees runs
+    unmasked, the shell around it is 2 x rank slabs that evaluate the (union's) predicate."""
     def rng(kind, d):
         return (f"{kind}_lo_0_{d.i}", f"{kind}_hi_0_{d.i}")
 
+    if not plan.full_box:
+        return [Loop("term 0: its box of key tiles (a strided term has no fully-seen tiles)",
+                     _box_call([rng("kt", d) for d in dims], state, ctx, consts, True))]
     loops = [Loop("full tiles: every row sees every key, no mask arithmetic",
                   _box_call([rng("full", d) for d in dims], state, ctx, consts, False))]
     if plan.shell_free:
@@ -274,27 +280,71 @@ def _single_term_loops(plan, dims, state, ctx, consts) -> list[Loop]:
     return loops
 
 
-def _union_loops(dims, terms: list[TermText], state, ctx, box_ctx, consts) -> list[Loop]:
-    """Several terms: each visits its own box, masked, skipping tiles an earlier term's box covered."""
+def minus_box(dims, s: str, lo: str, hi: str, base: str) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """(lines, pieces): term s's box of tiles [lo_s, hi_s] minus term `base`'s, as at most 2 x rank
+    disjoint boxes. Piece (d, side) keeps dimensions before d inside both boxes, takes dimension d
+    left or right of the base box, and leaves the dimensions after d whole. `lo`/`hi` name the
+    range variables (`{lo}_{term}_{dim}`); empty ranges have hi < lo in some dimension.
+    """
+    lines, pieces = [], []
+    for d in dims:
+        x, b = f"{s}_{d.i}", f"{base}_{d.i}"
+        lines.append(f"left_hi_{x} = tl.minimum({hi}_{x}, {lo}_{b} - 1)")
+        lines.append(f"right_lo_{x} = tl.maximum({lo}_{x}, {hi}_{b} + 1)")
+        if d.i < dims[-1].i:
+            lines.append(f"in_lo_{x} = tl.maximum({lo}_{x}, {lo}_{b})")
+            lines.append(f"in_hi_{x} = tl.minimum({hi}_{x}, {hi}_{b})")
+    for d in dims:
+        for side in ("left", "right"):
+            box = []
+            for k in dims:
+                x = f"{s}_{k.i}"
+                if k.i < d.i:
+                    box.append((f"in_lo_{x}", f"in_hi_{x}"))
+                elif k.i > d.i:
+                    box.append((f"{lo}_{x}", f"{hi}_{x}"))
+                elif side == "left":
+                    box.append((f"{lo}_{x}", f"left_hi_{x}"))
+                else:
+                    box.append((f"right_lo_{x}", f"{hi}_{x}"))
+            pieces.append(box)
+    return lines, pieces
+
+
+def _union_loops(plan, dims, terms: list[TermText], state, ctx, box_ctx, consts) -> list[Loop]:
+    """Several terms: term 0 (the dominant one) runs like a single term; every other term visits
+    only its box minus term 0's (2 x rank boxes, masked with the union's predicate), and skips
+    tile by tile what an earlier non-dominant term's box covered (those boxes are small: sinks)."""
     cvars = [f"c_{d.i}" for d in dims]
-    first = terms[0].label
-    loops = [Loop(f"term {first}: its box of key tiles",
-                  _box_call([(f"kt_lo_{first}_{d.i}", f"kt_hi_{first}_{d.i}") for d in dims],
-                            state, box_ctx, consts, True))]
+    loops = _dominant_loops(plan, dims, state, box_ctx, consts)
     attend = wrap("acc, m_i, l_i = _attend_tile(", state + cvars + ctx + consts + ["MASKED=True"], 12)
     for k, t in enumerate(terms[1:], start=1):
         s = t.label
-        lines = [f"{', '.join(cvars)} = {', '.join(f'kt_lo_{s}_{d.i}' for d in dims)}",
-                 "n_tiles = " + " * ".join(f"(kt_hi_{s}_{d.i} - kt_lo_{s}_{d.i} + 1)" for d in dims),
-                 "for _ in tl.range(0, n_tiles):"]
+        lines, pieces = minus_box(dims, s, "kt_lo", "kt_hi", "0")
+        if k == 1:
+            for box in pieces:
+                lines += _box_call(box, state, box_ctx, consts, True)
+            loops.append(Loop(f"term {s}: its tiles outside term 0's box, masked", lines))
+            continue
         seen = [" & ".join(f"(c_{d.i} >= kt_lo_{u.label}_{d.i}) & (c_{d.i} <= kt_hi_{u.label}_{d.i})" for d in dims)
-                for u in terms[:k]]
+                for u in terms[1:k]]
         if len(seen) > 1:
             seen = [f"({x})" for x in seen]
-        lines += ["    " + ln for ln in join("seen = ", seen, " | ", 8)]
-        lines.append("    if not seen:")
-        lines += ["        " + ln for ln in attend]
-        step = cvars + [f"kt_{b}_{s}_{d.i}" for d in dims[1:] for b in ("lo", "hi")]
-        lines.append(f"    {', '.join(cvars)} = _next_tile({', '.join(step)})")
-        loops.append(Loop(f"term {s}: its box of key tiles, except those an earlier term's box covered", lines))
+        for box in pieces:
+            lines += [f"{', '.join(cvars)} = {', '.join(lo for lo, _ in box)}",
+                      "n_tiles = " + " * ".join(_extent(lo, hi, len(dims)) for lo, hi in box),
+                      "for _ in tl.range(0, n_tiles):"]
+            lines += ["    " + ln for ln in join("seen = ", seen, " | ", 8)]
+            lines.append("    if not seen:")
+            lines += ["        " + ln for ln in attend]
+            step = cvars + [x for lo, hi in box[1:] for x in (lo, hi)]
+            lines.append(f"    {', '.join(cvars)} = _next_tile({', '.join(step)})")
+        loops.append(Loop(f"term {s}: its tiles outside term 0's box, masked, except those an earlier "
+                          "term's box covered", lines))
     return loops
+
+
+def _extent(lo: str, hi: str, rank: int) -> str:
+    """A box's tile count in one dimension; clamped at 0 where another dimension may be empty too
+    (two negative counts would multiply to a positive one)."""
+    return f"({hi} - {lo} + 1)" if rank == 1 else f"tl.maximum({hi} - {lo} + 1, 0)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
 from maskdsl.codegen.config import KernelConfig
@@ -75,6 +76,15 @@ class KernelPlan:
         return len(self.shape)
 
     @property
+    def full_box(self) -> bool:
+        """Whether term 0 (the dominant one, `build_plan`) runs its fully-seen tiles without a predicate.
+
+        A tile every row of term 0 sees entirely is fully seen by the union too. A term whose
+        dilation differs from the layout's in some dimension ("strided") has no such tiles.
+        """
+        return all(td.dilation == dp.dilation for td, dp in zip(self.terms[0], self.dims))
+
+    @property
     def tma_ok(self) -> bool:
         """Tiles are boxes of memory (no dilation) within the copy engine's five dimensions."""
         return self.rank <= 3 and all(d.dilation == 1 for d in self.dims)
@@ -104,9 +114,33 @@ def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
         acc *= n
     strides.reverse()
     dims = tuple(DimPlan(n, strides[d], dilation[d], config.q_tile[d], config.kv_tile[d]) for d, n in enumerate(shape))
+    terms = _dominant_first(terms, dilation)
     planned = [tuple(TermDim.of(rel, n) for rel, n in zip(t.sym, shape)) for t in terms]
     shell_free = len(terms) == 1 and all(_shell_free(rel, n, dim) for rel, n, dim in zip(terms[0].sym, shape, dims))
     return KernelPlan(mask.name, mask.expr.fmt(), shape, dims, tuple(planned), config, shell_free)
+
+
+def _dominant_first(terms: list, dilation: tuple[int, ...]) -> list:
+    """The terms with the one attending most pairs first (the others keep their order).
+
+    The kernel runs term 0 like a single-term mask (its full box unmasked and pipelined, 2 x rank
+    slabs around it) and the others only on what term 0's box leaves, so term 0 should carry most
+    of the work. A term aligned with the layout in every dimension comes before a strided one:
+    only an aligned term has full tiles. Pairs per term are exact: a product's count is the
+    product of its dimensions' counts.
+    """
+    if len(terms) < 2:
+        return terms
+
+    def weight(t):
+        aligned = all(rel.dilation == d for rel, d in zip(t.sym, dilation))
+        pairs = 1
+        for r in t.num:
+            pairs *= int(np.clip(r.hi - r.lo + 1, 0, None).sum())
+        return (aligned, pairs)
+
+    best = max(range(len(terms)), key=lambda k: weight(terms[k]))  # the first of equals: stable
+    return [terms[best]] + terms[:best] + terms[best + 1:]
 
 
 def _shell_free(rel, n: int, dim: DimPlan) -> bool:

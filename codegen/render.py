@@ -37,7 +37,7 @@ def _env() -> jinja2.Environment:
 
 # What shapes a kernel's text besides the template file it names: a change to any of these is a new kernel.
 _SOURCES = [*sorted(TEMPLATES.glob("*.jinja")),
-            *(Path(__file__).parent / f for f in ("bounds.py", "context.py", "printer.py"))]
+            *(Path(__file__).parent / f for f in ("backward.py", "bounds.py", "context.py", "plan.py", "printer.py"))]
 
 
 @lru_cache(maxsize=None)
