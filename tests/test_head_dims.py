@@ -90,3 +90,12 @@ def test_unsupported_head_dim_names_the_value_and_the_fix():
     q = torch.randn(1, 1, 20, 100)
     with pytest.raises(ValueError, match=r"head_dim 100 is not supported; use a multiple of 8 .*\(e\.g\. 96, 104\)"):
         fn(q, q, q)
+
+
+def test_attention_statements_take_padded_head_dims():
+    """The spec's attention statement follows the kernels' rule (multiples of 8), with a hint otherwise."""
+    base = "layout a = grid(64)\nmask m = sliding_window(5) on a\nattention x(mask=m, heads=2, head_dim={}, dtype=bf16)"
+    assert maskdsl.parse(base.format(96)).attentions[0].head_dim == 96
+    with pytest.raises(maskdsl.SpecError, match="head_dim=100 is not supported") as info:
+        maskdsl.parse(base.format(100))
+    assert (info.value.line, info.value.column) == (3, 39) and "multiple of 8" in str(info.value)

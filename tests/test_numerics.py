@@ -70,9 +70,7 @@ def _all_minus_inf_row(q, k, row):
 
 @pytest.mark.parametrize("text, tiles", [
     ("layout s = grid(40)\nmask m = sliding_window(7)", "partial"),
-    pytest.param("layout s = grid(40)\nmask m = full", "full", marks=pytest.mark.xfail(
-        strict=True, reason="the full-tile path of attention_fwd.py.jinja lacks the -inf guard of the partial path "
-                            "(m_use = where(m_new == -inf, 0, m_new)); owned by the template rewrite")),
+    ("layout s = grid(40)\nmask m = full", "full"),
 ])
 def test_a_row_whose_scores_are_all_minus_inf_gives_zero_as_sdpa(text, tiles):
     spec = maskdsl.parse(text)
