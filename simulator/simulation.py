@@ -76,7 +76,7 @@ class SimResult:
     waves: float = 0.0  # CTAs / (SMs x CTAs per SM)
     num_warps: int = 0
     num_stages: int = 0
-    union_kernel: bool = False  # the several-term loop runs every visited tile (unions, top-k)
+    union_kernel: bool = False  # the top-k loop runs every visited tile with the predicate
     backward: "BackwardPrediction | None" = field(default=None, compare=False)  # simulate(backward=...)
     work: KernelWork = field(default=None, compare=False, repr=False)  # what the cost model scheduled
     visits_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
@@ -162,7 +162,9 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     except NotAnalyzable as exc:
         hint = "; hint: simulate the row-major layout with permute=False (--no-permute)" if permute else ""
         raise NotAnalyzable(f"mask {mask!r}: {exc}{hint}") from None
-    union_kernel = mdef.dynamic or len(products(mdef.expr, tuple(shape))) > 1  # codegen's several-term loop
+    # top-k runs every visited tile through its predicate loop; a static union runs its dominant term like a
+    # single term (full tiles unmasked, codegen.plan) and its other terms' boxes masked: full/partial as one term
+    union_kernel = mdef.dynamic
     kernel_full = full if stats.kernel_full is None or mdef.dynamic else stats.kernel_full
     zero = np.zeros(len(visits))
     if union_kernel:

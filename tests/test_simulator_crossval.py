@@ -14,6 +14,7 @@ CASES = {  # small problems that still differ in what the constants multiply
     "causal": ("layout g = grid(2048)\nmask m = causal\n", 16, 128, [((128,), 8), ((64,), 4)]),
     "sink": ("layout g = grid(4096)\nmask m = sliding_window(256, causal=true) | sink(4)\n", 8, 128,
              [((128,), 8), ((64,), 4)]),
+    "topk": ("layout g = grid(4096)\nmask m = topk(k=4, block=128)\n", 8, 128, [((128,), 8), ((64,), 4)]),
     "nb3d": ("layout g = grid(6, 20, 20)\nmask m = neighborhood(window=(3, 7, 7), stride=(1, 2, 2))\n", 12, 64,
              [((2, 4, 8), 4), ((1, 8, 16), 8)]),
 }
@@ -52,13 +53,14 @@ def test_cross_validation_predicts_each_case_from_a_fit_without_it(meas):
     rows = cross_validate(meas, "Test GPU", folds="loo")
     assert len(rows) == len(meas) and {r["case"] for r in rows} == set(CASES)
     by_case = {r["case"]: r for r in rows}
-    # the sink case is the only union: held out, nothing fits c_union and it falls back to c_partial,
-    # so that case is mispredicted out of sample (and only that one), which an in-sample fit would hide
-    assert by_case["sink"]["ratio"] > 1.2
-    assert all(r["ratio"] == pytest.approx(1.0, rel=1e-3) for r in rows if r["case"] != "sink")
+    # the top-k case is the only one running the union loop: held out, nothing fits c_union and it falls
+    # back to c_partial, so that case is mispredicted out of sample (and only that one), which an
+    # in-sample fit would hide
+    assert by_case["topk"]["ratio"] > 1.2
+    assert all(r["ratio"] == pytest.approx(1.0, rel=1e-3) for r in rows if r["case"] != "topk")
     assert all(r["measured_speedup"] == pytest.approx(r["dense_ms"] / r["measured_ms"]) for r in rows)
     s = summarize(rows)
-    assert s["cases"] == len(CASES) and s["worst_case"] == "sink" and s["within_15_percent"] == len(CASES) - 1
+    assert s["cases"] == len(CASES) and s["worst_case"] == "topk" and s["within_15_percent"] == len(CASES) - 1
     table = format_cross_validation(rows)
     assert "held-out case" in table and f"{len(CASES) - 1}/{len(CASES)} within 15%" in table
 

@@ -93,13 +93,18 @@ def test_predicted_time_follows_the_documented_formula(costs):
     assert r.predicted_speedup == pytest.approx(r.predicted_dense_time / r.predicted_time)
 
 
-def test_union_masks_run_every_visited_tile_through_the_union_loop(costs):
+def test_static_unions_run_full_tiles_unmasked_and_topk_runs_the_union_loop(costs):
+    """A static union runs its dominant term like a single term (codegen.plan): fully seen tiles unmasked,
+    the rest with the predicate; only top-k runs every visited tile through its predicate loop."""
     spec = maskdsl.parse(SMALL)
     r = simulate(spec, "u", (2, 4), (4, 4), gpu="Test GPU", costs=costs, num_warps=4, num_stages=3)
-    counts, _, _ = brute_tile_counts(spec, "u", (2, 4), (4, 4))
-    assert r.union_kernel and not simulate(spec, "m", (2, 4), gpu="Test GPU", costs=costs).union_kernel
-    np.testing.assert_array_equal(r.work.union, (counts > 0).sum(1))
-    assert not r.work.full.any() and not r.work.partial.any()
+    counts, qs, ks = brute_tile_counts(spec, "u", (2, 4), (4, 4))
+    assert not r.union_kernel and not r.work.union.any()
+    np.testing.assert_array_equal(r.work.full + r.work.partial, (counts > 0).sum(1))
+    assert r.work.full.sum() > 0
+    topk = maskdsl.parse("layout s = grid(256)\nmask t = topk(k=2, block=64)")
+    t = simulate(topk, "t", (64,), (64,), gpu="Test GPU", costs=costs)
+    assert t.union_kernel and t.work.union.sum() > 0 and not t.work.full.any() and not t.work.partial.any()
 
 
 def test_a_ragged_key_tile_is_partial_for_the_kernel_even_when_fully_attended():
