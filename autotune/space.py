@@ -22,7 +22,7 @@ def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[tuple[tupl
 
     mdef = spec.mask(mask)
     if mdef.dynamic:
-        return [((t,), (t,)) for t in (128, 64) if _topk_ok(mdef, t)]
+        return _topk_tiles(mdef)
     ranked = []
     for qv in Q_TOKENS:
         for kv in KV_TOKENS:
@@ -38,10 +38,14 @@ def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[tuple[tupl
     return pairs
 
 
-def _topk_ok(mdef, tile) -> bool:
+def _topk_tiles(mdef) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Top-k kernels take equal query and key tiles dividing the block: its largest of 128 and of 64 tokens."""
+    from maskdsl.codegen.topk_grid import choose_tile
     from maskdsl.topk import normal_form
 
-    return normal_form(mdef.expr).topk.block % tile == 0
+    block = normal_form(mdef.expr).topk.block
+    tiles = [t for v in (128, 64) if (t := choose_tile(mdef.layout.shape, block, v)) is not None]
+    return [(t, t) for t in dict.fromkeys(tiles)]
 
 
 def configs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[KernelConfig]:

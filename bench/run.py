@@ -68,10 +68,10 @@ def density(mask) -> float:
     tokens = mask.layout.tokens
     if not mask.dynamic:
         return attended_pairs(mask.expr, mask.layout.shape) / tokens**2
-    from maskdsl.topk import normal_form
+    from maskdsl.topk import block_count, normal_form
 
     topk = normal_form(mask.expr).topk
-    blocks = math.ceil(tokens / topk.block)
+    blocks = block_count(mask.layout.shape, topk.block)
     return min(topk.k, blocks) / blocks
 
 

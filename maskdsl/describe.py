@@ -49,10 +49,10 @@ def density_line(mask: ir.MaskDef) -> str:
     if not mask.dynamic:
         density = attended_pairs(mask.expr, shape) / tokens**2
         return f"density {density:.4%} ({1 / density:.2f}x FLOP-ideal)" if density else "density 0 (empty mask)"
-    from maskdsl.topk import normal_form  # torch: only top-k masks pay for it
+    from maskdsl.topk import block_count, normal_form  # torch: only top-k masks pay for it
 
     form = normal_form(mask.expr)
-    blocks = math.ceil(tokens / form.topk.block)
+    blocks = block_count(shape, form.topk.block)
     keep = min(form.topk.k, blocks)
     text = f"top-k keeps {keep} of {blocks} key blocks"
     restricted = not isinstance(form.restrict, ir.Full)
@@ -63,5 +63,5 @@ def density_line(mask: ir.MaskDef) -> str:
     static = attended_pairs(form.static, shape) / tokens**2 if form.static is not None else 0.0
     text += f"; static part density {static:.4%}" if form.static is not None else "; no static part"
     envelope = ir.union(*[e for e in (form.static, form.restrict) if e is not None])
-    bound = min(attended_pairs(envelope, shape) / tokens**2, static + keep * form.topk.block / tokens)
+    bound = min(attended_pairs(envelope, shape) / tokens**2, static + keep * form.topk.volume / tokens)
     return text + f"; density at most {bound:.2%}"
