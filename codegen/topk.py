@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from functools import cached_property
 
+import triton
+
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel, tma_descriptors
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.bounds import term_text
@@ -75,9 +77,10 @@ def _context(mask: ir.MaskDef, form, config: KernelConfig, grid: TopKGrid, tma: 
 
     def call(picked, masked, static):
         return wrap("acc, m_i, l_i = _attend_tile(", [state, cvars, bounds, memory + [
-            picked, "HEAD_DIM", "TMA", "DOT_F32", f"MASKED={masked}", f"STATIC={static}"]], 12)
+            picked, "HEAD_DIM", "HEAD_DIM_PAD", "TMA", "DOT_F32", f"MASKED={masked}", f"STATIC={static}"]], 12)
 
-    params = state + cvars + bounds + memory + ["picked", "HEAD_DIM: tl.constexpr", "TMA: tl.constexpr",
+    params = state + cvars + bounds + memory + ["picked", "HEAD_DIM: tl.constexpr", "HEAD_DIM_PAD: tl.constexpr",
+                                                "TMA: tl.constexpr",
                                                 "DOT_F32: tl.constexpr", "MASKED: tl.constexpr",
                                                 "STATIC: tl.constexpr"]
     next_params = cvars + [f"box_{s}_{d}" for d in range(1, rank) for s in ("lo", "hi")]
@@ -178,8 +181,13 @@ class CompiledTopKAttention(CompiledAttention):
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
         picked, idx, count = self.select(q, k)
         self.last_picks = picked
+        dim = q.shape[-1]
+        pad = triton.next_power_of_2(dim)
+        # the copy engine's box is HEAD_DIM wide: padded head dims take the pointer loads
+        tma = tma_descriptors(self.plan, q, k, v, out) if pad == dim else {
+            "desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (picked, idx, count), scale,
-                      tiles or range(self.q_tiles), tma_descriptors(self.plan, q, k, v, out))
+                      tiles or range(self.q_tiles), {**tma, "HEAD_DIM_PAD": pad})
 
     @cached_property
     def backward(self):

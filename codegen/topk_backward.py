@@ -4,10 +4,11 @@ The selection is not differentiated (as in NSA and MoBA): the picked blocks are 
 the backward, and every pair they (and S) attend gets its exact gradient. Three launches:
 
 - preprocess: delta = rowsum(dO * O) per query row;
-- dK/dV: one program per (key tile, batch x kv head). It walks the query tiles that see its key
-  tile: first S's, from a compile-time table that transposes S's closed-form per-query-tile key
-  ranges (a superset interval per key tile; the kernel re-checks each query tile with the
-  forward's own bounds), then the query blocks that picked its key block, from the transposed
+- dK/dV: one program per (key tile, batch x kv head); tiles are boxes of the grid dividing the
+  block (codegen.topk_grid). It walks the query tiles that see its key tile: first S's, from a
+  compile-time table that transposes S's closed-form per-query-tile key ranges per dimension (a
+  term is a product, so the query tiles form a box of per-dimension intervals, a superset; the
+  kernel re-checks each query tile with the forward's own bounds), then the query blocks that picked its key block, from the transposed
   pick list built here on the device. A pair already inside S's key range is left to the S walk,
   so each (query tile, key tile) pair is done once. The query heads of a GQA group are summed
   inside the program: no atomics, bitwise deterministic;
@@ -20,6 +21,7 @@ import math
 
 import numpy as np
 import torch
+import triton
 
 from maskdsl.analysis import products
 from maskdsl.codegen.compiled import _interpreting
@@ -129,12 +131,13 @@ class TopKBackward:
         group = heads // kv_heads
         m = self.module
         tiles = math.prod(self.grid.tiles)
-        common = dict(HEAD_DIM=dim, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+        pad = triton.next_power_of_2(dim)  # head_dim runs padded to a power of two, its extra columns masked
+        common = dict(HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
                       num_warps=self.fn.config.num_warps, num_stages=self.fn.config.num_stages)
         delta = torch.empty(batch, heads, tokens, device=q.device, dtype=torch.float32)
         rows = 64
         m.attention_bwd_preprocess[(-(-tokens // rows), batch * heads)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, ROWS=rows, HEAD_DIM=dim)
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, ROWS=rows, HEAD_DIM=dim, HEAD_DIM_PAD=pad)
         offsets, qblocks = transpose_picks(idx, self.fn.nblocks)
         table = self._tables.get(q.device)
         if table is None:
