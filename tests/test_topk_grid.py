@@ -125,3 +125,9 @@ def test_padded_head_dims_are_exact_forward_and_backward(dim, text):
     r = run(text, dim=dim)
     assert r["q"].shape[-1] == dim and r["out"].shape[-1] == dim
     assert_close(r)
+
+
+def test_tiles_that_do_not_divide_the_block_are_explained():
+    spec = maskdsl.parse("layout g = grid(8, 16)\nmask m = topk(k=2, block=(2, 8))")
+    with pytest.raises(ValueError, match=r"block=\(2, 8\) with config q4x4_k4x4.*divide the block"):
+        maskdsl.compile(spec, "m", KernelConfig((4, 4), (4, 4), 4, 2))
