@@ -28,7 +28,7 @@ def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3,
 
     mdef = spec.mask(mask)
     if mdef.dynamic:
-        return [((t,), (t,)) for t in (128, 64) if _topk_ok(mdef, t)]
+        return _topk_tiles(mdef)
     ranked = []
     for qv, kv in blocks or [(q, k) for q in Q_TOKENS for k in KV_TOKENS]:
         try:
@@ -43,10 +43,14 @@ def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3,
     return pairs
 
 
-def _topk_ok(mdef, tile) -> bool:
+def _topk_tiles(mdef) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Top-k kernels take equal query and key tiles dividing the block: its largest of 128 and of 64 tokens."""
+    from maskdsl.codegen.topk_grid import choose_tile
     from maskdsl.topk import normal_form
 
-    return normal_form(mdef.expr).topk.block % tile == 0
+    block = normal_form(mdef.expr).topk.block
+    tiles = [t for v in (128, 64) if (t := choose_tile(mdef.layout.shape, block, v)) is not None]
+    return [(t, t) for t in dict.fromkeys(tiles)]
 
 
 def configs(spec: ir.Spec, mask: str, per_volume: int = 3) -> list[KernelConfig]:

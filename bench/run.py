@@ -68,10 +68,10 @@ def density(mask) -> float:
     tokens = mask.layout.tokens
     if not mask.dynamic:
         return attended_pairs(mask.expr, mask.layout.shape) / tokens**2
-    from maskdsl.topk import normal_form
+    from maskdsl.topk import block_count, normal_form
 
     topk = normal_form(mask.expr).topk
-    blocks = math.ceil(tokens / topk.block)
+    blocks = block_count(mask.layout.shape, topk.block)
     return min(topk.k, blocks) / blocks
 
 
@@ -210,10 +210,22 @@ def flex_topk_step(case: Case, result: dict, best_dense: float) -> None:
             result["flex_note"] = "flex comparison implemented for pure top-k only"
             return
         q, k, v = case.q, case.k, case.v
-        block = fn.form.topk.block
+        block = fn.form.topk.volume
+        shape = case.mask.layout.shape
+        if len(shape) > 1:
+            # FlexAttention's blocks are runs of consecutive tokens: lay the grid out block-major (each box
+            # of the grid contiguous), once, outside the timings; our kernel reads the row-major grid
+            from maskdsl.topk import token_blocks
+
+            if any(n % b for n, b in zip(shape, fn.form.topk.block)):
+                result["flex_note"] = "flex comparison needs blocks that divide the grid"
+                return
+            perm = torch.sort(token_blocks(shape, fn.form.topk.block), stable=True).indices.to(q.device)
+            q, k, v = (x[:, :, perm].contiguous() for x in (q, k, v))
+            result["flex_layout"] = "block-major permutation (not timed)"
 
         def block_mask():
-            picked, _, count = fn.select(q, k)
+            picked, _, count = fn.select(case.q, case.k)  # on the row-major grid, as our kernel's; same block order
             # full-width index rows, picked blocks first (FlexAttention reads only the first `count`)
             order = torch.argsort((picked == 0).to(torch.int8), dim=-1, stable=True).to(torch.int32)
             return BlockMask.from_kv_blocks(torch.zeros_like(count), order, count, order, BLOCK_SIZE=block,
@@ -223,12 +235,14 @@ def flex_topk_step(case: Case, result: dict, best_dense: float) -> None:
         bm = block_mask()
         gqa = q.shape[1] != k.shape[1]
         out = flex(q, k, v, block_mask=bm, enable_gqa=gqa)
+        if len(shape) > 1:
+            out = torch.empty_like(out).index_copy_(2, perm, out)  # back to row-major for the checks
         result["flex_error"] = case.reference.check(out).error
-        result["flex_vs_ours_max_diff"] = (out.float() - fn(q, k, v).float()).abs().max().item()
+        result["flex_vs_ours_max_diff"] = (out.float() - fn(case.q, case.k, case.v).float()).abs().max().item()
         result["flex_ms"] = time_ms(lambda: flex(q, k, v, block_mask=bm, enable_gqa=gqa), **TIMER)
         result["flex_with_selection_ms"] = time_ms(lambda: flex(q, k, v, block_mask=block_mask(), enable_gqa=gqa),
                                                    **TIMER)
-        result["selection_ms"] = time_ms(lambda: fn.select(q, k), **TIMER)
+        result["selection_ms"] = time_ms(lambda: fn.select(case.q, case.k), **TIMER)
         result["flex_speedup_vs_dense"] = best_dense / result["flex_with_selection_ms"]
         if "ours_best" in result:
             result["speedup_vs_flex"] = result["flex_with_selection_ms"] / result["ours_best"]["ms"]

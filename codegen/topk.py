@@ -1,7 +1,8 @@
-"""Compiled attention for masks with a top-k term: score, select, then attend (1-D token order).
+"""Compiled attention for masks with a top-k term: score, select, then attend (any grid rank).
 
 The call is three launches: K pooling, fused Q pooling + block scores, and the attention
-kernel over S | (picked & R). Selection in between is torch's stable sort on the block-level
+kernel over S | (picked & R). Query and key tiles are boxes of the grid that divide the top-k
+block (codegen.topk_grid), addressed like the static kernel's (copy-engine loads included). Selection in between is torch's stable sort on the block-level
 scores (ties to the lower index). Only the [query blocks, key blocks] candidate map of R is
 computed at compile time (closed form); nothing is ever [L, L].
 """
@@ -11,120 +12,158 @@ from __future__ import annotations
 import math
 from functools import cached_property
 
-from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel
+import triton
+
+from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel, tma_descriptors
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.bounds import KernelDim, term_text
-from maskdsl.codegen.context import join, query_text, wrap
-from maskdsl.codegen.plan import DimPlan, TermDim, UnsupportedMask
+from maskdsl.codegen.bounds import term_text
+from maskdsl.codegen.context import _mul, join, query_text, wrap
+from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
+from maskdsl.codegen.topk_grid import TopKGrid, choose_tile, terms
 from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.topk import candidate_blocks, normal_form
 
 TEMPLATE = "attention_topk.py.jinja"
 
 
-def _terms(expr, shape, what) -> list[tuple[TermDim, ...]]:
-    if expr is None:
-        return []
-    try:
-        terms = products(expr, shape)
-    except NotAnalyzable as exc:
-        raise UnsupportedMask(f"{what}: {exc}") from None
-    if any(t.sym[0].dilation != 1 for t in terms):
-        raise UnsupportedMask(f"{what}: dilation is not supported together with top-k")
-    return [(TermDim.of(t.sym[0], shape[0]),) for t in terms]
+def _any(conds: list[str]) -> str:
+    if not conds:
+        return ""
+    return conds[0] if len(conds) == 1 else " | ".join(f"({c})" for c in conds)
 
 
-def _context(mask: ir.MaskDef, form, config: KernelConfig, q_tiles: int, nblocks: int) -> dict:
+def _all(conds: list[str]) -> str:
+    return conds[0] if len(conds) == 1 else " & ".join(f"({c})" for c in conds)
+
+
+def _inside(coord: str, kind: str, label: str, rank: int) -> str:
+    """Tile (coord_0, ..) inside a term's box of key tiles (`kt`: visited, `full`: fully seen)."""
+    return _all([f"({coord}_{d} >= {kind}_lo_{label}_{d}) & ({coord}_{d} <= {kind}_hi_{label}_{d})"
+                 for d in range(rank)])
+
+
+def _context(mask: ir.MaskDef, form, config: KernelConfig, grid: TopKGrid, tma: bool) -> dict:
     """The top-k template's input: the shared query-tile text, the S and R terms' bounds, the calls."""
     from maskdsl.version import __version__
 
-    tokens, block, bn = mask.layout.tokens, form.topk.block, config.block_n
-    dim = KernelDim(0, DimPlan(tokens, 1, 1, config.block_m, bn), 1, 1)
+    shape, rank = mask.layout.shape, mask.layout.rank
+    dims = grid.kernel_dims()
     temps = Temps()
-    s_terms = [term_text(f"s{t}", term, [dim], temps, full=True)
-               for t, term in enumerate(_terms(form.static, mask.layout.shape, f"mask {mask.name!r}, static part"))]
-    r_terms = [term_text(f"r{t}", term, [dim], temps, full=True)
-               for t, term in enumerate(_terms(form.restrict, mask.layout.shape,
-                                               f"mask {mask.name!r}, top-k restriction"))]
+    s_terms = [term_text(f"s{t}", term, dims, temps, full=True)
+               for t, term in enumerate(terms(form.static, shape, f"mask {mask.name!r}, static part"))]
+    r_terms = [term_text(f"r{t}", term, dims, temps, full=True)
+               for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
+    cvars = [f"c_{d}" for d in range(rank)]
 
-    def inside(kind, terms):
-        return [f"(kt >= {kind}_lo_{t.label}_0) & (kt <= {kind}_hi_{t.label}_0)" for t in terms]
+    def pred(terms_):
+        return [_all([f"_between(kc_{d}, lo_{t.label}_{d}, hi_{t.label}_{d})" for d in range(rank)])
+                for t in terms_]
 
-    def pred(terms):
-        return [f"_between(kc, lo_{t.label}_0, hi_{t.label}_0)" for t in terms]
-
-    def either(conds):
-        return conds[0] if len(conds) == 1 else " | ".join(f"({c})" for c in conds)
-
-    past_end = [f"kt * {bn} >= {tokens}"] if tokens % block else []  # the last block's tiles past the grid
-    covered = [either(inside("kt", s_terms[:s])) for s in range(len(s_terms))]
-    covered.append(either(past_end + inside("kt", s_terms)) if past_end or s_terms else "")
-    r_full = either(inside("full", r_terms))
-    if tokens % bn:
-        r_full = f"((kt + 1) * {bn} <= {tokens}) & ({r_full})"
-    tpb = block // bn
-    bounds = [f"{b}_{t.label}_0" for t in s_terms + r_terms for b in ("lo", "hi")]
-    state = ["acc", "m_i", "l_i", "q", "qk_scale", "kt"]
-    memory = ["k_base", "v_base", "stride_kl", "stride_vl"]
+    covered = [_any([_inside("c", "kt", t.label, rank) for t in s_terms[:s]]) for s in range(len(s_terms))]
+    skip = [c for c in (grid.past_grid("c"), _any([_inside("c", "kt", t.label, rank) for t in s_terms])) if c]
+    r_full = _any([_inside("c", "full", t.label, rank) for t in r_terms])
+    if grid.ragged("c"):
+        r_full = f"~({grid.ragged('c')}) & ({r_full})"
+    key_lines = [f"kc_{d.i} = {_mul(f'c_{d.i}', d.plan.kv_tile)} + koff_{d.i}" for d in dims]
+    valid = [f"kc_{d.i} < {d.plan.extent}" for d in dims if d.ragged_kv]
+    if valid:
+        key_lines.append(f"key_valid = {_all(valid)}")
+    bounds = [f"{b}_{t.label}_{d}" for t in s_terms + r_terms for d in range(rank) for b in ("lo", "hi")]
+    state = ["acc", "m_i", "l_i", "q", "qk_scale"]
+    memory = [f"koff_{d}" for d in range(rank)] + ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v",
+                                                   "bh_kv"]
 
     def call(picked, masked, static):
-        return wrap("acc, m_i, l_i = _attend_tile(", [state, bounds, memory + [
-            picked, "HEAD_DIM", "DOT_F32", f"MASKED={masked}", f"STATIC={static}"]], 12)
+        return wrap("acc, m_i, l_i = _attend_tile(", [state, cvars, bounds, memory + [
+            picked, "HEAD_DIM", "HEAD_DIM_PAD", "TMA", "DOT_F32", f"MASKED={masked}", f"STATIC={static}"]], 12)
 
-    params = state + bounds + memory + ["picked", "HEAD_DIM: tl.constexpr", "DOT_F32: tl.constexpr",
-                                        "MASKED: tl.constexpr", "STATIC: tl.constexpr"]
+    params = state + cvars + bounds + memory + ["picked", "HEAD_DIM: tl.constexpr", "HEAD_DIM_PAD: tl.constexpr",
+                                                "TMA: tl.constexpr",
+                                                "DOT_F32: tl.constexpr", "MASKED: tl.constexpr",
+                                                "STATIC: tl.constexpr"]
+    next_params = cvars + [f"box_{s}_{d}" for d in range(1, rank) for s in ("lo", "hi")]
+    next_lines = [f"c_{rank - 1} += 1"]
+    for d in reversed(range(1, rank)):
+        next_lines += [f"wrap = c_{d} > box_hi_{d}", f"c_{d - 1} = tl.where(wrap, c_{d - 1} + 1, c_{d - 1})",
+                       f"c_{d} = tl.where(wrap, box_lo_{d}, c_{d})"]
+    s_loops = []
+    for t in s_terms:
+        lab = t.label
+        s_loops.append(dict(
+            start=f"{', '.join(cvars)} = {', '.join(f'kt_lo_{lab}_{d}' for d in range(rank))}",
+            count=" * ".join(f"(kt_hi_{lab}_{d} - kt_lo_{lab}_{d} + 1)" for d in range(rank)),
+            next=f"{', '.join(cvars)} = _next_tile("
+                 + ", ".join(cvars + [f"kt_{b}_{lab}_{d}" for d in range(1, rank) for b in ("lo", "hi")]) + ")"))
+    tpb = grid.tpb
     return dict(
         # the name is not rendered (the file is the same whatever the mask is called); comment texts are escaped
-        version=__version__, mask_name=UNNAMED, mask_text=comment_safe(mask.expr.fmt()), topk=form.topk,
-        tokens=tokens, s_text=comment_safe(form.static.fmt() if form.static else "none"),
-        r_text=comment_safe(form.restrict.fmt()), cfg=config,
-        block_m=config.block_m, block_n=bn, q_tiles=q_tiles, nblocks=nblocks, k_eff=min(form.topk.k, nblocks),
-        tiles_per_block=tpb, s_terms=s_terms, r_terms=r_terms,
-        fast_picked=not s_terms and isinstance(form.restrict, ir.Full) and tokens % bn == 0,
-        q=query_text([dim], config.block_m, bn, tma=False),
+        version=__version__, mask_name=UNNAMED, mask_text=comment_safe(mask.expr.fmt()), topk=form.topk, grid=grid,
+        tokens=mask.layout.tokens, s_text=comment_safe(form.static.fmt() if form.static else "none"),
+        r_text=comment_safe(form.restrict.fmt()),
+        cfg=config, block_m=config.block_m, block_n=config.block_n, q_tiles=math.prod(grid.tiles),
+        nblocks=grid.nblocks, k_eff=min(form.topk.k, grid.nblocks), s_terms=s_terms, r_terms=r_terms,
+        fast_picked=not s_terms and isinstance(form.restrict, ir.Full) and grid.exact and not valid,
+        q=query_text(dims, config.block_m, config.block_n, tma=tma),
         fdiv=any("_fdiv(" in line for t in s_terms + r_terms for line in t.rows + t.tiles),
         tile_params="\n".join(wrap("def _attend_tile(", params, 0, tail=""))[len("def _attend_tile("):],
-        keep_static=join("keep = ", pred(s_terms) + [f"(picked & {either(pred(r_terms))})"], " | ", 12)
+        key_lines=key_lines, key_valid="key_valid" if valid else "None", load_masked="MASKED" if valid else "False",
+        key_flat=" + ".join(_mul(f"kc_{d.i}", d.plan.stride) for d in dims),
+        kv_tma_offsets=", ".join(_mul(f"c_{d}", grid.tile[d]) for d in range(rank)),
+        keep_static=join("keep = ", pred(s_terms) + [f"(picked & ({_any(pred(r_terms))}))"], " | ", 12)
         if s_terms else ["keep = False"],
-        keep_picked=join("keep = ", pred(r_terms), " | ", 12), covered=covered, r_full=r_full,
-        picked_block="picked_row + kt" if tpb == 1 else f"picked_row + kt // {tpb}",
+        keep_picked=join("keep = ", pred(r_terms), " | ", 12), covered=covered, skip=" | ".join(f"({c})" for c in skip)
+        if len(skip) > 1 else "".join(skip), r_full=r_full,
+        qblock=grid.block_of_rows("first"), picked_block=grid.block_of_tiles("c"),
         picked_count="n_picked" if tpb == 1 else f"n_picked * {tpb}",
-        s_full=either(inside("full", s_terms)) if s_terms else "False",
-        picked_tile="tl.load(idx_row + it)" if tpb == 1 else f"tl.load(idx_row + it // {tpb}) * {tpb} + it % {tpb}",
+        pick_lines=(["kb = tl.load(idx_row + it)"] if tpb == 1 else
+                    [f"kb = tl.load(idx_row + it // {tpb})", f"sub = it % {tpb}"]) + grid.tiles_of_pick("c", "kb", "sub"),
+        s_full=_any([_inside("c", "full", t.label, rank) for t in s_terms]) or "False", s_loops=s_loops,
+        cvars=", ".join(cvars), next_params=", ".join(next_params), next_lines=next_lines,
         calls={"static_full": call("False", False, True), "static_masked": call("picked", True, True),
                "picked_full": call("False", False, False), "picked_masked": call("False", True, False)},
     )
 
 
 def topk_config(mask: ir.MaskDef, config: KernelConfig | None) -> KernelConfig:
+    """The kernel's tile: a power-of-two box dividing the top-k block (the same for queries and keys)."""
     block = normal_form(mask.expr).topk.block
-    tile = config.q_tile[0] if config else min(block, 128)
-    if block % 16 or tile & (tile - 1) or block % tile or tile < 16:
-        raise UnsupportedMask(f"topk block={block}: the kernel needs a block that is a multiple of a power-of-two "
-                              f"tile of 16..256 tokens (e.g. 64 or 128)")
-    warps = config.num_warps if config else 8 if tile >= 128 else 4
-    stages = config.num_stages if config else 2
-    return KernelConfig((tile,), (tile,), warps, stages)
+    shape = mask.layout.shape
+    if config is None:
+        tile = choose_tile(shape, block, 128)
+        if tile is None:
+            raise UnsupportedMask(f"topk block={_fmt(block)}: the kernel needs a block whose extents have a "
+                                  f"power-of-two tile of 16..256 tokens dividing them (e.g. 64, 128 or (2, 8, 8))")
+        warps = 8 if math.prod(tile) >= 128 else 4
+        return KernelConfig(tile, tile, warps, 2)
+    config.validate(len(shape))
+    if config.q_tile != config.kv_tile or any(b % t for b, t in zip(block, config.q_tile)):
+        raise UnsupportedMask(f"topk block={_fmt(block)} with config {config.key()}: the top-k kernel needs equal "
+                              f"query and key tiles that divide the block in every dimension")
+    return config
+
+
+def _fmt(block: tuple[int, ...]) -> str:
+    return str(block[0]) if len(block) == 1 else str(block)
 
 
 class CompiledTopKAttention(CompiledAttention):
     """Same call surface as CompiledAttention; `launch` also runs the scoring and the selection."""
 
     def __init__(self, mask: ir.MaskDef, config: KernelConfig | None = None):  # noqa: super() is for static plans
-        if mask.layout.rank != 1:
-            raise UnsupportedMask(f"mask {mask.name!r}: top-k runs on 1-D layouts (token sequences); "
-                                  f"{mask.layout.name!r} has {mask.layout.rank} dimensions")
         form = normal_form(mask.expr)
         self.mask, self.form = mask, form
         self.config = topk_config(mask, config)
-        tokens = mask.layout.tokens
-        self.nblocks = math.ceil(tokens / form.topk.block)
-        self.q_tiles = math.ceil(tokens / self.config.block_m)
-        self.candidates = candidate_blocks(form, mask.layout.shape)
-        context = _context(mask, form, self.config, self.q_tiles, self.nblocks)
+        shape = mask.layout.shape
+        self.grid = TopKGrid(shape, form.topk.block, self.config.q_tile)
+        self.nblocks = self.grid.nblocks
+        self.q_tiles = math.prod(self.grid.tiles)
+        # the copy engine's view of the grid: the static kernel's (undilated) plan, for its descriptors
+        self.plan = KernelPlan(mask.name, mask.expr.fmt(), shape, tuple(d.plan for d in self.grid.kernel_dims()), (),
+                               self.config)
+        self.candidates = candidate_blocks(form, shape)
+        context = _context(mask, form, self.config, self.grid, self.plan.tma_ok)
         key = kernel_key(mask.content_hash(), self.config.key(), TEMPLATE)
         self.module, self.source_path = load_module(key, lambda: render_template(TEMPLATE, **context))
         self.key = f"{mask.content_hash()}:{self.config.key()}"
@@ -137,15 +176,20 @@ class CompiledTopKAttention(CompiledAttention):
     def select(self, q, k):
         from maskdsl.codegen.topk_select import block_scores, select
 
-        scores = block_scores(q, k, self.form.topk.block)
+        scores = block_scores(q, k, self.mask.layout.shape, self.form.topk.block)
         cand = self.candidates.to(q.device)
         return select(scores, cand, self.form.topk.k)
 
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
         picked, idx, count = self.select(q, k)
         self.last_picks = picked
+        dim = q.shape[-1]
+        pad = triton.next_power_of_2(dim)
+        # the copy engine's box is HEAD_DIM wide: padded head dims take the pointer loads
+        tma = tma_descriptors(self.plan, q, k, v, out) if pad == dim else {
+            "desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (picked, idx, count), scale,
-                      tiles or range(self.q_tiles))
+                      tiles or range(self.q_tiles), {**tma, "HEAD_DIM_PAD": pad})
 
     @cached_property
     def backward(self):

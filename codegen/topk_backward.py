@@ -4,10 +4,11 @@ The selection is not differentiated (as in NSA and MoBA): the picked blocks are 
 the backward, and every pair they (and S) attend gets its exact gradient. Three launches:
 
 - preprocess: delta = rowsum(dO * O) per query row;
-- dK/dV: one program per (key tile, batch x kv head). It walks the query tiles that see its key
-  tile: first S's, from a compile-time table that transposes S's closed-form per-query-tile key
-  ranges (a superset interval per key tile; the kernel re-checks each query tile with the
-  forward's own bounds), then the query blocks that picked its key block, from the transposed
+- dK/dV: one program per (key tile, batch x kv head); tiles are boxes of the grid dividing the
+  block (codegen.topk_grid). It walks the query tiles that see its key tile: first S's, from a
+  compile-time table that transposes S's closed-form per-query-tile key ranges per dimension (a
+  term is a product, so the query tiles form a box of per-dimension intervals, a superset; the
+  kernel re-checks each query tile with the forward's own bounds), then the query blocks that picked its key block, from the transposed
   pick list built here on the device. A pair already inside S's key range is left to the S walk,
   so each (query tile, key tile) pair is done once. The query heads of a GQA group are summed
   inside the program: no atomics, bitwise deterministic;
@@ -20,24 +21,17 @@ import math
 
 import numpy as np
 import torch
+import triton
 
 from maskdsl.analysis import products
 from maskdsl.codegen.compiled import _interpreting
-from maskdsl.codegen.plan import TermDim
-from maskdsl.codegen.render import comment_safe, kernel_key, load_module, render_template
+from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.topk_bwd_text import backward_context
+from maskdsl.codegen.topk_grid import TopKGrid, choose_tile
 from maskdsl.intervals import evaluate
 
 TEMPLATE = "attention_topk_bwd.py.jinja"
 MAX_TILE = 64
-
-
-def _rels(expr, shape):
-    """The product terms of a static part as 1-D SymRels (the forward's `_terms` rejects what it cannot run)."""
-    return [] if expr is None else [t.sym[0] for t in products(expr, shape)]
-
-
-def _term_dims(rels, n):
-    return [TermDim(r.lo, r.hi, r.qa, r.query_stop(n), r.qa > 0 or r.query_stop(n) < n) for r in rels]
 
 
 def static_query_tiles(rels, tokens: int, tile: int) -> np.ndarray:
@@ -88,28 +82,38 @@ def transpose_picks(idx: torch.Tensor, nblocks: int):
     return offsets.contiguous(), qblocks.contiguous()
 
 
+def query_tile_table(term_rels, grid) -> np.ndarray:
+    """int32 [terms, rank, 2, max tiles]: per S term, dimension d and key-tile coordinate c_d, the
+    interval of query-tile coordinates whose key-tile range in dimension d holds c_d.
+
+    A term is a product over dimensions, so the query tiles that visit key tile (c_0, ..) are the
+    box of these intervals (a superset at worst; the kernel re-checks each with the forward's bounds).
+    """
+    width = max(grid.tiles)
+    out = np.zeros((max(len(term_rels), 1), grid.rank, 2, width), dtype=np.int32)
+    out[:, :, 1] = -1
+    for d, (n, t) in enumerate(zip(grid.shape, grid.tile)):
+        table = static_query_tiles([rels[d] for rels in term_rels], n, t)
+        out[:len(term_rels), d, :, :table.shape[-1]] = table[:len(term_rels)]
+    return out
+
+
 class TopKBackward:
     """The rendered backward kernels of one CompiledTopKAttention, and their launch."""
 
     def __init__(self, fn):
         mask, form, cfg = fn.mask, fn.form, fn.config
-        shape, tokens = mask.layout.shape, mask.layout.tokens
-        s_rels = _rels(form.static, shape)
-        r_rels = _rels(form.restrict, shape)  # Full gives one all-keys term, as in the forward
+        shape = mask.layout.shape
+        # tiles of at most 64 tokens: a dK/dV program holds K, V, dK, dV for its key tile in registers, so the
+        # forward's 128 would spill at head_dim 128. Cut from the forward's tile, it still divides the block.
+        tile = choose_tile(shape, fn.grid.tile, MAX_TILE)
         self.fn = fn
-        # square tiles of at most 64: a dK/dV program holds K, V, dK, dV for its key tile in registers, so
-        # the forward's 128 would spill at head_dim 128. 64 still divides the top-k block (the forward's tile does).
-        self.tile = min(cfg.block_m, MAX_TILE)
-        self.tiles = math.ceil(tokens / self.tile)
-        self.s_table = torch.from_numpy(static_query_tiles(s_rels, tokens, self.tile))
+        self.grid = TopKGrid(shape, form.topk.block, tile)
+        s_terms = products(form.static, shape) if form.static is not None else []
+        self.s_table = torch.from_numpy(query_tile_table([t.sym for t in s_terms], self.grid))
         self._tables: dict[torch.device, torch.Tensor] = {}
-        from maskdsl.version import __version__
-
-        context = dict(version=__version__, mask_text=comment_safe(mask.expr.fmt()), topk=form.topk,
-                       tokens=tokens, cfg=cfg, tile=self.tile, tiles=self.tiles, nblocks=fn.nblocks,
-                       k_eff=min(form.topk.k, fn.nblocks), tiles_per_block=form.topk.block // self.tile,
-                       s_terms=_term_dims(s_rels, tokens), r_terms=_term_dims(r_rels, tokens))
-        key = kernel_key(mask.content_hash(), f"{cfg.key()}:bwd{self.tile}", TEMPLATE)
+        context = backward_context(mask, form, cfg, self.grid)
+        key = kernel_key(mask.content_hash(), f"{cfg.key()}:bwd{'x'.join(map(str, tile))}", TEMPLATE)
         self.module, self.source_path = load_module(key, lambda: render_template(TEMPLATE, **context))
 
     def launch(self, q, k, v, out, lse, dout, scale, dq, dk, dv, selection) -> None:
@@ -126,19 +130,22 @@ class TopKBackward:
         kv_heads = k.shape[1]
         group = heads // kv_heads
         m = self.module
-        common = dict(HEAD_DIM=dim, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+        tiles = math.prod(self.grid.tiles)
+        pad = triton.next_power_of_2(dim)  # head_dim runs padded to a power of two, its extra columns masked
+        common = dict(HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
                       num_warps=self.fn.config.num_warps, num_stages=self.fn.config.num_stages)
         delta = torch.empty(batch, heads, tokens, device=q.device, dtype=torch.float32)
-        m.attention_bwd_preprocess[(self.tiles, batch * heads)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, HEAD_DIM=dim)
+        rows = 64
+        m.attention_bwd_preprocess[(-(-tokens // rows), batch * heads)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, ROWS=rows, HEAD_DIM=dim, HEAD_DIM_PAD=pad)
         offsets, qblocks = transpose_picks(idx, self.fn.nblocks)
         table = self._tables.get(q.device)
         if table is None:
             table = self._tables[q.device] = self.s_table.to(q.device)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-        m.attention_bwd_dkdv[(self.tiles, batch * kv_heads)](
+        m.attention_bwd_dkdv[(tiles, batch * kv_heads)](
             q, k, v, dout, dk, dv, lse, delta, picked, offsets, qblocks, table, scale * 1.4426950408889634, scale,
             *strides, *dk.stride()[:3], *dv.stride()[:3], heads, group, **common)
-        m.attention_bwd_dq[(self.tiles, batch * heads)](
+        m.attention_bwd_dq[(tiles, batch * heads)](
             q, k, v, dout, dq, lse, delta, picked, idx, count, scale * 1.4426950408889634, scale,
             *strides, *dq.stride()[:3], heads, group, **common)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 from maskdsl import ir
 from maskdsl.analysis import attended_pairs
@@ -55,10 +54,10 @@ def density_line(mask: ir.MaskDef) -> str:
         pairs = attended_pairs(mask.expr, shape)  # an exact Python int
         return f"density {percent(pairs / tokens**2)} ({tokens**2 / pairs:.2f}x FLOP-ideal)" if pairs else \
             "density 0 (empty mask)"
-    from maskdsl.topk import normal_form  # torch: only top-k masks pay for it
+    from maskdsl.topk import block_count, normal_form  # torch: only top-k masks pay for it
 
     form = normal_form(mask.expr)
-    blocks = math.ceil(tokens / form.topk.block)
+    blocks = block_count(shape, form.topk.block)
     keep = min(form.topk.k, blocks)
     text = f"top-k keeps {keep} of {blocks} key blocks"
     restricted = not isinstance(form.restrict, ir.Full)
@@ -69,5 +68,5 @@ def density_line(mask: ir.MaskDef) -> str:
     static = attended_pairs(form.static, shape) / tokens**2 if form.static is not None else 0.0
     text += f"; static part density {percent(static)}" if form.static is not None else "; no static part"
     envelope = ir.union(*[e for e in (form.static, form.restrict) if e is not None])
-    bound = min(attended_pairs(envelope, shape) / tokens**2, static + keep * form.topk.block / tokens)
+    bound = min(attended_pairs(envelope, shape) / tokens**2, static + keep * form.topk.volume / tokens)
     return text + f"; density at most {bound:.2%}"

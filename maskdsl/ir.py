@@ -86,13 +86,29 @@ class Sink:
 
 @dataclass(frozen=True)
 class TopK:
-    """Data-dependent block selection: each query block keeps its `k` best-scoring key blocks."""
+    """Data-dependent block selection: each query block keeps its `k` best-scoring key blocks.
+
+    A block is a box of the grid, `block[d]` tokens along dimension d (maskdsl.topk); an int is
+    the 1-D shorthand for `(int,)`.
+    """
 
     k: int
-    block: int
+    block: IntTuple
+
+    def __post_init__(self):
+        if isinstance(self.block, int):
+            object.__setattr__(self, "block", (self.block,))
+
+    @property
+    def volume(self) -> int:
+        """Tokens in a whole block (the last block along a dimension may be cut by the grid)."""
+        total = 1
+        for b in self.block:
+            total *= b
+        return total
 
     def fmt(self) -> str:
-        return f"topk(k={self.k}, block={self.block})"
+        return f"topk(k={self.k}, block={_fmt_tuple(self.block)})"
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,9 @@ PRIMITIVES: dict[str, Primitive] = {
         Primitive("full", (), lambda a, lay: ir.Full(), "dense attention"),
         Primitive("sink", (Param("n", "int"),), lambda a, lay: ir.Sink(a["n"]),
                   "the first n tokens see and are seen by everything"),
-        Primitive("topk", (Param("k", "int"), Param("block", "int")),
+        Primitive("topk", (Param("k", "int"), Param("block", "dims")),
                   lambda a, lay: ir.TopK(a["k"], a["block"]),
-                  "dynamic: each query block keeps its k best key blocks"),
+                  "dynamic: each query block (a box of the grid) keeps its k best key blocks"),
     ]
 }
 
@@ -180,7 +180,8 @@ def domain_problem(expr: ir.MaskExpr, layout: ir.Layout) -> tuple[str, str, int 
     elif isinstance(expr, ir.TopK):
         if expr.k < 1:
             return f"topk k={expr.k} must be at least 1", "k", None, "k is the number of key blocks kept"
-        if expr.block < 1:
-            return (f"topk block={expr.block} must be at least 1", "block", None,
-                    "block is the number of tokens per block, e.g. 64")
+        for d, b in enumerate(expr.block):
+            if b < 1:
+                return (f"topk block={b} must be at least 1", "block", d,
+                        "block is the extent of a block per dimension, e.g. 64 or (2, 8, 8)")
     return None

@@ -1,11 +1,14 @@
 """Dynamic top-k block selection: exact semantics and the float64 reference.
 
-Tokens are cut into blocks of `block` consecutive tokens in row-major order (the last may be
-shorter). For batch b, head h and query block i: qbar_i is the mean of the block's query rows,
-kbar_j the mean of key block j's rows (the kv head that h uses), score_ij = qbar_i . kbar_j.
-Rows holding NaN or inf are left out of these means (see `pooled`).
-The query block attends to every key of its k best-scoring key blocks; ties go to the lower
-block index; k >= the number of candidate blocks means all of them.
+Blocks are boxes of the grid: `block[d]` consecutive coordinates along dimension d, so the grid
+is cut into ceil(n_d / block[d]) blocks per dimension (the last along a dimension may be cut short
+by the grid; it holds only its valid tokens). Blocks are numbered row-major over that block grid;
+on a 1-D layout a block is `block` consecutive tokens. For batch b, head h and query block i:
+qbar_i is the mean of the block's query rows, kbar_j the mean of key block j's rows (the kv head
+that h uses), score_ij = qbar_i . kbar_j. The query block attends to every key of its k
+best-scoring key blocks; ties go to the lower block index; k >= the number of candidate blocks
+means all of them. `token_blocks` is the one place that maps tokens to blocks. Rows holding NaN
+or inf are left out of the block means (see `pooled`).
 
 Composition. Every mask with one top-k term has the normal form
 
@@ -23,6 +26,7 @@ exact gradient, i.e. the gradient of static attention under the mask those picks
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -32,43 +36,58 @@ from maskdsl import ir
 from maskdsl.topk_form import TopKForm, normal_form  # noqa: F401 - the rewrite lives with the IR
 
 
-def block_count(tokens: int, block: int) -> int:
-    return math.ceil(tokens / block)
+def block_grid(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
+    """Blocks per dimension: ceil(n_d / block_d)."""
+    return tuple(-(-n // b) for n, b in zip(shape, block))
+
+
+def block_count(shape: tuple[int, ...], block: tuple[int, ...]) -> int:
+    return math.prod(block_grid(shape, block))
+
+
+def token_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> torch.Tensor:
+    """int64 [tokens]: the block of each row-major token (row-major over the block grid)."""
+    index = torch.zeros((), dtype=torch.int64)
+    for n, b, nb in zip(shape, block, block_grid(shape, block)):
+        index = index[..., None] * nb + torch.arange(n) // b
+    return index.reshape(-1)
+
+
+def block_boxes(shape: tuple[int, ...], block: tuple[int, ...]) -> np.ndarray:
+    """int64 [blocks, rank, 2]: each block's box (start, stop) per dimension, cut by the grid."""
+    per_dim = [[(j * b, min((j + 1) * b, n)) for j in range(nb)]
+               for n, b, nb in zip(shape, block, block_grid(shape, block))]
+    return np.array(list(itertools.product(*per_dim)), dtype=np.int64).reshape(-1, len(shape), 2)
 
 
 def candidate_blocks(form: TopKForm, shape: tuple[int, ...]) -> torch.Tensor:
     """Bool [query blocks, key blocks]: where R attends at least one pair (closed form, no [L, L])."""
     from maskdsl.analysis import mask_box_counts
-    from maskdsl.boxes import row_major_tiles
 
-    tokens = math.prod(shape)
-    nb = block_count(tokens, form.topk.block)
+    nb = block_count(shape, form.topk.block)
     if isinstance(form.restrict, ir.Full):
         return torch.ones(nb, nb, dtype=torch.bool)
-    boxes, starts = row_major_tiles(shape, form.topk.block)
-    owner = np.repeat(np.arange(nb), np.diff(starts))  # the block each box belongs to
-    counts = mask_box_counts(form.restrict, shape, boxes, boxes)
-    per_block = np.zeros((nb, nb), dtype=np.int64)
-    np.add.at(per_block, (owner[:, None], owner[None, :]), counts)
-    return torch.from_numpy(per_block > 0)
+    boxes = block_boxes(shape, form.topk.block)
+    return torch.from_numpy(mask_box_counts(form.restrict, shape, boxes, boxes) > 0)
 
 
-def pooled(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of each block's finite rows (the last block may be shorter): [B, H, blocks, D] float64.
+def pooled(x: torch.Tensor, shape: tuple[int, ...], block: tuple[int, ...]) -> torch.Tensor:
+    """Mean of each block's finite rows (only the grid's tokens of a cut block): [B, H, blocks, D] float64.
 
     Rows holding NaN or inf are left out of the mean: otherwise one such query row would make its
     block's scores NaN and change which key blocks its finite neighbours attend (and one such key
     row would be picked by every query block). A block with no finite row has mean 0.
     """
-    b, h, tokens, d = x.shape
-    nb = block_count(tokens, block)
+    b, h, _, d = x.shape
+    owner = token_blocks(shape, block).to(x.device)
+    nb = block_count(shape, block)
     x64 = x.to(torch.float64)
     finite = torch.isfinite(x64).all(-1, keepdim=True)
-    padded = torch.zeros(b, h, nb * block, d, dtype=torch.float64, device=x.device)
-    padded[:, :, :tokens] = torch.where(finite, x64, 0.0)
-    count = torch.zeros(b, h, nb * block, 1, dtype=torch.float64, device=x.device)
-    count[:, :, :tokens] = finite.to(torch.float64)
-    return padded.view(b, h, nb, block, d).sum(3) / count.view(b, h, nb, block, 1).sum(3).clamp(min=1.0)
+    sums = torch.zeros(b, h, nb, d, dtype=torch.float64, device=x.device).index_add_(
+        2, owner, torch.where(finite, x64, 0.0))
+    counts = torch.zeros(b, h, nb, 1, dtype=torch.float64, device=x.device).index_add_(
+        2, owner, finite.to(torch.float64))
+    return sums / counts.clamp(min=1.0)
 
 
 def select_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,8 +102,8 @@ def select_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> tor
 def reference_picks(q: torch.Tensor, k: torch.Tensor, form: TopKForm, shape) -> torch.Tensor:
     """Bool [B, H, nqb, nkb] of picked key blocks, in float64, exactly as the semantics say."""
     group = q.shape[1] // k.shape[1]
-    qbar = pooled(q, form.topk.block)
-    kbar = pooled(k, form.topk.block).repeat_interleave(group, dim=1)
+    qbar = pooled(q, shape, form.topk.block)
+    kbar = pooled(k, shape, form.topk.block).repeat_interleave(group, dim=1)
     scores = qbar @ kbar.transpose(-1, -2)
     cand = candidate_blocks(form, shape).to(scores.device)
     return select_blocks(scores, cand, form.topk.k)
@@ -96,10 +115,8 @@ def dynamic_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor) -> torch.Te
 
     form = normal_form(mask.expr)
     shape = mask.layout.shape
-    tokens = mask.layout.tokens
     picks = reference_picks(q, k, form, shape)  # [B, H, nqb, nkb]
-    blk = form.topk.block
-    token_block = torch.arange(tokens, device=picks.device) // blk
+    token_block = token_blocks(shape, form.topk.block).to(picks.device)
     picked = picks[:, :, token_block][:, :, :, token_block]  # [B, H, L, L]
     out = picked & static_mask(form.restrict, shape).to(picks.device)
     if form.static is not None:
@@ -113,14 +130,13 @@ def rows_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor, rows: torch.Te
     from maskdsl.semantics import static_mask
 
     form = normal_form(mask.expr)
-    shape, tokens = mask.layout.shape, mask.layout.tokens
+    shape = mask.layout.shape
     if picks is None:
         picks = reference_picks(q, k, form, shape)
     picks = picks.to(q.device)
     rows = rows.to(torch.int64).cpu()
-    blk = form.topk.block
-    key_block = torch.arange(tokens, device=q.device) // blk
-    keep = picks[:, :, (rows // blk).to(q.device)][..., key_block]
+    key_block = token_blocks(shape, form.topk.block).to(q.device)
+    keep = picks[:, :, key_block[rows.to(q.device)]][..., key_block]
     keep = keep & static_mask(form.restrict, shape, rows).to(q.device)
     if form.static is not None:
         keep = keep | static_mask(form.static, shape, rows).to(q.device)

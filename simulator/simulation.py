@@ -254,7 +254,7 @@ def _topk(expr, shape, q_tile, kv_tile, permute):
     s = tile_stats(static, shape, q_tile, kv_tile, permute)
     e = tile_stats(envelope, shape, q_tile, kv_tile, permute)
     vk = math.prod(kv_tile)
-    picks = sum(node.k * -(-node.block // vk) for node in ir.walk(expr) if isinstance(node, ir.TopK))
+    picks = sum(node.k * -(-node.volume // vk) for node in ir.walk(expr) if isinstance(node, ir.TopK))
     n_e, n_s = e.visits.astype(np.float64), s.visits.astype(np.float64)
     share = np.divide(np.minimum(picks, n_e), n_e, out=np.zeros_like(n_e), where=n_e > 0)
     visits = n_s + share * (n_e - n_s)

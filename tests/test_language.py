@@ -83,7 +83,7 @@ def specs(draw):
             return ir.Sink(draw(st.integers(1, layout.tokens)))
         if kind == "topk":
             topk_used.append(True)
-            return ir.TopK(draw(st.integers(1, 9)), draw(st.integers(1, 64)))
+            return ir.TopK(draw(st.integers(1, 9)), tuple(draw(st.integers(1, 64)) for _ in shape))
         return ir.Causal() if kind == "causal" else ir.Full()
 
     def expr(depth):

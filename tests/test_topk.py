@@ -105,9 +105,9 @@ def test_recall_is_the_kept_probability_mass(gen):
 
 
 def test_unsupported_topk_shapes_are_explained():
-    spec = maskdsl.parse("layout g = grid(8, 8)\nmask m = topk(k=2, block=16)\n"
+    spec = maskdsl.parse("layout g = grid(8, 8)\nmask m = topk(k=2, block=(2, 4))\n"
                          "layout s = grid(64)\nmask odd = topk(k=2, block=10) on s")
-    with pytest.raises(ValueError, match="1-D layouts"):
-        maskdsl.compile(spec, "m")
+    with pytest.raises(ValueError, match=r"block=\(2, 4\).*16\.\.256 tokens"):
+        maskdsl.compile(spec, "m")  # 8 tokens per block: no tile of 16 fits
     with pytest.raises(ValueError, match="block=10"):
         maskdsl.compile(spec, "odd")

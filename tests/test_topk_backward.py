@@ -51,7 +51,7 @@ def run(text, batch=1, heads=2, kv_heads=1, dim=16, config=None, seed=SEED):
     fn.launch_backward(q, k, v, out, lse, dout, scale, *grads)
 
     picks = fn.select(q, k)[0].bool()
-    assert torch.equal(picks, reference_picks(q, k, normal_form(mdef.expr), (tokens,)))  # a well-separated draw
+    assert torch.equal(picks, reference_picks(q, k, normal_form(mdef.expr), mdef.layout.shape))  # a well-separated draw
     mask = rows_mask(mdef, q, k, torch.arange(tokens), picks=picks)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     ref = attend64(*leaves, mask, scale)
