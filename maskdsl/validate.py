@@ -128,8 +128,10 @@ def _check_expr(expr, layout: ir.Layout, where: str, level: int) -> None:
         if not _is_int(expr.n):
             _fail(f"{where}: sink n must be an integer, got {expr.n!r}")
     elif isinstance(expr, ir.TopK):
-        if not (_is_int(expr.k) and _is_int(expr.block)) or max(expr.k, expr.block) > limits.MAX_INT:
-            _fail(f"{where}: topk k and block must be integers of at most 2^63 - 1, got {expr.k!r}, {expr.block!r}")
+        block = expr.block if isinstance(expr.block, tuple) else (expr.block,)
+        if not (_is_int(expr.k) and block and all(_is_int(b) for b in block)) or max(expr.k, *block) > limits.MAX_INT:
+            _fail(f"{where}: topk k and block must be integers of at most 2^63 - 1 (block: one per dimension), "
+                  f"got {expr.k!r}, {expr.block!r}")
     elif not isinstance(expr, (ir.Causal, ir.Full)):
         _fail(f"{where}: {expr!r} is not a mask expression (maskdsl.ir.{', '.join(c.__name__ for c in ir.PRIMITIVES)},"
               " Union_, Intersection)")

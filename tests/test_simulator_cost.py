@@ -13,7 +13,7 @@ def test_gpu_cost_entries(tmp_path, monkeypatch):
     h200 = CostModel.for_gpu("NVIDIA H200")
     assert not h200.placeholder and "fitted" in h200.source and h200.tile_us > 0 and h200.sms == 132
     h100 = CostModel.for_gpu("NVIDIA H100 80GB HBM3")
-    assert h100.placeholder and "PLACEHOLDER" in h100.source
+    assert not h100.placeholder and "fitted" in h100.source and "H100" in h100.source and h100.sms == 132
     assert CostModel.for_gpu("h100").name == "NVIDIA H100 80GB HBM3"
     # constants fitted by `maskdsl bench --suite` on this machine override the shipped ones
     from maskdsl.simulator.calibrate import store

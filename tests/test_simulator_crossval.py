@@ -86,5 +86,5 @@ def test_shipped_entries_say_where_they_come_from(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))  # no fit of this machine's own
     monkeypatch.delenv("MASKDSL_GPU_COSTS", raising=False)
     h100, h200 = CostModel.for_gpu("h100"), CostModel.for_gpu("h200")
-    assert h100.placeholder and not h200.placeholder and "H200" in h200.source
+    assert not h100.placeholder and not h200.placeholder and "H200" in h200.source and "H100" in h100.source
     assert h200.dense_tile_us and h200.tile_us and h200.c_union is not None
