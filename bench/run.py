@@ -176,6 +176,12 @@ def flex_step(case: Case, result: dict, best_dense: float, form: str = "arithmet
 
     prefix = "flex" if form == "arithmetic" else f"flex_{form}"
     try:
+        import torch
+
+        # Each case compiles flex_attention anew; past dynamo's recompile limit (8) it silently runs the
+        # unfused eager path, which materializes [L, L] scores (out of memory, or 10-100x slower): a suite
+        # run measured that on its 9th case onwards. Start each case from a clean compile cache.
+        torch._dynamo.reset()
         tile = _flex_tile(case.mask)
         start = time.perf_counter()
         runner = FlexRunner(case.mask, tile, case.device, compile=case.device != "cpu", form=form)
