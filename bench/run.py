@@ -9,7 +9,6 @@ the simulator's view of the best config; each step writes its part of one result
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
