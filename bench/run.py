@@ -314,6 +314,17 @@ def selected(only: str | None, case: str) -> bool:
     return not only or any(part and part in case for part in only.split(","))
 
 
+def suite_cases(files, only: str | None = None):
+    """(path, spec, attention statement) of every case of the suite files that `only` selects."""
+    from maskdsl.parser import load
+
+    for path in files:
+        spec = load(path)
+        for att in spec.attentions:
+            if selected(only, f"{Path(path).stem}:{att.mask}"):
+                yield path, spec, att
+
+
 def run_suite(files, out_json: str | None, only: str | None = None, flex_gather: bool = False,
               paths: bool = False) -> list[dict]:
     """Every attention statement of the suite files in one process; the cost fit from the run (not with paths)."""
@@ -321,25 +332,20 @@ def run_suite(files, out_json: str | None, only: str | None = None, flex_gather:
 
     from maskdsl.bench.report import calibrate, print_table
     from maskdsl.codegen.config import KernelConfig
-    from maskdsl.parser import load
 
     env = environment()
     print(f"# {env}", flush=True)
     results = []
-    for path in files:
-        spec = load(path)
-        for att in spec.attentions:
-            if not selected(only, f"{Path(path).stem}:{att.mask}"):
-                continue
-            if paths and Path(path).stem not in PATH_CONFIGS:
-                continue
-            print(f"== {path} mask {att.mask}", flush=True)
-            configs = [KernelConfig.from_key(c) for c in PATH_CONFIGS[Path(path).stem]] if paths else None
-            r = bench_mask(spec, att.mask, configs, flex_gather=flex_gather, paths=paths)
-            r["file"] = str(path)
-            results.append(r)
-            if out_json:
-                Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    for path, spec, att in suite_cases(files, only):
+        if paths and Path(path).stem not in PATH_CONFIGS:
+            continue
+        print(f"== {path} mask {att.mask}", flush=True)
+        configs = [KernelConfig.from_key(c) for c in PATH_CONFIGS[Path(path).stem]] if paths else None
+        r = bench_mask(spec, att.mask, configs, flex_gather=flex_gather, paths=paths)
+        r["file"] = str(path)
+        results.append(r)
+        if out_json:
+            Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     print_table(results)
     if paths:
         return results

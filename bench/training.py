@@ -221,24 +221,21 @@ def run_training(files, out_json: str | None = None, only: str | None = None) ->
     import json
     from pathlib import Path
 
-    from maskdsl.bench.run import environment, selected
-    from maskdsl.parser import load
+    from maskdsl.bench.run import environment, suite_cases
 
     env = environment()
     print(f"# {env}", flush=True)
     results = []
-    for path in files:
-        spec = load(path)
-        for att in spec.attentions:
-            if not selected(only, f"{Path(path).stem}:{att.mask}") or spec.mask(att.mask).dynamic:
-                continue
-            print(f"== {path} mask {att.mask} (training)", flush=True)
-            r = bench_training(spec, att.mask)
-            r["file"] = str(path)
-            results.append(r)
-            print(format_row(r), flush=True)
-            if out_json:
-                Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+    for path, spec, att in suite_cases(files, only):
+        if spec.mask(att.mask).dynamic:
+            continue
+        print(f"== {path} mask {att.mask} (training)", flush=True)
+        r = bench_training(spec, att.mask)
+        r["file"] = str(path)
+        results.append(r)
+        print(format_row(r), flush=True)
+        if out_json:
+            Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     print("\nforward+backward, do_bench medians:")
     for r in results:
         print(format_row(r))

@@ -139,6 +139,18 @@ def wrap(head: str, args: list, indent: int, tail: str = ")") -> list[str]:
     return lines
 
 
+def any_of(conds: list[str], empty: str = "") -> str:
+    """Triton text for "any of these conditions" (each parenthesized when there are several)."""
+    if not conds:
+        return empty
+    return conds[0] if len(conds) == 1 else " | ".join(f"({c})" for c in conds)
+
+
+def all_of(conds: list[str]) -> str:
+    """Triton text for "all of these conditions"."""
+    return conds[0] if len(conds) == 1 else " & ".join(f"({c})" for c in conds)
+
+
 def join(head: str, parts: list[str], sep: str, indent: int, close: str = "") -> list[str]:
     """`head part sep part ... close` on one line if it fits, else in parentheses, one break per sep."""
     one = head + sep.join(parts) + close

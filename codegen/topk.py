@@ -17,7 +17,7 @@ import triton
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel, tma_descriptors
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.bounds import term_text
-from maskdsl.codegen.context import _mul, join, query_text, wrap
+from maskdsl.codegen.context import _mul, all_of, any_of, join, query_text, wrap
 from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
@@ -28,19 +28,11 @@ from maskdsl.topk import candidate_blocks, normal_form
 TEMPLATE = "attention_topk.py.jinja"
 
 
-def _any(conds: list[str]) -> str:
-    if not conds:
-        return ""
-    return conds[0] if len(conds) == 1 else " | ".join(f"({c})" for c in conds)
-
-
-def _all(conds: list[str]) -> str:
-    return conds[0] if len(conds) == 1 else " & ".join(f"({c})" for c in conds)
 
 
 def _inside(coord: str, kind: str, label: str, rank: int) -> str:
     """Tile (coord_0, ..) inside a term's box of key tiles (`kt`: visited, `full`: fully seen)."""
-    return _all([f"({coord}_{d} >= {kind}_lo_{label}_{d}) & ({coord}_{d} <= {kind}_hi_{label}_{d})"
+    return all_of([f"({coord}_{d} >= {kind}_lo_{label}_{d}) & ({coord}_{d} <= {kind}_hi_{label}_{d})"
                  for d in range(rank)])
 
 
@@ -58,18 +50,18 @@ def _context(mask: ir.MaskDef, form, config: KernelConfig, grid: TopKGrid, tma: 
     cvars = [f"c_{d}" for d in range(rank)]
 
     def pred(terms_):
-        return [_all([f"_between(kc_{d}, lo_{t.label}_{d}, hi_{t.label}_{d})" for d in range(rank)])
+        return [all_of([f"_between(kc_{d}, lo_{t.label}_{d}, hi_{t.label}_{d})" for d in range(rank)])
                 for t in terms_]
 
-    covered = [_any([_inside("c", "kt", t.label, rank) for t in s_terms[:s]]) for s in range(len(s_terms))]
-    skip = [c for c in (grid.past_grid("c"), _any([_inside("c", "kt", t.label, rank) for t in s_terms])) if c]
-    r_full = _any([_inside("c", "full", t.label, rank) for t in r_terms])
+    covered = [any_of([_inside("c", "kt", t.label, rank) for t in s_terms[:s]]) for s in range(len(s_terms))]
+    skip = [c for c in (grid.past_grid("c"), any_of([_inside("c", "kt", t.label, rank) for t in s_terms])) if c]
+    r_full = any_of([_inside("c", "full", t.label, rank) for t in r_terms])
     if grid.ragged("c"):
         r_full = f"~({grid.ragged('c')}) & ({r_full})"
     key_lines = [f"kc_{d.i} = {_mul(f'c_{d.i}', d.plan.kv_tile)} + koff_{d.i}" for d in dims]
     valid = [f"kc_{d.i} < {d.plan.extent}" for d in dims if d.ragged_kv]
     if valid:
-        key_lines.append(f"key_valid = {_all(valid)}")
+        key_lines.append(f"key_valid = {all_of(valid)}")
     bounds = [f"{b}_{t.label}_{d}" for t in s_terms + r_terms for d in range(rank) for b in ("lo", "hi")]
     state = ["acc", "m_i", "l_i", "q", "qk_scale"]
     memory = [f"koff_{d}" for d in range(rank)] + ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v",
@@ -111,7 +103,7 @@ def _context(mask: ir.MaskDef, form, config: KernelConfig, grid: TopKGrid, tma: 
         key_lines=key_lines, key_valid="key_valid" if valid else "None", load_masked="MASKED" if valid else "False",
         key_flat=" + ".join(_mul(f"kc_{d.i}", d.plan.stride) for d in dims),
         kv_tma_offsets=", ".join(_mul(f"c_{d}", grid.tile[d]) for d in range(rank)),
-        keep_static=join("keep = ", pred(s_terms) + [f"(picked & ({_any(pred(r_terms))}))"], " | ", 12)
+        keep_static=join("keep = ", pred(s_terms) + [f"(picked & ({any_of(pred(r_terms))}))"], " | ", 12)
         if s_terms else ["keep = False"],
         keep_picked=join("keep = ", pred(r_terms), " | ", 12), covered=covered, skip=" | ".join(f"({c})" for c in skip)
         if len(skip) > 1 else "".join(skip), r_full=r_full,
@@ -119,7 +111,7 @@ def _context(mask: ir.MaskDef, form, config: KernelConfig, grid: TopKGrid, tma: 
         picked_count="n_picked" if tpb == 1 else f"n_picked * {tpb}",
         pick_lines=(["kb = tl.load(idx_row + it)"] if tpb == 1 else
                     [f"kb = tl.load(idx_row + it // {tpb})", f"sub = it % {tpb}"]) + grid.tiles_of_pick("c", "kb", "sub"),
-        s_full=_any([_inside("c", "full", t.label, rank) for t in s_terms]) or "False", s_loops=s_loops,
+        s_full=any_of([_inside("c", "full", t.label, rank) for t in s_terms]) or "False", s_loops=s_loops,
         cvars=", ".join(cvars), next_params=", ".join(next_params), next_lines=next_lines,
         calls={"static_full": call("False", False, True), "static_masked": call("picked", True, True),
                "picked_full": call("False", False, False), "picked_masked": call("False", True, False)},

@@ -8,21 +8,13 @@ the rows' key bounds and tile ranges of every S and R term are the forward's own
 from __future__ import annotations
 
 from maskdsl.codegen.bounds import term_text
-from maskdsl.codegen.context import _mul, query_text
+from maskdsl.codegen.context import _mul, all_of, any_of, query_text
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import comment_safe
 from maskdsl.codegen.topk_grid import TopKGrid, terms
 from maskdsl import ir
 
 
-def _any(conds: list[str]) -> str:
-    if not conds:
-        return "False"
-    return conds[0] if len(conds) == 1 else " | ".join(f"({c})" for c in conds)
-
-
-def _all(conds: list[str]) -> str:
-    return conds[0] if len(conds) == 1 else " & ".join(f"({c})" for c in conds)
 
 
 def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
@@ -37,12 +29,12 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
                for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
 
     def inside(kind, terms_):
-        return [_all([f"(c_{d} >= {kind}_lo_{t.label}_{d}) & (c_{d} <= {kind}_hi_{t.label}_{d})"
+        return [all_of([f"(c_{d} >= {kind}_lo_{t.label}_{d}) & (c_{d} <= {kind}_hi_{t.label}_{d})"
                       for d in range(rank)]) for t in terms_]
 
     def pred(terms_):
-        return _any([_all([f"_between(kc_{d}, lo_{t.label}_{d}, hi_{t.label}_{d})" for d in range(rank)])
-                     for t in terms_])
+        return any_of([all_of([f"_between(kc_{d}, lo_{t.label}_{d}, hi_{t.label}_{d})" for d in range(rank)])
+                       for t in terms_], "False")
 
     def lines(terms_):
         return [line for t in terms_ for line in t.rows + t.tiles]
@@ -58,7 +50,7 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
 
     key_lines = [f"kc_{d.i} = {_mul(f'c_{d.i}', d.plan.kv_tile)} + koff_{d.i}" for d in dims]
     valid = [f"kc_{d.i} < {d.plan.extent}" for d in dims if d.ragged_kv]
-    key_lines.append(f"key_valid = {_all(valid) if valid else 'offs_n >= 0'}")
+    key_lines.append(f"key_valid = {all_of(valid) if valid else 'offs_n >= 0'}")
     key_lines.append("key_flat = " + " + ".join(_mul(f"kc_{d.i}", d.plan.stride) for d in dims))
 
     def box_loop(var, lo, hi):
@@ -77,7 +69,7 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
     s_key_loops = [box_loop("c", lambda d, t=t: f"kt_lo_{t.label}_{d}", lambda d, t=t: f"kt_hi_{t.label}_{d}")
                    for t in s_terms]
     tpb = grid.tpb
-    r_full = _any(inside("full", r_terms))
+    r_full = any_of(inside("full", r_terms), "False")
     if grid.ragged("c"):
         r_full = f"~({grid.ragged('c')}) & ({r_full})"
     next_params = [f"c_{d}" for d in range(rank)] + [f"box_{s}_{d}" for d in range(1, rank) for s in ("lo", "hi")]
@@ -94,12 +86,12 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
         s_lines=lines(s_terms), r_lines=lines(r_terms), query_lines=query_lines, key_lines=key_lines,
         key_offsets=q.key_offsets, key_decode=_decode("kt", "c", grid.tiles), query_decode=_decode("qt", "qc", grid.tiles),
         kb=grid.block_of_tiles("c"), qblock=grid.block_of_rows("first"),
-        s_mine=[_all([inside("kt", s_terms)[s]] + ([f"~({_any(inside('kt', s_terms[:s]))})"] if s else []))
+        s_mine=[all_of([inside("kt", s_terms)[s]] + ([f"~({any_of(inside('kt', s_terms[:s]), 'False')})"] if s else []))
                 for s in range(len(s_terms))],
         s_loops=s_table, table_loads=table_loads, s_key_loops=s_key_loops,
-        s_earlier=[_any(inside("kt", s_terms[:s])) if s else "" for s in range(len(s_terms))],
-        s_visit=_any(inside("kt", s_terms)), s_full=_any(inside("full", s_terms)),
-        r_visit=_any(inside("kt", r_terms)), r_full=r_full,
+        s_earlier=[any_of(inside("kt", s_terms[:s]), "False") if s else "" for s in range(len(s_terms))],
+        s_visit=any_of(inside("kt", s_terms), "False"), s_full=any_of(inside("full", s_terms), "False"),
+        r_visit=any_of(inside("kt", r_terms), "False"), r_full=r_full,
         s_keep=f"{pred(s_terms)} | (pk & ({pred(r_terms)}))", r_keep=pred(r_terms),
         pick_query=(["qblock = tl.load(t_q + it)"] if tpb == 1 else
                     ["qblock = tl.load(t_q + it // %d)" % tpb, f"sub = it % {tpb}"])
@@ -107,7 +99,7 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
         query_past=grid.past_grid("qc"),
         pick_key=(["kb = tl.load(idx_row + it)"] if tpb == 1 else
                   [f"kb = tl.load(idx_row + it // {tpb})", f"sub = it % {tpb}"]) + grid.tiles_of_pick("c", "kb", "sub"),
-        key_skip=_any(([f"({past_key})"] if past_key else []) + inside("kt", s_terms)) if past_key or s_terms else "",
+        key_skip=any_of(([f"({past_key})"] if past_key else []) + inside("kt", s_terms)) if past_key or s_terms else "",
         next_params=", ".join(next_params), next_lines=next_lines, cvars=", ".join(f"c_{d}" for d in range(rank)),
     )
 
