@@ -16,12 +16,11 @@ import triton
 
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel, tma_descriptors
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.bounds import term_text
 from maskdsl.codegen.context import _mul, all_of, any_of, join, query_text, wrap
 from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
-from maskdsl.codegen.topk_grid import TopKGrid, choose_tile, terms
+from maskdsl.codegen.topk_grid import TopKGrid, choose_tile, term_texts
 from maskdsl import ir
 from maskdsl.topk import candidate_blocks, normal_form
 
@@ -40,13 +39,10 @@ def _context(mask: ir.MaskDef, form, config: KernelConfig, grid: TopKGrid, tma: 
     """The top-k template's input: the shared query-tile text, the S and R terms' bounds, the calls."""
     from maskdsl.version import __version__
 
-    shape, rank = mask.layout.shape, mask.layout.rank
+    rank = mask.layout.rank
     dims = grid.kernel_dims()
     temps = Temps()
-    s_terms = [term_text(f"s{t}", term, dims, temps, full=True)
-               for t, term in enumerate(terms(form.static, shape, f"mask {mask.name!r}, static part"))]
-    r_terms = [term_text(f"r{t}", term, dims, temps, full=True)
-               for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
+    s_terms, r_terms = term_texts(mask, form, grid, temps)
     cvars = [f"c_{d}" for d in range(rank)]
 
     def pred(terms_):

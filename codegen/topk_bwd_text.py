@@ -7,11 +7,10 @@ the rows' key bounds and tile ranges of every S and R term are the forward's own
 
 from __future__ import annotations
 
-from maskdsl.codegen.bounds import term_text
 from maskdsl.codegen.context import _mul, all_of, any_of, query_text
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import comment_safe
-from maskdsl.codegen.topk_grid import TopKGrid, terms
+from maskdsl.codegen.topk_grid import TopKGrid, term_texts
 from maskdsl import ir
 
 
@@ -20,13 +19,10 @@ from maskdsl import ir
 def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
     from maskdsl.version import __version__
 
-    shape, rank = grid.shape, grid.rank
+    rank = grid.rank
     dims = grid.kernel_dims()
     temps = Temps()
-    s_terms = [term_text(f"s{t}", term, dims, temps, full=True)
-               for t, term in enumerate(terms(form.static, shape, f"mask {mask.name!r}, static part"))]
-    r_terms = [term_text(f"r{t}", term, dims, temps, full=True)
-               for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
+    s_terms, r_terms = term_texts(mask, form, grid, temps)
 
     def inside(kind, terms_):
         return [all_of([f"(c_{d} >= {kind}_lo_{t.label}_{d}) & (c_{d} <= {kind}_hi_{t.label}_{d})"

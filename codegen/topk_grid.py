@@ -137,6 +137,19 @@ def terms(expr, shape, what) -> list[tuple[TermDim, ...]]:
     return [tuple(TermDim.of(rel, n) for rel, n in zip(t.sym, shape)) for t in found]
 
 
+def term_texts(mask, form, grid: "TopKGrid", temps) -> tuple[list, list]:
+    """The printed bounds of S's and R's product terms (labels s0.., r0..) on the grid's kernel dims:
+    what the top-k forward and backward templates both evaluate."""
+    from maskdsl.codegen.bounds import term_text
+
+    shape, dims = grid.shape, grid.kernel_dims()
+    s_terms = [term_text(f"s{t}", term, dims, temps, full=True)
+               for t, term in enumerate(terms(form.static, shape, f"mask {mask.name!r}, static part"))]
+    r_terms = [term_text(f"r{t}", term, dims, temps, full=True)
+               for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
+    return s_terms, r_terms
+
+
 def choose_tile(shape, block, volume: int) -> tuple[int, ...] | None:
     """The largest power-of-two box of at most `volume` tokens dividing `block`, cut from the outer
     dimensions first (inner ones stay long: contiguous rows); None if it holds fewer than 16."""

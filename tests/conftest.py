@@ -27,3 +27,14 @@ def gen(request):
     import torch
 
     return torch.Generator().manual_seed(case_seed(request.node.nodeid))
+
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    """A fresh SQLite tuning database (and cache root) per test, with the lookup cache cleared around it."""
+    from maskdsl.autotune.database import clear_cache
+
+    monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
+    clear_cache()
+    yield f"sqlite:///{tmp_path / 'tuning.db'}"
+    clear_cache()

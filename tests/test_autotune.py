@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import optuna
-import pytest
 
 import maskdsl
 from maskdsl.autotune import space
@@ -18,14 +17,6 @@ layout g = grid(12, 10)
 mask m = neighborhood(window=(5, 3), stride=(1, 2))
 attention a(mask=m, heads=2, head_dim=16, dtype=fp32)
 """
-
-
-@pytest.fixture
-def storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
-    clear_cache()
-    yield f"sqlite:///{tmp_path / 'tuning.db'}"
-    clear_cache()
 
 
 def test_tune_resume_and_lookup(storage):

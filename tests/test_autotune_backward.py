@@ -25,14 +25,6 @@ attention a(mask=m, heads=2, head_dim=16, dtype=fp32)
 """
 
 
-@pytest.fixture
-def storage(tmp_path, monkeypatch):
-    monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
-    clear_cache()
-    yield f"sqlite:///{tmp_path / 'tuning.db'}"
-    clear_cache()
-
-
 def test_study_key_round_trips_with_and_without_the_pass():
     spec = maskdsl.parse(SPEC)
     device, mdef, problem = Device("NVIDIA H100 80GB HBM3", "sm90", "3.6.0"), spec.mask("m"), Problem.of(spec, "m")
