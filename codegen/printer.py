@@ -27,33 +27,27 @@ ATOM, UNARY, MUL, ADD, CMP = 4, 3, 2, 1, 0
 _RELATIONS = {sp.Le: "<=", sp.Lt: "<", sp.Ge: ">=", sp.Gt: ">", sp.Eq: "=="}
 
 
-class FloorDiv(sp.Function):
+class _WholeDivision(sp.Function):
+    """A division by a positive integer b that sympy keeps whole (folded only when both sides are numbers)."""
+
+    is_integer = True
+
+    @classmethod
+    def eval(cls, a, b):
+        if b == 1:
+            return a
+        if a.is_Integer and b.is_Integer:
+            return sp.Integer(int(a) // int(b))
+        return None
+
+
+class FloorDiv(_WholeDivision):
     """`a // b` for a positive integer b, where the caller knows a >= 0 at every point it uses:
     tile indices of key coordinates. Unlike `floor(a / b)` sympy leaves it whole."""
 
-    is_integer = True
 
-    @classmethod
-    def eval(cls, a, b):
-        if b == 1:
-            return a
-        if a.is_Integer and b.is_Integer:
-            return sp.Integer(int(a) // int(b))
-        return None
-
-
-class Floor(sp.Function):
+class Floor(_WholeDivision):
     """floor(a / b) for a positive integer b, kept whole so that `cse` never splits the fraction."""
-
-    is_integer = True
-
-    @classmethod
-    def eval(cls, a, b):
-        if b == 1:
-            return a
-        if a.is_Integer and b.is_Integer:
-            return sp.Integer(int(a) // int(b))
-        return None
 
 
 def whole_divisions(expr: sp.Expr) -> sp.Expr:
