@@ -224,22 +224,32 @@ def num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> list[Term]:
     return list(_num_products(expr, tuple(int(n) for n in shape)))
 
 
-@lru_cache(maxsize=512)
-def _num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
+def _expand(expr: ir.MaskExpr, shape: tuple[int, ...], recurse, meet, leaf) -> tuple[Term, ...]:
+    """Unions and intersections of product terms, bounded as they grow (the one rule for both the
+    numeric and the symbolic term lists): a 12-term list is the most a mask may have, so a union of
+    more than a few times that, or an intersection of more than its square of pairs, is refused
+    before it is built. `recurse` expands a sub-expression, `meet` intersects two terms (None if
+    empty), `leaf` builds a primitive's terms."""
     if isinstance(expr, ir.Union_):
-        raw = [t for term in expr.terms for t in _num_products(term, shape)]
+        raw = [t for term in expr.terms for t in recurse(term, shape)]
         if len(raw) > 4 * MAX_PRODUCTS:
             raise NotAnalyzable(_too_many(f"more than {4 * MAX_PRODUCTS}"))
         return tuple(simplify(raw))
     if isinstance(expr, ir.Intersection):
-        acc = list(_num_products(expr.terms[0], shape))
+        acc = list(recurse(expr.terms[0], shape))
         for term in expr.terms[1:]:
-            nxt = _num_products(term, shape)
+            nxt = recurse(term, shape)
             if len(acc) * len(nxt) > MAX_PRODUCTS**2:
                 raise NotAnalyzable(_too_many(f"up to {len(acc) * len(nxt)}"))
-            acc = simplify([q for a in acc for b in nxt if (q := intersect_num(a, b)) is not None])
+            acc = simplify([q for x in acc for y in nxt if (q := meet(x, y)) is not None])
         return tuple(acc)
-    return tuple(Term(None, t.num) for t in _products(expr, shape))
+    return leaf()
+
+
+@lru_cache(maxsize=512)
+def _num_products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
+    return _expand(expr, shape, _num_products, intersect_num,
+                   lambda: tuple(Term(None, t.num) for t in _products(expr, shape)))
 
 
 def check_analyzable(expr: ir.MaskExpr, shape) -> None:
@@ -275,22 +285,8 @@ def _too_many(count) -> str:
 
 @lru_cache(maxsize=512)
 def _products(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Term, ...]:
-    # Bounded as it grows: a 12-term list is the most a mask may have, so a union of more than a few
-    # times that, or an intersection of more than its square of pairs, is refused before it is built.
-    if isinstance(expr, ir.Union_):
-        raw = [t for term in expr.terms for t in _products(term, shape)]
-        if len(raw) > 4 * MAX_PRODUCTS:
-            raise NotAnalyzable(_too_many(f"more than {4 * MAX_PRODUCTS}"))
-        return tuple(simplify(raw))
-    if isinstance(expr, ir.Intersection):
-        acc = list(_products(expr.terms[0], shape))
-        for term in expr.terms[1:]:
-            nxt = _products(term, shape)
-            if len(acc) * len(nxt) > MAX_PRODUCTS**2:
-                raise NotAnalyzable(_too_many(f"up to {len(acc) * len(nxt)}"))
-            acc = simplify([q for a in acc for b in nxt if (q := intersect_terms(a, b, shape)) is not None])
-        return tuple(acc)
-    return tuple(t for sym in _symbolic(expr, shape) if (t := Term.build(sym, shape)) is not None)
+    return _expand(expr, shape, _products, lambda x, y: intersect_terms(x, y, shape),
+                   lambda: tuple(t for sym in _symbolic(expr, shape) if (t := Term.build(sym, shape)) is not None))
 
 
 def layout_dilation(terms: list[Term], rank: int) -> tuple[int, ...]:
