@@ -36,16 +36,24 @@ def _near(head_dim: int) -> list[int]:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, layout: str,
-              padded_head_dim: bool = False) -> None:
-    """`padded_head_dim`: the kernel pads head_dim to a power of two itself (`head_dim_error`)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+              padded_head_dim: bool = False, kv_tokens: int | None = None, frames: tuple | None = None) -> None:
+    """`padded_head_dim`: the kernel pads head_dim to a power of two itself (`head_dim_error`).
+
+    A segment (codegen.segment) passes the token counts of its query chunk (`tokens`) and key buffer
+    (`kv_tokens`), and `frames` ((qa, qb), (ka, kb)) for the message."""
+    kv_tokens = tokens if kv_tokens is None else kv_tokens
+    for name, t, want in (("q", q, tokens), ("k", k, kv_tokens), ("v", v, kv_tokens)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, L, D]; got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise ValueError(f"{name}.dtype is {t.dtype}; use torch.float16, torch.bfloat16 or torch.float32")
-        if t.shape[2] != tokens:
+        if t.shape[2] != want:
+            if frames is not None:
+                a, b = frames[0] if name == "q" else frames[1]
+                raise ValueError(f"{name} has {t.shape[2]} tokens (dim 2 of {tuple(t.shape)}) but frames [{a}, {b}) "
+                                 f"of layout {layout!r} hold {want}; pass those frames' tokens in row-major order")
             raise ValueError(f"{name} has {t.shape[2]} tokens (dim 2 of {tuple(t.shape)}) but layout {layout!r} "
                              f"has {tokens}; pass tokens in row-major order of the grid")
         if t.stride(-1) != 1:
@@ -71,3 +79,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, la
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
                              "triton to run the kernel in Triton's interpreter")
+
+
+def check_out_lse(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """A caller's output buffers: out like q with a contiguous last dimension, the LSE a contiguous
+    float32 [B, H, L] (the kernel addresses it as one row of L per batch and head)."""
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 tensor of shape {tuple(q.shape[:3])}; "
+                         f"got {tuple(lse.shape)} {lse.dtype}")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from maskdsl.codegen.checks import check_qkv, padded_head_dim
+from maskdsl.codegen.checks import check_out_lse, check_qkv, padded_head_dim
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import load_kernel
+from maskdsl.codegen.segment import Segment, segment, whole
 from maskdsl import ir
 
 _REGISTRY: dict[str, "CompiledAttention"] = {}
@@ -69,13 +70,42 @@ class CompiledAttention:
 
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
         """Run the kernel into `out`/`lse`; `tiles` limits it to a range of query tiles (a slice to check)."""
-        if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
-                             f"got {tuple(out.shape)} {out.dtype}")
-        launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale,
-                      tiles or range(self.plan.q_tiles),
-                      {**tma_descriptors(self.plan, q, k, v, out), "HEAD_DIM_PAD": padded_head_dim(q.shape[-1])})
+        check_out_lse(q, out, lse)
+        self._launch(q, k, v, scale, out, lse, whole(self.plan.shape), tiles or range(self.plan.q_tiles))
 
+    @property
+    def frame_tiles(self) -> tuple[int, int]:
+        """(query tile, key tile) extents along dimension 0: a segment's chunk starts on a multiple
+        of the first and its buffer on a multiple of the second (codegen.segment)."""
+        return self.config.q_tile[0], self.config.kv_tile[0]
+
+    def segment(self, q_frames, k_frames, q_tile: int, kv_tile: int) -> Segment:
+        """A checked segment of this mask's grid, for kernels with these tiles along dimension 0."""
+        return segment(self.plan.shape, self.plan.dims[0].dilation, q_frames, k_frames, q_tile, kv_tile)
+
+    def check_segment(self, seg: Segment, q, k, v) -> None:
+        check_qkv(q, k, v, seg.q_rows, self.mask.layout.name, self.pads_head_dim, seg.k_rows,
+                  ((seg.q0, seg.q1), (seg.k0, seg.k1)))
+
+    def launch_segment(self, q, k, v, scale: float, out, lse, q_frames: tuple[int, int],
+                       k_frames: tuple[int, int]) -> None:
+        """out, lse <- attention of the queries of frames [qa, qb) over the keys of frames [ka, kb) only.
+
+        q and out hold the chunk's rows ([B, H, (qb - qa) * inner, D]), k and v the buffer's, lse is
+        float32 [B, H, (qb - qa) * inner]; the mask is the grid's. A row with no key in the buffer
+        gets out 0 and lse -inf. Frames lie on `frame_tiles` boundaries (or the grid's end).
+        """
+        seg = self.segment(q_frames, k_frames, *self.frame_tiles)
+        self.check_segment(seg, q, k, v)
+        check_out_lse(q, out, lse)
+        tiles = seg.query_tiles(self.config.q_tile[0], self.plan.q_tiles, self.plan.shape[0])
+        self._launch(q, k, v, float(scale), out, lse, seg, tiles)
+
+    def _launch(self, q, k, v, scale: float, out, lse, seg: Segment, tiles: range) -> None:
+        q0, q1, k0, k1 = seg.args
+        launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale, tiles,
+                      {**tma_descriptors(self.plan, q, k, v, out, seg), "HEAD_DIM_PAD": padded_head_dim(q.shape[-1]),
+                       "q_frame0": q0, "q_frame1": q1, "k_frame0": k0, "k_frame1": k1})
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""
@@ -94,13 +124,14 @@ class CompiledAttention:
         self.backward_kernels(q.shape[-1]).launch(q, k, v, out, lse, dout, scale, dq, dk, dv)
 
 
-def tma_descriptors(plan: KernelPlan, q, k, v, out) -> dict:
+def tma_descriptors(plan: KernelPlan, q, k, v, out, seg: Segment | None = None) -> dict:
     """Copy-engine (TMA) descriptors for Q, K, V and O when the layout allows them, else the pointer path.
 
     A descriptor addresses a tile as a box of the grid: [batch x head, n_0, .., n_r-1, head_dim].
     That needs every dimension undilated (a dilation group is not a box of memory), at most three grid
     dimensions (the copy engine takes five), batch and head foldable into one stride, and 16-byte
-    aligned strides. Anything else keeps the pointer loads, which read any strides.
+    aligned strides. Anything else keeps the pointer loads, which read any strides. A segment's
+    tensors hold its frames of dimension 0 only (the kernel subtracts its first frame).
     """
     none = {"desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
     if not plan.tma_ok or os.environ.get("MASKDSL_TMA") == "0":
@@ -112,9 +143,11 @@ def tma_descriptors(plan: KernelPlan, q, k, v, out) -> dict:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     cfg = plan.config
+    seg = seg or whole(plan.shape)
+    q_shape, k_shape = (seg.q1 - seg.q0, *plan.shape[1:]), (seg.k1 - seg.k0, *plan.shape[1:])
     descs = {}
-    for name, t, tile in (("desc_q", q, cfg.q_tile), ("desc_k", k, cfg.kv_tile), ("desc_v", v, cfg.kv_tile),
-                          ("desc_o", out, cfg.q_tile)):
+    for name, t, tile, shape in (("desc_q", q, cfg.q_tile, q_shape), ("desc_k", k, cfg.kv_tile, k_shape),
+                                 ("desc_v", v, cfg.kv_tile, k_shape), ("desc_o", out, cfg.q_tile, q_shape)):
         batch, heads = t.shape[:2]
         sb, sh, sl, sd = t.stride()
         if sd != 1 or (batch > 1 and sb != heads * sh) or t.data_ptr() % 16:
@@ -123,7 +156,7 @@ def tma_descriptors(plan: KernelPlan, q, k, v, out) -> dict:
         strides = [sh, *grid_strides, 1]
         if any((s * t.element_size()) % 16 for s in strides[:-1]):
             return none
-        descs[name] = TensorDescriptor(t, [batch * heads, *plan.shape, t.shape[-1]], strides,
+        descs[name] = TensorDescriptor(t, [batch * heads, *shape, t.shape[-1]], strides,
                                        [1, *tile, t.shape[-1]])
     return {**descs, "TMA": True}
 

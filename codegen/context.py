@@ -179,6 +179,8 @@ def static_context(plan: KernelPlan) -> dict:
     single = len(plan.terms) == 1
     terms = [term_text(str(t), term, dims, temps, full=t == 0 and plan.full_box) for t, term in enumerate(plan.terms)]
     q = query_text(dims, cfg.block_m, cfg.block_n, plan.tma_ok)
+    # a segment's copy-engine boxes count dimension 0 from its first frame (codegen.segment)
+    q.tma_offsets = ", ".join([f"first_{dims[0].i} - q_frame0"] + [f"first_{d.i}" for d in dims[1:]])
     cvars = [f"c_{d.i}" for d in dims]
 
     ctx = [f"koff_{d.i}" for d in dims]
@@ -188,7 +190,7 @@ def static_context(plan: KernelPlan) -> dict:
             if d.group_len_const is None:
                 ctx.append(f"n_{d.i}")
     ctx += [f"{b}_{t.label}_{d.i}" for t in terms for d in dims for b in ("lo", "hi")]
-    ctx += ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v", "bh_kv"]
+    ctx += ["k_base", "v_base", "stride_kl", "stride_vl", "desc_k", "desc_v", "bh_kv", "k_frame0"]
     consts = ["HEAD_DIM", "HEAD_DIM_PAD", "TMA", "DOT_F32"]
     decl = [f"{c}: tl.constexpr" for c in consts]
     state = ["acc", "m_i", "l_i", "q", "qk_scale"]
@@ -232,7 +234,10 @@ def static_context(plan: KernelPlan) -> dict:
         "key_lines": key_lines, "key_valid": "key_valid" if valid else "None",
         "load_masked": "MASKED" if valid else "False",
         "key_flat": _flat(dims, "kc"),
-        "kv_tma_offsets": ", ".join(_mul(f"c_{d.i}", d.plan.kv_tile) for d in dims),
+        "kv_tma_offsets": ", ".join([f"{_mul(f'c_{dims[0].i}', dims[0].plan.kv_tile)} - k_frame0"]
+                                    + [_mul(f"c_{d.i}", d.plan.kv_tile) for d in dims[1:]]),
+        "inner": math.prod(plan.shape[1:]),
+        "segment_lines": segment_clamp(dims[0], terms, plan.full_box),
         "predicate": predicate,
         "box_lo": ", ".join(f"box_lo_{d.i}" for d in dims),
         "box_count": " * ".join(_extent(f"box_lo_{d.i}", f"box_hi_{d.i}", len(dims)) for d in dims),
@@ -242,6 +247,34 @@ def static_context(plan: KernelPlan) -> dict:
         "loops": _dominant_loops(plan, dims, state, box_ctx, consts) if single
         else _union_loops(plan, dims, terms, state, ctx, box_ctx, consts),
     }
+
+
+def segment_clamp(dim0: KernelDim, terms: list[TermText], full_box: bool) -> list[str]:
+    """Clamp every term's key tiles along dimension 0 to the segment's buffer (codegen.segment).
+
+    The buffer's tiles are [kt_first, kt_last]; the whole grid's clamp binds nowhere. Term 0's
+    fully-seen range is clamped into its clamped visited range so that the full box and the 2 x rank
+    slabs around it still partition it: a full range left (right) of the buffer becomes the empty
+    range at the buffer's first (past its last) tile, and the slab on the other side takes it all.
+    The other terms' boxes minus term 0's are then the buffer's part of what they were.
+    """
+    T = dim0.plan.kv_tile
+    lines = [f"kt_first = {_div('k_frame0', T)}",
+             f"kt_last = {_div(f'k_frame1 + {T - 1}' if T > 1 else 'k_frame1', T)} - 1"]
+    for t in terms:
+        x = f"{t.label}_{dim0.i}"
+        lines += [f"kt_lo_{x} = tl.maximum(kt_lo_{x}, kt_first)", f"kt_hi_{x} = tl.minimum(kt_hi_{x}, kt_last)"]
+    if full_box:
+        x = f"{terms[0].label}_{dim0.i}"
+        lines += [f"full_lo_{x} = tl.maximum(kt_lo_{x}, tl.minimum(full_lo_{x}, kt_hi_{x} + 1))",
+                  f"full_hi_{x} = tl.minimum(kt_hi_{x}, tl.maximum(full_hi_{x}, kt_lo_{x} - 1))"]
+    return lines
+
+
+def _div(name: str, T: int) -> str:
+    if T == 1:
+        return name
+    return f"({name}) // {T}" if " " in name else f"{name} // {T}"
 
 
 def _params(names: list[str], head: str) -> str:

@@ -51,6 +51,21 @@ def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _attend(q[:, :, rows.to(q.device)], k, v, mask, scale, return_lse)
 
 
+def reference_attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ir.Spec, mask_name: str,
+                              rows: torch.Tensor, keys: torch.Tensor, scale: float | None = None,
+                              return_lse: bool = False):
+    """The reference of some query rows over some keys only, in float64: q holds the `rows` (flat
+    token indices) and k, v the `keys`, the mask is the grid's restricted to them. What one segment
+    of a sharded grid computes (codegen.segment); a row with no key among them gives 0 and LSE -inf.
+    """
+    mask_def = _mask_def(spec, mask_name)
+    if mask_def.dynamic:
+        raise ValueError(f"mask {mask_name!r} has a top-k term: its reference needs every key (reference_attention)")
+    rows, keys = rows.to(torch.int64).cpu(), keys.to(torch.int64).cpu()
+    mask = static_mask(mask_def.expr, mask_def.layout.shape, rows)[:, keys]
+    return _attend(q, k, v, mask.to(q.device), scale, return_lse)
+
+
 def _attend(q, k, v, mask, scale, return_lse):
     """Masked softmax attention in float64 on q's device; GQA by repeating kv heads; empty rows give 0.
 
