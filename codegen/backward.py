@@ -26,6 +26,7 @@ from maskdsl.codegen.context import minus_box
 from maskdsl.codegen.printer import symbol
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import comment_safe, kernel_key, load_module, render_template
+from maskdsl.codegen.segment import Segment, tile_run, whole
 from maskdsl.intervals import SymRel, evaluate
 from maskdsl.transpose import key_tile_ranges, query_tile_ranges
 
@@ -183,7 +184,8 @@ def render_backward(plan_kv: KernelPlan, plan_q: KernelPlan, tables: tuple[np.nd
                 bounds.append({"lo": td.lo, "hi": td.hi, "phase": None, "clamped": False})
         terms.append({"i": t, "dims": list(term), "bounds": bounds, "minus_lines": lines, "pieces": pieces})
     return render_template(
-        TEMPLATE, version=__version__, mask_text=comment_safe(plan_q.mask_text), kv=kv, qd=qd, terms=terms, tokens=math.prod(plan_q.shape),
+        TEMPLATE, version=__version__, mask_text=comment_safe(plan_q.mask_text), kv=kv, qd=qd, terms=terms,
+        tokens=math.prod(plan_q.shape), inner=math.prod(plan_q.shape[1:]),
         kv_tiles=math.prod(d["kv_tiles"] for d in kv["dims"]),
         kv_maxt=tables[0].shape[2], q_maxt=tables[1].shape[2],
         kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]), full_box=plan_q.full_box)
@@ -210,34 +212,53 @@ class BackwardKernels:
             self._device_tables[device] = tuple(torch.from_numpy(t).to(device) for t in self.tables)
         return self._device_tables[device]
 
-    def launch(self, q, k, v, out, lse, dout, scale: float, dq, dk, dv) -> None:
-        """dq, dk, dv <- the gradients of softmax attention given dout; lse is the forward's (natural log)."""
+    @property
+    def frame_tiles(self) -> tuple[int, int]:
+        """(query, key) frame alignment of a segment: its chunk must start on a multiple of every query
+        tile along dimension 0 (the dQ program's and the one dK/dV walks), its buffer on a multiple
+        of every key tile (the dK/dV program's and the one dQ walks)."""
+        dkdv, dq = self.config.dkdv, self.config.dq
+        return math.lcm(dkdv.q_tile[0], dq.q_tile[0]), math.lcm(dkdv.kv_tile[0], dq.kv_tile[0])
+
+    def launch(self, q, k, v, out, lse, dout, scale: float, dq, dk, dv, seg: Segment | None = None) -> None:
+        """dq, dk, dv <- the gradients of softmax attention given dout; lse is the forward's (natural log).
+
+        With a segment (codegen.segment, checked by the caller): q, out, lse, dout and dq hold its query
+        chunk, k, v, dk and dv its key buffer; out and lse are the chunk's final ones (merged over every
+        buffer), dq gets this buffer's part of dQ and dk, dv the chunk's part of dK, dV.
+        """
         for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v), ("out", out, q), ("dout", dout, q)):
             if t.shape != like.shape or t.stride(-1) != 1:
                 raise ValueError(f"{name} must be {tuple(like.shape)} with a contiguous last dimension; "
                                  f"got {tuple(t.shape)} with strides {t.stride()}")
+        seg = seg or whole(self.plan_q.shape)
         batch, heads, tokens, head_dim = q.shape
         pad = padded_head_dim(head_dim)
         lse = lse.contiguous()
         delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
         m = self.module
         m.attention_bwd_preprocess[(_cdiv(tokens, PREPROCESS_BLOCK), batch * heads)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads,
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, tokens,
             BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad)
         t_kv, t_q = self.tables_on(q.device)
         dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         group = heads // k.shape[1]
         common = (q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3])
+        n0, dim0 = self.plan_q.shape[0], self.plan_kv.dims[0]
         cfg = self.config.dkdv
-        m.attention_bwd_dkdv[(self.kv_tiles, batch * k.shape[1])](
+        kv_tiles = tile_run(seg.k_frames, cfg.kv_tile[0], dim0.dilation * _kv_tiles_per_group(dim0), self.kv_tiles, n0)
+        m.attention_bwd_dkdv[(len(kv_tiles), batch * k.shape[1])](
             q, k, v, dout, dk, dv, lse, delta, t_kv, scale * LOG2E, scale,
             *(s for st in common for s in st), *dk.stride()[:3], *dv.stride()[:3], heads, group,
+            kv_tiles.start, *seg.args,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
         cfg = self.config.dq
-        m.attention_bwd_dq[(self.plan_q.q_tiles, batch * heads)](
+        q_tiles = tile_run(seg.q_frames, cfg.q_tile[0], self.plan_q.dims[0].q_tiles, self.plan_q.q_tiles, n0)
+        m.attention_bwd_dq[(len(q_tiles), batch * heads)](
             q, k, v, dout, dq, lse, delta, t_q, scale * LOG2E, scale,
             *(s for st in common for s in st), *dq.stride()[:3], heads, group,
+            q_tiles.start, *seg.args,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
 

@@ -81,12 +81,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, la
                              "triton to run the kernel in Triton's interpreter")
 
 
-def check_out_lse(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """A caller's output buffers: out like q with a contiguous last dimension, the LSE a contiguous
-    float32 [B, H, L] (the kernel addresses it as one row of L per batch and head)."""
+def check_out_lse(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lse_written: bool = True) -> None:
+    """A caller's output buffers: out like q with a contiguous last dimension, the LSE float32
+    [B, H, L], contiguous where the kernel writes it (one row of L per batch and head; a backward
+    only reads it and copies it contiguous itself)."""
     if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension; "
                          f"got {tuple(out.shape)} {out.dtype}")
-    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or not lse.is_contiguous():
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or (lse_written and not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {tuple(q.shape[:3])}; "
                          f"got {tuple(lse.shape)} {lse.dtype}")

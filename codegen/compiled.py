@@ -17,7 +17,7 @@ from maskdsl.codegen.checks import check_out_lse, check_qkv, padded_head_dim
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import load_kernel
-from maskdsl.codegen.segment import Segment, segment, whole
+from maskdsl.codegen.segment import Segment, segment, tile_run, whole
 from maskdsl import ir
 
 _REGISTRY: dict[str, "CompiledAttention"] = {}
@@ -98,7 +98,8 @@ class CompiledAttention:
         seg = self.segment(q_frames, k_frames, *self.frame_tiles)
         self.check_segment(seg, q, k, v)
         check_out_lse(q, out, lse)
-        tiles = seg.query_tiles(self.config.q_tile[0], self.plan.q_tiles, self.plan.shape[0])
+        tiles = tile_run(seg.q_frames, self.config.q_tile[0], self.plan.dims[0].q_tiles, self.plan.q_tiles,
+                         self.plan.shape[0])
         self._launch(q, k, v, float(scale), out, lse, seg, tiles)
 
     def _launch(self, q, k, v, scale: float, out, lse, seg: Segment, tiles: range) -> None:
@@ -122,6 +123,27 @@ class CompiledAttention:
         The interface `maskdsl::attention_backward` dispatches to (top-k kernels implement it too).
         """
         self.backward_kernels(q.shape[-1]).launch(q, k, v, out, lse, dout, scale, dq, dk, dv)
+
+    def backward_frame_tiles(self, head_dim: int = 128) -> tuple[int, int]:
+        """(query, key) frame alignment of a backward segment: the lcm of the backward kernels' query
+        tiles and of their key tiles along dimension 0 (codegen.backward.BackwardKernels.frame_tiles).
+        A chunk and buffer that serve the forward too align to lcm(this, `frame_tiles`)."""
+        return self.backward_kernels(head_dim).frame_tiles
+
+    def launch_backward_segment(self, q, k, v, out, lse, dout, scale: float, dq, dk, dv,
+                                q_frames: tuple[int, int], k_frames: tuple[int, int]) -> None:
+        """One segment's gradients: dq <- this buffer's part of the chunk's dQ, dk, dv <- the chunk's
+        part of the buffer's dK, dV (written, not accumulated).
+
+        q, out, dout, dq hold the chunk's rows, k, v, dk, dv the buffer's (as `launch_segment`); out and
+        lse are the chunk's final output and log-sum-exp, merged over all its buffers. Summing dq over
+        the buffers gives dQ, summing dk, dv over the chunks gives dK, dV.
+        """
+        kernels = self.backward_kernels(q.shape[-1])
+        seg = self.segment(q_frames, k_frames, *kernels.frame_tiles)
+        self.check_segment(seg, q, k, v)
+        check_out_lse(q, out, lse, lse_written=False)
+        kernels.launch(q, k, v, out, lse, dout, float(scale), dq, dk, dv, seg)
 
 
 def tma_descriptors(plan: KernelPlan, q, k, v, out, seg: Segment | None = None) -> dict:

@@ -42,12 +42,23 @@ class Segment:
         """The kernels' runtime arguments q_frame0, q_frame1, k_frame0, k_frame1."""
         return self.q0, self.q1, self.k0, self.k1
 
-    def query_tiles(self, q_tile0: int, q_tiles: int, n0: int) -> range:
-        """The program ids of the chunk's query tiles: dimension 0 is the slowest in a tile's index,
-        so they are one run. `q_tiles` counts all query tiles of the grid, `q_tile0` is their extent
-        along dimension 0."""
-        per_frame_tile = q_tiles // -(-n0 // q_tile0)
-        return range(self.q0 // q_tile0 * per_frame_tile, -(-self.q1 // q_tile0) * per_frame_tile)
+    @property
+    def q_frames(self) -> tuple[int, int]:
+        return self.q0, self.q1
+
+    @property
+    def k_frames(self) -> tuple[int, int]:
+        return self.k0, self.k1
+
+
+def tile_run(frames: tuple[int, int], tile: int, tiles0: int, tiles: int, n0: int) -> range:
+    """The program ids of the tiles of `frames`, for a kernel with `tiles` tiles in all, `tiles0` of
+    them along dimension 0, each `tile` frames long. Dimension 0 is the slowest in a tile's index, so
+    they are one run; the grid's end takes every tile left (a dilated dimension 0 has more tiles
+    than n0 / tile, but then only the whole grid is a segment)."""
+    per = tiles // tiles0
+    stop = tiles0 if frames[1] == n0 else frames[1] // tile
+    return range(frames[0] // tile * per, stop * per)
 
 
 def whole(shape: tuple[int, ...]) -> Segment:
