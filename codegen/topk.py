@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from functools import cached_property
 
+import torch
 import triton
 
+from maskdsl.codegen.checks import check_out_lse
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel, tma_descriptors
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.context import _mul, all_of, any_of, join, query_text, wrap
@@ -195,3 +197,54 @@ class CompiledTopKAttention(CompiledAttention):
         """
         self.backward.launch(q, k, v, out, lse, dout, scale, dq, dk, dv,
                              self.select(q, k) if selection is None else selection)
+
+    # ---- context parallelism (maskdsl.distributed): a top-k chunk selects from every key ----
+    @property
+    def frame_tiles(self) -> tuple[int, int]:
+        """A chunk holds whole top-k blocks along dimension 0 (its pooled queries are then its own); keys
+        come whole: the buffer is always the grid."""
+        return self.form.topk.block[0], 1
+
+    def backward_frame_tiles(self, head_dim: int = 128) -> tuple[int, int]:
+        return self.frame_tiles
+
+    def _embed(self, x, frames: tuple[int, int], fill: float = 0.0):
+        """A whole-grid tensor holding the chunk's rows of `x` and `fill` elsewhere."""
+        n = math.prod(self.mask.layout.shape[1:])
+        whole = x.new_full((*x.shape[:2], self.mask.layout.tokens, *x.shape[3:]), fill)
+        whole[:, :, frames[0] * n:frames[1] * n] = x
+        return whole
+
+    def _check_chunk(self, q_frames, k_frames) -> tuple[int, int]:
+        n0 = self.mask.layout.shape[0]
+        if tuple(k_frames) != (0, n0):
+            raise ValueError(f"k_frames={tuple(k_frames)}: a top-k mask selects its key blocks from every key, so "
+                             f"its buffer is the whole grid; pass k_frames=(0, {n0})")
+        return self.segment(q_frames, k_frames, self.frame_tiles[0], 1).q_frames
+
+    def launch_segment(self, q, k, v, scale: float, out, lse, q_frames, k_frames) -> None:
+        """The chunk's queries over every key. Runs the kernel on the chunk's query tiles of a whole-grid
+        query tensor (zeros elsewhere): exact, but O(L) memory per rank, and the selection scores every
+        query block (a top-k chunk does not yet avoid the whole grid's pooling)."""
+        qa, qb = self._check_chunk(q_frames, k_frames)
+        check_out_lse(q, out, lse)
+        n = math.prod(self.mask.layout.shape[1:])
+        whole_out = torch.empty_like(self._embed(q, (qa, qb)))
+        whole_lse = torch.empty(whole_out.shape[:3], device=q.device, dtype=torch.float32)
+        per_frame = self.q_tiles // self.grid.tiles[0]
+        tiles = range(qa // self.config.q_tile[0] * per_frame, -(-qb // self.config.q_tile[0]) * per_frame)
+        self.launch(self._embed(q, (qa, qb)), k, v, scale, whole_out, whole_lse, tiles)
+        out.copy_(whole_out[:, :, qa * n:qb * n])
+        lse.copy_(whole_lse[:, :, qa * n:qb * n])
+
+    def launch_backward_segment(self, q, k, v, out, lse, dout, scale: float, dq, dk, dv, q_frames, k_frames) -> None:
+        """The chunk's gradients through the whole-grid backward: other rows carry q = dO = O = 0 and
+        lse = +inf, so their probabilities are 0 and they add nothing to dK, dV. Exact; every query tile
+        is walked (the backward does not shrink with the rank count yet)."""
+        qa, qb = self._check_chunk(q_frames, k_frames)
+        n = math.prod(self.mask.layout.shape[1:])
+        wq, wo, wd = (self._embed(t, (qa, qb)) for t in (q, out, dout))
+        wl = self._embed(lse[..., None], (qa, qb), float("inf"))[..., 0]
+        wdq = torch.empty_like(wq)
+        self.launch_backward(wq, k, v, wo, wl, wd, scale, wdq, dk, dv)
+        dq.copy_(wdq[:, :, qa * n:qb * n])

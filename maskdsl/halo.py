@@ -7,7 +7,8 @@ dimension, the exact key bounds of every query coordinate; the keys a slab's que
 product over dimensions of the per-dimension key sets, so the first and last needed row of every
 (rank, source) pair follow in closed form, O(extent) per dimension, with no [L, L] anywhere.
 
-This is the analysis part of issue 16 (the exchange itself, `maskdsl.distributed`, is not built yet).
+`needed_frames` is the per-chunk form the exchange plan (`maskdsl.shard_plan`) is built from; the
+exchange itself is `maskdsl.distributed`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ def _key_set(rel: Rel1D, queries: slice | None = None) -> np.ndarray:
         np.add.at(diff, rel.hi[rows] + 1, -1)
         keys[g + d * np.nonzero(np.cumsum(diff[:glen]) > 0)[0]] = True
     return keys
+
+
+def needed_frames(expr: ir.MaskExpr, shape: tuple[int, ...], frames: tuple[int, int]) -> list[int]:
+    """The key frames (dimension-0 coordinates) that the queries of frames [first, end) attend, exactly.
+
+    A chunk holds every inner coordinate, so a term's keys are the frames its dimension-0 rule gives the
+    chunk's frames, provided every inner dimension has some attended key at all.
+    """
+    if ir.is_dynamic(expr):
+        raise ValueError("top-k masks pick keys from the data: every frame may be needed")
+    need = np.zeros(int(shape[0]), dtype=bool)
+    for term in num_products(expr, tuple(int(n) for n in shape)):
+        if all(_key_set(rel).any() for rel in term.num[1:]):
+            need |= _key_set(term.num[0], slice(frames[0], frames[1]))
+    return [int(f) for f in np.nonzero(need)[0]]
 
 
 def halo_plan(expr: ir.MaskExpr, shape: tuple[int, ...], bounds: tuple[int, ...]) -> HaloPlan:

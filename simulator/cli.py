@@ -46,6 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("--stages", type=int, help="num_stages of the kernel (occupancy; default 3)")
     p.add_argument("--backward-config", help="backward config key to predict, e.g. bwd-q64_k64_w4_s2-q128_k64_w8_s2 "
                    "(default: the untuned backward's simulator-ranked tiles)")
+    p.add_argument("--ranks", type=int, help="also predict context parallelism over this many GPUs: per-rank "
+                   "tiles, halo bytes, link time and whether the exchange hides (maskdsl.distributed)")
+    p.add_argument("--zigzag", action="store_true", help="with --ranks: zig-zag chunks (balance a causal mask)")
+    p.add_argument("--link-gbps", type=float, default=400.0,
+                   help="with --ranks: point-to-point GB/s between neighbouring GPUs (default 400, H100 NVLink)")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -94,7 +99,27 @@ def cmd_simulate(args) -> int:
         print(f"note: {note}")
     if args.suggest:
         _print_suggestions(spec.mask(mask).expr, rows[0], suggestions)
+    if args.ranks:
+        print(format_ranks(spec, mask, rows[0], args))
     return 0
+
+
+def format_ranks(spec, mask: str, row, args) -> str:
+    """Per-rank prediction of the sharded grid for the config shown above."""
+    from maskdsl.simulator.sharding import simulate_sharded
+
+    preds = simulate_sharded(spec, mask, args.ranks, row.q_tile, row.kv_tile, args.link_gbps, args.gpu,
+                             args.zigzag)
+    lines = [f"context parallel over {args.ranks} ranks{' (zig-zag)' if args.zigzag else ''}, "
+             f"link {args.link_gbps:g} GB/s:",
+             "rank  frames                 q tiles  visited  calls  halo MB  link ms  compute ms  hidden"]
+    for p in preds:
+        frames = " ".join(f"{a}-{b}" for a, b in p.chunks)
+        compute = "-" if p.compute_ms is None else f"{p.compute_ms:.3f}"
+        hidden = "-" if p.hidden is None else ("yes" if p.hidden else "no")
+        lines.append(f"{p.rank:>4}  {frames:<21}  {p.query_tiles:>7}  {p.visited_tiles:>7}  {p.segments:>5}  "
+                     f"{p.halo_bytes / 1e6:>7.1f}  {p.comm_ms:>7.3f}  {compute:>10}  {hidden}")
+    return "\n".join(lines)
 
 
 def _backward(spec, mdef, args, permute, cost):

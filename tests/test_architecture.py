@@ -2,7 +2,7 @@
 
 Layers, bottom to top: the language (parse, IR, analysis, reference semantics) -> simulator and codegen
 (peers, neither imports the other) -> autotune -> bench, the CLI and the front door (maskdsl.api,
-maskdsl.nn). A module may import its own layer or any below it, never one above.
+maskdsl.nn, maskdsl.distributed). A module may import its own layer or any below it, never one above.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"maskdsl": "maskdsl", "codegen": "maskdsl.codegen", "simulator": "maskdsl.simulator",
            "autotune": "maskdsl.autotune", "bench": "maskdsl.bench"}
 FOLDER_NAMES = ("codegen", "simulator", "autotune", "bench")  # installed only as maskdsl.<name>
-FRONT_DOOR = {"maskdsl.api", "maskdsl.nn", "maskdsl.cli"}
+FRONT_DOOR = {"maskdsl.api", "maskdsl.nn", "maskdsl.cli", "maskdsl.distributed"}
 
 
 def layer(module: str) -> tuple[int, str]:

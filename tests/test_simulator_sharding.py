@@ -3,7 +3,9 @@
 import pytest
 
 import maskdsl
-from maskdsl.halo import halo_plan
+import math
+
+from maskdsl.semantics import static_mask
 from maskdsl.simulator.sharding import simulate_sharded
 
 from sim_brute import brute_counts
@@ -23,11 +25,19 @@ def test_per_rank_tiles_and_halos_match_brute_force(ranks):
     # brute force: the reference mask summed over tile pairs, query tiles grouped by their frames
     counts, _, _ = brute_counts(spec, (2, 2, 4), (2, 2, 4), True)
     visited = (counts > 0).sum(1).reshape(6, -1)  # 12 frames / 2 per tile = 6 tile rows
-    assert [p.visited_tiles for p in preds] == [int(visited[p.frames[0] // 2:p.frames[1] // 2].sum()) for p in preds]
+    assert [p.visited_tiles for p in preds] == [sum(int(visited[a // 2:b // 2].sum()) for a, b in p.chunks)
+                                                for p in preds]
     assert sum(p.query_tiles for p in preds) == counts.shape[0]
-    plan = halo_plan(spec.mask("m").expr, (12, 6, 8), tuple(p.frames[0] for p in preds) + (12,))
+    # the rows received: frames holding an attended key, rounded out to 2-frame key tiles, less its own
+    m = static_mask(spec.mask("m").expr, (12, 6, 8))
+    inner = math.prod((6, 8))
     for p in preds:
-        assert p.halo_rows == plan.halo_rows(p.rank) > 0
+        own = {f for a, b in p.chunks for f in range(a, b)}
+        need = set()
+        for a, b in p.chunks:
+            frames = m[a * inner:b * inner].any(0).nonzero().flatten().div(inner, rounding_mode="floor").tolist()
+            need |= {f for t in frames for f in (t - t % 2, t - t % 2 + 1)}
+        assert p.halo_rows == len(need - own) * inner > 0
         assert p.halo_bytes == 2 * p.halo_rows * 64 * 2 * 1 * 2  # K and V, head_dim, kv heads, batch, bf16
         assert p.comm_ms == pytest.approx(p.halo_bytes / 100e9 * 1e3)
         assert p.compute_ms is None or (p.hidden == (p.comm_ms <= p.compute_ms))

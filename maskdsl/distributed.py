@@ -1,0 +1,341 @@
+"""Context-parallel masked attention over torch.distributed: each rank fetches only the keys it attends.
+
+The grid is sharded along its outermost dimension (`maskdsl.shard_plan`): a rank holds the q, k and v
+rows of its chunk(s) of frames, `[B, H, L_local, D]`, and gets back its chunk's output. Ring attention
+and all-gather (Ulysses) schemes move every key to every rank; a neighborhood mask's queries attend
+only a halo of frames around their own, known exactly from the analysis, so that halo is all that
+moves (point-to-point, `batch_isend_irecv`). The chunk's own keys are attended first, while the halo is
+in flight; each remote segment is one more kernel call over a buffer of just those frames, and the
+segments' partial outputs are merged by their log-sum-exps. The backward fetches the same halos
+again (nothing O(L) is kept between the passes), and sends the dK/dV rows it computed for another
+rank's keys back to their owner, which adds them in a fixed order (deterministic).
+
+Global masks (a sink, a long causal window, full attention) are the same machinery with more
+segments: their keys stream through buffers of at most `max_segment_frames` frames, a ring pass with
+a bounded buffer. A top-k mask needs every key to select from: its one segment is the whole grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from maskdsl.analysis import layout_dilation, num_products
+from maskdsl.shard_plan import ShardPlan, full_plan, shard_plan
+
+
+def plan_for(fn, ranks: int, zigzag: bool = False, max_segment_frames: int | None = None,
+             head_dim: int = 128) -> ShardPlan:
+    """The shard plan of a compiled mask: chunk edges on every kernel's dimension-0 tiles (the backward's
+    default tiles depend on head_dim)."""
+    mdef = fn.mask
+    shape = mdef.layout.shape
+    if not mdef.dynamic and layout_dilation(num_products(mdef.expr, shape), len(shape))[0] > 1:
+        raise ValueError(f"mask {mdef.name!r}: dimension 0 is dilated, so its tokens are laid out by dilation "
+                         "group rather than as slabs of frames; shard a grid whose outermost dimension is "
+                         "undilated (reorder the layout's dimensions)")
+    qt, kt = fn.frame_tiles
+    bqt, bkt = fn.backward_frame_tiles(head_dim)
+    key_unit = math.lcm(kt, bkt)
+    chunk_unit = math.lcm(qt, bqt, key_unit)
+    if mdef.dynamic:
+        return full_plan(shape, ranks, chunk_unit, zigzag)
+    return shard_plan(mdef.expr, shape, ranks, chunk_unit, key_unit, zigzag, max_segment_frames)
+
+
+def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=None):
+    """Rank `rank`'s kernel work with no communication, from whole [B, H, L, D] tensors on one device: its
+    segments' buffers are views of the whole K and V. For measuring a rank's compute on one GPU (weak
+    scaling without the GPUs); returns its local output, and with `dout` its local dq and the whole-size
+    dk, dv it contributes."""
+    n = plan.inner
+    out, grads = [], []
+    dk = dv = None
+    if dout is not None:
+        dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
+    for c, (a, b) in enumerate(plan.chunks[rank]):
+        rows = slice(a * n, b * n)
+        qc = q[:, :, rows]
+        merged = None
+        for seg in plan.segments[rank][c]:
+            keys = slice(seg.frames[0] * n, seg.frames[1] * n)
+            o_s = torch.empty_like(qc)
+            l_s = torch.empty(qc.shape[:3], dtype=torch.float32, device=q.device)
+            fn.launch_segment(qc, k[:, :, keys], v[:, :, keys], scale, o_s, l_s, q_frames=(a, b), k_frames=seg.frames)
+            merged = (o_s, l_s) if merged is None else _merge(*merged, o_s, l_s)
+        o_c, l_c = merged
+        o_c = o_c.to(q.dtype)
+        out.append(o_c)
+        if dout is not None:
+            dq_c = torch.zeros_like(qc, dtype=torch.float32)
+            for seg in plan.segments[rank][c]:
+                keys = slice(seg.frames[0] * n, seg.frames[1] * n)
+                dq_s, dk_s, dv_s = torch.empty_like(qc), torch.empty_like(k[:, :, keys]), torch.empty_like(v[:, :, keys])
+                fn.launch_backward_segment(qc, k[:, :, keys], v[:, :, keys], o_c, l_c.contiguous(), dout[:, :, rows],
+                                           scale, dq_s, dk_s, dv_s, q_frames=(a, b), k_frames=seg.frames)
+                dq_c += dq_s
+                dk[:, :, keys] += dk_s
+                dv[:, :, keys] += dv_s
+            grads.append(dq_c)
+    out = torch.cat(out, dim=2)
+    if dout is None:
+        return out
+    return out, torch.cat(grads, dim=2).to(q.dtype), dk, dv
+
+
+class ContextParallelAttention:
+    """`attn(q, k, v)` on this rank's local rows; differentiable. Build it on every rank of `group`.
+
+    `spec`/`mask` as for `maskdsl.compile` (a path, text or Spec, and the mask's name); `zigzag`
+    gives each rank chunks r and 2R-1-r of 2R (balances a causal mask); `config`/`backward_config`
+    choose the kernels' tiles (the tuning database's, else the simulator's best); chunk edges fall on
+    every kernel's dimension-0 tiles.
+    """
+
+    def __init__(self, spec, mask: str, group=None, zigzag: bool = False, config=None, backward_config=None,
+                 max_segment_frames: int | None = None, head_dim: int | None = None):
+        from maskdsl.api import compile as compile_mask
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
+                               "first (torchrun sets the environment it reads)")
+        self.fn = compile_mask(spec, mask, config, backward_config)
+        self.group = group
+        self.ranks = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        attention = self.fn.mask and _attention(spec, mask)
+        self.head_dim = head_dim or (attention.head_dim if attention else 128)
+        self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim)
+        self.received_bytes = 0  # K/V bytes this rank received in its last forward (checked against the plan)
+
+    # ---- moving whole tensors between the global and the sharded layouts (examples, tests) ----
+    def local_rows(self, rank: int | None = None) -> int:
+        return self.plan.local_frames(self.rank if rank is None else rank) * self.plan.inner
+
+    def shard(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        """This rank's rows of a whole [B, H, L, D] tensor (its chunks, concatenated)."""
+        r = self.rank if rank is None else rank
+        n = self.plan.inner
+        return torch.cat([x[:, :, a * n:b * n] for a, b in self.plan.chunks[r]], dim=2)
+
+    def unshard(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from every rank's local rows (an all-gather; for checks and examples)."""
+        most = max(self.local_rows(r) for r in range(self.ranks))
+        padded = torch.zeros(*x.shape[:2], most, *x.shape[3:], dtype=x.dtype, device=x.device)
+        padded[:, :, :x.shape[2]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.ranks)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        n = self.plan.inner
+        out = torch.empty(*x.shape[:2], self.plan.shape[0] * n, *x.shape[3:], dtype=x.dtype, device=x.device)
+        for r, part in enumerate(parts):
+            for c, (a, b) in enumerate(self.plan.chunks[r]):
+                off = self.plan.chunk_offset(r, c)
+                out[:, :, a * n:b * n] = part[:, :, off:off + (b - a) * n]
+        return out
+
+    # ---- the attention ----
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                 return_lse: bool = False):
+        want = self.local_rows()
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[2] != want:
+                raise ValueError(f"{name} must be this rank's local rows [B, H, {want}, D] (rank {self.rank} "
+                                 f"holds frames {self.plan.chunks[self.rank]} of {self.plan.shape[0]}); got "
+                                 f"{tuple(t.shape)}; hint: ContextParallelAttention.shard(x) cuts a whole tensor")
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q has head_dim {q.shape[-1]} but this attention was planned for {self.head_dim} "
+                             f"(its backward tiles, hence chunk edges, depend on it); pass head_dim={q.shape[-1]}")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, lse = _Attention.apply(q, k, v, self, scale)
+        return (out, lse) if return_lse else out
+
+    def _chunk(self, c: int) -> tuple[int, int, tuple[int, int]]:
+        a, b = self.plan.chunks[self.rank][c]
+        return self.plan.chunk_offset(self.rank, c), (b - a) * self.plan.inner, (a, b)
+
+    def _buffer(self, seg, tensors, received):
+        """The segment's key buffer(s): own pieces are views of the local rows, remote ones arrived."""
+        parts = []
+        for i, piece in enumerate(seg.pieces):
+            if piece.source == self.rank:
+                a, b = self.plan.piece_rows(piece)
+                parts.append([t[:, :, a:b] for t in tensors])
+            else:
+                parts.append(received[i])
+        if len(parts) == 1:
+            return parts[0]
+        return [torch.cat([p[j] for p in parts], dim=2) for j in range(len(tensors))]
+
+    def _post(self, step: int, tensors) -> tuple[list, dict]:
+        """Start step `step` of the exchange: send what others' step-th segments need from this rank,
+        receive this rank's own step-th segment's remote pieces. Returns (works, {piece index: tensors})."""
+        plan, r = self.plan, self.rank
+        ops, received = [], {}
+        for dest, piece in plan.sends(r, step):
+            c, i = plan.steps(dest)[step]
+            index = plan.segments[dest][c][i].pieces.index(piece)
+            a, b = plan.piece_rows(piece)
+            for j, t in enumerate(tensors):
+                ops.append(dist.P2POp(dist.isend, t[:, :, a:b].contiguous(), _peer(dest, self.group), self.group,
+                                      tag=_tag(step, index, j)))
+        steps = plan.steps(r)
+        if step < len(steps):
+            c, i = steps[step]
+            for index, piece in enumerate(plan.segments[r][c][i].pieces):
+                if piece.source == r:
+                    continue
+                rows = (piece.frames[1] - piece.frames[0]) * plan.inner
+                bufs = [t.new_empty(*t.shape[:2], rows, *t.shape[3:]) for t in tensors]
+                received[index] = bufs
+                for j, buf in enumerate(bufs):
+                    ops.append(dist.P2POp(dist.irecv, buf, _peer(piece.source, self.group), self.group,
+                                          tag=_tag(step, index, j)))
+        return (dist.batch_isend_irecv(ops) if ops else []), received
+
+    def _segments_in_order(self, tensors, count: bool = False):
+        """Yield (chunk, segment, key buffers): the local segments first, then each exchange step's,
+        the next step's transfer already posted while this one is attended."""
+        plan, r = self.plan, self.rank
+        pending = self._post(0, tensors) if plan.step_count() else None
+        for c, segs in enumerate(plan.segments[r]):
+            for seg in segs:
+                if not seg.remote(r):
+                    yield c, seg, self._buffer(seg, tensors, {})
+        steps = plan.steps(r)
+        for step in range(plan.step_count()):
+            works, received = pending
+            for w in works:
+                w.wait()
+            pending = self._post(step + 1, tensors) if step + 1 < plan.step_count() else None
+            self.received_bytes += count * sum(t.numel() * t.element_size() for bufs in received.values() for t in bufs)
+            if step < len(steps):
+                c, i = steps[step]
+                seg = plan.segments[r][c][i]
+                yield c, seg, self._buffer(seg, tensors, received)
+
+    def forward(self, q, k, v, scale: float):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        chunks = len(self.plan.chunks[self.rank])
+        merged: list = [None] * chunks
+        self.received_bytes = 0
+        for c, seg, (kb, vb) in self._segments_in_order([k, v], count=True):
+            off, rows, frames = self._chunk(c)
+            o_s = torch.empty(*q.shape[:2], rows, q.shape[3], dtype=q.dtype, device=q.device)
+            l_s = torch.empty(*q.shape[:2], rows, dtype=torch.float32, device=q.device)
+            self.fn.launch_segment(q[:, :, off:off + rows], kb, vb, scale, o_s, l_s, q_frames=frames,
+                                   k_frames=seg.frames)
+            merged[c] = (o_s, l_s) if merged[c] is None else _merge(*merged[c], o_s, l_s)
+        for c in range(chunks):
+            off, rows, _ = self._chunk(c)
+            if merged[c] is None:  # no query of the chunk attends any key
+                out[:, :, off:off + rows] = 0
+                lse[:, :, off:off + rows] = float("-inf")
+            else:
+                out[:, :, off:off + rows] = merged[c][0]
+                lse[:, :, off:off + rows] = merged[c][1]
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout, scale: float):
+        plan, r = self.plan, self.rank
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        returns = []  # (works, [(rows, dk piece, dv piece)]) of the dK/dV sent back to this rank
+        steps = plan.steps(r)
+        step = -1
+        for c, seg, (kb, vb) in self._segments_in_order([k, v]):
+            off, rows, frames = self._chunk(c)
+            sl = slice(off, off + rows)
+            dq_s, dk_s, dv_s = torch.empty_like(q[:, :, sl]), torch.empty_like(kb), torch.empty_like(vb)
+            self.fn.launch_backward_segment(q[:, :, sl], kb, vb, out[:, :, sl], lse[:, :, sl].contiguous(),
+                                            dout[:, :, sl], scale, dq_s, dk_s, dv_s, q_frames=frames,
+                                            k_frames=seg.frames)
+            dq[:, :, sl] += dq_s
+            remote = seg.remote(r)
+            if remote:
+                step += 1
+            ops, first = [], 0
+            for index, piece in enumerate(seg.pieces):
+                n = (piece.frames[1] - piece.frames[0]) * plan.inner
+                part = slice(first, first + n)
+                first += n
+                if piece.source == r:
+                    a, b = plan.piece_rows(piece)
+                    dk[:, :, a:b] += dk_s[:, :, part]
+                    dv[:, :, a:b] += dv_s[:, :, part]
+                else:
+                    for j, t in enumerate((dk_s, dv_s)):
+                        ops.append(dist.P2POp(dist.isend, t[:, :, part].contiguous(), _peer(piece.source, self.group),
+                                              self.group, tag=_tag(step, index, 2 + j)))
+            if remote:
+                returns.append(self._post_returns(step, ops, k, v))
+        for step in range(len(steps), plan.step_count()):  # steps where only others send this rank's keys back
+            returns.append(self._post_returns(step, [], k, v))
+        for works, adds in returns:
+            for w in works:
+                w.wait()
+            for (a, b), gk, gv in adds:
+                dk[:, :, a:b] += gk
+                dv[:, :, a:b] += gv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def _post_returns(self, step: int, ops: list, k, v):
+        """Post this step's dK/dV returns: `ops` sends this rank's, plus receives of what the ranks this
+        rank sent keys to at this step computed for them."""
+        plan = self.plan
+        adds = []
+        for dest, piece in plan.sends(self.rank, step):
+            c, i = plan.steps(dest)[step]
+            index = plan.segments[dest][c][i].pieces.index(piece)
+            a, b = plan.piece_rows(piece)
+            bufs = [torch.empty(*t.shape[:2], b - a, *t.shape[3:], dtype=t.dtype, device=t.device) for t in (k, v)]
+            for j, buf in enumerate(bufs):
+                ops.append(dist.P2POp(dist.irecv, buf, _peer(dest, self.group), self.group,
+                                      tag=_tag(step, index, 2 + j)))
+            adds.append(((a, b), *bufs))
+        return (dist.batch_isend_irecv(ops) if ops else []), adds
+
+
+def _attention(spec, mask: str):
+    from maskdsl.api import resolve
+
+    return resolve(spec, mask)[2]
+
+
+def _peer(rank: int, group) -> int:
+    """The global rank of `rank` of `group` (P2POp takes global ranks)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _tag(step: int, piece: int, kind: int) -> int:
+    """One tag per (step, piece, K/V/dK/dV): gloo matches by tag; NCCL ignores it."""
+    return (step * 1024 + piece) * 4 + kind
+
+
+def _merge(o1, l1, o2, l2):
+    """Two partial attentions over disjoint keys -> one, by their log-sum-exps (float32; empty rows stay 0, -inf)."""
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    total = w1 + w2
+    o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / torch.where(total > 0, total, 1)[..., None]
+    return o, m + torch.log(total)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, runner: ContextParallelAttention, scale: float):
+        out, lse = runner.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.runner, ctx.scale = runner, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous(), ctx.scale)
+        return dq, dk, dv, None, None

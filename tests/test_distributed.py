@@ -1,0 +1,171 @@
+"""Context parallelism (maskdsl.distributed) with real processes: 2 and 4 gloo ranks on the CPU, each
+running its share through the interpreter; outputs and gradients must equal the single-process
+float64 reference, and the bytes each rank received must equal what its plan says."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import maskdsl
+from maskdsl.codegen.config import BackwardConfig, KernelConfig
+from maskdsl.halo import needed_frames
+from maskdsl.reference import reference_attention
+from maskdsl.semantics import static_mask
+from maskdsl.shard_plan import chunk_bounds, full_plan, shard_plan
+
+# (layout, mask, forward q/kv tiles, zigzag): 1-3-D, strides, dilation off dimension 0, causal, a union
+# with sinks (rank 0's sink queries need every frame: a ring of segments), GQA in every case, top-k.
+CASES = {
+    2: [
+        ("grid(64)", "sliding_window(9, causal=true)", (16,), (16,), True),
+        ("grid(9, 6)", "neighborhood(window=(3, 5), stride=(2, 1))", (2, 8), (2, 8), False),
+        ("grid(6, 3, 7)", "neighborhood(window=(3, 3, 3), dilation=(1, 1, 2), stride=(1, 2, 1))",
+         (2, 2, 4), (1, 4, 4), False),
+    ],
+    4: [
+        ("grid(80)", "sliding_window(17) | sink(3)", (16,), (16,), False),
+        ("grid(8, 6)", "neighborhood(window=(3, 3), causal=(true, false))", (2, 8), (2, 8), False),
+        ("grid(64)", "topk(2, block=16) | sliding_window(5, causal=true)", (16,), (16,), False),
+    ],
+}
+B, H, HKV, D = 1, 4, 2, 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for case in CASES[world]:
+            _check(case, rank, world)
+    except Exception:  # noqa: BLE001 - the parent reports the traceback
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(case, rank: int, world: int) -> None:
+    from maskdsl.distributed import ContextParallelAttention
+
+    layout, text, q_tile, kv_tile, zigzag = case
+    spec = maskdsl.parse(f"layout g = {layout}\nmask m = {text}")
+    cfg = KernelConfig(q_tile, kv_tile)
+    attn = ContextParallelAttention(spec, "m", zigzag=zigzag, config=cfg, backward_config=BackwardConfig(cfg, cfg),
+                                   head_dim=D)
+    L = spec.masks[0].layout.tokens
+    gen = torch.Generator().manual_seed(1234 + L)  # the same whole tensors on every rank
+    q, k, v, dout = (torch.randn(B, h, L, D, generator=gen) for h in (H, HKV, HKV, H))
+    ql, kl, vl = (attn.shard(t).clone().requires_grad_(True) for t in (q, k, v))
+    out = attn(ql, kl, vl)
+    out.backward(attn.shard(dout))
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ref = reference_attention(q64, k64, v64, spec, "m")
+    ref.backward(dout.double())
+    what = f"{text} ({world} ranks{', zig-zag' if zigzag else ''})"
+    for name, got, want in (("out", out, ref), ("dq", ql.grad, q64.grad), ("dk", kl.grad, k64.grad),
+                            ("dv", vl.grad, v64.grad)):
+        want = attn.shard(want.detach()).float()
+        assert not torch.isnan(got).any(), f"{what}: {name} has NaN"
+        err = (got.float() - want).abs().max().item()
+        assert err < 2e-3, f"{what}: {name} differs from the float64 reference by {err:.2e} on rank {rank}"
+    if not spec.masks[0].dynamic:
+        want = attn.plan.received_bytes(rank, D, HKV, B, 4)
+        assert attn.received_bytes == want, f"{what}: received {attn.received_bytes} bytes, plan says {want}"
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_context_parallel_equals_the_single_process_reference(world):
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_worker, args=(world, _free_port(), errors), nprocs=world, join=True, start_method="spawn")
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not found, "\n".join(found)
+
+
+# ---- the plan, without processes ----
+
+PLAN_CASES = [
+    ("grid(40)", "sliding_window(9, causal=true) | sink(3)", 4, 4, 2, False),
+    ("grid(48)", "sliding_window(7, causal=true)", 3, 4, 4, True),
+    ("grid(12, 7)", "neighborhood(window=(5, 3), stride=(2, 1))", 3, 2, 1, False),
+    ("grid(9, 5, 6)", "block((3, 5, 3))", 3, 3, 3, False),
+    ("grid(10, 6)", "neighborhood(window=(4, 3)) & neighborhood(window=(6, 6), stride=(3, 3))", 2, 2, 2, True),
+]
+
+
+@pytest.mark.parametrize("layout, text, ranks, unit, key_unit, zigzag", PLAN_CASES, ids=[c[1] for c in PLAN_CASES])
+def test_plan_fetches_every_needed_frame_and_only_whole_key_tiles_around_them(layout, text, ranks, unit, key_unit,
+                                                                              zigzag):
+    spec = maskdsl.parse(f"layout g = {layout}\nmask m = {text}")
+    mdef = spec.masks[0]
+    shape = mdef.layout.shape
+    inner = math.prod(shape[1:])
+    m = static_mask(mdef.expr, shape)
+    plan = shard_plan(mdef.expr, shape, ranks, unit, key_unit, zigzag)
+    owned = sorted(f for r in range(ranks) for a, b in plan.chunks[r] for f in range(a, b))
+    assert owned == list(range(shape[0]))  # every frame owned exactly once
+    for r in range(ranks):
+        for c, (qa, qb) in enumerate(plan.chunks[r]):
+            assert qa % unit == 0 and (qb % unit == 0 or qb == shape[0])
+            # brute force: the frames holding a key some query of the chunk attends
+            need = set(torch.nonzero(m[qa * inner:qb * inner].any(0)).flatten().div(inner, rounding_mode="floor")
+                       .tolist())
+            assert set(needed_frames(mdef.expr, shape, (qa, qb))) == need
+            fetched = [f for seg in plan.segments[r][c] for f in range(*seg.frames)]
+            assert len(fetched) == len(set(fetched)), "a frame fetched twice for one chunk"
+            tiles = {f // key_unit for f in need}
+            assert set(fetched) == {f for t in tiles for f in range(t * key_unit, min((t + 1) * key_unit, shape[0]))}
+            for seg in plan.segments[r][c]:
+                assert seg.frames[0] % key_unit == 0
+                assert [f for p in seg.pieces for f in range(*p.frames)] == list(range(*seg.frames))
+                for p in seg.pieces:  # a piece lies inside the chunk of its owner it names
+                    a, b = plan.chunks[p.source][p.chunk]
+                    assert a <= p.frames[0] < p.frames[1] <= b
+
+
+def test_zigzag_balances_a_causal_mask():
+    spec = maskdsl.parse("layout g = grid(64)\nmask m = causal")
+    mdef = spec.masks[0]
+    m = static_mask(mdef.expr, (64,))
+
+    def pairs(plan, r):
+        return sum(int(m[a:b].sum()) for a, b in plan.chunks[r])
+
+    plain = shard_plan(mdef.expr, (64,), 4)
+    zig = shard_plan(mdef.expr, (64,), 4, zigzag=True)
+    assert [len(c) for c in zig.chunks] == [2, 2, 2, 2]
+    assert len({pairs(zig, r) for r in range(4)}) == 1  # equal work on every rank
+    assert max(pairs(plain, r) for r in range(4)) > 3 * min(pairs(plain, r) for r in range(4))
+
+
+def test_global_segments_are_capped_and_topk_fetches_everything():
+    spec = maskdsl.parse("layout g = grid(64)\nmask m = sliding_window(5) | sink(1)")
+    plan = shard_plan(spec.masks[0].expr, (64,), 8, max_segment_frames=16)
+    # rank 0's sink query needs all 64 frames: 8 own, 56 remote in segments of at most 16
+    remote = [s for s in plan.segments[0][0] if s.remote(0)]
+    assert sum(s.frames[1] - s.frames[0] for s in remote) == 56
+    assert max(s.frames[1] - s.frames[0] for s in remote) <= 16
+    full = full_plan((64,), 4, 16)
+    assert all(seg.frames == (0, 64) for r in range(4) for seg in full.segments[r][0])
+
+
+def test_bad_shardings_are_refused_with_a_hint():
+    with pytest.raises(ValueError, match="at most 3 chunks"):
+        chunk_bounds(40, 4, 16)
+    spec = maskdsl.parse("layout g = grid(40)\nmask m = topk(2, block=8)")
+    with pytest.raises(ValueError, match="top-k"):
+        shard_plan(spec.masks[0].expr, (40,), 2)
