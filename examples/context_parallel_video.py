@@ -122,9 +122,16 @@ def run_emulated(args, p) -> dict:
     q, k, v, dout = (torch.randn(1, p["heads"], L, p["dim"], device="cuda", dtype=dtype) for _ in range(4))
     scale = p["dim"] ** -0.5
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=50, return_mode="median")  # noqa: E731
+    whole = fn(q, k, v)  # the whole stretched grid on one GPU: each rank's rows must equal it
+    n = plan.inner
     per_rank = []
     for r in range(world):
-        per_rank.append({"rank": r, "chunks": plan.chunks[r],
+        mine = emulate_rank(fn, plan, r, q, k, v, scale)
+        theirs = torch.cat([whole[:, :, a * n:b * n] for a, b in plan.chunks[r]], dim=2)
+        err = (mine.float() - theirs.float()).abs().max().item()
+        if not err < 2e-2 or torch.isnan(mine).any():
+            raise SystemExit(f"rank {r}: its share differs from the whole-grid kernel by {err:.3e}")
+        per_rank.append({"rank": r, "chunks": plan.chunks[r], "max_abs_diff_vs_whole": err,
                          "forward_ms": bench(lambda: emulate_rank(fn, plan, r, q, k, v, scale)),
                          "fwd_bwd_ms": bench(lambda: emulate_rank(fn, plan, r, q, k, v, scale, dout)),
                          "predicted_bytes": plan.received_bytes(r, p["dim"], p["heads"], 1, 2)})

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from maskdsl.analysis import layout_dilation, num_products
+from maskdsl.codegen.merge import merge_into
 from maskdsl.shard_plan import ShardPlan, full_plan, shard_plan
 
 
@@ -56,26 +57,29 @@ def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=Non
     if dout is not None:
         dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     for c, (a, b) in enumerate(plan.chunks[rank]):
-        rows = slice(a * n, b * n)
-        qc = q[:, :, rows]
-        merged = None
+        o_c = torch.zeros_like(q[:, :, a * n:b * n])
+        l_c = torch.full(o_c.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for seg in plan.segments[rank][c]:
+            qa, qb = seg.queries
             keys = slice(seg.frames[0] * n, seg.frames[1] * n)
-            o_s = torch.empty_like(qc)
-            l_s = torch.empty(qc.shape[:3], dtype=torch.float32, device=q.device)
-            fn.launch_segment(qc, k[:, :, keys], v[:, :, keys], scale, o_s, l_s, q_frames=(a, b), k_frames=seg.frames)
-            merged = (o_s, l_s) if merged is None else _merge(*merged, o_s, l_s)
-        o_c, l_c = merged
-        o_c = o_c.to(q.dtype)
+            local = slice((qa - a) * n, (qb - a) * n)
+            o_s, l_s = torch.empty_like(o_c[:, :, local]), torch.empty_like(l_c[:, :, local])
+            fn.launch_segment(q[:, :, qa * n:qb * n], k[:, :, keys], v[:, :, keys], scale, o_s, l_s,
+                              q_frames=(qa, qb), k_frames=seg.frames)
+            merge_into(o_c[:, :, local], l_c[:, :, local], o_s, l_s)
         out.append(o_c)
         if dout is not None:
-            dq_c = torch.zeros_like(qc, dtype=torch.float32)
+            dq_c = torch.zeros_like(o_c, dtype=torch.float32)
             for seg in plan.segments[rank][c]:
+                qa, qb = seg.queries
                 keys = slice(seg.frames[0] * n, seg.frames[1] * n)
-                dq_s, dk_s, dv_s = torch.empty_like(qc), torch.empty_like(k[:, :, keys]), torch.empty_like(v[:, :, keys])
-                fn.launch_backward_segment(qc, k[:, :, keys], v[:, :, keys], o_c, l_c.contiguous(), dout[:, :, rows],
-                                           scale, dq_s, dk_s, dv_s, q_frames=(a, b), k_frames=seg.frames)
-                dq_c += dq_s
+                local = slice((qa - a) * n, (qb - a) * n)
+                rows = slice(qa * n, qb * n)
+                dq_s, dk_s, dv_s = torch.empty_like(q[:, :, rows]), torch.empty_like(k[:, :, keys]), torch.empty_like(v[:, :, keys])
+                fn.launch_backward_segment(q[:, :, rows], k[:, :, keys], v[:, :, keys], o_c[:, :, local],
+                                           l_c[:, :, local], dout[:, :, rows], scale, dq_s, dk_s, dv_s,
+                                           q_frames=(qa, qb), k_frames=seg.frames)
+                dq_c[:, :, local] += dq_s
                 dk[:, :, keys] += dk_s
                 dv[:, :, keys] += dv_s
             grads.append(dq_c)
@@ -151,9 +155,11 @@ class ContextParallelAttention:
         out, lse = _Attention.apply(q, k, v, self, scale)
         return (out, lse) if return_lse else out
 
-    def _chunk(self, c: int) -> tuple[int, int, tuple[int, int]]:
+    def _chunk(self, c: int) -> slice:
+        """Chunk c's local rows."""
         a, b = self.plan.chunks[self.rank][c]
-        return self.plan.chunk_offset(self.rank, c), (b - a) * self.plan.inner, (a, b)
+        off = self.plan.chunk_offset(self.rank, c)
+        return slice(off, off + (b - a) * self.plan.inner)
 
     def _buffer(self, seg, tensors, received):
         """The segment's key buffer(s): own pieces are views of the local rows, remote ones arrived."""
@@ -218,25 +224,36 @@ class ContextParallelAttention:
     def forward(self, q, k, v, scale: float):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        chunks = len(self.plan.chunks[self.rank])
-        merged: list = [None] * chunks
+        seen = [False] * len(self.plan.chunks[self.rank])
         self.received_bytes = 0
         for c, seg, (kb, vb) in self._segments_in_order([k, v], count=True):
-            off, rows, frames = self._chunk(c)
-            o_s = torch.empty(*q.shape[:2], rows, q.shape[3], dtype=q.dtype, device=q.device)
-            l_s = torch.empty(*q.shape[:2], rows, dtype=torch.float32, device=q.device)
-            self.fn.launch_segment(q[:, :, off:off + rows], kb, vb, scale, o_s, l_s, q_frames=frames,
-                                   k_frames=seg.frames)
-            merged[c] = (o_s, l_s) if merged[c] is None else _merge(*merged[c], o_s, l_s)
-        for c in range(chunks):
-            off, rows, _ = self._chunk(c)
-            if merged[c] is None:  # no query of the chunk attends any key
-                out[:, :, off:off + rows] = 0
-                lse[:, :, off:off + rows] = float("-inf")
+            rows, frames = self._queries(c, seg)
+            whole = frames == self.plan.chunks[self.rank][c]
+            direct = not seen[c] and whole  # the first segment covers the chunk: it writes the output itself
+            o_s = out[:, :, rows] if direct else torch.empty_like(q[:, :, rows])
+            l_s = torch.empty(o_s.shape[:3], dtype=torch.float32, device=q.device)  # kernels want contiguous rows
+            self.fn.launch_segment(q[:, :, rows], kb, vb, scale, o_s, l_s, q_frames=frames, k_frames=seg.frames)
+            if direct:
+                lse[:, :, rows] = l_s
             else:
-                out[:, :, off:off + rows] = merged[c][0]
-                lse[:, :, off:off + rows] = merged[c][1]
+                if not seen[c]:  # rows the first segment does not reach start empty
+                    out[:, :, self._chunk(c)] = 0
+                    lse[:, :, self._chunk(c)] = float("-inf")
+                merge_into(out[:, :, rows], lse[:, :, rows], o_s, l_s)
+            seen[c] = True
+        for c, done in enumerate(seen):
+            if not done:  # no query of the chunk attends any key
+                out[:, :, self._chunk(c)] = 0
+                lse[:, :, self._chunk(c)] = float("-inf")
         return out, lse
+
+    def _queries(self, c: int, seg) -> tuple[slice, tuple[int, int]]:
+        """The local rows and frames of chunk c's queries that attend segment `seg`."""
+        a = self.plan.chunks[self.rank][c][0]
+        off = self.plan.chunk_offset(self.rank, c)
+        qa, qb = seg.queries
+        n = self.plan.inner
+        return slice(off + (qa - a) * n, off + (qb - a) * n), (qa, qb)
 
     def backward(self, q, k, v, out, lse, dout, scale: float):
         plan, r = self.plan, self.rank
@@ -247,8 +264,7 @@ class ContextParallelAttention:
         steps = plan.steps(r)
         step = -1
         for c, seg, (kb, vb) in self._segments_in_order([k, v]):
-            off, rows, frames = self._chunk(c)
-            sl = slice(off, off + rows)
+            sl, frames = self._queries(c, seg)
             dq_s, dk_s, dv_s = torch.empty_like(q[:, :, sl]), torch.empty_like(kb), torch.empty_like(vb)
             self.fn.launch_backward_segment(q[:, :, sl], kb, vb, out[:, :, sl], lse[:, :, sl].contiguous(),
                                             dout[:, :, sl], scale, dq_s, dk_s, dv_s, q_frames=frames,

@@ -98,6 +98,26 @@ def needed_frames(expr: ir.MaskExpr, shape: tuple[int, ...], frames: tuple[int, 
     return [int(f) for f in np.nonzero(need)[0]]
 
 
+def query_frames(expr: ir.MaskExpr, shape: tuple[int, ...], keys: tuple[int, int],
+                 within: tuple[int, int]) -> tuple[int, int] | None:
+    """The first and last+1 query frame of [within) that attends some key of frames [keys), exactly (None
+    if none does): a segment of keys then runs only the query tiles that reach it."""
+    ka, kb = keys
+    hit = np.zeros(int(shape[0]), dtype=bool)
+    for term in num_products(expr, tuple(int(n) for n in shape)):
+        if not all(_key_set(rel).any() for rel in term.num[1:]):
+            continue
+        rel = term.num[0]
+        d = rel.dilation
+        g = np.arange(rel.n, dtype=np.int64) % d
+        # group coordinates j with ka <= g + d*j < kb, against the row's [lo, hi]
+        first = -((g - ka) // d)  # ceil((ka - g) / d)
+        last = (kb - 1 - g) // d
+        hit |= (np.maximum(first, rel.lo) <= np.minimum(last, rel.hi)) & (rel.lo <= rel.hi)
+    rows = np.nonzero(hit[within[0]:within[1]])[0]
+    return None if len(rows) == 0 else (within[0] + int(rows[0]), within[0] + int(rows[-1]) + 1)
+
+
 def halo_plan(expr: ir.MaskExpr, shape: tuple[int, ...], bounds: tuple[int, ...]) -> HaloPlan:
     """The exact first and last key row every rank needs from every rank (itself included).
 

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from maskdsl import ir
-from maskdsl.halo import needed_frames
+from maskdsl.halo import needed_frames, query_frames
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,12 @@ class Piece:
 
 @dataclass(frozen=True)
 class Segment:
-    """One kernel call: a contiguous key buffer of frames [first, end), assembled from its pieces in order."""
+    """One kernel call: a contiguous key buffer of frames [first, end), assembled from its pieces in order,
+    attended by the chunk's query frames [queries) (those that reach it, rounded out to whole chunk units)."""
 
     frames: tuple[int, int]
     pieces: tuple[Piece, ...]
+    queries: tuple[int, int] = (0, 0)
 
     def remote(self, rank: int) -> bool:
         return any(p.source != rank for p in self.pieces)
@@ -150,7 +152,8 @@ def shard_plan(expr: ir.MaskExpr, shape: tuple[int, ...], ranks: int, chunk_unit
         for qa, qb in chunks[r]:
             need = needed_frames(expr, shape, (qa, qb))
             tiles = sorted({f // key_unit for f in need})
-            per_chunk.append(tuple(_segments(_runs(tiles, key_unit, n0), owners, r, cap)))
+            segs = _segments(_runs(tiles, key_unit, n0), owners, r, cap)
+            per_chunk.append(tuple(_with_queries(seg, expr, shape, (qa, qb), chunk_unit) for seg in segs))
         segments.append(tuple(per_chunk))
     return ShardPlan(shape, ranks, zigzag, chunk_unit, key_unit, chunks, tuple(segments))
 
@@ -163,9 +166,19 @@ def full_plan(shape: tuple[int, ...], ranks: int, chunk_unit: int = 1, zigzag: b
     spans = [(bounds[i], bounds[i + 1]) for i in range(pieces)]
     chunks = tuple(((spans[r], spans[pieces - 1 - r]) if zigzag else (spans[r],)) for r in range(ranks))
     owners = sorted((a, b, r, c) for r, cs in enumerate(chunks) for c, (a, b) in enumerate(cs))
-    whole = Segment((0, shape[0]), tuple(Piece(r, c, (a, b)) for a, b, r, c in owners))
-    segments = tuple(tuple((whole,) for _ in chunks[r]) for r in range(ranks))
+    whole = tuple(Piece(r, c, (a, b)) for a, b, r, c in owners)
+    segments = tuple(tuple((Segment((0, shape[0]), whole, chunk),) for chunk in chunks[r]) for r in range(ranks))
     return ShardPlan(shape, ranks, zigzag, chunk_unit, 1, chunks, segments)
+
+
+def _with_queries(seg: Segment, expr, shape, chunk: tuple[int, int], unit: int) -> Segment:
+    qa, qb = chunk
+    hit = query_frames(expr, shape, seg.frames, chunk)
+    if hit is None:  # cannot happen for a segment of needed frames; keep the whole chunk if it does
+        return Segment(seg.frames, seg.pieces, chunk)
+    first = qa + (hit[0] - qa) // unit * unit
+    end = min(qb, qa + -(-(hit[1] - qa) // unit) * unit)
+    return Segment(seg.frames, seg.pieces, (first, end))
 
 
 def _runs(tiles: list[int], unit: int, n0: int) -> list[tuple[int, int]]:

@@ -131,6 +131,11 @@ def test_plan_fetches_every_needed_frame_and_only_whole_key_tiles_around_them(la
             assert set(fetched) == {f for t in tiles for f in range(t * key_unit, min((t + 1) * key_unit, shape[0]))}
             for seg in plan.segments[r][c]:
                 assert seg.frames[0] % key_unit == 0
+                # the segment's query frames: those attending one of its keys, rounded out to whole units
+                ks = slice(seg.frames[0] * inner, seg.frames[1] * inner)
+                hit = torch.nonzero(m[qa * inner:qb * inner, ks].any(1)).flatten().div(inner, rounding_mode="floor")
+                first, last = qa + int(hit[0]), qa + int(hit[-1])
+                assert seg.queries == (qa + (first - qa) // unit * unit, min(qb, qa + ((last - qa) // unit + 1) * unit))
                 assert [f for p in seg.pieces for f in range(*p.frames)] == list(range(*seg.frames))
                 for p in seg.pieces:  # a piece lies inside the chunk of its owner it names
                     a, b = plan.chunks[p.source][p.chunk]
@@ -169,3 +174,35 @@ def test_bad_shardings_are_refused_with_a_hint():
     spec = maskdsl.parse("layout g = grid(40)\nmask m = topk(2, block=8)")
     with pytest.raises(ValueError, match="top-k"):
         shard_plan(spec.masks[0].expr, (40,), 2)
+
+
+def test_merge_into_equals_attention_over_the_union_of_the_keys():
+    """Two partial attentions over disjoint key sets, merged by the kernel, against one over all keys;
+    rows that see nothing in one part, and in both, included (0 and -inf, never NaN)."""
+    from maskdsl.codegen.merge import merge_into
+
+    gen = torch.Generator().manual_seed(7)
+    B_, H_, R, D_ = 2, 3, 70, 24  # odd rows and a padded head_dim
+    q = torch.randn(B_, H_, R, D_, generator=gen, dtype=torch.float64)
+    k = torch.randn(B_, H_, 50, D_, generator=gen, dtype=torch.float64)
+    v = torch.randn(B_, H_, 50, D_, generator=gen, dtype=torch.float64)
+    keep = torch.rand(R, 50, generator=gen) < 0.5
+    keep[:5, :20] = False  # rows 0-4 see nothing in part one
+    keep[:3] = False  # rows 0-2 see nothing at all
+
+    def part(cols):
+        s = (q @ k[:, :, cols].transpose(-1, -2)).masked_fill(~keep[:, cols], float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), 0, lse)[..., None])
+        return (p @ v[:, :, cols]), lse
+
+    o1, l1 = part(slice(0, 20))
+    o2, l2 = part(slice(20, 50))
+    want, wl = part(slice(0, 50))
+    o, lse = o1.float().clone(), l1.float().contiguous()
+    merge_into(o, lse, o2.float(), l2.float().contiguous())
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert torch.allclose(o.double(), want, atol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(wl)) and torch.isneginf(lse[:, :, :3]).all()
+    fin = ~torch.isneginf(wl)
+    assert torch.allclose(lse.double()[fin], wl[fin], atol=1e-5)
