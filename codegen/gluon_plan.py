@@ -151,6 +151,11 @@ def tensor_blocker(q, k, v, out, lse=None) -> str | None:
         return f"tensors on {q.device.type}, not CUDA"
     if _capability(q.device) != 9:
         return f"compute capability {_capability(q.device)}.x; the kernel is Hopper's (9.x)"
+    return layout_blocker(q, k, v, out, lse)
+
+
+def layout_blocker(q, k, v, out, lse=None) -> str | None:
+    """The device-independent half of `tensor_blocker`: dtype, head_dim and memory layout."""
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype}; the kernel takes float16 and bfloat16"
     if q.shape[-1] not in HEAD_DIMS:
