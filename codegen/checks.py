@@ -14,6 +14,13 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
+def tma_aligned(t: torch.Tensor, strides) -> bool:
+    """Whether the copy engine (TMA) can address `t` with these element strides: a contiguous last
+    one, and a 16-byte aligned base and other strides (Hopper's tensor-map rule)."""
+    return (strides[-1] == 1 and t.data_ptr() % 16 == 0
+            and all((s * t.element_size()) % 16 == 0 for s in strides[:-1]))
+
+
 def head_dim_error(head_dim: int, padded: bool = True) -> str | None:
     """Why a kernel cannot take `head_dim`, or None. Kernels that pad (`padded`) take every multiple
     of 8 from 16 to 256 (72, 80, 96, 192 occur in real models; 8 keeps 16-byte rows for 2-byte

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from maskdsl.codegen.checks import check_out_lse, check_qkv, padded_head_dim
+from maskdsl.codegen.checks import check_out_lse, check_qkv, padded_head_dim, tma_aligned
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import load_kernel
@@ -39,6 +39,7 @@ class CompiledAttention:
         self.source_path = source_path
         self.backward_config = backward_config
         self._backward = None
+        self._gluon = None
         self.key = f"{mask.content_hash()}:{plan.config.key()}"
         if backward_config is not None:
             self.key += f":{backward_config.key()}"
@@ -68,9 +69,44 @@ class CompiledAttention:
         o, lse = torch.ops.maskdsl.attention(q, k, v, self.key, scale)
         return (o, lse) if return_lse else o
 
+    @property
+    def gluon_schedule(self):
+        """The Gluon forward's tile table for this mask (codegen.gluon_plan), computed on first use."""
+        if self._gluon is None:
+            from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
+
+            self._gluon = GluonSchedule(tile_ranges(self.plan))
+        return self._gluon
+
+    def gluon_blocker(self, q, k=None, v=None, out=None, lse=None) -> str | None:
+        """Why `launch` runs the Triton template instead of the Gluon forward for these tensors, or None.
+
+        The Gluon path (codegen.gluon_fwd) needs a Hopper GPU outside the interpreter, fp16/bf16,
+        head_dim 64 or 128, q/k/v/out whose rows fold into one TMA box, and a mask whose visited
+        128 x 128 tiles are all full and form one key-tile run per query tile (codegen.gluon_plan);
+        MASKDSL_GLUON=0 turns it off. k, v and out default to q's layout, lse to the one the op allocates.
+        """
+        from maskdsl.codegen.gluon_plan import tensor_blocker
+
+        reason = tensor_blocker(q, q if k is None else k, q if v is None else v, q if out is None else out, lse)
+        if reason is None and not self.gluon_schedule.ranges.ok:
+            reason = self.gluon_schedule.ranges.reason
+        return reason
+
+    def gluon_ok(self, q, k=None, v=None, out=None, lse=None) -> bool:
+        """Whether `launch` takes the Gluon forward for these tensors (`gluon_blocker` says why not)."""
+        return self.gluon_blocker(q, k, v, out, lse) is None
+
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
-        """Run the kernel into `out`/`lse`; `tiles` limits it to a range of query tiles (a slice to check)."""
+        """Run the kernel into `out`/`lse`; `tiles` limits it to a range of query tiles (a slice to check).
+
+        Dense and perfectly block-sparse masks on Hopper take the Gluon forward (`gluon_blocker`);
+        a slice always runs the template, whose tiles it counts in.
+        """
         check_out_lse(q, out, lse)
+        if tiles is None and self.gluon_blocker(q, k, v, out, lse) is None:
+            self._launch_gluon(q, k, v, scale, out, lse)
+            return
         self._launch(q, k, v, scale, out, lse, whole(self.plan.shape), tiles or range(self.plan.q_tiles))
 
     @property
@@ -107,6 +143,15 @@ class CompiledAttention:
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (), scale, tiles,
                       {**tma_descriptors(self.plan, q, k, v, out, seg), "HEAD_DIM_PAD": padded_head_dim(q.shape[-1]),
                        "q_frame0": q0, "q_frame1": q1, "k_frame0": k0, "k_frame1": k1})
+
+    def _launch_gluon(self, q, k, v, scale, out, lse) -> None:
+        from maskdsl.codegen import gluon_fwd
+
+        table, idle_rows = self.gluon_schedule.on(q.device)
+        if len(idle_rows):  # query tiles that see no key: output 0 and LSE -inf, as the template writes them
+            out.index_fill_(2, idle_rows, 0.0)
+            lse.index_fill_(2, idle_rows, float("-inf"))
+        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table))
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""
@@ -172,11 +217,8 @@ def tma_descriptors(plan: KernelPlan, q, k, v, out, seg: Segment | None = None) 
                                  ("desc_v", v, cfg.kv_tile, k_shape), ("desc_o", out, cfg.q_tile, q_shape)):
         batch, heads = t.shape[:2]
         sb, sh, sl, sd = t.stride()
-        if sd != 1 or (batch > 1 and sb != heads * sh) or t.data_ptr() % 16:
-            return none
-        grid_strides = [sl * d.stride for d in plan.dims]
-        strides = [sh, *grid_strides, 1]
-        if any((s * t.element_size()) % 16 for s in strides[:-1]):
+        strides = [sh, *(sl * d.stride for d in plan.dims), sd]
+        if (batch > 1 and sb != heads * sh) or not tma_aligned(t, strides):
             return none
         descs[name] = TensorDescriptor(t, [batch * heads, *shape, t.shape[-1]], strides,
                                        [1, *tile, t.shape[-1]])
