@@ -7,13 +7,16 @@ the busiest slot's load after list scheduling (`simulator.schedule`), and for a 
 slot that load is linear in the constants:
 
     us = a_full * F_full + a_partial * F_partial + a_union * F_union + a_tile * F_tile + launch_us
+         + [top-k] (topk_call_us + selection bytes / HBM bandwidth)
 
 (F = the critical slot's feature sums, a = microseconds per unit). So the fit alternates: pick
 the critical slots with the current constants, solve a non-negative least-squares problem on
 relative errors (each row divided by its measured time, so a 20 us and a 60 ms case weigh the
 same), repeat until the critical slots stop changing. The tile-size exponent beta is the best of
 a small grid. The dense baseline's two constants (per tile, per CTA) are fitted the same way on
-the dense times. Few parameters on purpose: 5 + 2 + beta, against 20+ cases x several configs.
+the dense times. The selection's traffic is known (bytes at the spec bandwidth `hbm_gbps`, not
+fitted): it is subtracted from a top-k row's target. Few parameters on purpose: 6 + 2 + beta,
+against 20+ cases x several configs.
 
 `cross_validate` holds each case out in turn (or k folds of cases), fits on the rest and
 predicts the held-out case: the out-of-sample error `maskdsl bench --suite` reports and
@@ -29,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdsl.simulator.cost import DENSE_TILE, REFERENCE_TILE, CostModel
+from maskdsl.simulator.cost import _BUILTIN, DENSE_TILE, REFERENCE_TILE, CostModel, _load, _match
 from maskdsl.simulator.simulation import simulate
 
 BETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
-ITERATIONS = 6
+ITERATIONS = 12
+HUBER = 0.15  # relative error beyond which a measurement's weight falls off (the 15% goal)
 
 
 @dataclass(frozen=True)
@@ -83,37 +87,64 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def _model(theta: np.ndarray, beta: float, sms: int, gpu: str) -> CostModel:
-    """A CostModel from fitted microseconds (FEATURES order, then launch)."""
-    a_full, a_partial, a_union, a_tile, launch = theta
+def _model(theta: np.ndarray, beta: float, sms: int, gpu: str, hbm_gbps: float | None = None) -> CostModel:
+    """A CostModel from fitted microseconds (FEATURES order, then launch, then the top-k call)."""
+    a_full, a_partial, a_union, a_tile, launch, topk_call = theta
     unit = a_full if a_full > 0 else max(a_partial, 1e-9)
     return CostModel(name=gpu, c_full=a_full / unit, c_partial=a_partial / unit, c_tile=a_tile / unit, sms=sms,
                      tile_us=unit, pair_exponent=beta, c_union=(a_union / unit) if a_union > 0 else None,
-                     launch_us=launch)
+                     launch_us=launch, topk_call_us=topk_call, hbm_gbps=hbm_gbps)
 
 
-def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS):
+def spec_bandwidth(gpu: str) -> float | None:
+    """The shipped entry's HBM bandwidth (GB/s, a spec number) for `gpu`, if it has one."""
+    table = _load(_BUILTIN)
+    try:
+        return table[_match(gpu, table)].get("hbm_gbps")
+    except KeyError:
+        return None
+
+
+def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gbps: float | None = None):
     """(rms relative error, beta, theta) of the best beta."""
     y = np.array([m.ms * 1000.0 for m in meas])
     works = [_sim(m).work for m in meas]
+    probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms, hbm_gbps=hbm_gbps)
+    known = np.array([probe.selection_bytes_us(w) for w in works])  # selection traffic: not fitted
+    calls = np.array([float(w.selection is not None) for w in works])
     best = None
     for beta in betas:
         coef = np.array([1.0, 1.3, 1.6, 2.0])  # a start: only the ratios matter for the critical slots
-        theta = None
+        theta, weight = None, np.ones(len(y))
         for _ in range(ITERATIONS):
-            probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms)
-            rows = [np.append(probe.critical_features(w, beta, coef), 1.0) for w in works]
+            rows = [np.append(probe.critical_features(w, beta, coef), [1.0, c]) for w, c in zip(works, calls)]
             a = np.array(rows) / y[:, None]
-            new = _nnls(a, np.ones(len(y)))
+            root = np.sqrt(weight)[:, None]
+            new = _nnls(a * root, (1.0 - known / y) * root[:, 0])
             if theta is not None and np.allclose(new, theta, rtol=1e-6, atol=1e-12):
                 break
             theta, coef = new, np.maximum(new[:4], 1e-9)
-        model = _model(theta, beta, sms, gpu)
+            weight = _huber_weights(a @ theta - (1.0 - known / y))
+        model = _model(theta, beta, sms, gpu, hbm_gbps)
         pred = np.array([model.schedule(w).time * model.tile_us for w in works])
-        err = float(np.sqrt(np.mean((pred / y - 1.0) ** 2)))
-        if best is None or err < best[0]:
-            best = (err, beta, theta)
-    return best
+        loss = float(np.mean(_huber(pred / y - 1.0)))
+        if best is None or loss < best[0]:
+            best = (loss, beta, theta, float(np.sqrt(np.mean((pred / y - 1.0) ** 2))))
+    return best[3], best[1], best[2]
+
+
+def _huber_weights(residual: np.ndarray) -> np.ndarray:
+    """Iteratively reweighted least squares for the Huber loss: a row whose relative error exceeds
+    HUBER counts linearly, not quadratically. The configs the model has no term for (2 pipeline
+    stages, the few-hundred-CTA outliers measured 2-3x apart for the same work) then stop dragging
+    the constants every other case is predicted with."""
+    r = np.abs(residual)
+    return np.where(r <= HUBER, 1.0, HUBER / np.maximum(r, 1e-12))
+
+
+def _huber(residual: np.ndarray) -> np.ndarray:
+    r = np.abs(residual)
+    return np.where(r <= HUBER, 0.5 * r**2, HUBER * (r - 0.5 * HUBER))
 
 
 def _dense_rows(meas: list[Measurement], sms: int):
@@ -132,16 +163,22 @@ def _dense_rows(meas: list[Measurement], sms: int):
     return np.array(rows), np.array(y)
 
 
-def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str = "", betas=BETAS) -> dict:
-    """A cost entry (gpu_costs.json shape) fitted to the measurements."""
+def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str = "", betas=BETAS,
+        hbm_gbps: float | None = None) -> dict:
+    """A cost entry (gpu_costs.json shape) fitted to the measurements.
+
+    `hbm_gbps` (the selection pass's bandwidth) defaults to the shipped entry's spec number.
+    """
     if len({m.case_key for m in measurements}) < 3 or len(measurements) < 5:
         raise ValueError(f"fitting the cost model needs at least 5 measurements of 3 cases, got "
                          f"{len(measurements)}; hint: run maskdsl bench --suite")
-    err, beta, theta = _fit_kernel(measurements, sms, gpu, betas)
-    model = _model(theta, beta, sms, gpu)
+    hbm_gbps = spec_bandwidth(gpu) if hbm_gbps is None else hbm_gbps
+    err, beta, theta = _fit_kernel(measurements, sms, gpu, betas, hbm_gbps)
+    model = _model(theta, beta, sms, gpu, hbm_gbps)
     entry = {"c_full": model.c_full, "c_partial": model.c_partial, "c_tile": model.c_tile,
              "c_union": model.c_union, "sms": sms, "tile_us": model.tile_us, "pair_exponent": beta,
-             "launch_us": model.launch_us, "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
+             "launch_us": model.launch_us, "topk_call_us": model.topk_call_us, "hbm_gbps": hbm_gbps,
+             "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
              "fitted_cases": sorted({m.case_key for m in measurements}), "source": source}
     a, y = _dense_rows(measurements, sms)
     if len(y) >= 2:
@@ -175,7 +212,7 @@ def evaluate_fit(measurements: list[Measurement], entry: dict, gpu: str) -> list
 
 
 def cross_validate(measurements: list[Measurement], gpu: str, sms: int = 132, folds="loo",
-                   betas=BETAS) -> list[dict]:
+                   betas=BETAS, hbm_gbps: float | None = None) -> list[dict]:
     """Out-of-sample predictions: each case predicted by constants fitted without it.
 
     `folds="loo"` holds out one case at a time; an int k splits the sorted cases round-robin into
@@ -193,7 +230,7 @@ def cross_validate(measurements: list[Measurement], gpu: str, sms: int = 132, fo
     for i, held in enumerate(groups):
         train = [m for m in measurements if m.case_key not in held]
         test = [m for m in measurements if m.case_key in held]
-        entry = fit(train, gpu, sms, source=f"cross-validation fold {i}", betas=betas)
+        entry = fit(train, gpu, sms, source=f"cross-validation fold {i}", betas=betas, hbm_gbps=hbm_gbps)
         for row in evaluate_fit(test, entry, gpu):
             out.append({**row, "fold": i})
     return out

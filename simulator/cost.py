@@ -2,7 +2,7 @@
 
 One CTA of the kernel handles one query tile of one (batch, head). Its SM time is
 
-    t_q = h * [ pair * (full_q * c_full + partial_q * c_partial + union_q * c_union) + qs * c_tile ]
+    t_q = h * [ pair * spill * (full_q * c_full + partial_q * c_partial + union_q * c_union) + qs * c_tile ]
 
 * full / partial: key tiles the single-term kernel runs without / with the mask predicate (a
   ragged key tile is always partial: the kernel's fully-seen box stops at the last whole tile);
@@ -10,12 +10,17 @@ One CTA of the kernel handles one query tile of one (batch, head). Its SM time i
   several dimensions, top-k), which evaluates the predicate and does not software-pipeline;
 * c_tile: the per-CTA fixed cost (prologue, Q load, epilogue, O and LSE store), paid by a ragged
   query tile in full, as is every visited key tile: the GPU computes whole tiles;
-* pair = (V_q V_k / 128^2)^beta, qs = (V_q / 128)^beta, h = head_dim / 128, V = padded tile volume.
+* pair = (V_q V_k / 128^2)^beta, qs = (V_q / 128)^beta, V = padded tile volume, h = the kernel's
+  head_dim / 128: the kernels run head_dim padded to a power of two (96 does 128 columns' work);
+* spill = max(1, registers the config's state asks for / 255) multiplies the pair terms: a config
+  whose accumulators do not fit the registers (128 rows on 4 warps) reloads the excess every tile.
 
 CTAs are then placed by `simulator.schedule`: k = `ctas_per_sm` of the config share each SM
 (a CTA occupies its slot for k * t_q), and the `sms * k` slots take the batch x heads copies of
 the per-tile times in launch order (greedy list scheduling: waves, the last partial wave, and
-imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel.
+imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel, and for a
+top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
+the HBM bandwidth `hbm_gbps`.
 
 The baseline of `predicted_speedup` is the dense SDPA kernel `maskdsl bench` measures (cuDNN or
 FlashAttention on the flat, unpadded sequence): ceil(L/128) CTAs per (batch, head), each
@@ -43,13 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdsl.simulator.schedule import ctas_per_sm, default_launch, list_schedule, uniform_makespan
+from maskdsl.simulator.schedule import ctas_per_sm, default_launch, list_schedule, spill_factor, uniform_makespan
+from maskdsl.simulator.selection import SelectionWork
 
 DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
 REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles and head_dim 128
 DENSE_TILE = 128  # the dense SDPA baseline's query and key tiles
 _BUILTIN = Path(__file__).with_name("gpu_costs.json")
-FEATURES = ("full", "partial", "union", "tile")  # per-CTA work terms; the fit adds launch_us
+FEATURES = ("full", "partial", "union", "tile")  # per-CTA work terms; the fit adds launch_us and topk_call_us
 # per backward program: a 128x128 pair of the dK/dV walk, of the dQ walk, the program's fixed cost
 BACKWARD_FEATURES = ("dkdv_pair", "dq_pair", "program")
 
@@ -67,6 +73,7 @@ class KernelWork:
     num_warps: int | None = None  # None: codegen's untuned default for the block size
     num_stages: int | None = None
     copies: int = 1  # batch x heads
+    selection: SelectionWork | None = None  # a top-k call's selection pass, before the attention kernel
 
     def launch(self) -> tuple[int, int]:
         warps, stages = default_launch(self.block_m, self.head_dim)
@@ -75,12 +82,17 @@ class KernelWork:
     @property
     def ctas_per_sm(self) -> int:
         warps, stages = self.launch()
-        return ctas_per_sm(self.block_m, self.block_n, self.head_dim, warps, stages)
+        return ctas_per_sm(self.block_m, self.block_n, kernel_head_dim(self.head_dim), warps, stages)
+
+    @property
+    def spill(self) -> float:
+        """The key tiles' slowdown when the config's registers spill (`schedule.spill_factor`)."""
+        return spill_factor(self.block_m, self.block_n, kernel_head_dim(self.head_dim), self.launch()[0])
 
     def features(self, beta: float) -> np.ndarray:
         """[NQ, 4] SM-time per unit of each constant (FEATURES order), before the slot factor k."""
-        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta
-        h = self.head_dim / REFERENCE_TILE
+        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta * self.spill
+        h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
         n = len(self.full)
         qs = np.full(n, (self.block_m / REFERENCE_TILE) ** beta)
         cols = [np.asarray(x, dtype=np.float64) * pair for x in (self.full, self.partial, self.union)]
@@ -160,6 +172,8 @@ class CostModel:
     bwd_partial: float = 1.0  # a partial pair (mask predicate) costs this many full ones
     bwd_pair_exponent: float | None = None  # None: the forward's
     dense_bwd_tile_us: float | None = None  # the dense SDPA backward, per 128x128 tile on one SM
+    topk_call_us: float = 0.0  # a top-k call's fixed selection cost (host-synchronised launches), us
+    hbm_gbps: float | None = None  # HBM bandwidth (spec), GB/s: the selection pass's traffic
 
     @property
     def placeholder(self) -> bool:
@@ -195,11 +209,13 @@ class CostModel:
                         bwd_dkdv_us=opt("bwd_dkdv_us"), bwd_dq_us=opt("bwd_dq_us"),
                         bwd_program_us=float(entry.get("bwd_program_us") or 0.0),
                         bwd_partial=float(entry.get("bwd_partial") or 1.0),
-                        bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"))
+                        bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"),
+                        topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
-        consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta]
+        consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta,
+                  model.topk_call_us, model.hbm_gbps or 0.0]
         if model.sms <= 0 or min(consts) < 0:
             raise ValueError(f"cost entry for {name!r} needs sms > 0 and non-negative constants, got {entry}")
         return model
@@ -224,7 +240,20 @@ class CostModel:
             span = uniform_makespan(len(jobs), float(per_tile[0]), slots)
         else:
             span = list_schedule(jobs, slots)
-        return Schedule(span + self._launch_units(), len(jobs), k, slots)
+        extra = (self._launch_units() + self.selection_us(work) / self.tile_us) if self.tile_us else 0.0
+        return Schedule(span + extra, len(jobs), k, slots)
+
+    def selection_bytes_us(self, work: KernelWork) -> float:
+        """The selection pass's memory traffic at the HBM bandwidth (us); 0 for static masks."""
+        if work.selection is None or not self.hbm_gbps:
+            return 0.0
+        return work.selection.bytes / (self.hbm_gbps * 1e3)
+
+    def selection_us(self, work: KernelWork) -> float:
+        """A top-k call's selection pass before its attention kernel (us): fixed cost plus traffic."""
+        if work.selection is None:
+            return 0.0
+        return self.topk_call_us + self.selection_bytes_us(work)
 
     def critical_features(self, work: KernelWork, beta: float, coef: np.ndarray) -> np.ndarray:
         """Feature sums (FEATURES order, slot factor included) of the jobs on the slot finishing last.
@@ -285,6 +314,15 @@ class CostModel:
 
     def _launch_units(self) -> float:
         return self.launch_us / self.tile_us if self.tile_us else 0.0
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The head_dim the kernels' tiles are for: the next power of two, at least 16.
+
+    The same rule as codegen.checks.padded_head_dim (the simulator does not import codegen; a test
+    holds the two together): head_dim 96 runs 128-column tiles, masked, so it costs 128's work.
+    """
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
 def fitted_path() -> Path:

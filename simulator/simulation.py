@@ -37,6 +37,7 @@ from maskdsl.analysis import NotAnalyzable, products
 from maskdsl.simulator.cost import CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
 from maskdsl.simulator.counting import TileStats, tile_stats
+from maskdsl.simulator.selection import SelectionWork, selection_work
 from maskdsl.simulator.tiles import check_tile
 
 
@@ -169,7 +170,7 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     zero = np.zeros(len(visits))
     if union_kernel:
         work = KernelWork(zero, zero, visits, math.prod(q_tile), math.prod(kv_tile), head_dim, num_warps,
-                          num_stages, copies)
+                          num_stages, copies, _selection(mdef.expr, shape, att))
     else:
         work = KernelWork(kernel_full, visits - kernel_full, zero, math.prod(q_tile), math.prod(kv_tile), head_dim,
                           num_warps, num_stages, copies)
@@ -246,6 +247,14 @@ def _replace_topk(expr: ir.MaskExpr, as_full: bool) -> ir.MaskExpr | None:
         parts = [_replace_topk(t, as_full) for t in expr.terms]
         return None if any(p is None for p in parts) else ir.intersection(*parts)
     return expr
+
+
+def _selection(expr, shape, att) -> SelectionWork:
+    """The top-k call's selection pass (one top-k term: codegen.topk's normal form has one)."""
+    node = next(n for n in ir.walk(expr) if isinstance(n, ir.TopK))
+    if att is None:
+        return selection_work(shape, node.block)
+    return selection_work(shape, node.block, att.batch, att.heads, att.kv_heads, att.head_dim, att.dtype)
 
 
 def _topk(expr, shape, q_tile, kv_tile, permute):
