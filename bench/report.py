@@ -23,6 +23,15 @@ def print_table(results) -> None:
               f"{_fmt(r.get('speedup_vs_flex'), 2):>7s} {_fmt(r.get('flop_ideal'), 1):>7s} "
               f"{_fmt(r.get('sim_upper_bound'), 2):>7s} {_fmt(best.get('error'), 5) if best else '-':>8s}  "
               f"{best.get('config', '-')}")
+    small = [r for r in results if r.get("dense_graph_ms") or r.get("ours_best", {}).get("graph_ms")]
+    if small:
+        print(f"\nkernel time from CUDA graphs (host launch excluded) where a call takes < 1 ms:\n"
+              f"{'case':34s} {'dense':>9s} {'ours':>9s} {'x dense':>8s}  path")
+        for r in small:
+            best = r.get("ours_best", {})
+            dense, ours = r.get("dense_graph_ms"), best.get("graph_ms")
+            print(f"{Path(r['file']).stem + ':' + r['mask']:34s} {_fmt(dense):>9s} {_fmt(ours):>9s} "
+                  f"{_fmt(dense / ours if dense and ours else None, 2):>8s}  {best.get('path', '-')}")
 
 
 def print_paths(results) -> None:

@@ -28,6 +28,8 @@ Measured variants that lost (H100, dense 32k, d128): one 8-warp consumer (-20%),
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -185,10 +187,17 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
     ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a [block_rows, head_dim] box: computed once (it costs ~5 us a
+    call, and a one-head launch is host-bound)."""
+    return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim],
+                                                gl.float16 if dtype == torch.float16 else gl.bfloat16)
+
+
 def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     batch, heads, tokens, head_dim = t.shape
-    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gdt)
+    layout = _smem_layout(block_rows, head_dim, t.dtype)
     return TensorDescriptor(t, [batch * heads * tokens, head_dim], [row_stride(t), 1], [block_rows, head_dim], layout)
 
 
