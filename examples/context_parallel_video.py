@@ -116,22 +116,22 @@ def run_emulated(args, p) -> dict:
     cfg, bcfg = config(p)
     fn = maskdsl.compile(maskdsl.parse(spec_text(p, p["frames"] * world)), "gna", cfg, bcfg)
     one = maskdsl.compile(maskdsl.parse(spec_text(p, p["frames"])), "gna", cfg, bcfg)
-    plan = plan_for(fn, world)
     dtype = torch.bfloat16
     L = fn.mask.layout.tokens
     q, k, v, dout = (torch.randn(1, p["heads"], L, p["dim"], device="cuda", dtype=dtype) for _ in range(4))
     scale = p["dim"] ** -0.5
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=50, return_mode="median")  # noqa: E731
     whole = fn(q, k, v)  # the whole stretched grid on one GPU: each rank's rows must equal it
-    n = plan.inner
     per_rank = []
-    for r in range(world):
+    for overlap, r in ((o, r) for o in (True, False) for r in range(world)):
+        plan = plan_for(fn, world, overlap=overlap)
+        n = plan.inner
         mine = emulate_rank(fn, plan, r, q, k, v, scale)
         theirs = torch.cat([whole[:, :, a * n:b * n] for a, b in plan.chunks[r]], dim=2)
         err = (mine.float() - theirs.float()).abs().max().item()
         if not err < 2e-2 or torch.isnan(mine).any():
             raise SystemExit(f"rank {r}: its share differs from the whole-grid kernel by {err:.3e}")
-        per_rank.append({"rank": r, "chunks": plan.chunks[r], "max_abs_diff_vs_whole": err,
+        per_rank.append({"rank": r, "overlap": overlap, "chunks": plan.chunks[r], "max_abs_diff_vs_whole": err,
                          "forward_ms": bench(lambda: emulate_rank(fn, plan, r, q, k, v, scale)),
                          "fwd_bwd_ms": bench(lambda: emulate_rank(fn, plan, r, q, k, v, scale, dout)),
                          "predicted_bytes": plan.received_bytes(r, p["dim"], p["heads"], 1, 2)})
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
             extra = (f"  weak scaling fwd {single['forward_ms'] / row['forward_ms']:.1%}, "
                      f"fwd+bwd {single['fwd_bwd_ms'] / row['fwd_bwd_ms']:.1%}")
         got = row.get("received_bytes")
-        print(f"rank {row['rank']} frames {row['chunks']}: forward {row['forward_ms']:.3f} ms, fwd+bwd "
+        mode = {True: " (overlap)", False: " (joined)"}.get(row.get("overlap"), "")
+        print(f"rank {row['rank']}{mode} frames {row['chunks']}: forward {row['forward_ms']:.3f} ms, fwd+bwd "
               f"{row['fwd_bwd_ms']:.3f} ms, halo {row['predicted_bytes'] / 1e6:.1f} MB predicted"
               + ("" if got is None else f", {got / 1e6:.1f} MB received") + extra)
     if single:

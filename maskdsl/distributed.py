@@ -28,7 +28,7 @@ from maskdsl.shard_plan import ShardPlan, full_plan, shard_plan
 
 
 def plan_for(fn, ranks: int, zigzag: bool = False, max_segment_frames: int | None = None,
-             head_dim: int = 128) -> ShardPlan:
+             head_dim: int = 128, overlap: bool = True) -> ShardPlan:
     """The shard plan of a compiled mask: chunk edges on every kernel's dimension-0 tiles (the backward's
     default tiles depend on head_dim)."""
     mdef = fn.mask
@@ -43,7 +43,7 @@ def plan_for(fn, ranks: int, zigzag: bool = False, max_segment_frames: int | Non
     chunk_unit = math.lcm(qt, bqt, key_unit)
     if mdef.dynamic:
         return full_plan(shape, ranks, chunk_unit, zigzag)
-    return shard_plan(mdef.expr, shape, ranks, chunk_unit, key_unit, zigzag, max_segment_frames)
+    return shard_plan(mdef.expr, shape, ranks, chunk_unit, key_unit, zigzag, max_segment_frames, overlap)
 
 
 def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=None):
@@ -53,20 +53,28 @@ def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=Non
     dk, dv it contributes."""
     n = plan.inner
     out, grads = [], []
+
+    def buffer(t, seg):  # a buffer of several pieces is a copy on a real rank (torch.cat of what arrived)
+        if len(seg.pieces) == 1:
+            return t[:, :, seg.frames[0] * n:seg.frames[1] * n]
+        return torch.cat([t[:, :, p.frames[0] * n:p.frames[1] * n] for p in seg.pieces], dim=2)
+
     dk = dv = None
     if dout is not None:
         dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     for c, (a, b) in enumerate(plan.chunks[rank]):
         o_c = torch.zeros_like(q[:, :, a * n:b * n])
         l_c = torch.full(o_c.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        for seg in plan.segments[rank][c]:
+        for i, seg in enumerate(plan.segments[rank][c]):
             qa, qb = seg.queries
-            keys = slice(seg.frames[0] * n, seg.frames[1] * n)
             local = slice((qa - a) * n, (qb - a) * n)
-            o_s, l_s = torch.empty_like(o_c[:, :, local]), torch.empty_like(l_c[:, :, local])
-            fn.launch_segment(q[:, :, qa * n:qb * n], k[:, :, keys], v[:, :, keys], scale, o_s, l_s,
+            direct = i == 0 and (qa, qb) == (a, b)  # as the real forward: the first whole-chunk call writes out
+            o_s = o_c if direct else torch.empty_like(o_c[:, :, local])
+            l_s = l_c if direct else torch.empty_like(l_c[:, :, local])
+            fn.launch_segment(q[:, :, qa * n:qb * n], buffer(k, seg), buffer(v, seg), scale, o_s, l_s,
                               q_frames=(qa, qb), k_frames=seg.frames)
-            merge_into(o_c[:, :, local], l_c[:, :, local], o_s, l_s)
+            if not direct:
+                merge_into(o_c[:, :, local], l_c[:, :, local], o_s, l_s)
         out.append(o_c)
         if dout is not None:
             dq_c = torch.zeros_like(o_c, dtype=torch.float32)
@@ -76,7 +84,7 @@ def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=Non
                 local = slice((qa - a) * n, (qb - a) * n)
                 rows = slice(qa * n, qb * n)
                 dq_s, dk_s, dv_s = torch.empty_like(q[:, :, rows]), torch.empty_like(k[:, :, keys]), torch.empty_like(v[:, :, keys])
-                fn.launch_backward_segment(q[:, :, rows], k[:, :, keys], v[:, :, keys], o_c[:, :, local],
+                fn.launch_backward_segment(q[:, :, rows], buffer(k, seg), buffer(v, seg), o_c[:, :, local],
                                            l_c[:, :, local], dout[:, :, rows], scale, dq_s, dk_s, dv_s,
                                            q_frames=(qa, qb), k_frames=seg.frames)
                 dq_c[:, :, local] += dq_s
@@ -95,11 +103,12 @@ class ContextParallelAttention:
     `spec`/`mask` as for `maskdsl.compile` (a path, text or Spec, and the mask's name); `zigzag`
     gives each rank chunks r and 2R-1-r of 2R (balances a causal mask); `config`/`backward_config`
     choose the kernels' tiles (the tuning database's, else the simulator's best); chunk edges fall on
-    every kernel's dimension-0 tiles.
+    every kernel's dimension-0 tiles. `overlap` (shard_plan): attend the own frames while the halo
+    travels (one more call per halo), or join halo and own frames into one buffer and one call.
     """
 
     def __init__(self, spec, mask: str, group=None, zigzag: bool = False, config=None, backward_config=None,
-                 max_segment_frames: int | None = None, head_dim: int | None = None):
+                 max_segment_frames: int | None = None, head_dim: int | None = None, overlap: bool = True):
         from maskdsl.api import compile as compile_mask
 
         if not dist.is_initialized():
@@ -111,7 +120,7 @@ class ContextParallelAttention:
         self.rank = dist.get_rank(group)
         attention = self.fn.mask and _attention(spec, mask)
         self.head_dim = head_dim or (attention.head_dim if attention else 128)
-        self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim)
+        self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim, overlap)
         self.received_bytes = 0  # K/V bytes this rank received in its last forward (checked against the plan)
 
     # ---- moving whole tensors between the global and the sharded layouts (examples, tests) ----

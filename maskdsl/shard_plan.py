@@ -129,10 +129,14 @@ def chunk_bounds(n0: int, pieces: int, unit: int) -> tuple[int, ...]:
 
 
 def shard_plan(expr: ir.MaskExpr, shape: tuple[int, ...], ranks: int, chunk_unit: int = 1, key_unit: int = 1,
-               zigzag: bool = False, max_segment_frames: int | None = None) -> ShardPlan:
+               zigzag: bool = False, max_segment_frames: int | None = None, overlap: bool = True) -> ShardPlan:
     """The plan for `ranks` ranks. `chunk_unit` must be a multiple of `key_unit` (chunk edges are key-tile
     edges too, so cutting a run of key frames at an owner's edge keeps every segment tile-aligned).
-    `max_segment_frames` caps a remote segment (default: twice the largest chunk)."""
+    `max_segment_frames` caps a segment (default: twice the largest chunk, three times without overlap).
+
+    `overlap=True` attends the own frames while the halo travels, at the price of one more kernel call
+    (and a merge) per halo for the query tiles that reach it; `overlap=False` joins the halo and the own
+    frames into one buffer (a copy) and one call over exactly the single-GPU tiles, after the exchange."""
     shape = tuple(int(n) for n in shape)
     n0 = shape[0]
     if chunk_unit % key_unit:
@@ -145,14 +149,14 @@ def shard_plan(expr: ir.MaskExpr, shape: tuple[int, ...], ranks: int, chunk_unit
     spans = [(bounds[i], bounds[i + 1]) for i in range(pieces)]
     chunks = tuple(((spans[r], spans[pieces - 1 - r]) if zigzag else (spans[r],)) for r in range(ranks))
     owners = sorted((a, b, r, c) for r, cs in enumerate(chunks) for c, (a, b) in enumerate(cs))
-    cap = max_segment_frames or 2 * max(b - a for a, b in spans)
+    cap = max_segment_frames or (2 if overlap else 3) * max(b - a for a, b in spans)
     segments = []
     for r in range(ranks):
         per_chunk = []
         for qa, qb in chunks[r]:
             need = needed_frames(expr, shape, (qa, qb))
             tiles = sorted({f // key_unit for f in need})
-            segs = _segments(_runs(tiles, key_unit, n0), owners, r, cap)
+            segs = _segments(_runs(tiles, key_unit, n0), owners, r, cap, overlap)
             per_chunk.append(tuple(_with_queries(seg, expr, shape, (qa, qb), chunk_unit) for seg in segs))
         segments.append(tuple(per_chunk))
     return ShardPlan(shape, ranks, zigzag, chunk_unit, key_unit, chunks, tuple(segments))
@@ -192,9 +196,10 @@ def _runs(tiles: list[int], unit: int, n0: int) -> list[tuple[int, int]]:
     return [(a * unit, min(b * unit, n0)) for a, b in runs]
 
 
-def _segments(runs, owners, rank: int, cap: int):
+def _segments(runs, owners, rank: int, cap: int, overlap: bool = True):
     """Cut runs into pieces at owners' edges; the rank's own pieces are segments of their own (they need
-    no exchange), consecutive remote pieces join while the segment stays within `cap` frames."""
+    no exchange), consecutive remote pieces join while the segment stays within `cap` frames. Without
+    `overlap`, any consecutive pieces join (own frames included) within `cap`."""
     out: list[list] = []  # [first, end, pieces, remote]
     for a, b in runs:
         for oa, ob, r, c in owners:
@@ -204,7 +209,11 @@ def _segments(runs, owners, rank: int, cap: int):
             piece = Piece(r, c, (lo, hi))
             remote = r != rank
             last = out[-1] if out else None
-            if (last and last[3] and remote and last[1] == lo and hi - last[0] <= cap):
+            if not overlap and last and last[1] == lo and hi - last[0] <= cap:
+                last[1] = hi
+                last[2].append(piece)
+                last[3] = last[3] or remote
+            elif (last and last[3] and remote and last[1] == lo and hi - last[0] <= cap):
                 last[1] = hi
                 last[2].append(piece)
             elif last and not last[3] and not remote and last[1] == lo:

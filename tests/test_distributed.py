@@ -21,17 +21,17 @@ from maskdsl.reference import reference_attention
 from maskdsl.semantics import static_mask
 from maskdsl.shard_plan import chunk_bounds, full_plan, shard_plan
 
-# (layout, mask, forward q/kv tiles, zigzag): 1-3-D, strides, dilation off dimension 0, causal, a union
+# (layout, mask, forward q/kv tiles, zigzag[, overlap]): 1-3-D, strides, dilation off dimension 0, causal, a union
 # with sinks (rank 0's sink queries need every frame: a ring of segments), GQA in every case, top-k.
 CASES = {
     2: [
         ("grid(64)", "sliding_window(9, causal=true)", (16,), (16,), True),
-        ("grid(9, 6)", "neighborhood(window=(3, 5), stride=(2, 1))", (2, 8), (2, 8), False),
+        ("grid(9, 6)", "neighborhood(window=(3, 5), stride=(2, 1))", (2, 8), (2, 8), False, False),
         ("grid(6, 3, 7)", "neighborhood(window=(3, 3, 3), dilation=(1, 1, 2), stride=(1, 2, 1))",
          (2, 2, 4), (1, 4, 4), False),
     ],
     4: [
-        ("grid(80)", "sliding_window(17) | sink(3)", (16,), (16,), False),
+        ("grid(80)", "sliding_window(17) | sink(3)", (16,), (16,), False, False),
         ("grid(8, 6)", "neighborhood(window=(3, 3), causal=(true, false))", (2, 8), (2, 8), False),
         ("grid(64)", "topk(2, block=16) | sliding_window(5, causal=true)", (16,), (16,), False),
     ],
@@ -60,11 +60,12 @@ def _worker(rank: int, world: int, port: int, errors) -> None:
 def _check(case, rank: int, world: int) -> None:
     from maskdsl.distributed import ContextParallelAttention
 
-    layout, text, q_tile, kv_tile, zigzag = case
+    layout, text, q_tile, kv_tile, zigzag, *rest = case
+    overlap = rest[0] if rest else True
     spec = maskdsl.parse(f"layout g = {layout}\nmask m = {text}")
     cfg = KernelConfig(q_tile, kv_tile)
     attn = ContextParallelAttention(spec, "m", zigzag=zigzag, config=cfg, backward_config=BackwardConfig(cfg, cfg),
-                                   head_dim=D)
+                                   head_dim=D, overlap=overlap)
     L = spec.masks[0].layout.tokens
     gen = torch.Generator().manual_seed(1234 + L)  # the same whole tensors on every rank
     q, k, v, dout = (torch.randn(B, h, L, D, generator=gen) for h in (H, HKV, HKV, H))
@@ -74,7 +75,7 @@ def _check(case, rank: int, world: int) -> None:
     q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
     ref = reference_attention(q64, k64, v64, spec, "m")
     ref.backward(dout.double())
-    what = f"{text} ({world} ranks{', zig-zag' if zigzag else ''})"
+    what = f"{text} ({world} ranks{', zig-zag' if zigzag else ''}{'' if overlap else ', joined buffers'})"
     for name, got, want in (("out", out, ref), ("dq", ql.grad, q64.grad), ("dk", kl.grad, k64.grad),
                             ("dv", vl.grad, v64.grad)):
         want = attn.shard(want.detach()).float()
@@ -107,15 +108,22 @@ PLAN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("layout, text, ranks, unit, key_unit, zigzag", PLAN_CASES, ids=[c[1] for c in PLAN_CASES])
 def test_plan_fetches_every_needed_frame_and_only_whole_key_tiles_around_them(layout, text, ranks, unit, key_unit,
-                                                                              zigzag):
+                                                                              zigzag, overlap):
     spec = maskdsl.parse(f"layout g = {layout}\nmask m = {text}")
     mdef = spec.masks[0]
     shape = mdef.layout.shape
     inner = math.prod(shape[1:])
     m = static_mask(mdef.expr, shape)
-    plan = shard_plan(mdef.expr, shape, ranks, unit, key_unit, zigzag)
+    plan = shard_plan(mdef.expr, shape, ranks, unit, key_unit, zigzag, overlap=overlap)
+    if not overlap:  # adjacent frames share a buffer, own frames included, unless the cap splits them
+        cap = 3 * max(b - a for r in range(ranks) for a, b in plan.chunks[r])
+        for r in range(ranks):
+            for segs in plan.segments[r]:
+                spans = sorted(seg.frames for seg in segs)
+                assert all(x[1] != y[0] or y[1] - x[0] > cap for x, y in zip(spans, spans[1:])), spans
     owned = sorted(f for r in range(ranks) for a, b in plan.chunks[r] for f in range(a, b))
     assert owned == list(range(shape[0]))  # every frame owned exactly once
     for r in range(ranks):
