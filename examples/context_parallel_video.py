@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout runs without installing
 
 GPU = dict(frames=30, inner=(48, 80), window=(15, 24, 40), stride=(2, 8, 8), heads=24, dim=128, tile=(2, 8, 8))
-CPU = dict(frames=4, inner=(3, 8), window=(3, 3, 5), stride=(1, 1, 2), heads=2, dim=16, tile=(2, 1, 8))
+CPU = dict(frames=4, inner=(3, 8), window=(3, 3, 5), stride=(1, 1, 2), heads=2, dim=16, tile=(2, 2, 8))
 
 
 def spec_text(p, frames: int) -> str:

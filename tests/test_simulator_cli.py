@@ -48,3 +48,19 @@ def test_figure_classes_match_brute_force(tmp_path):
     np.testing.assert_array_equal(tile_classes(spec, "m", (4, 4)), want)
     out = draw_tilemaps(spec, [("m", (4, 4), (4, 4))], str(tmp_path / "map.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_ranks_prints_each_ranks_share(capsys):
+    from maskdsl.simulator.sharding import simulate_sharded
+
+    path = str(EXAMPLES / "video_gna.mask")
+    assert main(["simulate", path, "--q-tile", "2,8,8", "--kv-tile", "2,8,8", "--ranks", "3", "--zigzag",
+                 "--link-gbps", "100"]) == 0
+    out = capsys.readouterr().out.split("context parallel over 3 ranks (zig-zag), link 100 GB/s:")[1]
+    preds = simulate_sharded(maskdsl.load(path), "gna", 3, (2, 8, 8), (2, 8, 8), 100.0, zigzag=True)
+    rows = [line.split() for line in out.strip().splitlines()[1:]]
+    assert len(rows) == 3
+    for p, row in zip(preds, rows):
+        assert len(p.chunks) == 2  # zig-zag: two chunks per rank
+        assert int(row[0]) == p.rank and int(row[3]) == p.query_tiles and int(row[4]) == p.visited_tiles
+        assert float(row[6]) == pytest.approx(p.halo_bytes / 1e6, abs=0.05)
