@@ -153,6 +153,7 @@ class CompiledTopKAttention(CompiledAttention):
         self.plan = KernelPlan(mask.name, mask.expr.fmt(), shape, tuple(d.plan for d in self.grid.kernel_dims()), (),
                                self.config)
         self.candidates = candidate_blocks(form, shape)
+        self._candidates: dict = {}
         context = _context(mask, form, self.config, self.grid, self.plan.tma_ok)
         key = kernel_key(mask.content_hash(), self.config.key(), TEMPLATE)
         self.module, self.source_path = load_module(key, lambda: render_template(TEMPLATE, **context))
@@ -167,7 +168,9 @@ class CompiledTopKAttention(CompiledAttention):
         from maskdsl.codegen.topk_select import block_scores, select
 
         scores = block_scores(q, k, self.mask.layout.shape, self.form.topk.block)
-        cand = self.candidates.to(q.device)
+        cand = self._candidates.get(q.device)
+        if cand is None:  # copied once per device: a copy per call made the host wait for the GPU every call
+            cand = self._candidates[q.device] = self.candidates.to(q.device)
         return select(scores, cand, self.form.topk.k)
 
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
