@@ -123,7 +123,8 @@ def run_emulated(args, p) -> dict:
     bench = lambda f: triton.testing.do_bench(f, warmup=5, rep=50, return_mode="median")  # noqa: E731
     whole = fn(q, k, v)  # the whole stretched grid on one GPU: each rank's rows must equal it
     per_rank = []
-    for overlap, r in ((o, r) for o in (True, False) for r in range(world)):
+    modes = {"both": (True, False), "yes": (True,), "no": (False,)}[args.overlap]
+    for overlap, r in ((o, r) for o in modes for r in range(world)):
         plan = plan_for(fn, world, overlap=overlap)
         n = plan.inner
         mine = emulate_rank(fn, plan, r, q, k, v, scale)
@@ -152,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--emulate", type=int, help="one GPU, no process group: run this many ranks' shares in turn")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--overlap", choices=("both", "yes", "no"), default="both",
+                    help="with --emulate: the schedules to time (own frames first with halos overlapped, "
+                         "or halo and own frames joined into one call)")
     ap.add_argument("--json", help="write the results here (rank 0)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
