@@ -5,13 +5,18 @@ Why a second forward: on dense and perfectly block-sparse masks the Triton templ
 scheduler. Gluon is Triton's lower level (same compiler, explicit layouts, shared memory, mbarriers
 and warp specialization), which lets this kernel schedule it by hand as FlashAttention-3 does; the
 prototype measured 101% of cuDNN on dense 32k (d128, bf16). It has no predicate: it runs only the masks `codegen.gluon_plan` accepts
-(every visited 128 x 128 tile full, one contiguous key-tile run per query tile), and
+(every visited 128 x 128 tile full, one box of key tiles per query tile), and
 `CompiledAttention.launch` falls back to the template for everything else.
 
-One CTA = one 128-row query tile of one (batch, head); the grid's first axis walks a table of the
-query tiles that visit anything (so neighbouring CTAs share K/V in L2), each row holding the tile
-and its key tiles [lo, hi). Three partitions (`gl.warp_specialize`, 12 warps):
-  * loader (1 warp, 24 registers): TMA-loads Q once, then K and V into a 2-stage ring. K and V
+One CTA = one 128-token query tile (a box of the grid: a run of 128 tokens on a 1-D order, e.g.
+2 x 8 x 8 on a video) of one (batch, head); the grid's first axis walks a table of the query tiles
+that visit anything (so neighbouring CTAs share K/V in L2), each row holding the tile's coordinates
+and its box of key tiles [lo_d, hi_d) per dimension. Every grid is padded to 3 dimensions, so one
+kernel serves 1-D, 2-D and 3-D masks: Q, K, V and O are 5-D TMA boxes [1, t0, t1, t2, head_dim]
+whose shared memory the wgmma reads as [128 or 64 rows, head_dim] (same bytes, same swizzle).
+Three partitions (`gl.warp_specialize`, 12 warps):
+  * loader (1 warp, 24 registers): TMA-loads Q once (two half boxes, one per consumer), then walks
+    the key-tile box row-major into a 2-stage ring of K and V. K and V
     have their own `ready` mbarriers (transaction counts), so S = QK^T starts before V lands;
     `kv_empty[s]` (count 2) is arrived by both consumers once their last read of a stage retired.
   * two consumers (4 warps, 240 registers each), rows 0-63 and 64-127: async wgmma S = Q K^T,
@@ -20,7 +25,8 @@ and its key tiles [lo, hi). Three partitions (`gl.warp_specialize`, 12 warps):
     With PINGPONG the two take turns issuing their MMAs (mbarriers `turn`), so the tensor core
     runs one warpgroup's GEMMs while the other does its exponentials.
   * epilogue: O /= l goes through the consumer's (now free) half of Q's shared memory and a TMA
-    store; LSE = (m + log2 l) * ln 2, the natural log the template stores and the backward reads.
+    store of that half box; LSE = (m + log2 l) * ln 2 (the natural log the template stores and the
+    backward reads) goes to each row's token of the grid.
 
 Measured variants that lost (H100, dense 32k, d128): one 8-warp consumer (-20%), 64-key tiles
 (-17%), three stages (no gain). Ping-pong vs not is within noise on dense; it is kept as a knob.
