@@ -82,13 +82,15 @@ class CompiledAttention:
         """Why `launch` runs the Triton template instead of the Gluon forward for these tensors, or None.
 
         The Gluon path (codegen.gluon_fwd) needs a Hopper GPU outside the interpreter, fp16/bf16,
-        head_dim 64 or 128, q/k/v/out whose rows fold into one TMA box, and a mask whose visited
-        128 x 128 tiles are all full and form one key-tile run per query tile (codegen.gluon_plan);
+        head_dim 64 or 128, q/k/v/out that the copy engine addresses as [batch x heads, grid, head_dim],
+        and a mask whose visited 128-token tiles (the config's on a multi-dimensional grid) are all
+        full and form one box of key tiles per query tile (codegen.gluon_plan);
         MASKDSL_GLUON=0 turns it off. k, v and out default to q's layout, lse to the one the op allocates.
         """
         from maskdsl.codegen.gluon_plan import tensor_blocker
 
-        reason = tensor_blocker(q, q if k is None else k, q if v is None else v, q if out is None else out, lse)
+        reason = tensor_blocker(q, q if k is None else k, q if v is None else v, q if out is None else out, lse,
+                                self.plan.shape)
         if reason is None and not self.gluon_schedule.ranges.ok:
             reason = self.gluon_schedule.ranges.reason
         return reason
@@ -151,7 +153,8 @@ class CompiledAttention:
         if len(idle_rows):  # query tiles that see no key: output 0 and LSE -inf, as the template writes them
             out.index_fill_(2, idle_rows, 0.0)
             lse.index_fill_(2, idle_rows, float("-inf"))
-        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table))
+        r = self.gluon_schedule.ranges
+        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile)
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""

@@ -5,13 +5,18 @@ Why a second forward: on dense and perfectly block-sparse masks the Triton templ
 scheduler. Gluon is Triton's lower level (same compiler, explicit layouts, shared memory, mbarriers
 and warp specialization), which lets this kernel schedule it by hand as FlashAttention-3 does; the
 prototype measured 101% of cuDNN on dense 32k (d128, bf16). It has no predicate: it runs only the masks `codegen.gluon_plan` accepts
-(every visited 128 x 128 tile full, one contiguous key-tile run per query tile), and
+(every visited 128 x 128 tile full, one box of key tiles per query tile), and
 `CompiledAttention.launch` falls back to the template for everything else.
 
-One CTA = one 128-row query tile of one (batch, head); the grid's first axis walks a table of the
-query tiles that visit anything (so neighbouring CTAs share K/V in L2), each row holding the tile
-and its key tiles [lo, hi). Three partitions (`gl.warp_specialize`, 12 warps):
-  * loader (1 warp, 24 registers): TMA-loads Q once, then K and V into a 2-stage ring. K and V
+One CTA = one 128-token query tile (a box of the grid: a run of 128 tokens on a 1-D order, e.g.
+2 x 8 x 8 on a video) of one (batch, head); the grid's first axis walks a table of the query tiles
+that visit anything (so neighbouring CTAs share K/V in L2), each row holding the tile's coordinates
+and its box of key tiles [lo_d, hi_d) per dimension. Every grid is padded to 3 dimensions, so one
+kernel serves 1-D, 2-D and 3-D masks: Q, K, V and O are 5-D TMA boxes [1, t0, t1, t2, head_dim]
+whose shared memory the wgmma reads as [128 or 64 rows, head_dim] (same bytes, same swizzle).
+Three partitions (`gl.warp_specialize`, 12 warps):
+  * loader (1 warp, 24 registers): TMA-loads Q once (two half boxes, one per consumer), then walks
+    the key-tile box row-major into a 2-stage ring of K and V. K and V
     have their own `ready` mbarriers (transaction counts), so S = QK^T starts before V lands;
     `kv_empty[s]` (count 2) is arrived by both consumers once their last read of a stage retired.
   * two consumers (4 warps, 240 registers each), rows 0-63 and 64-127: async wgmma S = Q K^T,
@@ -20,7 +25,8 @@ and its key tiles [lo, hi). Three partitions (`gl.warp_specialize`, 12 warps):
     With PINGPONG the two take turns issuing their MMAs (mbarriers `turn`), so the tensor core
     runs one warpgroup's GEMMs while the other does its exponentials.
   * epilogue: O /= l goes through the consumer's (now free) half of Q's shared memory and a TMA
-    store; LSE = (m + log2 l) * ln 2, the natural log the template stores and the backward reads.
+    store of that half box; LSE = (m + log2 l) * ln 2 (the natural log the template stores and the
+    backward reads) goes to each row's token of the grid.
 
 Measured variants that lost (H100, dense 32k, d128): one 8-warp consumer (-20%), 64-key tiles
 (-17%), three stages (no gain). Ping-pong vs not is within noise on dense; it is kept as a knob.
@@ -37,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from maskdsl.codegen.gluon_plan import BLOCK_M, BLOCK_N, row_stride
+from maskdsl.codegen.gluon_plan import BLOCK_M, BLOCK_N, box_strides
 
 LOG2E = 1.4426950408889634
 NUM_STAGES = 2  # 160 KB of shared memory at head_dim 128; a third stage measured no faster
@@ -52,20 +58,24 @@ PINGPONG = True
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
-            q_row0, kv_row0, lo, hi, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row0, 0], q_bar, q_smem)
-    for i in range(hi - lo):
+            bh, bh_kv, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, K0: gl.constexpr, K1: gl.constexpr,
+            K2: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Q's two halves once, then the key-tile box row-major (last dimension fastest) into the ring."""
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [bh, q0[0], q1[0], q2[0], 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [bh, q0[1], q1[1], q2[1], 0], q_bar, q_smem.index(1))
+    for i in range(n):
         stage = i % NUM_STAGES
         # a fresh mbarrier counts as "phase 1 complete": the first lap through the ring does not wait
         mbarrier.wait(kv_empty.index(stage), ((i // NUM_STAGES) & 1) ^ 1)
-        row = kv_row0 + (lo + i) * BLOCK_N
+        j = i // e2
+        coord = [bh_kv, (lo0 + j // e1) * K0, (lo1 + j % e1) * K1, (lo2 + i % e2) * K2, 0]
         kb = k_ready.index(stage)
         mbarrier.expect(kb, k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], kb, k_bufs.index(stage))
+        tma.async_copy_global_to_shared(k_desc, coord, kb, k_bufs.index(stage))
         vb = v_ready.index(stage)
         mbarrier.expect(vb, v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], vb, v_bufs.index(stage))
+        tma.async_copy_global_to_shared(v_desc, coord, vb, v_bufs.index(stage))
 
 
 @gluon.jit
@@ -85,7 +95,8 @@ def _softmax_step(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, o_row: gl.const
 
 @gluon.jit
 def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-              q_row0, lo, hi, qk_scale, CID: gl.constexpr, SUB_M: gl.constexpr, WARPS: gl.constexpr,
+              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, CID: gl.constexpr, SUB_M: gl.constexpr,
+              T1: gl.constexpr, T2: gl.constexpr, WARPS: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
@@ -97,15 +108,16 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    q_sub = q_smem.slice(CID * SUB_M, SUB_M)
+    q_box = q_smem.index(CID)  # this consumer's half of the query tile, a box of the grid
+    q_sub = q_box.reshape([SUB_M, HEAD_D])
     m_i = gl.full([SUB_M], float("-inf"), gl.float32, s_row)
     l_i = gl.full([SUB_M], 0.0, gl.float32, s_row)
     acc = gl.zeros([SUB_M, HEAD_D], gl.float32, o_layout)
-    n = hi - lo  # >= 1: the host launches only tiles that visit something (the loop peels tile 0)
+    # n >= 1: the host launches only tiles that visit something (the loop peels tile 0)
 
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_sub, k_bufs.index(0).permute((1, 0)), gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout),
+    s = warpgroup_mma(q_sub, k_bufs.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout),
                       use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
@@ -116,9 +128,9 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
         if PINGPONG:  # consumer 0 goes first; each passes the turn right after issuing its MMAs
             mbarrier.wait(turn.index(CID), ((i - 1) & 1) ^ (1 - CID))
         mbarrier.wait(v_ready.index(prev), ((i - 1) // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+        acc = warpgroup_mma(p, v_bufs.index(prev).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
         mbarrier.wait(k_ready.index(cur), (i // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_sub, k_bufs.index(cur).permute((1, 0)),
+        s = warpgroup_mma(q_sub, k_bufs.index(cur).reshape([BLOCK_N, HEAD_D]).permute((1, 0)),
                           gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - CID))
@@ -129,40 +141,57 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
 
     last = (n - 1) % NUM_STAGES
     mbarrier.wait(v_ready.index(last), ((n - 1) // NUM_STAGES) & 1)
-    acc = warpgroup_mma(p, v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma(p, v_bufs.index(last).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
     mbarrier.arrive(kv_empty.index(last))
 
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     o = acc / gl.expand_dims(gl.convert_layout(l_safe, o_row), 1)
-    row0 = q_row0 + CID * SUB_M
     q_sub.store(o.to(dtype))  # this consumer's Q rows are dead: stage O there for the TMA store
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row0, 0], q_sub)
+    tma.async_copy_shared_to_global(o_desc, [bh, q0[CID], q1[CID], q2[CID], 0], q_box)
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    gl.store(lse_ptr + row0 + gl.arange(0, SUB_M, layout=s_row), lse)
+    r = CID * SUB_M + gl.arange(0, SUB_M, layout=s_row)  # row of the query tile -> token of the grid
+    token = ((q0[0] + r // (T1 * T2)) * N1 + q1[0] + (r // T2) % T1) * N2 + q2[0] + r % T2
+    gl.store(lse_ptr + lse_row0 + token, lse)
     tma.store_wait(0)
 
 
 @gluon.jit
-def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base, qk_scale, L, GROUP,
-                  HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                  num_warps: gl.constexpr):
-    """q/k/v/o descriptors address [batch x heads x tokens, HEAD_D] rows; `table_ptr` holds int32
-    (query tile, lo, hi) per launched tile; program (x, bh) runs row tile_base + x of it."""
-    entry = table_ptr + (tile_base + gl.program_id(0)) * 3
+def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base, qk_scale, L, N1, N2, GROUP,
+                  T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
+                  K2: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr,
+                  CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles,
+    k and v in key tiles); `table_ptr` holds int32 rows (query-tile coordinates c0..c2, then [lo, hi)
+    of key tiles per dimension) per launched tile; program (x, bh) runs row tile_base + x of it."""
+    entry = table_ptr + (tile_base + gl.program_id(0)) * 9
     bh = gl.program_id(1)
-    tile = gl.load(entry)
-    lo = gl.load(entry + 1)
-    hi = gl.load(entry + 2)
-    q_row0 = bh * L + tile * BLOCK_M
-    kv_row0 = (bh // GROUP) * L  # b * H + h over GROUP = b * H_kv + h // GROUP: the kv head of a GQA group
+    c0 = gl.load(entry)
+    c1 = gl.load(entry + 1)
+    c2 = gl.load(entry + 2)
+    lo0 = gl.load(entry + 3)
+    lo1 = gl.load(entry + 5)
+    lo2 = gl.load(entry + 7)
+    e1 = gl.load(entry + 6) - lo1
+    e2 = gl.load(entry + 8) - lo2
+    n = (gl.load(entry + 4) - lo0) * e1 * e2
+    # the first grid coordinate of each half of the query tile (the half box splits one dimension)
+    H0: gl.constexpr = o_desc.block_shape[1]
+    H1: gl.constexpr = o_desc.block_shape[2]
+    H2: gl.constexpr = o_desc.block_shape[3]
+    q0 = (c0 * T0, c0 * T0 + (T0 - H0))
+    q1 = (c1 * T1, c1 * T1 + (T1 - H1))
+    q2 = (c2 * T2, c2 * T2 + (T2 - H2))
+    lse_row0 = bh * L
+    bh_kv = bh // GROUP  # b * H + h over GROUP = b * H_kv + h // GROUP: the kv head of a GQA group
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    SUB_M: gl.constexpr = BLOCK_M // 2
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, H0, H1, H2, HEAD_D], o_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, K0, K1, K2, HEAD_D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, K0, K1, K2, HEAD_D], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -176,49 +205,64 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
 
-    SUB_M: gl.constexpr = BLOCK_M // 2
     gl.warp_specialize([
-        (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, q_row0, lo,
-                     hi, qk_scale, 0, SUB_M, num_warps, BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG)),
-        (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, q_row0, lo,
-                     hi, qk_scale, 1, SUB_M, num_warps, BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, q_row0,
-                   kv_row0, lo, hi, BLOCK_N, NUM_STAGES)),
+        (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
+                     q2, lse_row0, n, N1, N2, qk_scale, 0, SUB_M, T1, T2, num_warps, BLOCK_N, HEAD_D, NUM_STAGES,
+                     PINGPONG)),
+        (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
+                     q2, lse_row0, n, N1, N2, qk_scale, 1, SUB_M, T1, T2, num_warps, BLOCK_N, HEAD_D, NUM_STAGES,
+                     PINGPONG)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, bh, bh_kv,
+                   q0, q1, q2, lo0, lo1, lo2, e1, e2, n, K0, K1, K2, NUM_STAGES)),
     ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
-    """The swizzled shared-memory layout of a [block_rows, head_dim] box: computed once (it costs ~5 us a
-    call, and a one-head launch is host-bound)."""
-    return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim],
-                                                gl.float16 if dtype == torch.float16 else gl.bfloat16)
+def _smem_layout(box: tuple[int, ...], dtype: torch.dtype):
+    """The swizzled shared-memory layout of a box: computed once (it costs ~5 us a call, and a one-head
+    launch is host-bound). A box of 64 or 128 rows of head_dim swizzles like a [rows, head_dim]
+    matrix, so the wgmma reads it through a plain reshape."""
+    return gl.NVMMASharedLayout.get_default_for(list(box), gl.float16 if dtype == torch.float16 else gl.bfloat16)
 
 
-def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    batch, heads, tokens, head_dim = t.shape
-    layout = _smem_layout(block_rows, head_dim, t.dtype)
-    return TensorDescriptor(t, [batch * heads * tokens, head_dim], [row_stride(t), 1], [block_rows, head_dim], layout)
+def half_tile(q_tile: tuple[int, ...]) -> tuple[int, ...]:
+    """A consumer's half of the query tile: rows 0-63 of the row-major box are the lower half of its
+    first dimension longer than 1 (tiles of 128 tokens have even extents there)."""
+    d = next(i for i, t in enumerate(q_tile) if t > 1)
+    return q_tile[:d] + (q_tile[d] // 2,) + q_tile[d + 1:]
+
+
+def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) -> TensorDescriptor:
+    batch, heads, _, head_dim = t.shape
+    block = [1, *box, head_dim]
+    return TensorDescriptor(t, [batch * heads, *grid, head_dim], box_strides(t, grid), block,
+                            _smem_layout(tuple(block), t.dtype))
 
 
 def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
+                grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
                 pingpong: bool = PINGPONG):
-    """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`.
+    """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`; grid and
+    tiles are RANK-dimensional (codegen.gluon_plan pads them).
 
     Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU.
     """
     batch, heads, tokens, head_dim = q.shape
-    args = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N),
-            _descriptor(out, BLOCK_M // 2), lse, table, first, scale * LOG2E, tokens, heads // k.shape[1])
-    kwargs = dict(HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, PINGPONG=pingpong,
+    half = half_tile(q_tile)
+    args = (_descriptor(q, grid, half), _descriptor(k, grid, kv_tile), _descriptor(v, grid, kv_tile),
+            _descriptor(out, grid, half), lse, table, first, scale * LOG2E, tokens, grid[1], grid[2], heads // k.shape[1])
+    kwargs = dict(T0=q_tile[0], T1=q_tile[1], T2=q_tile[2], K0=kv_tile[0], K1=kv_tile[1], K2=kv_tile[2],
+                  HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, PINGPONG=pingpong,
                   LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS,
                   maxnreg=MAXNREG)
     return (count, batch * heads), args, kwargs
 
 
 def launch(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
+           grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
            pingpong: bool = PINGPONG) -> None:
     """Run `count` query tiles (rows of `table`) for every (batch, head); the caller checked eligibility."""
     if count:
-        grid, args, kwargs = kernel_args(q, k, v, out, lse, scale, table, first, count, pingpong)
-        attention_fwd[grid](*args, **kwargs)
+        launch_grid, args, kwargs = kernel_args(q, k, v, out, lse, scale, table, first, count, grid, q_tile,
+                                                kv_tile, pingpong)
+        attention_fwd[launch_grid](*args, **kwargs)

@@ -1,27 +1,35 @@
 """What the Gluon forward (codegen.gluon_fwd) can run: which masks (with each query tile's key-tile
-range), which tensors, and the per-device tables a launch reads. Nothing here imports Gluon, so the
+box), which tensors, and the per-device tables a launch reads. Nothing here imports Gluon, so the
 rule is checked (and tested) on machines where the kernel cannot run.
 
-The Gluon kernel has no predicate at all: a query tile of BLOCK_M rows walks key tiles [lo, hi)
-of BLOCK_N keys, every one of them seen entirely by every row. So a mask qualifies when, at those
-tiles, (1) every visited tile of every query tile is full and (2) a query tile's visited key tiles
-are one contiguous run. Perfectly block-sparse masks do (dense, block(n), neighborhood(window=w,
-stride=s) with tiles dividing s and w, unions of nested blocks); a plain sliding window or causal
-mask does not (its diagonal tiles are partial) and runs on the Triton template.
+The Gluon kernel has no predicate at all: a query tile (a box of the grid, 128 tokens) walks a box
+of key tiles [lo_d, hi_d) per dimension (128 tokens each), every one of them seen entirely by every
+row. So a mask qualifies when, at those tiles, (1) every visited tile of every query tile is full
+and (2) a query tile's visited key tiles form one box. Perfectly block-sparse masks do (dense,
+block(n), neighborhood(window=w, stride=s) with tiles dividing s and w, unions of nested blocks); a
+plain sliding window or causal mask does not (its diagonal tiles are partial) and runs on the
+Triton template.
 
-The ranges come from the exact integer row bounds of the analysis' product terms
-(`maskdsl.intervals.evaluate`, tabulated per tile by `maskdsl.transpose.query_tile_ranges`), the
-same numbers the Triton template and the backward's tables are built from. A union is accepted
-when each term's visited tiles are full for that term (then they are full for the union) and the
-terms' runs merge into one; a tile that only the union fills is refused, which costs speed, never
-correctness. Only the token order of the last grid dimension is handled: every other dimension
-must have extent 1 (the kernel's tiles are runs of consecutive tokens).
+Which tiles: on a 1-D token order (every dimension but the last of extent 1) the kernel's own
+(1, .., 128); on a multi-dimensional grid the compiled config's, when each is 128 tokens (the
+tile shape decides whether a mask is block-sparse, and the config is what was tuned for it).
+
+The boxes come from the exact integer row bounds of the analysis' product terms
+(`maskdsl.intervals.evaluate`, tabulated per dimension by `maskdsl.transpose.query_tile_ranges`),
+the same numbers the Triton template and the backward's tables are built from. One product term is
+a box per query tile because a tile pair is visited (full) exactly when it is in every dimension. A
+union is accepted when each term's visited tiles are full for that term (then they are full for the
+union) and, per query tile, the terms' boxes agree on every dimension but the last and their runs
+there merge into one; a tile that only the union fills is refused, which costs speed, never
+correctness. Layouts with dilation are refused (a dilation group is not a box of memory), as are
+grids of more than 3 dimensions (the copy engine's boxes have 5: batch x head, 3, head_dim).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 import torch
@@ -35,19 +43,24 @@ BLOCK_M = 128
 BLOCK_N = 128
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
+RANK = 3  # the kernel's grid rank: smaller grids get leading dimensions of extent 1
 
 
 @dataclass(frozen=True)
 class TileRanges:
-    """Per query tile t the key tiles [lo[t], hi[t]) it visits (lo == hi: none), or why the mask does not qualify.
+    """Per query tile t (row-major over the query-tile grid) the key-tile box [lo[t, d], hi[t, d]) it
+    visits in each of the RANK dimensions (empty in one dimension: none), or why the mask does not qualify.
 
-    `reason` is None when the Gluon kernel can run the mask; then lo/hi are int32 [q tiles].
+    `shape`, `q_tile`, `kv_tile` are padded at the front to RANK dimensions; `reason` is None when the
+    Gluon kernel can run the mask, and then lo/hi are int32 [q tiles, RANK].
     """
 
     lo: np.ndarray
     hi: np.ndarray
     reason: str | None = None
-    block_m: int = BLOCK_M
+    shape: tuple[int, ...] = ()
+    q_tile: tuple[int, ...] = ()
+    kv_tile: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -56,89 +69,143 @@ class TileRanges:
     @property
     def busy(self) -> np.ndarray:
         """Indices of the query tiles that visit at least one key tile (the kernel's grid), ascending."""
-        return np.nonzero(self.hi > self.lo)[0].astype(np.int32)
+        return np.nonzero((self.hi > self.lo).all(1))[0].astype(np.int32)
 
     @property
     def idle(self) -> np.ndarray:
         """Indices of the query tiles that visit nothing: their rows output 0 and LSE -inf."""
-        return np.nonzero(self.hi <= self.lo)[0].astype(np.int32)
+        return np.nonzero(~(self.hi > self.lo).all(1))[0].astype(np.int32)
+
+    @property
+    def q_tiles(self) -> tuple[int, ...]:
+        """Query tiles per dimension."""
+        return tuple(n // t for n, t in zip(self.shape, self.q_tile))
+
+    def coords(self, tiles: np.ndarray) -> np.ndarray:
+        """[len(tiles), RANK] query-tile coordinates of flat tile indices."""
+        return np.stack(np.unravel_index(tiles, self.q_tiles), axis=1).astype(np.int64)
+
+    def rows(self, tiles: np.ndarray) -> np.ndarray:
+        """Flat (row-major) token indices of the rows of these query tiles, tile by tile."""
+        offsets = np.stack(np.unravel_index(np.arange(prod(self.q_tile)), self.q_tile), axis=1)
+        coords = self.coords(tiles)[:, None, :] * np.array(self.q_tile) + offsets[None]  # [tiles, rows, RANK]
+        return np.ravel_multi_index(tuple(np.moveaxis(coords.reshape(-1, RANK), 1, 0)), self.shape).astype(np.int64)
 
 
-def _refused(reason: str, block_m: int = BLOCK_M) -> TileRanges:
-    empty = np.zeros(0, np.int32)
-    return TileRanges(empty, empty, reason, block_m)
+def _refused(reason: str) -> TileRanges:
+    empty = np.zeros((0, RANK), np.int32)
+    return TileRanges(empty, empty, reason)
 
 
-def tile_ranges(plan: KernelPlan, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> TileRanges:
-    """The [lo, hi) key-tile range of every `block_m`-row query tile of the plan's mask (module docstring)."""
-    *outer, n = plan.shape
-    if any(e != 1 for e in outer):
-        return _refused(f"grid {plan.shape}: only a 1-D token order (every dimension but the last of extent 1)")
+def _pad(t) -> tuple[int, ...]:
+    return (1,) * (RANK - len(t)) + tuple(t)
+
+
+def kernel_tiles(plan: KernelPlan) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+    """The (query, key) tiles the kernel runs the plan's mask with, or why none (module docstring)."""
+    if all(e == 1 for e in plan.shape[:-1]):
+        return (1,) * (plan.rank - 1) + (BLOCK_M,), (1,) * (plan.rank - 1) + (BLOCK_N,)
+    cfg = plan.config
+    if prod(cfg.q_tile) != BLOCK_M or prod(cfg.kv_tile) != BLOCK_N:
+        return (f"config {cfg.key()}: the kernel's query and key tiles are {BLOCK_M} and {BLOCK_N} tokens "
+                f"(choose tiles such as q2x8x8_k2x8x8)")
+    return tuple(cfg.q_tile), tuple(cfg.kv_tile)
+
+
+def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> TileRanges:
+    """The key-tile box of every query tile of the plan's mask (module docstring); tiles default to
+    `kernel_tiles`, a test passes its own."""
+    if q_tile is None:
+        tiles = kernel_tiles(plan)
+        if isinstance(tiles, str):
+            return _refused(tiles)
+        q_tile, kv_tile = tiles
+    if plan.rank > RANK:
+        return _refused(f"grid {plan.shape}: the kernel takes at most {RANK} dimensions")
     if any(d.dilation != 1 for d in plan.dims):
-        return _refused("dilated layout: a tile is not a run of consecutive tokens")
-    if n % block_m or n % block_n:
-        return _refused(f"{n} tokens is not a multiple of the {block_m} x {block_n} tiles")
-    spans = []
+        return _refused("dilated layout: a tile is not a box of memory")
+    for n, qt, kt in zip(plan.shape, q_tile, kv_tile):
+        if n % qt or n % kt:
+            return _refused(f"grid {plan.shape} is not a multiple of the tiles {tuple(q_tile)} x {tuple(kv_tile)}")
+    shape, q_tile, kv_tile = _pad(plan.shape), _pad(q_tile), _pad(kv_tile)
+    boxes = []
     for term in plan.terms:
-        if not all(_sees_key0(td) for td in term[:-1]):
-            continue  # an extent-1 dimension where the term attends nothing: the term is empty
-        td = term[-1]
+        box = _term_box(term, shape, q_tile, kv_tile)
+        if isinstance(box, str):
+            return _refused(box)
+        boxes.append(box)
+    lo, hi = _merge(boxes, prod(n // t for n, t in zip(shape, q_tile)))
+    return (_refused(lo) if isinstance(lo, str)
+            else TileRanges(lo.astype(np.int32), hi.astype(np.int32), None, shape, q_tile, kv_tile))
+
+
+def _term_box(term, shape, q_tile, kv_tile):
+    """(lo, hi) [q tiles, RANK] of one product term (lo == hi in every dimension where it sees nothing),
+    or why one of its visited tiles is partial."""
+    los, his, exact = [], [], []
+    for td, n, qt, kt in zip((None,) * (RANK - len(term)) + tuple(term), shape, q_tile, kv_tile):
+        if td is None:  # a padding dimension: one tile, seen entirely
+            los.append(np.zeros(1, np.int64)), his.append(np.ones(1, np.int64)), exact.append(np.ones(1, bool))
+            continue
         if td.dilation != 1:
-            return _refused("a dilated (strided) term: none of its tiles is full")
-        lo, hi = evaluate(SymRel(1, td.lo, td.hi, td.qa, td.qb), n)
-        tab = query_tile_ranges(lo, hi, 1, block_m, block_n)  # [q tiles, (a, b, fa, fb)], inclusive
+            return "a dilated (strided) term: none of its tiles is full"
+        tab = query_tile_ranges(*evaluate(SymRel(1, td.lo, td.hi, td.qa, td.qb), n), 1, qt, kt)  # inclusive
         seen = tab[:, 0] <= tab[:, 1]
-        if not (np.array_equal(tab[seen, 0], tab[seen, 2]) and np.array_equal(tab[seen, 1], tab[seen, 3])):
-            t = int(np.nonzero(seen & ((tab[:, 0] != tab[:, 2]) | (tab[:, 1] != tab[:, 3])))[0][0])
-            return _refused(f"query tile {t} visits partially seen key tiles (the kernel has no predicate)")
-        spans.append(np.where(seen[:, None], tab[:, :2] + [0, 1], 0))  # half-open, (0, 0) when unseen
-    return _merge(spans, n // block_m, block_m)
+        los.append(np.where(seen, tab[:, 0], 0)), his.append(np.where(seen, tab[:, 1] + 1, 0))
+        exact.append(~seen | ((tab[:, 0] == tab[:, 2]) & (tab[:, 1] == tab[:, 3])))
+    grid = np.meshgrid(*[np.arange(len(x)) for x in los], indexing="ij")
+    lo = np.stack([los[d][grid[d]].reshape(-1) for d in range(RANK)], axis=1)
+    hi = np.stack([his[d][grid[d]].reshape(-1) for d in range(RANK)], axis=1)
+    full = np.stack([exact[d][grid[d]].reshape(-1) for d in range(RANK)], axis=1).all(1)
+    busy = (hi > lo).all(1)
+    if (busy & ~full).any():
+        t = int(np.nonzero(busy & ~full)[0][0])
+        return f"query tile {t} visits partially seen key tiles (the kernel has no predicate)"
+    return np.where(busy[:, None], lo, 0), np.where(busy[:, None], hi, 0)
 
 
-def _sees_key0(td) -> bool:
-    lo, hi = evaluate(SymRel(td.dilation, td.lo, td.hi, td.qa, td.qb), 1)
-    return bool(lo[0] <= 0 <= hi[0])
+def _merge(boxes: list, q_tiles: int):
+    """One box per query tile from every term's boxes, or a refusal where their union is not one box."""
+    if not boxes:
+        zero = np.zeros((q_tiles, RANK), np.int64)
+        return zero, zero.copy()
+    lo, hi = boxes[0]
+    lo, hi = lo.copy(), hi.copy()
+    for t in range(q_tiles) if len(boxes) > 1 else ():
+        used = [(b_lo[t], b_hi[t]) for b_lo, b_hi in boxes if (b_hi[t] > b_lo[t]).all()]
+        if len(used) < 2:
+            lo[t], hi[t] = used[0] if used else (0, 0)
+            continue
+        if any((a[:-1] != used[0][0][:-1]).any() or (b[:-1] != used[0][1][:-1]).any() for a, b in used):
+            return f"query tile {t}: the terms' key-tile boxes differ before the last dimension (not one box)", None
+        reach = min(a[-1] for a, _ in used)
+        for a, b in sorted((int(a[-1]), int(b[-1])) for a, b in used):
+            if a > reach:
+                return f"query tile {t} visits key tiles in more than one run (gap at tile {reach})", None
+            reach = max(reach, b)
+        lo[t], hi[t] = used[0][0], used[0][1]
+        lo[t, -1], hi[t, -1] = min(a[-1] for a, _ in used), reach
+    return lo, hi
 
 
-def _merge(spans: list[np.ndarray], q_tiles: int, block_m: int) -> TileRanges:
-    """One [lo, hi) per query tile from every term's half-open runs, or a refusal where they leave a gap."""
-    if not spans:
-        zero = np.zeros(q_tiles, np.int32)
-        return TileRanges(zero, zero.copy(), None, block_m)
-    runs = np.stack(spans, axis=1)  # [q tiles, terms, 2]
-    used = runs[:, :, 1] > runs[:, :, 0]
-    big = np.iinfo(np.int64).max
-    lo = np.where(used, runs[:, :, 0], big).min(1)
-    hi = np.where(used, runs[:, :, 1], -1).max(1)
-    if len(spans) > 1:
-        for t in np.nonzero(used.sum(1) > 1)[0]:
-            reach = lo[t]
-            for a, b in sorted(map(tuple, runs[t][used[t]])):
-                if a > reach:
-                    return _refused(f"query tile {t} visits key tiles in more than one run (gap at tile {reach})")
-                reach = max(reach, b)
-    none = ~used.any(1)
-    lo, hi = np.where(none, 0, lo), np.where(none, 0, hi)
-    return TileRanges(lo.astype(np.int32), hi.astype(np.int32), None, block_m)
+def box_strides(t: torch.Tensor, grid: tuple[int, ...]) -> list[int] | None:
+    """Element strides of t as [batch x heads, *grid, head_dim] (grid padded to RANK dimensions)
+    when the copy engine can address it so, else None.
 
-
-def row_stride(t: torch.Tensor) -> int | None:
-    """The stride of t's [batch x heads x tokens] rows when they fold into one 2-D TMA box, else None.
-
-    The copy-engine rule of `compiled.tma_descriptors` (unit last stride, 16-byte aligned base and
-    strides, batch folding into heads) plus heads folding into tokens, so the kernel addresses
-    every row with one coordinate (int32: fewer than 2**31 rows).
+    The rule of `compiled.tma_descriptors`: unit last stride, 16-byte aligned base and strides, and
+    batch folding into heads, so the kernel addresses a (batch, head) with one coordinate.
     """
-    batch, heads, tokens, _ = t.shape
+    batch, heads, _, _ = t.shape
     sb, sh, sl, sd = t.stride()
-    if not tma_aligned(t, [sl, sd]) or batch * heads * tokens >= 2 ** 31:
+    grid = _pad(grid)
+    inner = [sl * prod(grid[d + 1:]) for d in range(RANK)]
+    strides = [sh, *inner, sd]
+    if (batch > 1 and sb != heads * sh) or not tma_aligned(t, strides):
         return None
-    if (heads > 1 and sh != tokens * sl) or (batch > 1 and sb != heads * tokens * sl):
-        return None
-    return sl
+    return strides
 
 
-def tensor_blocker(q, k, v, out, lse=None) -> str | None:
+def tensor_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) -> str | None:
     """Why the Gluon forward cannot take these tensors (mask aside), or None. Cheapest checks first.
 
     The kernel writes LSE as [batch x heads x tokens] float32; None stands for the op's own.
@@ -151,18 +218,19 @@ def tensor_blocker(q, k, v, out, lse=None) -> str | None:
         return f"tensors on {q.device.type}, not CUDA"
     if _capability(q.device) != 9:
         return f"compute capability {_capability(q.device)}.x; the kernel is Hopper's (9.x)"
-    return layout_blocker(q, k, v, out, lse)
+    return layout_blocker(q, k, v, out, lse, grid)
 
 
-def layout_blocker(q, k, v, out, lse=None) -> str | None:
-    """The device-independent half of `tensor_blocker`: dtype, head_dim and memory layout."""
+def layout_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) -> str | None:
+    """The device-independent half of `tensor_blocker`: dtype, head_dim and memory layout
+    (`grid`, the mask's layout shape, defaults to a 1-D token order)."""
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype}; the kernel takes float16 and bfloat16"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]}; the kernel takes {HEAD_DIMS}"
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if row_stride(t) is None:
-            return f"{name} (strides {t.stride()}) does not fold into one TMA box of rows"
+        if box_strides(t, grid or (t.shape[2],)) is None:
+            return f"{name} (strides {t.stride()}) is not a copy-engine box [batch x heads, grid, head_dim]"
     if lse is not None and not (lse.is_contiguous() and lse.dtype == torch.float32):
         return "lse is not a contiguous float32 tensor"
     return None
@@ -178,17 +246,23 @@ def _capability(device: torch.device) -> int:
 
 
 class GluonSchedule:
-    """A mask's tile ranges as the kernel reads them, copied to each device once.
+    """A mask's tile boxes as the kernel reads them, copied to each device once.
 
-    `table`: int32 [busy tiles, 3] rows (query tile, lo, hi) in tile order, the kernel's grid;
-    `idle_rows`: int64 token indices of the tiles that visit nothing, filled with 0 / -inf apart.
+    `table`: int32 [busy tiles, 3 * RANK] rows (query-tile coordinates, then lo, hi per dimension) in
+    tile order, the kernel's grid; `idle_rows`: int64 token indices of the tiles that visit nothing,
+    filled with 0 / -inf apart.
     """
 
     def __init__(self, ranges: TileRanges):
         busy = ranges.busy
         self.ranges = ranges
-        self.table = np.stack([busy, ranges.lo[busy], ranges.hi[busy]], axis=1).astype(np.int32)
-        self.idle_rows = (ranges.idle[:, None].astype(np.int64) * ranges.block_m + np.arange(ranges.block_m)).reshape(-1)
+        if ranges.ok:
+            bounds = np.stack([ranges.lo[busy], ranges.hi[busy]], axis=2).reshape(len(busy), 2 * RANK)
+            self.table = np.concatenate([ranges.coords(busy), bounds], axis=1).astype(np.int32)
+            self.idle_rows = ranges.rows(ranges.idle)
+        else:
+            self.table = np.zeros((0, 3 * RANK), np.int32)
+            self.idle_rows = np.zeros(0, np.int64)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 A separate process because Triton's language builtins are bound to its interpreter when
 TRITON_INTERPRET=1 is set at import (as the test suite does), and Gluon cannot compile those.
-Usage: python tests/gluon_compile.py HEAD_DIM
+Usage: python tests/gluon_compile.py HEAD_DIM [1d|3d]
 """
 
 import json
@@ -38,12 +38,21 @@ class Sm90Driver:
         return torch.device("cpu")
 
 
-def main(head_dim: int) -> dict:
-    q = torch.zeros(1, 4, 256, head_dim, dtype=torch.bfloat16)
-    kv = torch.zeros(1, 2, 256, head_dim, dtype=torch.bfloat16)  # GQA: two query heads per kv head
-    table = torch.tensor([[0, 0, 2], [1, 0, 1]], dtype=torch.int32)
-    grid, args, kwargs = gluon_fwd.kernel_args(q, kv, kv, torch.empty_like(q), torch.empty(1, 4, 256), 0.1,
-                                               table, 0, 2)
+# (grid, query tile, key tile, table rows): a 1-D token order and a 3-D grid's boxes
+SHAPES = {
+    "1d": ((1, 1, 256), (1, 1, 128), (1, 1, 128), [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]]),
+    "3d": ((4, 16, 16), (2, 8, 8), (1, 8, 16), [[0, 0, 0, 0, 2, 0, 2, 0, 1], [1, 1, 1, 2, 4, 1, 2, 0, 1]]),
+}
+
+
+def main(head_dim: int, shape: str = "1d") -> dict:
+    grid, q_tile, kv_tile, rows = SHAPES[shape]
+    tokens = grid[0] * grid[1] * grid[2]
+    q = torch.zeros(1, 4, tokens, head_dim, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, tokens, head_dim, dtype=torch.bfloat16)  # GQA: two query heads per kv head
+    table = torch.tensor(rows, dtype=torch.int32)
+    grid, args, kwargs = gluon_fwd.kernel_args(q, kv, kv, torch.empty_like(q), torch.empty(1, 4, tokens), 0.1,
+                                               table, 0, 2, grid, q_tile, kv_tile)
     driver.set_active(Sm90Driver())
     kernel = gluon_fwd.attention_fwd.warmup(*args, grid=grid, **kwargs)  # the real binder and compiler
     ptx = kernel.asm["ptx"]
@@ -59,4 +68,4 @@ def main(head_dim: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]))))
+    print(json.dumps(main(int(sys.argv[1]), *sys.argv[2:])))

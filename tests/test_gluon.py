@@ -21,93 +21,131 @@ import torch
 import maskdsl
 from maskdsl.codegen.compiled import compile_attention
 from maskdsl.codegen.config import KernelConfig, default_config
-from maskdsl.codegen.gluon_plan import GluonSchedule, layout_blocker, row_stride, tensor_blocker, tile_ranges
-from maskdsl.codegen.plan import build_plan
+from maskdsl.codegen.gluon_plan import GluonSchedule, box_strides, layout_blocker, tensor_blocker, tile_ranges
+from maskdsl.codegen.plan import build_plan, tile_rows
 from maskdsl.semantics import static_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # (layout, mask, query tile, key tile, whether the Gluon kernel can run it)
 CASES = [
-    ("grid(512)", "full", 64, 64, True),
-    ("grid(512)", "block(128)", 64, 32, True),
-    ("grid(1024)", "neighborhood(window=256, stride=128)", 64, 64, True),  # GNA, tiles divide the strides
-    ("grid(1024)", "block(128) | block(512)", 64, 64, True),  # nested blocks: the runs merge
-    ("grid(1024)", "sink(128) & block(256)", 64, 64, True),  # query tiles 3.. visit nothing
-    ("grid(1, 512)", "full", 64, 64, True),  # extent-1 outer dimensions are a 1-D order
-    ("grid(1024)", "sliding_window(129)", 64, 64, False),  # partial diagonal tiles
-    ("grid(512)", "causal", 64, 64, False),
-    ("grid(1024)", "neighborhood(window=256, stride=64)", 64, 64, False),  # window edges cut tiles
-    ("grid(1024)", "block(128) | sink(64)", 64, 64, False),  # the sink's run and the block's leave a gap
-    ("grid(1024)", "dilated(window=8, dilation=4)", 64, 64, False),
-    ("grid(520)", "full", 64, 64, False),  # ragged last tile
+    ("grid(512)", "full", (64,), (64,), True),
+    ("grid(512)", "block(128)", (64,), (32,), True),
+    ("grid(1024)", "neighborhood(window=256, stride=128)", (64,), (64,), True),  # GNA, tiles divide the strides
+    ("grid(1024)", "block(128) | block(512)", (64,), (64,), True),  # nested blocks: the runs merge
+    ("grid(1024)", "sink(128) & block(256)", (64,), (64,), True),  # query tiles 3.. visit nothing
+    ("grid(1, 512)", "full", (1, 64), (1, 64), True),  # extent-1 outer dimensions are a 1-D order
+    ("grid(32, 32)", "neighborhood(window=(24, 24), stride=(8, 8))", (8, 8), (8, 8), True),  # 2-D GNA boxes
+    ("grid(16, 32)", "block((4, 8))", (2, 8), (4, 4), True),
+    ("grid(8, 64)", "block((8, 16)) | block((8, 64))", (8, 16), (8, 16), True),  # boxes merge in the last dim
+    ("grid(4, 16, 16)", "block((2, 8, 8))", (2, 4, 8), (1, 8, 8), True),
+    ("grid(4, 16, 16)", "neighborhood(window=(2, 12, 12), stride=(2, 4, 4))", (2, 4, 4), (2, 4, 4), True),
+    ("grid(1024)", "sliding_window(129)", (64,), (64,), False),  # partial diagonal tiles
+    ("grid(512)", "causal", (64,), (64,), False),
+    ("grid(1024)", "neighborhood(window=256, stride=64)", (64,), (64,), False),  # window edges cut tiles
+    ("grid(1024)", "block(128) | sink(64)", (64,), (64,), False),  # the sink's run and the block's leave a gap
+    ("grid(1024)", "dilated(window=8, dilation=4)", (64,), (64,), False),
+    ("grid(520)", "full", (64,), (64,), False),  # ragged last tile
+    ("grid(32, 32)", "neighborhood(window=(16, 16), stride=(8, 8))", (8, 8), (8, 8), False),  # windows off the tiles
+    ("grid(4, 16, 16)", "neighborhood(window=(3, 8, 8), stride=(1, 8, 8))", (2, 4, 8), (2, 8, 8), False),
+    ("grid(12, 16)", "full", (8, 8), (8, 8), False),  # 12 rows: a ragged tile in dimension 0
 ]
 
 
-def brute(expr, shape, bm, bn):
-    """(lo, hi) per query tile from the [L, L] reference mask, or None where a visited tile is partial
-    or the visited tiles are not one run."""
+def brute(expr, shape, q_tile, kv_tile):
+    """(lo, hi) [q tiles, rank] per query tile from the [L, L] reference mask, or None where a visited
+    tile is partial or the visited key tiles are not one box."""
+    if any(n % t for n, t in zip(shape, q_tile)) or any(n % t for n, t in zip(shape, kv_tile)):
+        return None
     m = static_mask(expr, shape)
-    n = m.shape[0]
-    if n % bm or n % bn:
+    coords = np.stack(np.unravel_index(np.arange(m.shape[0]), shape), axis=1)
+
+    def tile_of(tile):
+        grid = tuple(n // t for n, t in zip(shape, tile))
+        return np.ravel_multi_index(tuple((coords // np.array(tile)).T), grid), grid
+
+    qt, q_grid = tile_of(q_tile)
+    kt, k_grid = tile_of(kv_tile)
+    nq, nk = int(np.prod(q_grid)), int(np.prod(k_grid))
+    pairs = torch.zeros(nq, nk, dtype=torch.int64).index_put_(
+        (torch.as_tensor(qt)[:, None].expand(m.shape), torch.as_tensor(kt)[None, :].expand(m.shape)),
+        m.to(torch.int64), accumulate=True)  # attended pairs per tile pair
+    size = int(np.prod(q_tile)) * int(np.prod(kv_tile))
+    seen = (pairs > 0).numpy()
+    if ((pairs > 0) & (pairs < size)).any():
         return None
-    tiles = m.reshape(n // bm, bm, n // bn, bn)
-    seen, full = tiles.any(3).any(1), tiles.all(3).all(1)
-    if (seen & ~full).any():
-        return None
-    lo, hi = [], []
-    for row in seen:
-        idx = torch.nonzero(row).flatten().tolist()
-        if idx and idx != list(range(idx[0], idx[-1] + 1)):
-            return None
-        lo.append(idx[0] if idx else 0)
-        hi.append(idx[-1] + 1 if idx else 0)
-    return np.array(lo), np.array(hi)
+    lo, hi = np.zeros((nq, len(shape)), int), np.zeros((nq, len(shape)), int)
+    for t in range(nq):
+        idx = np.stack(np.unravel_index(np.nonzero(seen[t])[0], k_grid), axis=1)
+        if len(idx):
+            lo[t], hi[t] = idx.min(0), idx.max(0) + 1
+            if np.prod(hi[t] - lo[t]) != len(idx):  # the bounding box holds tiles it does not visit
+                return None
+    return lo, hi
 
 
-def _plan(layout, text):
+def _plan(layout, text, config=None):
     mask = maskdsl.parse(f"layout g = {layout}\nmask m = {text}").masks[0]
-    return mask, build_plan(mask, default_config(mask))
+    return mask, build_plan(mask, config or default_config(mask))
 
 
-@pytest.mark.parametrize("layout, text, bm, bn, ok", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
-def test_tile_ranges_equal_a_brute_force_count(layout, text, bm, bn, ok):
+@pytest.mark.parametrize("layout, text, qt, kt, ok", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
+def test_tile_ranges_equal_a_brute_force_count(layout, text, qt, kt, ok):
     mask, plan = _plan(layout, text)
-    want = brute(mask.expr, mask.layout.shape, bm, bn)
-    got = tile_ranges(plan, bm, bn)
+    want = brute(mask.expr, mask.layout.shape, qt, kt)
+    got = tile_ranges(plan, qt, kt)
     assert (want is not None) == ok, "the case list says otherwise"
     assert got.ok == ok, got.reason
     if ok:
-        assert got.lo.tolist() == want[0].tolist() and got.hi.tolist() == want[1].tolist()
+        pad = 3 - len(qt)  # the kernel's leading dimensions of extent 1: one tile, lo 0, hi 1 where busy
+        busy = (want[1] > want[0]).all(1)
+        assert (got.lo[:, :pad] == 0).all() and (got.hi[:, :pad] == busy[:, None]).all()
+        assert got.lo[:, pad:].tolist() == want[0].tolist() and got.hi[:, pad:].tolist() == want[1].tolist()
 
 
 def test_idle_tiles_are_left_out_of_the_table_and_filled_apart():
     _, plan = _plan("grid(1024)", "sink(128) & block(256)")
-    schedule = GluonSchedule(tile_ranges(plan, 128, 128))
+    schedule = GluonSchedule(tile_ranges(plan, (128,), (128,)))
     # tile 0 (the sink rows) sees key tiles 0-1 (its block), tile 1 sees the sink's key tile only
-    assert schedule.table.tolist() == [[0, 0, 2], [1, 0, 1]]
+    assert schedule.table.tolist() == [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]]
     assert schedule.idle_rows.tolist() == list(range(256, 1024))
     table, rows = schedule.on("cpu")
     assert table.dtype == torch.int32 and rows.dtype == torch.int64 and schedule.on("cpu")[0] is table
 
 
+def test_tile_rows_match_the_templates_order():
+    """A query tile's token rows (the idle fill) are the ones the Triton template gives the same tile."""
+    _, plan = _plan("grid(4, 16, 16)", "block((2, 8, 8))", KernelConfig((2, 8, 8), (2, 8, 8), 4, 2))
+    ranges = tile_ranges(plan)
+    assert ranges.ok and ranges.q_tile == (2, 8, 8) and len(ranges.lo) == plan.q_tiles
+    for t in (0, 5, plan.q_tiles - 1):
+        assert ranges.rows(np.array([t])).tolist() == tile_rows(plan, t)
+
+
 def test_refusals_name_the_reason():
     assert "partially seen" in tile_ranges(_plan("grid(1024)", "sliding_window(129)")[1]).reason
     assert "more than one run" in tile_ranges(_plan("grid(1024)", "block(256) | sink(128)")[1]).reason
-    # a 2-D grid is refused even where its row-major order would qualify (the rule stays 1-D)
-    assert "1-D token order" in tile_ranges(_plan("grid(8, 128)", "full")[1]).reason
     assert "not a multiple" in tile_ranges(_plan("grid(1000)", "full")[1]).reason
+    # a multi-D grid runs the config's tiles, only when each is the kernel's 128 tokens
+    cfg = KernelConfig((4, 8), (8, 8), 4, 2)
+    assert "128 tokens" in tile_ranges(_plan("grid(8, 128)", "full", cfg)[1]).reason
+    assert tile_ranges(_plan("grid(8, 128)", "full", KernelConfig((4, 32), (2, 64), 4, 2))[1]).ok
+    # two terms whose boxes differ before the last dimension: their union is not one box of tiles
+    text = "block((4, 32)) | block((8, 8))"
+    assert "differ before the last" in tile_ranges(_plan("grid(8, 32)", text)[1], (4, 8), (4, 8)).reason
 
 
 def test_layout_rule():
     q = torch.zeros(2, 3, 256, 128, dtype=torch.float16)
-    assert row_stride(q) == 128 and layout_blocker(q, q, q, q) is None
+    assert box_strides(q, (256,)) == [256 * 128, 256 * 128, 128 * 256, 128, 1] and layout_blocker(q, q, q, q) is None
+    assert box_strides(q, (4, 8, 8)) == [256 * 128, 64 * 128, 8 * 128, 128, 1]
     packed = torch.zeros(2, 3, 256, 3 * 128, dtype=torch.float16)[..., :128]  # rows 3 x head_dim apart
-    assert row_stride(packed) == 384 and layout_blocker(packed, q, q, q) is None
-    blhd = torch.zeros(2, 256, 3, 128, dtype=torch.float16).transpose(1, 2)  # heads do not fold into tokens
-    assert row_stride(blhd) is None and "q (strides" in layout_blocker(blhd, q, q, q)
+    assert box_strides(packed, (16, 16))[2:] == [16 * 384, 384, 1] and layout_blocker(packed, q, q, q) is None
+    bshd = torch.zeros(2, 256, 3, 128, dtype=torch.float16).transpose(1, 2)  # batch does not fold into heads
+    assert box_strides(bshd, (256,)) is None and "q (strides" in layout_blocker(bshd, q, q, q)
+    assert box_strides(bshd[:1], (256,)) is not None  # one batch: heads and tokens interleave freely
     shifted = torch.zeros(2 * 3 * 256 * 128 + 1, dtype=torch.float16)[1:].view(2, 3, 256, 128)  # 2-byte aligned
-    assert row_stride(shifted) is None and "out" in layout_blocker(q, q, q, shifted)
+    assert box_strides(shifted, (256,)) is None and "out" in layout_blocker(q, q, q, shifted)
     assert "dtype" in layout_blocker(q.float(), q, q, q)
     assert "head_dim" in layout_blocker(q[..., :96], q, q, q)
     assert "lse" in layout_blocker(q, q, q, q, torch.zeros(2, 256, 3).transpose(1, 2))
@@ -147,17 +185,18 @@ def _ptxas():
     return (path, None) if path and os.path.exists(path) else (None, f"ptxas not found at {path!r}")
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_kernel_compiles_for_sm90_without_spills(head_dim):
-    """The real launch arguments (descriptors, GQA, the table) bound and compiled through the JIT for
-    sm_90 (tests/gluon_compile.py, in a process without the interpreter), then ptxas' report."""
+@pytest.mark.parametrize("head_dim, shape", [(64, "1d"), (128, "1d"), (128, "3d")])
+def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
+    """The real launch arguments (descriptors, GQA, the table; a 1-D order and 3-D boxes) bound and
+    compiled through the JIT for sm_90 (tests/gluon_compile.py, in a process without the
+    interpreter), then ptxas' report."""
     ptxas, why = _ptxas()
     if ptxas is None:
         print(why)
         pytest.skip(why)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_compile.py"), str(head_dim)], env=env,
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_compile.py"), str(head_dim), shape], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
