@@ -25,9 +25,12 @@ def candidate_configs(mask, head_dim: int, limit: int = 6, attention=None):
     from maskdsl.codegen.config import KernelConfig, default_config
 
     shape = mask.layout.shape
+    from maskdsl.autotune.space import gluon_config
+
     out = [lookup_config(mask, attention)]
-    if default_config(mask, head_dim) not in out:
-        out.append(default_config(mask, head_dim))
+    for cfg in (default_config(mask, head_dim), gluon_config(mask, head_dim)):  # gluon: None if it cannot run
+        if cfg is not None and cfg not in out:
+            out.append(cfg)
     by_rank = {
         1: [((128,), (128,), 8, 3), ((128,), (64,), 8, 3), ((64,), (64,), 4, 3)],
         2: [((8, 8), (8, 8), 4, 3), ((8, 8), (4, 8), 4, 3), ((8, 16), (8, 8), 8, 3)],

@@ -9,6 +9,7 @@ the device script the coordinator runs.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -204,3 +205,23 @@ def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
     # the loader gives registers away and the consumers take them (the 24 / 240 split)
     assert "dec 24" in got["setmaxnreg"] and "dec 240" in got["setmaxnreg"], got["setmaxnreg"]
     assert got["shared"] <= 232448  # Hopper's opt-in shared memory per block
+
+
+def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
+    """The untuned default on Hopper: the simulator's best 128 x 128 pair when the Gluon table accepts it,
+    checked against the table built independently here; masks with partial tiles get None."""
+    from maskdsl.autotune.space import _hopper, gluon_config
+    from maskdsl.codegen.gluon_plan import tile_ranges
+    from maskdsl.codegen.plan import build_plan
+
+    for text in ("layout v = grid(4, 16, 16)\nmask m = block((2, 16, 16))",
+                 "layout v = grid(64, 64)\nmask m = neighborhood(window=(48, 48), stride=(16, 16))"):
+        mask = maskdsl.parse(text).masks[0]
+        cfg = gluon_config(mask)
+        assert cfg is not None and math.prod(cfg.q_tile) == 128 and math.prod(cfg.kv_tile) == 128, text
+        assert tile_ranges(build_plan(mask, cfg)).ok
+        assert gluon_config(mask, head_dim=96) is None  # the kernel takes 64 and 128
+    for text in ("layout v = grid(16, 16)\nmask m = neighborhood(window=(5, 5))",
+                 "layout s = grid(512)\nmask m = topk(2, block=64)"):
+        assert gluon_config(maskdsl.parse(text).masks[0]) is None, text
+    assert not _hopper()  # the interpreter never runs Gluon, so CPU defaults keep the template's tiles
