@@ -118,7 +118,7 @@ class ContextParallelAttention:
         self.group = group
         self.ranks = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        attention = self.fn.mask and _attention(spec, mask)
+        attention = _attention(spec, mask)
         self.head_dim = head_dim or (attention.head_dim if attention else 128)
         self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim, overlap)
         self.received_bytes = 0  # K/V bytes this rank received in its last forward (checked against the plan)
@@ -338,16 +338,6 @@ def _peer(rank: int, group) -> int:
 def _tag(step: int, piece: int, kind: int) -> int:
     """One tag per (step, piece, K/V/dK/dV): gloo matches by tag; NCCL ignores it."""
     return (step * 1024 + piece) * 4 + kind
-
-
-def _merge(o1, l1, o2, l2):
-    """Two partial attentions over disjoint keys -> one, by their log-sum-exps (float32; empty rows stay 0, -inf)."""
-    m = torch.maximum(l1, l2)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    total = w1 + w2
-    o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / torch.where(total > 0, total, 1)[..., None]
-    return o, m + torch.log(total)
 
 
 class _Attention(torch.autograd.Function):
