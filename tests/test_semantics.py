@@ -109,8 +109,9 @@ def test_combinators_and_exact_counting(case):
     if all(len(s) <= 1 for s in per_dim) or not isinstance(expr, ir.Intersection):
         try:
             assert attended_pairs(expr, shape) == int(dense.sum())
-        except ValueError as exc:  # NotAnalyzable: two different dilations meet in one dimension
-            assert "dilations" in str(exc) or "overlapping terms" in str(exc)
+        except ValueError as exc:  # NotAnalyzable: two different dilations meet in one dimension, or the union
+            # expands past the product terms the exact analysis takes (maskdsl.limits; the front door refuses it)
+            assert "dilations" in str(exc) or "overlapping terms" in str(exc) or "product terms" in str(exc), exc
 
 
 def test_sink_and_causal_definitions():
