@@ -109,12 +109,12 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _model(theta: np.ndarray, beta: float, sms: int, gpu: str, hbm_gbps: float | None = None) -> CostModel:
     """A CostModel from fitted microseconds (FEATURES order, then launch, then the top-k call)."""
-    a_full, a_partial, a_union, a_tile, a_gluon, a_gluon_tile, launch, topk_call = theta
+    a_full, a_partial, a_union, a_tile, a_gluon, launch, topk_call = theta
     unit = a_full if a_full > 0 else max(a_partial, 1e-9)
     return CostModel(name=gpu, c_full=a_full / unit, c_partial=a_partial / unit, c_tile=a_tile / unit, sms=sms,
                      tile_us=unit, pair_exponent=beta, c_union=(a_union / unit) if a_union > 0 else None,
                      launch_us=launch, topk_call_us=topk_call, hbm_gbps=hbm_gbps,
-                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None, c_gluon_tile=a_gluon_tile / unit)
+                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None)
 
 
 def spec_bandwidth(gpu: str) -> float | None:
@@ -135,7 +135,7 @@ def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gb
     calls = np.array([float(w.selection is not None) for w in works])
     best = None
     for beta in betas:
-        coef = np.array([1.0, 1.3, 1.6, 2.0, 0.8, 2.0])  # a start: only the ratios matter for the critical slots
+        coef = np.array([1.0, 1.3, 1.6, 2.0, 0.8])  # a start: only the ratios matter for the critical slots
         theta, weight = None, np.ones(len(y))
         for _ in range(ITERATIONS):
             rows = [np.append(probe.critical_features(w, beta, coef), [1.0, c]) for w, c in zip(works, calls)]
@@ -144,7 +144,7 @@ def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gb
             new = _nnls(a * root, (1.0 - known / y) * root[:, 0])
             if theta is not None and np.allclose(new, theta, rtol=1e-6, atol=1e-12):
                 break
-            theta, coef = new, np.maximum(new[:6], 1e-9)
+            theta, coef = new, np.maximum(new[:5], 1e-9)
             weight = _huber_weights(a @ theta - (1.0 - known / y))
         model = _model(theta, beta, sms, gpu, hbm_gbps)
         pred = np.array([model.schedule(w).time * model.tile_us for w in works])
@@ -202,7 +202,7 @@ def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str =
              "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
              "fitted_cases": sorted({m.case_key for m in measurements}), "source": source}
     if model.c_gluon is not None:  # only a run with Gluon timings (Hopper) fits the Gluon forward's constants
-        entry["c_gluon"], entry["c_gluon_tile"] = model.c_gluon, model.c_gluon_tile
+        entry["c_gluon"] = model.c_gluon
     a, y = _dense_rows(measurements, sms)
     if len(y) >= 2:
         sol = _nnls(a / (y - model.launch_us)[:, None], np.ones(len(y)))

@@ -55,8 +55,8 @@ DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
 REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles and head_dim 128
 DENSE_TILE = 128  # the dense SDPA baseline's query and key tiles
 _BUILTIN = Path(__file__).with_name("gpu_costs.json")
-# per-CTA work terms (the last two: the Gluon forward's); the fit adds launch_us and topk_call_us
-FEATURES = ("full", "partial", "union", "tile", "gluon_full", "gluon_tile")
+# per-CTA work terms (the last: the Gluon forward's full tile); the fit adds launch_us and topk_call_us
+FEATURES = ("full", "partial", "union", "tile", "gluon_full")
 GLUON_TILE = 128  # the Gluon forward's query and key tiles (simulator.gluon)
 # per backward program: a 128x128 pair of the dK/dV walk, of the dQ walk, the program's fixed cost
 BACKWARD_FEATURES = ("dkdv_pair", "dq_pair", "program")
@@ -96,19 +96,21 @@ class KernelWork:
         return spill_factor(self.block_m, self.block_n, kernel_head_dim(self.head_dim), self.launch()[0])
 
     def features(self, beta: float) -> np.ndarray:
-        """[NQ, 6] SM-time per unit of each constant (FEATURES order), before the slot factor k.
+        """[NQ, 5] SM-time per unit of each constant (FEATURES order), before the slot factor k.
 
-        A template launch fills the first four columns, a Gluon launch the last two (its tiles are
-        the reference 128x128, so no pair factor, and its warp-specialized state does not spill)."""
+        A template launch fills the first four columns; a Gluon launch its own full-tile column (its
+        tiles are the reference 128x128, so no pair factor, and its warp-specialized state does not
+        spill) and the shared per-CTA column: held out of the fit, a Gluon-only CTA cost was
+        determined by one case alone (blocked_3d, 4 tiles a CTA) and missed it by 55%."""
         h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
         n = len(self.full)
         zero = np.zeros(n)
         if self.gluon:
-            return np.stack([zero] * 4 + [np.asarray(self.full, np.float64), np.ones(n)], axis=1) * h
+            return np.stack([zero] * 3 + [np.ones(n), np.asarray(self.full, np.float64)], axis=1) * h
         pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta * self.spill
         qs = np.full(n, (self.block_m / REFERENCE_TILE) ** beta)
         cols = [np.asarray(x, dtype=np.float64) * pair for x in (self.full, self.partial, self.union)]
-        return np.stack(cols + [qs, zero, zero], axis=1) * h
+        return np.stack(cols + [qs, zero], axis=1) * h
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,6 @@ class CostModel:
     topk_call_us: float = 0.0  # a top-k call's fixed selection cost (host-synchronised launches), us
     hbm_gbps: float | None = None  # HBM bandwidth (spec), GB/s: the selection pass's traffic
     c_gluon: float | None = None  # the Gluon forward's full 128x128 tile (units); None: no Gluon path modelled
-    c_gluon_tile: float = 0.0  # its per-CTA fixed cost (units)
 
     @property
     def placeholder(self) -> bool:
@@ -225,12 +226,12 @@ class CostModel:
                         bwd_partial=float(entry.get("bwd_partial") or 1.0),
                         bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"),
                         topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"),
-                        c_gluon=opt("c_gluon"), c_gluon_tile=float(entry.get("c_gluon_tile") or 0.0))
+                        c_gluon=opt("c_gluon"))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
         consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta,
-                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0, model.c_gluon_tile]
+                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0]
         if model.sms <= 0 or min(consts) < 0:
             raise ValueError(f"cost entry for {name!r} needs sms > 0 and non-negative constants, got {entry}")
         return model
@@ -239,7 +240,7 @@ class CostModel:
     def coefficients(self) -> np.ndarray:
         """The per-CTA constants in FEATURES order (units)."""
         union = self.c_partial if self.c_union is None else self.c_union
-        return np.array([self.c_full, self.c_partial, union, self.c_tile, self.c_gluon or 0.0, self.c_gluon_tile])
+        return np.array([self.c_full, self.c_partial, union, self.c_tile, self.c_gluon or 0.0])
 
     @property
     def has_gluon(self) -> bool:
