@@ -22,6 +22,12 @@ imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kern
 top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
 the HBM bandwidth `hbm_gbps`.
 
+On Hopper a mask whose visited 128x128 tiles are all full, one box of key tiles per query tile
+(`simulator.gluon`), runs the warp-specialized Gluon forward instead of the template: its CTA is
+one busy query tile at the kernel's own 128x128 tiles (on a 1-D order whatever the config's), one
+per SM, costing h * (full_q * c_gluon + c_tile). `c_gluon` is fitted only from runs that record
+the Gluon path; an entry without it (the H200's) predicts the template for every mask.
+
 The baseline of `predicted_speedup` is the dense SDPA kernel `maskdsl bench` measures (cuDNN or
 FlashAttention on the flat, unpadded sequence): ceil(L/128) CTAs per (batch, head), each
 ceil(L/128) dense tiles of `dense_tile_us` plus `dense_cta` tiles of fixed cost, in whole waves
