@@ -190,7 +190,7 @@ def format_table(rows) -> str:
              f"{r.q_tiles:,} x {r.kv_tiles:,}", _n(r.visited_tiles), _n(r.full_tiles), _n(r.partial_tiles),
              _x(r.upper_bound_speedup), _x(r.worst_tile_speedup), _x(r.flop_ideal_speedup), _x(r.predicted_speedup),
              "-" if r.predicted_ms is None else f"{r.predicted_ms:.3f}", "gluon" if r.gluon else "triton",
-             f"{r.ctas_per_sm} ({r.num_warps}w/{r.num_stages}s)",
+             f"{r.ctas_per_sm} (12w/2s)" if r.gluon else f"{r.ctas_per_sm} ({r.num_warps}w/{r.num_stages}s)",
              f"{r.waves:,.1f}", f"{_n(r.max_visits)}/{r.mean_visits:,.1f}", "yes" if r.perfectly_block_sparse else "no")
             for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
