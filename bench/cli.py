@@ -72,17 +72,18 @@ def cmd_bench(args) -> int:
 
 def _fit_from(args) -> int:
     """Fit and cross-validate the simulator's constants from saved suite runs (no GPU): several `--json`
-    files of one GPU (a suite split over calls) count as one run."""
+    files of one GPU (a suite split over calls) count as one run; a case in several takes the latest
+    file's entry (files are read in the order given)."""
     import json
 
-    from maskdsl.bench.report import calibrate, print_table
+    from maskdsl.bench.report import calibrate, latest_per_case, print_table
 
     runs = [json.load(open(path)) for path in args.fit_from]
     gpus = {r["environment"]["gpu"] for r in runs}
     if len(gpus) != 1:
         print(f"--fit-from takes runs of one GPU; these are from {sorted(gpus)}")
         return 2
-    results = [r for run in runs for r in run["results"]]
+    results = latest_per_case(runs)  # a case in several runs: the latest file's entry
     print_table(results)
     fitted = calibrate(results, gpus.pop())
     if args.json:
@@ -129,6 +130,7 @@ def register(sub) -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
     p.add_argument("--fit-from", nargs="+", metavar="JSON",
-                   help="fit and cross-validate the simulator from saved --suite --json runs of one GPU (no GPU needed)")
+                   help="fit and cross-validate the simulator from saved --suite --json runs of one GPU (no GPU needed); "
+                        "a case in several files takes the last file's entry")
     p.add_argument("--replot", metavar="JSON", help="draw --plot from a saved --json of a suite run (no GPU needed)")
     p.set_defaults(func=cmd_bench)

@@ -48,22 +48,46 @@ def print_paths(results) -> None:
                   f"{saved:>7s}")
 
 
+def latest_per_case(runs: list[dict]) -> list[dict]:
+    """The results of several runs, a case (file stem and mask) measured in more than one taken from the
+    latest run given: a re-measurement replaces the old entry instead of counting twice."""
+    by_case = {}
+    for run in runs:
+        for r in run["results"]:
+            by_case[(Path(r["file"]).stem, r["mask"])] = r
+    return list(by_case.values())
+
+
+def _suite_file(path: str) -> str:
+    """A run's mask file, or the suite's file of that name when the run was made in another checkout."""
+    if Path(path).exists():
+        return path
+    from maskdsl.bench.run import suite_files
+
+    named = [f for f in suite_files() if f.name == Path(path).name]
+    if not named:
+        raise FileNotFoundError(f"{path}: no such mask file, and the suite has none of that name")
+    return str(named[0])
+
+
 def calibrate(results, gpu: str) -> dict | None:
     """Fit the simulator's cost constants to this run, store them, report predicted vs measured, and
     predict each case from a fit on the other cases (leave one case out): the out-of-sample check."""
     from maskdsl.codegen.config import KernelConfig
     from maskdsl.parser import load
     from maskdsl.simulator.calibrate import (Measurement, cross_validate, evaluate_fit, fit,
-                                             format_cross_validation, store, summarize)
+                                             format_cross_validation, path_mismatches, store, summarize)
     from maskdsl.simulator.cost import fitted_path
 
-    specs = {r["file"]: load(r["file"]) for r in results}
+    specs = {r["file"]: load(_suite_file(r["file"])) for r in results}
 
     def measurement(r, e):
+        # kernel time: a CUDA-graph replay where the run has one (one-head cases are host-bound under do_bench)
         cfg = KernelConfig.from_key(e["config"])
-        return Measurement(specs[r["file"]], r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"], e["ms"],
-                           cfg.num_warps, cfg.num_stages, dense_ms=r.get("dense_best_ms"),
-                           case=f"{Path(r['file']).stem}:{r['mask']}")
+        return Measurement(specs[r["file"]], r["mask"], cfg.q_tile, cfg.kv_tile, r["batch"] * r["heads"],
+                           e.get("graph_ms") or e["ms"], cfg.num_warps, cfg.num_stages,
+                           dense_ms=r.get("dense_graph_ms") or r.get("dense_best_ms"),
+                           case=f"{Path(r['file']).stem}:{r['mask']}", path=e.get("path"))
 
     def correct(e):
         return "ms" in e and e.get("unwritten", 0) == 0 and e.get("error", 1.0) < 2e-2
@@ -71,6 +95,8 @@ def calibrate(results, gpu: str) -> dict | None:
     meas = [measurement(r, e) for r in results for e in r.get("ours", []) if correct(e)]
     if len(meas) < 3:
         return None
+    for line in path_mismatches(meas):
+        print(f"warning: the simulator's Gluon rule disagrees with the run: {line}")
     entry = fit(meas, gpu, source=f"fitted by maskdsl bench --suite on {time.strftime('%Y-%m-%d')}, "
                                   f"{len(meas)} measurements")
     path = store(entry, gpu, fitted_path())
@@ -83,7 +109,7 @@ def calibrate(results, gpu: str) -> dict | None:
         r["predicted_ms"] = ev["predicted_ms"]
         r["measured_over_predicted"] = ev["ratio"]
         r["predicted_speedup_vs_dense"] = r["dense_best_ms"] / ev["predicted_ms"]
-        print(f"  {Path(r['file']).stem}:{r['mask']}: measured {best['ms']:.3f} ms, "
+        print(f"  {Path(r['file']).stem}:{r['mask']}: measured {ev['measured_ms']:.3f} ms, "
               f"predicted {ev['predicted_ms']:.3f} ms (measured/predicted {ev['ratio']:.2f})")
     try:
         cv = cross_validate(meas, gpu)

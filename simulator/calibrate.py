@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class Measurement:
     num_stages: int | None = None
     dense_ms: float | None = None  # the case's dense SDPA baseline, for the dense fit and speedups
     case: str = ""  # the suite case (file:mask); cross-validation holds out whole cases
+    path: str | None = None  # the forward that ran: "gluon" or "triton"; None: a run older than the Gluon forward
 
     @property
     def case_key(self) -> str:
@@ -74,6 +75,25 @@ def _sim(m: Measurement):
     return _SIMS[key]
 
 
+def _work(m: Measurement):
+    """The launch a measurement timed: its Gluon launch only when the run says the Gluon forward ran
+    (`path`), so older template-only runs of eligible masks stay template timings."""
+    work = _sim(m).work
+    if m.path != "gluon" and work.gluon_work is not None:
+        return replace(work, gluon_work=None)
+    return work
+
+
+def path_mismatches(measurements: list[Measurement]) -> list[str]:
+    """Measurements whose recorded forward disagrees with the simulator's Gluon rule (`simulator.gluon`)."""
+    out = []
+    for m in measurements:
+        rule = "gluon" if _sim(m).work.gluon_work is not None else "triton"
+        if m.path is not None and m.path != rule:
+            out.append(f"{m.case_key} {m.config}: ran {m.path}, the rule says {rule}")
+    return out
+
+
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """min |a x - b| with x >= 0, by dropping the most negative coefficient until none is (few columns)."""
     active = [j for j in range(a.shape[1]) if np.any(a[:, j])]
@@ -89,11 +109,12 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _model(theta: np.ndarray, beta: float, sms: int, gpu: str, hbm_gbps: float | None = None) -> CostModel:
     """A CostModel from fitted microseconds (FEATURES order, then launch, then the top-k call)."""
-    a_full, a_partial, a_union, a_tile, launch, topk_call = theta
+    a_full, a_partial, a_union, a_tile, a_gluon, launch, topk_call = theta
     unit = a_full if a_full > 0 else max(a_partial, 1e-9)
     return CostModel(name=gpu, c_full=a_full / unit, c_partial=a_partial / unit, c_tile=a_tile / unit, sms=sms,
                      tile_us=unit, pair_exponent=beta, c_union=(a_union / unit) if a_union > 0 else None,
-                     launch_us=launch, topk_call_us=topk_call, hbm_gbps=hbm_gbps)
+                     launch_us=launch, topk_call_us=topk_call, hbm_gbps=hbm_gbps,
+                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None)
 
 
 def spec_bandwidth(gpu: str) -> float | None:
@@ -108,13 +129,13 @@ def spec_bandwidth(gpu: str) -> float | None:
 def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gbps: float | None = None):
     """(rms relative error, beta, theta) of the best beta."""
     y = np.array([m.ms * 1000.0 for m in meas])
-    works = [_sim(m).work for m in meas]
-    probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms, hbm_gbps=hbm_gbps)
+    works = [_work(m) for m in meas]
+    probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms, hbm_gbps=hbm_gbps, c_gluon=1.0)
     known = np.array([probe.selection_bytes_us(w) for w in works])  # selection traffic: not fitted
     calls = np.array([float(w.selection is not None) for w in works])
     best = None
     for beta in betas:
-        coef = np.array([1.0, 1.3, 1.6, 2.0])  # a start: only the ratios matter for the critical slots
+        coef = np.array([1.0, 1.3, 1.6, 2.0, 0.8])  # a start: only the ratios matter for the critical slots
         theta, weight = None, np.ones(len(y))
         for _ in range(ITERATIONS):
             rows = [np.append(probe.critical_features(w, beta, coef), [1.0, c]) for w, c in zip(works, calls)]
@@ -123,7 +144,7 @@ def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gb
             new = _nnls(a * root, (1.0 - known / y) * root[:, 0])
             if theta is not None and np.allclose(new, theta, rtol=1e-6, atol=1e-12):
                 break
-            theta, coef = new, np.maximum(new[:4], 1e-9)
+            theta, coef = new, np.maximum(new[:5], 1e-9)
             weight = _huber_weights(a @ theta - (1.0 - known / y))
         model = _model(theta, beta, sms, gpu, hbm_gbps)
         pred = np.array([model.schedule(w).time * model.tile_us for w in works])
@@ -180,6 +201,8 @@ def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str =
              "launch_us": model.launch_us, "topk_call_us": model.topk_call_us, "hbm_gbps": hbm_gbps,
              "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
              "fitted_cases": sorted({m.case_key for m in measurements}), "source": source}
+    if model.c_gluon is not None:  # only a run with Gluon timings (Hopper) fits the Gluon forward's constants
+        entry["c_gluon"] = model.c_gluon
     a, y = _dense_rows(measurements, sms)
     if len(y) >= 2:
         sol = _nnls(a / (y - model.launch_us)[:, None], np.ones(len(y)))
@@ -194,12 +217,13 @@ def evaluate_fit(measurements: list[Measurement], entry: dict, gpu: str) -> list
     model = CostModel.from_entry(gpu, entry)
     out = []
     for m in measurements:
-        r = _sim(m)
-        pred_ms = model.schedule(r.work).time * model.tile_us / 1000.0
+        r, work = _sim(m), _work(m)
+        pred_ms = model.schedule(work).time * model.tile_us / 1000.0
         dense = model.dense_schedule(math.prod(r.shape), r.work.copies, r.work.head_dim, r.q_tiles, r.kv_tiles,
                                      r.work.block_m, r.work.block_n)
         row = {"case": m.case_key, "mask": m.mask, "config": m.config, "q_tile": m.q_tile, "kv_tile": m.kv_tile,
                "measured_ms": m.ms, "predicted_ms": pred_ms, "ratio": m.ms / pred_ms,
+               "gluon": model.kernel_work(work).gluon,
                "predicted_dense_ms": dense.time * model.tile_us / 1000.0,
                "worst_tile_speedup": r.worst_tile_speedup, "upper_bound_speedup": r.upper_bound_speedup}
         row["predicted_speedup"] = row["predicted_dense_ms"] / pred_ms

@@ -182,13 +182,15 @@ def _n(v) -> str:
 
 
 def format_table(rows) -> str:
-    """One line per SimResult: tiles, tile counts, bounds (ours and the GNA paper's), prediction, schedule."""
+    """One line per SimResult: tiles, tile counts, bounds (ours and the GNA paper's), prediction, the forward
+    it is for (Hopper's Gluon kernel or the Triton template), schedule."""
     head = ("q tile", "kv tile", "layout", "tiles q x kv", "visited", "full", "partial", "upper bound",
-            "worst tile", "FLOP-ideal", "predicted", "pred ms", "CTAs/SM", "waves", "visits max/mean", "block-sparse")
+            "worst tile", "FLOP-ideal", "predicted", "pred ms", "kernel", "CTAs/SM", "waves", "visits max/mean", "block-sparse")
     body = [(_dims(r.q_tile), _dims(r.kv_tile), "tile-major" if r.permute else "row-major",
              f"{r.q_tiles:,} x {r.kv_tiles:,}", _n(r.visited_tiles), _n(r.full_tiles), _n(r.partial_tiles),
              _x(r.upper_bound_speedup), _x(r.worst_tile_speedup), _x(r.flop_ideal_speedup), _x(r.predicted_speedup),
-             "-" if r.predicted_ms is None else f"{r.predicted_ms:.3f}", f"{r.ctas_per_sm} ({r.num_warps}w/{r.num_stages}s)",
+             "-" if r.predicted_ms is None else f"{r.predicted_ms:.3f}", "gluon" if r.gluon else "triton",
+             f"{r.ctas_per_sm} (12w/2s)" if r.gluon else f"{r.ctas_per_sm} ({r.num_warps}w/{r.num_stages}s)",
              f"{r.waves:,.1f}", f"{_n(r.max_visits)}/{r.mean_visits:,.1f}", "yes" if r.perfectly_block_sparse else "no")
             for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]

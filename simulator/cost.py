@@ -22,6 +22,12 @@ imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kern
 top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
 the HBM bandwidth `hbm_gbps`.
 
+On Hopper a mask whose visited 128x128 tiles are all full, one box of key tiles per query tile
+(`simulator.gluon`), runs the warp-specialized Gluon forward instead of the template: its CTA is
+one busy query tile at the kernel's own 128x128 tiles (on a 1-D order whatever the config's), one
+per SM, costing h * (full_q * c_gluon + c_tile). `c_gluon` is fitted only from runs that record
+the Gluon path; an entry without it (the H200's) predicts the template for every mask.
+
 The baseline of `predicted_speedup` is the dense SDPA kernel `maskdsl bench` measures (cuDNN or
 FlashAttention on the flat, unpadded sequence): ceil(L/128) CTAs per (batch, head), each
 ceil(L/128) dense tiles of `dense_tile_us` plus `dense_cta` tiles of fixed cost, in whole waves
@@ -55,7 +61,9 @@ DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
 REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles and head_dim 128
 DENSE_TILE = 128  # the dense SDPA baseline's query and key tiles
 _BUILTIN = Path(__file__).with_name("gpu_costs.json")
-FEATURES = ("full", "partial", "union", "tile")  # per-CTA work terms; the fit adds launch_us and topk_call_us
+# per-CTA work terms (the last: the Gluon forward's full tile); the fit adds launch_us and topk_call_us
+FEATURES = ("full", "partial", "union", "tile", "gluon_full")
+GLUON_TILE = 128  # the Gluon forward's query and key tiles (simulator.gluon)
 # per backward program: a 128x128 pair of the dK/dV walk, of the dQ walk, the program's fixed cost
 BACKWARD_FEATURES = ("dkdv_pair", "dq_pair", "program")
 
@@ -74,6 +82,8 @@ class KernelWork:
     num_stages: int | None = None
     copies: int = 1  # batch x heads
     selection: SelectionWork | None = None  # a top-k call's selection pass, before the attention kernel
+    gluon: bool = False  # this is the Gluon forward's launch (128x128 tiles, all full, busy query tiles only)
+    gluon_work: "KernelWork | None" = None  # the same call on the Gluon forward, when the mask is eligible
 
     def launch(self) -> tuple[int, int]:
         warps, stages = default_launch(self.block_m, self.head_dim)
@@ -81,6 +91,8 @@ class KernelWork:
 
     @property
     def ctas_per_sm(self) -> int:
+        if self.gluon:  # 12 warps that take every register of the SM (codegen.gluon_fwd): one CTA
+            return 1
         warps, stages = self.launch()
         return ctas_per_sm(self.block_m, self.block_n, kernel_head_dim(self.head_dim), warps, stages)
 
@@ -90,13 +102,21 @@ class KernelWork:
         return spill_factor(self.block_m, self.block_n, kernel_head_dim(self.head_dim), self.launch()[0])
 
     def features(self, beta: float) -> np.ndarray:
-        """[NQ, 4] SM-time per unit of each constant (FEATURES order), before the slot factor k."""
-        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta * self.spill
+        """[NQ, 5] SM-time per unit of each constant (FEATURES order), before the slot factor k.
+
+        A template launch fills the first four columns; a Gluon launch its own full-tile column (its
+        tiles are the reference 128x128, so no pair factor, and its warp-specialized state does not
+        spill) and the shared per-CTA column: held out of the fit, a Gluon-only CTA cost was
+        determined by one case alone (blocked_3d, 4 tiles a CTA) and missed it by 55%."""
         h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
         n = len(self.full)
+        zero = np.zeros(n)
+        if self.gluon:
+            return np.stack([zero] * 3 + [np.ones(n), np.asarray(self.full, np.float64)], axis=1) * h
+        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta * self.spill
         qs = np.full(n, (self.block_m / REFERENCE_TILE) ** beta)
         cols = [np.asarray(x, dtype=np.float64) * pair for x in (self.full, self.partial, self.union)]
-        return np.stack(cols + [qs], axis=1) * h
+        return np.stack(cols + [qs, zero], axis=1) * h
 
 
 @dataclass(frozen=True)
@@ -174,6 +194,7 @@ class CostModel:
     dense_bwd_tile_us: float | None = None  # the dense SDPA backward, per 128x128 tile on one SM
     topk_call_us: float = 0.0  # a top-k call's fixed selection cost (host-synchronised launches), us
     hbm_gbps: float | None = None  # HBM bandwidth (spec), GB/s: the selection pass's traffic
+    c_gluon: float | None = None  # the Gluon forward's full 128x128 tile (units); None: no Gluon path modelled
 
     @property
     def placeholder(self) -> bool:
@@ -210,12 +231,13 @@ class CostModel:
                         bwd_program_us=float(entry.get("bwd_program_us") or 0.0),
                         bwd_partial=float(entry.get("bwd_partial") or 1.0),
                         bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"),
-                        topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"))
+                        topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"),
+                        c_gluon=opt("c_gluon"))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
         consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta,
-                  model.topk_call_us, model.hbm_gbps or 0.0]
+                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0]
         if model.sms <= 0 or min(consts) < 0:
             raise ValueError(f"cost entry for {name!r} needs sms > 0 and non-negative constants, got {entry}")
         return model
@@ -224,7 +246,17 @@ class CostModel:
     def coefficients(self) -> np.ndarray:
         """The per-CTA constants in FEATURES order (units)."""
         union = self.c_partial if self.c_union is None else self.c_union
-        return np.array([self.c_full, self.c_partial, union, self.c_tile])
+        return np.array([self.c_full, self.c_partial, union, self.c_tile, self.c_gluon or 0.0])
+
+    @property
+    def has_gluon(self) -> bool:
+        """Whether this GPU's entry models the Gluon forward (Hopper entries fitted on its timings)."""
+        return self.c_gluon is not None
+
+    def kernel_work(self, work: KernelWork) -> KernelWork:
+        """The launch this GPU runs for the call: the Gluon forward's when the mask is eligible and the
+        entry models it, else the template's (a GPU without Gluon constants predicts the template)."""
+        return work.gluon_work if work.gluon_work is not None and self.has_gluon else work
 
     def query_tile_times(self, work: KernelWork) -> np.ndarray:
         """[NQ] SM time (units) of each query tile's CTA."""
@@ -232,6 +264,7 @@ class CostModel:
 
     def schedule(self, work: KernelWork) -> Schedule:
         """Predicted time (units) of the kernel: list scheduling over SMs x CTAs-per-SM slots, plus launch."""
+        work = self.kernel_work(work)
         k = work.ctas_per_sm
         slots = self.sms * k
         per_tile = self.query_tile_times(work) * k
@@ -261,6 +294,7 @@ class CostModel:
         With `coef` (FEATURES order) the makespan is features @ coef exactly: linear in the
         constants for as long as the same slot stays critical, which is what the fit iterates on.
         """
+        work = self.kernel_work(work)
         k = work.ctas_per_sm
         feats = work.features(beta) * k
         jobs = np.tile(feats @ coef, work.copies)

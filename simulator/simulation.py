@@ -34,9 +34,10 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
-from maskdsl.simulator.cost import CostModel, KernelWork
+from maskdsl.simulator.cost import GLUON_TILE, CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
 from maskdsl.simulator.counting import TileStats, tile_stats
+from maskdsl.simulator.gluon import gluon_plan
 from maskdsl.simulator.selection import SelectionWork, selection_work
 from maskdsl.simulator.tiles import check_tile
 
@@ -78,6 +79,7 @@ class SimResult:
     num_warps: int = 0
     num_stages: int = 0
     union_kernel: bool = False  # the top-k loop runs every visited tile with the predicate
+    gluon: bool = False  # the prediction is for Hopper's Gluon forward (simulator.gluon), not the template
     backward: "BackwardPrediction | None" = field(default=None, compare=False)  # simulate(backward=...)
     work: KernelWork = field(default=None, compare=False, repr=False)  # what the cost model scheduled
     visits_per_query_tile: np.ndarray = field(default=None, compare=False, repr=False)
@@ -173,13 +175,28 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
                           num_stages, copies, _selection(mdef.expr, shape, att))
     else:
         work = KernelWork(kernel_full, visits - kernel_full, zero, math.prod(q_tile), math.prod(kv_tile), head_dim,
-                          num_warps, num_stages, copies)
+                          num_warps, num_stages, copies,
+                          gluon_work=_gluon_work(mdef.expr, shape, q_tile, kv_tile, permute, att, copies, stats))
     prediction = None
     if backward is not False and backward is not None and not mdef.dynamic:
         prediction = simulate_backward(spec, mask, None if backward is True else backward, q_tile, kv_tile,
                                        costs=model, permute=permute)
     return _result(mdef.name, shape, q_tile, kv_tile, permute, stats, visits, full, pairs, model, work,
                    mdef.dynamic, notes, prediction)
+
+
+def _gluon_work(expr, shape, q_tile, kv_tile, permute, att, copies, stats: TileStats) -> KernelWork | None:
+    """The call's launch on Hopper's Gluon forward when the mask qualifies (`simulator.gluon`), else None:
+    every visited tile full at the kernel's 128-token tiles, so one column of full tiles per busy query tile."""
+    head_dim = att.head_dim if att else 128
+    plan = gluon_plan(expr, shape, q_tile, kv_tile, permute, head_dim, att.dtype if att else "bf16")
+    if not plan.eligible:
+        return None
+    same = (plan.q_tile, plan.kv_tile) == (tuple(q_tile), tuple(kv_tile))
+    visits = (stats if same else tile_stats(expr, shape, plan.q_tile, plan.kv_tile, True)).visits
+    busy = np.asarray(visits)[np.asarray(visits) > 0]  # the kernel's grid walks the busy query tiles only
+    zero = np.zeros(len(busy))
+    return KernelWork(busy, zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True)
 
 
 def _as_spec(spec) -> ir.Spec:
@@ -206,6 +223,13 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
     time, dense_time = sched.time, dense.time
     warps, stages = work.launch()
     max_visits = _num(visits.max()) if nq else 0
+    gluon = model.kernel_work(work).gluon
+    if gluon:
+        notes = notes + ("predicted for the Gluon forward (every visited tile full at 128x128 tiles, one box per "
+                         "query tile): its 128-token tiles, whatever the config's on a 1-D order",)
+    elif work.gluon_work is not None:
+        notes = notes + (f"the mask qualifies for Hopper's Gluon forward, but {model.name}'s constants do not "
+                         "model it: predicted for the Triton template",)
     if model.placeholder:
         notes = notes + (f"predicted speedup uses PLACEHOLDER constants for {model.name}; "
                          "replace them with device measurements",)
@@ -225,7 +249,7 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
         visits_per_query_tile=np.asarray(visits), full_per_query_tile=np.asarray(full),
         worst_tile_speedup=nk / max_visits if max_visits else math.inf,
         ctas_per_sm=sched.ctas_per_sm, waves=sched.waves, num_warps=warps, num_stages=stages,
-        union_kernel=bool(work.union.any()), backward=backward, work=work,
+        union_kernel=bool(work.union.any()), gluon=gluon, backward=backward, work=work,
     )
 
 

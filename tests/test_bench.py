@@ -70,3 +70,15 @@ def test_a_wrong_kernel_is_never_the_best(fake_timer, monkeypatch):
     bad, good = result["ours"]
     assert bad["unwritten"] == 0 and bad["error"] > 1e-2
     assert good["error"] < 2e-3 and result["ours_best"]["config"] == good["config"]
+
+
+def test_fit_from_takes_the_latest_files_entry_of_a_case(tmp_path):
+    """`bench --fit-from A B`: a case measured in both counts once, with B's entry (a re-measurement)."""
+    from maskdsl.bench.report import latest_per_case
+
+    old = {"results": [{"file": "bench/suite/dense_32k.mask", "mask": "dense", "ours": [{"ms": 2.0}]},
+                       {"file": "bench/suite/window_1d_32k.mask", "mask": "window", "ours": [{"ms": 3.0}]}]}
+    new = {"results": [{"file": "/elsewhere/bench/suite/dense_32k.mask", "mask": "dense", "ours": [{"ms": 1.0}]}]}
+    got = {(r["file"].split("/")[-1], r["ours"][0]["ms"]) for r in latest_per_case([old, new])}
+    assert got == {("dense_32k.mask", 1.0), ("window_1d_32k.mask", 3.0)}
+    assert {r["ours"][0]["ms"] for r in latest_per_case([new, old])} == {2.0, 3.0}

@@ -1,0 +1,139 @@
+"""Whether Hopper's warp-specialized Gluon forward runs a mask, decided from the simulator's own tables.
+
+The Gluon kernel (codegen.gluon_fwd; its rule lives in codegen.gluon_plan, which the simulator may
+not import: the two are peers) has no mask predicate: each query tile of 128 tokens walks one box
+of 128-token key tiles, every one seen entirely. The simulator restates that rule analytically, on
+the per-dimension count tables it already keeps (`simulator.tables`), so a prediction can say which
+kernel it is for:
+
+* an undilated grid of at most 3 dimensions, head_dim 64 or 128, fp16 / bf16, a static mask (top-k
+  runs the template);
+* the tiles: on a 1-D token order (every dimension but the last of extent 1) the kernel's own
+  128-token tiles whatever the config; otherwise the config's, when each holds 128 tokens, and
+  tile-major (the kernel's tiles are boxes of the grid);
+* every dimension divisible by both tiles;
+* for every product term of the union, every tile pair it visits is full for that term (per
+  dimension: a query tile's visited key tiles are all full there), and per query tile the terms'
+  key-tile boxes cover exactly their bounding box (visited tiles == box volume: one box).
+
+The last check is slightly wider than codegen's merge (which also wants the terms' boxes to agree
+on every dimension but the last): two terms tiling a box side by side in a leading dimension pass
+here and are refused there. The suite has no such mask; the rule's tests pin the cases it does have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from maskdsl import ir
+from maskdsl.analysis import layout_dilation, num_products
+from maskdsl.simulator.counting import tile_stats
+from maskdsl.simulator.tables import dim_tables
+
+TILE = 128  # tokens in the kernel's query and key tiles
+HEAD_DIMS = (64, 128)
+DTYPES = ("fp16", "bf16", "float16", "bfloat16")
+MAX_RANK = 3
+
+
+@dataclass(frozen=True)
+class GluonPlan:
+    """The kernel's tiles when it runs the mask, else why not (`reason`)."""
+
+    q_tile: tuple[int, ...] = ()
+    kv_tile: tuple[int, ...] = ()
+    reason: str | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.reason is None
+
+
+def gluon_tiles(shape: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...]):
+    """(query tile, key tile) the Gluon kernel would use for this config, or why none."""
+    if all(n == 1 for n in shape[:-1]):
+        one = (1,) * (len(shape) - 1) + (TILE,)
+        return one, one
+    if math.prod(q_tile) != TILE or math.prod(kv_tile) != TILE:
+        return f"the kernel's tiles hold {TILE} tokens; config q{q_tile} k{kv_tile} does not"
+    return tuple(q_tile), tuple(kv_tile)
+
+
+def gluon_plan(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True, head_dim: int = 128,
+               dtype: str = "bf16", dynamic: bool = False) -> GluonPlan:
+    """Whether the Gluon forward runs `expr` on `shape` with this config (module docstring)."""
+    shape = tuple(shape)
+    if dynamic:
+        return GluonPlan(reason="a top-k mask runs the template's predicate loop")
+    if len(shape) > MAX_RANK:
+        return GluonPlan(reason=f"grid {shape}: the kernel takes at most {MAX_RANK} dimensions")
+    if head_dim not in HEAD_DIMS:
+        return GluonPlan(reason=f"head_dim {head_dim}; the kernel takes {HEAD_DIMS}")
+    if str(dtype).lower() not in DTYPES:
+        return GluonPlan(reason=f"dtype {dtype}; the kernel takes fp16 and bf16")
+    tiles = gluon_tiles(shape, tuple(q_tile), tuple(kv_tile))
+    if isinstance(tiles, str):
+        return GluonPlan(reason=tiles)
+    qt, kt = tiles
+    if not permute and any(n > 1 for n in shape[:-1]):
+        return GluonPlan(reason="row-major tiles (--no-permute) are not boxes of the grid")
+    terms = num_products(expr, shape)
+    if any(d != 1 for d in layout_dilation(terms, len(shape))):
+        return GluonPlan(reason="dilated layout: a tile is not a box of memory")
+    if any(n % a or n % b for n, a, b in zip(shape, qt, kt)):
+        return GluonPlan(reason=f"grid {shape} is not a multiple of the tiles {qt} x {kt}")
+    reason = _one_full_box(expr, shape, qt, kt)
+    return GluonPlan(qt, kt, reason)
+
+
+def _one_full_box(expr, shape, qt, kt) -> str | None:
+    """None when every query tile's visited key tiles are full for their term and form one box."""
+    rank = len(shape)
+    per_dim = [dim_tables(expr, shape, d, qt[d], kt[d], kind="products") for d in range(rank)]
+    nq = [shape[d] // qt[d] for d in range(rank)]
+    size = [qt[d] * kt[d] for d in range(rank)]
+    lo = hi = None
+    busy_any = np.zeros(math.prod(nq), bool)
+    for j in range(len(per_dim[0])):
+        tables = [per_dim[d][j] for d in range(rank)]
+        seen = [t > 0 for t in tables]
+        busy = _outer_all([s.any(axis=1) for s in seen])
+        ok = _outer_all([(s == (t == sz)).all(axis=1) | ~s.any(axis=1) for s, t, sz in zip(seen, tables, size)])
+        if (busy & ~ok).any():
+            t = int(np.flatnonzero(busy & ~ok)[0])
+            return f"query tile {t} visits partially seen key tiles (the kernel has no predicate)"
+        first = [np.where(s.any(axis=1), s.argmax(axis=1), 0) for s in seen]
+        last = [np.where(s.any(axis=1), s.shape[1] - s[:, ::-1].argmax(axis=1), 0) for s in seen]
+        t_lo = np.stack(_outer_each(first), axis=1)
+        t_hi = np.stack(_outer_each(last), axis=1)
+        if lo is None:
+            lo, hi = np.where(busy[:, None], t_lo, np.iinfo(np.int64).max), np.where(busy[:, None], t_hi, -1)
+        else:
+            lo = np.where(busy[:, None], np.minimum(lo, t_lo), lo)
+            hi = np.where(busy[:, None], np.maximum(hi, t_hi), hi)
+        busy_any |= busy
+    if lo is None:
+        return None
+    visits = tile_stats(expr, shape, qt, kt, True).visits
+    box = np.where(busy_any, np.prod(np.maximum(hi - lo, 0), axis=1), 0)
+    bad = np.flatnonzero(box != visits)
+    if len(bad):
+        return f"query tile {int(bad[0])}: its visited key tiles are not one box"
+    return None
+
+
+def _outer_all(parts: list[np.ndarray]) -> np.ndarray:
+    """Row-major over the query-tile grid: True where every dimension's entry is."""
+    acc = np.ones(1, bool)
+    for p in parts:
+        acc = np.logical_and.outer(acc, p).reshape(-1)
+    return acc
+
+
+def _outer_each(parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Each dimension's per-tile values broadcast over the row-major query-tile grid."""
+    grids = np.meshgrid(*parts, indexing="ij")
+    return [g.reshape(-1) for g in grids]

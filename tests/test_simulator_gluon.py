@@ -1,0 +1,130 @@
+"""The simulator's Gluon-forward rule (simulator.gluon) and its constants: which masks the Hopper kernel
+runs, that a prediction says so, that a GPU without Gluon constants predicts the template, and that the
+fit recovers a planted Gluon tile cost."""
+
+import math
+
+import numpy as np
+import pytest
+
+from maskdsl.parser import parse
+from maskdsl.simulator.calibrate import Measurement, evaluate_fit, fit
+from maskdsl.simulator.cost import CostModel
+from maskdsl.simulator.gluon import gluon_plan
+from maskdsl.simulator.simulation import simulate
+
+
+def _spec(grid: str, expr: str, head_dim: int = 128, dtype: str = "bf16", heads: int = 4):
+    return parse(f"layout g = grid({grid})\nmask m = {expr}\n"
+                 f"attention a(mask=m, heads={heads}, head_dim={head_dim}, dtype={dtype})\n")
+
+
+def _plan(grid, expr, q, k, **kw):
+    spec = _spec(grid, expr, **{a: b for a, b in kw.items() if a in ("head_dim", "dtype")})
+    mdef = spec.mask("m")
+    att = spec.attention_for("m")
+    return gluon_plan(mdef.expr, mdef.layout.shape, q, k, True, att.head_dim, att.dtype, mdef.dynamic)
+
+
+@pytest.mark.parametrize("expr", ["full", "block(2048)", "neighborhood(window=2048, stride=256)",
+                                  "block(256) | block(1024)"])
+@pytest.mark.parametrize("q,k", [((64,), (64,)), ((128,), (64,)), ((32,), (128,))])
+def test_1d_block_sparse_masks_run_gluon_at_its_own_128_tiles(expr, q, k):
+    plan = _plan("8192", expr, q, k)
+    assert plan.eligible, plan.reason
+    assert plan.q_tile == plan.kv_tile == (128,)
+
+
+@pytest.mark.parametrize("expr,why", [
+    ("sliding_window(2048)", "partially seen"),  # diagonal tiles are partial
+    ("causal", "partially seen"),
+    ("block(128) | sink(128)", "not one box"),  # every tile full, but two runs of key tiles
+    ("dilated(window=1024, dilation=4)", "dilated"),
+])
+def test_1d_masks_the_gluon_kernel_refuses(expr, why):
+    plan = _plan("8192", expr, (128,), (128,))
+    assert not plan.eligible and why in plan.reason
+
+
+def test_1d_with_leading_unit_dimensions_is_a_token_order():
+    plan = _plan("1, 8192", "block((1, 1024))", (1, 64), (1, 64))
+    assert plan.eligible and plan.q_tile == (1, 128)
+
+
+HUNYUAN = ("30, 48, 80", "neighborhood(window=(18, 24, 24), stride=(16, 8, 8))")
+
+
+def test_3d_gna_runs_gluon_only_with_128_token_tiles_of_the_config():
+    assert _plan(*HUNYUAN, (2, 8, 8), (2, 8, 8)).eligible
+    assert "128 tokens" in _plan(*HUNYUAN, (2, 8, 8), (1, 8, 8)).reason
+    assert "partially seen" in _plan("30, 48, 80", "neighborhood(window=(18, 24, 24))", (2, 8, 8), (2, 8, 8)).reason
+
+
+@pytest.mark.parametrize("grid,expr,kw,why", [
+    ("16, 44, 80", "neighborhood(window=(16, 24, 16), stride=(1, 8, 16))", {}, "not a multiple"),  # ragged
+    ("64, 64", "dilated(window=(16, 16), dilation=(2, 2))", {}, "dilated"),
+    ("8192", "block(1024)", {"head_dim": 96}, "head_dim"),
+    ("8192", "block(1024)", {"dtype": "fp32"}, "dtype"),
+])
+def test_other_refusals(grid, expr, kw, why):
+    rank = grid.count(",") + 1
+    tile = {1: (128,), 2: (8, 16), 3: (2, 8, 8), 4: (1, 1, 8, 16)}[rank]
+    plan = _plan(grid, expr, tile, tile, **kw)
+    assert not plan.eligible and why in plan.reason
+
+
+GLUON_ENTRY = {"c_full": 1.0, "c_partial": 1.3, "c_tile": 1.5, "sms": 132, "tile_us": 2.0, "launch_us": 5.0,
+               "c_gluon": 0.8}
+
+
+def test_prediction_says_which_forward_and_uses_the_gluon_tiles_on_1d():
+    spec = _spec("32768", "block(2048)", heads=8)
+    with_gluon = CostModel.from_entry("H", GLUON_ENTRY)
+    template = CostModel.from_entry("H", {k: v for k, v in GLUON_ENTRY.items() if "gluon" not in k})
+    a = simulate(spec, "m", (64,), (64,), costs=with_gluon)
+    b = simulate(spec, "m", (128,), (128,), costs=with_gluon)
+    assert a.gluon and b.gluon and a.to_dict()["gluon"] is True
+    assert a.predicted_ms == pytest.approx(b.predicted_ms)  # the kernel's tiles, whatever the config's
+    # 256 query tiles x 8 heads of 16 full tiles each + the (shared) CTA cost, 132 SMs one CTA each, plus launch
+    waves = math.ceil(256 * 8 / 132)
+    assert b.predicted_ms == pytest.approx((waves * (16 * 0.8 + 1.5) * 2.0 + 5.0) / 1000)
+    t = simulate(spec, "m", (128,), (128,), costs=template)
+    assert not t.gluon and any("do not model it" in n for n in t.notes)
+    assert t.predicted_ms > b.predicted_ms
+    w = simulate(_spec("32768", "sliding_window(2048)"), "m", (128,), (128,), costs=with_gluon)
+    assert not w.gluon
+
+
+def test_fit_recovers_a_planted_gluon_tile_cost():
+    """Synthetic timings from known constants (Gluon cases among template ones): the fit gets them back."""
+    truth = CostModel.from_entry("H", {**GLUON_ENTRY, "c_gluon": 0.7})
+    cases = [("32768", "block(2048)", (128,), 8), ("32768", "neighborhood(window=2048, stride=256)", (64,), 2),
+             ("16384", "full", (128,), 16), ("8192", "block(1024)", (64,), 40),
+             ("16384", "sliding_window(1024)", (128,), 8), ("16384", "sliding_window(2048)", (64,), 4),
+             ("16384", "causal", (128,), 16), ("8192", "sliding_window(512)", (128,), 24)]
+    meas = []
+    for grid, expr, tile, heads in cases:
+        spec = _spec(grid, expr, heads=heads)
+        for k in ((64,), (128,)):
+            r = simulate(spec, "m", tile, k, costs=truth)
+            meas.append(Measurement(spec, "m", tile, k, heads, r.predicted_ms, case=f"{expr}/{heads}",
+                                    path="gluon" if r.gluon else "triton"))
+    assert sum(m.path == "gluon" for m in meas) == 8
+    entry = fit(meas, "H", betas=(1.0,))
+    assert entry["c_gluon"] * entry["tile_us"] == pytest.approx(0.7 * 2.0, rel=0.02)
+    assert entry["c_tile"] * entry["tile_us"] == pytest.approx(1.5 * 2.0, rel=0.05)
+    rows = evaluate_fit(meas, entry, "H")
+    assert max(abs(r["ratio"] - 1) for r in rows) < 0.02
+    assert [r["gluon"] for r in rows] == [m.path == "gluon" for m in meas]
+
+
+def test_a_template_timing_of_an_eligible_mask_stays_a_template_timing():
+    """Runs older than the Gluon forward (no path) timed the template: the fit must not read them as Gluon."""
+    spec = _spec("16384", "block(1024)")
+    entry = {**GLUON_ENTRY}
+    m = Measurement(spec, "m", (128,), (128,), 4, 1.0, case="x")
+    row, = evaluate_fit([m], entry, "H")
+    assert row["gluon"] is False
+    row, = evaluate_fit([Measurement(spec, "m", (128,), (128,), 4, 1.0, case="x", path="gluon")], entry, "H")
+    assert row["gluon"] is True
+    assert np.isfinite(row["predicted_ms"])
