@@ -115,13 +115,12 @@ def gluon_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig | None:
 
 
 def _hopper() -> bool:
-    """Whether kernels will run on a Hopper GPU here (where the Gluon forward runs)."""
-    import os
-
+    """Whether kernels compiled here will run the Gluon forward (a Hopper GPU, not the interpreter)."""
     import torch
 
-    return (os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MASKDSL_GLUON") != "0"
-            and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9)
+    from maskdsl.codegen.gluon_plan import device_blocker
+
+    return torch.cuda.is_available() and device_blocker(torch.device("cuda", torch.cuda.current_device())) is None
 
 
 def ranked_default(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:

@@ -210,15 +210,21 @@ def tensor_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) 
 
     The kernel writes LSE as [batch x heads x tokens] float32; None stands for the op's own.
     """
+    return device_blocker(q.device) or layout_blocker(q, k, v, out, lse, grid)
+
+
+def device_blocker(device: torch.device) -> str | None:
+    """Why the Gluon forward cannot run on `device` at all (tensors aside), or None: the switch, the
+    interpreter, a GPU that is not Hopper. The untuned default asks it too (autotune.space)."""
     if os.environ.get("MASKDSL_GLUON") == "0":
         return "MASKDSL_GLUON=0"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "Triton's interpreter runs Triton kernels only"
-    if not q.is_cuda:
-        return f"tensors on {q.device.type}, not CUDA"
-    if _capability(q.device) != 9:
-        return f"compute capability {_capability(q.device)}.x; the kernel is Hopper's (9.x)"
-    return layout_blocker(q, k, v, out, lse, grid)
+    if device.type != "cuda":
+        return f"tensors on {device.type}, not CUDA"
+    if _capability(device) != 9:
+        return f"compute capability {_capability(device)}.x; the kernel is Hopper's (9.x)"
+    return None
 
 
 def layout_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) -> str | None:
