@@ -46,6 +46,30 @@ def plan_for(fn, ranks: int, zigzag: bool = False, max_segment_frames: int | Non
     return shard_plan(mdef.expr, shape, ranks, chunk_unit, key_unit, zigzag, max_segment_frames, overlap)
 
 
+def _attend_segment(fn, q, kb, vb, scale: float, out, lse, rows: slice, frames, k_frames, first: bool) -> None:
+    """Fold one segment into a chunk's `out`/`lse` (its rows; `rows` are the segment's queries among them,
+    `q` their query rows). The chunk's first segment writes the rows itself (the rows it does not reach
+    start empty); a later one is merged in place by log-sum-exp (codegen.merge)."""
+    if first and (rows.start, rows.stop) != (0, out.shape[2]):
+        out.zero_()
+        lse.fill_(float("-inf"))
+        first = False
+    o, l = out[:, :, rows], lse[:, :, rows]
+    l_s = torch.empty(o.shape[:3], dtype=torch.float32, device=o.device)  # kernels write contiguous LSE rows
+    o_s = o if first else torch.empty_like(o, memory_format=torch.contiguous_format)
+    fn.launch_segment(q, kb, vb, scale, o_s, l_s, q_frames=frames, k_frames=k_frames)
+    if first:
+        l.copy_(l_s)
+    else:
+        merge_into(o, l, o_s, l_s)
+
+
+def _segment_rows(plan: ShardPlan, rank: int, c: int, seg) -> slice:
+    """The segment's query rows among its chunk's rows."""
+    a = plan.chunks[rank][c][0]
+    return slice((seg.queries[0] - a) * plan.inner, (seg.queries[1] - a) * plan.inner)
+
+
 def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=None):
     """Rank `rank`'s kernel work with no communication, from whole [B, H, L, D] tensors on one device: its
     segments' buffers are views of the whole K and V. For measuring a rank's compute on one GPU (weak
@@ -63,25 +87,19 @@ def emulate_rank(fn, plan: ShardPlan, rank: int, q, k, v, scale: float, dout=Non
     if dout is not None:
         dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     for c, (a, b) in enumerate(plan.chunks[rank]):
-        o_c = torch.zeros_like(q[:, :, a * n:b * n])
+        o_c = torch.zeros_like(q[:, :, a * n:b * n])  # what a chunk no segment reaches keeps
         l_c = torch.full(o_c.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         for i, seg in enumerate(plan.segments[rank][c]):
             qa, qb = seg.queries
-            local = slice((qa - a) * n, (qb - a) * n)
-            direct = i == 0 and (qa, qb) == (a, b)  # as the real forward: the first whole-chunk call writes out
-            o_s = o_c if direct else torch.empty_like(o_c[:, :, local])
-            l_s = l_c if direct else torch.empty_like(l_c[:, :, local])
-            fn.launch_segment(q[:, :, qa * n:qb * n], buffer(k, seg), buffer(v, seg), scale, o_s, l_s,
-                              q_frames=(qa, qb), k_frames=seg.frames)
-            if not direct:
-                merge_into(o_c[:, :, local], l_c[:, :, local], o_s, l_s)
+            _attend_segment(fn, q[:, :, qa * n:qb * n], buffer(k, seg), buffer(v, seg), scale, o_c, l_c,
+                            _segment_rows(plan, rank, c, seg), seg.queries, seg.frames, first=i == 0)
         out.append(o_c)
         if dout is not None:
             dq_c = torch.zeros_like(o_c, dtype=torch.float32)
             for seg in plan.segments[rank][c]:
                 qa, qb = seg.queries
                 keys = slice(seg.frames[0] * n, seg.frames[1] * n)
-                local = slice((qa - a) * n, (qb - a) * n)
+                local = _segment_rows(plan, rank, c, seg)
                 rows = slice(qa * n, qb * n)
                 dq_s, dk_s, dv_s = torch.empty_like(q[:, :, rows]), torch.empty_like(k[:, :, keys]), torch.empty_like(v[:, :, keys])
                 fn.launch_backward_segment(q[:, :, rows], buffer(k, seg), buffer(v, seg), o_c[:, :, local],
@@ -188,9 +206,7 @@ class ContextParallelAttention:
         receive this rank's own step-th segment's remote pieces. Returns (works, {piece index: tensors})."""
         plan, r = self.plan, self.rank
         ops, received = [], {}
-        for dest, piece in plan.sends(r, step):
-            c, i = plan.steps(dest)[step]
-            index = plan.segments[dest][c][i].pieces.index(piece)
+        for dest, index, piece in plan.sends(r, step):
             a, b = plan.piece_rows(piece)
             for j, t in enumerate(tensors):
                 ops.append(dist.P2POp(dist.isend, t[:, :, a:b].contiguous(), _peer(dest, self.group), self.group,
@@ -236,19 +252,10 @@ class ContextParallelAttention:
         seen = [False] * len(self.plan.chunks[self.rank])
         self.received_bytes = 0
         for c, seg, (kb, vb) in self._segments_in_order([k, v], count=True):
-            rows, frames = self._queries(c, seg)
-            whole = frames == self.plan.chunks[self.rank][c]
-            direct = not seen[c] and whole  # the first segment covers the chunk: it writes the output itself
-            o_s = out[:, :, rows] if direct else torch.empty_like(q[:, :, rows])
-            l_s = torch.empty(o_s.shape[:3], dtype=torch.float32, device=q.device)  # kernels want contiguous rows
-            self.fn.launch_segment(q[:, :, rows], kb, vb, scale, o_s, l_s, q_frames=frames, k_frames=seg.frames)
-            if direct:
-                lse[:, :, rows] = l_s
-            else:
-                if not seen[c]:  # rows the first segment does not reach start empty
-                    out[:, :, self._chunk(c)] = 0
-                    lse[:, :, self._chunk(c)] = float("-inf")
-                merge_into(out[:, :, rows], lse[:, :, rows], o_s, l_s)
+            chunk = self._chunk(c)
+            _attend_segment(self.fn, q[:, :, self._queries(c, seg)[0]], kb, vb, scale, out[:, :, chunk],
+                            lse[:, :, chunk], _segment_rows(self.plan, self.rank, c, seg), seg.queries, seg.frames,
+                            first=not seen[c])
             seen[c] = True
         for c, done in enumerate(seen):
             if not done:  # no query of the chunk attends any key
@@ -258,11 +265,9 @@ class ContextParallelAttention:
 
     def _queries(self, c: int, seg) -> tuple[slice, tuple[int, int]]:
         """The local rows and frames of chunk c's queries that attend segment `seg`."""
-        a = self.plan.chunks[self.rank][c][0]
         off = self.plan.chunk_offset(self.rank, c)
-        qa, qb = seg.queries
-        n = self.plan.inner
-        return slice(off + (qa - a) * n, off + (qb - a) * n), (qa, qb)
+        rows = _segment_rows(self.plan, self.rank, c, seg)
+        return slice(off + rows.start, off + rows.stop), seg.queries
 
     def backward(self, q, k, v, out, lse, dout, scale: float):
         plan, r = self.plan, self.rank
@@ -312,9 +317,7 @@ class ContextParallelAttention:
         rank sent keys to at this step computed for them."""
         plan = self.plan
         adds = []
-        for dest, piece in plan.sends(self.rank, step):
-            c, i = plan.steps(dest)[step]
-            index = plan.segments[dest][c][i].pieces.index(piece)
+        for dest, index, piece in plan.sends(self.rank, step):
             a, b = plan.piece_rows(piece)
             bufs = [torch.empty(*t.shape[:2], b - a, *t.shape[3:], dtype=t.dtype, device=t.device) for t in (k, v)]
             for j, buf in enumerate(bufs):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from maskdsl import ir
 from maskdsl.halo import needed_frames, query_frames
@@ -85,33 +86,30 @@ class ShardPlan:
         the same number of dK and dV bytes back)."""
         return 2 * self.received_rows(r) * head_dim * kv_heads * batch * dtype_bytes
 
-    def steps(self, r: int) -> list[tuple[int, int]]:
-        """(chunk, segment index) of rank r's remote segments, in the order it runs them."""
-        return [(c, i) for c, segs in enumerate(self.segments[r]) for i, seg in enumerate(segs) if seg.remote(r)]
+    @cached_property
+    def _steps(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        return tuple(tuple((c, i) for c, segs in enumerate(self.segments[r]) for i, seg in enumerate(segs)
+                           if seg.remote(r)) for r in range(self.ranks))
+
+    def steps(self, r: int) -> tuple[tuple[int, int], ...]:
+        """(chunk, segment index) of rank r's remote segments, in the order it runs them (computed once:
+        every forward and backward walks them)."""
+        return self._steps[r]
 
     def step_count(self) -> int:
-        return max((len(self.steps(r)) for r in range(self.ranks)), default=0)
+        return max((len(steps) for steps in self._steps), default=0)
 
-    def sends(self, s: int, step: int) -> list[tuple[int, Piece]]:
-        """(destination, piece) rank s sends at `step` of the exchange: every other rank's step-th remote
-        segment's pieces that s owns, in destination then piece order (the receivers post the same order)."""
+    def sends(self, s: int, step: int) -> list[tuple[int, int, Piece]]:
+        """(destination, index of the piece in its segment, piece) rank s sends at `step` of the exchange:
+        every other rank's step-th remote segment's pieces that s owns, in destination then piece order (the
+        receivers post the same order; the index tags the message)."""
         out = []
         for r in range(self.ranks):
-            if r == s:
-                continue
-            steps = self.steps(r)
-            if step < len(steps):
+            steps = self._steps[r]
+            if r != s and step < len(steps):
                 c, i = steps[step]
-                out.extend((r, p) for p in self.segments[r][c][i].pieces if p.source == s)
+                out.extend((r, index, p) for index, p in enumerate(self.segments[r][c][i].pieces) if p.source == s)
         return out
-
-    def owner(self, frame: int) -> tuple[int, int]:
-        """(rank, local chunk index) that holds `frame`."""
-        for r, chunks in enumerate(self.chunks):
-            for c, (a, b) in enumerate(chunks):
-                if a <= frame < b:
-                    return r, c
-        raise ValueError(f"frame {frame} is outside the grid's {self.shape[0]} frames")
 
 
 def chunk_bounds(n0: int, pieces: int, unit: int) -> tuple[int, ...]:
@@ -126,6 +124,16 @@ def chunk_bounds(n0: int, pieces: int, unit: int) -> tuple[int, ...]:
     for i in range(pieces):
         out.append(min(n0, out[-1] + (base + (i < extra)) * unit))
     return tuple(out)
+
+
+def _chunks(n0: int, ranks: int, unit: int, zigzag: bool):
+    """(each rank's chunks, every chunk as (first, end, rank, local index) in frame order, the largest chunk)."""
+    pieces = 2 * ranks if zigzag else ranks
+    bounds = chunk_bounds(n0, pieces, unit)
+    spans = [(bounds[i], bounds[i + 1]) for i in range(pieces)]
+    chunks = tuple(((spans[r], spans[pieces - 1 - r]) if zigzag else (spans[r],)) for r in range(ranks))
+    owners = sorted((a, b, r, c) for r, cs in enumerate(chunks) for c, (a, b) in enumerate(cs))
+    return chunks, owners, max(b - a for a, b in spans)
 
 
 def shard_plan(expr: ir.MaskExpr, shape: tuple[int, ...], ranks: int, chunk_unit: int = 1, key_unit: int = 1,
@@ -144,12 +152,8 @@ def shard_plan(expr: ir.MaskExpr, shape: tuple[int, ...], ranks: int, chunk_unit
     if ir.is_dynamic(expr):
         raise ValueError("top-k masks choose their keys from the data; shard them with every frame needed "
                          "(maskdsl.distributed does: one segment of the whole grid)")
-    pieces = 2 * ranks if zigzag else ranks
-    bounds = chunk_bounds(n0, pieces, chunk_unit)
-    spans = [(bounds[i], bounds[i + 1]) for i in range(pieces)]
-    chunks = tuple(((spans[r], spans[pieces - 1 - r]) if zigzag else (spans[r],)) for r in range(ranks))
-    owners = sorted((a, b, r, c) for r, cs in enumerate(chunks) for c, (a, b) in enumerate(cs))
-    cap = max_segment_frames or (2 if overlap else 3) * max(b - a for a, b in spans)
+    chunks, owners, largest = _chunks(n0, ranks, chunk_unit, zigzag)
+    cap = max_segment_frames or (2 if overlap else 3) * largest
     segments = []
     for r in range(ranks):
         per_chunk = []
@@ -165,11 +169,7 @@ def shard_plan(expr: ir.MaskExpr, shape: tuple[int, ...], ranks: int, chunk_unit
 def full_plan(shape: tuple[int, ...], ranks: int, chunk_unit: int = 1, zigzag: bool = False) -> ShardPlan:
     """Every chunk needs every frame, in one segment: what a top-k mask takes (its keys come from the data)."""
     shape = tuple(int(n) for n in shape)
-    pieces = 2 * ranks if zigzag else ranks
-    bounds = chunk_bounds(shape[0], pieces, chunk_unit)
-    spans = [(bounds[i], bounds[i + 1]) for i in range(pieces)]
-    chunks = tuple(((spans[r], spans[pieces - 1 - r]) if zigzag else (spans[r],)) for r in range(ranks))
-    owners = sorted((a, b, r, c) for r, cs in enumerate(chunks) for c, (a, b) in enumerate(cs))
+    chunks, owners, _ = _chunks(shape[0], ranks, chunk_unit, zigzag)
     whole = tuple(Piece(r, c, (a, b)) for a, b, r, c in owners)
     segments = tuple(tuple((Segment((0, shape[0]), whole, chunk),) for chunk in chunks[r]) for r in range(ranks))
     return ShardPlan(shape, ranks, zigzag, chunk_unit, 1, chunks, segments)
