@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -83,6 +84,14 @@ def _key_set(rel: Rel1D, queries: slice | None = None) -> np.ndarray:
     return keys
 
 
+@lru_cache(maxsize=8)
+def _live_dim0(expr: ir.MaskExpr, shape: tuple[int, ...]) -> tuple[Rel1D, ...]:
+    """Dimension 0's relation of every product term whose inner dimensions attend some key: a shard plan
+    asks once per chunk and per segment, so the terms are evaluated once."""
+    return tuple(term.num[0] for term in num_products(expr, shape)
+                 if all(_key_set(rel).any() for rel in term.num[1:]))
+
+
 def needed_frames(expr: ir.MaskExpr, shape: tuple[int, ...], frames: tuple[int, int]) -> list[int]:
     """The key frames (dimension-0 coordinates) that the queries of frames [first, end) attend, exactly.
 
@@ -92,9 +101,8 @@ def needed_frames(expr: ir.MaskExpr, shape: tuple[int, ...], frames: tuple[int, 
     if ir.is_dynamic(expr):
         raise ValueError("top-k masks pick keys from the data: every frame may be needed")
     need = np.zeros(int(shape[0]), dtype=bool)
-    for term in num_products(expr, tuple(int(n) for n in shape)):
-        if all(_key_set(rel).any() for rel in term.num[1:]):
-            need |= _key_set(term.num[0], slice(frames[0], frames[1]))
+    for rel in _live_dim0(expr, tuple(int(n) for n in shape)):
+        need |= _key_set(rel, slice(frames[0], frames[1]))
     return [int(f) for f in np.nonzero(need)[0]]
 
 
@@ -104,10 +112,7 @@ def query_frames(expr: ir.MaskExpr, shape: tuple[int, ...], keys: tuple[int, int
     if none does): a segment of keys then runs only the query tiles that reach it."""
     ka, kb = keys
     hit = np.zeros(int(shape[0]), dtype=bool)
-    for term in num_products(expr, tuple(int(n) for n in shape)):
-        if not all(_key_set(rel).any() for rel in term.num[1:]):
-            continue
-        rel = term.num[0]
+    for rel in _live_dim0(expr, tuple(int(n) for n in shape)):
         d = rel.dilation
         g = np.arange(rel.n, dtype=np.int64) % d
         # group coordinates j with ka <= g + d*j < kb, against the row's [lo, hi]
