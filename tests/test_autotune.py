@@ -60,7 +60,9 @@ def test_two_concurrent_workers_share_one_sqlite_study(storage, tmp_path):
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    failed = [f"worker {i} exited {p.returncode}\nstdout: {o[-2000:]}\nstderr: {e[-4000:]}"
+              for i, (p, (o, e)) in enumerate(zip(procs, outs)) if p.returncode]
+    assert not failed, "\n".join(failed)  # the whole stderr of a failed worker, not pytest's cut repr
     rows = list_studies(storage)
     assert len(rows) == 1, "both workers must land in one study"
     assert rows[0]["trials"] == 6
