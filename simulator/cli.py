@@ -112,13 +112,18 @@ def format_ranks(spec, mask: str, row, args) -> str:
                              args.zigzag)
     lines = [f"context parallel over {args.ranks} ranks{' (zig-zag)' if args.zigzag else ''}, "
              f"link {args.link_gbps:g} GB/s:",
-             "rank  frames                 q tiles  visited  calls  halo MB  link ms  compute ms  hidden"]
+             "rank  frames                 q tiles  visited  calls  halo MB  link ms  compute ms  hidden"
+             "  gather MB  vs all-gather"]
     for p in preds:
         frames = " ".join(f"{a}-{b}" for a, b in p.chunks)
         compute = "-" if p.compute_ms is None else f"{p.compute_ms:.3f}"
         hidden = "-" if p.hidden is None else ("yes" if p.hidden else "no")
+        ratio = "-" if p.speedup_over_gather is None else f"{p.speedup_over_gather:.3f}x"
         lines.append(f"{p.rank:>4}  {frames:<21}  {p.query_tiles:>7}  {p.visited_tiles:>7}  {p.segments:>5}  "
-                     f"{p.halo_bytes / 1e6:>7.1f}  {p.comm_ms:>7.3f}  {compute:>10}  {hidden}")
+                     f"{p.halo_bytes / 1e6:>7.1f}  {p.comm_ms:>7.3f}  {compute:>10}  {hidden:<6}"
+                     f"  {p.gather_bytes / 1e6:>9.1f}  {ratio:>12}")
+    lines.append("vs all-gather: the predicted forward of an all-gather of every K/V slab followed by the same "
+                 "tiles, over this rank's (compute, or the link where the halo does not hide)")
     return "\n".join(lines)
 
 

@@ -35,6 +35,24 @@ class RankPrediction:
     compute_ms: float | None  # None without calibrated constants for the GPU
     comm_ms: float  # halo_bytes over the link
     hidden: bool | None  # the exchange fits behind the rank's compute
+    gather_bytes: int = 0  # K and V of every other rank: what an all-gather (or a full ring pass) brings here
+    gather_ms: float = 0.0  # gather_bytes over the link
+
+    @property
+    def predicted_ms(self) -> float | None:
+        """The rank's forward with the halo exchange: compute, or the link if the exchange does not hide."""
+        return None if self.compute_ms is None else max(self.compute_ms, self.comm_ms)
+
+    @property
+    def gather_baseline_ms(self) -> float | None:
+        """The all-gather baseline's forward: every key fetched first (nothing to overlap it with: the
+        rank's keys are all it could attend before the gather), then the same tiles."""
+        return None if self.compute_ms is None else self.compute_ms + self.gather_ms
+
+    @property
+    def speedup_over_gather(self) -> float | None:
+        """How much faster the halo exchange should be than the all-gather baseline on this rank."""
+        return None if self.compute_ms is None else self.gather_baseline_ms / self.predicted_ms
 
 
 def simulate_sharded(spec, mask: str, ranks: int, q_tile, kv_tile=None, link_gb_per_s: float = 400.0,
@@ -62,6 +80,7 @@ def simulate_sharded(spec, mask: str, ranks: int, q_tile, kv_tile=None, link_gb_
     att = spec.attention_for(mask) or ir.Attention("default", mask, heads=8, kv_heads=8, head_dim=128,
                                                    dtype="bf16", batch=1)
     total = float(visits.sum())
+    row_bytes = 2 * att.head_dim * att.kv_heads * att.batch * DTYPE_BYTES.get(att.dtype, 2)  # K and V
     out = []
     for r in range(ranks):
         rows = [slice(a // qt0, -(-b // qt0)) for a, b in plan.chunks[r]]
@@ -69,8 +88,10 @@ def simulate_sharded(spec, mask: str, ranks: int, q_tile, kv_tile=None, link_gb_
         nbytes = plan.received_bytes(r, att.head_dim, att.kv_heads, att.batch, DTYPE_BYTES.get(att.dtype, 2))
         compute = None if result.predicted_ms is None or not total else result.predicted_ms * visited / total
         comm = nbytes / (link_gb_per_s * 1e9) * 1e3
+        gather = (shape[0] - plan.local_frames(r)) * plan.inner * row_bytes
         out.append(RankPrediction(r, plan.chunks[r], sum(int(visits[s].size) for s in rows), visited,
                                   sum(int(full[s].sum()) for s in rows), sum(len(s) for s in plan.segments[r]),
                                   plan.received_rows(r), nbytes, compute, comm,
-                                  None if compute is None else comm <= compute))
+                                  None if compute is None else comm <= compute,
+                                  gather, gather / (link_gb_per_s * 1e9) * 1e3))
     return out

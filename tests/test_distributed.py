@@ -85,6 +85,8 @@ def _check(case, rank: int, world: int) -> None:
     if not spec.masks[0].dynamic:
         want = attn.plan.received_bytes(rank, D, HKV, B, 4)
         assert attn.received_bytes == want, f"{what}: received {attn.received_bytes} bytes, plan says {want}"
+        got = attn.exchange(kl.detach(), vl.detach())  # the exchange alone, as the benchmark times it
+        assert got == want, f"{what}: the exchange alone received {got} bytes, plan says {want}"
 
 
 @pytest.mark.parametrize("world", sorted(CASES))
@@ -214,3 +216,23 @@ def test_merge_into_equals_attention_over_the_union_of_the_keys():
     assert torch.equal(torch.isneginf(lse), torch.isneginf(wl)) and torch.isneginf(lse[:, :, :3]).all()
     fin = ~torch.isneginf(wl)
     assert torch.allclose(lse.double()[fin], wl[fin], atol=1e-5)
+
+
+def test_row_sums_copy_first_parts_and_add_later_ones():
+    """The backward's gradient sums: any sequence of overlapping row ranges, against a float64 sum."""
+    import random
+
+    from maskdsl.distributed import _RowSum
+
+    rnd = random.Random(7)
+    for trial in range(200):
+        n = rnd.randint(1, 30)
+        want = torch.zeros(1, 2, n, 3, dtype=torch.float64)
+        got = _RowSum(torch.full_like(want, float("nan")))  # untouched rows must come back 0, not garbage
+        for _ in range(rnd.randint(0, 6)):
+            a = rnd.randint(0, n - 1)
+            b = rnd.randint(a + 1, n)
+            part = torch.randn(1, 2, b - a, 3, dtype=torch.float64)
+            want[:, :, a:b] += part
+            got.add(a, part)
+        torch.testing.assert_close(got.result(), want, msg=f"trial {trial}")

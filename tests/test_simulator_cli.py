@@ -58,9 +58,10 @@ def test_cli_ranks_prints_each_ranks_share(capsys):
                  "--link-gbps", "100"]) == 0
     out = capsys.readouterr().out.split("context parallel over 3 ranks (zig-zag), link 100 GB/s:")[1]
     preds = simulate_sharded(maskdsl.load(path), "gna", 3, (2, 8, 8), (2, 8, 8), 100.0, zigzag=True)
-    rows = [line.split() for line in out.strip().splitlines()[1:]]
+    rows = [line.split() for line in out.strip().splitlines()[1:-1]]
     assert len(rows) == 3
     for p, row in zip(preds, rows):
         assert len(p.chunks) == 2  # zig-zag: two chunks per rank
         assert int(row[0]) == p.rank and int(row[3]) == p.query_tiles and int(row[4]) == p.visited_tiles
         assert float(row[6]) == pytest.approx(p.halo_bytes / 1e6, abs=0.05)
+        assert float(row[-2]) == pytest.approx(p.gather_bytes / 1e6, abs=0.05)

@@ -41,6 +41,21 @@ def test_per_rank_tiles_and_halos_match_brute_force(ranks):
         assert p.halo_bytes == 2 * p.halo_rows * 64 * 2 * 1 * 2  # K and V, head_dim, kv heads, batch, bf16
         assert p.comm_ms == pytest.approx(p.halo_bytes / 100e9 * 1e3)
         assert p.compute_ms is None or (p.hidden == (p.comm_ms <= p.compute_ms))
+        # an all-gather brings every token row this rank does not hold, K and V of every kv head
+        others = 12 * inner - sum(b - a for a, b in p.chunks) * inner
+        assert p.gather_bytes == 2 * others * 64 * 2 * 2
+        assert p.gather_ms == pytest.approx(p.gather_bytes / 100e9 * 1e3)
+
+
+def test_halo_beats_the_all_gather_baseline_by_the_link_time_it_saves():
+    spec = maskdsl.parse(SPEC)
+    for p in simulate_sharded(spec, "m", 3, (2, 2, 4), (2, 2, 4), link_gb_per_s=0.001, gpu="H100"):
+        # a slow link: neither transfer hides, so the ratio is the ratio of bytes plus compute
+        assert p.compute_ms is not None and not p.hidden
+        assert p.speedup_over_gather == pytest.approx((p.compute_ms + p.gather_ms) / p.comm_ms)
+        assert p.gather_bytes > p.halo_bytes
+    for p in simulate_sharded(spec, "m", 3, (2, 2, 4), (2, 2, 4), link_gb_per_s=1e9, gpu="H100"):
+        assert p.hidden and p.speedup_over_gather == pytest.approx(1.0, abs=1e-6)
 
 
 def test_dilated_outer_dimensions_and_topk_are_refused():
