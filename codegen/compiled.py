@@ -74,8 +74,13 @@ class CompiledAttention:
         """The Gluon forward's tile table for this mask (codegen.gluon_plan), computed on first use."""
         if self._gluon is None:
             from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
+            from maskdsl.codegen.gluon_runs import run_ranges
 
-            self._gluon = GluonSchedule(tile_ranges(self.plan))
+            ranges = tile_ranges(self.plan)
+            if not ranges.ok and all(e == 1 for e in self.plan.shape[:-1]):
+                runs = run_ranges(self.plan)  # 1-D: the predicated mode takes partial tiles
+                ranges = runs if runs.ok else ranges
+            self._gluon = GluonSchedule(ranges)
         return self._gluon
 
     def gluon_blocker(self, q, k=None, v=None, out=None, lse=None) -> str | None:
@@ -84,7 +89,8 @@ class CompiledAttention:
         The Gluon path (codegen.gluon_fwd) needs a Hopper GPU outside the interpreter, fp16/bf16,
         head_dim 64 or 128, q/k/v/out that the copy engine addresses as [batch x heads, grid, head_dim],
         and a mask whose visited 128-token tiles (the config's on a multi-dimensional grid) are all
-        full and form one box of key tiles per query tile (codegen.gluon_plan);
+        full and form one box of key tiles per query tile (codegen.gluon_plan), or, on a 1-D token
+        order, whose rows' keys are at most two intervals in at most two runs of tiles (codegen.gluon_runs);
         MASKDSL_GLUON=0 turns it off. k, v and out default to q's layout, lse to the one the op allocates.
         """
         from maskdsl.codegen.gluon_plan import tensor_blocker
@@ -149,12 +155,13 @@ class CompiledAttention:
     def _launch_gluon(self, q, k, v, scale, out, lse) -> None:
         from maskdsl.codegen import gluon_fwd
 
-        table, idle_rows = self.gluon_schedule.on(q.device)
+        table, idle_rows, bounds = self.gluon_schedule.on(q.device)
         if len(idle_rows):  # query tiles that see no key: output 0 and LSE -inf, as the template writes them
             out.index_fill_(2, idle_rows, 0.0)
             lse.index_fill_(2, idle_rows, float("-inf"))
         r = self.gluon_schedule.ranges
-        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile)
+        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, bounds=bounds,
+                         long=getattr(r, "long", 0))
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""

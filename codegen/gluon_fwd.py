@@ -57,9 +57,19 @@ PINGPONG = True
 
 
 @gluon.jit
+def _key_tile(i, lo2, na, lo2b, RUNS: gl.constexpr):
+    """The last-dimension key tile of step i: the box's (one run) or, with two runs (1-D only), the
+    first run's na tiles from lo2, then the second's from lo2b."""
+    if RUNS == 2:
+        return gl.where(i < na, lo2 + i, lo2b + (i - na))
+    else:
+        return lo2 + i
+
+
+@gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
-            bh, bh_kv, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, K0: gl.constexpr, K1: gl.constexpr,
-            K2: gl.constexpr, NUM_STAGES: gl.constexpr):
+            bh, bh_kv, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, K0: gl.constexpr, K1: gl.constexpr,
+            K2: gl.constexpr, NUM_STAGES: gl.constexpr, RUNS: gl.constexpr):
     """Q's two halves once, then the key-tile box row-major (last dimension fastest) into the ring."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [bh, q0[0], q1[0], q2[0], 0], q_bar, q_smem.index(0))
@@ -69,7 +79,10 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_re
         # a fresh mbarrier counts as "phase 1 complete": the first lap through the ring does not wait
         mbarrier.wait(kv_empty.index(stage), ((i // NUM_STAGES) & 1) ^ 1)
         j = i // e2
-        coord = [bh_kv, (lo0 + j // e1) * K0, (lo1 + j % e1) * K1, (lo2 + i % e2) * K2, 0]
+        if RUNS == 2:  # 1-D: every leading coordinate is 0
+            coord = [bh_kv, 0, 0, _key_tile(i, lo2, na, lo2b, RUNS) * K2, 0]
+        else:
+            coord = [bh_kv, (lo0 + j // e1) * K0, (lo1 + j % e1) * K1, (lo2 + i % e2) * K2, 0]
         kb = k_ready.index(stage)
         mbarrier.expect(kb, k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, coord, kb, k_bufs.index(stage))
@@ -94,10 +107,34 @@ def _softmax_step(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, o_row: gl.const
 
 
 @gluon.jit
+def _mask_edge(s, i, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col: gl.constexpr,
+               BLOCK_N: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr):
+    """S with -inf where the row does not attend the key, on the tiles that may be partial: the first
+    and last of each run, or every tile of a query tile whose table row says so (codegen.gluon_runs
+    sets that flag where a run has a partial tile inside). A row attends key j when one of its
+    intervals [lo, hi] holds it; keys past the grid's end (a ragged last tile, zero-filled by the
+    copy engine) never."""
+    edge = (i == 0) | (i == n - 1) | (every != 0)
+    if RUNS == 2:
+        edge = edge | (i == na - 1) | (i == na)
+    if edge:
+        cols = _key_tile(i, lo2, na, lo2b, RUNS) * BLOCK_N + gl.arange(0, BLOCK_N, layout=s_col)
+        c = gl.expand_dims(cols, 0)
+        ok = (c >= gl.expand_dims(lo_a, 1)) & (c <= gl.expand_dims(hi_a, 1))
+        if TERMS == 2:
+            ok = ok | ((c >= gl.expand_dims(lo_b, 1)) & (c <= gl.expand_dims(hi_b, 1)))
+        ok = ok & (c < L)
+        s = gl.where(ok, s, float("-inf"))
+    return s
+
+
+@gluon.jit
 def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, CID: gl.constexpr, SUB_M: gl.constexpr,
+              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, L, bounds_ptr, lo2, na, lo2b, every,
+              CID: gl.constexpr, SUB_M: gl.constexpr,
               T1: gl.constexpr, T2: gl.constexpr, WARPS: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              RUNS: gl.constexpr, TERMS: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -106,7 +143,21 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     # P feeds the PV wgmma straight from registers: converting from S's layout moves no data through smem
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_col: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
+    r = CID * SUB_M + gl.arange(0, SUB_M, layout=s_row)  # row of the query tile -> token of the grid
+    token = ((q0[0] + r // (T1 * T2)) * N1 + q1[0] + (r // T2) % T1) * N2 + q2[0] + r % T2
+    lo_a = token
+    hi_a = token
+    lo_b = token
+    hi_b = token
+    if TERMS > 0:  # this consumer's rows' key intervals, per term ([TERMS, 2, L] int32; none past the end)
+        live = token < L
+        lo_a = gl.load(bounds_ptr + token, mask=live, other=1)
+        hi_a = gl.load(bounds_ptr + L + token, mask=live, other=0)
+        if TERMS == 2:
+            lo_b = gl.load(bounds_ptr + 2 * L + token, mask=live, other=1)
+            hi_b = gl.load(bounds_ptr + 3 * L + token, mask=live, other=0)
 
     q_box = q_smem.index(CID)  # this consumer's half of the query tile, a box of the grid
     q_sub = q_box.reshape([SUB_M, HEAD_D])
@@ -120,6 +171,8 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     s = warpgroup_mma(q_sub, k_bufs.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout),
                       use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
+    if TERMS > 0:
+        s = _mask_edge(s, 0, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
     m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
 
     for i in range(1, n):
@@ -136,6 +189,8 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
             mbarrier.arrive(turn.index(1 - CID))
         s, acc, p = warpgroup_mma_wait(0, deps=(s, acc, p))
         mbarrier.arrive(kv_empty.index(prev))
+        if TERMS > 0:
+            s = _mask_edge(s, i, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
         m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
         acc = acc * gl.expand_dims(alpha, 1)
 
@@ -151,23 +206,33 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [bh, q0[CID], q1[CID], q2[CID], 0], q_box)
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    r = CID * SUB_M + gl.arange(0, SUB_M, layout=s_row)  # row of the query tile -> token of the grid
-    token = ((q0[0] + r // (T1 * T2)) * N1 + q1[0] + (r // T2) % T1) * N2 + q2[0] + r % T2
-    gl.store(lse_ptr + lse_row0 + token, lse)
+    gl.store(lse_ptr + lse_row0 + token, lse, mask=token < L)
     tma.store_wait(0)
 
 
 @gluon.jit
 def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base, qk_scale, L, N1, N2, GROUP,
-                  T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
+                  bounds_ptr, count, BH, LONG, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
                   K2: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr,
-                  CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                  CONSUMER_REGS: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr,
+                  num_warps: gl.constexpr):
     """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles,
     k and v in key tiles); `table_ptr` holds int32 rows (query-tile coordinates c0..c2, then [lo, hi)
-    of key tiles per dimension) per launched tile; program (x, bh) runs row tile_base + x of it."""
-    entry = table_ptr + (tile_base + gl.program_id(0)) * 9
-    bh = gl.program_id(1)
+    of key tiles per dimension, then with RUNS == 2 (1-D) a second run [lo, hi) of the last dimension
+    and a flag: predicate every tile) per launched tile. The grid is count x BH programs, in dispatch
+    order: the first LONG rows head-major (each (row, head) in turn: the longest tiles start first on
+    every head, not when the hardware reaches that head), then the rest row-major within each head
+    (neighbouring programs share K/V in L2); row r runs table row tile_base + r. TERMS > 0: the mask's rows' key
+    intervals are in `bounds_ptr` and the runs' edge tiles are masked (codegen.gluon_runs)."""
+    ROW: gl.constexpr = 9 if RUNS == 1 else 12
+    pid = gl.program_id(0)
+    rest = gl.maximum(count - LONG, 1)
+    late = pid - LONG * BH
+    head_major = late < 0
+    x = gl.where(head_major, pid // BH, LONG + late % rest)
+    bh = gl.where(head_major, pid % BH, late // rest)
+    entry = table_ptr + (tile_base + x) * ROW
     c0 = gl.load(entry)
     c1 = gl.load(entry + 1)
     c2 = gl.load(entry + 2)
@@ -177,6 +242,13 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
     e1 = gl.load(entry + 6) - lo1
     e2 = gl.load(entry + 8) - lo2
     n = (gl.load(entry + 4) - lo0) * e1 * e2
+    na = n
+    lo2b = lo2
+    every = 0
+    if RUNS == 2:  # 1-D: a second run of key tiles after the first, and the mask-every-tile flag
+        lo2b = gl.load(entry + 9)
+        n = na + gl.load(entry + 10) - lo2b
+        every = gl.load(entry + 11)
     # the first grid coordinate of each half of the query tile (the half box splits one dimension)
     H0: gl.constexpr = o_desc.block_shape[1]
     H1: gl.constexpr = o_desc.block_shape[2]
@@ -207,13 +279,13 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
 
     gl.warp_specialize([
         (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
-                     q2, lse_row0, n, N1, N2, qk_scale, 0, SUB_M, T1, T2, num_warps, BLOCK_N, HEAD_D, NUM_STAGES,
-                     PINGPONG)),
+                     q2, lse_row0, n, N1, N2, qk_scale, L, bounds_ptr, lo2, na, lo2b, every, 0, SUB_M, T1, T2, num_warps,
+                     BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS)),
         (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
-                     q2, lse_row0, n, N1, N2, qk_scale, 1, SUB_M, T1, T2, num_warps, BLOCK_N, HEAD_D, NUM_STAGES,
-                     PINGPONG)),
+                     q2, lse_row0, n, N1, N2, qk_scale, L, bounds_ptr, lo2, na, lo2b, every, 1, SUB_M, T1, T2, num_warps,
+                     BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, bh, bh_kv,
-                   q0, q1, q2, lo0, lo1, lo2, e1, e2, n, K0, K1, K2, NUM_STAGES)),
+                   q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, K0, K1, K2, NUM_STAGES, RUNS)),
     ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -241,28 +313,33 @@ def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) ->
 
 def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
                 grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-                pingpong: bool = PINGPONG):
+                pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0):
     """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`; grid and
     tiles are RANK-dimensional (codegen.gluon_plan pads them).
 
-    Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU.
+    Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU. A table of
+    12 columns holds two runs and a flag (1-D); `bounds` ([slots, 2, tokens] int32: each row's key
+    intervals, codegen.gluon_runs) turns on the edge tiles' predicate.
     """
     batch, heads, tokens, head_dim = q.shape
+    runs = 2 if table.shape[1] == 12 else 1
+    terms = 0 if bounds is None else bounds.shape[0]
     half = half_tile(q_tile)
     args = (_descriptor(q, grid, half), _descriptor(k, grid, kv_tile), _descriptor(v, grid, kv_tile),
-            _descriptor(out, grid, half), lse, table, first, scale * LOG2E, tokens, grid[1], grid[2], heads // k.shape[1])
+            _descriptor(out, grid, half), lse, table, first, scale * LOG2E, tokens, grid[1], grid[2], heads // k.shape[1],
+            table if bounds is None else bounds, count, batch * heads, min(long, count))
     kwargs = dict(T0=q_tile[0], T1=q_tile[1], T2=q_tile[2], K0=kv_tile[0], K1=kv_tile[1], K2=kv_tile[2],
                   HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, PINGPONG=pingpong,
-                  LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS,
+                  LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, RUNS=runs, TERMS=terms, num_warps=CONSUMER_WARPS,
                   maxnreg=MAXNREG)
-    return (count, batch * heads), args, kwargs
+    return (count * batch * heads,), args, kwargs
 
 
 def launch(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
            grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-           pingpong: bool = PINGPONG) -> None:
+           pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0) -> None:
     """Run `count` query tiles (rows of `table`) for every (batch, head); the caller checked eligibility."""
     if count:
         launch_grid, args, kwargs = kernel_args(q, k, v, out, lse, scale, table, first, count, grid, q_tile,
-                                                kv_tile, pingpong)
+                                                kv_tile, pingpong, bounds, long)
         attention_fwd[launch_grid](*args, **kwargs)

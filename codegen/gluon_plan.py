@@ -7,8 +7,8 @@ of key tiles [lo_d, hi_d) per dimension (128 tokens each), every one of them see
 row. So a mask qualifies when, at those tiles, (1) every visited tile of every query tile is full
 and (2) a query tile's visited key tiles form one box. Perfectly block-sparse masks do (dense,
 block(n), neighborhood(window=w, stride=s) with tiles dividing s and w, unions of nested blocks); a
-plain sliding window or causal mask does not (its diagonal tiles are partial) and runs on the
-Triton template.
+plain sliding window or causal mask does not (its diagonal tiles are partial): on a 1-D token order
+those take the kernel's predicated mode (codegen.gluon_runs), elsewhere the Triton template.
 
 Which tiles: on a 1-D token order (every dimension but the last of extent 1) the kernel's own
 (1, .., 128); on a multi-dimensional grid the compiled config's, when each is 128 tokens (the
@@ -252,27 +252,36 @@ def _capability(device: torch.device) -> int:
 
 
 class GluonSchedule:
-    """A mask's tile boxes as the kernel reads them, copied to each device once.
+    """A mask's tile boxes (or, predicated, its runs: codegen.gluon_runs) as the kernel reads them,
+    copied to each device once.
 
-    `table`: int32 [busy tiles, 3 * RANK] rows (query-tile coordinates, then lo, hi per dimension) in
-    tile order, the kernel's grid; `idle_rows`: int64 token indices of the tiles that visit nothing,
-    filled with 0 / -inf apart.
+    `table`: int32 rows in tile order, the kernel's grid (query-tile coordinates, then lo, hi per
+    dimension; predicated: a second run and a flag too); `idle_rows`: int64 token indices of the
+    tiles that visit nothing, filled with 0 / -inf apart; `bounds`: the predicated mode's per-row key
+    intervals, else None.
     """
 
-    def __init__(self, ranges: TileRanges):
-        busy = ranges.busy
+    def __init__(self, ranges):
         self.ranges = ranges
-        if ranges.ok:
+        self.bounds = getattr(ranges, "bounds", None) if ranges.ok else None
+        if not ranges.ok:
+            self.table = np.zeros((0, 3 * RANK), np.int32)
+            self.idle_rows = np.zeros(0, np.int64)
+        elif self.bounds is not None:
+            self.table = ranges.table
+            self.idle_rows = ranges.rows(ranges.idle)
+        else:
+            busy = ranges.busy
             bounds = np.stack([ranges.lo[busy], ranges.hi[busy]], axis=2).reshape(len(busy), 2 * RANK)
             self.table = np.concatenate([ranges.coords(busy), bounds], axis=1).astype(np.int32)
             self.idle_rows = ranges.rows(ranges.idle)
-        else:
-            self.table = np.zeros((0, 3 * RANK), np.int32)
-            self.idle_rows = np.zeros(0, np.int64)
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on: dict[torch.device, tuple] = {}
 
-    def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(table, idle rows, bounds or None) on `device`."""
         device = torch.device(device)
         if device not in self._on:
-            self._on[device] = (torch.from_numpy(self.table).to(device), torch.from_numpy(self.idle_rows).to(device))
+            bounds = None if self.bounds is None else torch.from_numpy(self.bounds).to(device)
+            self._on[device] = (torch.from_numpy(self.table).to(device), torch.from_numpy(self.idle_rows).to(device),
+                                bounds)
         return self._on[device]

@@ -16,6 +16,12 @@ kernel it is for:
   dimension: a query tile's visited key tiles are all full there), and per query tile the terms'
   key-tile boxes cover exactly their bounding box (visited tiles == box volume: one box).
 
+On a 1-D token order a mask that fails those checks may still run in the kernel's predicated mode
+(codegen.gluon_runs): each row's keys at most two intervals and each query tile's key tiles at most
+two runs, ragged ends allowed (`maskdsl.row_runs`, shared with codegen: the same rule, not a copy).
+Its tiles are costed as the kernel's full ones: the predicate is a few integer compares on a run's
+edge tiles.
+
 The last check is slightly wider than codegen's merge (which also wants the terms' boxes to agree
 on every dimension but the last): two terms tiling a box side by side in a leading dimension pass
 here and are refused there. The suite has no such mask; the rule's tests pin the cases it does have.
@@ -30,6 +36,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import layout_dilation, num_products
+from maskdsl.row_runs import row_intervals, tile_runs
 from maskdsl.simulator.counting import tile_stats
 from maskdsl.simulator.tables import dim_tables
 
@@ -46,6 +53,7 @@ class GluonPlan:
     q_tile: tuple[int, ...] = ()
     kv_tile: tuple[int, ...] = ()
     reason: str | None = None
+    predicated: bool = False  # the 1-D mode that masks its runs' edge tiles (codegen.gluon_runs)
 
     @property
     def eligible(self) -> bool:
@@ -84,9 +92,24 @@ def gluon_plan(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True, 
     if any(d != 1 for d in layout_dilation(terms, len(shape))):
         return GluonPlan(reason="dilated layout: a tile is not a box of memory")
     if any(n % a or n % b for n, a, b in zip(shape, qt, kt)):
-        return GluonPlan(reason=f"grid {shape} is not a multiple of the tiles {qt} x {kt}")
-    reason = _one_full_box(expr, shape, qt, kt)
+        reason = f"grid {shape} is not a multiple of the tiles {qt} x {kt}"
+    else:
+        reason = _one_full_box(expr, shape, qt, kt)
+    if reason is not None and all(n == 1 for n in shape[:-1]):
+        why = _runs_reason(terms, shape[-1])
+        return GluonPlan(qt, kt, None, True) if why is None else GluonPlan(qt, kt, f"{reason}; predicated: {why}")
     return GluonPlan(qt, kt, reason)
+
+
+def _runs_reason(terms, n: int) -> str | None:
+    """None when the predicated 1-D mode takes the mask (maskdsl.row_runs), else why not."""
+    if any(rel.dilation != 1 for t in terms for rel in t.num):
+        return "a dilated term: its keys are not an interval per row"
+    iv = row_intervals([t.num[-1].lo for t in terms], [t.num[-1].hi for t in terms], n)
+    if isinstance(iv, str):
+        return iv
+    runs = tile_runs(iv)
+    return runs if isinstance(runs, str) else None
 
 
 def _one_full_box(expr, shape, qt, kt) -> str | None:

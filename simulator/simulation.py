@@ -225,8 +225,9 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
     max_visits = _num(visits.max()) if nq else 0
     gluon = model.kernel_work(work).gluon
     if gluon:
-        notes = notes + ("predicted for the Gluon forward (every visited tile full at 128x128 tiles, one box per "
-                         "query tile): its 128-token tiles, whatever the config's on a 1-D order",)
+        notes = notes + ("predicted for the Gluon forward (at 128x128 tiles: every visited tile full and one box "
+                         "per query tile, or on a 1-D order the predicated runs of codegen.gluon_runs): its "
+                         "128-token tiles, whatever the config's on a 1-D order",)
     elif work.gluon_work is not None:
         notes = notes + (f"the mask qualifies for Hopper's Gluon forward, but {model.name}'s constants do not "
                          "model it: predicted for the Triton template",)

@@ -38,21 +38,25 @@ class Sm90Driver:
         return torch.device("cpu")
 
 
-# (grid, query tile, key tile, table rows): a 1-D token order and a 3-D grid's boxes
+# (grid, query tile, key tile, table rows, predicate terms): a 1-D token order, a 3-D grid's boxes, and
+# 1-D with two runs per query tile and the edge tiles' predicate over two terms (codegen.gluon_runs)
 SHAPES = {
-    "1d": ((1, 1, 256), (1, 1, 128), (1, 1, 128), [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]]),
-    "3d": ((4, 16, 16), (2, 8, 8), (1, 8, 16), [[0, 0, 0, 0, 2, 0, 2, 0, 1], [1, 1, 1, 2, 4, 1, 2, 0, 1]]),
+    "1d": ((1, 1, 256), (1, 1, 128), (1, 1, 128), [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]], 0),
+    "3d": ((4, 16, 16), (2, 8, 8), (1, 8, 16), [[0, 0, 0, 0, 2, 0, 2, 0, 1], [1, 1, 1, 2, 4, 1, 2, 0, 1]], 0),
+    "1d-masked": ((1, 1, 300), (1, 1, 128), (1, 1, 128),
+                  [[0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1], [0, 0, 2, 0, 1, 0, 1, 0, 1, 1, 3, 0]], 2),
 }
 
 
 def main(head_dim: int, shape: str = "1d") -> dict:
-    grid, q_tile, kv_tile, rows = SHAPES[shape]
+    grid, q_tile, kv_tile, rows, terms = SHAPES[shape]
     tokens = grid[0] * grid[1] * grid[2]
     q = torch.zeros(1, 4, tokens, head_dim, dtype=torch.bfloat16)
     kv = torch.zeros(1, 2, tokens, head_dim, dtype=torch.bfloat16)  # GQA: two query heads per kv head
     table = torch.tensor(rows, dtype=torch.int32)
+    bounds = torch.zeros(terms, 2, tokens, dtype=torch.int32) if terms else None
     grid, args, kwargs = gluon_fwd.kernel_args(q, kv, kv, torch.empty_like(q), torch.empty(1, 4, tokens), 0.1,
-                                               table, 0, 2, grid, q_tile, kv_tile)
+                                               table, 0, 2, grid, q_tile, kv_tile, bounds=bounds)
     driver.set_active(Sm90Driver())
     kernel = gluon_fwd.attention_fwd.warmup(*args, grid=grid, **kwargs)  # the real binder and compiler
     ptx = kernel.asm["ptx"]

@@ -110,8 +110,9 @@ def test_idle_tiles_are_left_out_of_the_table_and_filled_apart():
     # tile 0 (the sink rows) sees key tiles 0-1 (its block), tile 1 sees the sink's key tile only
     assert schedule.table.tolist() == [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]]
     assert schedule.idle_rows.tolist() == list(range(256, 1024))
-    table, rows = schedule.on("cpu")
+    table, rows, bounds = schedule.on("cpu")
     assert table.dtype == torch.int32 and rows.dtype == torch.int64 and schedule.on("cpu")[0] is table
+    assert bounds is None  # whole tiles only: no predicate
 
 
 def test_tile_rows_match_the_templates_order():
@@ -186,7 +187,8 @@ def _ptxas():
     return (path, None) if path and os.path.exists(path) else (None, f"ptxas not found at {path!r}")
 
 
-@pytest.mark.parametrize("head_dim, shape", [(64, "1d"), (128, "1d"), (128, "3d")])
+@pytest.mark.parametrize("head_dim, shape", [(64, "1d"), (128, "1d"), (128, "3d"), (64, "1d-masked"),
+                                             (128, "1d-masked")])
 def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
     """The real launch arguments (descriptors, GQA, the table; a 1-D order and 3-D boxes) bound and
     compiled through the JIT for sm_90 (tests/gluon_compile.py, in a process without the

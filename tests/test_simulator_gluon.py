@@ -35,10 +35,18 @@ def test_1d_block_sparse_masks_run_gluon_at_its_own_128_tiles(expr, q, k):
     assert plan.q_tile == plan.kv_tile == (128,)
 
 
+@pytest.mark.parametrize("expr", ["sliding_window(2048)", "causal", "block(128) | sink(128)",
+                                  "sliding_window(4096, causal=true) | sink(4)"])
+def test_1d_masks_with_partial_tiles_or_two_runs_take_the_predicated_mode(expr):
+    """Partial diagonal tiles, a causal mask, two runs of key tiles: codegen.gluon_runs takes them."""
+    for grid in ("8192", "8000"):  # a ragged last tile too
+        plan = _plan(grid, expr, (64,), (64,))
+        assert plan.eligible and plan.predicated, plan.reason
+    full = _plan("8192", "block(2048)", (64,), (64,))
+    assert full.eligible and not full.predicated
+
+
 @pytest.mark.parametrize("expr,why", [
-    ("sliding_window(2048)", "partially seen"),  # diagonal tiles are partial
-    ("causal", "partially seen"),
-    ("block(128) | sink(128)", "not one box"),  # every tile full, but two runs of key tiles
     ("dilated(window=1024, dilation=4)", "dilated"),
 ])
 def test_1d_masks_the_gluon_kernel_refuses(expr, why):
@@ -91,7 +99,7 @@ def test_prediction_says_which_forward_and_uses_the_gluon_tiles_on_1d():
     t = simulate(spec, "m", (128,), (128,), costs=template)
     assert not t.gluon and any("do not model it" in n for n in t.notes)
     assert t.predicted_ms > b.predicted_ms
-    w = simulate(_spec("32768", "sliding_window(2048)"), "m", (128,), (128,), costs=with_gluon)
+    w = simulate(_spec("32768", "dilated(window=2048, dilation=2)"), "m", (128,), (128,), costs=with_gluon)
     assert not w.gluon
 
 
@@ -100,8 +108,10 @@ def test_fit_recovers_a_planted_gluon_tile_cost():
     truth = CostModel.from_entry("H", {**GLUON_ENTRY, "c_gluon": 0.7})
     cases = [("32768", "block(2048)", (128,), 8), ("32768", "neighborhood(window=2048, stride=256)", (64,), 2),
              ("16384", "full", (128,), 16), ("8192", "block(1024)", (64,), 40),
-             ("16384", "sliding_window(1024)", (128,), 8), ("16384", "sliding_window(2048)", (64,), 4),
-             ("16384", "causal", (128,), 16), ("8192", "sliding_window(512)", (128,), 24)]
+             ("16384", "dilated(window=1024, dilation=2)", (128,), 8),
+             ("16384", "dilated(window=2048, dilation=4)", (64,), 4),
+             ("16384", "dilated(window=4096, dilation=2)", (128,), 16),
+             ("8192", "dilated(window=512, dilation=8)", (128,), 24)]
     meas = []
     for grid, expr, tile, heads in cases:
         spec = _spec(grid, expr, heads=heads)
