@@ -8,8 +8,9 @@ inclusion-exclusion
     |V_1 ∪ ... ∪ V_m| = sum over non-empty S of (-1)^(|S|+1) prod_d |AND_{j in S} V_j,d|
 
 since an intersection of product sets is the product of the per-dimension intersections.
-Every factor is a small [query tiles of d, key tiles of d] boolean table, cached per
-(dimension, tile extents), so one more config costs microseconds. That is all `sweep` needs to
+Every factor is a [query tiles of d, key tiles of d] boolean band (`simulator.band`: each query
+tile's window of key tiles), cached per (dimension, tile extents), so one more config costs
+microseconds on small grids and O(band) on long ones. That is all `sweep` needs to
 rank by the upper bound; full and partial tiles need the real counts (``simulator.counting``).
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable
+from maskdsl.simulator.band import BandTable
 from maskdsl.simulator.tables import dim_tables, term_rels
 
 MAX_SUBSETS = 4096
@@ -32,7 +34,7 @@ class SupportCounter:
     def __init__(self, expr: ir.MaskExpr, shape: tuple[int, ...]):
         self.expr, self.shape = expr, tuple(shape)
         self.terms = len(term_rels(expr, self.shape, "products"))
-        self._seen: dict[tuple[int, int, int], tuple[int, int, list[np.ndarray]]] = {}
+        self._seen: dict[tuple[int, int, int], tuple[int, int, list[BandTable]]] = {}
 
     def _dim(self, d: int, tq: int, tk: int):
         key = (d, tq, tk)
@@ -40,7 +42,7 @@ class SupportCounter:
             tables = dim_tables(self.expr, self.shape, d, tq, tk, kind="products")
             nq, nk = -(-self.shape[d] // tq), -(-self.shape[d] // tk)  # the empty mask has no tables
             shape = tables[0].shape if tables else (nq, nk)
-            self._seen[key] = (shape[0], shape[1], [t > 0 for t in tables])
+            self._seen[key] = (shape[0], shape[1], [t.with_values(t.values > 0) for t in tables])
         return self._seen[key]
 
     def visited(self, q_tile, kv_tile) -> tuple[int, int]:
@@ -53,8 +55,8 @@ class SupportCounter:
         def rec(start, current, size):
             nonlocal total, subsets
             for j in range(start, self.terms):
-                nxt = [dims[d][2][j] if current is None else current[d] & dims[d][2][j] for d in range(len(dims))]
-                counts = [int(np.count_nonzero(x)) for x in nxt]
+                nxt = [dims[d][2][j] if current is None else current[d].meet(dims[d][2][j]) for d in range(len(dims))]
+                counts = [int(np.count_nonzero(x.values)) for x in nxt]
                 if 0 in counts:
                     continue  # empty: so is every superset
                 subsets += 1
