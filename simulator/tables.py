@@ -10,8 +10,8 @@ Tables are additive over tiles: a tile of extent 2T (cut per dilation group) is 
 consecutive tiles of extent T of the same group. So a coarser table whose extents a cached one's
 divide is a block sum of it (`BandTable.block_sum`), which is one pass over the fine table's
 entries; counting anew sorts the dimension's n rows. The cached table is summed when it holds
-no more entries than the dimension has coordinates (small grids, coarse steps of a sweep), else
-the table is counted. The cache is an LRU bounded by the number of stored entries (elements),
+at most about twice as many entries as the dimension has coordinates (small grids, coarse steps
+of a sweep), else the table is counted. The cache is an LRU bounded by the number of stored entries (elements),
 not by the number of tables.
 """
 
@@ -27,6 +27,9 @@ from maskdsl.simulator.band import BandTable, band_table
 from maskdsl.simulator.tiles import dim_intervals
 
 BUDGET_ELEMENTS = 1 << 24  # ~128 MiB of int64 across all cached tables
+# a cached finer table is summed when it holds at most SUM_LIMIT * n + SUM_FLOOR entries: one pass
+# over its entries costs about what sorting and searching the dimension's n rows does (measured)
+SUM_LIMIT, SUM_FLOOR = 2, 4096
 
 _cache: OrderedDict[tuple, list[BandTable]] = OrderedDict()
 _rels: dict[tuple, list] = {}
@@ -52,6 +55,8 @@ def term_rels(expr: ir.MaskExpr, shape: tuple[int, ...], kind: str) -> list[tupl
 def dim_tables(expr: ir.MaskExpr, shape: tuple[int, ...], d: int, tq: int, tk: int,
                kind: str = "signed") -> list[BandTable]:
     """[query tiles of d, key tiles of d] count tables of dimension d, one per term of `term_rels`."""
+    if kind == "products" and len(num_products(expr, shape)) == 1:
+        kind = "signed"  # one product is its own inclusion-exclusion: the same tables, counted once
     key = (expr, shape, kind, d, tq, tk)
     hit = _cache.get(key)
     if hit is not None:
@@ -61,7 +66,7 @@ def dim_tables(expr: ir.MaskExpr, shape: tuple[int, ...], d: int, tq: int, tk: i
     n = shape[d]
     q, k = dim_intervals(n, tq, dil), dim_intervals(n, tk, dil)
     finer = _finest_divisor(key)
-    if finer is not None and sum(t.size for t in _cache[finer]) <= n:
+    if finer is not None and sum(t.size for t in _cache[finer]) <= SUM_LIMIT * n + SUM_FLOOR:
         fq, fk = dim_intervals(n, finer[4], dil), dim_intervals(n, finer[5], dil)
         rows = np.searchsorted(fq[:, 0], q[:, 0])
         cols = np.searchsorted(fk[:, 0], k[:, 0])
