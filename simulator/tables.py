@@ -98,6 +98,11 @@ def _store(key: tuple, tables: list[BandTable]) -> None:
         _size -= sum(t.size for t in old)
 
 
+def cached_elements() -> int:
+    """Entries the cached tables hold: the work and memory a simulation's tables cost (tests bound it)."""
+    return _size
+
+
 def clear() -> None:
     """Drop every cached table (tests use it to check that derived tables equal counted ones)."""
     global _size
