@@ -17,10 +17,13 @@ the windows' flat values without densifying. `dense` is there for small maps and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from maskdsl.analysis import Rel1D
+
+GROUP_BLOCK = 1 << 20  # (dilation group, edge) pairs searched at once
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,8 +58,20 @@ class BandTable:
         rows = self.rows() if rows is None else rows
         return self.start[rows] + np.arange(len(self.values), dtype=np.int64) - self.ptr[rows]
 
+    @cached_property
+    def nnz(self) -> int:
+        """Nonzero entries (kept: deciding how to count a union asks for it again and again)."""
+        return int(np.count_nonzero(self.values))
+
+    @cached_property
+    def whole(self) -> np.ndarray:
+        """The dense table, kept (read-only): for the small tables of a multi-dimensional union's inner dimensions."""
+        out = self.dense()
+        out.flags.writeable = False
+        return out
+
     def dense(self, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        """Rows r0..r1 as a dense [rows, nk] array."""
+        """Rows r0..r1 as a new dense [rows, nk] array."""
         r1 = self.nq if r1 is None else r1
         out = np.zeros((r1 - r0, self.nk), dtype=self.values.dtype)
         a, b = self.ptr[r0], self.ptr[r1]
@@ -75,11 +90,6 @@ class BandTable:
         """[nk] how many stored entries of each column are true (of `values` if given, else nonzero)."""
         values = self.values != 0 if values is None else values
         return np.bincount(self.cols()[values], minlength=self.nk).astype(np.int64)
-
-    def tile_sizes_equal(self, q_sizes: np.ndarray, k_sizes: np.ndarray) -> np.ndarray:
-        """Per stored entry: whether it counts every pair of its two tiles (the pair is full)."""
-        rows = self.rows()
-        return self.values == q_sizes[rows] * k_sizes[self.cols(rows)]
 
     def with_values(self, values: np.ndarray) -> "BandTable":
         return BandTable(self.nq, self.nk, self.start, self.ptr, values)
@@ -138,8 +148,6 @@ def band_table(rel: Rel1D, q: np.ndarray, k: np.ndarray) -> BandTable:
         return BandTable(nq, nk, np.zeros(nq, np.int64), np.zeros(nq + 1, np.int64), np.zeros(0, np.int64))
     bounds = np.append(q[:, 0], n).astype(np.int64)
     edges = np.append(k[:, 0], n).astype(np.int64)
-    if np.any(q[:, 1] != bounds[1:]) or np.any(k[:, 1] != edges[1:]) or bounds[0] or edges[0]:
-        raise ValueError("band_table needs tiles that cover the dimension in order")
     first, last = rel.key_span()
     kmin = np.minimum.reduceat(first, bounds[:-1])
     kmax = np.maximum.reduceat(last, bounds[:-1])
@@ -186,7 +194,9 @@ def _pairs_below(rel: Rel1D, bounds: np.ndarray, seg: np.ndarray, e: np.ndarray)
     # both orders are by bucket first: a bucket's rows are the same run in each
     runs = np.searchsorted(key_lo, np.arange((len(bounds) - 1) * d + 1, dtype=np.int64) * big)
     out = np.zeros(len(e), dtype=np.int64)
-    for g in range(d):
+    step = max(1, GROUP_BLOCK // max(1, len(e)))  # dilation groups evaluated together, memory bounded
+    for g0 in range(0, d, step):
+        g = np.arange(g0, min(d, g0 + step), dtype=np.int64)[:, None]
         t = np.clip((e - g + d - 1) // d, 0, None)
         b = seg * d + g
         start, stop = runs[b], runs[b + 1]
@@ -196,5 +206,5 @@ def _pairs_below(rel: Rel1D, bounds: np.ndarray, seg: np.ndarray, e: np.ndarray)
         below = cum_w[p] - cum_w[start]
         past_lo = (cum_h[stop] - cum_h[p]) - t * (stop - p)
         past_hi = (cum_h2[stop] - cum_h2[ph]) - t * (stop - ph)
-        out += below - past_hi + past_lo
+        out += (below - past_hi + past_lo).sum(axis=0)
     return out

@@ -138,7 +138,7 @@ def pair_count_chunks(expr: ir.MaskExpr, layout: TileLayout) -> Iterator[tuple[s
 
 
 def _permuted_chunks(expr, layout: TileLayout):
-    terms = [(sign, tables[0], [t.dense() for t in tables[1:]]) for sign, tables in _dim_tables(expr, layout)]
+    terms = [(sign, tables[0], [t.whole for t in tables[1:]]) for sign, tables in _dim_tables(expr, layout)]
     q_counts = [len(iv) for iv in layout.q_dims]
     k_counts = [len(iv) for iv in layout.k_dims]
     nk = math.prod(k_counts)
@@ -246,9 +246,9 @@ def _single_product(terms, layout: TileLayout, qs, ks) -> TileStats:
     assert sign == 1
     visits = full = pairs = kernel_full = np.ones(1, dtype=np.int64)
     for table, q, k, tk in zip(tables, layout.q_dims, layout.k_dims, layout.kv_tile):
-        seen, whole, kernel = _dim_stats(table, q, k, tk)
+        seen, full_d, kernel = _dim_stats(table, q, k, tk)
         visits = np.multiply.outer(visits, table.row_sums(seen)).reshape(-1)
-        full = np.multiply.outer(full, table.row_sums(whole)).reshape(-1)
+        full = np.multiply.outer(full, table.row_sums(full_d)).reshape(-1)
         kernel_full = np.multiply.outer(kernel_full, table.row_sums(kernel)).reshape(-1)
         pairs = np.multiply.outer(pairs, table.row_sums()).reshape(-1)
     return TileStats(qs, ks, visits, full, pairs, kernel_full)
@@ -256,7 +256,7 @@ def _single_product(terms, layout: TileLayout, qs, ks) -> TileStats:
 
 def _few_pairs(terms, nq: int, nk: int) -> bool:
     """Whether listing every term's nonzero tile pairs is cheaper than the dense [NQ, NK] map."""
-    listed = sum(math.prod(int(np.count_nonzero(t.values)) for t in tables) for _, tables in terms)
+    listed = sum(math.prod(t.nnz for t in tables) for _, tables in terms)
     return listed * SPARSE_RATIO < nq * nk
 
 
@@ -274,12 +274,11 @@ def _union_pairs(terms, layout: TileLayout) -> Iterator[tuple[np.ndarray, np.nda
     per_row0 = np.zeros(q_counts[0], dtype=np.int64)
     for _, parts in listed:
         per_row0 += np.bincount(parts[0][0], minlength=q_counts[0]) * math.prod(len(p[0]) for p in parts[1:])
-    ends = np.cumsum(per_row0)
+    done = np.concatenate([[0], np.cumsum(per_row0)])  # entries listed before each row
     r0 = 0
     while r0 < q_counts[0]:
-        r1 = max(r0 + 1, int(np.searchsorted(ends, ends[r0 - 1] + CHUNK_ELEMENTS if r0 else CHUNK_ELEMENTS,
-                                              side="right")))
-        r1 = min(r1, q_counts[0])
+        r1 = int(np.searchsorted(done, done[r0] + CHUNK_ELEMENTS, side="right")) - 1  # rows that fit
+        r1 = min(max(r1, r0 + 1), q_counts[0])
         keys, values = [], []
         for sign, parts in listed:
             a, b = np.searchsorted(parts[0][0], [r0, r1])
@@ -331,7 +330,7 @@ def key_tile_stats(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = Tr
         if len(terms) == 1:
             visits = full = np.ones(1, dtype=np.int64)
             for table, q, k, tk in zip(terms[0][1], layout.q_dims, layout.k_dims, layout.kv_tile):
-                seen, whole_d, kernel = _dim_stats(table, q, k, tk)
+                seen, _, kernel = _dim_stats(table, q, k, tk)
                 visits = np.multiply.outer(visits, table.col_sums(seen)).reshape(-1)
                 full = np.multiply.outer(full, table.col_sums(kernel)).reshape(-1)
             return visits, full

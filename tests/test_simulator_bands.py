@@ -92,6 +92,7 @@ def test_band_operations_equal_dense_ones(n, d, tq, tk, mq, mk, data):
 def test_union_paths_equal_brute_force(monkeypatch, listed, shape, text, q_tile, kv_tile):
     """Both ways a union is counted (its terms' tile pairs listed, or the dense map in chunks), both walks."""
     monkeypatch.setattr(counting, "SPARSE_RATIO", 0 if listed else 10**12)
+    monkeypatch.setattr(counting, "CHUNK_ELEMENTS", 5)  # several chunks of query tiles
     spec = _spec(shape, text)
     expr = spec.mask("m").expr
     counts, qs, ks = brute_counts(make_spec(shape, expr), q_tile, kv_tile, True)
