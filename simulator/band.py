@@ -16,7 +16,7 @@ the windows' flat values without densifying. `dense` is there for small maps and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from maskdsl.analysis import Rel1D
 
 GROUP_BLOCK = 1 << 20  # (dilation group, edge) pairs searched at once
+KEEP_DENSE = 1 << 16  # dense copies of at most this many entries are kept with their band
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +36,7 @@ class BandTable:
     start: np.ndarray  # [nq] first column held by each row (0 where the row holds none)
     ptr: np.ndarray  # [nq + 1] row r's values are values[ptr[r]:ptr[r + 1]]
     values: np.ndarray  # flat, row after row
+    _whole: np.ndarray | None = field(default=None, init=False, repr=False)  # see whole()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,11 +65,15 @@ class BandTable:
         """Nonzero entries (kept: deciding how to count a union asks for it again and again)."""
         return int(np.count_nonzero(self.values))
 
-    @cached_property
     def whole(self) -> np.ndarray:
-        """The dense table, kept (read-only): for the small tables of a multi-dimensional union's inner dimensions."""
+        """The dense table, read-only; kept when it is small (a multi-dimensional union's inner
+        dimensions, asked for by every walk of one simulation), else built anew."""
+        if self._whole is not None:
+            return self._whole
         out = self.dense()
         out.flags.writeable = False
+        if out.size <= KEEP_DENSE:
+            object.__setattr__(self, "_whole", out)
         return out
 
     def dense(self, r0: int = 0, r1: int | None = None) -> np.ndarray:

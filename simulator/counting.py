@@ -138,7 +138,7 @@ def pair_count_chunks(expr: ir.MaskExpr, layout: TileLayout) -> Iterator[tuple[s
 
 
 def _permuted_chunks(expr, layout: TileLayout):
-    terms = [(sign, tables[0], [t.whole for t in tables[1:]]) for sign, tables in _dim_tables(expr, layout)]
+    terms = [(sign, tables[0], [t.whole() for t in tables[1:]]) for sign, tables in _dim_tables(expr, layout)]
     q_counts = [len(iv) for iv in layout.q_dims]
     k_counts = [len(iv) for iv in layout.k_dims]
     nk = math.prod(k_counts)
