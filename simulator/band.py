@@ -116,7 +116,8 @@ class BandTable:
         col = start[rows] + np.arange(ptr[-1], dtype=np.int64) - ptr[rows]
         a = self.values[self.ptr[rows] + col - self.start[rows]]
         b = other.values[other.ptr[rows] + col - other.start[rows]]
-        return BandTable(self.nq, self.nk, np.where(width > 0, start, 0), ptr, a & b if a.dtype == bool else a * b)
+        values = a & b if a.dtype == bool else a * b
+        return BandTable(self.nq, self.nk, np.where(width > 0, start, 0), ptr, values)
 
     def block_sum(self, row_starts: np.ndarray, col_starts: np.ndarray) -> "BandTable":
         """The table of coarser tiles: row R sums rows row_starts[R].. (`np.add.reduceat` semantics), same for columns."""

@@ -11,8 +11,8 @@ consecutive tiles of extent T of the same group. So a coarser table whose extent
 divide is a block sum of it (`BandTable.block_sum`), which is one pass over the fine table's
 entries; counting anew sorts the dimension's n rows. The cached table is summed when it holds
 at most about twice as many entries as the dimension has coordinates (small grids, coarse steps
-of a sweep), else the table is counted. The cache is an LRU bounded by the number of stored entries (elements),
-not by the number of tables.
+of a sweep), else the table is counted. The cache is an LRU bounded by the number of stored
+entries (elements), not by the number of tables.
 """
 
 from __future__ import annotations
