@@ -7,10 +7,13 @@ products by inclusion-exclusion). For one product term and tile-major tiles, the
     count(q, k) = prod_d C_d[q_d, k_d],   C_d = that dimension's [query tiles, key tiles] counts,
 
 so a pair is visited iff visited in every dimension and full iff full in every dimension, and
-every total is a product of per-dimension totals (the "single product" fast path: O(sum_d n_d^2)
-whatever the number of tiles). A union needs the real count, a sum over terms of such
-Kronecker products, assembled for a chunk of query tiles at a time to bound memory. Row-major
-tiles are unions of boxes; their counts are box-pair counts summed per tile.
+every total is a product of per-dimension totals (the "single product" fast path: O(sum_d band_d)
+whatever the number of tiles; the tables are bands, `simulator.band`). A union needs the real
+count, a sum over terms of such Kronecker products. Where the terms' nonzero tile pairs are few
+against the dense map (windows with a sink: a band plus a row and a column) they are listed,
+summed per pair and classified (`_union_pairs`); otherwise the dense map is assembled for a chunk
+of query tiles at a time to bound memory. Row-major tiles are unions of boxes; their counts are
+box-pair counts summed per tile.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import layout_dilation, mask_box_counts, num_products
+from maskdsl.simulator.band import BandTable
 from maskdsl.simulator.tables import dim_tables, term_rels
 from maskdsl.simulator.tiles import dim_intervals, row_major_tiles
 
 CHUNK_ELEMENTS = 1 << 22  # tile pairs assembled at once on the general path (~32 MiB of int64)
+SPARSE_RATIO = 8  # a union lists its terms' tile pairs when they are under 1/8 of the dense map
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,7 +111,7 @@ def _undilated(expr, shape) -> bool:
         return False
 
 
-def _dim_tables(expr, layout: TileLayout) -> list[tuple[int, list[np.ndarray]]]:
+def _dim_tables(expr, layout: TileLayout) -> list[tuple[int, list[BandTable]]]:
     """(sign, [C_d per dimension]) for every inclusion-exclusion term, in tile-major coordinates."""
     shape = layout.shape
     per_dim = [dim_tables(expr, shape, d, layout.q_tile[d], layout.kv_tile[d]) for d in range(len(shape))]
@@ -133,7 +138,7 @@ def pair_count_chunks(expr: ir.MaskExpr, layout: TileLayout) -> Iterator[tuple[s
 
 
 def _permuted_chunks(expr, layout: TileLayout):
-    terms = _dim_tables(expr, layout)
+    terms = [(sign, tables[0], [t.whole() for t in tables[1:]]) for sign, tables in _dim_tables(expr, layout)]
     q_counts = [len(iv) for iv in layout.q_dims]
     k_counts = [len(iv) for iv in layout.k_dims]
     nk = math.prod(k_counts)
@@ -142,8 +147,8 @@ def _permuted_chunks(expr, layout: TileLayout):
     for r0 in range(0, q_counts[0], step):
         r1 = min(q_counts[0], r0 + step)
         block = np.zeros(((r1 - r0) * inner, nk), dtype=np.int64)
-        for sign, tables in terms:
-            _add_term(block, sign, [tables[0][r0:r1]] + tables[1:])
+        for sign, first, rest in terms:
+            _add_term(block, sign, [first.dense(r0, r1)] + rest)
         yield slice(r0 * inner, r1 * inner), block
 
 
@@ -202,18 +207,34 @@ def tile_stats(expr: ir.MaskExpr | None, shape, q_tile, kv_tile, permute: bool =
         return TileStats(qs, ks, zero, zero.copy(), zero.copy())
     layout = layout_for(expr, shape, q_tile, kv_tile, permute)
     qs, ks = layout.sizes()
+    visits = np.zeros(len(qs), dtype=np.int64)
+    full = np.zeros(len(qs), dtype=np.int64)
+    pairs = np.zeros(len(qs), dtype=np.int64)
     if layout.permute:
         terms = _dim_tables(expr, layout)
         if len(terms) <= 1:
             return _single_product(terms, layout, qs, ks)
-    visits = np.zeros(len(qs), dtype=np.int64)
-    full = np.zeros(len(qs), dtype=np.int64)
-    pairs = np.zeros(len(qs), dtype=np.int64)
+        if _few_pairs(terms, len(qs), len(ks)):
+            for rows, cols, counts in _union_pairs(terms, layout):
+                visits += np.bincount(rows, minlength=len(qs))
+                full += np.bincount(rows[counts == qs[rows] * ks[cols]], minlength=len(qs))
+                pairs += _sums_by_row(rows, counts, len(qs))
+            return TileStats(qs, ks, visits, full, pairs)
     for rows, block in pair_count_chunks(expr, layout):
         visits[rows] = np.count_nonzero(block, axis=1)
         full[rows] = np.count_nonzero(block == np.multiply.outer(qs[rows], ks), axis=1)
         pairs[rows] = block.sum(axis=1)
     return TileStats(qs, ks, visits, full, pairs)
+
+
+def _dim_stats(table: BandTable, q: np.ndarray, k: np.ndarray, tk: int):
+    """Per stored entry of one dimension's table: (visited, full, full and in a whole key tile)."""
+    rows = table.rows()
+    cols = table.cols(rows)
+    k_size = k[:, 1] - k[:, 0]
+    full = table.values == (q[:, 1] - q[:, 0])[rows] * k_size[cols]
+    whole = k_size == tk  # the kernel's fully-seen box stops before a ragged key tile
+    return table.values != 0, full, full & whole[cols]
 
 
 def _single_product(terms, layout: TileLayout, qs, ks) -> TileStats:
@@ -225,13 +246,65 @@ def _single_product(terms, layout: TileLayout, qs, ks) -> TileStats:
     assert sign == 1
     visits = full = pairs = kernel_full = np.ones(1, dtype=np.int64)
     for table, q, k, tk in zip(tables, layout.q_dims, layout.k_dims, layout.kv_tile):
-        size = np.multiply.outer(q[:, 1] - q[:, 0], k[:, 1] - k[:, 0])
-        whole = (k[:, 1] - k[:, 0]) == tk  # the kernel's fully-seen box stops before a ragged key tile
-        visits = np.multiply.outer(visits, np.count_nonzero(table, axis=1)).reshape(-1)
-        full = np.multiply.outer(full, np.count_nonzero(table == size, axis=1)).reshape(-1)
-        kernel_full = np.multiply.outer(kernel_full, np.count_nonzero((table == size) & whole, axis=1)).reshape(-1)
-        pairs = np.multiply.outer(pairs, table.sum(axis=1)).reshape(-1)
+        seen, full_d, kernel = _dim_stats(table, q, k, tk)
+        visits = np.multiply.outer(visits, table.row_sums(seen)).reshape(-1)
+        full = np.multiply.outer(full, table.row_sums(full_d)).reshape(-1)
+        kernel_full = np.multiply.outer(kernel_full, table.row_sums(kernel)).reshape(-1)
+        pairs = np.multiply.outer(pairs, table.row_sums()).reshape(-1)
     return TileStats(qs, ks, visits, full, pairs, kernel_full)
+
+
+def _few_pairs(terms, nq: int, nk: int) -> bool:
+    """Whether listing every term's nonzero tile pairs is cheaper than the dense [NQ, NK] map."""
+    listed = sum(math.prod(t.nnz for t in tables) for _, tables in terms)
+    return listed * SPARSE_RATIO < nq * nk
+
+
+def _union_pairs(terms, layout: TileLayout) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(query tile, key tile, attended pairs) of every visited tile pair of a union, row-major, exactly.
+
+    Each term's nonzero pairs are the Kronecker product of its per-dimension nonzero entries; the
+    signed counts of all terms are summed per pair (sorted keys). Chunks of dimension-0 rows bound
+    the entries listed at once.
+    """
+    q_counts = [len(iv) for iv in layout.q_dims]
+    k_counts = [len(iv) for iv in layout.k_dims]
+    nk = math.prod(k_counts)
+    listed = [(sign, [t.nonzero() for t in tables]) for sign, tables in terms]
+    per_row0 = np.zeros(q_counts[0], dtype=np.int64)
+    for _, parts in listed:
+        per_row0 += np.bincount(parts[0][0], minlength=q_counts[0]) * math.prod(len(p[0]) for p in parts[1:])
+    done = np.concatenate([[0], np.cumsum(per_row0)])  # entries listed before each row
+    r0 = 0
+    while r0 < q_counts[0]:
+        r1 = int(np.searchsorted(done, done[r0] + CHUNK_ELEMENTS, side="right")) - 1  # rows that fit
+        r1 = min(max(r1, r0 + 1), q_counts[0])
+        keys, values = [], []
+        for sign, parts in listed:
+            a, b = np.searchsorted(parts[0][0], [r0, r1])
+            rows, cols, vals = (x[a:b] for x in parts[0])
+            for (r, c, v), nq_d, nk_d in zip(parts[1:], q_counts[1:], k_counts[1:]):
+                rows = (rows[:, None] * nq_d + r[None, :]).reshape(-1)
+                cols = (cols[:, None] * nk_d + c[None, :]).reshape(-1)
+                vals = (vals[:, None] * v[None, :]).reshape(-1)
+            keys.append(rows * nk + cols)
+            values.append(sign * vals)
+        key = np.concatenate(keys)
+        order = np.argsort(key, kind="stable")
+        key, value = key[order], np.concatenate(values)[order]
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
+        counts = np.add.reduceat(value, starts) if len(key) else value
+        key = key[starts]
+        keep = counts != 0
+        yield key[keep] // nk, key[keep] % nk, counts[keep]
+        r0 = r1
+
+
+def _sums_by_row(rows: np.ndarray, values: np.ndarray, nq: int) -> np.ndarray:
+    """[nq] exact int64 sums of `values` per row (`rows` sorted)."""
+    acc = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    return acc[np.searchsorted(rows, np.arange(1, nq + 1), side="left")] - \
+        acc[np.searchsorted(rows, np.arange(nq), side="left")]
 
 
 def key_tile_visits(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True) -> np.ndarray:
@@ -245,23 +318,27 @@ def key_tile_stats(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = Tr
     A ragged key tile is never full, as in the forward: the kernel's fully-seen box is built from
     whole key tiles (`maskdsl.transpose.query_tile_ranges`). One product term: outer products of
     per-dimension column counts, as for the query side; a union: column counts of the exact
-    tile-pair chunks.
+    tile pairs (listed or in dense chunks, as `tile_stats`).
     """
     layout = layout_for(expr, tuple(shape), q_tile, kv_tile, permute)
     qs, ks = layout.sizes()
+    visits = np.zeros(len(ks), dtype=np.int64)
+    full = np.zeros(len(ks), dtype=np.int64)
+    whole = ks == math.prod(layout.kv_tile)
     if layout.permute:
         terms = _dim_tables(expr, layout)
         if len(terms) == 1:
             visits = full = np.ones(1, dtype=np.int64)
             for table, q, k, tk in zip(terms[0][1], layout.q_dims, layout.k_dims, layout.kv_tile):
-                size = np.multiply.outer(q[:, 1] - q[:, 0], k[:, 1] - k[:, 0])
-                whole = (k[:, 1] - k[:, 0]) == tk
-                visits = np.multiply.outer(visits, np.count_nonzero(table, axis=0)).reshape(-1)
-                full = np.multiply.outer(full, np.count_nonzero(table == size, axis=0) * whole).reshape(-1)
+                seen, _, kernel = _dim_stats(table, q, k, tk)
+                visits = np.multiply.outer(visits, table.col_sums(seen)).reshape(-1)
+                full = np.multiply.outer(full, table.col_sums(kernel)).reshape(-1)
             return visits, full
-    visits = np.zeros(len(ks), dtype=np.int64)
-    full = np.zeros(len(ks), dtype=np.int64)
-    whole = ks == math.prod(layout.kv_tile)
+        if terms and _few_pairs(terms, len(qs), len(ks)):
+            for rows, cols, counts in _union_pairs(terms, layout):
+                visits += np.bincount(cols, minlength=len(ks))
+                full += np.bincount(cols[(counts == qs[rows] * ks[cols]) & whole[cols]], minlength=len(ks))
+            return visits, full
     for rows, block in pair_count_chunks(expr, layout):
         visits += np.count_nonzero(block, axis=0)
         full += np.count_nonzero(block == np.multiply.outer(qs[rows], ks), axis=0) * whole

@@ -121,17 +121,14 @@ def _one_full_box(expr, shape, qt, kt) -> str | None:
     lo = hi = None
     busy_any = np.zeros(math.prod(nq), bool)
     for j in range(len(per_dim[0])):
-        tables = [per_dim[d][j] for d in range(rank)]
-        seen = [t > 0 for t in tables]
-        busy = _outer_all([s.any(axis=1) for s in seen])
-        ok = _outer_all([(s == (t == sz)).all(axis=1) | ~s.any(axis=1) for s, t, sz in zip(seen, tables, size)])
+        rows = [_row_box(per_dim[d][j], size[d]) for d in range(rank)]
+        busy = _outer_all([r[0] for r in rows])
+        ok = _outer_all([r[1] for r in rows])
         if (busy & ~ok).any():
             t = int(np.flatnonzero(busy & ~ok)[0])
             return f"query tile {t} visits partially seen key tiles (the kernel has no predicate)"
-        first = [np.where(s.any(axis=1), s.argmax(axis=1), 0) for s in seen]
-        last = [np.where(s.any(axis=1), s.shape[1] - s[:, ::-1].argmax(axis=1), 0) for s in seen]
-        t_lo = np.stack(_outer_each(first), axis=1)
-        t_hi = np.stack(_outer_each(last), axis=1)
+        t_lo = np.stack(_outer_each([r[2] for r in rows]), axis=1)
+        t_hi = np.stack(_outer_each([r[3] for r in rows]), axis=1)
         if lo is None:
             lo, hi = np.where(busy[:, None], t_lo, np.iinfo(np.int64).max), np.where(busy[:, None], t_hi, -1)
         else:
@@ -146,6 +143,23 @@ def _one_full_box(expr, shape, qt, kt) -> str | None:
     if len(bad):
         return f"query tile {int(bad[0])}: its visited key tiles are not one box"
     return None
+
+
+def _row_box(table, size: int):
+    """Per query tile of one dimension's table: (visits any key tile, every visited one is full,
+    first visited key tile, last + 1; both 0 where none)."""
+    rows = table.rows()
+    seen = table.values > 0
+    busy = table.row_sums(seen) > 0
+    ok = table.row_sums(seen != (table.values == size)) == 0
+    seen_rows, seen_cols = rows[seen], table.cols(rows)[seen]  # sorted by row, then column
+    first = np.zeros(table.nq, dtype=np.int64)
+    last = np.zeros(table.nq, dtype=np.int64)
+    runs = np.flatnonzero(np.diff(seen_rows, prepend=-1))  # each busy row's first entry
+    ends = np.append(runs[1:], len(seen_rows)) - 1
+    first[seen_rows[runs]] = seen_cols[runs]
+    last[seen_rows[runs]] = seen_cols[ends] + 1
+    return busy, ok, first, last
 
 
 def _outer_all(parts: list[np.ndarray]) -> np.ndarray:

@@ -8,8 +8,10 @@ inclusion-exclusion
     |V_1 ∪ ... ∪ V_m| = sum over non-empty S of (-1)^(|S|+1) prod_d |AND_{j in S} V_j,d|
 
 since an intersection of product sets is the product of the per-dimension intersections.
-Every factor is a small [query tiles of d, key tiles of d] boolean table, cached per
-(dimension, tile extents), so one more config costs microseconds. That is all `sweep` needs to
+Every factor is a [query tiles of d, key tiles of d] boolean table, cached per (dimension, tile
+extents), so one more config costs microseconds on small grids. A dimension whose table would be
+much larger than its bands (`simulator.band`: each query tile's window of key tiles; a long 1-D
+window) keeps the bands and meets them window by window: O(band), not O(tiles²). That is all `sweep` needs to
 rank by the upper bound; full and partial tiles need the real counts (``simulator.counting``).
 """
 
@@ -21,9 +23,12 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable
+from maskdsl.simulator.band import BandTable
 from maskdsl.simulator.tables import dim_tables, term_rels
 
 MAX_SUBSETS = 4096
+BAND_GAIN = 16  # keep bands when the dense table is this many times larger (an AND of booleans is that much cheaper)
+DENSE_FLOOR = 1 << 16  # tables of up to this many entries stay dense whatever their bands
 
 
 class SupportCounter:
@@ -32,7 +37,7 @@ class SupportCounter:
     def __init__(self, expr: ir.MaskExpr, shape: tuple[int, ...]):
         self.expr, self.shape = expr, tuple(shape)
         self.terms = len(term_rels(expr, self.shape, "products"))
-        self._seen: dict[tuple[int, int, int], tuple[int, int, list[np.ndarray]]] = {}
+        self._seen: dict[tuple[int, int, int], tuple[int, int, list[np.ndarray | BandTable], list[int]]] = {}
 
     def _dim(self, d: int, tq: int, tk: int):
         key = (d, tq, tk)
@@ -40,21 +45,29 @@ class SupportCounter:
             tables = dim_tables(self.expr, self.shape, d, tq, tk, kind="products")
             nq, nk = -(-self.shape[d] // tq), -(-self.shape[d] // tk)  # the empty mask has no tables
             shape = tables[0].shape if tables else (nq, nk)
-            self._seen[key] = (shape[0], shape[1], [t > 0 for t in tables])
+            if shape[0] * shape[1] <= max(DENSE_FLOOR, BAND_GAIN * sum(t.size for t in tables)):
+                supports = [t.dense() > 0 for t in tables]
+            else:
+                supports = [t.with_values(t.values > 0) for t in tables]
+            counts = [int(np.count_nonzero(x.values if isinstance(x, BandTable) else x)) for x in supports]
+            self._seen[key] = (shape[0], shape[1], supports, counts)
         return self._seen[key]
 
     def visited(self, q_tile, kv_tile) -> tuple[int, int]:
         """(visited tile pairs, dense tile pairs) for the config, exactly."""
         dims = [self._dim(d, q_tile[d], kv_tile[d]) for d in range(len(self.shape))]
-        dense = math.prod(nq * nk for nq, nk, _ in dims)
+        dense = math.prod(nq * nk for nq, nk, _, _ in dims)
         total = 0
         subsets = 0
 
         def rec(start, current, size):
             nonlocal total, subsets
             for j in range(start, self.terms):
-                nxt = [dims[d][2][j] if current is None else current[d] & dims[d][2][j] for d in range(len(dims))]
-                counts = [int(np.count_nonzero(x)) for x in nxt]
+                if current is None:  # one term: its supports and their counts are cached
+                    nxt, counts = [dim[2][j] for dim in dims], [dim[3][j] for dim in dims]
+                else:
+                    nxt = [_meet(current[d], dims[d][2][j]) for d in range(len(dims))]
+                    counts = [int(np.count_nonzero(x.values if isinstance(x, BandTable) else x)) for x in nxt]
                 if 0 in counts:
                     continue  # empty: so is every superset
                 subsets += 1
@@ -65,3 +78,8 @@ class SupportCounter:
 
         rec(0, None, 0)
         return total, dense
+
+
+def _meet(a, b):
+    """Tile pairs both supports visit (dense boolean tables or bands; one dimension keeps one kind)."""
+    return a.meet(b) if isinstance(a, BandTable) else a & b
