@@ -142,9 +142,32 @@ class CompiledAttention:
         seg = self.segment(q_frames, k_frames, *self.frame_tiles)
         self.check_segment(seg, q, k, v)
         check_out_lse(q, out, lse)
+        if self._gluon_segment(q, k, v, float(scale), out, lse, seg):
+            return
         tiles = tile_run(seg.q_frames, self.config.q_tile[0], self.plan.dims[0].q_tiles, self.plan.q_tiles,
                          self.plan.shape[0])
         self._launch(q, k, v, float(scale), out, lse, seg, tiles)
+
+    def _gluon_segment(self, q, k, v, scale: float, out, lse, seg: Segment) -> bool:
+        """Run a 1-D segment on the Gluon forward's predicated mode when the whole grid takes it
+        (codegen.gluon_runs: the grid's row intervals cut to the buffer); False where the template must."""
+        from maskdsl.codegen.gluon_plan import tensor_blocker
+
+        if self.plan.rank != 1 or getattr(self.gluon_schedule.ranges, "bounds", None) is None:
+            return False
+        if tensor_blocker(q, k, v, out, lse) is not None:
+            return False
+        table, idle_rows, bounds, r = self.gluon_schedule.segment((seg.q0, seg.q1), (seg.k0, seg.k1), q.device)
+        if not r.ok:
+            return False
+        from maskdsl.codegen import gluon_fwd
+
+        if len(idle_rows):
+            out.index_fill_(2, idle_rows, 0.0)
+            lse.index_fill_(2, idle_rows, float("-inf"))
+        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, bounds=bounds,
+                         long=r.long, k_grid=(1, 1, k.shape[2]))
+        return True
 
     def _launch(self, q, k, v, scale: float, out, lse, seg: Segment, tiles: range) -> None:
         q0, q1, k0, k1 = seg.args

@@ -107,13 +107,13 @@ def _softmax_step(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, o_row: gl.const
 
 
 @gluon.jit
-def _mask_edge(s, i, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col: gl.constexpr,
+def _mask_edge(s, i, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col: gl.constexpr,
                BLOCK_N: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr):
     """S with -inf where the row does not attend the key, on the tiles that may be partial: the first
     and last of each run, or every tile of a query tile whose table row says so (codegen.gluon_runs
     sets that flag where a run has a partial tile inside). A row attends key j when one of its
     intervals [lo, hi] holds it; keys past the grid's end (a ragged last tile, zero-filled by the
-    copy engine) never."""
+    copy engine) never; LK is the key extent (a segment's buffer may be shorter than the rows)."""
     edge = (i == 0) | (i == n - 1) | (every != 0)
     if RUNS == 2:
         edge = edge | (i == na - 1) | (i == na)
@@ -123,14 +123,14 @@ def _mask_edge(s, i, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col: 
         ok = (c >= gl.expand_dims(lo_a, 1)) & (c <= gl.expand_dims(hi_a, 1))
         if TERMS == 2:
             ok = ok | ((c >= gl.expand_dims(lo_b, 1)) & (c <= gl.expand_dims(hi_b, 1)))
-        ok = ok & (c < L)
+        ok = ok & (c < LK)
         s = gl.where(ok, s, float("-inf"))
     return s
 
 
 @gluon.jit
 def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, L, bounds_ptr, lo2, na, lo2b, every,
+              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo2, na, lo2b, every,
               CID: gl.constexpr, SUB_M: gl.constexpr,
               T1: gl.constexpr, T2: gl.constexpr, WARPS: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
@@ -172,7 +172,7 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
                       use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     if TERMS > 0:
-        s = _mask_edge(s, 0, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
+        s = _mask_edge(s, 0, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
     m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
 
     for i in range(1, n):
@@ -190,7 +190,7 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
         s, acc, p = warpgroup_mma_wait(0, deps=(s, acc, p))
         mbarrier.arrive(kv_empty.index(prev))
         if TERMS > 0:
-            s = _mask_edge(s, i, n, na, lo2, lo2b, every, L, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
+            s = _mask_edge(s, i, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
         m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
         acc = acc * gl.expand_dims(alpha, 1)
 
@@ -212,7 +212,7 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
 
 @gluon.jit
 def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base, qk_scale, L, N1, N2, GROUP,
-                  bounds_ptr, count, BH, LONG, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
+                  bounds_ptr, count, BH, LONG, LK, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
                   K2: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr,
                   CONSUMER_REGS: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr,
@@ -279,10 +279,10 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
 
     gl.warp_specialize([
         (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
-                     q2, lse_row0, n, N1, N2, qk_scale, L, bounds_ptr, lo2, na, lo2b, every, 0, SUB_M, T1, T2, num_warps,
+                     q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo2, na, lo2b, every, 0, SUB_M, T1, T2, num_warps,
                      BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS)),
         (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
-                     q2, lse_row0, n, N1, N2, qk_scale, L, bounds_ptr, lo2, na, lo2b, every, 1, SUB_M, T1, T2, num_warps,
+                     q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo2, na, lo2b, every, 1, SUB_M, T1, T2, num_warps,
                      BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, bh, bh_kv,
                    q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, K0, K1, K2, NUM_STAGES, RUNS)),
@@ -313,7 +313,8 @@ def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) ->
 
 def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
                 grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-                pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0):
+                pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
+                k_grid: tuple[int, ...] | None = None):
     """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`; grid and
     tiles are RANK-dimensional (codegen.gluon_plan pads them).
 
@@ -325,9 +326,10 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
     runs = 2 if table.shape[1] == 12 else 1
     terms = 0 if bounds is None else bounds.shape[0]
     half = half_tile(q_tile)
-    args = (_descriptor(q, grid, half), _descriptor(k, grid, kv_tile), _descriptor(v, grid, kv_tile),
+    k_grid = grid if k_grid is None else k_grid
+    args = (_descriptor(q, grid, half), _descriptor(k, k_grid, kv_tile), _descriptor(v, k_grid, kv_tile),
             _descriptor(out, grid, half), lse, table, first, scale * LOG2E, tokens, grid[1], grid[2], heads // k.shape[1],
-            table if bounds is None else bounds, count, batch * heads, min(long, count))
+            table if bounds is None else bounds, count, batch * heads, min(long, count), k.shape[2])
     kwargs = dict(T0=q_tile[0], T1=q_tile[1], T2=q_tile[2], K0=kv_tile[0], K1=kv_tile[1], K2=kv_tile[2],
                   HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, PINGPONG=pingpong,
                   LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, RUNS=runs, TERMS=terms, num_warps=CONSUMER_WARPS,
@@ -337,9 +339,10 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
 
 def launch(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
            grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-           pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0) -> None:
+           pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
+           k_grid: tuple[int, ...] | None = None) -> None:
     """Run `count` query tiles (rows of `table`) for every (batch, head); the caller checked eligibility."""
     if count:
         launch_grid, args, kwargs = kernel_args(q, k, v, out, lse, scale, table, first, count, grid, q_tile,
-                                                kv_tile, pingpong, bounds, long)
+                                                kv_tile, pingpong, bounds, long, k_grid)
         attention_fwd[launch_grid](*args, **kwargs)

@@ -276,6 +276,7 @@ class GluonSchedule:
             self.table = np.concatenate([ranges.coords(busy), bounds], axis=1).astype(np.int32)
             self.idle_rows = ranges.rows(ranges.idle)
         self._on: dict[torch.device, tuple] = {}
+        self._segments: dict[tuple, tuple] = {}
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(table, idle rows, bounds or None) on `device`."""
@@ -285,3 +286,19 @@ class GluonSchedule:
             self._on[device] = (torch.from_numpy(self.table).to(device), torch.from_numpy(self.idle_rows).to(device),
                                 bounds)
         return self._on[device]
+
+    def segment(self, q_rows: tuple[int, int], k_rows: tuple[int, int], device):
+        """(table, idle rows, bounds, ranges) on `device` of rows [qa, qb) over a buffer of keys [ka, kb),
+        predicated 1-D mode only (codegen.gluon_runs.segment_ranges); ranges is refused where the cut
+        schedule does not qualify. Cached: a context-parallel rank runs the same few segments each step."""
+        from maskdsl.codegen.gluon_runs import segment_ranges
+
+        key = (q_rows, k_rows, torch.device(device))
+        if key not in self._segments:
+            r = segment_ranges(self.ranges, q_rows, k_rows)
+            if r.ok:
+                on = [torch.from_numpy(x).to(device) for x in (r.table, r.rows(r.idle), r.bounds)]
+                self._segments[key] = (*on, r)
+            else:
+                self._segments[key] = (None, None, None, r)
+        return self._segments[key]

@@ -24,7 +24,7 @@ import numpy as np
 
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.intervals import SymRel, evaluate
-from maskdsl.row_runs import BLOCK, SLOTS, longest_first, row_intervals, tile_runs
+from maskdsl.row_runs import BLOCK, EMPTY, SLOTS, longest_first, row_intervals, tile_runs
 
 ROW = 12  # table columns: c0..c2, [lo, hi) x 3 dimensions, the second run's [lo, hi), the flag
 
@@ -44,6 +44,7 @@ class RunRanges:
     reason: str | None = None
     shape: tuple[int, ...] = ()
     long: int = 0  # the table's first rows, far longer than the rest: dispatched first on every head
+    keys: int = 0  # the key extent (a segment's buffer; the grid's otherwise)
     q_tile: tuple[int, ...] = (1, 1, BLOCK)
     kv_tile: tuple[int, ...] = (1, 1, BLOCK)
 
@@ -87,7 +88,24 @@ def run_ranges(plan: KernelPlan) -> RunRanges:
     iv = plan_intervals(plan)
     if isinstance(iv, str):
         return _refused(iv)
-    runs = tile_runs(iv)
+    return schedule(iv, plan.shape[-1])
+
+
+def segment_ranges(whole: RunRanges, q_rows: tuple[int, int], k_rows: tuple[int, int]) -> RunRanges:
+    """The schedule of rows [qa, qb) over a buffer holding keys [ka, kb) of the grid (context
+    parallelism's segments): the whole grid's row intervals cut to the buffer, in its coordinates."""
+    (qa, qb), (ka, kb) = q_rows, k_rows
+    lo = whole.bounds[:, 0, qa:qb].T.astype(np.int64) - ka  # [rows, SLOTS]
+    hi = whole.bounds[:, 1, qa:qb].T.astype(np.int64) - ka
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, kb - ka - 1)
+    empty = lo > hi
+    iv = np.stack([np.where(empty, EMPTY[0], lo), np.where(empty, EMPTY[1], hi)], axis=2)
+    return schedule(iv, kb - ka)
+
+
+def schedule(iv: np.ndarray, keys: int) -> RunRanges:
+    """The kernel's table for rows with these key intervals over `keys` keys (maskdsl.row_runs)."""
+    runs = tile_runs(iv, keys)
     if isinstance(runs, str):
         return _refused(runs)
     run_lo, run_hi, flag = runs
@@ -102,4 +120,4 @@ def run_ranges(plan: KernelPlan) -> RunRanges:
     table, long = longest_first(table)
     bounds = np.ascontiguousarray(np.moveaxis(iv, 0, 2)).astype(np.int32)  # [SLOTS, 2, tokens]
     return RunRanges(table.astype(np.int32), np.nonzero(nruns == 0)[0].astype(np.int32), bounds, None,
-                     (1, 1, plan.shape[-1]), long)
+                     (1, 1, len(iv)), long, keys=keys)

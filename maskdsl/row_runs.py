@@ -55,11 +55,13 @@ def row_intervals(los: list[np.ndarray], his: list[np.ndarray], n: int) -> np.nd
     return out
 
 
-def tile_runs(iv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+def tile_runs(iv: np.ndarray, keys: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """(run_lo, run_hi [query tiles, RUNS], flag [query tiles]) from `row_intervals`: each query tile's
     runs of key tiles [lo, hi) (empty: 0, 0) and whether the kernel must mask all of them; or why a
-    query tile has more than RUNS runs."""
+    query tile has more than RUNS runs. `keys`: the key extent (default the rows': a whole grid; a
+    segment's buffer can differ)."""
     n = len(iv)
+    keys = n if keys is None else keys
     tiles = -(-n // BLOCK)
     pad = tiles * BLOCK - n
     padded = np.concatenate([iv, np.tile(np.array(EMPTY, np.int64), (pad, SLOTS, 1))]) if pad else iv
@@ -86,10 +88,10 @@ def tile_runs(iv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str
         run_lo[:, r] = np.where(nruns > r, np.where(mine, a, big).min(1), 0)
         run_hi[:, r] = np.where(nruns > r, np.where(mine, reach, -1).max(1) + 1, 0)
     # the flag: some row does not see a run's inner tiles [lo + 1, hi - 2] within one of its intervals
-    last_tile = (n - 1) // BLOCK
+    last_tile = (keys - 1) // BLOCK
     cov_lo = -(-padded[..., 0] // BLOCK)  # [rows, SLOTS]: tiles every key of which the interval holds
     cov_hi = (padded[..., 1] + 1) // BLOCK - 1
-    cov_hi = np.where(padded[..., 1] >= n - 1, last_tile, cov_hi)  # the ragged last tile ends at n - 1
+    cov_hi = np.where(padded[..., 1] >= keys - 1, last_tile, cov_hi)  # the ragged last tile ends at keys - 1
     cov_ok = padded[..., 0] <= padded[..., 1]
     valid = (np.arange(tiles * BLOCK) < n).reshape(tiles, BLOCK)
     flag = np.zeros(tiles, bool)

@@ -38,23 +38,24 @@ def _plan(layout, text):
     return mask, build_plan(mask, default_config(mask))
 
 
-def applied_mask(ranges, n: int) -> np.ndarray:
-    """The [n, n] mask the kernel applies, rebuilt from the table and bounds (module docstring)."""
+def applied_mask(ranges, n: int, keys: int | None = None) -> np.ndarray:
+    """The [n, keys] mask the kernel applies, rebuilt from the table and bounds (module docstring)."""
     lo, hi = ranges.bounds[:, 0, :], ranges.bounds[:, 1, :]  # [SLOTS, n]
-    keys = np.arange(n)
-    predicate = ((keys[None, None, :] >= lo[:, :, None]) & (keys[None, None, :] <= hi[:, :, None])).any(0)
-    out = np.zeros((n, n), bool)
+    m = n if keys is None else keys
+    cols = np.arange(m)
+    predicate = ((cols[None, None, :] >= lo[:, :, None]) & (cols[None, None, :] <= hi[:, :, None])).any(0)
+    out = np.zeros((n, m), bool)
     for row in ranges.table:
         t = int(row[2])
         rows = slice(t * BLOCK, min((t + 1) * BLOCK, n))
         runs = [(int(row[7]), int(row[8])), (int(row[9]), int(row[10]))]
         for a, b in runs:
             for j in range(a, b):
-                cols = slice(j * BLOCK, min((j + 1) * BLOCK, n))
+                cols = slice(j * BLOCK, min((j + 1) * BLOCK, m))
                 if row[11] or j in (a, b - 1):
                     out[rows, cols] = predicate[rows, cols]
                 else:
-                    assert (j + 1) * BLOCK <= n, "an unmasked tile past the grid's end"
+                    assert (j + 1) * BLOCK <= m, "an unmasked tile past the keys' end"
                     out[rows, cols] = True
     return out
 
@@ -122,3 +123,22 @@ def test_long_tiles_lead_the_table_and_equal_ones_keep_their_order():
     _, plan = _plan("grid(4096)", "causal")
     got = run_ranges(plan)
     assert got.long == 0 and got.table[:, 2].tolist() == list(range(31, -1, -1))  # longest first
+
+
+@pytest.mark.parametrize("text", ["sliding_window(300, causal=true) | sink(4)", "sliding_window(257)", "causal"])
+def test_a_segments_schedule_is_the_mask_cut_to_its_rows_and_buffer(text):
+    """Context parallelism's segments: rows [qa, qb) over keys [ka, kb) of a 1000-token grid (buffers that
+    start off the 128-key tiles, the grid's ragged end, a buffer shorter than the rows)."""
+    from maskdsl.codegen.gluon_runs import segment_ranges
+
+    mask, plan = _plan("grid(1000)", text)
+    whole = run_ranges(plan)
+    want = static_mask(mask.expr, mask.layout.shape).numpy()
+    for (qa, qb), (ka, kb) in [((0, 500), (0, 500)), ((500, 1000), (200, 500)), ((500, 1000), (500, 1000)),
+                               ((256, 640), (64, 320)), ((896, 1000), (0, 64))]:
+        seg = segment_ranges(whole, (qa, qb), (ka, kb))
+        assert seg.ok, seg.reason
+        assert seg.keys == kb - ka and seg.shape[-1] == qb - qa
+        np.testing.assert_array_equal(applied_mask(seg, qb - qa, kb - ka), want[qa:qb, ka:kb],
+                                      err_msg=f"rows {qa}-{qb}, keys {ka}-{kb}")
+        assert not want[qa:qb, ka:kb][seg.rows(seg.idle)].any()
