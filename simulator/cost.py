@@ -16,7 +16,8 @@ One CTA of the kernel handles one query tile of one (batch, head). Its SM time i
   whose accumulators do not fit the registers (128 rows on 4 warps) reloads the excess every tile.
 
 CTAs are then placed by `simulator.schedule`: k = `ctas_per_sm` of the config share each SM
-(a CTA occupies its slot for k * t_q), and the `sms * k` slots take the batch x heads copies of
+(a CTA occupies its slot for k * t_q, or longer where its tiles wait for their K/V loads:
+`simulator.pipeline`, one constant `load_us`), and the `sms * k` slots take the batch x heads copies of
 the per-tile times in launch order (greedy list scheduling: waves, the last partial wave, and
 imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel, and for a
 top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
