@@ -32,10 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdsl.simulator.cost import _BUILTIN, DENSE_TILE, REFERENCE_TILE, CostModel, _load, _match
+from maskdsl.simulator.cost import _BUILTIN, DENSE_TILE, LOAD, REFERENCE_TILE, CostModel, _load, _match
 from maskdsl.simulator.simulation import simulate
 
 BETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
+# us: the K/V tile load latency's grid (simulator.pipeline), searched like beta: its regimes are piecewise, and a
+# free column started low stays in the compute-bound regime where no row sees it
+LOADS = (0.0, 0.5, 1.0, 1.25, 1.5, 1.75, 2.0)
 ITERATIONS = 12
 HUBER = 0.15  # relative error beyond which a measurement's weight falls off (the 15% goal)
 
@@ -109,12 +112,12 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _model(theta: np.ndarray, beta: float, sms: int, gpu: str, hbm_gbps: float | None = None) -> CostModel:
     """A CostModel from fitted microseconds (FEATURES order, then launch, then the top-k call)."""
-    a_full, a_partial, a_union, a_tile, a_gluon, launch, topk_call = theta
+    a_full, a_partial, a_union, a_tile, a_gluon, load_us, launch, topk_call = theta
     unit = a_full if a_full > 0 else max(a_partial, 1e-9)
     return CostModel(name=gpu, c_full=a_full / unit, c_partial=a_partial / unit, c_tile=a_tile / unit, sms=sms,
                      tile_us=unit, pair_exponent=beta, c_union=(a_union / unit) if a_union > 0 else None,
                      launch_us=launch, topk_call_us=topk_call, hbm_gbps=hbm_gbps,
-                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None)
+                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None, load_us=load_us)
 
 
 def spec_bandwidth(gpu: str) -> float | None:
@@ -126,31 +129,34 @@ def spec_bandwidth(gpu: str) -> float | None:
         return None
 
 
-def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gbps: float | None = None):
-    """(rms relative error, beta, theta) of the best beta."""
+def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gbps: float | None = None,
+                loads=LOADS):
+    """(rms relative error, beta, theta) of the best beta and load latency (theta[LOAD])."""
     y = np.array([m.ms * 1000.0 for m in meas])
     works = [_work(m) for m in meas]
     probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms, hbm_gbps=hbm_gbps, c_gluon=1.0)
     known = np.array([probe.selection_bytes_us(w) for w in works])  # selection traffic: not fitted
     calls = np.array([float(w.selection is not None) for w in works])
     best = None
-    for beta in betas:
-        coef = np.array([1.0, 1.3, 1.6, 2.0, 0.8])  # a start: only the ratios matter for the critical slots
+    for beta, load in ((b, x) for b in betas for x in loads):
+        coef = np.array([2.0, 2.6, 2.4, 3.6, 1.7, load])  # us; a start: the critical slots and the regimes
         theta, weight = None, np.ones(len(y))
         for _ in range(ITERATIONS):
-            rows = [np.append(probe.critical_features(w, beta, coef), [1.0, c]) for w, c in zip(works, calls)]
+            feats = [probe.critical_features(w, beta, coef) for w in works]
+            rows = [np.append(np.delete(f, LOAD), [1.0, c]) for f, c in zip(feats, calls)]
             a = np.array(rows) / y[:, None]
+            target = 1.0 - (known + np.array([f[LOAD] for f in feats]) * load) / y  # waiting at this latency: known
             root = np.sqrt(weight)[:, None]
-            new = _nnls(a * root, (1.0 - known / y) * root[:, 0])
+            new = _nnls(a * root, target * root[:, 0])
             if theta is not None and np.allclose(new, theta, rtol=1e-6, atol=1e-12):
                 break
-            theta, coef = new, np.maximum(new[:5], 1e-9)
-            weight = _huber_weights(a @ theta - (1.0 - known / y))
-        model = _model(theta, beta, sms, gpu, hbm_gbps)
+            theta, coef = new, np.append(np.maximum(new[:5], 1e-9), load)
+            weight = _huber_weights(a @ theta - target)
+        model = _model(np.insert(theta, LOAD, load), beta, sms, gpu, hbm_gbps)
         pred = np.array([model.schedule(w).time * model.tile_us for w in works])
         loss = float(np.mean(_huber(pred / y - 1.0)))
         if best is None or loss < best[0]:
-            best = (loss, beta, theta, float(np.sqrt(np.mean((pred / y - 1.0) ** 2))))
+            best = (loss, beta, np.insert(theta, LOAD, load), float(np.sqrt(np.mean((pred / y - 1.0) ** 2))))
     return best[3], best[1], best[2]
 
 
@@ -185,7 +191,7 @@ def _dense_rows(meas: list[Measurement], sms: int):
 
 
 def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str = "", betas=BETAS,
-        hbm_gbps: float | None = None) -> dict:
+        hbm_gbps: float | None = None, loads=LOADS) -> dict:
     """A cost entry (gpu_costs.json shape) fitted to the measurements.
 
     `hbm_gbps` (the selection pass's bandwidth) defaults to the shipped entry's spec number.
@@ -194,11 +200,12 @@ def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str =
         raise ValueError(f"fitting the cost model needs at least 5 measurements of 3 cases, got "
                          f"{len(measurements)}; hint: run maskdsl bench --suite")
     hbm_gbps = spec_bandwidth(gpu) if hbm_gbps is None else hbm_gbps
-    err, beta, theta = _fit_kernel(measurements, sms, gpu, betas, hbm_gbps)
+    err, beta, theta = _fit_kernel(measurements, sms, gpu, betas, hbm_gbps, loads)
     model = _model(theta, beta, sms, gpu, hbm_gbps)
     entry = {"c_full": model.c_full, "c_partial": model.c_partial, "c_tile": model.c_tile,
              "c_union": model.c_union, "sms": sms, "tile_us": model.tile_us, "pair_exponent": beta,
              "launch_us": model.launch_us, "topk_call_us": model.topk_call_us, "hbm_gbps": hbm_gbps,
+             "load_us": model.load_us,
              "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
              "fitted_cases": sorted({m.case_key for m in measurements}), "source": source}
     if model.c_gluon is not None:  # only a run with Gluon timings (Hopper) fits the Gluon forward's constants

@@ -16,7 +16,8 @@ One CTA of the kernel handles one query tile of one (batch, head). Its SM time i
   whose accumulators do not fit the registers (128 rows on 4 warps) reloads the excess every tile.
 
 CTAs are then placed by `simulator.schedule`: k = `ctas_per_sm` of the config share each SM
-(a CTA occupies its slot for k * t_q), and the `sms * k` slots take the batch x heads copies of
+(a CTA occupies its slot for k * t_q, or longer where its tiles wait for their K/V loads:
+`simulator.pipeline`, one constant `load_us`), and the `sms * k` slots take the batch x heads copies of
 the per-tile times in launch order (greedy list scheduling: waves, the last partial wave, and
 imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel, and for a
 top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
@@ -54,18 +55,21 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdsl.simulator.schedule import ctas_per_sm, default_launch, list_schedule, spill_factor, uniform_makespan
+from maskdsl.simulator.backward_work import BACKWARD_FEATURES, BackwardWork  # noqa: F401 (re-exported)
+from maskdsl.simulator.pipeline import split
+from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, list_schedule, spill_factor, uniform_makespan,
+                                        warpgroup_split)
 from maskdsl.simulator.selection import SelectionWork
 
 DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
 REFERENCE_TILE = 128  # the constants are for 128-token query and key tiles and head_dim 128
 DENSE_TILE = 128  # the dense SDPA baseline's query and key tiles
 _BUILTIN = Path(__file__).with_name("gpu_costs.json")
-# per-CTA work terms (the last: the Gluon forward's full tile); the fit adds launch_us and topk_call_us
-FEATURES = ("full", "partial", "union", "tile", "gluon_full")
+# per-CTA work terms (the Gluon forward's full tile; the K/V loads a slot waits for, `simulator.pipeline`);
+# the fit adds launch_us and topk_call_us
+FEATURES = ("full", "partial", "union", "tile", "gluon_full", "load")
+LOAD = FEATURES.index("load")
 GLUON_TILE = 128  # the Gluon forward's query and key tiles (simulator.gluon)
-# per backward program: a 128x128 pair of the dK/dV walk, of the dQ walk, the program's fixed cost
-BACKWARD_FEATURES = ("dkdv_pair", "dq_pair", "program")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class KernelWork:
     selection: SelectionWork | None = None  # a top-k call's selection pass, before the attention kernel
     gluon: bool = False  # this is the Gluon forward's launch (128x128 tiles, all full, busy query tiles only)
     gluon_work: "KernelWork | None" = None  # the same call on the Gluon forward, when the mask is eligible
+    pipelined: bool = True  # the union loop prefetches its loads (False: top-k's general loop, loads in branches)
 
     def launch(self) -> tuple[int, int]:
         warps, stages = default_launch(self.block_m, self.head_dim)
@@ -101,8 +106,18 @@ class KernelWork:
         """The key tiles' slowdown when the config's registers spill (`schedule.spill_factor`)."""
         return spill_factor(self.block_m, self.block_n, kernel_head_dim(self.head_dim), self.launch()[0])
 
+    def tile_unit(self, beta: float) -> float:
+        """SM time of one key tile per unit of its constant: the pair factor, register spill, the
+        warpgroups' split of a short tile (`schedule.warpgroup_split`) and head_dim."""
+        h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
+        if self.gluon:
+            return h
+        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta
+        return pair * self.spill * warpgroup_split(self.block_m, self.launch()[0]) * h
+
     def features(self, beta: float) -> np.ndarray:
-        """[NQ, 5] SM-time per unit of each constant (FEATURES order), before the slot factor k.
+        """[NQ, 6] SM-time per unit of each constant (FEATURES order), before the slot factor k; the
+        load column is zero here (waiting is not SM time: `CostModel.slot_features` adds it).
 
         A template launch fills the first four columns; a Gluon launch its own full-tile column (its
         tiles are the reference 128x128, so no pair factor, and its warp-specialized state does not
@@ -112,48 +127,10 @@ class KernelWork:
         n = len(self.full)
         zero = np.zeros(n)
         if self.gluon:
-            return np.stack([zero] * 3 + [np.ones(n), np.asarray(self.full, np.float64)], axis=1) * h
-        pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta * self.spill
-        qs = np.full(n, (self.block_m / REFERENCE_TILE) ** beta)
-        cols = [np.asarray(x, dtype=np.float64) * pair for x in (self.full, self.partial, self.union)]
-        return np.stack(cols + [qs, zero], axis=1) * h
-
-
-@dataclass(frozen=True)
-class BackwardWork:
-    """One backward kernel's launch: per program the tiles it walks (full / partial), its config, copies.
-
-    dK/dV: a program owns a key tile and walks the query tiles that see it, summing the GQA group's
-    query heads (`group`); dQ: a program owns a query tile and walks its key tiles, like the forward.
-    """
-
-    kernel: str  # "dkdv" or "dq"
-    full: np.ndarray  # [programs] walked tiles run without the predicate
-    partial: np.ndarray  # [programs] walked tiles run with it (every visited tile of a union mask)
-    own: int  # tokens of the tile a program owns
-    other: int  # tokens of each tile it walks
-    head_dim: int = 128
-    num_warps: int = 4
-    num_stages: int = 2
-    copies: int = 1  # programs per tile: batch x kv heads (dK/dV) or batch x heads (dQ)
-    group: int = 1  # query heads a program sums (dK/dV under GQA)
-
-    @property
-    def ctas_per_sm(self) -> int:
-        return ctas_per_sm(self.own, self.other, self.head_dim, self.num_warps, self.num_stages)
-
-    @property
-    def programs(self) -> int:
-        return len(self.full) * self.copies
-
-    def features(self, beta: float, partial: float) -> np.ndarray:
-        """[programs, 3] SM-time per microsecond-constant (BACKWARD_FEATURES), before the slot factor."""
-        pair = (self.own * self.other / REFERENCE_TILE**2) ** beta
-        h = self.head_dim / REFERENCE_TILE
-        walk = (np.asarray(self.full, np.float64) + partial * np.asarray(self.partial, np.float64)) * pair * self.group
-        zero = np.zeros(len(walk))
-        cols = [walk, zero] if self.kernel == "dkdv" else [zero, walk]
-        return np.stack(cols + [np.full(len(walk), (self.own / REFERENCE_TILE) ** beta)], axis=1) * h
+            return np.stack([zero] * 3 + [np.ones(n), np.asarray(self.full, np.float64), zero], axis=1) * h
+        unit = self.tile_unit(beta)
+        cols = [np.asarray(x, dtype=np.float64) * unit for x in (self.full, self.partial, self.union)]
+        return np.stack(cols + [np.full(n, (self.block_m / REFERENCE_TILE) ** beta * h), zero, zero], axis=1)
 
 
 @dataclass(frozen=True)
@@ -195,6 +172,7 @@ class CostModel:
     topk_call_us: float = 0.0  # a top-k call's fixed selection cost (host-synchronised launches), us
     hbm_gbps: float | None = None  # HBM bandwidth (spec), GB/s: the selection pass's traffic
     c_gluon: float | None = None  # the Gluon forward's full 128x128 tile (units); None: no Gluon path modelled
+    load_us: float = 0.0  # latency of a key tile's K/V loads under load (simulator.pipeline); 0: no waiting
 
     @property
     def placeholder(self) -> bool:
@@ -232,12 +210,12 @@ class CostModel:
                         bwd_partial=float(entry.get("bwd_partial") or 1.0),
                         bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"),
                         topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"),
-                        c_gluon=opt("c_gluon"))
+                        c_gluon=opt("c_gluon"), load_us=float(entry.get("load_us") or 0.0))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
         consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta,
-                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0]
+                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0, model.load_us]
         if model.sms <= 0 or min(consts) < 0:
             raise ValueError(f"cost entry for {name!r} needs sms > 0 and non-negative constants, got {entry}")
         return model
@@ -246,7 +224,8 @@ class CostModel:
     def coefficients(self) -> np.ndarray:
         """The per-CTA constants in FEATURES order (units)."""
         union = self.c_partial if self.c_union is None else self.c_union
-        return np.array([self.c_full, self.c_partial, union, self.c_tile, self.c_gluon or 0.0])
+        load = self.load_us / self.tile_us if self.tile_us else 0.0
+        return np.array([self.c_full, self.c_partial, union, self.c_tile, self.c_gluon or 0.0, load])
 
     @property
     def has_gluon(self) -> bool:
@@ -262,12 +241,31 @@ class CostModel:
         """[NQ] SM time (units) of each query tile's CTA."""
         return work.features(self.pair_exponent) @ self.coefficients
 
+    @staticmethod
+    def slot_features(work: KernelWork, beta: float, coef: np.ndarray) -> np.ndarray:
+        """[NQ, 6] slot time per unit of each constant (FEATURES order), k co-resident CTAs included.
+
+        Each kind of key tile is compute-bound (k times its SM time) or waits for its loads
+        (`simulator.pipeline`), whichever binds at the constants `coef` (FEATURES order, any one unit):
+        `slot_features(w, beta, coef) @ coef` is the slot time, linear in the constants for fixed regimes."""
+        k = work.ctas_per_sm
+        feats = work.features(beta)
+        out = feats * k
+        if work.gluon or coef[LOAD] <= 0:  # the warp-specialized kernel keeps its loads in flight
+            return out
+        unit, stages = work.tile_unit(beta), work.launch()[1]
+        for i, (count, piped) in enumerate(zip((work.full, work.partial, work.union), (True, True, work.pipelined))):
+            cf, lf = split(coef[i] * unit, k, stages, piped, coef[LOAD])
+            out[:, i] = feats[:, i] * cf
+            out[:, LOAD] += np.asarray(count, np.float64) * lf
+        return out
+
     def schedule(self, work: KernelWork) -> Schedule:
         """Predicted time (units) of the kernel: list scheduling over SMs x CTAs-per-SM slots, plus launch."""
         work = self.kernel_work(work)
         k = work.ctas_per_sm
         slots = self.sms * k
-        per_tile = self.query_tile_times(work) * k
+        per_tile = self.slot_features(work, self.pair_exponent, self.coefficients) @ self.coefficients
         jobs = np.tile(per_tile, work.copies)
         if len(per_tile) and np.ptp(per_tile) == 0:
             span = uniform_makespan(len(jobs), float(per_tile[0]), slots)
@@ -296,10 +294,14 @@ class CostModel:
         """
         work = self.kernel_work(work)
         k = work.ctas_per_sm
-        feats = work.features(beta) * k
-        jobs = np.tile(feats @ coef, work.copies)
-        _, slot, critical = list_schedule(jobs, self.sms * k, with_slots=True)
-        on = np.flatnonzero(slot == critical) % len(feats)
+        feats = self.slot_features(work, beta, coef)
+        per_tile = feats @ coef
+        n, slots = len(per_tile) * work.copies, self.sms * k
+        if len(per_tile) and np.ptp(per_tile) == 0:  # equal jobs go round-robin: the last one's slot is critical
+            on = np.arange(n - 1, -1, -slots) % len(feats)
+        else:
+            _, slot, critical = list_schedule(np.tile(per_tile, work.copies), slots, with_slots=True)
+            on = np.flatnonzero(slot == critical) % len(feats)
         return np.bincount(on, minlength=len(feats)) @ feats
 
     def dense_schedule(self, tokens: int, copies: int, head_dim: int, q_tiles: int = 0, k_tiles: int = 0,

@@ -62,6 +62,18 @@ def spill_factor(block_m: int, block_n: int, head_dim: int = 128, num_warps: int
     return max(1.0, register_demand(block_m, block_n, head_dim, num_warps) / MAX_REGS)
 
 
+def warpgroup_split(rows: int, num_warps: int) -> float:
+    """How much slower a tile's products run when its warpgroups share fewer than 64 rows each.
+
+    Hopper's warpgroup MMA (4 warps) takes 64 rows (M) at a time; a CTA of several warpgroups on a tile
+    of fewer rows than 64 per warpgroup splits the other dimension instead, so each warpgroup issues
+    the same instructions for a fraction of the work: the time grows with 64 * groups / rows. One
+    warpgroup on a small tile uses the older MMA and is not covered here (the pair exponent is). Measured
+    on the backward (64-token owned tiles on 8 warps: 1.3-1.6x the whole backward on the H100)."""
+    groups = num_warps // 4
+    return max(1.0, 64 * groups / rows) if groups > 1 else 1.0
+
+
 def uniform_makespan(jobs: int, duration: float, slots: int) -> float:
     """`jobs` equal CTAs on `slots` slots: whole waves, the last one partial."""
     return math.ceil(jobs / slots) * duration if jobs > 0 else 0.0

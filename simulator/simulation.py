@@ -172,7 +172,8 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     zero = np.zeros(len(visits))
     if union_kernel:
         work = KernelWork(zero, zero, visits, math.prod(q_tile), math.prod(kv_tile), head_dim, num_warps,
-                          num_stages, copies, _selection(mdef.expr, shape, att))
+                          num_stages, copies, _selection(mdef.expr, shape, att),
+                          pipelined=_topk_pipelined(mdef.expr, shape, kv_tile))
     else:
         work = KernelWork(kernel_full, visits - kernel_full, zero, math.prod(q_tile), math.prod(kv_tile), head_dim,
                           num_warps, num_stages, copies,
@@ -280,6 +281,17 @@ def _selection(expr, shape, att) -> SelectionWork:
     if att is None:
         return selection_work(shape, node.block)
     return selection_work(shape, node.block, att.batch, att.heads, att.kv_heads, att.head_dim, att.dtype)
+
+
+def _topk_pipelined(expr, shape, kv_tile) -> bool:
+    """Whether the top-k kernel walks its picked tiles in a pipelined loop: codegen.topk's fast loop, taken
+    when nothing but the picks is attended (no static part, no restriction) and the blocks tile the grid in
+    whole tiles; any other top-k mask branches around every tile's loads, which stops Triton prefetching
+    them (`simulator.pipeline`). Restated here: the simulator does not import codegen."""
+    node = next(n for n in ir.walk(expr) if isinstance(n, ir.TopK))
+    whole = all(n % b == 0 and b % t == 0 for n, b, t in zip(shape, node.block, kv_tile))
+    return _replace_topk(expr, as_full=False) is None and isinstance(_replace_topk(expr, as_full=True), ir.Full) \
+        and whole
 
 
 def _topk(expr, shape, q_tile, kv_tile, permute):
