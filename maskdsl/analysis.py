@@ -82,21 +82,9 @@ class Rel1D:
         """
         n, d = self.n, self.dilation
         i = np.arange(n, dtype=np.int64)
-        rows = self.lo <= self.hi
         nseg = len(bounds) - 1
-        bucket = ((np.searchsorted(bounds, i, side="right") - 1) * d + i % d)[rows]
-        lo = np.maximum(self.lo[rows], 0)
-        hi1 = self.hi[rows] + 1
-        big = n + 2  # above every lo, hi + 1 and group-coordinate edge
-        key_lo = bucket * big + lo
-        order = np.argsort(key_lo, kind="stable")
-        key_lo = key_lo[order]
-        cum_w = np.concatenate([[0], np.cumsum((hi1 - lo)[order])])
-        cum_h = np.concatenate([[0], np.cumsum(hi1[order])])
-        key_hi = bucket * big + hi1
-        order = np.argsort(key_hi, kind="stable")
-        key_hi = key_hi[order]
-        cum_h2 = np.concatenate([[0], np.cumsum(hi1[order])])
+        big, key_lo, cum_w, cum_h, key_hi, cum_h2 = self.sorted_sums((np.searchsorted(bounds, i, side="right") - 1) * d
+                                                                     + i % d)
         g = np.arange(d, dtype=np.int64)
         t_end = np.clip((edges[None, :] - g[:, None] + d - 1) // d, 0, None)  # [d, E] edge in group coordinates
         base = (np.arange(nseg * d, dtype=np.int64) * big).reshape(nseg, d, 1)
@@ -112,6 +100,25 @@ class Rel1D:
         out = np.zeros((nseg + 1, len(edges)), dtype=np.int64)
         np.cumsum(seg, axis=0, out=out[1:])
         return out
+
+    def sorted_sums(self, bucket: np.ndarray):
+        """(big, key_lo, cum_w, cum_h, key_hi, cum_h2): the non-empty rows keyed by (bucket, lo) and by
+        (bucket, hi + 1) (key = bucket * big + value, big above every value), with prefix sums of
+        hi + 1 - lo and of hi + 1 in the first order and of hi + 1 in the second: what every prefix
+        count of the relation reads (`prefix_counts`, simulator.band). `bucket` is per row."""
+        rows = self.lo <= self.hi
+        bucket = bucket[rows]
+        lo = np.maximum(self.lo[rows], 0)
+        hi1 = self.hi[rows] + 1
+        big = self.n + 2  # above every lo, hi + 1 and group-coordinate edge
+        key_lo = bucket * big + lo
+        order = np.argsort(key_lo, kind="stable")
+        key_lo = key_lo[order]
+        cum_w = np.concatenate([[0], np.cumsum((hi1 - lo)[order])])
+        cum_h = np.concatenate([[0], np.cumsum(hi1[order])])
+        key_hi = bucket * big + hi1
+        order = np.argsort(key_hi, kind="stable")
+        return big, key_lo, cum_w, cum_h, key_hi[order], np.concatenate([[0], np.cumsum(hi1[order])])
 
     def permuted(self) -> "Rel1D":
         """The same relation over dilation-group-major positions (GNA's dilation permutation).

@@ -149,7 +149,7 @@ def band_table(rel: Rel1D, q: np.ndarray, k: np.ndarray) -> BandTable:
     (rows sorted by (tile, dilation group, lo) and by (tile, group, hi + 1), three prefix sums found
     by binary search), asked at the window's edges only: O(n log n + band x dilation x log n).
     """
-    n, d = rel.n, rel.dilation
+    n = rel.n
     nq, nk = len(q), len(k)
     if nq == 0 or nk == 0:
         return BandTable(nq, nk, np.zeros(nq, np.int64), np.zeros(nq + 1, np.int64), np.zeros(0, np.int64))
@@ -183,21 +183,9 @@ def _pairs_below(rel: Rel1D, bounds: np.ndarray, seg: np.ndarray, e: np.ndarray)
     group, sorted by lo or by hi + 1 (as in `Rel1D.prefix_counts`).
     """
     n, d = rel.n, rel.dilation
-    rows = rel.lo <= rel.hi
     tile = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(bounds))
-    bucket = (tile * d + np.arange(n, dtype=np.int64) % d)[rows] if d > 1 else tile[rows]
-    lo = np.maximum(rel.lo[rows], 0)
-    hi1 = rel.hi[rows] + 1
-    big = n + 2  # above every lo, hi + 1 and group-coordinate edge
-    key_lo = bucket * big + lo
-    order = np.argsort(key_lo, kind="stable")
-    key_lo = key_lo[order]
-    cum_w = np.concatenate([[0], np.cumsum((hi1 - lo)[order])])
-    cum_h = np.concatenate([[0], np.cumsum(hi1[order])])
-    key_hi = bucket * big + hi1
-    order = np.argsort(key_hi, kind="stable")
-    key_hi = key_hi[order]
-    cum_h2 = np.concatenate([[0], np.cumsum(hi1[order])])
+    big, key_lo, cum_w, cum_h, key_hi, cum_h2 = rel.sorted_sums(tile * d + np.arange(n, dtype=np.int64) % d
+                                                                if d > 1 else tile)
     # both orders are by bucket first: a bucket's rows are the same run in each
     runs = np.searchsorted(key_lo, np.arange((len(bounds) - 1) * d + 1, dtype=np.int64) * big)
     out = np.zeros(len(e), dtype=np.int64)
