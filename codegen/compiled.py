@@ -153,7 +153,7 @@ class CompiledAttention:
         (codegen.gluon_runs: the grid's row intervals cut to the buffer); False where the template must."""
         from maskdsl.codegen.gluon_plan import tensor_blocker
 
-        if self.plan.rank != 1 or getattr(self.gluon_schedule.ranges, "bounds", None) is None:
+        if self.plan.rank != 1 or self.gluon_schedule.bounds is None:
             return False
         if tensor_blocker(q, k, v, out, lse) is not None:
             return False
@@ -184,7 +184,7 @@ class CompiledAttention:
             lse.index_fill_(2, idle_rows, float("-inf"))
         r = self.gluon_schedule.ranges
         gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, bounds=bounds,
-                         long=getattr(r, "long", 0))
+                         long=r.long)
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""

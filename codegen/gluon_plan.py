@@ -61,6 +61,8 @@ class TileRanges:
     shape: tuple[int, ...] = ()
     q_tile: tuple[int, ...] = ()
     kv_tile: tuple[int, ...] = ()
+    bounds = None  # whole tiles only: no per-row predicate (codegen.gluon_runs.RunRanges has one)
+    long = 0  # dispatched in tile order
 
     @property
     def ok(self) -> bool:
@@ -263,7 +265,7 @@ class GluonSchedule:
 
     def __init__(self, ranges):
         self.ranges = ranges
-        self.bounds = getattr(ranges, "bounds", None) if ranges.ok else None
+        self.bounds = ranges.bounds if ranges.ok else None
         if not ranges.ok:
             self.table = np.zeros((0, 3 * RANK), np.int32)
             self.idle_rows = np.zeros(0, np.int64)

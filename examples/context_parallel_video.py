@@ -100,7 +100,7 @@ class GatherBaseline:
     def __init__(self, attn):
         self.attn = attn
 
-    def _gather(self, t):
+    def gather(self, t):
         import torch
         import torch.distributed as dist
 
@@ -114,7 +114,7 @@ class GatherBaseline:
 
         plan, fn = self.attn.plan, self.attn.fn
         (chunk,) = plan.chunks[self.attn.rank]
-        kf, vf = self._gather(k), self._gather(v)
+        kf, vf = self.gather(k), self.gather(v)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         fn.launch_segment(q, kf, vf, scale, out, lse, q_frames=chunk, k_frames=(0, plan.shape[0]))
@@ -193,7 +193,7 @@ def run_distributed(args, p) -> dict:
             row["all_gather"] = {
                 "forward_ms": timed(lambda: base.forward(qd, kd, vd, scale), device, args.reps),
                 "fwd_bwd_ms": timed(lambda: base.forward_backward(qd, kd, vd, dout, scale), device, args.reps),
-                "gather_ms": timed(lambda: (base._gather(kd), base._gather(vd)), device, args.reps),
+                "gather_ms": timed(lambda: (base.gather(kd), base.gather(vd)), device, args.reps),
                 "peak_fwd_bwd_gb": peak_gb(lambda: base.forward_backward(qd, kd, vd, dout, scale), device)}
         del q, k, v, dout, out, b_out, b_dq, b_dk, b_dv
     single = {}
