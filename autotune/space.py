@@ -95,23 +95,53 @@ def ranked_tiles(mask: ir.MaskDef, q_tokens: int, kv_tokens: int):
     return (ranked[0][0].q_tile, ranked[0][0].kv_tile) if ranked else None
 
 
-def gluon_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig | None:
-    """The simulator's best 128 x 128-token tile pair if the Gluon forward takes it (codegen.gluon_plan:
-    every visited tile full, one box of key tiles per query tile), else None. Device-independent."""
+@lru_cache(maxsize=256)
+def gluon_pair(mask: ir.MaskDef, head_dim: int = 128,
+               attention: ir.Attention | None = None) -> tuple[KernelConfig, bool] | None:
+    """(the 128 x 128-token config the simulator predicts fastest among those the Gluon forward takes,
+    whether it is also predicted faster than every template pair), or None when the kernel takes none.
+    Device-independent.
+
+    Not just the top of the ranking: that orders by the GNA bound first, and a ragged pair can have
+    the higher bound while it costs more (Cosmos 16x44x80: the top pair tiles 44 by 8; 4 x 4 x 8
+    tiles divide it and run the whole-tile mode). The predictions cost each pair on the path it
+    would take, so comparing them is the fair choice; with the `attention` (heads, batch) they see
+    its waves too (one head of Cosmos ranks a ragged pair first that 16 heads do not).
+    """
+    from maskdsl.analysis import NotAnalyzable
+    from maskdsl.codegen.gluon_boxes import box_ranges
     from maskdsl.codegen.gluon_plan import HEAD_DIMS, tile_ranges
     from maskdsl.codegen.plan import UnsupportedMask, build_plan
+    from maskdsl.simulator import sweep
 
     if mask.dynamic or head_dim not in HEAD_DIMS:
         return None
-    tiles = ranked_tiles(mask, 128, 128)
-    if tiles is None:
-        return None
-    cfg = KernelConfig(*tiles, 8, 3)
     try:
-        ok = tile_ranges(build_plan(mask, cfg)).ok
-    except (UnsupportedMask, ValueError):
+        spec = ir.Spec(layouts=(mask.layout,), masks=(mask,), attentions=(attention,) if attention else ())
+        ranked = sweep(spec, mask.name, q_tokens=128, kv_tokens=128, limit=None)
+    except (ValueError, NotAnalyzable):
         return None
-    return cfg if ok else None
+    if not ranked:
+        return None
+    best = max(res.predicted_speedup for _, res in ranked)
+    for tiles, res in sorted(ranked, key=lambda r: -r[1].predicted_speedup):
+        if not res.gluon:
+            continue
+        cfg = KernelConfig(tiles.q_tile, tiles.kv_tile, 8, 3)
+        try:
+            plan = build_plan(mask, cfg)
+            if tile_ranges(plan).ok or (len(mask.layout.shape) > 1 and box_ranges(plan).ok):
+                return cfg, res.predicted_speedup >= best
+        except (UnsupportedMask, ValueError):
+            continue
+    return None
+
+
+def gluon_config(mask: ir.MaskDef, head_dim: int = 128, attention: ir.Attention | None = None) -> KernelConfig | None:
+    """`gluon_pair`'s config when it is predicted faster than every template pair, else None: the
+    untuned default on Hopper."""
+    pair = gluon_pair(mask, head_dim, attention)
+    return pair[0] if pair is not None and pair[1] else None
 
 
 def _hopper() -> bool:
@@ -123,7 +153,7 @@ def _hopper() -> bool:
     return torch.cuda.is_available() and device_blocker(torch.device("cuda", torch.cuda.current_device())) is None
 
 
-def ranked_default(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
+def ranked_default(mask: ir.MaskDef, head_dim: int = 128, attention: ir.Attention | None = None) -> KernelConfig:
     """The config `compile` uses when nothing is tuned: the simulator's best tile pair at the default
     block sizes, with the default warps and stages.
 
@@ -136,7 +166,7 @@ def ranked_default(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
 
     base = untuned_config(mask, head_dim)
     if _hopper():  # the warp-specialized forward beats the template's best tiles wherever it applies
-        gluon = gluon_config(mask, head_dim)  # (H100: hunyuan GNA 24.6 ms against 29.5 ms)
+        gluon = gluon_config(mask, head_dim, attention)  # (H100: hunyuan GNA 24.6 ms against 29.5 ms)
         if gluon is not None:
             return gluon
     tiles = None if mask.dynamic else ranked_tiles(mask, base.block_m, base.block_n)

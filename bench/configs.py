@@ -25,10 +25,11 @@ def candidate_configs(mask, head_dim: int, limit: int = 6, attention=None):
     from maskdsl.codegen.config import KernelConfig, default_config
 
     shape = mask.layout.shape
-    from maskdsl.autotune.space import gluon_config
+    from maskdsl.autotune.space import gluon_pair
 
     out = [lookup_config(mask, attention)]
-    for cfg in (default_config(mask, head_dim), gluon_config(mask, head_dim)):  # gluon: None if it cannot run
+    gluon = gluon_pair(mask, head_dim, attention)  # the Gluon forward's best pair, timed even where a template pair is predicted faster
+    for cfg in (default_config(mask, head_dim), gluon and gluon[0]):  # None where the kernel cannot run it
         if cfg is not None and cfg not in out:
             out.append(cfg)
     by_rank = {

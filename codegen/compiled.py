@@ -73,13 +73,15 @@ class CompiledAttention:
     def gluon_schedule(self):
         """The Gluon forward's tile table for this mask (codegen.gluon_plan), computed on first use."""
         if self._gluon is None:
+            from maskdsl.codegen.gluon_boxes import box_ranges
             from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
             from maskdsl.codegen.gluon_runs import run_ranges
 
             ranges = tile_ranges(self.plan)
-            if not ranges.ok and all(e == 1 for e in self.plan.shape[:-1]):
-                runs = run_ranges(self.plan)  # 1-D: the predicated mode takes partial tiles
-                ranges = runs if runs.ok else ranges
+            if not ranges.ok:  # partial tiles or a ragged grid: a predicated mode (1-D: intervals, else boxes)
+                one_d = all(e == 1 for e in self.plan.shape[:-1])
+                pred = run_ranges(self.plan) if one_d else box_ranges(self.plan)
+                ranges = pred if pred.ok else ranges
             self._gluon = GluonSchedule(ranges)
         return self._gluon
 
@@ -90,7 +92,8 @@ class CompiledAttention:
         head_dim 64 or 128, q/k/v/out that the copy engine addresses as [batch x heads, grid, head_dim],
         and a mask whose visited 128-token tiles (the config's on a multi-dimensional grid) are all
         full and form one box of key tiles per query tile (codegen.gluon_plan), or, on a 1-D token
-        order, whose rows' keys are at most two intervals in at most two runs of tiles (codegen.gluon_runs);
+        order, whose rows' keys are at most two intervals in at most two runs of tiles (codegen.gluon_runs),
+        or, on a grid, one product term (a box of keys per row: codegen.gluon_boxes);
         MASKDSL_GLUON=0 turns it off. k, v and out default to q's layout, lse to the one the op allocates.
         """
         from maskdsl.codegen.gluon_plan import tensor_blocker

@@ -4,8 +4,10 @@ Why a second forward: on dense and perfectly block-sparse masks the Triton templ
 88% of cuDNN on an H100: it leaves the overlap of softmax and tensor-core work to Triton's
 scheduler. Gluon is Triton's lower level (same compiler, explicit layouts, shared memory, mbarriers
 and warp specialization), which lets this kernel schedule it by hand as FlashAttention-3 does; the
-prototype measured 101% of cuDNN on dense 32k (d128, bf16). It has no predicate: it runs only the masks `codegen.gluon_plan` accepts
-(every visited 128 x 128 tile full, one box of key tiles per query tile), and
+prototype measured 101% of cuDNN on dense 32k (d128, bf16). It has no mask predicate on whole tiles: it
+runs the masks `codegen.gluon_plan` accepts (every visited 128 x 128 tile full, one box of key tiles
+per query tile; on a grid the tiles do not divide, a key tile that overhangs it masks the keys past
+the extents), 1-D masks with partial tiles in a predicated mode (`codegen.gluon_runs`), and
 `CompiledAttention.launch` falls back to the template for everything else.
 
 One CTA = one 128-token query tile (a box of the grid: a run of 128 tokens on a 1-D order, e.g.
@@ -129,12 +131,39 @@ def _mask_edge(s, i, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col:
 
 
 @gluon.jit
+def _mask_box(s, i, lo0, lo1, lo2, e1, e2, full, bnd, s_col: gl.constexpr, BLOCK_N: gl.constexpr,
+              K0: gl.constexpr, K1: gl.constexpr, K2: gl.constexpr):
+    """S with -inf where the row does not see the key, on the key tiles of step i that are not full
+    for this query tile in some dimension (codegen.gluon_boxes): a row sees a key when each of its
+    coordinates lies in the row's interval [lo_d, hi_d] there. `full` = the table's full key-tile
+    range per dimension, `bnd` = the rows' six bounds. A key past the grid (a tile overhanging a
+    ragged extent; the copy engine loaded zeros) lies outside every interval."""
+    fa0, fb0, fa1, fb1, fa2, fb2 = full
+    j = i // e2
+    t0 = lo0 + j // e1
+    t1 = lo1 + j % e1
+    t2 = lo2 + i % e2
+    if (t0 < fa0) | (t0 >= fb0) | (t1 < fa1) | (t1 >= fb1) | (t2 < fa2) | (t2 >= fb2):
+        b0l, b0h, b1l, b1h, b2l, b2h = bnd
+        c = gl.arange(0, BLOCK_N, layout=s_col)
+        k0 = gl.expand_dims(t0 * K0 + c // (K1 * K2), 0)
+        k1 = gl.expand_dims(t1 * K1 + (c // K2) % K1, 0)
+        k2 = gl.expand_dims(t2 * K2 + c % K2, 0)
+        ok = (k0 >= gl.expand_dims(b0l, 1)) & (k0 <= gl.expand_dims(b0h, 1))
+        ok = ok & (k1 >= gl.expand_dims(b1l, 1)) & (k1 <= gl.expand_dims(b1h, 1))
+        ok = ok & (k2 >= gl.expand_dims(b2l, 1)) & (k2 <= gl.expand_dims(b2h, 1))
+        s = gl.where(ok, s, float("-inf"))
+    return s
+
+
+@gluon.jit
 def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo2, na, lo2b, every,
-              CID: gl.constexpr, SUB_M: gl.constexpr,
+              bh, q0, q1, q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b,
+              every, full, CID: gl.constexpr, SUB_M: gl.constexpr,
               T1: gl.constexpr, T2: gl.constexpr, WARPS: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              RUNS: gl.constexpr, TERMS: gl.constexpr):
+              RUNS: gl.constexpr, TERMS: gl.constexpr, BOX: gl.constexpr, K0: gl.constexpr,
+              K1: gl.constexpr, K2: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -146,13 +175,24 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     s_col: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
     r = CID * SUB_M + gl.arange(0, SUB_M, layout=s_row)  # row of the query tile -> token of the grid
-    token = ((q0[0] + r // (T1 * T2)) * N1 + q1[0] + (r // T2) % T1) * N2 + q2[0] + r % T2
+    x1 = q1[0] + (r // T2) % T1
+    x2 = q2[0] + r % T2
+    token = ((q0[0] + r // (T1 * T2)) * N1 + x1) * N2 + x2
+    live = (token < L) & (x1 < N1) & (x2 < N2)  # a ragged tile's rows past the grid write nothing
+    bnd = (token, token, token, token, token, token)
+    if BOX:  # this consumer's rows' key interval per dimension (codegen.gluon_boxes: lo_d then hi_d, per d)
+        x0 = q0[0] + r // (T1 * T2)
+        N0 = L // (N1 * N2)
+        b1 = 2 * N0
+        b2 = b1 + 2 * N1
+        bnd = (gl.load(bounds_ptr + x0, mask=live, other=1), gl.load(bounds_ptr + N0 + x0, mask=live, other=0),
+               gl.load(bounds_ptr + b1 + x1, mask=live, other=1), gl.load(bounds_ptr + b1 + N1 + x1, mask=live, other=0),
+               gl.load(bounds_ptr + b2 + x2, mask=live, other=1), gl.load(bounds_ptr + b2 + N2 + x2, mask=live, other=0))
     lo_a = token
     hi_a = token
     lo_b = token
     hi_b = token
     if TERMS > 0:  # this consumer's rows' key intervals, per term ([TERMS, 2, L] int32; none past the end)
-        live = token < L
         lo_a = gl.load(bounds_ptr + token, mask=live, other=1)
         hi_a = gl.load(bounds_ptr + L + token, mask=live, other=0)
         if TERMS == 2:
@@ -173,6 +213,8 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     s = warpgroup_mma_wait(0, deps=(s, ))
     if TERMS > 0:
         s = _mask_edge(s, 0, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
+    if BOX:
+        s = _mask_box(s, 0, lo0, lo1, lo2, e1, e2, full, bnd, s_col, BLOCK_N, K0, K1, K2)
     m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
 
     for i in range(1, n):
@@ -191,6 +233,8 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
         mbarrier.arrive(kv_empty.index(prev))
         if TERMS > 0:
             s = _mask_edge(s, i, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
+        if BOX:
+            s = _mask_box(s, i, lo0, lo1, lo2, e1, e2, full, bnd, s_col, BLOCK_N, K0, K1, K2)
         m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
         acc = acc * gl.expand_dims(alpha, 1)
 
@@ -206,7 +250,7 @@ def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, 
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [bh, q0[CID], q1[CID], q2[CID], 0], q_box)
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    gl.store(lse_ptr + lse_row0 + token, lse, mask=token < L)
+    gl.store(lse_ptr + lse_row0 + token, lse, mask=live)
     tma.store_wait(0)
 
 
@@ -215,7 +259,7 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
                   bounds_ptr, count, BH, LONG, LK, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
                   K2: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr,
-                  CONSUMER_REGS: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr,
+                  CONSUMER_REGS: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr, BOX: gl.constexpr,
                   num_warps: gl.constexpr):
     """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles,
     k and v in key tiles); `table_ptr` holds int32 rows (query-tile coordinates c0..c2, then [lo, hi)
@@ -224,8 +268,11 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
     order: the first LONG rows head-major (each (row, head) in turn: the longest tiles start first on
     every head, not when the hardware reaches that head), then the rest row-major within each head
     (neighbouring programs share K/V in L2); row r runs table row tile_base + r. TERMS > 0: the mask's rows' key
-    intervals are in `bounds_ptr` and the runs' edge tiles are masked (codegen.gluon_runs)."""
-    ROW: gl.constexpr = 9 if RUNS == 1 else 12
+    intervals are in `bounds_ptr` and the runs' edge tiles are masked (codegen.gluon_runs). BOX: a row
+    of 15 ends with the key tiles [lo, hi) per dimension that need no predicate; the others are masked
+    with each row's key interval per dimension from `bounds_ptr` (codegen.gluon_boxes), which also
+    covers tiles overhanging a ragged grid (the copy engine zero-fills loads past it, clips stores)."""
+    ROW: gl.constexpr = 12 if RUNS == 2 else (15 if BOX else 9)
     pid = gl.program_id(0)
     rest = gl.maximum(count - LONG, 1)
     late = pid - LONG * BH
@@ -249,6 +296,10 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
         lo2b = gl.load(entry + 9)
         n = na + gl.load(entry + 10) - lo2b
         every = gl.load(entry + 11)
+    full = (lo0, lo0, lo0, lo0, lo0, lo0)
+    if BOX:  # the key tiles [lo, hi) per dimension that every row of this query tile sees entirely
+        full = (gl.load(entry + 9), gl.load(entry + 10), gl.load(entry + 11), gl.load(entry + 12),
+                gl.load(entry + 13), gl.load(entry + 14))
     # the first grid coordinate of each half of the query tile (the half box splits one dimension)
     H0: gl.constexpr = o_desc.block_shape[1]
     H1: gl.constexpr = o_desc.block_shape[2]
@@ -279,11 +330,13 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
 
     gl.warp_specialize([
         (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
-                     q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo2, na, lo2b, every, 0, SUB_M, T1, T2, num_warps,
-                     BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS)),
+                     q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b, every, full, 0,
+                     SUB_M, T1, T2, num_warps, BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS, BOX,
+                     K0, K1, K2)),
         (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn, bh, q0, q1,
-                     q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo2, na, lo2b, every, 1, SUB_M, T1, T2, num_warps,
-                     BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS)),
+                     q2, lse_row0, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b, every, full, 1,
+                     SUB_M, T1, T2, num_warps, BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG, RUNS, TERMS, BOX,
+                     K0, K1, K2)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, bh, bh_kv,
                    q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, K0, K1, K2, NUM_STAGES, RUNS)),
     ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -325,6 +378,7 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
     batch, heads, tokens, head_dim = q.shape
     runs = 2 if table.shape[1] == 12 else 1
     terms = 0 if bounds is None else bounds.shape[0]
+    box = table.shape[1] == 15  # codegen.gluon_boxes: a predicate per dimension on the tiles not full
     half = half_tile(q_tile)
     k_grid = grid if k_grid is None else k_grid
     args = (_descriptor(q, grid, half), _descriptor(k, k_grid, kv_tile), _descriptor(v, k_grid, kv_tile),
@@ -332,7 +386,8 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
             table if bounds is None else bounds, count, batch * heads, min(long, count), k.shape[2])
     kwargs = dict(T0=q_tile[0], T1=q_tile[1], T2=q_tile[2], K0=kv_tile[0], K1=kv_tile[1], K2=kv_tile[2],
                   HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, PINGPONG=pingpong,
-                  LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, RUNS=runs, TERMS=terms, num_warps=CONSUMER_WARPS,
+                  LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, RUNS=runs, TERMS=0 if box else terms, BOX=box,
+                  num_warps=CONSUMER_WARPS,
                   maxnreg=MAXNREG)
     return (count * batch * heads,), args, kwargs
 

@@ -80,18 +80,20 @@ class TileRanges:
 
     @property
     def q_tiles(self) -> tuple[int, ...]:
-        """Query tiles per dimension."""
-        return tuple(n // t for n, t in zip(self.shape, self.q_tile))
+        """Query tiles per dimension (the last one ragged where the tile does not divide the extent)."""
+        return tuple(-(-n // t) for n, t in zip(self.shape, self.q_tile))
 
     def coords(self, tiles: np.ndarray) -> np.ndarray:
         """[len(tiles), RANK] query-tile coordinates of flat tile indices."""
         return np.stack(np.unravel_index(tiles, self.q_tiles), axis=1).astype(np.int64)
 
     def rows(self, tiles: np.ndarray) -> np.ndarray:
-        """Flat (row-major) token indices of the rows of these query tiles, tile by tile."""
+        """Flat (row-major) token indices of the rows of these query tiles, tile by tile (a ragged
+        tile's rows past the grid left out)."""
         offsets = np.stack(np.unravel_index(np.arange(prod(self.q_tile)), self.q_tile), axis=1)
-        coords = self.coords(tiles)[:, None, :] * np.array(self.q_tile) + offsets[None]  # [tiles, rows, RANK]
-        return np.ravel_multi_index(tuple(np.moveaxis(coords.reshape(-1, RANK), 1, 0)), self.shape).astype(np.int64)
+        coords = (self.coords(tiles)[:, None, :] * np.array(self.q_tile) + offsets[None]).reshape(-1, RANK)
+        coords = coords[(coords < np.array(self.shape)).all(1)]
+        return np.ravel_multi_index(tuple(np.moveaxis(coords, 1, 0)), self.shape).astype(np.int64)
 
 
 def _refused(reason: str) -> TileRanges:
@@ -136,7 +138,7 @@ def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> TileRanges:
         if isinstance(box, str):
             return _refused(box)
         boxes.append(box)
-    lo, hi = _merge(boxes, prod(n // t for n, t in zip(shape, q_tile)))
+    lo, hi = _merge(boxes, prod(-(-n // t) for n, t in zip(shape, q_tile)))
     return (_refused(lo) if isinstance(lo, str)
             else TileRanges(lo.astype(np.int32), hi.astype(np.int32), None, shape, q_tile, kv_tile))
 

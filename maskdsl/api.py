@@ -65,7 +65,7 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
     try:
         from maskdsl.autotune.database import best_config, redact, storage_url
     except ImportError:  # optuna is not installed: compile still works without a tuning database
-        return ranked_default(mask, head_dim)
+        return ranked_default(mask, head_dim, attention)
     try:
         config = best_config(mask, attention)
         if config is not None:
@@ -75,7 +75,7 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
                    f"{str(exc).splitlines()[0] if str(exc) else ''}); compiling with the default config. "
                    "Fix or remove the database, or point MASKDSL_TUNING_DB at another one (docs/LIMITS.md)")
         config = None
-    return config or ranked_default(mask, head_dim)
+    return config or ranked_default(mask, head_dim, attention)
 
 
 def _check_stored(config, mask: ir.MaskDef) -> None:

@@ -26,8 +26,12 @@ the HBM bandwidth `hbm_gbps`.
 On Hopper a mask whose visited 128x128 tiles are all full, one box of key tiles per query tile
 (`simulator.gluon`), runs the warp-specialized Gluon forward instead of the template: its CTA is
 one busy query tile at the kernel's own 128x128 tiles (on a 1-D order whatever the config's), one
-per SM, costing h * (full_q * c_gluon + c_tile). `c_gluon` is fitted only from runs that record
-the Gluon path; an entry without it (the H200's) predicts the template for every mask.
+per SM, costing h * (full_q * c_gluon + c_tile). A mask of one product term on a grid runs it with a
+per-dimension predicate (codegen.gluon_boxes); a masked key tile there costs c_gluon plus the
+template's predicate premium c_partial - c_full (measured on an H100: at the same 128-token config the
+Gluon forward is 0.89x the template on NA, where most tiles are masked, and 0.88x on the whole-tile
+GNA). `c_gluon` is fitted only from runs that record the Gluon path; an entry without it (the
+H200's) predicts the template for every mask.
 
 The baseline of `predicted_speedup` is the dense SDPA kernel `maskdsl bench` measures (cuDNN or
 FlashAttention on the flat, unpadded sequence): ceil(L/128) CTAs per (batch, head), each
@@ -126,8 +130,9 @@ class KernelWork:
         h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
         n = len(self.full)
         zero = np.zeros(n)
-        if self.gluon:
-            return np.stack([zero] * 3 + [np.ones(n), np.asarray(self.full, np.float64), zero], axis=1) * h
+        if self.gluon:  # a masked tile (gluon_boxes) is a Gluon tile plus the template's predicate premium
+            part = np.asarray(self.partial, np.float64)
+            return np.stack([-part, part, zero, np.ones(n), np.asarray(self.full, np.float64) + part, zero], axis=1) * h
         unit = self.tile_unit(beta)
         cols = [np.asarray(x, dtype=np.float64) * unit for x in (self.full, self.partial, self.union)]
         return np.stack(cols + [np.full(n, (self.block_m / REFERENCE_TILE) ** beta * h), zero, zero], axis=1)

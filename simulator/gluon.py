@@ -20,7 +20,9 @@ On a 1-D token order a mask that fails those checks may still run in the kernel'
 (codegen.gluon_runs): each row's keys at most two intervals and each query tile's key tiles at most
 two runs, ragged ends allowed (`maskdsl.row_runs`, shared with codegen: the same rule, not a copy).
 Its tiles are costed as the kernel's full ones: the predicate is a few integer compares on a run's
-edge tiles.
+edge tiles. On a grid, a mask of one product term (any neighborhood, ragged extents too) runs the
+per-dimension predicate (codegen.gluon_boxes: a box of keys per row); its partial tiles pay the
+template's predicate premium on top of the Gluon tile (`simulator.cost`).
 
 The last check is slightly wider than codegen's merge (which also wants the terms' boxes to agree
 on every dimension but the last): two terms tiling a box side by side in a leading dimension pass
@@ -53,7 +55,7 @@ class GluonPlan:
     q_tile: tuple[int, ...] = ()
     kv_tile: tuple[int, ...] = ()
     reason: str | None = None
-    predicated: bool = False  # the 1-D mode that masks its runs' edge tiles (codegen.gluon_runs)
+    predicated: bool = False  # a mode with a predicate: 1-D runs (codegen.gluon_runs) or boxes (codegen.gluon_boxes)
 
     @property
     def eligible(self) -> bool:
@@ -98,6 +100,10 @@ def gluon_plan(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True, 
     if reason is not None and all(n == 1 for n in shape[:-1]):
         why = _runs_reason(terms, shape[-1])
         return GluonPlan(qt, kt, None, True) if why is None else GluonPlan(qt, kt, f"{reason}; predicated: {why}")
+    if reason is not None and len(terms) == 1:  # one product term: a box of keys per row (codegen.gluon_boxes)
+        return GluonPlan(qt, kt, None, True)
+    if reason is not None and len(terms) > 1:
+        reason = f"{reason}; predicated: a union of {len(terms)} product terms is not one box of keys per row"
     return GluonPlan(qt, kt, reason)
 
 

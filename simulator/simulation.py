@@ -194,10 +194,15 @@ def _gluon_work(expr, shape, q_tile, kv_tile, permute, att, copies, stats: TileS
     if not plan.eligible:
         return None
     same = (plan.q_tile, plan.kv_tile) == (tuple(q_tile), tuple(kv_tile))
-    visits = (stats if same else tile_stats(expr, shape, plan.q_tile, plan.kv_tile, True)).visits
-    busy = np.asarray(visits)[np.asarray(visits) > 0]  # the kernel's grid walks the busy query tiles only
-    zero = np.zeros(len(busy))
-    return KernelWork(busy, zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True)
+    kstats = stats if same else tile_stats(expr, shape, plan.q_tile, plan.kv_tile, True)
+    visits = np.asarray(kstats.visits)
+    busy = visits > 0  # the kernel's grid walks the busy query tiles only
+    zero = np.zeros(int(busy.sum()))
+    if plan.predicated and any(n > 1 for n in shape[:-1]):  # boxes: the tiles not full in some dimension masked
+        full = np.asarray(kstats.full if kstats.kernel_full is None else kstats.kernel_full)[busy]
+        return KernelWork(full, visits[busy] - full, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies,
+                          gluon=True)
+    return KernelWork(visits[busy], zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True)
 
 
 def _as_spec(spec) -> ir.Spec:
@@ -227,8 +232,9 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
     gluon = model.kernel_work(work).gluon
     if gluon:
         notes = notes + ("predicted for the Gluon forward (at 128x128 tiles: every visited tile full and one box "
-                         "per query tile, or on a 1-D order the predicated runs of codegen.gluon_runs): its "
-                         "128-token tiles, whatever the config's on a 1-D order",)
+                         "per query tile; on a 1-D order the predicated runs of codegen.gluon_runs, on a grid "
+                         "the per-dimension predicate of codegen.gluon_boxes): its 128-token tiles, whatever "
+                         "the config's on a 1-D order",)
     elif work.gluon_work is not None:
         notes = notes + (f"the mask qualifies for Hopper's Gluon forward, but {model.name}'s constants do not "
                          "model it: predicted for the Triton template",)

@@ -2,7 +2,7 @@
 
 A separate process because Triton's language builtins are bound to its interpreter when
 TRITON_INTERPRET=1 is set at import (as the test suite does), and Gluon cannot compile those.
-Usage: python tests/gluon_compile.py HEAD_DIM [1d|3d]
+Usage: python tests/gluon_compile.py HEAD_DIM [1d|3d|1d-masked|3d-box]
 """
 
 import json
@@ -45,6 +45,9 @@ SHAPES = {
     "3d": ((4, 16, 16), (2, 8, 8), (1, 8, 16), [[0, 0, 0, 0, 2, 0, 2, 0, 1], [1, 1, 1, 2, 4, 1, 2, 0, 1]], 0),
     "1d-masked": ((1, 1, 300), (1, 1, 128), (1, 1, 128),
                   [[0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1], [0, 0, 2, 0, 1, 0, 1, 0, 1, 1, 3, 0]], 2),
+    # a ragged 3-D grid with the per-dimension predicate (codegen.gluon_boxes): rows end in the full box
+    "3d-box": ((5, 12, 20), (2, 4, 16), (2, 8, 8), [[0, 0, 0, 0, 2, 0, 2, 0, 3, 0, 1, 0, 1, 1, 2],
+                                                   [2, 2, 1, 1, 3, 0, 2, 1, 3, 1, 3, 0, 0, 0, 0]], "box"),
 }
 
 
@@ -54,7 +57,10 @@ def main(head_dim: int, shape: str = "1d") -> dict:
     q = torch.zeros(1, 4, tokens, head_dim, dtype=torch.bfloat16)
     kv = torch.zeros(1, 2, tokens, head_dim, dtype=torch.bfloat16)  # GQA: two query heads per kv head
     table = torch.tensor(rows, dtype=torch.int32)
-    bounds = torch.zeros(terms, 2, tokens, dtype=torch.int32) if terms else None
+    if terms == "box":
+        bounds = torch.zeros(2 * sum(grid), dtype=torch.int32)
+    else:
+        bounds = torch.zeros(terms, 2, tokens, dtype=torch.int32) if terms else None
     grid, args, kwargs = gluon_fwd.kernel_args(q, kv, kv, torch.empty_like(q), torch.empty(1, 4, tokens), 0.1,
                                                table, 0, 2, grid, q_tile, kv_tile, bounds=bounds)
     driver.set_active(Sm90Driver())

@@ -188,7 +188,7 @@ def _ptxas():
 
 
 @pytest.mark.parametrize("head_dim, shape", [(64, "1d"), (128, "1d"), (128, "3d"), (64, "1d-masked"),
-                                             (128, "1d-masked")])
+                                             (128, "1d-masked"), (64, "3d-box"), (128, "3d-box")])
 def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
     """The real launch arguments (descriptors, GQA, the table; a 1-D order and 3-D boxes) bound and
     compiled through the JIT for sm_90 (tests/gluon_compile.py, in a process without the
@@ -211,7 +211,7 @@ def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
 
 def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     """The untuned default on Hopper: the simulator's best 128 x 128 pair when the Gluon table accepts it,
-    checked against the table built independently here; masks with partial tiles get None."""
+    checked against the table built independently here; a union with partial tiles and top-k get None."""
     from maskdsl.autotune.space import _hopper, gluon_config
     from maskdsl.codegen.gluon_plan import tile_ranges
     from maskdsl.codegen.plan import build_plan
@@ -223,7 +223,7 @@ def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
         assert cfg is not None and math.prod(cfg.q_tile) == 128 and math.prod(cfg.kv_tile) == 128, text
         assert tile_ranges(build_plan(mask, cfg)).ok
         assert gluon_config(mask, head_dim=96) is None  # the kernel takes 64 and 128
-    for text in ("layout v = grid(16, 16)\nmask m = neighborhood(window=(5, 5))",
+    for text in ("layout v = grid(16, 16)\nmask m = neighborhood(window=(5, 5)) | block((4, 4))",
                  "layout s = grid(512)\nmask m = topk(2, block=64)"):
         assert gluon_config(maskdsl.parse(text).masks[0]) is None, text
     assert not _hopper()  # the interpreter never runs Gluon, so CPU defaults keep the template's tiles

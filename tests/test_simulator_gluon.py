@@ -65,11 +65,46 @@ HUNYUAN = ("30, 48, 80", "neighborhood(window=(18, 24, 24), stride=(16, 8, 8))")
 def test_3d_gna_runs_gluon_only_with_128_token_tiles_of_the_config():
     assert _plan(*HUNYUAN, (2, 8, 8), (2, 8, 8)).eligible
     assert "128 tokens" in _plan(*HUNYUAN, (2, 8, 8), (1, 8, 8)).reason
-    assert "partially seen" in _plan("30, 48, 80", "neighborhood(window=(18, 24, 24))", (2, 8, 8), (2, 8, 8)).reason
+    whole = _plan(*HUNYUAN, (2, 8, 8), (2, 8, 8))
+    assert whole.eligible and not whole.predicated
+
+
+@pytest.mark.parametrize("grid,expr", [
+    ("30, 48, 80", "neighborhood(window=(18, 24, 24))"),  # NA: partial tiles at every window edge
+    ("16, 44, 80", "neighborhood(window=(16, 24, 16), stride=(1, 8, 16))"),  # ragged: 44 is no multiple of 8
+])
+def test_one_product_term_on_a_grid_takes_the_box_predicate(grid, expr):
+    plan = _plan(grid, expr, (2, 8, 8), (2, 8, 8))
+    assert plan.eligible and plan.predicated, plan.reason
+
+
+def test_masked_tiles_of_the_box_mode_pay_the_predicate_premium():
+    """NA on a 32 x 32 grid at 8 x 16 tiles, one head (8 CTAs, one wave): the slowest query tile's
+    time from the planted constants and a brute-force count of its full and masked key tiles."""
+    from maskdsl.semantics import static_mask
+
+    spec = _spec("32, 32", "neighborhood(window=(9, 9))", heads=1)
+    r = simulate(spec, "m", (8, 16), (8, 16), costs=CostModel.from_entry("H", GLUON_ENTRY))
+    assert r.gluon
+    m = static_mask(spec.mask("m").expr, (32, 32)).numpy()
+    x, y = np.divmod(np.arange(1024), 32)
+    tile = (x // 8) * 2 + y // 16  # tile-major index of a token's 8 x 16 tile
+    slowest, masked_tiles = 0.0, 0
+    for qt in range(8):
+        seen = np.array([m[np.ix_(tile == qt, tile == kt)].sum() for kt in range(8)])
+        full, masked = int((seen == 128 * 128).sum()), int(((seen > 0) & (seen < 128 * 128)).sum())
+        slowest = max(slowest, (full + masked) * 0.8 + masked * (1.3 - 1.0) + 1.5)
+        masked_tiles += masked
+    assert masked_tiles > 0  # the window cuts tiles: the premium is exercised
+    assert r.predicted_ms == pytest.approx((slowest * 2.0 + 5.0) / 1000)
+
+
+def test_a_union_on_a_grid_with_partial_tiles_is_refused():
+    plan = _plan("32, 32", "neighborhood(window=(9, 9)) | block((8, 8))", (8, 16), (8, 16))
+    assert not plan.eligible and "union of 2 product terms" in plan.reason
 
 
 @pytest.mark.parametrize("grid,expr,kw,why", [
-    ("16, 44, 80", "neighborhood(window=(16, 24, 16), stride=(1, 8, 16))", {}, "not a multiple"),  # ragged
     ("64, 64", "dilated(window=(16, 16), dilation=(2, 2))", {}, "dilated"),
     ("8192", "block(1024)", {"head_dim": 96}, "head_dim"),
     ("8192", "block(1024)", {"dtype": "fp32"}, "dtype"),

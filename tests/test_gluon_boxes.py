@@ -1,0 +1,85 @@
+"""The Gluon forward's per-dimension predicate on multi-dimensional grids (codegen.gluon_boxes), on the CPU.
+
+The kernel cannot run here (no Hopper GPU, no Gluon interpreter); what it attends is rebuilt from
+the tables it reads (`BoxRanges.applied`: the key-tile box, the tiles it leaves unmasked, each
+row's interval per dimension) and compared with the [L, L] reference mask of the mask's exact
+definition, row by row, on ragged grids and masks whose tiles are partial. Its sm_90 compile is in
+test_gluon (`3d-box`).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import maskdsl
+from maskdsl.codegen.config import KernelConfig, default_config
+from maskdsl.codegen.gluon_boxes import ROW, box_ranges
+from maskdsl.codegen.gluon_plan import GluonSchedule
+from maskdsl.codegen.plan import build_plan
+from maskdsl.semantics import static_mask
+
+# (layout, mask, query tile, key tile): ragged extents, partial window edges, both
+CASES = [
+    ("grid(12, 20)", "neighborhood(window=(5, 7))", (4, 8), (4, 8)),  # NA: every window edge cuts tiles
+    ("grid(6, 10, 20)", "neighborhood(window=(4, 8, 8), stride=(2, 4, 4))", (2, 4, 4), (2, 4, 4)),  # GNA, ragged
+    ("grid(5, 9, 11)", "neighborhood(window=(3, 5, 5))", (2, 4, 8), (2, 8, 4)),  # ragged in every dimension
+    ("grid(7, 13, 16)", "neighborhood(window=(3, 6, 8), stride=(1, 4, 8))", (1, 8, 16), (2, 8, 8)),
+    ("grid(6, 10)", "block((2, 4))", (4, 4), (4, 4)),  # blocks that cut tiles
+    ("grid(9, 9)", "full", (4, 4), (4, 8)),  # a dense ragged grid: only the overhang is masked
+]
+
+
+def _plan(layout, text, config=None):
+    mask = maskdsl.parse(f"layout g = {layout}\nmask m = {text}").masks[0]
+    return mask, build_plan(mask, config or default_config(mask))
+
+
+@pytest.mark.parametrize("layout, text, qt, kt", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
+def test_the_mask_the_kernel_applies_is_the_reference(layout, text, qt, kt):
+    mask, plan = _plan(layout, text)
+    ranges = box_ranges(plan, qt, kt)
+    assert ranges.ok, ranges.reason
+    want = static_mask(mask.expr, mask.layout.shape).numpy()
+    n_tiles = len(ranges.lo)
+    covered = np.zeros(want.shape[0], bool)
+    for t in range(n_tiles):
+        rows = ranges.rows(np.array([t]))
+        covered[rows] = True
+        np.testing.assert_array_equal(ranges.applied(t), want[rows], err_msg=f"query tile {t}")
+    assert covered.all()  # every row of the grid belongs to one query tile
+    # the predicate is needed somewhere (else the whole-tile mode would have taken it) but not everywhere
+    busy = ranges.busy
+    full = ((ranges.lo[busy] >= ranges.full_lo[busy]) & (ranges.hi[busy] <= ranges.full_hi[busy])).all(1)
+    assert not full.all()
+
+
+def test_the_schedule_table_holds_the_box_and_the_full_box():
+    _, plan = _plan("grid(6, 10, 20)", "neighborhood(window=(4, 8, 8), stride=(2, 4, 4))")
+    ranges = box_ranges(plan, (2, 4, 4), (2, 4, 4))
+    schedule = GluonSchedule(ranges)
+    assert schedule.table.shape == (len(ranges.busy), ROW) and schedule.table.dtype == np.int32
+    row = schedule.table[5]
+    t = int(ranges.busy[5])
+    assert row[:3].tolist() == ranges.coords(np.array([t]))[0].tolist()
+    assert row[3:9].tolist() == np.stack([ranges.lo[t], ranges.hi[t]], 1).reshape(-1).tolist()
+    assert row[9:].tolist() == np.stack([ranges.full_lo[t], ranges.full_hi[t]], 1).reshape(-1).tolist()
+    table, idle, bounds = schedule.on("cpu")
+    assert bounds.dtype == torch.int32 and bounds.shape == (2 * (6 + 10 + 20),)
+
+
+def test_rows_of_a_ragged_tile_stop_at_the_grid():
+    _, plan = _plan("grid(5, 9, 11)", "neighborhood(window=(3, 5, 5))")
+    ranges = box_ranges(plan, (2, 4, 8), (2, 8, 4))
+    last = ranges.rows(np.array([len(ranges.lo) - 1]))  # tile (2, 2, 1): one plane, one row, three columns
+    coords = np.stack(np.unravel_index(last, (5, 9, 11)), axis=1)
+    assert coords.tolist() == [[4, 8, 8], [4, 8, 9], [4, 8, 10]]
+
+
+def test_refusals_name_the_reason():
+    cfg = KernelConfig((4, 4), (4, 4), 4, 2)
+    union = "neighborhood(window=(3, 3)) | block((4, 4))"
+    assert "union of 2 product terms" in box_ranges(_plan("grid(8, 8)", union, cfg)[1], (4, 4), (4, 4)).reason
+    assert "1-D" in box_ranges(_plan("grid(512)", "sliding_window(65)")[1]).reason
+    dilated = "dilated(window=(3, 3), dilation=(2, 2))"
+    assert "dilat" in box_ranges(_plan("grid(16, 16)", dilated, cfg)[1], (4, 4), (4, 4)).reason
+    assert "128 tokens" in box_ranges(_plan("grid(16, 16)", "neighborhood(window=(3, 3))", cfg)[1]).reason
