@@ -93,7 +93,7 @@ class CompiledAttention:
         and a mask whose visited 128-token tiles (the config's on a multi-dimensional grid) are all
         full and form one box of key tiles per query tile (codegen.gluon_plan), or, on a 1-D token
         order, whose rows' keys are at most two intervals in at most two runs of tiles (codegen.gluon_runs),
-        or, on a grid, one product term (a box of keys per row: codegen.gluon_boxes);
+        or, on a grid, one product term (a box of keys per row, head_dim 128: codegen.gluon_boxes);
         MASKDSL_GLUON=0 turns it off. k, v and out default to q's layout, lse to the one the op allocates.
         """
         from maskdsl.codegen.gluon_plan import tensor_blocker
@@ -102,6 +102,10 @@ class CompiledAttention:
                                 self.plan.shape)
         if reason is None and not self.gluon_schedule.ranges.ok:
             reason = self.gluon_schedule.ranges.reason
+        if reason is None and self.gluon_schedule.boxes:
+            from maskdsl.codegen.gluon_boxes import head_dim_blocker
+
+            reason = head_dim_blocker(q.shape[-1])
         return reason
 
     def gluon_ok(self, q, k=None, v=None, out=None, lse=None) -> bool:

@@ -268,6 +268,7 @@ class GluonSchedule:
     def __init__(self, ranges):
         self.ranges = ranges
         self.bounds = ranges.bounds if ranges.ok else None
+        self.boxes = self.bounds is not None and ranges.bounds.ndim == 1  # codegen.gluon_boxes' flat bounds
         if not ranges.ok:
             self.table = np.zeros((0, 3 * RANK), np.int32)
             self.idle_rows = np.zeros(0, np.int64)

@@ -20,8 +20,8 @@ On a 1-D token order a mask that fails those checks may still run in the kernel'
 (codegen.gluon_runs): each row's keys at most two intervals and each query tile's key tiles at most
 two runs, ragged ends allowed (`maskdsl.row_runs`, shared with codegen: the same rule, not a copy).
 Its tiles are costed as the kernel's full ones: the predicate is a few integer compares on a run's
-edge tiles. On a grid, a mask of one product term (any neighborhood, ragged extents too) runs the
-per-dimension predicate (codegen.gluon_boxes: a box of keys per row); its partial tiles pay the
+edge tiles. On a grid, a mask of one product term (any neighborhood, ragged extents too) at head_dim
+128 runs the per-dimension predicate (codegen.gluon_boxes: a box of keys per row); its partial tiles pay the
 template's predicate premium on top of the Gluon tile (`simulator.cost`).
 
 The last check is slightly wider than codegen's merge (which also wants the terms' boxes to agree
@@ -46,6 +46,7 @@ TILE = 128  # tokens in the kernel's query and key tiles
 HEAD_DIMS = (64, 128)
 DTYPES = ("fp16", "bf16", "float16", "bfloat16")
 MAX_RANK = 3
+BOX_HEAD_DIM = 128  # the per-dimension predicate's one head_dim (codegen.gluon_boxes.HEAD_DIM says why)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,10 @@ def gluon_plan(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True, 
     if reason is not None and all(n == 1 for n in shape[:-1]):
         why = _runs_reason(terms, shape[-1])
         return GluonPlan(qt, kt, None, True) if why is None else GluonPlan(qt, kt, f"{reason}; predicated: {why}")
-    if reason is not None and len(terms) == 1:  # one product term: a box of keys per row (codegen.gluon_boxes)
+    if reason is not None and len(terms) == 1 and head_dim == BOX_HEAD_DIM:  # a box of keys per row (gluon_boxes)
         return GluonPlan(qt, kt, None, True)
+    if reason is not None and len(terms) == 1:
+        reason = f"{reason}; predicated: the per-dimension predicate runs head_dim {BOX_HEAD_DIM} only"
     if reason is not None and len(terms) > 1:
         reason = f"{reason}; predicated: a union of {len(terms)} product terms is not one box of keys per row"
     return GluonPlan(qt, kt, reason)

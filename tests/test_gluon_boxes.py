@@ -83,3 +83,10 @@ def test_refusals_name_the_reason():
     dilated = "dilated(window=(3, 3), dilation=(2, 2))"
     assert "dilat" in box_ranges(_plan("grid(16, 16)", dilated, cfg)[1], (4, 4), (4, 4)).reason
     assert "128 tokens" in box_ranges(_plan("grid(16, 16)", "neighborhood(window=(3, 3))", cfg)[1]).reason
+
+
+def test_the_predicate_runs_head_dim_128_only():
+    from maskdsl.codegen.gluon_boxes import head_dim_blocker
+
+    assert head_dim_blocker(128) is None
+    assert "head_dim 64" in head_dim_blocker(64) and "128 only" in head_dim_blocker(64)
