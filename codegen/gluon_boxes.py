@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from maskdsl.codegen.gluon_plan import RANK, TileRanges, _pad, kernel_tiles
+from maskdsl.codegen.gluon_plan import RANK, TileRanges, layout_tiles, pad_rank
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.intervals import SymRel, evaluate
 from maskdsl.transpose import query_tile_ranges
@@ -99,20 +99,15 @@ def _refused(reason: str) -> BoxRanges:
 def box_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> BoxRanges:
     """The predicated box schedule of the plan's mask (module docstring); tiles default to
     `gluon_plan.kernel_tiles`, a test passes its own."""
-    if q_tile is None:
-        tiles = kernel_tiles(plan)
-        if isinstance(tiles, str):
-            return _refused(tiles)
-        q_tile, kv_tile = tiles
-    if plan.rank > RANK:
-        return _refused(f"grid {plan.shape}: the kernel takes at most {RANK} dimensions")
+    tiles = layout_tiles(plan, q_tile, kv_tile)
+    if isinstance(tiles, str):
+        return _refused(tiles)
+    q_tile, kv_tile = tiles
     if all(e == 1 for e in plan.shape[:-1]):
         return _refused("a 1-D token order: its predicate is codegen.gluon_runs'")
-    if any(d.dilation != 1 for d in plan.dims):
-        return _refused("dilated layout: a tile is not a box of memory")
     if len(plan.terms) != 1:
         return _refused(f"a union of {len(plan.terms)} product terms: a row's keys are not one box")
-    shape, q_tile, kv_tile = _pad(plan.shape), _pad(q_tile), _pad(kv_tile)
+    shape, q_tile, kv_tile = pad_rank(plan.shape), pad_rank(q_tile), pad_rank(kv_tile)
     term = (None,) * (RANK - len(plan.terms[0])) + tuple(plan.terms[0])
     per_dim, bounds = [], [[], []]
     for td, n, qt, kt in zip(term, shape, q_tile, kv_tile):

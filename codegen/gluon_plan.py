@@ -101,7 +101,7 @@ def _refused(reason: str) -> TileRanges:
     return TileRanges(empty, empty, reason)
 
 
-def _pad(t) -> tuple[int, ...]:
+def pad_rank(t) -> tuple[int, ...]:
     return (1,) * (RANK - len(t)) + tuple(t)
 
 
@@ -116,22 +116,32 @@ def kernel_tiles(plan: KernelPlan) -> tuple[tuple[int, ...], tuple[int, ...]] | 
     return tuple(cfg.q_tile), tuple(cfg.kv_tile)
 
 
-def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> TileRanges:
-    """The key-tile box of every query tile of the plan's mask (module docstring); tiles default to
-    `kernel_tiles`, a test passes its own."""
+def layout_tiles(plan: KernelPlan, q_tile=None, kv_tile=None) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+    """(query tile, key tile) of a launch, `kernel_tiles` unless given, or why the grid's layout keeps
+    every mode of the kernel away (more than RANK dimensions, dilation)."""
     if q_tile is None:
         tiles = kernel_tiles(plan)
         if isinstance(tiles, str):
-            return _refused(tiles)
+            return tiles
         q_tile, kv_tile = tiles
     if plan.rank > RANK:
-        return _refused(f"grid {plan.shape}: the kernel takes at most {RANK} dimensions")
+        return f"grid {plan.shape}: the kernel takes at most {RANK} dimensions"
     if any(d.dilation != 1 for d in plan.dims):
-        return _refused("dilated layout: a tile is not a box of memory")
+        return "dilated layout: a tile is not a box of memory"
+    return tuple(q_tile), tuple(kv_tile)
+
+
+def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> TileRanges:
+    """The key-tile box of every query tile of the plan's mask (module docstring); tiles default to
+    `kernel_tiles`, a test passes its own."""
+    tiles = layout_tiles(plan, q_tile, kv_tile)
+    if isinstance(tiles, str):
+        return _refused(tiles)
+    q_tile, kv_tile = tiles
     for n, qt, kt in zip(plan.shape, q_tile, kv_tile):
         if n % qt or n % kt:
             return _refused(f"grid {plan.shape} is not a multiple of the tiles {tuple(q_tile)} x {tuple(kv_tile)}")
-    shape, q_tile, kv_tile = _pad(plan.shape), _pad(q_tile), _pad(kv_tile)
+    shape, q_tile, kv_tile = pad_rank(plan.shape), pad_rank(q_tile), pad_rank(kv_tile)
     boxes = []
     for term in plan.terms:
         box = _term_box(term, shape, q_tile, kv_tile)
@@ -201,7 +211,7 @@ def box_strides(t: torch.Tensor, grid: tuple[int, ...]) -> list[int] | None:
     """
     batch, heads, _, _ = t.shape
     sb, sh, sl, sd = t.stride()
-    grid = _pad(grid)
+    grid = pad_rank(grid)
     inner = [sl * prod(grid[d + 1:]) for d in range(RANK)]
     strides = [sh, *inner, sd]
     if (batch > 1 and sb != heads * sh) or not tma_aligned(t, strides):
