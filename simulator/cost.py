@@ -89,6 +89,21 @@ class KernelWork:
     gluon: bool = False  # this is the Gluon forward's launch (128x128 tiles, all full, busy query tiles only)
     gluon_work: "KernelWork | None" = None  # the same call on the Gluon forward, when the mask is eligible
     pipelined: bool = True  # the union loop prefetches its loads (False: top-k's general loop, loads in branches)
+    order: np.ndarray | None = None  # dispatch order of the query tiles (None: tile order; `launch_rows`)
+    long: int = 0  # the first `long` of `order` go head-major, before every head's rest
+
+    def launch_rows(self) -> np.ndarray:
+        """Each CTA's query tile (row of the per-tile arrays), in the order the GPU dispatches them.
+
+        The template and the whole-tile Gluon forward: tile-major within a head, then the next head.
+        The predicated Gluon forward (`maskdsl.row_runs.dispatch_order`): its `long` tiles of every head
+        first, head-major, then each head's rest by descending work, so a sink's tile of the last head
+        does not start near the end and a causal mask's longest tiles do not run last."""
+        n = len(self.full)
+        if self.order is None:
+            return np.tile(np.arange(n), self.copies)
+        head = np.asarray(self.order[:self.long])
+        return np.concatenate([np.repeat(head, self.copies), np.tile(self.order[self.long:], self.copies)])
 
     def launch(self) -> tuple[int, int]:
         warps, stages = default_launch(self.block_m, self.head_dim)
@@ -266,7 +281,7 @@ class CostModel:
         k = work.ctas_per_sm
         slots = self.sms * k
         per_tile = self.slot_features(work, self.pair_exponent, self.coefficients) @ self.coefficients
-        jobs = np.tile(per_tile, work.copies)
+        jobs = per_tile[work.launch_rows()]
         if len(per_tile) and np.ptp(per_tile) == 0:
             span = uniform_makespan(len(jobs), float(per_tile[0]), slots)
         else:
@@ -296,12 +311,12 @@ class CostModel:
         k = work.ctas_per_sm
         feats = self.slot_features(work, beta, coef)
         per_tile = feats @ coef
-        n, slots = len(per_tile) * work.copies, self.sms * k
+        rows, slots = work.launch_rows(), self.sms * k
         if len(per_tile) and np.ptp(per_tile) == 0:  # equal jobs go round-robin: the last one's slot is critical
-            on = np.arange(n - 1, -1, -slots) % len(feats)
+            on = rows[np.arange(len(rows) - 1, -1, -slots)]
         else:
-            _, slot, critical = list_schedule(np.tile(per_tile, work.copies), slots, with_slots=True)
-            on = np.flatnonzero(slot == critical) % len(feats)
+            _, slot, critical = list_schedule(per_tile[rows], slots, with_slots=True)
+            on = rows[np.flatnonzero(slot == critical)]
         return np.bincount(on, minlength=len(feats)) @ feats
 
     def dense_schedule(self, tokens: int, copies: int, head_dim: int, q_tiles: int = 0, k_tiles: int = 0,

@@ -34,6 +34,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
+from maskdsl.row_runs import dispatch_order
 from maskdsl.simulator.cost import GLUON_TILE, CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
 from maskdsl.simulator.counting import TileStats, tile_stats
@@ -197,7 +198,9 @@ def _gluon_work(expr, shape, q_tile, kv_tile, permute, att, copies, stats: TileS
     visits = (stats if same else tile_stats(expr, shape, plan.q_tile, plan.kv_tile, True)).visits
     busy = np.asarray(visits)[np.asarray(visits) > 0]  # the kernel's grid walks the busy query tiles only
     zero = np.zeros(len(busy))
-    return KernelWork(busy, zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True)
+    order, long = dispatch_order(busy) if plan.predicated else (None, 0)  # the whole-tile mode: tile order
+    return KernelWork(busy, zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True, order=order,
+                      long=long)
 
 
 def _as_spec(spec) -> ir.Spec:
