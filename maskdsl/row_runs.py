@@ -106,17 +106,25 @@ def tile_runs(iv: np.ndarray, keys: int | None = None) -> tuple[np.ndarray, np.n
 LONG = 4  # a query tile with this many times the median tile's work is a long pole
 
 
-def longest_first(table: np.ndarray) -> tuple[np.ndarray, int]:
-    """The table's rows by descending work (stable: equal tiles keep their order, so neighbouring
-    programs still share keys), and how many lead the rest by LONG times the median.
+def dispatch_order(work: np.ndarray) -> tuple[np.ndarray, int]:
+    """Query tiles (by their work: key tiles walked) in the predicated kernel's dispatch order, descending
+    work (stable: equal tiles keep their order, so neighbouring programs still share keys), and how many
+    lead the rest by LONG times the median.
 
     Why: the hardware dispatches programs in grid order. A causal mask's last tiles are its longest:
     run last, they leave a tail of one tile's loop. A sink's own rows walk every key: dispatched in tile
     order per head, the last head's starts near the end of the kernel and runs alone (a 65k-token
     window with sinks: 2.95 ms, as slow as the template). The kernel dispatches the long rows of every
-    head first (codegen.gluon_fwd's LONG). Columns 7-10 of a row are its runs' [lo, hi)."""
-    work = (table[:, 8] - table[:, 7]) + (table[:, 10] - table[:, 9])
+    head first (codegen.gluon_fwd's LONG), then each head's rest in this order. The simulator schedules
+    the same order (simulator.gluon)."""
+    work = np.asarray(work)
     order = np.argsort(-work, kind="stable")
-    work = work[order]
-    long = int((work > LONG * np.median(work)).sum()) if len(work) else 0
+    long = int((work[order] > LONG * np.median(work)).sum()) if len(work) else 0
+    return order, long
+
+
+def longest_first(table: np.ndarray) -> tuple[np.ndarray, int]:
+    """The table's rows in dispatch order (`dispatch_order` of each row's work), and the long rows'
+    count. Columns 7-10 of a row are its runs' [lo, hi)."""
+    order, long = dispatch_order((table[:, 8] - table[:, 7]) + (table[:, 10] - table[:, 9]))
     return table[order], long

@@ -111,22 +111,36 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _model(theta: np.ndarray, beta: float, sms: int, gpu: str, hbm_gbps: float | None = None) -> CostModel:
-    """A CostModel from fitted microseconds (FEATURES order, then launch, then the top-k call)."""
+    """A CostModel from fitted microseconds (FEATURES order, then launch, then the top-k call), with the
+    shipped entry's spec rates of head_dim's cost (`simulator.headdim`)."""
     a_full, a_partial, a_union, a_tile, a_gluon, load_us, launch, topk_call = theta
     unit = a_full if a_full > 0 else max(a_partial, 1e-9)
     return CostModel(name=gpu, c_full=a_full / unit, c_partial=a_partial / unit, c_tile=a_tile / unit, sms=sms,
                      tile_us=unit, pair_exponent=beta, c_union=(a_union / unit) if a_union > 0 else None,
                      launch_us=launch, topk_call_us=topk_call, hbm_gbps=hbm_gbps,
-                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None, load_us=load_us)
+                     c_gluon=(a_gluon / unit) if a_gluon > 0 else None, load_us=load_us, **spec_rates(gpu))
 
 
 def spec_bandwidth(gpu: str) -> float | None:
     """The shipped entry's HBM bandwidth (GB/s, a spec number) for `gpu`, if it has one."""
+    return _spec(gpu).get("hbm_gbps")
+
+
+SPEC_RATES = ("tensor_tflops", "sfu_tflops")  # counted from the spec sheet, not fitted (simulator.headdim)
+
+
+def spec_rates(gpu: str) -> dict:
+    """The shipped entry's tensor-core and exponential rates for `gpu` (empty where it has none)."""
+    entry = _spec(gpu)
+    return {k: entry[k] for k in SPEC_RATES if entry.get(k)}
+
+
+def _spec(gpu: str) -> dict:
     table = _load(_BUILTIN)
     try:
-        return table[_match(gpu, table)].get("hbm_gbps")
+        return table[_match(gpu, table)]
     except KeyError:
-        return None
+        return {}
 
 
 def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gbps: float | None = None,
@@ -134,7 +148,8 @@ def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gb
     """(rms relative error, beta, theta) of the best beta and load latency (theta[LOAD])."""
     y = np.array([m.ms * 1000.0 for m in meas])
     works = [_work(m) for m in meas]
-    probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms, hbm_gbps=hbm_gbps, c_gluon=1.0)
+    probe = CostModel(name=gpu, c_full=1, c_partial=1, c_tile=1, sms=sms, hbm_gbps=hbm_gbps, c_gluon=1.0,
+                      **spec_rates(gpu))
     known = np.array([probe.selection_bytes_us(w) for w in works])  # selection traffic: not fitted
     calls = np.array([float(w.selection is not None) for w in works])
     best = None
@@ -205,7 +220,7 @@ def fit(measurements: list[Measurement], gpu: str, sms: int = 132, source: str =
     entry = {"c_full": model.c_full, "c_partial": model.c_partial, "c_tile": model.c_tile,
              "c_union": model.c_union, "sms": sms, "tile_us": model.tile_us, "pair_exponent": beta,
              "launch_us": model.launch_us, "topk_call_us": model.topk_call_us, "hbm_gbps": hbm_gbps,
-             "load_us": model.load_us,
+             "load_us": model.load_us, **spec_rates(gpu),
              "head_dim": REFERENCE_TILE, "fit_rms_relative_error": err,
              "fitted_cases": sorted({m.case_key for m in measurements}), "source": source}
     if model.c_gluon is not None:  # only a run with Gluon timings (Hopper) fits the Gluon forward's constants

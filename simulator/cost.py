@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from maskdsl.simulator.backward_work import BACKWARD_FEATURES, BackwardWork  # noqa: F401 (re-exported)
+from maskdsl.simulator.headdim import head_dim_scale, kernel_head_dim, product_share
 from maskdsl.simulator.pipeline import split
 from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, list_schedule, spill_factor, uniform_makespan,
                                         warpgroup_split)
@@ -93,6 +94,21 @@ class KernelWork:
     gluon: bool = False  # this is the Gluon forward's launch (128x128 tiles, all full, busy query tiles only)
     gluon_work: "KernelWork | None" = None  # the same call on the Gluon forward, when the mask is eligible
     pipelined: bool = True  # the union loop prefetches its loads (False: top-k's general loop, loads in branches)
+    order: np.ndarray | None = None  # dispatch order of the query tiles (None: tile order; `launch_rows`)
+    long: int = 0  # the first `long` of `order` go head-major, before every head's rest
+
+    def launch_rows(self) -> np.ndarray:
+        """Each CTA's query tile (row of the per-tile arrays), in the order the GPU dispatches them.
+
+        The template and the whole-tile Gluon forward: tile-major within a head, then the next head.
+        The predicated Gluon forward (`maskdsl.row_runs.dispatch_order`): its `long` tiles of every head
+        first, head-major, then each head's rest by descending work, so a sink's tile of the last head
+        does not start near the end and a causal mask's longest tiles do not run last."""
+        n = len(self.full)
+        if self.order is None:
+            return np.tile(np.arange(n), self.copies)
+        head = np.asarray(self.order[:self.long])
+        return np.concatenate([np.repeat(head, self.copies), np.tile(self.order[self.long:], self.copies)])
 
     def launch(self) -> tuple[int, int]:
         warps, stages = default_launch(self.block_m, self.head_dim)
@@ -110,30 +126,33 @@ class KernelWork:
         """The key tiles' slowdown when the config's registers spill (`schedule.spill_factor`)."""
         return spill_factor(self.block_m, self.block_n, kernel_head_dim(self.head_dim), self.launch()[0])
 
-    def tile_unit(self, beta: float) -> float:
+    def tile_unit(self, beta: float, share: float = 1.0) -> float:
         """SM time of one key tile per unit of its constant: the pair factor, register spill, the
-        warpgroups' split of a short tile (`schedule.warpgroup_split`) and head_dim."""
-        h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
+        warpgroups' split of a short tile (`schedule.warpgroup_split`) and head_dim (`simulator.headdim`:
+        `share` the products' part of a pair's time at 128, the rest the softmax's)."""
+        h = head_dim_scale(self.head_dim, share, overlapped=self.gluon)
         if self.gluon:
             return h
         pair = (self.block_m * self.block_n / REFERENCE_TILE**2) ** beta
         return pair * self.spill * warpgroup_split(self.block_m, self.launch()[0]) * h
 
-    def features(self, beta: float) -> np.ndarray:
+    def features(self, beta: float, share: float = 1.0) -> np.ndarray:
         """[NQ, 6] SM-time per unit of each constant (FEATURES order), before the slot factor k; the
         load column is zero here (waiting is not SM time: `CostModel.slot_features` adds it).
 
         A template launch fills the first four columns; a Gluon launch its own full-tile column (its
         tiles are the reference 128x128, so no pair factor, and its warp-specialized state does not
         spill) and the shared per-CTA column: held out of the fit, a Gluon-only CTA cost was
-        determined by one case alone (blocked_3d, 4 tiles a CTA) and missed it by 55%."""
+        determined by one case alone (blocked_3d, 4 tiles a CTA) and missed it by 55%. The per-CTA cost
+        (loading Q, storing O) is proportional to head_dim."""
         h = kernel_head_dim(self.head_dim) / REFERENCE_TILE
         n = len(self.full)
         zero = np.zeros(n)
-        if self.gluon:  # a masked tile (gluon_boxes) is a Gluon tile plus the template's predicate premium
+        unit = self.tile_unit(beta, share)
+        if self.gluon:  # a masked tile (gluon_boxes, head_dim 128) is a Gluon tile plus the template's premium
             part = np.asarray(self.partial, np.float64)
-            return np.stack([-part, part, zero, np.ones(n), np.asarray(self.full, np.float64) + part, zero], axis=1) * h
-        unit = self.tile_unit(beta)
+            return np.stack([-part * h, part * h, zero, np.full(n, h),
+                             (np.asarray(self.full, np.float64) + part) * unit, zero], axis=1)
         cols = [np.asarray(x, dtype=np.float64) * unit for x in (self.full, self.partial, self.union)]
         return np.stack(cols + [np.full(n, (self.block_m / REFERENCE_TILE) ** beta * h), zero, zero], axis=1)
 
@@ -178,6 +197,8 @@ class CostModel:
     hbm_gbps: float | None = None  # HBM bandwidth (spec), GB/s: the selection pass's traffic
     c_gluon: float | None = None  # the Gluon forward's full 128x128 tile (units); None: no Gluon path modelled
     load_us: float = 0.0  # latency of a key tile's K/V loads under load (simulator.pipeline); 0: no waiting
+    tensor_tflops: float | None = None  # dense bf16 tensor-core rate (spec): head_dim's share (simulator.headdim)
+    sfu_tflops: float | None = None  # exponentials per second (spec, 1e12); None: time proportional to head_dim
 
     @property
     def placeholder(self) -> bool:
@@ -215,12 +236,14 @@ class CostModel:
                         bwd_partial=float(entry.get("bwd_partial") or 1.0),
                         bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"),
                         topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"),
-                        c_gluon=opt("c_gluon"), load_us=float(entry.get("load_us") or 0.0))
+                        c_gluon=opt("c_gluon"), load_us=float(entry.get("load_us") or 0.0),
+                        tensor_tflops=opt("tensor_tflops"), sfu_tflops=opt("sfu_tflops"))
         except KeyError as exc:
             raise ValueError(f"cost entry for {name!r} lacks {exc.args[0]!r}; "
                              "hint: give c_full, c_partial, c_tile and sms") from None
         consts = [model.c_full, model.c_partial, model.c_tile, model.c_union or 0.0, model.launch_us, model.dense_cta,
-                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0, model.load_us]
+                  model.topk_call_us, model.hbm_gbps or 0.0, model.c_gluon or 0.0, model.load_us,
+                  model.tensor_tflops or 0.0, model.sfu_tflops or 0.0]
         if model.sms <= 0 or min(consts) < 0:
             raise ValueError(f"cost entry for {name!r} needs sms > 0 and non-negative constants, got {entry}")
         return model
@@ -231,6 +254,11 @@ class CostModel:
         union = self.c_partial if self.c_union is None else self.c_union
         load = self.load_us / self.tile_us if self.tile_us else 0.0
         return np.array([self.c_full, self.c_partial, union, self.c_tile, self.c_gluon or 0.0, load])
+
+    @property
+    def share(self) -> float:
+        """The products' share of a pair's time at head_dim 128 (`simulator.headdim`)."""
+        return product_share(self.tensor_tflops, self.sfu_tflops)
 
     @property
     def has_gluon(self) -> bool:
@@ -244,21 +272,20 @@ class CostModel:
 
     def query_tile_times(self, work: KernelWork) -> np.ndarray:
         """[NQ] SM time (units) of each query tile's CTA."""
-        return work.features(self.pair_exponent) @ self.coefficients
+        return work.features(self.pair_exponent, self.share) @ self.coefficients
 
-    @staticmethod
-    def slot_features(work: KernelWork, beta: float, coef: np.ndarray) -> np.ndarray:
+    def slot_features(self, work: KernelWork, beta: float, coef: np.ndarray) -> np.ndarray:
         """[NQ, 6] slot time per unit of each constant (FEATURES order), k co-resident CTAs included.
 
         Each kind of key tile is compute-bound (k times its SM time) or waits for its loads
         (`simulator.pipeline`), whichever binds at the constants `coef` (FEATURES order, any one unit):
         `slot_features(w, beta, coef) @ coef` is the slot time, linear in the constants for fixed regimes."""
         k = work.ctas_per_sm
-        feats = work.features(beta)
+        feats = work.features(beta, self.share)
         out = feats * k
         if work.gluon or coef[LOAD] <= 0:  # the warp-specialized kernel keeps its loads in flight
             return out
-        unit, stages = work.tile_unit(beta), work.launch()[1]
+        unit, stages = work.tile_unit(beta, self.share), work.launch()[1]
         for i, (count, piped) in enumerate(zip((work.full, work.partial, work.union), (True, True, work.pipelined))):
             cf, lf = split(coef[i] * unit, k, stages, piped, coef[LOAD])
             out[:, i] = feats[:, i] * cf
@@ -271,7 +298,7 @@ class CostModel:
         k = work.ctas_per_sm
         slots = self.sms * k
         per_tile = self.slot_features(work, self.pair_exponent, self.coefficients) @ self.coefficients
-        jobs = np.tile(per_tile, work.copies)
+        jobs = per_tile[work.launch_rows()]
         if len(per_tile) and np.ptp(per_tile) == 0:
             span = uniform_makespan(len(jobs), float(per_tile[0]), slots)
         else:
@@ -301,12 +328,12 @@ class CostModel:
         k = work.ctas_per_sm
         feats = self.slot_features(work, beta, coef)
         per_tile = feats @ coef
-        n, slots = len(per_tile) * work.copies, self.sms * k
+        rows, slots = work.launch_rows(), self.sms * k
         if len(per_tile) and np.ptp(per_tile) == 0:  # equal jobs go round-robin: the last one's slot is critical
-            on = np.arange(n - 1, -1, -slots) % len(feats)
+            on = rows[np.arange(len(rows) - 1, -1, -slots)]
         else:
-            _, slot, critical = list_schedule(np.tile(per_tile, work.copies), slots, with_slots=True)
-            on = np.flatnonzero(slot == critical) % len(feats)
+            _, slot, critical = list_schedule(per_tile[rows], slots, with_slots=True)
+            on = rows[np.flatnonzero(slot == critical)]
         return np.bincount(on, minlength=len(feats)) @ feats
 
     def dense_schedule(self, tokens: int, copies: int, head_dim: int, q_tiles: int = 0, k_tiles: int = 0,
@@ -355,15 +382,6 @@ class CostModel:
 
     def _launch_units(self) -> float:
         return self.launch_us / self.tile_us if self.tile_us else 0.0
-
-
-def kernel_head_dim(head_dim: int) -> int:
-    """The head_dim the kernels' tiles are for: the next power of two, at least 16.
-
-    The same rule as codegen.checks.padded_head_dim (the simulator does not import codegen; a test
-    holds the two together): head_dim 96 runs 128-column tiles, masked, so it costs 128's work.
-    """
-    return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
 def fitted_path() -> Path:

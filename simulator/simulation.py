@@ -34,6 +34,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.analysis import NotAnalyzable, products
+from maskdsl.row_runs import dispatch_order
 from maskdsl.simulator.cost import GLUON_TILE, CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
 from maskdsl.simulator.counting import TileStats, tile_stats
@@ -201,8 +202,10 @@ def _gluon_work(expr, shape, q_tile, kv_tile, permute, att, copies, stats: TileS
     if plan.predicated and any(n > 1 for n in shape[:-1]):  # boxes: the tiles not full in some dimension masked
         full = np.asarray(kstats.full if kstats.kernel_full is None else kstats.kernel_full)[busy]
         return KernelWork(full, visits[busy] - full, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies,
-                          gluon=True)
-    return KernelWork(visits[busy], zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True)
+                          gluon=True)  # dispatched in tile order (codegen.gluon_boxes' table)
+    order, long = dispatch_order(visits[busy]) if plan.predicated else (None, 0)  # the whole-tile mode: tile order
+    return KernelWork(visits[busy], zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True,
+                      order=order, long=long)
 
 
 def _as_spec(spec) -> ir.Spec:

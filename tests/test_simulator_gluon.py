@@ -175,3 +175,46 @@ def test_a_template_timing_of_an_eligible_mask_stays_a_template_timing():
     row, = evaluate_fit([Measurement(spec, "m", (128,), (128,), 4, 1.0, case="x", path="gluon")], entry, "H")
     assert row["gluon"] is True
     assert np.isfinite(row["predicted_ms"])
+
+
+@pytest.mark.parametrize("grid,expr", [("8192", "sliding_window(1024, causal=true) | sink(4)"), ("4000", "causal"),
+                                       ("8192", "sliding_window(2048)")])
+def test_predicated_dispatch_order_is_the_kernels(grid, expr):
+    """The simulator schedules the predicated Gluon forward's CTAs in the order codegen's table holds them
+    (longest first, the long tiles head-major ahead of every head's rest), from its own tile counts."""
+    from maskdsl.codegen.config import default_config
+    from maskdsl.codegen.gluon_runs import run_ranges
+    from maskdsl.codegen.plan import build_plan
+
+    spec = _spec(grid, expr, heads=3)
+    work = simulate(spec, "m", (64,), (64,), costs=CostModel.from_entry("H", GLUON_ENTRY)).work.gluon_work
+    mask = spec.mask("m")
+    ranges = run_ranges(build_plan(mask, default_config(mask)))
+    assert ranges.ok and work is not None and work.order is not None
+    busy = np.flatnonzero(np.asarray(simulate(spec, "m", (128,), (128,)).visits_per_query_tile) > 0)
+    assert busy[work.order].tolist() == ranges.table[:, 2].tolist()
+    assert work.long == ranges.long
+
+
+def test_a_sinks_long_tiles_start_first_on_every_head():
+    """A window with sinks: query tile 0 walks every key tile. Dispatched head-major first, the four
+    heads' long tiles run side by side at the start; in tile order (the template's) head 3's starts after
+    the other heads' work and ends late. Hand count: 64 query tiles per head, tile 0 walks 64 key tiles,
+    tiles 1-8 walk 1 + t (the causal ramp, the sink's tile among them) and 9-63 walk 10 (the window's 9
+    plus the sink's)."""
+    from dataclasses import replace
+
+    spec = _spec("8192", "sliding_window(1024, causal=true) | sink(4)", heads=4)
+    model = CostModel.from_entry("H", {**GLUON_ENTRY, "sms": 32, "launch_us": 0.0, "c_tile": 0.0, "c_gluon": 1.0})
+    r = simulate(spec, "m", (128,), (128,), costs=model)
+    work = r.work.gluon_work
+    assert r.gluon and work.long == 1
+    visits = [64] + [1 + t for t in range(1, 9)] + [10] * 55
+    assert work.full.tolist() == visits
+    # greedy list scheduling ends within one job of the mean load once the long ones (64 < mean) are placed
+    mean = 4 * sum(visits) / 32
+    assert mean * 2.0 / 1000 <= r.predicted_ms <= (mean + 10) * 2.0 / 1000
+    # tile order: head 3's tile 0 starts once the 3 heads before it are placed (no earlier than their
+    # work spread over the 32 SMs, less one short job), then runs 64
+    tile_order = model.schedule(replace(work, order=None, long=0)).time
+    assert tile_order >= 3 * sum(visits) / 32 - 10 + 64
