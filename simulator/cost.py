@@ -19,7 +19,9 @@ CTAs are then placed by `simulator.schedule`: k = `ctas_per_sm` of the config sh
 (a CTA occupies its slot for k * t_q, or longer where its tiles wait for their K/V loads:
 `simulator.pipeline`, one constant `load_us`), and the `sms * k` slots take the batch x heads copies of
 the per-tile times in launch order (greedy list scheduling: waves, the last partial wave, and
-imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel, and for a
+imbalance as the GPU's block scheduler produces them); once the last CTA is dispatched, an SM's
+remaining residents speed up as its slots empty, each at most to its time alone
+(`schedule.shared_schedule`). Plus `launch_us` per kernel, and for a
 top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
 the HBM bandwidth `hbm_gbps`.
 
@@ -366,7 +368,7 @@ class CostModel:
             return None
         coef = np.array([self.bwd_dkdv_us, self.bwd_dq_us, self.bwd_program_us])
         k = work.ctas_per_sm
-        jobs = np.tile(work.features(self.backward_exponent, self.bwd_partial) @ coef * k, work.copies)
+        jobs = np.tile((work.features(self.backward_exponent, self.bwd_partial) * k) @ coef, work.copies)  # as the fit
         return shared_schedule(jobs, jobs / k, self.sms, k) + self.launch_us
 
     @property

@@ -8,10 +8,12 @@ launches early (the sink's tile 0, the first rows of a causal mask) runs alongsi
 ones and is usually not the critical path; one that launches last is. Longest-first scheduling
 (LPT) would hide exactly that, so it is not what is modelled here.
 
-`ctas_per_sm` estimates occupancy from the tile config; several co-resident CTAs share their SM,
-so each slot runs at 1/k of the SM's speed (processor sharing): a CTA costing t SM-time units
-occupies its slot for k * t. With k slots per SM the waves are finer (the last partial wave
-wastes less), which is the point of occupancy.
+`ctas_per_sm` estimates occupancy from the tile config; the k co-resident CTAs share their SM
+(processor sharing): while all k slots are busy each runs at 1/k of the SM, so a CTA costing t
+SM-time units occupies its slot for k * t, and list scheduling over the sms * k slots is exact. When
+the last CTAs have been dispatched an SM empties slot by slot and its remaining residents speed up,
+each to at most its own loop's rate alone (`shared_schedule`): the last partial wave of a small
+grid (a few CTAs per SM) runs faster than k times its SM time.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ def list_schedule(durations: np.ndarray, slots: int, with_slots: bool = False):
         if with_slots:
             assign[j:j + m] = ids[:m]
         j += m
-        order = np.argsort(free, kind="stable")
+        # slots freeing at the same time (up to rounding) keep their order: which SM gets the next CTA
+        # matters once CTAs share SMs (`shared_schedule`), and must not hang on the last bit of a sum
+        order = np.argsort(np.round(free * (1e9 / max(float(free.max()), 1e-300))), kind="stable")
         free, ids = free[order], ids[order]
     makespan = float(free[-1])
     return (makespan, assign, int(ids[-1])) if with_slots else makespan
