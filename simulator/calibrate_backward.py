@@ -32,7 +32,7 @@ from maskdsl.simulator.backward import KERNELS, backward_work
 from maskdsl.simulator.calibrate import _nnls
 from maskdsl.simulator.backward_work import PRODUCTS
 from maskdsl.simulator.cost import DENSE_TILE, REFERENCE_TILE, CostModel
-from maskdsl.simulator.schedule import list_schedule
+from maskdsl.simulator.schedule import shared_schedule
 
 BETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
 PARTIAL = (1.0, 1.25, 1.5, 2.0)
@@ -77,9 +77,8 @@ def _critical(work, beta: float, partial: float, coef: np.ndarray, sms: int) -> 
     """Feature sums (dK/dV pair, dQ pair, program; slot factor included) of the slot finishing last."""
     k = work.ctas_per_sm
     feats = work.features(beta, partial) * k
-    _, slot, critical = list_schedule(np.tile(feats @ coef, work.copies), sms * k, with_slots=True)
-    on = np.flatnonzero(slot == critical) % len(feats)
-    return np.bincount(on, minlength=len(feats)) @ feats
+    jobs = np.tile(feats @ coef, work.copies)
+    return shared_schedule(jobs, jobs / k, sms, k, feats=np.tile(feats, (work.copies, 1)))[1]
 
 
 def _with(model: CostModel, theta, beta, partial) -> CostModel:

@@ -19,7 +19,9 @@ CTAs are then placed by `simulator.schedule`: k = `ctas_per_sm` of the config sh
 (a CTA occupies its slot for k * t_q, or longer where its tiles wait for their K/V loads:
 `simulator.pipeline`, one constant `load_us`), and the `sms * k` slots take the batch x heads copies of
 the per-tile times in launch order (greedy list scheduling: waves, the last partial wave, and
-imbalance as the GPU's block scheduler produces them). Plus `launch_us` per kernel, and for a
+imbalance as the GPU's block scheduler produces them); once the last CTA is dispatched, an SM's
+remaining residents speed up as its slots empty, each at most to its time alone
+(`schedule.shared_schedule`). Plus `launch_us` per kernel, and for a
 top-k mask its selection pass (`simulator.selection`): `topk_call_us` per call plus its bytes at
 the HBM bandwidth `hbm_gbps`.
 
@@ -62,7 +64,7 @@ import numpy as np
 from maskdsl.simulator.backward_work import BACKWARD_FEATURES, BackwardWork  # noqa: F401 (re-exported)
 from maskdsl.simulator.headdim import head_dim_scale, kernel_head_dim, product_share
 from maskdsl.simulator.pipeline import split
-from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, list_schedule, spill_factor, uniform_makespan,
+from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, shared_schedule, spill_factor, uniform_makespan,
                                         warpgroup_split)
 from maskdsl.simulator.selection import SelectionWork
 
@@ -274,13 +276,14 @@ class CostModel:
         """[NQ] SM time (units) of each query tile's CTA."""
         return work.features(self.pair_exponent, self.share) @ self.coefficients
 
-    def slot_features(self, work: KernelWork, beta: float, coef: np.ndarray) -> np.ndarray:
+    def slot_features(self, work: KernelWork, beta: float, coef: np.ndarray, k: int | None = None) -> np.ndarray:
         """[NQ, 6] slot time per unit of each constant (FEATURES order), k co-resident CTAs included.
 
         Each kind of key tile is compute-bound (k times its SM time) or waits for its loads
         (`simulator.pipeline`), whichever binds at the constants `coef` (FEATURES order, any one unit):
-        `slot_features(w, beta, coef) @ coef` is the slot time, linear in the constants for fixed regimes."""
-        k = work.ctas_per_sm
+        `slot_features(w, beta, coef) @ coef` is the slot time, linear in the constants for fixed regimes.
+        `k` (default the config's occupancy) is the number of CTAs sharing the SM; k = 1 is a CTA alone."""
+        k = work.ctas_per_sm if k is None else k
         feats = work.features(beta, self.share)
         out = feats * k
         if work.gluon or coef[LOAD] <= 0:  # the warp-specialized kernel keeps its loads in flight
@@ -293,18 +296,20 @@ class CostModel:
         return out
 
     def schedule(self, work: KernelWork) -> Schedule:
-        """Predicted time (units) of the kernel: list scheduling over SMs x CTAs-per-SM slots, plus launch."""
+        """Predicted time (units) of the kernel: CTAs sharing SMs (`schedule.shared_schedule`), plus launch."""
         work = self.kernel_work(work)
         k = work.ctas_per_sm
         slots = self.sms * k
-        per_tile = self.slot_features(work, self.pair_exponent, self.coefficients) @ self.coefficients
-        jobs = per_tile[work.launch_rows()]
-        if len(per_tile) and np.ptp(per_tile) == 0:
-            span = uniform_makespan(len(jobs), float(per_tile[0]), slots)
+        rows = work.launch_rows()
+        coef = self.coefficients
+        per_tile = self.slot_features(work, self.pair_exponent, coef) @ coef
+        if k == 1 and len(per_tile) and np.ptp(per_tile) == 0:
+            span = uniform_makespan(len(rows), float(per_tile[0]), slots)
         else:
-            span = list_schedule(jobs, slots)
+            alone = self.slot_features(work, self.pair_exponent, coef, k=1) @ coef if k > 1 else per_tile
+            span = shared_schedule(per_tile[rows], alone[rows], self.sms, k)
         extra = (self._launch_units() + self.selection_us(work) / self.tile_us) if self.tile_us else 0.0
-        return Schedule(span + extra, len(jobs), k, slots)
+        return Schedule(span + extra, len(rows), k, slots)
 
     def selection_bytes_us(self, work: KernelWork) -> float:
         """The selection pass's memory traffic at the HBM bandwidth (us); 0 for static masks."""
@@ -329,12 +334,11 @@ class CostModel:
         feats = self.slot_features(work, beta, coef)
         per_tile = feats @ coef
         rows, slots = work.launch_rows(), self.sms * k
-        if len(per_tile) and np.ptp(per_tile) == 0:  # equal jobs go round-robin: the last one's slot is critical
+        if k == 1 and len(per_tile) and np.ptp(per_tile) == 0:  # equal jobs go round-robin: the last one's slot
             on = rows[np.arange(len(rows) - 1, -1, -slots)]
-        else:
-            _, slot, critical = list_schedule(per_tile[rows], slots, with_slots=True)
-            on = rows[np.flatnonzero(slot == critical)]
-        return np.bincount(on, minlength=len(feats)) @ feats
+            return np.bincount(on, minlength=len(feats)) @ feats
+        alone = self.slot_features(work, beta, coef, k=1) @ coef if k > 1 else per_tile
+        return shared_schedule(per_tile[rows], alone[rows], self.sms, k, feats=feats[rows])[1]
 
     def dense_schedule(self, tokens: int, copies: int, head_dim: int, q_tiles: int = 0, k_tiles: int = 0,
                        block_m: int = DENSE_TILE, block_n: int = DENSE_TILE) -> Schedule:
@@ -364,8 +368,8 @@ class CostModel:
             return None
         coef = np.array([self.bwd_dkdv_us, self.bwd_dq_us, self.bwd_program_us])
         k = work.ctas_per_sm
-        jobs = np.tile(work.features(self.backward_exponent, self.bwd_partial) @ coef * k, work.copies)
-        return list_schedule(jobs, self.sms * k) + self.launch_us
+        jobs = np.tile((work.features(self.backward_exponent, self.bwd_partial) * k) @ coef, work.copies)  # as the fit
+        return shared_schedule(jobs, jobs / k, self.sms, k) + self.launch_us
 
     @property
     def backward_exponent(self) -> float:

@@ -8,10 +8,12 @@ launches early (the sink's tile 0, the first rows of a causal mask) runs alongsi
 ones and is usually not the critical path; one that launches last is. Longest-first scheduling
 (LPT) would hide exactly that, so it is not what is modelled here.
 
-`ctas_per_sm` estimates occupancy from the tile config; several co-resident CTAs share their SM,
-so each slot runs at 1/k of the SM's speed (processor sharing): a CTA costing t SM-time units
-occupies its slot for k * t. With k slots per SM the waves are finer (the last partial wave
-wastes less), which is the point of occupancy.
+`ctas_per_sm` estimates occupancy from the tile config; the k co-resident CTAs share their SM
+(processor sharing): while all k slots are busy each runs at 1/k of the SM, so a CTA costing t
+SM-time units occupies its slot for k * t, and list scheduling over the sms * k slots is exact. When
+the last CTAs have been dispatched an SM empties slot by slot and its remaining residents speed up,
+each to at most its own loop's rate alone (`shared_schedule`): the last partial wave of a small
+grid (a few CTAs per SM) runs faster than k times its SM time.
 """
 
 from __future__ import annotations
@@ -107,7 +109,89 @@ def list_schedule(durations: np.ndarray, slots: int, with_slots: bool = False):
         if with_slots:
             assign[j:j + m] = ids[:m]
         j += m
-        order = np.argsort(free, kind="stable")
+        # slots freeing at the same time (up to rounding) keep their order: which SM gets the next CTA
+        # matters once CTAs share SMs (`shared_schedule`), and must not hang on the last bit of a sum
+        order = np.argsort(np.round(free * (1e9 / max(float(free.max()), 1e-300))), kind="stable")
         free, ids = free[order], ids[order]
     makespan = float(free[-1])
     return (makespan, assign, int(ids[-1])) if with_slots else makespan
+
+
+def shared_schedule(durations: np.ndarray, alone: np.ndarray, sms: int, k: int, feats: np.ndarray | None = None):
+    """Makespan of CTAs that share their SM: each of the n resident on an SM drains at 1/n of it.
+
+    `durations` are the CTAs' times with all k slots of their SM busy (k x their SM time, or longer
+    where they wait for loads: `simulator.pipeline`), in launch order; `alone` their times as the only
+    CTA on the SM (the pipeline's floor: a lone CTA speeds up to its own loop's rate, not beyond).
+    With n < k residents a CTA runs min(k / n, durations / alone) times faster than with k.
+
+    Exact for this model without an event loop: while every slot is busy the rates are those of
+    slot list scheduling (`list_schedule`, slot i on SM i mod sms, the block scheduler's round robin),
+    and the last CTA is dispatched before any slot empties (greedy gives every slot a job until
+    then). So up to the moment an SM's first slot empties nothing differs; from then on no CTA
+    arrives and each SM drains its residents' remaining time on its own: at most k steps, vectorised
+    over the SMs.
+
+    With `feats` ([n, F], durations = feats @ coef for some coef) returns (makespan, F-vector) whose
+    dot with that coef is the makespan: the critical SM's pieces, the rates held at their values,
+    linear in the constants for the fit (as the critical slot is for `list_schedule`).
+    """
+    d = np.asarray(durations, dtype=np.float64)
+    slots = sms * k
+    if len(d) == 0:
+        return (0.0, np.zeros(0 if feats is None else feats.shape[1])) if feats is not None else 0.0
+    span, assign, critical = list_schedule(d, slots, with_slots=True)
+    if k == 1:
+        if feats is None:
+            return span
+        return span, feats[assign == critical].sum(axis=0)
+    last = np.full(slots, -1, dtype=np.int64)
+    used, first_from_end = np.unique(assign[::-1], return_index=True)
+    last[used] = len(d) - 1 - first_from_end  # each slot's last CTA
+    free = np.bincount(assign, weights=d, minlength=slots).reshape(k, sms).T  # [sms, k], slot i = j * sms + m
+    held = last.reshape(k, sms).T
+    busy = held >= 0
+    ratio = np.ones_like(free)
+    ratio[busy] = d[held[busy]] / np.maximum(np.asarray(alone, np.float64)[held[busy]], 1e-300)
+    start = free.min(axis=1)
+    rem, cap = free - start[:, None], np.maximum(ratio, 1.0)
+    ends = start + _drain(rem, cap, k)[0]
+    if feats is None:
+        return float(ends.max())
+    m = int(np.argmax(ends))
+    _, order = _drain(rem[m:m + 1], cap[m:m + 1], k, record=True)
+    f = np.asarray(feats, np.float64)
+    per_slot = np.stack([np.bincount(assign, weights=f[:, c], minlength=slots) for c in range(f.shape[1])], axis=1)
+    vec = per_slot[np.arange(k) * sms + m]  # [k, F] the critical SM's slots
+    lo = int(np.argmin(free[m]))
+    rem = vec - vec[lo]
+    out = vec[lo].copy()
+    for rate, j, alive in order:
+        step = rem[j] / rate[j]
+        out += step
+        rem[alive] -= rate[alive, None] * step
+    return float(ends.max()), out
+
+
+def _drain(rem: np.ndarray, cap: np.ndarray, k: int, record: bool = False):
+    """Per SM (rows), the time until its residents' remaining times (in k-shared units) run out,
+    each at min(k / residents, cap); with `record`, the first row's steps (rates, finisher, who ran)."""
+    rem = rem.copy()
+    rows = np.arange(len(rem))
+    total = np.zeros(len(rem))
+    steps = []
+    scale = max(float(rem.max()), 1e-300) * 1e-12
+    alive = rem > scale
+    while alive.any():
+        n = alive.sum(axis=1)
+        rate = np.where(alive, np.minimum(k / np.maximum(n, 1)[:, None], cap), 1.0)
+        until = np.where(alive, rem / rate, np.inf)
+        j = np.argmin(until, axis=1)
+        step = np.where(alive.any(axis=1), until[rows, j], 0.0)
+        if record and alive[0].any():
+            steps.append((rate[0], int(j[0]), alive[0].copy()))
+        rem = np.where(alive, rem - rate * step[:, None], 0.0)
+        rem[rows, j] = 0.0
+        total += step
+        alive = rem > scale
+    return total, steps

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import maskdsl
 from maskdsl.simulator import CostModel, simulate
 from maskdsl.simulator.counting import key_tile_visits
-from maskdsl.simulator.schedule import ctas_per_sm, list_schedule
+from maskdsl.simulator.schedule import ctas_per_sm, list_schedule, shared_schedule
 
 
 def launch_order_greedy(jobs, slots):
@@ -21,6 +21,58 @@ def launch_order_greedy(jobs, slots):
     for job in jobs:
         heapq.heappush(heap, heapq.heappop(heap) + job)
     return max(heap)
+
+
+def sharing_events(jobs, alone, sms, k):
+    """Event by event: CTAs in order to the SM whose slot frees first (round robin at the start); each of
+    the n CTAs on an SM runs at min(k / n, job / alone) times its all-slots-busy speed."""
+    queue, t = list(zip(jobs, alone)), 0.0
+    running = [[] for _ in range(sms)]  # [remaining time at k-sharing, speed cap]
+    free = [m for _ in range(k) for m in range(sms)]
+    end = 0.0
+    while queue or any(running):
+        while queue and free:
+            job, lone = queue.pop(0)
+            running[free.pop(0)].append([job, job / lone])
+        rate = {(m, i): min(k / len(r), r[i][1]) for m, r in enumerate(running) for i in range(len(r))}
+        step = min(running[m][i][0] / v for (m, i), v in rate.items())
+        t += step
+        for (m, i), v in rate.items():
+            running[m][i][0] -= v * step
+        for m, r in enumerate(running):
+            done = [c for c in r if c[0] <= 1e-9 * max(1.0, t)]
+            for c in done:
+                r.remove(c)
+                free.append(m)
+        end = t
+    return end
+
+
+def test_shared_schedule_by_hand():
+    # 5 CTAs of 4 (k = 4 sharing), alone 1: four run together to 4, the fifth alone at 4x speed: 1 more
+    assert shared_schedule(np.full(5, 4.0), np.full(5, 1.0), 1, 4) == pytest.approx(5.0)
+    # its own loop caps a lone CTA (alone 2: at most 2x): 4 + 2; slot list scheduling said 8
+    assert shared_schedule(np.full(5, 4.0), np.full(5, 2.0), 1, 4) == pytest.approx(6.0)
+    assert list_schedule(np.full(5, 4.0), 4) == 8.0
+    # 3 CTAs on one SM of 4 slots share it three ways: 4 x 3 / 4
+    assert shared_schedule(np.full(3, 4.0), np.full(3, 1.0), 1, 4) == pytest.approx(3.0)
+    # 2 SMs x 2 slots, CTAs 4, 4, 4, 4, 8: the 8 goes to SM 0 at 4 and runs alone at 2x: 8
+    assert shared_schedule(np.array([4.0, 4, 4, 4, 8]), np.array([2.0, 2, 2, 2, 4]), 2, 2) == pytest.approx(8.0)
+    # one slot per SM is plain list scheduling
+    assert shared_schedule(np.array([1.0, 1, 1, 1, 10]), np.array([1.0, 1, 1, 1, 10]), 2, 1) == 12.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 60), st.integers(1, 4), st.integers(1, 4))
+def test_shared_schedule_equals_the_event_by_event_simulation(seed, n, sms, k):
+    # continuous random times: no two slots free at once, where which SM gets the next CTA is a tie-break
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.1, 10.0, n) * np.where(rng.random(n) < 0.1, 8.0, 1.0)  # a few heavy tiles
+    alone = d / rng.uniform(1.0, k, n)  # alone between k times and as fast as with k beside it
+    feats = np.stack([d * 0.25, d * 0.75], axis=1)
+    span, vec = shared_schedule(d, alone, sms, k, feats=feats)
+    assert math.isclose(span, sharing_events(list(d), list(alone), sms, k), rel_tol=1e-9)
+    assert math.isclose(float(vec.sum()), span, rel_tol=1e-9)  # the fit's features add up to the makespan
 
 
 @settings(max_examples=150, deadline=None)
@@ -86,7 +138,8 @@ def test_predicted_time_follows_the_documented_formula(costs):
     k = 9  # ctas_per_sm(8, 16, 64, 4, 3), see above
     cta = h * (full * 1.0 * pair + partial * 2.5 * pair + 0.75 * per_q)
     assert r.ctas_per_sm == k and r.waves == pytest.approx(15 * 3 / (4 * k))
-    assert r.predicted_time == pytest.approx(launch_order_greedy(list(cta * k) * 3, 4 * k) + 20.0 / 10.0)
+    # no load latency in this entry: alone, a CTA runs at its SM time (k x faster than with k beside it)
+    assert r.predicted_time == pytest.approx(sharing_events(list(cta * k) * 3, list(cta) * 3, 4, k) + 20.0 / 10.0)
     # dense SDPA baseline: 90 tokens = one 128-row CTA per head, 1 + 2 tiles of 5 us at head_dim 64, one wave
     assert r.predicted_dense_time == pytest.approx(h * 3 * 5.0 / 10.0 + 2.0)
     assert r.predicted_ms == pytest.approx(r.predicted_time * 10.0 / 1000)
