@@ -61,6 +61,7 @@ class BoxRanges(TileRanges):
     full_lo: np.ndarray = field(default_factory=lambda: np.zeros((0, RANK), np.int32))
     full_hi: np.ndarray = field(default_factory=lambda: np.zeros((0, RANK), np.int32))
     bounds: np.ndarray | None = None
+    mode = "boxes"  # as gluon_plan.TileRanges.mode
 
     @property
     def table(self) -> np.ndarray:

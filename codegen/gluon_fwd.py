@@ -1,14 +1,15 @@
-"""A warp-specialized Hopper (sm_90) attention forward in Gluon, for masks whose tiles are all full.
+"""A warp-specialized Hopper (sm_90) attention forward in Gluon: whole tiles, with predicated modes.
 
 Why a second forward: on dense and perfectly block-sparse masks the Triton template stays near
 88% of cuDNN on an H100: it leaves the overlap of softmax and tensor-core work to Triton's
 scheduler. Gluon is Triton's lower level (same compiler, explicit layouts, shared memory, mbarriers
 and warp specialization), which lets this kernel schedule it by hand as FlashAttention-3 does; the
-prototype measured 101% of cuDNN on dense 32k (d128, bf16). It has no mask predicate on whole tiles: it
+prototype measured 101% of cuDNN on dense 32k (d128, bf16). Full tiles run with no mask arithmetic: it
 runs the masks `codegen.gluon_plan` accepts (every visited 128 x 128 tile full, one box of key tiles
-per query tile; on a grid the tiles do not divide, a key tile that overhangs it masks the keys past
-the extents), 1-D masks with partial tiles in a predicated mode (`codegen.gluon_runs`), and
-`CompiledAttention.launch` falls back to the template for everything else.
+per query tile) unmasked, 1-D masks with partial tiles in a predicated mode (`codegen.gluon_runs`:
+intervals per row), one-term masks on grids with partial tiles or ragged extents in another
+(`codegen.gluon_boxes`: an interval per row and dimension), and `CompiledAttention.launch` falls
+back to the template for everything else.
 
 One CTA = one 128-token query tile (a box of the grid: a run of 128 tokens on a 1-D order, e.g.
 2 x 8 x 8 on a video) of one (batch, head); the grid's first axis walks a table of the query tiles

@@ -63,6 +63,7 @@ class TileRanges:
     kv_tile: tuple[int, ...] = ()
     bounds = None  # whole tiles only: no per-row predicate (codegen.gluon_runs.RunRanges has one)
     long = 0  # dispatched in tile order
+    mode = "whole"  # the kernel's mode: "whole", "runs" (codegen.gluon_runs) or "boxes" (codegen.gluon_boxes)
 
     @property
     def ok(self) -> bool:
@@ -278,7 +279,7 @@ class GluonSchedule:
     def __init__(self, ranges):
         self.ranges = ranges
         self.bounds = ranges.bounds if ranges.ok else None
-        self.boxes = self.bounds is not None and ranges.bounds.ndim == 1  # codegen.gluon_boxes' flat bounds
+        self.boxes = ranges.ok and ranges.mode == "boxes"  # codegen.gluon_boxes: head_dim 128 only
         if not ranges.ok:
             self.table = np.zeros((0, 3 * RANK), np.int32)
             self.idle_rows = np.zeros(0, np.int64)

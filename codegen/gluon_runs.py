@@ -45,6 +45,7 @@ class RunRanges:
     shape: tuple[int, ...] = ()
     long: int = 0  # the table's first rows, far longer than the rest: dispatched first on every head
     keys: int = 0  # the key extent (a segment's buffer; the grid's otherwise)
+    mode = "runs"  # as gluon_plan.TileRanges.mode
     q_tile: tuple[int, ...] = (1, 1, BLOCK)
     kv_tile: tuple[int, ...] = (1, 1, BLOCK)
 

@@ -112,7 +112,7 @@ def test_idle_tiles_are_left_out_of_the_table_and_filled_apart():
     assert schedule.idle_rows.tolist() == list(range(256, 1024))
     table, rows, bounds = schedule.on("cpu")
     assert table.dtype == torch.int32 and rows.dtype == torch.int64 and schedule.on("cpu")[0] is table
-    assert bounds is None  # whole tiles only: no predicate
+    assert bounds is None and not schedule.boxes  # whole tiles only: no predicate
 
 
 def test_tile_rows_match_the_templates_order():

@@ -57,6 +57,7 @@ def test_the_schedule_table_holds_the_box_and_the_full_box():
     _, plan = _plan("grid(6, 10, 20)", "neighborhood(window=(4, 8, 8), stride=(2, 4, 4))")
     ranges = box_ranges(plan, (2, 4, 4), (2, 4, 4))
     schedule = GluonSchedule(ranges)
+    assert schedule.boxes  # the head_dim gate reads this (codegen.gluon_boxes.HEAD_DIM)
     assert schedule.table.shape == (len(ranges.busy), ROW) and schedule.table.dtype == np.int32
     row = schedule.table[5]
     t = int(ranges.busy[5])
