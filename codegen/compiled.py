@@ -184,14 +184,16 @@ class CompiledAttention:
 
     def _launch_gluon(self, q, k, v, scale, out, lse) -> None:
         from maskdsl.codegen import gluon_fwd
+        from maskdsl.codegen.gluon_plan import sm_count
 
         table, idle_rows, bounds = self.gluon_schedule.on(q.device)
         if len(idle_rows):  # query tiles that see no key: output 0 and LSE -inf, as the template writes them
             out.index_fill_(2, idle_rows, 0.0)
             lse.index_fill_(2, idle_rows, float("-inf"))
         r = self.gluon_schedule.ranges
+        per = self.gluon_schedule.items_per_program(len(table) * q.shape[0] * q.shape[1], sm_count(q.device))
         gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, bounds=bounds,
-                         long=r.long)
+                         long=r.long, per=per)
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""

@@ -44,6 +44,12 @@ BLOCK_N = 128
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 RANK = 3  # the kernel's grid rank: smaller grids get leading dimensions of extent 1
+# Work items (query tile x head) visiting at most SHORT_ITEM key tiles on average run up to MAX_PER to a
+# program (codegen.gluon_fwd: the next item's Q and K/V load under the current one). Measured on an H100
+# (docs/BENCHMARKS.md): 4-tile items (3-D block(2, 16, 16)) and 16-tile items (one head at 32k) gain 2-7%;
+# items of 50+ tiles and the predicated modes do not (dense: PER 2 lost 8-11%).
+SHORT_ITEM = 16
+MAX_PER = 4
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,16 @@ def layout_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) 
 _CAPABILITY: dict[torch.device, int] = {}
 
 
+_SMS: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached: a one-head launch is host-bound)."""
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
 def _capability(device: torch.device) -> int:
     if device not in _CAPABILITY:
         _CAPABILITY[device] = torch.cuda.get_device_capability(device)[0]
@@ -293,6 +309,24 @@ class GluonSchedule:
             self.idle_rows = ranges.rows(ranges.idle)
         self._on: dict[torch.device, tuple] = {}
         self._segments: dict[tuple, tuple] = {}
+
+    def items_per_program(self, items: int, sms: int) -> int:
+        """Work items per Gluon program for `items` (table rows x batch x heads) on `sms` multiprocessors:
+        1 unless every tile is whole and the items are short (`SHORT_ITEM` key tiles on average); then
+        enough to fill the GPU once (one head at 32k: 256 items, 2 a program) up to `MAX_PER`.
+        MASKDSL_GLUON_PER=k forces k (measurements)."""
+        forced = os.environ.get("MASKDSL_GLUON_PER")
+        if forced:
+            return max(1, int(forced))
+        if self.bounds is not None or not len(self.table) or self._mean_tiles > SHORT_ITEM:
+            return 1
+        return max(1, min(MAX_PER, -(-items // sms)))
+
+    @property
+    def _mean_tiles(self) -> float:
+        """Mean key tiles a table row (a whole-tile box) visits."""
+        extents = self.table[:, RANK + 1::2].astype(np.int64) - self.table[:, RANK::2]
+        return float(extents.prod(axis=1).mean())
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(table, idle rows, bounds or None) on `device`."""

@@ -2,7 +2,8 @@
 
 A separate process because Triton's language builtins are bound to its interpreter when
 TRITON_INTERPRET=1 is set at import (as the test suite does), and Gluon cannot compile those.
-Usage: python tests/gluon_compile.py HEAD_DIM [1d|3d|1d-masked|3d-box]
+Usage: python tests/gluon_compile.py HEAD_DIM [1d|3d|1d-masked|3d-box][-items]
+(-items: two work items per program, the short-item schedule of codegen.gluon_plan.items_per_program)
 """
 
 import json
@@ -52,7 +53,8 @@ SHAPES = {
 
 
 def main(head_dim: int, shape: str = "1d") -> dict:
-    grid, q_tile, kv_tile, rows, terms = SHAPES[shape]
+    per = 2 if shape.endswith("-items") else 1
+    grid, q_tile, kv_tile, rows, terms = SHAPES[shape.removesuffix("-items")]
     tokens = grid[0] * grid[1] * grid[2]
     q = torch.zeros(1, 4, tokens, head_dim, dtype=torch.bfloat16)
     kv = torch.zeros(1, 2, tokens, head_dim, dtype=torch.bfloat16)  # GQA: two query heads per kv head
@@ -62,7 +64,7 @@ def main(head_dim: int, shape: str = "1d") -> dict:
     else:
         bounds = torch.zeros(terms, 2, tokens, dtype=torch.int32) if terms else None
     grid, args, kwargs = gluon_fwd.kernel_args(q, kv, kv, torch.empty_like(q), torch.empty(1, 4, tokens), 0.1,
-                                               table, 0, 2, grid, q_tile, kv_tile, bounds=bounds)
+                                               table, 0, 2, grid, q_tile, kv_tile, bounds=bounds, per=per)
     driver.set_active(Sm90Driver())
     kernel = gluon_fwd.attention_fwd.warmup(*args, grid=grid, **kwargs)  # the real binder and compiler
     ptx = kernel.asm["ptx"]

@@ -115,6 +115,26 @@ def test_idle_tiles_are_left_out_of_the_table_and_filled_apart():
     assert bounds is None and not schedule.boxes  # whole tiles only: no predicate
 
 
+def test_short_whole_tile_items_share_a_program(monkeypatch):
+    """Items per Gluon program: 1 for long items and for predicated modes; for short whole-tile items
+    enough to fill the GPU once, at most MAX_PER; MASKDSL_GLUON_PER forces a count."""
+    from maskdsl.codegen.gluon_plan import MAX_PER
+    from maskdsl.codegen.gluon_runs import run_ranges
+
+    _, plan = _plan("grid(32768)", "block(2048)")  # 256 query tiles of 16 key tiles each
+    short = GluonSchedule(tile_ranges(plan, (128,), (128,)))
+    assert short.items_per_program(256, 132) == 2  # one head: 128 programs run it in one wave
+    assert short.items_per_program(256 * 24, 132) == MAX_PER
+    assert short.items_per_program(100, 132) == 1
+    _, plan = _plan("grid(32768)", "block(4096)")  # 32 key tiles per query tile: long
+    assert GluonSchedule(tile_ranges(plan, (128,), (128,))).items_per_program(10**5, 132) == 1
+    _, plan = _plan("grid(32768)", "sliding_window(2048)")  # the predicated mode keeps one item
+    runs = GluonSchedule(run_ranges(plan))
+    assert runs.bounds is not None and runs.items_per_program(10**5, 132) == 1
+    monkeypatch.setenv("MASKDSL_GLUON_PER", "3")
+    assert runs.items_per_program(10, 132) == 3
+
+
 def test_tile_rows_match_the_templates_order():
     """A query tile's token rows (the idle fill) are the ones the Triton template gives the same tile."""
     _, plan = _plan("grid(4, 16, 16)", "block((2, 8, 8))", KernelConfig((2, 8, 8), (2, 8, 8), 4, 2))
@@ -188,11 +208,12 @@ def _ptxas():
 
 
 @pytest.mark.parametrize("head_dim, shape", [(64, "1d"), (128, "1d"), (128, "3d"), (64, "1d-masked"),
-                                             (128, "1d-masked"), (64, "3d-box"), (128, "3d-box")])
+                                             (128, "1d-masked"), (64, "3d-box"), (128, "3d-box"),
+                                             (128, "1d-items"), (64, "3d-items")])
 def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
     """The real launch arguments (descriptors, GQA, the table; a 1-D order and 3-D boxes) bound and
     compiled through the JIT for sm_90 (tests/gluon_compile.py, in a process without the
-    interpreter), then ptxas' report."""
+    interpreter), then ptxas' report; "-items": two work items per program (two Q buffers)."""
     ptxas, why = _ptxas()
     if ptxas is None:
         print(why)
