@@ -32,6 +32,14 @@ def print_table(results) -> None:
             dense, ours = r.get("dense_graph_ms"), best.get("graph_ms")
             print(f"{Path(r['file']).stem + ':' + r['mask']:34s} {_fmt(dense):>9s} {_fmt(ours):>9s} "
                   f"{_fmt(dense / ours if dense and ours else None, 2):>8s}  {best.get('path', '-')}")
+    single = [r for r in results if r.get("ours_best", {}).get("single_call_ms")]
+    if single:
+        print(f"\none call from an idle GPU, kernel time (CUPTI; NATTEN's published times are single profiled calls):\n"
+              f"{'case':34s} {'dense':>9s} {'ours':>9s} {'x dense':>8s}")
+        for r in single:
+            dense, ours = r.get("dense_single_call_ms"), r["ours_best"]["single_call_ms"]
+            print(f"{Path(r['file']).stem + ':' + r['mask']:34s} {_fmt(dense):>9s} {_fmt(ours):>9s} "
+                  f"{_fmt(dense / ours if dense and ours else None, 2):>8s}")
 
 
 def print_paths(results) -> None:

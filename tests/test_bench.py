@@ -44,11 +44,15 @@ def test_bench_steps_check_every_config_and_pair_the_load_paths(fake_timer, caps
     assert result["flex_error"] < 1e-5 and result["flex_gather_error"] < 1e-5, result
     assert result["speedup_vs_flex"] == 1.0 and result["speedup_vs_flex_gather"] == 1.0
     assert result["sim_upper_bound"] > 1
+    assert "single_call_ms" not in result["ours_best"]  # one call from idle: timed on a GPU only
     result["file"] = "small.mask"
+    result["ours_best"]["single_call_ms"], result["dense_single_call_ms"] = 0.5, 2.0
     print_table([result])
     print_paths([result])
     out = capsys.readouterr().out
     assert "flex gather" in out and "small:m" in out
+    single = out.split("one call from an idle GPU")[1].splitlines()[2].split()
+    assert single == ["small:m", "2.000", "0.500", "4.00"], single
     assert "q4x4_k4x8_w4_s2" in out.split("pointer ms")[1]
 
 
