@@ -175,24 +175,16 @@ def single_call_step(case: Case, result: dict, configs) -> None:
     """The best config and the best dense backend timed one call from an idle GPU (kernel time,
     maskdsl.harness.single_call_ms), as NATTEN's published kernel times are single profiled calls: the
     column set beside NATTEN's figures."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import best_dense, single_call_ms
+    from maskdsl.harness import best_dense, dense_call, single_call_ms
 
     try:
         if "ours_best" in result:
             cfg = next(c for c in configs if c.key() == result["ours_best"]["config"])
             fn = compile_attention(case.spec, case.mask.name, cfg)
             result["ours_best"]["single_call_ms"] = single_call_ms(lambda: fn(case.q, case.k, case.v))
-        name = best_dense(result["dense_ms"])[0]
-        group = case.q.shape[1] // case.k.shape[1]
-        k, v = (t.repeat_interleave(group, 1) if group != 1 else t for t in (case.k, case.v))
-        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-        with sdpa_kernel(backend):
-            result["dense_single_call_ms"] = single_call_ms(
-                lambda: torch.nn.functional.scaled_dot_product_attention(case.q, k, v))
+        backend = best_dense(result["dense_ms"])[0]
+        result["dense_single_call_ms"] = single_call_ms(dense_call(case.q, case.k, case.v, backend))
     except Exception as exc:  # noqa: BLE001 - a timing that fails must not lose the case's other numbers
         result["single_call_failed"] = _failure(exc, 200)
 

@@ -61,7 +61,6 @@ CONSUMER_REGS = 240
 # setmaxnreg then hands the loader's to the consumers (240 + 240 + 24 <= 3 x 168).
 MAXNREG = 65536 // (32 * 12) // 8 * 8
 PINGPONG = True
-PER = 1  # work items per program (attention_fwd)
 
 
 @gluon.jit
@@ -392,8 +391,8 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
     of key tiles per dimension, then with RUNS == 2 (1-D) a second run [lo, hi) of the last dimension
     and a flag: predicate every tile) per launched tile. The work items are the count x BH (row, head)
     pairs in dispatch order (`_item`); row r runs table row tile_base + r. Program p of G runs items
-    p, p + G, ... (PER at most; two Q buffers, QBUF = 2, when PER > 1): then the loader fetches the next item's Q (two Q buffers) and K/V
-    while the consumers finish the current one, and a short item's launch and prologue are paid once
+    p, p + G, ... (PER at most; two Q buffers, QBUF = 2, when PER > 1): then the loader fetches the next
+    item's Q and K/V while the consumers finish the current one, and a short item's launch and prologue are paid once
     per PER items. TERMS > 0: the mask's rows' key intervals are in `bounds_ptr` and the runs' edge
     tiles are masked (codegen.gluon_runs). BOX: a row of 15 ends with the key tiles [lo, hi) per
     dimension that need no predicate; the others are masked with each row's key interval per dimension
@@ -470,17 +469,16 @@ def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) ->
 def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
                 grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
                 pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
-                k_grid: tuple[int, ...] | None = None, per: int | None = None):
+                k_grid: tuple[int, ...] | None = None, per: int = 1):
     """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`; grid and
-    tiles are RANK-dimensional (codegen.gluon_plan pads them). `per`: work items per program (default
-    PER).
+    tiles are RANK-dimensional (codegen.gluon_plan pads them). `per`: work items per program
+    (codegen.gluon_plan.GluonSchedule.items_per_program).
 
     Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU. A table of
     12 columns holds two runs and a flag (1-D); `bounds` ([slots, 2, tokens] int32: each row's key
     intervals, codegen.gluon_runs) turns on the edge tiles' predicate.
     """
     batch, heads, tokens, head_dim = q.shape
-    per = PER if per is None else per
     runs = 2 if table.shape[1] == 12 else 1
     terms = 0 if bounds is None else bounds.shape[0]
     box = table.shape[1] == 15  # codegen.gluon_boxes: a predicate per dimension on the tiles not full
@@ -500,7 +498,7 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
 def launch(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
            grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
            pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
-           k_grid: tuple[int, ...] | None = None, per: int | None = None) -> None:
+           k_grid: tuple[int, ...] | None = None, per: int = 1) -> None:
     """Run `count` query tiles (rows of `table`) for every (batch, head); the caller checked eligibility."""
     if count:
         launch_grid, args, kwargs = kernel_args(q, k, v, out, lse, scale, table, first, count, grid, q_tile,

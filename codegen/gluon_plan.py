@@ -263,23 +263,23 @@ def layout_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) 
     return None
 
 
-_CAPABILITY: dict[torch.device, int] = {}
+_PROPERTIES: dict[torch.device, object] = {}
 
 
-_SMS: dict[torch.device, int] = {}
+def _properties(device: torch.device):
+    """torch.cuda.get_device_properties, cached: a one-head launch is host-bound."""
+    if device not in _PROPERTIES:
+        _PROPERTIES[device] = torch.cuda.get_device_properties(device)
+    return _PROPERTIES[device]
 
 
 def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached: a one-head launch is host-bound)."""
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
+    """Multiprocessors of a CUDA device."""
+    return _properties(device).multi_processor_count
 
 
 def _capability(device: torch.device) -> int:
-    if device not in _CAPABILITY:
-        _CAPABILITY[device] = torch.cuda.get_device_capability(device)[0]
-    return _CAPABILITY[device]
+    return _properties(device).major
 
 
 class GluonSchedule:
@@ -309,6 +309,10 @@ class GluonSchedule:
             self.idle_rows = ranges.rows(ranges.idle)
         self._on: dict[torch.device, tuple] = {}
         self._segments: dict[tuple, tuple] = {}
+        # whole tiles whose rows visit at most SHORT_ITEM key tiles on average (items_per_program)
+        whole = self.bounds is None and len(self.table) > 0
+        extents = self.table[:, RANK + 1:3 * RANK:2].astype(np.int64) - self.table[:, RANK:3 * RANK:2]
+        self._short = whole and float(extents.prod(axis=1).mean()) <= SHORT_ITEM
 
     def items_per_program(self, items: int, sms: int) -> int:
         """Work items per Gluon program for `items` (table rows x batch x heads) on `sms` multiprocessors:
@@ -318,15 +322,9 @@ class GluonSchedule:
         forced = os.environ.get("MASKDSL_GLUON_PER")
         if forced:
             return max(1, int(forced))
-        if self.bounds is not None or not len(self.table) or self._mean_tiles > SHORT_ITEM:
+        if not self._short:
             return 1
         return max(1, min(MAX_PER, -(-items // sms)))
-
-    @property
-    def _mean_tiles(self) -> float:
-        """Mean key tiles a table row (a whole-tile box) visits."""
-        extents = self.table[:, RANK + 1::2].astype(np.int64) - self.table[:, RANK::2]
-        return float(extents.prod(axis=1).mean())
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(table, idle rows, bounds or None) on `device`."""

@@ -244,26 +244,36 @@ def single_call_ms(fn, warmup: int = 10, calls: int = 5, idle_s: float = 0.1) ->
 DENSE_BACKENDS = ("cudnn", "flash")
 
 
-def dense_times(q, k, v, warmup: int = 25, rep: int = 100) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Dense SDPA with each backend alone: ({backend: ms or None}, {backend: why it could not run}).
-
-    The baseline of every speedup is the best of these, measured in the same process on the same inputs.
-    """
+def dense_call(q, k, v, backend: str):
+    """A call of dense SDPA on `backend` ("cudnn" or "flash") alone, GQA's kv heads repeated once here (not
+    per call); what every dense baseline times."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     group = q.shape[1] // k.shape[1]
     kq = k.repeat_interleave(group, 1) if group != 1 else k
     vq = v.repeat_interleave(group, 1) if group != 1 else v
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    kind = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def call():
+        with sdpa_kernel(kind):
+            return torch.nn.functional.scaled_dot_product_attention(q, kq, vq)
+
+    return call
+
+
+def dense_times(q, k, v, warmup: int = 25, rep: int = 100) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Dense SDPA with each backend alone: ({backend: ms or None}, {backend: why it could not run}).
+
+    The baseline of every speedup is the best of these, measured in the same process on the same inputs.
+    """
     times, errors = {}, {}
     for name in DENSE_BACKENDS:
         try:
-            with sdpa_kernel(backends[name]):
-                call = lambda: torch.nn.functional.scaled_dot_product_attention(q, kq, vq)  # noqa: E731
-                times[name] = time_ms(call, warmup, rep)
-                if times[name] < GRAPH_BELOW_MS:
-                    times[f"{name}_graph"] = graph_time_ms(call, warmup=warmup, rep=rep)
+            call = dense_call(q, k, v, name)
+            times[name] = time_ms(call, warmup, rep)
+            if times[name] < GRAPH_BELOW_MS:
+                times[f"{name}_graph"] = graph_time_ms(call, warmup=warmup, rep=rep)
         except RuntimeError as exc:
             times[name] = None
             errors[name] = str(exc)[:200]
