@@ -79,6 +79,15 @@ def test_register_spill_slows_the_key_tiles_by_demand_over_255():
     assert w4.predicted_time == pytest.approx(w8.predicted_time * 368 / 255, rel=1e-12)
 
 
+def test_one_topk_case_does_not_set_the_per_call_constant():
+    """A per-call cost and the top-k tiles' c_union trade off when a single case has top-k calls: the fit
+    then leaves topk_call_us at 0 (two cases, below, recover it)."""
+    truth = dataclasses.replace(TRUTH, topk_call_us=120.0, hbm_gbps=2000.0)
+    meas = measurements(truth)
+    assert [m.case_key for m in meas].count("topk") == 2 and "topk2" not in {m.case_key for m in meas}
+    assert fit(meas, "Test GPU", hbm_gbps=2000.0)["topk_call_us"] == 0.0
+
+
 def test_the_fit_recovers_the_selection_constant_and_shrugs_off_an_outlier(monkeypatch):
     truth = dataclasses.replace(TRUTH, topk_call_us=120.0, hbm_gbps=2000.0)
     meas = measurements(truth)
