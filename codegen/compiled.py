@@ -172,8 +172,8 @@ class CompiledAttention:
         if len(idle_rows):
             out.index_fill_(2, idle_rows, 0.0)
             lse.index_fill_(2, idle_rows, float("-inf"))
-        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, bounds=bounds,
-                         long=r.long, k_grid=(1, 1, k.shape[2]))
+        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, r.mode,
+                         bounds=bounds, long=r.long, k_grid=(1, 1, k.shape[2]))
         return True
 
     def _launch(self, q, k, v, scale: float, out, lse, seg: Segment, tiles: range) -> None:
@@ -192,8 +192,8 @@ class CompiledAttention:
             lse.index_fill_(2, idle_rows, float("-inf"))
         r = self.gluon_schedule.ranges
         per = self.gluon_schedule.items_per_program(len(table) * q.shape[0] * q.shape[1], sm_count(q.device))
-        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, bounds=bounds,
-                         long=r.long, per=per)
+        gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, r.mode,
+                         bounds=bounds, long=r.long, per=per)
 
     def backward_kernels(self, head_dim: int = 128):
         """The rendered backward (codegen.backward), built on the first gradient, not at compile time."""

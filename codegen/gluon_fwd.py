@@ -39,8 +39,6 @@ softmax under PV(i-1): -10 to -20%, docs/BENCHMARKS.md). Ping-pong vs not is wit
 kept as a knob.
 """
 
-from __future__ import annotations
-
 import functools
 
 import torch
@@ -49,7 +47,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.core import _aggregate as aggregate
+from triton.language.core import base_value
 
+from maskdsl import tile_table
 from maskdsl.codegen.gluon_plan import BLOCK_M, BLOCK_N, box_strides
 
 LOG2E = 1.4426950408889634
@@ -62,116 +63,493 @@ CONSUMER_REGS = 240
 MAXNREG = 65536 // (32 * 12) // 8 * 8
 PINGPONG = True
 
-
-@gluon.jit
-def _key_tile(i, lo2, na, lo2b, RUNS: gl.constexpr):
-    """The last-dimension key tile of step i: the box's (one run) or, with two runs (1-D only), the
-    first run's na tiles from lo2, then the second's from lo2b."""
-    if RUNS == 2:
-        return gl.where(i < na, lo2 + i, lo2b + (i - na))
-    else:
-        return lo2 + i
-
-
-@gluon.jit
-def _item(w, table_ptr, tile_base, count, BH, LONG, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr,
-          H0: gl.constexpr, H1: gl.constexpr, H2: gl.constexpr, RUNS: gl.constexpr, BOX: gl.constexpr):
-    """Work item w of the dispatch order, decoded: its batch x head, the first grid coordinate of each half
-    of its query tile (the half box splits one dimension), its key-tile box, the box's size and, per
-    mode, the second run (1-D) or the box of full key tiles (grids). The first LONG rows go head-major
-    (each (row, head) in turn: the longest tiles start first on every head, not when the hardware
-    reaches that head), the rest row-major within each head (neighbouring items share K/V in L2)."""
-    ROW: gl.constexpr = 12 if RUNS == 2 else (15 if BOX else 9)
-    rest = gl.maximum(count - LONG, 1)
-    late = w - LONG * BH
-    head_major = late < 0
-    x = gl.where(head_major, w // BH, LONG + late % rest)
-    bh = gl.where(head_major, w % BH, late // rest)
-    entry = table_ptr + (tile_base + x) * ROW
-    c0 = gl.load(entry)
-    c1 = gl.load(entry + 1)
-    c2 = gl.load(entry + 2)
-    lo0 = gl.load(entry + 3)
-    lo1 = gl.load(entry + 5)
-    lo2 = gl.load(entry + 7)
-    e1 = gl.load(entry + 6) - lo1
-    e2 = gl.load(entry + 8) - lo2
-    n = (gl.load(entry + 4) - lo0) * e1 * e2
-    na = n
-    lo2b = lo2
-    every = 0
-    if RUNS == 2:  # 1-D: a second run of key tiles after the first, and the mask-every-tile flag
-        lo2b = gl.load(entry + 9)
-        n = na + gl.load(entry + 10) - lo2b
-        every = gl.load(entry + 11)
-    full = (lo0, lo0, lo0, lo0, lo0, lo0)
-    if BOX:  # the key tiles [lo, hi) per dimension that every row of this query tile sees entirely
-        full = (gl.load(entry + 9), gl.load(entry + 10), gl.load(entry + 11), gl.load(entry + 12),
-                gl.load(entry + 13), gl.load(entry + 14))
-    q0 = (c0 * T0, c0 * T0 + (T0 - H0))
-    q1 = (c1 * T1, c1 * T1 + (T1 - H1))
-    q2 = (c2 * T2, c2 * T2 + (T2 - H2))
-    return bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, every, full
+# The kernel's modes (maskdsl.tile_table.MODES), a constexpr the host passes: whole tiles, predicated
+# 1-D runs (codegen.gluon_runs), per-dimension boxes (codegen.gluon_boxes).
+WHOLE, RUNS, BOXES = (gl.constexpr(mode) for mode in tile_table.MODES)
+# the row tables' columns by name, as constexpr functions the kernel can call
+box_lo = gluon.constexpr_function(tile_table.box_lo)
+box_hi = gluon.constexpr_function(tile_table.box_hi)
+full_lo = gluon.constexpr_function(tile_table.full_lo)
+full_hi = gluon.constexpr_function(tile_table.full_hi)
 
 
-@gluon.jit
-def _load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty,
-               bh, bh_kv, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, g, j, K0: gl.constexpr, K1: gl.constexpr,
-               K2: gl.constexpr, NUM_STAGES: gl.constexpr, RUNS: gl.constexpr, QBUF: gl.constexpr):
-    """Item j of the program (g key tiles loaded before it): Q's two halves into Q buffer j % QBUF, then
-    the key-tile box row-major (last dimension fastest) into the ring, whose stage and parity follow
-    g, so the next item's Q and K/V load while the consumers finish this one."""
-    qb = j % QBUF
-    if QBUF > 1:  # a fresh mbarrier counts as "phase 1 complete": each buffer's first use does not wait
-        mbarrier.wait(q_empty.index(qb), ((j // QBUF) & 1) ^ 1)
-    qbar = q_bar.index(qb)
-    mbarrier.expect(qbar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [bh, q0[0], q1[0], q2[0], 0], qbar, q_smem.index(2 * qb))
-    tma.async_copy_global_to_shared(q_desc, [bh, q0[1], q1[1], q2[1], 0], qbar, q_smem.index(2 * qb + 1))
-    for i in range(n):
-        t = g + i
-        stage = t % NUM_STAGES
-        mbarrier.wait(kv_empty.index(stage), ((t // NUM_STAGES) & 1) ^ 1)
-        jj = i // e2
-        if RUNS == 2:  # 1-D: every leading coordinate is 0
-            coord = [bh_kv, 0, 0, _key_tile(i, lo2, na, lo2b, RUNS) * K2, 0]
+# a runtime int argument, or the constant the JIT specialised it to (e.g. 1), or a counter's first 0
+_INT = gl.tensor | gl.constexpr
+
+
+@gluon.constexpr_function
+def _value(x):
+    """An aggregate's field from a constexpr function's argument: constants come unwrapped, wrap them again."""
+    return x if isinstance(x, base_value) else gl.constexpr(x)
+
+
+@gluon.constexpr_function
+def _column(name):
+    """A column of the row tables that does not depend on a dimension (tile_table.COORD, RUN2, FLAG)."""
+    return getattr(tile_table, name)
+
+
+@gluon.constexpr_function
+def _width(mode):
+    return tile_table.WIDTH[mode]
+
+
+@aggregate
+class Config:
+    """What the kernel is compiled for (constexprs only): the query tile T, a consumer's half of it H
+    and the key tile K (3-D boxes of the grid: the descriptors' boxes), the mode, the pipeline and the
+    register layouts of a consumer's wgmma results."""
+    T0: gl.constexpr
+    T1: gl.constexpr
+    T2: gl.constexpr
+    H0: gl.constexpr
+    H1: gl.constexpr
+    H2: gl.constexpr
+    K0: gl.constexpr
+    K1: gl.constexpr
+    K2: gl.constexpr
+    HEAD_D: gl.constexpr
+    SUB_M: gl.constexpr  # a consumer's rows: half the query tile
+    BLOCK_N: gl.constexpr
+    dtype: gl.constexpr
+    MODE: gl.constexpr
+    TERMS: gl.constexpr  # "runs": key intervals per row in the bounds table
+    NUM_STAGES: gl.constexpr
+    QBUF: gl.constexpr  # Q buffers: 2 when a program runs several items
+    PINGPONG: gl.constexpr
+    s_layout: gl.constexpr
+    o_layout: gl.constexpr
+    p_layout: gl.constexpr
+    s_row: gl.constexpr
+    s_col: gl.constexpr
+    o_row: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, q_tile, o_desc, k_desc, MODE, TERMS, NUM_STAGES, QBUF, PINGPONG, WARPS):
+        self.T0, self.T1, self.T2 = (gl.constexpr(t) for t in q_tile)
+        self.H0, self.H1, self.H2 = (gl.constexpr(h) for h in o_desc.block_shape[1:4])
+        self.K0, self.K1, self.K2 = (gl.constexpr(k) for k in k_desc.block_shape[1:4])
+        self.HEAD_D = gl.constexpr(o_desc.block_shape[4])
+        self.SUB_M = gl.constexpr(self.H0 * self.H1 * self.H2)
+        self.BLOCK_N = gl.constexpr(self.K0 * self.K1 * self.K2)
+        self.dtype = gl.constexpr(o_desc.dtype)
+        self.MODE = gl.constexpr(MODE)
+        self.TERMS = gl.constexpr(TERMS)
+        self.NUM_STAGES = gl.constexpr(NUM_STAGES)
+        self.QBUF = gl.constexpr(QBUF)
+        self.PINGPONG = gl.constexpr(PINGPONG)
+        s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                             instr_shape=[16, self.BLOCK_N, 16])
+        o_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                             instr_shape=[16, self.HEAD_D, 16])
+        self.s_layout = gl.constexpr(s_layout)
+        self.o_layout = gl.constexpr(o_layout)
+        # P feeds the PV wgmma straight from registers: converting from S's layout moves no data through smem
+        self.p_layout = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+        self.s_row = gl.constexpr(gl.SliceLayout(1, s_layout))
+        self.s_col = gl.constexpr(gl.SliceLayout(0, s_layout))
+        self.o_row = gl.constexpr(gl.SliceLayout(1, o_layout))
+
+
+@aggregate
+class Counter:
+    """The count-th use (from 0) of a ring of NUM barriers and the buffers they guard: slot
+    count % NUM, phase (count // NUM) & 1 (a barrier used by turns: NUM == 1, phase count & 1).
+    A fresh mbarrier counts as "phase 1 complete", so a producer waits for the phase before the
+    consumers' (`free_phase`): its first use of each slot does not wait."""
+    count: _INT
+    NUM: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, count, NUM):
+        self.count = _value(count)
+        self.NUM = gl.constexpr(NUM)
+
+    @gluon.jit
+    def slot(self):
+        return self.count % self.NUM
+
+    @gluon.jit
+    def phase(self):
+        if self.NUM == 1:
+            return self.count & 1
         else:
-            coord = [bh_kv, (lo0 + jj // e1) * K0, (lo1 + jj % e1) * K1, (lo2 + i % e2) * K2, 0]
-        kb = k_ready.index(stage)
+            return (self.count // self.NUM) & 1
+
+    @gluon.jit
+    def free_phase(self):
+        return self.phase() ^ 1
+
+    @gluon.jit
+    def advance(self, k):
+        return Counter(self.count + k, self.NUM)
+
+
+@aggregate
+class RowTable:
+    """One launch's rows of a mode's tile table (maskdsl.tile_table: read by column name, WIDTH[mode] int32
+    a row) from row `first` on."""
+    ptr: gl.tensor
+    first: _INT
+    MODE: gl.constexpr
+    WIDTH: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, ptr, first, MODE):
+        self.ptr = ptr
+        self.first = _value(first)
+        self.MODE = gl.constexpr(MODE)
+        self.WIDTH = gl.constexpr(_width(MODE))
+
+    @gluon.jit
+    def row(self, x):
+        """The address of row x."""
+        return self.ptr + (self.first + x) * self.WIDTH
+
+
+@aggregate
+class WorkItem:
+    """A work item decoded (`Dispatch.item`): one (batch x head) `bh`, the first grid coordinate of
+    each half of its query tile per dimension (q0, q1, q2: pairs; the half box splits one dimension),
+    the key-tile box lo per dimension, its extents e1, e2 in the last two and its size n; "runs": the
+    first run's size na, the second run's first tile lo2b, the mask-every-tile flag; "boxes": the key
+    tiles [lo, hi) per dimension every row sees whole (`full`, lo_0, hi_0, lo_1, ...)."""
+    bh: gl.tensor
+    q0: gl.tuple
+    q1: gl.tuple
+    q2: gl.tuple
+    lo0: gl.tensor
+    lo1: gl.tensor
+    lo2: gl.tensor
+    e1: gl.tensor
+    e2: gl.tensor
+    n: gl.tensor
+    na: gl.tensor
+    lo2b: gl.tensor
+    every: _INT
+    full: gl.tuple
+    MODE: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, every, full, MODE):
+        self.bh, self.q0, self.q1, self.q2 = bh, q0, q1, q2
+        self.lo0, self.lo1, self.lo2, self.e1, self.e2 = lo0, lo1, lo2, e1, e2
+        self.n, self.na, self.lo2b = n, na, lo2b
+        self.every = _value(every)
+        self.full = full
+        self.MODE = gl.constexpr(MODE)
+
+    @gluon.jit
+    def origin(self, half: gl.constexpr):
+        """The grid coordinates of the first token of this half of the query tile."""
+        return self.q0[half], self.q1[half], self.q2[half]
+
+    @gluon.jit
+    def key_tile(self, i):
+        """The last-dimension key tile of step i: the box's (one run) or, "runs", the first run's na
+        tiles from lo2, then the second's from lo2b."""
+        if self.MODE == RUNS:
+            return gl.where(i < self.na, self.lo2 + i, self.lo2b + (i - self.na))
+        else:
+            return self.lo2 + i
+
+    @gluon.jit
+    def key_tile_at(self, i):
+        """The key tile of step i per dimension: the box walked row-major (last dimension fastest);
+        "runs" (a 1-D order): every leading coordinate is 0."""
+        if self.MODE == RUNS:
+            return 0, 0, self.key_tile(i)
+        else:
+            j = i // self.e2
+            return self.lo0 + j // self.e1, self.lo1 + j % self.e1, self.lo2 + i % self.e2
+
+
+@aggregate
+class Dispatch:
+    """The work items of the launch in dispatch order and this program's share of them: the count x BH
+    (table row, batch x head) pairs, the first LONG rows head-major (each (row, head) in turn: the
+    longest tiles start first on every head, not when the hardware reaches that head), the rest
+    row-major within each head (neighbouring items share K/V in L2); program w0 of `stride` runs
+    items w0, w0 + stride, ... (`items` of them)."""
+    table: RowTable
+    count: _INT
+    BH: _INT
+    LONG: _INT
+    w0: gl.tensor
+    stride: gl.tensor
+    items: gl.tensor
+
+    @gluon.constexpr_function
+    def __init__(self, table, count, BH, LONG, w0, stride, items):
+        self.table, self.count, self.BH, self.LONG = table, _value(count), _value(BH), _value(LONG)
+        self.w0, self.stride, self.items = w0, stride, items
+
+    @gluon.jit
+    def item(self, w, cfg):
+        """Work item w, decoded from its table row."""
+        rest = gl.maximum(self.count - self.LONG, 1)
+        late = w - self.LONG * self.BH
+        head_major = late < 0
+        x = gl.where(head_major, w // self.BH, self.LONG + late % rest)
+        bh = gl.where(head_major, w % self.BH, late // rest)
+        entry = self.table.row(x)
+        c0 = gl.load(entry + _column("COORD"))
+        c1 = gl.load(entry + (_column("COORD") + 1))
+        c2 = gl.load(entry + (_column("COORD") + 2))
+        lo0 = gl.load(entry + box_lo(0))
+        lo1 = gl.load(entry + box_lo(1))
+        lo2 = gl.load(entry + box_lo(2))
+        e1 = gl.load(entry + box_hi(1)) - lo1
+        e2 = gl.load(entry + box_hi(2)) - lo2
+        n = (gl.load(entry + box_hi(0)) - lo0) * e1 * e2
+        na = n
+        lo2b = lo2
+        every = 0
+        if cfg.MODE == RUNS:  # a second run of key tiles after the first, and the mask-every-tile flag
+            lo2b = gl.load(entry + _column("RUN2"))
+            n = na + gl.load(entry + (_column("RUN2") + 1)) - lo2b
+            every = gl.load(entry + _column("FLAG"))
+        full = (lo0, lo0, lo0, lo0, lo0, lo0)
+        if cfg.MODE == BOXES:
+            full = (gl.load(entry + full_lo(0)), gl.load(entry + full_hi(0)), gl.load(entry + full_lo(1)),
+                    gl.load(entry + full_hi(1)), gl.load(entry + full_lo(2)), gl.load(entry + full_hi(2)))
+        q0 = (c0 * cfg.T0, c0 * cfg.T0 + (cfg.T0 - cfg.H0))
+        q1 = (c1 * cfg.T1, c1 * cfg.T1 + (cfg.T1 - cfg.H1))
+        q2 = (c2 * cfg.T2, c2 * cfg.T2 + (cfg.T2 - cfg.H2))
+        return WorkItem(bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, every, full, cfg.MODE)
+
+
+@aggregate
+class Buffers:
+    """Shared memory and its mbarriers: Q (two half boxes per buffer), the ring of K and V stages;
+    Q and each stage's K and V have their own `ready` barriers (transaction counts), `q_empty` and
+    `kv_empty` (count 2) are arrived by both consumers, `turn` passes the ping-pong turn."""
+    q_smem: gl.shared_memory_descriptor
+    k_bufs: gl.shared_memory_descriptor
+    v_bufs: gl.shared_memory_descriptor
+    q_bar: gl.shared_memory_descriptor
+    q_empty: gl.shared_memory_descriptor
+    k_ready: gl.shared_memory_descriptor
+    v_ready: gl.shared_memory_descriptor
+    kv_empty: gl.shared_memory_descriptor
+    turn: gl.shared_memory_descriptor
+
+    @gluon.constexpr_function
+    def __init__(self, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn):
+        self.q_smem, self.k_bufs, self.v_bufs = q_smem, k_bufs, v_bufs
+        self.q_bar, self.q_empty, self.k_ready, self.v_ready, self.kv_empty = q_bar, q_empty, k_ready, v_ready, kv_empty
+        self.turn = turn
+
+    @gluon.jit
+    def allocate(o_desc, k_desc, v_desc, cfg):
+        """Allocated and initialised (the order fixes the shared-memory offsets)."""
+        q_smem = gl.allocate_shared_memory(cfg.dtype, [2 * cfg.QBUF, 1, cfg.H0, cfg.H1, cfg.H2, cfg.HEAD_D],
+                                           o_desc.layout)
+        k_bufs = gl.allocate_shared_memory(cfg.dtype, [cfg.NUM_STAGES, 1, cfg.K0, cfg.K1, cfg.K2, cfg.HEAD_D],
+                                           k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(cfg.dtype, [cfg.NUM_STAGES, 1, cfg.K0, cfg.K1, cfg.K2, cfg.HEAD_D],
+                                           v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [cfg.QBUF, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [cfg.QBUF, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [cfg.NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [cfg.NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [cfg.NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(cfg.QBUF):
+            mbarrier.init(q_bar.index(b), count=1)
+            mbarrier.init(q_empty.index(b), count=2)
+        for st in gl.static_range(cfg.NUM_STAGES):
+            mbarrier.init(k_ready.index(st), count=1)
+            mbarrier.init(v_ready.index(st), count=1)
+            mbarrier.init(kv_empty.index(st), count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        return Buffers(q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn)
+
+    @gluon.jit
+    def k_tile(self, c, cfg):
+        """Stage c's K as the wgmma's B operand, [head_dim, key tile]."""
+        return self.k_bufs.index(c.slot()).reshape([cfg.BLOCK_N, cfg.HEAD_D]).permute((1, 0))
+
+    @gluon.jit
+    def v_tile(self, c, cfg):
+        """Stage c's V, [key tile, head_dim]."""
+        return self.v_bufs.index(c.slot()).reshape([cfg.BLOCK_N, cfg.HEAD_D])
+
+    @gluon.jit
+    def wait_k(self, c):
+        mbarrier.wait(self.k_ready.index(c.slot()), c.phase())
+
+    @gluon.jit
+    def wait_v(self, c):
+        mbarrier.wait(self.v_ready.index(c.slot()), c.phase())
+
+    @gluon.jit
+    def release_kv(self, c):
+        mbarrier.arrive(self.kv_empty.index(c.slot()))
+
+
+@aggregate
+class Launch:
+    """What the consumers read and write besides shared memory: O's descriptor, LSE [batch x heads x
+    tokens], the predicated modes' row bounds, the query grid (L tokens, extents N1, N2 of its last
+    two dimensions), the key extent LK (a segment's buffer may be shorter than the rows), the scale."""
+    o_desc: tma.tensor_descriptor
+    lse_ptr: gl.tensor
+    bounds_ptr: gl.tensor
+    qk_scale: gl.tensor
+    L: _INT
+    N1: _INT
+    N2: _INT
+    LK: _INT
+
+    @gluon.constexpr_function
+    def __init__(self, o_desc, lse_ptr, bounds_ptr, qk_scale, L, N1, N2, LK):
+        self.o_desc, self.lse_ptr, self.bounds_ptr, self.qk_scale = o_desc, lse_ptr, bounds_ptr, qk_scale
+        self.L, self.N1, self.N2, self.LK = _value(L), _value(N1), _value(N2), _value(LK)
+
+
+@aggregate
+class Rows:
+    """A consumer's rows of the query tile: their tokens of the grid (`live`: inside it) and, in the
+    predicated modes, their keys: "runs", TERMS intervals [lo, hi] of the token order (lo_a, hi_a,
+    lo_b, hi_b); "boxes", an interval per dimension (`bnd`: lo_0, hi_0, lo_1, ...)."""
+    token: gl.tensor
+    live: gl.tensor
+    bnd: gl.tuple
+    lo_a: gl.tensor
+    hi_a: gl.tensor
+    lo_b: gl.tensor
+    hi_b: gl.tensor
+
+    @gluon.constexpr_function
+    def __init__(self, token, live, bnd, lo_a, hi_a, lo_b, hi_b):
+        self.token, self.live, self.bnd = token, live, bnd
+        self.lo_a, self.hi_a, self.lo_b, self.hi_b = lo_a, hi_a, lo_b, hi_b
+
+    @gluon.jit
+    def of(item, io, cfg, CID: gl.constexpr):
+        """Consumer CID's rows of the item's query tile (rows CID * SUB_M.. of the row-major box)."""
+        r = CID * cfg.SUB_M + gl.arange(0, cfg.SUB_M, layout=cfg.s_row)  # row of the query tile -> token
+        x1 = item.q1[0] + (r // cfg.T2) % cfg.T1
+        x2 = item.q2[0] + r % cfg.T2
+        token = ((item.q0[0] + r // (cfg.T1 * cfg.T2)) * io.N1 + x1) * io.N2 + x2
+        live = (token < io.L) & (x1 < io.N1) & (x2 < io.N2)  # a ragged tile's rows past the grid write nothing
+        bnd = (token, token, token, token, token, token)
+        if cfg.MODE == BOXES:  # the rows' key interval per dimension (codegen.gluon_boxes: lo_d then hi_d, per d)
+            x0 = item.q0[0] + r // (cfg.T1 * cfg.T2)
+            N0 = io.L // (io.N1 * io.N2)
+            b1 = 2 * N0
+            b2 = b1 + 2 * io.N1
+            bounds = io.bounds_ptr
+            bnd = (gl.load(bounds + x0, mask=live, other=1), gl.load(bounds + N0 + x0, mask=live, other=0),
+                   gl.load(bounds + b1 + x1, mask=live, other=1), gl.load(bounds + b1 + io.N1 + x1, mask=live, other=0),
+                   gl.load(bounds + b2 + x2, mask=live, other=1), gl.load(bounds + b2 + io.N2 + x2, mask=live, other=0))
+        lo_a = token
+        hi_a = token
+        lo_b = token
+        hi_b = token
+        if cfg.TERMS > 0:  # the rows' key intervals, per term ([TERMS, 2, L] int32; none past the end)
+            lo_a = gl.load(io.bounds_ptr + token, mask=live, other=1)
+            hi_a = gl.load(io.bounds_ptr + io.L + token, mask=live, other=0)
+            if cfg.TERMS == 2:
+                lo_b = gl.load(io.bounds_ptr + 2 * io.L + token, mask=live, other=1)
+                hi_b = gl.load(io.bounds_ptr + 3 * io.L + token, mask=live, other=0)
+        return Rows(token, live, bnd, lo_a, hi_a, lo_b, hi_b)
+
+    @gluon.jit
+    def mask(self, s, i, item, LK, cfg):
+        """S of step i with -inf where a row does not attend the key, in the predicated modes."""
+        if cfg.TERMS > 0:
+            s = self.mask_edge(s, i, item, LK, cfg)
+        if cfg.MODE == BOXES:
+            s = self.mask_box(s, i, item, cfg)
+        return s
+
+    @gluon.jit
+    def mask_edge(self, s, i, item, LK, cfg):
+        """"runs": on the tiles that may be partial, the first and last of each run, or every tile of
+        a query tile whose table row says so (codegen.gluon_runs sets that flag where a run has a
+        partial tile inside). A row attends key j when one of its intervals [lo, hi] holds it; keys
+        past the grid's end (a ragged last tile, zero-filled by the copy engine) never, nor past LK."""
+        edge = (i == 0) | (i == item.n - 1) | (item.every != 0)
+        if cfg.MODE == RUNS:
+            edge = edge | (i == item.na - 1) | (i == item.na)
+        if edge:
+            cols = item.key_tile(i) * cfg.BLOCK_N + gl.arange(0, cfg.BLOCK_N, layout=cfg.s_col)
+            c = gl.expand_dims(cols, 0)
+            ok = (c >= gl.expand_dims(self.lo_a, 1)) & (c <= gl.expand_dims(self.hi_a, 1))
+            if cfg.TERMS == 2:
+                ok = ok | ((c >= gl.expand_dims(self.lo_b, 1)) & (c <= gl.expand_dims(self.hi_b, 1)))
+            ok = ok & (c < LK)
+            s = gl.where(ok, s, float("-inf"))
+        return s
+
+    @gluon.jit
+    def mask_box(self, s, i, item, cfg):
+        """"boxes": on the key tiles of step i that are not full for this query tile in some dimension
+        (codegen.gluon_boxes), a row sees a key when each of its coordinates lies in the row's
+        interval [lo_d, hi_d] there. A key past the grid (a tile overhanging a ragged extent; the
+        copy engine loaded zeros) lies outside every interval."""
+        fa0, fb0, fa1, fb1, fa2, fb2 = item.full
+        t0, t1, t2 = item.key_tile_at(i)
+        if (t0 < fa0) | (t0 >= fb0) | (t1 < fa1) | (t1 >= fb1) | (t2 < fa2) | (t2 >= fb2):
+            b0l, b0h, b1l, b1h, b2l, b2h = self.bnd
+            c = gl.arange(0, cfg.BLOCK_N, layout=cfg.s_col)
+            k0 = gl.expand_dims(t0 * cfg.K0 + c // (cfg.K1 * cfg.K2), 0)
+            k1 = gl.expand_dims(t1 * cfg.K1 + (c // cfg.K2) % cfg.K1, 0)
+            k2 = gl.expand_dims(t2 * cfg.K2 + c % cfg.K2, 0)
+            ok = (k0 >= gl.expand_dims(b0l, 1)) & (k0 <= gl.expand_dims(b0h, 1))
+            ok = ok & (k1 >= gl.expand_dims(b1l, 1)) & (k1 <= gl.expand_dims(b1h, 1))
+            ok = ok & (k2 >= gl.expand_dims(b2l, 1)) & (k2 <= gl.expand_dims(b2h, 1))
+            s = gl.where(ok, s, float("-inf"))
+        return s
+
+
+@gluon.jit
+def _load_item(q_desc, k_desc, v_desc, bufs, item, bh_kv, kv, qc, cfg):
+    """One item's loads: Q's two halves into Q buffer qc (a Counter over the program's items), then
+    the key-tile box row-major (last dimension fastest) into the ring from stage kv (a Counter over the
+    program's key tiles), so the next item's Q and K/V load while the consumers finish this one."""
+    qb = qc.slot()
+    if cfg.QBUF > 1:
+        mbarrier.wait(bufs.q_empty.index(qb), qc.free_phase())
+    qbar = bufs.q_bar.index(qb)
+    mbarrier.expect(qbar, 2 * q_desc.block_type.nbytes)
+    a0, a1, a2 = item.origin(0)
+    tma.async_copy_global_to_shared(q_desc, [item.bh, a0, a1, a2, 0], qbar, bufs.q_smem.index(2 * qb))
+    b0, b1, b2 = item.origin(1)
+    tma.async_copy_global_to_shared(q_desc, [item.bh, b0, b1, b2, 0], qbar, bufs.q_smem.index(2 * qb + 1))
+    for i in range(item.n):
+        c = kv.advance(i)
+        stage = c.slot()
+        mbarrier.wait(bufs.kv_empty.index(stage), c.free_phase())
+        t0, t1, t2 = item.key_tile_at(i)
+        coord = [bh_kv, t0 * cfg.K0, t1 * cfg.K1, t2 * cfg.K2, 0]
+        kb = bufs.k_ready.index(stage)
         mbarrier.expect(kb, k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, coord, kb, k_bufs.index(stage))
-        vb = v_ready.index(stage)
+        tma.async_copy_global_to_shared(k_desc, coord, kb, bufs.k_bufs.index(stage))
+        vb = bufs.v_ready.index(stage)
         mbarrier.expect(vb, v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, coord, vb, v_bufs.index(stage))
+        tma.async_copy_global_to_shared(v_desc, coord, vb, bufs.v_bufs.index(stage))
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty,
-            bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, work, table_ptr, tile_base, count, BH, LONG, GROUP,
-            T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
-            K2: gl.constexpr, NUM_STAGES: gl.constexpr, RUNS: gl.constexpr, BOX: gl.constexpr, QBUF: gl.constexpr):
-    """The program's items in turn (the first decoded by the caller); `work` = (its first item, the
-    stride between its items, how many it runs: one when QBUF == 1)."""
-    _load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty,
-               bh, bh // GROUP, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, 0, 0, K0, K1, K2, NUM_STAGES, RUNS,
-               QBUF)
-    if QBUF > 1:
-        H0: gl.constexpr = q_desc.block_shape[1]
-        H1: gl.constexpr = q_desc.block_shape[2]
-        H2: gl.constexpr = q_desc.block_shape[3]
-        g = n
-        w0, stride, items = work
-        for j in range(1, items):
-            bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, _every, _full = _item(
-                w0 + j * stride, table_ptr, tile_base, count, BH, LONG, T0, T1, T2, H0, H1, H2, RUNS, BOX)
-            _load_item(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty,
-                       bh, bh // GROUP, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, g, j, K0, K1, K2,
-                       NUM_STAGES, RUNS, QBUF)
-            g += n
+def _loader(q_desc, k_desc, v_desc, bufs, item, dispatch, GROUP, cfg):
+    """The program's items in turn (the first decoded by the caller)."""
+    _load_item(q_desc, k_desc, v_desc, bufs, item, item.bh // GROUP, Counter(0, cfg.NUM_STAGES), Counter(0, cfg.QBUF),
+               cfg)
+    if cfg.QBUF > 1:
+        g = item.n
+        for j in range(1, dispatch.items):
+            later = dispatch.item(dispatch.w0 + j * dispatch.stride, cfg)
+            _load_item(q_desc, k_desc, v_desc, bufs, later, later.bh // GROUP, Counter(g, cfg.NUM_STAGES),
+                       Counter(j, cfg.QBUF), cfg)
+            g += later.n
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, o_row: gl.constexpr, dtype: gl.constexpr):
+def _softmax_step(s, m_i, l_i, qk_scale, cfg):
     """One online-softmax update in the log2 domain (qk_scale = scale * log2 e).
 
     A row whose scores are all -inf (only -inf inputs make them) keeps P = 0 instead of NaN, as the
@@ -182,265 +560,121 @@ def _softmax_step(s, m_i, l_i, qk_scale, p_layout: gl.constexpr, o_row: gl.const
     alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
     l_i = l_i * alpha + gl.sum(p, axis=1)
-    return m_new, l_i, gl.convert_layout(p.to(dtype), p_layout), gl.convert_layout(alpha, o_row)
+    return m_new, l_i, gl.convert_layout(p.to(cfg.dtype), cfg.p_layout), gl.convert_layout(alpha, cfg.o_row)
 
 
 @gluon.jit
-def _mask_edge(s, i, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col: gl.constexpr,
-               BLOCK_N: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr):
-    """S with -inf where the row does not attend the key, on the tiles that may be partial: the first
-    and last of each run, or every tile of a query tile whose table row says so (codegen.gluon_runs
-    sets that flag where a run has a partial tile inside). A row attends key j when one of its
-    intervals [lo, hi] holds it; keys past the grid's end (a ragged last tile, zero-filled by the
-    copy engine) never; LK is the key extent (a segment's buffer may be shorter than the rows)."""
-    edge = (i == 0) | (i == n - 1) | (every != 0)
-    if RUNS == 2:
-        edge = edge | (i == na - 1) | (i == na)
-    if edge:
-        cols = _key_tile(i, lo2, na, lo2b, RUNS) * BLOCK_N + gl.arange(0, BLOCK_N, layout=s_col)
-        c = gl.expand_dims(cols, 0)
-        ok = (c >= gl.expand_dims(lo_a, 1)) & (c <= gl.expand_dims(hi_a, 1))
-        if TERMS == 2:
-            ok = ok | ((c >= gl.expand_dims(lo_b, 1)) & (c <= gl.expand_dims(hi_b, 1)))
-        ok = ok & (c < LK)
-        s = gl.where(ok, s, float("-inf"))
-    return s
-
-
-@gluon.jit
-def _mask_box(s, i, lo0, lo1, lo2, e1, e2, full, bnd, s_col: gl.constexpr, BLOCK_N: gl.constexpr,
-              K0: gl.constexpr, K1: gl.constexpr, K2: gl.constexpr):
-    """S with -inf where the row does not see the key, on the key tiles of step i that are not full
-    for this query tile in some dimension (codegen.gluon_boxes): a row sees a key when each of its
-    coordinates lies in the row's interval [lo_d, hi_d] there. `full` = the table's full key-tile
-    range per dimension, `bnd` = the rows' six bounds. A key past the grid (a tile overhanging a
-    ragged extent; the copy engine loaded zeros) lies outside every interval."""
-    fa0, fb0, fa1, fb1, fa2, fb2 = full
-    j = i // e2
-    t0 = lo0 + j // e1
-    t1 = lo1 + j % e1
-    t2 = lo2 + i % e2
-    if (t0 < fa0) | (t0 >= fb0) | (t1 < fa1) | (t1 >= fb1) | (t2 < fa2) | (t2 >= fb2):
-        b0l, b0h, b1l, b1h, b2l, b2h = bnd
-        c = gl.arange(0, BLOCK_N, layout=s_col)
-        k0 = gl.expand_dims(t0 * K0 + c // (K1 * K2), 0)
-        k1 = gl.expand_dims(t1 * K1 + (c // K2) % K1, 0)
-        k2 = gl.expand_dims(t2 * K2 + c % K2, 0)
-        ok = (k0 >= gl.expand_dims(b0l, 1)) & (k0 <= gl.expand_dims(b0h, 1))
-        ok = ok & (k1 >= gl.expand_dims(b1l, 1)) & (k1 <= gl.expand_dims(b1h, 1))
-        ok = ok & (k2 >= gl.expand_dims(b2l, 1)) & (k2 <= gl.expand_dims(b2h, 1))
-        s = gl.where(ok, s, float("-inf"))
-    return s
-
-
-@gluon.jit
-def _consume_item(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                  bh, q0, q1, q2, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b,
-                  every, full, g, tt, j, CID: gl.constexpr, SUB_M: gl.constexpr,
-                  T1: gl.constexpr, T2: gl.constexpr, WARPS: gl.constexpr,
-                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  RUNS: gl.constexpr, TERMS: gl.constexpr, BOX: gl.constexpr, K0: gl.constexpr,
-                  K1: gl.constexpr, K2: gl.constexpr, QBUF: gl.constexpr):
-    """Item j of the program: g key tiles and tt ping-pong turns came before it (the ring's and the
-    turns' parities count over the program's items); its Q is in buffer j % QBUF."""
-    dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                        instr_shape=[16, HEAD_D, 16])
-    # P feeds the PV wgmma straight from registers: converting from S's layout moves no data through smem
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
-    s_col: gl.constexpr = gl.SliceLayout(0, s_layout)
-    o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
-    r = CID * SUB_M + gl.arange(0, SUB_M, layout=s_row)  # row of the query tile -> token of the grid
-    x1 = q1[0] + (r // T2) % T1
-    x2 = q2[0] + r % T2
-    token = ((q0[0] + r // (T1 * T2)) * N1 + x1) * N2 + x2
-    live = (token < L) & (x1 < N1) & (x2 < N2)  # a ragged tile's rows past the grid write nothing
-    bnd = (token, token, token, token, token, token)
-    if BOX:  # this consumer's rows' key interval per dimension (codegen.gluon_boxes: lo_d then hi_d, per d)
-        x0 = q0[0] + r // (T1 * T2)
-        N0 = L // (N1 * N2)
-        b1 = 2 * N0
-        b2 = b1 + 2 * N1
-        bnd = (gl.load(bounds_ptr + x0, mask=live, other=1), gl.load(bounds_ptr + N0 + x0, mask=live, other=0),
-               gl.load(bounds_ptr + b1 + x1, mask=live, other=1), gl.load(bounds_ptr + b1 + N1 + x1, mask=live, other=0),
-               gl.load(bounds_ptr + b2 + x2, mask=live, other=1), gl.load(bounds_ptr + b2 + N2 + x2, mask=live, other=0))
-    lo_a = token
-    hi_a = token
-    lo_b = token
-    hi_b = token
-    if TERMS > 0:  # this consumer's rows' key intervals, per term ([TERMS, 2, L] int32; none past the end)
-        lo_a = gl.load(bounds_ptr + token, mask=live, other=1)
-        hi_a = gl.load(bounds_ptr + L + token, mask=live, other=0)
-        if TERMS == 2:
-            lo_b = gl.load(bounds_ptr + 2 * L + token, mask=live, other=1)
-            hi_b = gl.load(bounds_ptr + 3 * L + token, mask=live, other=0)
-
-    qb = j % QBUF
-    q_box = q_smem.index(2 * qb + CID)  # this consumer's half of the query tile, a box of the grid
-    q_sub = q_box.reshape([SUB_M, HEAD_D])
-    m_i = gl.full([SUB_M], float("-inf"), gl.float32, s_row)
-    l_i = gl.full([SUB_M], 0.0, gl.float32, s_row)
-    acc = gl.zeros([SUB_M, HEAD_D], gl.float32, o_layout)
+def _consume_item(io, bufs, item, kv, turns, qc, cfg, CID: gl.constexpr):
+    """Consumer CID's half of one item: kv counts the program's key tiles before it (the ring's stages
+    and parities), turns its ping-pong turns, qc its items (its Q is in buffer qc.slot())."""
+    rows = Rows.of(item, io, cfg, CID)
+    qb = qc.slot()
+    q_box = bufs.q_smem.index(2 * qb + CID)  # this consumer's half of the query tile, a box of the grid
+    q_sub = q_box.reshape([cfg.SUB_M, cfg.HEAD_D])
+    m_i = gl.full([cfg.SUB_M], float("-inf"), gl.float32, cfg.s_row)
+    l_i = gl.full([cfg.SUB_M], 0.0, gl.float32, cfg.s_row)
+    acc = gl.zeros([cfg.SUB_M, cfg.HEAD_D], gl.float32, cfg.o_layout)
     # n >= 1: the host launches only tiles that visit something (the loop peels tile 0)
 
-    mbarrier.wait(q_bar.index(qb), (j // QBUF) & 1)
-    first = g % NUM_STAGES
-    mbarrier.wait(k_ready.index(first), (g // NUM_STAGES) & 1)
-    s = warpgroup_mma(q_sub, k_bufs.index(first).reshape([BLOCK_N, HEAD_D]).permute((1, 0)),
-                      gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    if QBUF > 1:  # noqa: SIM102 - a constexpr test, then a runtime one
-        if j > 0:  # the previous item's O has left its Q buffer (the store overlapped this QK): free it
+    mbarrier.wait(bufs.q_bar.index(qb), qc.phase())
+    bufs.wait_k(kv)
+    s = warpgroup_mma(q_sub, bufs.k_tile(kv, cfg), gl.zeros([cfg.SUB_M, cfg.BLOCK_N], gl.float32, cfg.s_layout),
+                      use_acc=False, is_async=True)
+    if cfg.QBUF > 1:  # noqa: SIM102 - a constexpr test, then a runtime one
+        if qc.count > 0:  # the previous item's O has left its Q buffer (the store overlapped this QK): free it
             tma.store_wait(0)
-            mbarrier.arrive(q_empty.index((j - 1) % QBUF))
+            mbarrier.arrive(bufs.q_empty.index((qc.count - 1) % cfg.QBUF))
     s = warpgroup_mma_wait(0, deps=(s, ))
-    if TERMS > 0:
-        s = _mask_edge(s, 0, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
-    if BOX:
-        s = _mask_box(s, 0, lo0, lo1, lo2, e1, e2, full, bnd, s_col, BLOCK_N, K0, K1, K2)
-    m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
+    s = rows.mask(s, 0, item, io.LK, cfg)
+    m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, io.qk_scale, cfg)
 
-    for i in range(1, n):
-        prev = (g + i - 1) % NUM_STAGES
-        cur = (g + i) % NUM_STAGES
-        if PINGPONG:  # consumer 0 goes first; each passes the turn right after issuing its MMAs
-            mbarrier.wait(turn.index(CID), ((tt + i - 1) & 1) ^ (1 - CID))
-        mbarrier.wait(v_ready.index(prev), ((g + i - 1) // NUM_STAGES) & 1)
-        acc = warpgroup_mma(p, v_bufs.index(prev).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
-        mbarrier.wait(k_ready.index(cur), ((g + i) // NUM_STAGES) & 1)
-        s = warpgroup_mma(q_sub, k_bufs.index(cur).reshape([BLOCK_N, HEAD_D]).permute((1, 0)),
-                          gl.zeros([SUB_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - CID))
+    for i in range(1, item.n):
+        prev = kv.advance(i - 1)
+        cur = kv.advance(i)
+        if cfg.PINGPONG:  # consumer 0 goes first; each passes the turn right after issuing its MMAs
+            mbarrier.wait(bufs.turn.index(CID), turns.advance(i - 1).phase() ^ (1 - CID))
+        bufs.wait_v(prev)
+        acc = warpgroup_mma(p, bufs.v_tile(prev, cfg), acc, is_async=True)
+        bufs.wait_k(cur)
+        s = warpgroup_mma(q_sub, bufs.k_tile(cur, cfg), gl.zeros([cfg.SUB_M, cfg.BLOCK_N], gl.float32, cfg.s_layout),
+                          use_acc=False, is_async=True)
+        if cfg.PINGPONG:
+            mbarrier.arrive(bufs.turn.index(1 - CID))
         s, acc, p = warpgroup_mma_wait(0, deps=(s, acc, p))
-        mbarrier.arrive(kv_empty.index(prev))
-        if TERMS > 0:
-            s = _mask_edge(s, i, n, na, lo2, lo2b, every, LK, lo_a, hi_a, lo_b, hi_b, s_col, BLOCK_N, RUNS, TERMS)
-        if BOX:
-            s = _mask_box(s, i, lo0, lo1, lo2, e1, e2, full, bnd, s_col, BLOCK_N, K0, K1, K2)
-        m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, p_layout, o_row, dtype)
+        bufs.release_kv(prev)
+        s = rows.mask(s, i, item, io.LK, cfg)
+        m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, io.qk_scale, cfg)
         acc = acc * gl.expand_dims(alpha, 1)
 
-    last = (g + n - 1) % NUM_STAGES
-    mbarrier.wait(v_ready.index(last), ((g + n - 1) // NUM_STAGES) & 1)
-    acc = warpgroup_mma(p, v_bufs.index(last).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+    last = kv.advance(item.n - 1)
+    bufs.wait_v(last)
+    acc = warpgroup_mma(p, bufs.v_tile(last, cfg), acc, is_async=True)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))
-    mbarrier.arrive(kv_empty.index(last))
+    bufs.release_kv(last)
 
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / gl.expand_dims(gl.convert_layout(l_safe, o_row), 1)
-    q_sub.store(o.to(dtype))  # this consumer's Q rows are dead: stage O there for the TMA store
+    o = acc / gl.expand_dims(gl.convert_layout(l_safe, cfg.o_row), 1)
+    q_sub.store(o.to(cfg.dtype))  # this consumer's Q rows are dead: stage O there for the TMA store
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [bh, q0[CID], q1[CID], q2[CID], 0], q_box)
+    x0, x1, x2 = item.origin(CID)
+    tma.async_copy_shared_to_global(io.o_desc, [item.bh, x0, x1, x2, 0], q_box)
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    gl.store(lse_ptr + bh * L + token, lse, mask=live)
-    if QBUF == 1:
+    gl.store(io.lse_ptr + item.bh * io.L + rows.token, lse, mask=rows.live)
+    if cfg.QBUF == 1:
         tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-              bh, q0, q1, q2, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b, every, full,
-              work, table_ptr, tile_base, count, BH, LONG, CID: gl.constexpr, SUB_M: gl.constexpr,
-              T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, WARPS: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              RUNS: gl.constexpr, TERMS: gl.constexpr, BOX: gl.constexpr, K0: gl.constexpr,
-              K1: gl.constexpr, K2: gl.constexpr, QBUF: gl.constexpr):
-    """The program's items in turn (the first decoded by the caller); `work` = (its first item, the
-    stride between its items, how many it runs: one when QBUF == 1). The next item's table row is
-    read before this one runs, so its latency hides under this item's main loop."""
-    H0: gl.constexpr = o_desc.block_shape[1]
-    H1: gl.constexpr = o_desc.block_shape[2]
-    H2: gl.constexpr = o_desc.block_shape[3]
-    w0, stride, items = work
-    last = count * BH - 1
-    if QBUF > 1:
-        nxt = _item(gl.minimum(w0 + stride, last), table_ptr, tile_base, count, BH, LONG, T0, T1, T2, H0, H1, H2,
-                    RUNS, BOX)
-    _consume_item(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                  bh, q0, q1, q2, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b,
-                  every, full, 0, 0, 0, CID, SUB_M, T1, T2, WARPS, BLOCK_N, HEAD_D, NUM_STAGES, PINGPONG,
-                  RUNS, TERMS, BOX, K0, K1, K2, QBUF)
-    if QBUF > 1:
-        g = n
-        tt = n - 1
-        for j in range(1, items):
-            bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, every, full = nxt
-            nxt = _item(gl.minimum(w0 + (j + 1) * stride, last), table_ptr, tile_base, count, BH, LONG, T0, T1, T2,
-                        H0, H1, H2, RUNS, BOX)
-            _consume_item(o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                          bh, q0, q1, q2, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b,
-                          every, full, g, tt, j, CID, SUB_M, T1, T2, WARPS, BLOCK_N, HEAD_D, NUM_STAGES,
-                          PINGPONG, RUNS, TERMS, BOX, K0, K1, K2, QBUF)
-            g += n
-            tt += n - 1
+def _consumer(io, bufs, item, dispatch, cfg, CID: gl.constexpr):
+    """The program's items in turn (the first decoded by the caller). The next item's table row is read
+    before this one runs, so its latency hides under this item's main loop."""
+    last = dispatch.count * dispatch.BH - 1
+    if cfg.QBUF > 1:
+        nxt = dispatch.item(gl.minimum(dispatch.w0 + dispatch.stride, last), cfg)
+    _consume_item(io, bufs, item, Counter(0, cfg.NUM_STAGES), Counter(0, 1), Counter(0, cfg.QBUF), cfg, CID)
+    if cfg.QBUF > 1:
+        g = item.n
+        tt = item.n - 1
+        for j in range(1, dispatch.items):
+            item = nxt
+            nxt = dispatch.item(gl.minimum(dispatch.w0 + (j + 1) * dispatch.stride, last), cfg)
+            _consume_item(io, bufs, item, Counter(g, cfg.NUM_STAGES), Counter(tt, 1), Counter(j, cfg.QBUF), cfg,
+                          CID)
+            g += item.n
+            tt += item.n - 1
         tma.store_wait(0)
 
 
 @gluon.jit
 def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base, qk_scale, L, N1, N2, GROUP,
-                  bounds_ptr, count, BH, LONG, LK, PER, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr, K0: gl.constexpr, K1: gl.constexpr,
-                  K2: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr,
-                  CONSUMER_REGS: gl.constexpr, RUNS: gl.constexpr, TERMS: gl.constexpr, BOX: gl.constexpr,
-                  QBUF: gl.constexpr, num_warps: gl.constexpr):
-    """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles,
-    k and v in key tiles); `table_ptr` holds int32 rows (query-tile coordinates c0..c2, then [lo, hi)
-    of key tiles per dimension, then with RUNS == 2 (1-D) a second run [lo, hi) of the last dimension
-    and a flag: predicate every tile) per launched tile. The work items are the count x BH (row, head)
-    pairs in dispatch order (`_item`); row r runs table row tile_base + r. Program p of G runs items
+                  bounds_ptr, count, BH, LONG, LK, PER, Q_TILE: gl.constexpr, MODE: gl.constexpr,
+                  TERMS: gl.constexpr, NUM_STAGES: gl.constexpr, QBUF: gl.constexpr, PINGPONG: gl.constexpr,
+                  LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles of
+    the query tile Q_TILE, k and v in key tiles); `table_ptr` holds the MODE's rows
+    (maskdsl.tile_table) per launched tile. The work items are the count x BH (row, head) pairs in
+    dispatch order (`Dispatch`); row r runs table row tile_base + r. Program p of G runs items
     p, p + G, ... (PER at most; two Q buffers, QBUF = 2, when PER > 1): then the loader fetches the next
-    item's Q and K/V while the consumers finish the current one, and a short item's launch and prologue are paid once
-    per PER items. TERMS > 0: the mask's rows' key intervals are in `bounds_ptr` and the runs' edge
-    tiles are masked (codegen.gluon_runs). BOX: a row of 15 ends with the key tiles [lo, hi) per
-    dimension that need no predicate; the others are masked with each row's key interval per dimension
-    from `bounds_ptr` (codegen.gluon_boxes), which also covers tiles overhanging a ragged grid (the copy
-    engine zero-fills loads past it, clips stores)."""
-    H0: gl.constexpr = o_desc.block_shape[1]
-    H1: gl.constexpr = o_desc.block_shape[2]
-    H2: gl.constexpr = o_desc.block_shape[3]
+    item's Q and K/V while the consumers finish the current one, and a short item's launch and
+    prologue are paid once per PER items. "runs": the rows' TERMS key intervals are in `bounds_ptr` and
+    the runs' edge tiles are masked (codegen.gluon_runs). "boxes": the rows end with the key tiles
+    [lo, hi) per dimension that need no predicate; the others are masked with each row's key interval
+    per dimension from `bounds_ptr` (codegen.gluon_boxes), which also covers tiles overhanging a ragged
+    grid (the copy engine zero-fills loads past it, clips stores)."""
+    cfg = Config(Q_TILE, o_desc, k_desc, MODE, TERMS, NUM_STAGES, QBUF, PINGPONG, num_warps)
     # program p runs items p, p + G, p + 2G, ... (G programs): the items running at once stay neighbours
     w0 = gl.program_id(0)
     stride = gl.num_programs(0)
-    work = (w0, stride, gl.minimum(PER, (count * BH - w0 + stride - 1) // stride))
-    bh, q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, every, full = _item(
-        w0, table_ptr, tile_base, count, BH, LONG, T0, T1, T2, H0, H1, H2, RUNS, BOX)
-
-    dtype: gl.constexpr = q_desc.dtype
-    SUB_M: gl.constexpr = BLOCK_M // 2
-    q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, 1, H0, H1, H2, HEAD_D], o_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, K0, K1, K2, HEAD_D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, K0, K1, K2, HEAD_D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(QBUF):
-        mbarrier.init(q_bar.index(b), count=1)
-        mbarrier.init(q_empty.index(b), count=2)
-    for st in gl.static_range(NUM_STAGES):
-        mbarrier.init(k_ready.index(st), count=1)
-        mbarrier.init(v_ready.index(st), count=1)
-        mbarrier.init(kv_empty.index(st), count=2)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+    dispatch = Dispatch(RowTable(table_ptr, tile_base, MODE), count, BH, LONG, w0, stride,
+                        gl.minimum(PER, (count * BH - w0 + stride - 1) // stride))
+    item = dispatch.item(w0, cfg)
+    bufs = Buffers.allocate(o_desc, k_desc, v_desc, cfg)
+    io = Launch(o_desc, lse_ptr, bounds_ptr, qk_scale, L, N1, N2, LK)
 
     gl.warp_specialize([
-        (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, bh,
-                     q0, q1, q2, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b, every, full,
-                     work, table_ptr, tile_base, count, BH, LONG, 0, SUB_M, T0, T1, T2, num_warps, BLOCK_N, HEAD_D,
-                     NUM_STAGES, PINGPONG, RUNS, TERMS, BOX, K0, K1, K2, QBUF)),
-        (_consumer, (o_desc, lse_ptr, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, turn, bh,
-                     q0, q1, q2, n, N1, N2, qk_scale, L, LK, bounds_ptr, lo0, lo1, lo2, e1, e2, na, lo2b, every, full,
-                     work, table_ptr, tile_base, count, BH, LONG, 1, SUB_M, T0, T1, T2, num_warps, BLOCK_N, HEAD_D,
-                     NUM_STAGES, PINGPONG, RUNS, TERMS, BOX, K0, K1, K2, QBUF)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, kv_empty, bh,
-                   q0, q1, q2, lo0, lo1, lo2, e1, e2, n, na, lo2b, work, table_ptr, tile_base, count, BH, LONG, GROUP,
-                   T0, T1, T2, K0, K1, K2, NUM_STAGES, RUNS, BOX, QBUF)),
+        (_consumer, (io, bufs, item, dispatch, cfg, 0)),
+        (_consumer, (io, bufs, item, dispatch, cfg, 1)),
+        (_loader, (q_desc, k_desc, v_desc, bufs, item, dispatch, GROUP, cfg)),
     ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -466,41 +700,47 @@ def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) ->
                             _smem_layout(tuple(block), t.dtype))
 
 
+def _terms(mode: str, table: torch.Tensor, bounds: torch.Tensor | None) -> int:
+    """Key intervals per row in `bounds` ("runs"), after checking the table and bounds fit the mode."""
+    if table.shape[1] != tile_table.WIDTH[mode]:
+        raise ValueError(f"a {mode!r} tile table has {tile_table.WIDTH[mode]} columns, this one {table.shape[1]}")
+    if (bounds is None) != (mode == "whole"):
+        raise ValueError(f"mode {mode!r} {'takes no' if mode == 'whole' else 'needs'} row bounds")
+    return bounds.shape[0] if mode == "runs" else 0
+
+
 def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
-                grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
+                grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...], mode: str,
                 pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
                 k_grid: tuple[int, ...] | None = None, per: int = 1):
-    """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`; grid and
-    tiles are RANK-dimensional (codegen.gluon_plan pads them). `per`: work items per program
-    (codegen.gluon_plan.GluonSchedule.items_per_program).
+    """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`, a tile table
+    of `mode` (maskdsl.tile_table.MODES: the schedule's `ranges.mode`); grid and tiles are
+    RANK-dimensional (codegen.gluon_plan pads them). `bounds`: the predicated modes' per-row key
+    intervals ("runs": [slots, 2, tokens] int32, codegen.gluon_runs; "boxes": per dimension,
+    codegen.gluon_boxes). `per`: work items per program (codegen.gluon_plan.GluonSchedule.items_per_program).
 
-    Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU. A table of
-    12 columns holds two runs and a flag (1-D); `bounds` ([slots, 2, tokens] int32: each row's key
-    intervals, codegen.gluon_runs) turns on the edge tiles' predicate.
+    Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU.
     """
     batch, heads, tokens, head_dim = q.shape
-    runs = 2 if table.shape[1] == 12 else 1
-    terms = 0 if bounds is None else bounds.shape[0]
-    box = table.shape[1] == 15  # codegen.gluon_boxes: a predicate per dimension on the tiles not full
+    terms = _terms(mode, table, bounds)
     half = half_tile(q_tile)
     k_grid = grid if k_grid is None else k_grid
     args = (_descriptor(q, grid, half), _descriptor(k, k_grid, kv_tile), _descriptor(v, k_grid, kv_tile),
             _descriptor(out, grid, half), lse, table, first, scale * LOG2E, tokens, grid[1], grid[2], heads // k.shape[1],
             table if bounds is None else bounds, count, batch * heads, min(long, count), k.shape[2], per)
-    kwargs = dict(T0=q_tile[0], T1=q_tile[1], T2=q_tile[2], K0=kv_tile[0], K1=kv_tile[1], K2=kv_tile[2],
-                  HEAD_D=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, PINGPONG=pingpong,
-                  LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, RUNS=runs, TERMS=0 if box else terms, BOX=box,
-                  QBUF=2 if per > 1 else 1,
+    kwargs = dict(Q_TILE=tuple(q_tile), MODE=mode, TERMS=terms, NUM_STAGES=NUM_STAGES, QBUF=2 if per > 1 else 1,
+                  PINGPONG=pingpong, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS,
                   num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     return (-(-count * batch * heads // per),), args, kwargs
 
 
 def launch(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int, count: int,
-           grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
+           grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...], mode: str,
            pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
            k_grid: tuple[int, ...] | None = None, per: int = 1) -> None:
-    """Run `count` query tiles (rows of `table`) for every (batch, head); the caller checked eligibility."""
+    """Run `count` query tiles (rows of `table`, a `mode` tile table) for every (batch, head); the caller
+    checked eligibility."""
     if count:
         launch_grid, args, kwargs = kernel_args(q, k, v, out, lse, scale, table, first, count, grid, q_tile,
-                                                kv_tile, pingpong, bounds, long, k_grid, per)
+                                                kv_tile, mode, pingpong, bounds, long, k_grid, per)
         attention_fwd[launch_grid](*args, **kwargs)
