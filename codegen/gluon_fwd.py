@@ -51,7 +51,7 @@ from triton.language.core import _aggregate as aggregate
 from triton.language.core import base_value
 
 from maskdsl import tile_table
-from maskdsl.codegen.gluon_plan import BLOCK_M, BLOCK_N, box_strides
+from maskdsl.codegen.gluon_plan import box_strides
 
 LOG2E = 1.4426950408889634
 NUM_STAGES = 2  # 160 KB of shared memory at head_dim 128; a third stage measured no faster
@@ -66,12 +66,18 @@ PINGPONG = True
 # The kernel's modes (maskdsl.tile_table.MODES), a constexpr the host passes: whole tiles, predicated
 # 1-D runs (codegen.gluon_runs), per-dimension boxes (codegen.gluon_boxes).
 WHOLE, RUNS, BOXES = (gl.constexpr(mode) for mode in tile_table.MODES)
-# the row tables' columns by name, as constexpr functions the kernel can call
-box_lo = gluon.constexpr_function(tile_table.box_lo)
-box_hi = gluon.constexpr_function(tile_table.box_hi)
-full_lo = gluon.constexpr_function(tile_table.full_lo)
-full_hi = gluon.constexpr_function(tile_table.full_hi)
-
+# The row tables' columns by their names in maskdsl.tile_table, per dimension d where they have one
+# (COORD[d], BOX_LO[d], ...; RUN2 = the second run's [lo, hi)), and WIDTH[mode]: constexpr globals, whose
+# values the JIT hashes into the kernel's cache key, so a changed table layout compiles anew.
+_DIMS = range(tile_table.RANK)
+COORD = gl.constexpr(tuple(tile_table.COORD + d for d in _DIMS))
+BOX_LO = gl.constexpr(tuple(map(tile_table.box_lo, _DIMS)))
+BOX_HI = gl.constexpr(tuple(map(tile_table.box_hi, _DIMS)))
+FULL_LO = gl.constexpr(tuple(map(tile_table.full_lo, _DIMS)))
+FULL_HI = gl.constexpr(tuple(map(tile_table.full_hi, _DIMS)))
+RUN2 = gl.constexpr((tile_table.RUN2, tile_table.RUN2 + 1))
+FLAG = gl.constexpr(tile_table.FLAG)
+WIDTH = gl.constexpr(dict(tile_table.WIDTH))
 
 # a runtime int argument, or the constant the JIT specialised it to (e.g. 1), or a counter's first 0
 _INT = gl.tensor | gl.constexpr
@@ -81,17 +87,6 @@ _INT = gl.tensor | gl.constexpr
 def _value(x):
     """An aggregate's field from a constexpr function's argument: constants come unwrapped, wrap them again."""
     return x if isinstance(x, base_value) else gl.constexpr(x)
-
-
-@gluon.constexpr_function
-def _column(name):
-    """A column of the row tables that does not depend on a dimension (tile_table.COORD, RUN2, FLAG)."""
-    return getattr(tile_table, name)
-
-
-@gluon.constexpr_function
-def _width(mode):
-    return tile_table.WIDTH[mode]
 
 
 @aggregate
@@ -199,7 +194,7 @@ class RowTable:
         self.ptr = ptr
         self.first = _value(first)
         self.MODE = gl.constexpr(MODE)
-        self.WIDTH = gl.constexpr(_width(MODE))
+        self.WIDTH = gl.constexpr(WIDTH.value[MODE])
 
     @gluon.jit
     def row(self, x):
@@ -293,26 +288,26 @@ class Dispatch:
         x = gl.where(head_major, w // self.BH, self.LONG + late % rest)
         bh = gl.where(head_major, w % self.BH, late // rest)
         entry = self.table.row(x)
-        c0 = gl.load(entry + _column("COORD"))
-        c1 = gl.load(entry + (_column("COORD") + 1))
-        c2 = gl.load(entry + (_column("COORD") + 2))
-        lo0 = gl.load(entry + box_lo(0))
-        lo1 = gl.load(entry + box_lo(1))
-        lo2 = gl.load(entry + box_lo(2))
-        e1 = gl.load(entry + box_hi(1)) - lo1
-        e2 = gl.load(entry + box_hi(2)) - lo2
-        n = (gl.load(entry + box_hi(0)) - lo0) * e1 * e2
+        c0 = gl.load(entry + COORD[0])
+        c1 = gl.load(entry + COORD[1])
+        c2 = gl.load(entry + COORD[2])
+        lo0 = gl.load(entry + BOX_LO[0])
+        lo1 = gl.load(entry + BOX_LO[1])
+        lo2 = gl.load(entry + BOX_LO[2])
+        e1 = gl.load(entry + BOX_HI[1]) - lo1
+        e2 = gl.load(entry + BOX_HI[2]) - lo2
+        n = (gl.load(entry + BOX_HI[0]) - lo0) * e1 * e2
         na = n
         lo2b = lo2
         every = 0
         if cfg.MODE == RUNS:  # a second run of key tiles after the first, and the mask-every-tile flag
-            lo2b = gl.load(entry + _column("RUN2"))
-            n = na + gl.load(entry + (_column("RUN2") + 1)) - lo2b
-            every = gl.load(entry + _column("FLAG"))
+            lo2b = gl.load(entry + RUN2[0])
+            n = na + gl.load(entry + RUN2[1]) - lo2b
+            every = gl.load(entry + FLAG)
         full = (lo0, lo0, lo0, lo0, lo0, lo0)
         if cfg.MODE == BOXES:
-            full = (gl.load(entry + full_lo(0)), gl.load(entry + full_hi(0)), gl.load(entry + full_lo(1)),
-                    gl.load(entry + full_hi(1)), gl.load(entry + full_lo(2)), gl.load(entry + full_hi(2)))
+            full = (gl.load(entry + FULL_LO[0]), gl.load(entry + FULL_HI[0]), gl.load(entry + FULL_LO[1]),
+                    gl.load(entry + FULL_HI[1]), gl.load(entry + FULL_LO[2]), gl.load(entry + FULL_HI[2]))
         q0 = (c0 * cfg.T0, c0 * cfg.T0 + (cfg.T0 - cfg.H0))
         q1 = (c1 * cfg.T1, c1 * cfg.T1 + (cfg.T1 - cfg.H1))
         q2 = (c2 * cfg.T2, c2 * cfg.T2 + (cfg.T2 - cfg.H2))
@@ -583,16 +578,16 @@ def _consume_item(io, bufs, item, kv, turns, qc, cfg, CID: gl.constexpr):
     if cfg.QBUF > 1:  # noqa: SIM102 - a constexpr test, then a runtime one
         if qc.count > 0:  # the previous item's O has left its Q buffer (the store overlapped this QK): free it
             tma.store_wait(0)
-            mbarrier.arrive(bufs.q_empty.index((qc.count - 1) % cfg.QBUF))
+            mbarrier.arrive(bufs.q_empty.index(qc.advance(-1).slot()))
     s = warpgroup_mma_wait(0, deps=(s, ))
     s = rows.mask(s, 0, item, io.LK, cfg)
     m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, io.qk_scale, cfg)
 
     for i in range(1, item.n):
-        prev = kv.advance(i - 1)
         cur = kv.advance(i)
+        prev = cur.advance(-1)
         if cfg.PINGPONG:  # consumer 0 goes first; each passes the turn right after issuing its MMAs
-            mbarrier.wait(bufs.turn.index(CID), turns.advance(i - 1).phase() ^ (1 - CID))
+            mbarrier.wait(bufs.turn.index(CID), turns.advance(i).advance(-1).phase() ^ (1 - CID))
         bufs.wait_v(prev)
         acc = warpgroup_mma(p, bufs.v_tile(prev, cfg), acc, is_async=True)
         bufs.wait_k(cur)
@@ -606,7 +601,7 @@ def _consume_item(io, bufs, item, kv, turns, qc, cfg, CID: gl.constexpr):
         m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, io.qk_scale, cfg)
         acc = acc * gl.expand_dims(alpha, 1)
 
-    last = kv.advance(item.n - 1)
+    last = kv.advance(item.n).advance(-1)
     bufs.wait_v(last)
     acc = warpgroup_mma(p, bufs.v_tile(last, cfg), acc, is_async=True)
     acc, p = warpgroup_mma_wait(0, deps=(acc, p))

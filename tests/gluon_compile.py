@@ -6,7 +6,7 @@ TRITON_INTERPRET=1 is set at import (as the test suite does), and Gluon cannot c
 Usage:
   python tests/gluon_compile.py HEAD_DIM [1d|3d|1d-masked|3d-box][-items] [--no-pingpong]
       (-items: two work items per program, the short-item schedule of codegen.gluon_plan.items_per_program)
-  python tests/gluon_compile.py --against OLD.py
+  python tests/gluon_compile.py --against OLD.py [OUT.json [SHAPE,...]]
       every shape, head_dim and ping-pong setting compiled from OLD.py (an earlier codegen/gluon_fwd.py,
       e.g. `git show REV:codegen/gluon_fwd.py > OLD.py`) and from the package: PTX and SASS instruction
       counts side by side, and which SASS opcodes differ in count. A restructuring that leaves the
@@ -146,14 +146,15 @@ def load_module(path: str):
     return module
 
 
-def against(old_path: str) -> list[dict]:
-    """Every shape, head_dim and ping-pong setting compiled from `old_path` and from the package."""
+def against(old_path: str, only: str = "") -> list[dict]:
+    """Every shape (or those in `only`, comma-separated), head_dim and ping-pong setting compiled from
+    `old_path` and from the package."""
     old = load_module(old_path)
     rows = []
     print(f"{'shape':16} {'d':>3} {'pp':>2} {'ptx old':>8} {'ptx new':>8} {'sass old':>8} {'sass new':>8} "
           f"{'spills':>7}  SASS opcodes that differ (old -> new)")
-    for shape, head_dim, pingpong in itertools.product([*SHAPES, *(s + "-items" for s in SHAPES)], (64, 128),
-                                                       (True, False)):
+    shapes = [s for s in only.split(",") if s] or [*SHAPES, *(s + "-items" for s in SHAPES)]
+    for shape, head_dim, pingpong in itertools.product(shapes, (64, 128), (True, False)):
         a, b = counts(old, head_dim, shape, pingpong), counts(gluon_fwd, head_dim, shape, pingpong)
         diff = {op: (a["sass"][op], b["sass"][op]) for op in sorted(set(a["sass"]) | set(b["sass"]))
                 if a["sass"][op] != b["sass"][op]}
@@ -171,7 +172,8 @@ def against(old_path: str) -> list[dict]:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--against":
-        json.dump(against(sys.argv[2]), open(sys.argv[3], "w") if len(sys.argv) > 3 else sys.stderr, default=list)
+        rows = against(sys.argv[2], sys.argv[4] if len(sys.argv) > 4 else "")
+        json.dump(rows, open(sys.argv[3], "w") if len(sys.argv) > 3 else sys.stderr, default=list)
     else:
         args = [a for a in sys.argv[1:] if a != "--no-pingpong"]
         print(json.dumps(main(int(args[0]), *args[1:], pingpong="--no-pingpong" not in sys.argv)))

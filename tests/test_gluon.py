@@ -230,6 +230,30 @@ def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
     assert got["shared"] <= 232448  # Hopper's opt-in shared memory per block
 
 
+def test_launch_takes_the_mode_from_the_schedule_and_checks_the_table():
+    """The kernel's mode is the schedule's (a constexpr of the launch), not read off the table's width:
+    a table or bounds that do not fit the mode are refused before anything compiles."""
+    from maskdsl.codegen import gluon_fwd
+    from maskdsl.tile_table import WIDTH
+
+    q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    tiles = ((1, 1, 256), (1, 1, 128), (1, 1, 128))
+
+    def args(mode, width, bounds=None):
+        table = torch.zeros(2, width, dtype=torch.int32)
+        return gluon_fwd.kernel_args(q, q, q, q, torch.empty(1, 2, 256), 0.1, table, 0, 2, *tiles, mode, bounds=bounds)
+
+    runs_bounds = torch.zeros(2, 2, 256, dtype=torch.int32)
+    _, _, kwargs = args("runs", WIDTH["runs"], runs_bounds)
+    assert (kwargs["MODE"], kwargs["TERMS"]) == ("runs", 2)
+    _, _, kwargs = args("whole", WIDTH["whole"])
+    assert (kwargs["MODE"], kwargs["TERMS"]) == ("whole", 0)
+    for mode, width, bounds in (("runs", WIDTH["whole"], runs_bounds), ("boxes", WIDTH["runs"], runs_bounds),
+                                ("whole", WIDTH["whole"], runs_bounds), ("runs", WIDTH["runs"], None)):
+        with pytest.raises(ValueError):
+            args(mode, width, bounds)
+
+
 def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     """The untuned default on Hopper: the simulator's best 128 x 128 pair when the Gluon table accepts it,
     checked against the table built independently here; a union with partial tiles and top-k get None."""
