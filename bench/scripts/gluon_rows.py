@@ -223,8 +223,8 @@ def main(argv=None) -> int:
             row = build(name, args.heads, device, sms)
             if device == "meta":
                 r = row.schedule.ranges
-                entry = {"case": name, "mode": r.mode, "config": row.config.key(), "table_rows": len(row.schedule.table),
-                         "per": row.per}
+                entry = {"case": name, "mode": r.mode, "config": row.config.key(),
+                         "table_rows": len(row.schedule.table), "per": row.per}
             else:
                 blocker = tensor_blocker(row.q, row.k, row.v, row.q)
                 if blocker:
