@@ -230,6 +230,25 @@ def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
     assert got["shared"] <= 232448  # Hopper's opt-in shared memory per block
 
 
+def test_the_kernels_cache_key_holds_the_table_layout():
+    """The kernel reads maskdsl.tile_table's columns at compile time: another layout must give another
+    JIT cache key, or Triton's cache would hand back a kernel that reads the old columns."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+
+    def key(edit: str) -> str:
+        code = (f"from maskdsl import tile_table\n{edit}\nfrom maskdsl.codegen import gluon_fwd\n"
+                "print(gluon_fwd.attention_fwd.cache_key)")
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.split()[-1]
+
+    same = key("")
+    assert key("") == same
+    assert key("tile_table.FLAG += 1") != same
+    assert key("tile_table.WIDTH['boxes'] += 1") != same
+
+
 def test_launch_takes_the_mode_from_the_schedule_and_checks_the_table():
     """The kernel's mode is the schedule's (a constexpr of the launch), not read off the table's width:
     a table or bounds that do not fit the mode are refused before anything compiles."""
