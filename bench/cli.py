@@ -24,7 +24,8 @@ def cmd_bench(args) -> int:
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
     from maskdsl.bench.report import print_paths, print_table
-    from maskdsl.bench.run import bench_mask, profile_launches, run_suite, suite_files
+    from maskdsl.bench.cases import suite_files
+    from maskdsl.bench.run import bench_mask, profile_launches, run_suite
 
     if args.train:
         from maskdsl.bench.training import run_training

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskdsl.bench.cases import suite_cases, suite_files
 from maskdsl.bench.configs import PATH_CONFIGS, candidate_configs
 
-SUITE = Path(__file__).parent / "suite"
 TIMER = {"warmup": 50, "rep": 300}  # do_bench settings of every benchmark number
 
 def _flex_tile(mask):
@@ -336,22 +336,6 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def selected(only: str | None, case: str) -> bool:
-    """`--only a,b`: a case runs when its 'file:mask' contains any of the comma-separated texts."""
-    return not only or any(part and part in case for part in only.split(","))
-
-
-def suite_cases(files, only: str | None = None):
-    """(path, spec, attention statement) of every case of the suite files that `only` selects."""
-    from maskdsl.parser import load
-
-    for path in files:
-        spec = load(path)
-        for att in spec.attentions:
-            if selected(only, f"{Path(path).stem}:{att.mask}"):
-                yield path, spec, att
-
-
 def best_configs(runs: list[dict]) -> dict[str, str]:
     """{'file stem:mask': the best config's key} of saved suite runs (a case in several: the last run's),
     so a later call can re-time exactly the configs a table was made of (`--configs-from`)."""
@@ -415,8 +399,4 @@ def profile_launches(spec, mask_name: str, config, launches: int = 3) -> None:
     torch.cuda.synchronize()
 
 
-def suite_files() -> list[Path]:
-    return sorted(SUITE.glob("*.mask"))
-
-
-__all__ = ["bench_mask", "run_suite", "suite_files", "candidate_configs", "profile_launches", "PATH_CONFIGS"]
+__all__ = ["bench_mask", "run_suite", "best_configs", "profile_launches"]
