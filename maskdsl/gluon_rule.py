@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -79,8 +79,7 @@ def kernel_tiles(shape, q_tile, kv_tile) -> tuple[tuple[int, ...], tuple[int, ..
     return tuple(q_tile), tuple(kv_tile)
 
 
-def _empty_box() -> np.ndarray:
-    return np.zeros((0, RANK), np.int32)
+_ARRAYS = ("lo", "hi", "full_lo", "full_hi", "run2", "flag", "bounds", "order")
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +100,9 @@ class GluonRanges:
 
     `order`: the busy query tiles in the kernel's dispatch order, of which the first `long` run
     ahead of every head's rest (row_runs.dispatch_order; tile order but for "runs").
+
+    The verdict is computed first and the arrays once, when first read: the simulator asks for
+    verdicts at many tile pairs and reads none of them.
     """
 
     mode: str | None
@@ -108,16 +110,28 @@ class GluonRanges:
     shape: tuple[int, ...] = ()
     q_tile: tuple[int, ...] = ()
     kv_tile: tuple[int, ...] = ()
-    lo: np.ndarray = field(default_factory=_empty_box)
-    hi: np.ndarray = field(default_factory=_empty_box)
-    full_lo: np.ndarray | None = None
-    full_hi: np.ndarray | None = None
-    run2: np.ndarray | None = None
-    flag: np.ndarray | None = None
-    bounds: np.ndarray | None = None
     keys: int = 0
-    order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     long: int = 0
+    data: dict = field(default_factory=dict, repr=False)  # the arrays by name, as far as computed
+    build: Callable[[], dict] | None = field(default=None, repr=False)  # computes the rest
+
+    def _get(self, name: str):
+        if name not in self.data and self.build is not None:
+            self.data.update(self.build())
+        return self.data.get(name)
+
+    lo = property(lambda self: self._get("lo"))
+    hi = property(lambda self: self._get("hi"))
+    full_lo = property(lambda self: self._get("full_lo"))
+    full_hi = property(lambda self: self._get("full_hi"))
+    run2 = property(lambda self: self._get("run2"))
+    flag = property(lambda self: self._get("flag"))
+    bounds = property(lambda self: self._get("bounds"))
+
+    @property
+    def order(self) -> np.ndarray:
+        order = self._get("order")
+        return self.busy if order is None else order
 
     @property
     def ok(self) -> bool:
@@ -161,7 +175,8 @@ class GluonRanges:
 
 
 def _refused(reason: str) -> GluonRanges:
-    return GluonRanges(None, reason)
+    empty = np.zeros((0, RANK), np.int32)
+    return GluonRanges(None, reason, data={"lo": empty, "hi": empty})
 
 
 def gluon_ranges(terms, shape, q_tile, kv_tile, head_dim: int | None = None, dtype=None, *,
@@ -225,45 +240,60 @@ def _whole(terms, shape, q_tile, kv_tile) -> GluonRanges:
         if n % qt or n % kt:
             return _refused(f"grid {shape} is not a multiple of the tiles {tuple(q_tile)} x {tuple(kv_tile)}")
     shape, q_tile, kv_tile = pad_rank(shape), pad_rank(q_tile), pad_rank(kv_tile)
-    boxes = []
+    factors = []
     for term in terms:
-        box = _term_box(term, q_tile, kv_tile)
-        if isinstance(box, str):
-            return _refused(box)
-        boxes.append(box)
-    lo, hi = _merge(boxes, prod(n // t for n, t in zip(shape, q_tile)))
+        f = _term_factors(term, q_tile, kv_tile)
+        if isinstance(f, str):
+            return _refused(f)
+        factors.append(f)
+    head = ("whole", None, shape, q_tile, kv_tile)
+    if len(factors) == 1:  # one product term: its box per query tile is the product of its dimensions'
+        return GluonRanges(*head, build=lambda: _boxes_of(factors[0]))
+    lo, hi = _merge([(b["lo"], b["hi"]) for b in map(_boxes_of, factors)], prod(n // t for n, t in zip(shape, q_tile)))
     if isinstance(lo, str):
         return _refused(lo)
-    busy = np.nonzero((hi > lo).all(1))[0]
-    return GluonRanges("whole", None, shape, q_tile, kv_tile, lo.astype(np.int32), hi.astype(np.int32), order=busy)
+    return GluonRanges(*head, data={"lo": lo.astype(np.int32), "hi": hi.astype(np.int32)})
 
 
-def _term_box(term, q_tile, kv_tile):
-    """(lo, hi) [q tiles, RANK] of one product term (0, 0 where it sees nothing), or why one of its
-    visited tiles is partial."""
-    los, his, exact = [], [], []
+def _term_factors(term, q_tile, kv_tile):
+    """Per dimension (first visited key tile, last + 1; 0, 0 where none) over that dimension's query
+    tiles, for one product term; or why one of its visited tiles is partial (the first such query
+    tile named: a tile pair of a product is visited, or full, exactly when it is in every dimension)."""
+    factors, seen, bad = [], [], []
     for rel, qt, kt in zip(_padded(term), q_tile, kv_tile):
         if rel is None:  # a padding dimension: one tile, seen entirely
-            los.append(np.zeros(1, np.int64)), his.append(np.ones(1, np.int64)), exact.append(np.ones(1, bool))
+            factors.append((np.zeros(1, np.int64), np.ones(1, np.int64)))
+            seen.append(np.ones(1, bool)), bad.append(np.zeros(1, bool))
             continue
         if rel.dilation != 1:
             return "a dilated (strided) term: none of its tiles is full"
         tab = query_tile_ranges(rel.lo, rel.hi, 1, qt, kt)  # inclusive [a, b] visited, [fa, fb] full
-        seen = tab[:, 0] <= tab[:, 1]
-        los.append(np.where(seen, tab[:, 0], 0)), his.append(np.where(seen, tab[:, 1] + 1, 0))
-        exact.append(~seen | ((tab[:, 0] == tab[:, 2]) & (tab[:, 1] == tab[:, 3])))
-    lo, hi, full = (_outer(x) for x in (los, his, exact))
-    busy = (hi > lo).all(1)
-    if (busy & ~full.all(1)).any():
-        t = int(np.nonzero(busy & ~full.all(1))[0][0])
-        return f"query tile {t} visits partially seen key tiles (the whole-tile mode has no predicate)"
-    return np.where(busy[:, None], lo, 0), np.where(busy[:, None], hi, 0)
+        s = tab[:, 0] <= tab[:, 1]
+        factors.append((np.where(s, tab[:, 0], 0), np.where(s, tab[:, 1] + 1, 0)))
+        seen.append(s), bad.append(s & ((tab[:, 0] != tab[:, 2]) | (tab[:, 1] != tab[:, 3])))
+    if all(x.any() for x in seen):
+        # the first busy tile with a partial dimension: per dimension d, d's first partial tile with
+        # every other dimension's first seen one; the row-major least of those is the least of all
+        firsts = [int(np.argmax(x)) for x in seen]
+        cands = [tuple(firsts[:d]) + (int(np.argmax(bad[d])),) + tuple(firsts[d + 1:])
+                 for d in range(RANK) if bad[d].any()]
+        if cands:
+            t = int(np.ravel_multi_index(min(cands), tuple(len(x) for x in seen)))
+            return f"query tile {t} visits partially seen key tiles (the whole-tile mode has no predicate)"
+    return factors
 
 
 def _outer(per_dim: list[np.ndarray]) -> np.ndarray:
     """[prod(len), RANK]: each dimension's per-tile values over the row-major query-tile grid."""
     grid = np.meshgrid(*[np.arange(len(x)) for x in per_dim], indexing="ij")
     return np.stack([per_dim[d][grid[d]].reshape(-1) for d in range(len(per_dim))], axis=1)
+
+
+def _boxes_of(factors) -> dict:
+    """lo, hi [q tiles, RANK] of a product term from its per-dimension factors (0, 0 where idle)."""
+    lo, hi = _outer([f[0] for f in factors]), _outer([f[1] for f in factors])
+    busy = (hi > lo).all(1)
+    return {"lo": np.where(busy[:, None], lo, 0).astype(np.int32), "hi": np.where(busy[:, None], hi, 0).astype(np.int32)}
 
 
 def _merge(boxes: list, q_tiles: int):
@@ -333,10 +363,10 @@ def runs_of_intervals(iv: np.ndarray, keys: int) -> GluonRanges:
     lo[:, -1], hi[:, -1] = np.where(busy, run_lo[:, 0], 0), np.where(busy, run_hi[:, 0], 0)
     run2 = np.stack([run_lo[:, 1], run_hi[:, 1]], axis=1).astype(np.int32)
     bounds = np.ascontiguousarray(np.moveaxis(iv, 0, 2)).astype(np.int32)  # [SLOTS, 2, rows]
-    r = GluonRanges("runs", None, (1, 1, len(iv)), (1, 1, TILE), (1, 1, TILE), lo, hi, run2=run2, flag=flag,
-                    bounds=bounds, keys=keys)
+    data = {"lo": lo, "hi": hi, "run2": run2, "flag": flag, "bounds": bounds}
+    r = GluonRanges("runs", None, (1, 1, len(iv)), (1, 1, TILE), (1, 1, TILE), keys, data=data)
     order, long = dispatch_order(r.work(r.busy))
-    return GluonRanges(**{**r.__dict__, "order": r.busy[order], "long": long})
+    return GluonRanges(**{**r.__dict__, "data": {**data, "order": r.busy[order]}, "long": long})
 
 
 def _boxes(terms, shape, q_tile, kv_tile, head_dim) -> GluonRanges:
@@ -348,8 +378,13 @@ def _boxes(terms, shape, q_tile, kv_tile, head_dim) -> GluonRanges:
     if not all(_undilated(rel) for rel in terms[0]):
         return _refused("a dilated (strided) term: a row's keys are not an interval")
     shape, q_tile, kv_tile = pad_rank(shape), pad_rank(q_tile), pad_rank(kv_tile)
+    return GluonRanges("boxes", None, shape, q_tile, kv_tile, build=lambda: _box_data(terms[0], q_tile, kv_tile))
+
+
+def _box_data(term, q_tile, kv_tile) -> dict:
+    """The "boxes" mode's arrays of one product term (GluonRanges)."""
     cols, bounds = [[], [], [], []], []
-    for rel, qt, kt in zip(_padded(terms[0]), q_tile, kv_tile):
+    for rel, qt, kt in zip(_padded(term), q_tile, kv_tile):
         lo, hi = (np.zeros(1, np.int64),) * 2 if rel is None else (rel.lo, rel.hi)  # padding: one key, seen
         empty = lo > hi
         bounds += [np.where(empty, 1, lo), np.where(empty, 0, hi)]
@@ -358,12 +393,10 @@ def _boxes(terms, shape, q_tile, kv_tile, head_dim) -> GluonRanges:
         for k, (x, on, plus) in enumerate(((tab[:, 0], seen, 0), (tab[:, 1], seen, 1), (tab[:, 2], full, 0),
                                            (tab[:, 3], full, 1))):
             cols[k].append(np.where(on, x + plus, 0))
-    lo, hi, f_lo, f_hi = (_outer(c) for c in cols)
-    busy = (hi > lo).all(1)
-    lo, hi = np.where(busy[:, None], lo, 0), np.where(busy[:, None], hi, 0)
-    return GluonRanges("boxes", None, shape, q_tile, kv_tile, lo.astype(np.int32), hi.astype(np.int32),
-                       f_lo.astype(np.int32), f_hi.astype(np.int32), bounds=np.concatenate(bounds).astype(np.int32),
-                       order=np.nonzero(busy)[0])
+    data = _boxes_of([(cols[0][d], cols[1][d]) for d in range(RANK)])
+    data["full_lo"], data["full_hi"] = _outer(cols[2]).astype(np.int32), _outer(cols[3]).astype(np.int32)
+    data["bounds"] = np.concatenate(bounds).astype(np.int32)
+    return data
 
 
 @dataclass(frozen=True, eq=False)
