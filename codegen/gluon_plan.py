@@ -36,8 +36,6 @@ DTYPES = tuple(getattr(torch, name) for name in GLUON_DTYPES)
 SHORT_ITEM = 16
 MAX_PER = 4
 TileRanges = GluonRanges  # a mode's schedule (maskdsl.gluon_rule)
-__all__ = ["BLOCK_M", "BLOCK_N", "DTYPES", "HEAD_DIMS", "RANK", "GluonSchedule", "TileRanges", "kernel_tiles",
-           "pad_rank", "plan_ranges", "plan_terms", "row_table", "tile_ranges"]
 
 
 def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:

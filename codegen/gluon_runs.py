@@ -19,7 +19,7 @@ import numpy as np
 from maskdsl.codegen.gluon_plan import plan_ranges, plan_terms
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.gluon_rule import GluonRanges, row_key_intervals, runs_of_intervals
-from maskdsl.row_runs import BLOCK, EMPTY, RUNS, SLOTS  # noqa: F401 - the mode's limits, named where it is used
+from maskdsl.row_runs import EMPTY
 from maskdsl.tile_table import WIDTH
 
 ROW = WIDTH["runs"]  # table columns (maskdsl.tile_table)

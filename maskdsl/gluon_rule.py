@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from maskdsl.row_runs import BLOCK, EMPTY, RUNS, SLOTS, dispatch_order, row_intervals, tile_runs
+from maskdsl.row_runs import BLOCK, dispatch_order, row_intervals, tile_runs
 from maskdsl.tile_table import MODES, RANK
 from maskdsl.transpose import query_tile_ranges
 
@@ -77,9 +77,6 @@ def kernel_tiles(shape, q_tile, kv_tile) -> tuple[tuple[int, ...], tuple[int, ..
         return (f"config q{tuple(q_tile)} k{tuple(kv_tile)}: the kernel's query and key tiles are {TILE} tokens "
                 f"(choose tiles such as q2x8x8_k2x8x8)")
     return tuple(q_tile), tuple(kv_tile)
-
-
-_ARRAYS = ("lo", "hi", "full_lo", "full_hi", "run2", "flag", "bounds", "order")
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,7 +246,8 @@ def _whole(terms, shape, q_tile, kv_tile) -> GluonRanges:
     head = ("whole", None, shape, q_tile, kv_tile)
     if len(factors) == 1:  # one product term: its box per query tile is the product of its dimensions'
         return GluonRanges(*head, build=lambda: _boxes_of(factors[0]))
-    lo, hi = _merge([(b["lo"], b["hi"]) for b in map(_boxes_of, factors)], prod(n // t for n, t in zip(shape, q_tile)))
+    boxes = [(b["lo"], b["hi"]) for b in map(_boxes_of, factors)]
+    lo, hi = _merge(boxes, prod(n // t for n, t in zip(shape, q_tile)))
     if isinstance(lo, str):
         return _refused(lo)
     return GluonRanges(*head, data={"lo": lo.astype(np.int32), "hi": hi.astype(np.int32)})
@@ -436,7 +434,3 @@ def key_tile_visits(ranges: GluonRanges) -> KeyTileVisits:
     np.cumsum(np.bincount(key, minlength=prod(k_tiles)), out=offsets[1:])
     return KeyTileVisits(k_tiles, offsets, q[order])
 
-
-__all__ = ["TILE", "GLUON_HEAD_DIMS", "BOX_HEAD_DIMS", "GLUON_DTYPES", "SLOTS", "RUNS", "EMPTY", "GluonRanges",
-           "KeyTileVisits", "dtype_name", "gluon_ranges", "kernel_tiles", "key_tile_visits", "one_d", "pad_rank",
-           "row_key_intervals", "runs_of_intervals"]

@@ -12,8 +12,9 @@ import pytest
 import maskdsl
 from maskdsl.codegen.config import default_config
 from maskdsl.codegen.gluon_plan import row_table
-from maskdsl.codegen.gluon_runs import BLOCK, plan_intervals as row_intervals, run_ranges
+from maskdsl.codegen.gluon_runs import plan_intervals as row_intervals, run_ranges
 from maskdsl.codegen.plan import build_plan
+from maskdsl.row_runs import BLOCK
 from maskdsl.semantics import static_mask
 
 # (layout, mask, runs on Gluon): odd extents leave a ragged last tile
