@@ -1,6 +1,6 @@
 """The simulator's Gluon-forward verdict (simulator.gluon: maskdsl.gluon_rule's) and its constants: which
-masks the Hopper kernel runs, that a prediction says so, that a GPU without Gluon constants predicts the template, and that the
-fit recovers a planted Gluon tile cost."""
+masks the Hopper kernel runs, that a prediction says so, that a GPU without Gluon constants predicts the
+template, and that the fit recovers a planted Gluon tile cost."""
 
 import math
 
