@@ -125,7 +125,7 @@ def _ranges(dims: list[KernelDim], terms, maxt: int, walk_tile: int, frame0: str
         i = t["i"]
         lines.append(f"active_{i} = {all_of([f'a_{i}_{d.i} <= b_{i}_{d.i}' for d in dims])}")
         if full:
-            lines.append(f"full_ok_0 = {all_of([f'fa_0_{d.i} <= fb_0_{d.i}' for d in dims] + ['active_0'])}")
+            lines.append("full_ok_0 = active_0 & " + " & ".join(f"(fa_0_{d.i} <= fb_0_{d.i})" for d in dims))
         lines += [f"nb_{t['i']}_{d.i} = tl.where(active_{t['i']}, b_{t['i']}_{d.i} - a_{t['i']}_{d.i} + 1, 0)"
                   for d in dims]
     if full_box:

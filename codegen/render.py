@@ -21,7 +21,6 @@ from maskdsl.codegen.cache import cache_dir, load_module  # noqa: F401 - re-expo
 
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.codegen.context import _mul, notation, static_context
-from maskdsl.codegen.printer import to_triton
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "attention_fwd.py.jinja"
@@ -31,8 +30,6 @@ TEMPLATE = "attention_fwd.py.jinja"
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    # the backward templates print a bound for named row/group/extent variables: `{{ expr | tri('rows', 'g', 'n') }}`
-    env.filters["tri"] = lambda expr, i, g, n: to_triton(expr, {"i": i, "g": g, "n": n})
     # `{{ 'q_frame0' | times(inner) }}`: a product that folds a factor of 1, as the printed text does
     env.filters["times"] = _mul
     env.globals["notation"] = notation

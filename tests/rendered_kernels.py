@@ -6,7 +6,6 @@ Run as a script to print each rendered backward's line count:
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -77,6 +76,5 @@ if __name__ == "__main__":
         counts = []
         for kind in which:
             text = (backward_text if kind == "backward" else forward_text)(mask)
-            counts.append(f"{kind} {len(text.splitlines())} lines")
+            counts.append(f"{kind} {len(text.splitlines())} lines, {len(text)} characters")
         print(f"{name:18s} {', '.join(counts)}   # {mask.expr.fmt()} on {mask.layout.shape}")
-    _ = math
