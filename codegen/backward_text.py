@@ -90,11 +90,10 @@ def _keep(terms, dims: list[KernelDim], transposed: bool, valid: str, indent: in
         parts.append(" & ".join(conds))
     if len(parts) > 1:
         parts = [f"({p})" for p in parts]
-    if valid:
-        parts = [f"({' | '.join(parts)})" if len(parts) > 1 else parts[0]]
-        broadcast = "[:, None]" if transposed else "[None, :]"
-        return join("keep = ", parts + [f"key_valid{broadcast}"], " & ", indent)
-    return join("keep = ", parts, " | ", indent)
+    lines = join("keep = ", parts, " | ", indent)
+    if valid:  # keys past the grid's edge: the forward's way, one more line
+        lines.append(f"keep = keep & key_valid{'[:, None]' if transposed else '[None, :]'}")
+    return lines
 
 
 def _ranges(dims: list[KernelDim], terms, maxt: int, walk_tile: int, frame0: str, frame1: str,
