@@ -109,12 +109,10 @@ def gluon_pair(mask: ir.MaskDef, head_dim: int = 128,
     its waves too (one head of Cosmos ranks a ragged pair first that 16 heads do not).
     """
     from maskdsl.analysis import NotAnalyzable
-    from maskdsl.codegen.gluon_boxes import box_ranges
-    from maskdsl.codegen.gluon_plan import HEAD_DIMS, tile_ranges
-    from maskdsl.codegen.plan import UnsupportedMask, build_plan
+    from maskdsl.gluon_rule import GLUON_HEAD_DIMS
     from maskdsl.simulator import sweep
 
-    if mask.dynamic or head_dim not in HEAD_DIMS:
+    if mask.dynamic or head_dim not in GLUON_HEAD_DIMS:
         return None
     try:
         spec = ir.Spec(layouts=(mask.layout,), masks=(mask,), attentions=(attention,) if attention else ())
@@ -125,15 +123,8 @@ def gluon_pair(mask: ir.MaskDef, head_dim: int = 128,
         return None
     best = max(res.predicted_speedup for _, res in ranked)
     for tiles, res in sorted(ranked, key=lambda r: -r[1].predicted_speedup):
-        if not res.gluon:
-            continue
-        cfg = KernelConfig(tiles.q_tile, tiles.kv_tile, 8, 3)
-        try:
-            plan = build_plan(mask, cfg)
-            if tile_ranges(plan).ok or box_ranges(plan).ok:  # (box_ranges refuses 1-D orders)
-                return cfg, res.predicted_speedup >= best
-        except (UnsupportedMask, ValueError):
-            continue
+        if res.gluon:  # the simulator costs maskdsl.gluon_rule's verdict, the one codegen builds tables from
+            return KernelConfig(tiles.q_tile, tiles.kv_tile, 8, 3), res.predicted_speedup >= best
     return None
 
 

@@ -15,6 +15,8 @@ def cmd_bench(args) -> int:
         env = data.get("environment", {})
         print(f"wrote {plot(data['results'], args.plot or 'bench.png', _title(env))}")
         return 0
+    import json
+
     import torch
 
     if not torch.cuda.is_available():
@@ -22,7 +24,8 @@ def cmd_bench(args) -> int:
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
     from maskdsl.bench.report import print_paths, print_table
-    from maskdsl.bench.run import bench_mask, profile_launches, run_suite, suite_files
+    from maskdsl.bench.cases import suite_files
+    from maskdsl.bench.run import bench_mask, profile_launches, run_suite
 
     if args.train:
         from maskdsl.bench.training import run_training
@@ -36,7 +39,13 @@ def cmd_bench(args) -> int:
             run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None)
         return 0
     if args.suite:
-        results = run_suite(suite_files(), args.json, only=args.only, flex_gather=args.flex_gather, paths=args.paths)
+        configs_from = None
+        if args.configs_from:
+            from maskdsl.bench.run import best_configs
+
+            configs_from = best_configs([json.load(open(path)) for path in args.configs_from])
+        results = run_suite(suite_files(), args.json, only=args.only, flex_gather=args.flex_gather, paths=args.paths,
+                            with_flex=not args.no_flex, configs_from=configs_from)
         if args.paths:
             print_paths(results)
         else:
@@ -45,8 +54,6 @@ def cmd_bench(args) -> int:
     if not args.file:
         print("give FILE (and --mask when the spec has several), or --suite")
         return 2
-    import json
-
     from maskdsl.api import resolve
     from maskdsl.codegen.config import KernelConfig
 
@@ -58,7 +65,8 @@ def cmd_bench(args) -> int:
             return 2
         profile_launches(spec, mask.name, configs[0])
         return 0
-    result = bench_mask(spec, mask.name, configs, flex_gather=args.flex_gather, paths=args.paths)
+    result = bench_mask(spec, mask.name, configs, with_flex=not args.no_flex, flex_gather=args.flex_gather,
+                        paths=args.paths)
     result["file"] = args.file
     print_table([result])
     if args.paths:
@@ -127,6 +135,9 @@ def register(sub) -> None:
                    help="with FILE and one --config: three launches of that kernel and nothing else (for ncu)")
     p.add_argument("--train", action="store_true",
                    help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
+    p.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (ours and dense SDPA only)")
+    p.add_argument("--configs-from", nargs="+", metavar="JSON",
+                   help="with --suite: re-time only the best config of each case in these saved runs")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
     p.add_argument("--fit-from", nargs="+", metavar="JSON",

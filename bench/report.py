@@ -70,7 +70,7 @@ def _suite_file(path: str) -> str:
     """A run's mask file, or the suite's file of that name when the run was made in another checkout."""
     if Path(path).exists():
         return path
-    from maskdsl.bench.run import suite_files
+    from maskdsl.bench.cases import suite_files
 
     named = [f for f in suite_files() if f.name == Path(path).name]
     if not named:

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskdsl.bench.cases import suite_cases, suite_files
 from maskdsl.bench.configs import PATH_CONFIGS, candidate_configs
 
-SUITE = Path(__file__).parent / "suite"
 TIMER = {"warmup": 50, "rep": 300}  # do_bench settings of every benchmark number
 
 def _flex_tile(mask):
@@ -336,25 +336,23 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def selected(only: str | None, case: str) -> bool:
-    """`--only a,b`: a case runs when its 'file:mask' contains any of the comma-separated texts."""
-    return not only or any(part and part in case for part in only.split(","))
-
-
-def suite_cases(files, only: str | None = None):
-    """(path, spec, attention statement) of every case of the suite files that `only` selects."""
-    from maskdsl.parser import load
-
-    for path in files:
-        spec = load(path)
-        for att in spec.attentions:
-            if selected(only, f"{Path(path).stem}:{att.mask}"):
-                yield path, spec, att
+def best_configs(runs: list[dict]) -> dict[str, str]:
+    """{'file stem:mask': the best config's key} of saved suite runs (a case in several: the last run's),
+    so a later call can re-time exactly the configs a table was made of (`--configs-from`)."""
+    best = {}
+    for run in runs:
+        for r in run["results"]:
+            if r.get("ours_best"):
+                best[f"{Path(r['file']).stem}:{r['mask']}"] = r["ours_best"]["config"]
+    return best
 
 
 def run_suite(files, out_json: str | None, only: str | None = None, flex_gather: bool = False,
-              paths: bool = False) -> list[dict]:
-    """Every attention statement of the suite files in one process; the cost fit from the run (not with paths)."""
+              paths: bool = False, with_flex: bool = True, configs_from: dict[str, str] | None = None) -> list[dict]:
+    """Every attention statement of the suite files in one process; the cost fit from the run (not with paths).
+
+    `configs_from` ({'stem:mask': config key}, `best_configs`): time only that config of each case it names
+    (and skip the cases it does not): a re-measurement of a saved table without its whole search."""
     import json
 
     from maskdsl.bench.report import calibrate, print_table
@@ -366,9 +364,14 @@ def run_suite(files, out_json: str | None, only: str | None = None, flex_gather:
     for path, spec, att in suite_cases(files, only):
         if paths and Path(path).stem not in PATH_CONFIGS:
             continue
-        print(f"== {path} mask {att.mask}", flush=True)
         configs = [KernelConfig.from_key(c) for c in PATH_CONFIGS[Path(path).stem]] if paths else None
-        r = bench_mask(spec, att.mask, configs, flex_gather=flex_gather, paths=paths)
+        if configs_from is not None:
+            key = configs_from.get(f"{Path(path).stem}:{att.mask}")
+            if key is None:
+                continue
+            configs = [KernelConfig.from_key(key)]
+        print(f"== {path} mask {att.mask}", flush=True)
+        r = bench_mask(spec, att.mask, configs, with_flex=with_flex, flex_gather=flex_gather, paths=paths)
         r["file"] = str(path)
         results.append(r)
         if out_json:
@@ -396,8 +399,4 @@ def profile_launches(spec, mask_name: str, config, launches: int = 3) -> None:
     torch.cuda.synchronize()
 
 
-def suite_files() -> list[Path]:
-    return sorted(SUITE.glob("*.mask"))
-
-
-__all__ = ["bench_mask", "run_suite", "suite_files", "candidate_configs", "profile_launches", "PATH_CONFIGS"]
+__all__ = ["bench_mask", "run_suite", "best_configs", "profile_launches"]

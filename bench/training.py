@@ -221,7 +221,8 @@ def run_training(files, out_json: str | None = None, only: str | None = None) ->
     import json
     from pathlib import Path
 
-    from maskdsl.bench.run import environment, suite_cases
+    from maskdsl.bench.cases import suite_cases
+    from maskdsl.bench.run import environment
 
     env = environment()
     print(f"# {env}", flush=True)

@@ -4,30 +4,32 @@
 per key tile and kv head, walking the query tiles that see the tile) and a dQ kernel (one program
 per query tile and head, walking its key tiles). Both walks read per-dimension tile ranges from a
 small int32 table built here from the exact row bounds (`maskdsl.transpose`): [terms, rank, tiles
-in the dimension, 4], O(extent) entries per dimension, never [L, L] and no block mask. A GQA
+in the dimension, RANGE], O(extent) entries per dimension, never [L, L] and no block mask. A GQA
 group's query heads are summed inside the dK/dV program, so no kernel uses atomics: the same
 inputs give the same bits.
+
+The tables follow the table contract of maskdsl.tile_table, the one the forward's Gluon tables
+follow too: its per-dimension range tables, whose columns A, B, FA, FB are written here by name
+and read by the kernels by the same names (constants of the rendered module, codegen.backward_text).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from maskdsl import ir
+from maskdsl.codegen.backward_text import backward_context, kv_tiles_per_group as _kv_tiles_per_group, strided
 from maskdsl.codegen.config import BackwardConfig
-from maskdsl.codegen.bounds import strided_bounds
 from maskdsl.codegen.checks import padded_head_dim
-from maskdsl.codegen.context import minus_box
-from maskdsl.codegen.printer import symbol
 from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import comment_safe, kernel_key, load_module, render_template
+from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl.codegen.segment import Segment, tile_run, whole
 from maskdsl.intervals import SymRel, evaluate
+from maskdsl.tile_table import A, B, FA, FB, RANGE
 from maskdsl.transpose import key_tile_ranges, query_tile_ranges
 
 TEMPLATE = "attention_bwd.py.jinja"
@@ -35,15 +37,11 @@ LOG2E = 1.4426950408889634
 PREPROCESS_BLOCK = 64
 
 
-def _kv_tiles_per_group(dim) -> int:
-    return -(-dim.group_len_max // dim.kv_tile)
-
-
 def _rows(plan: KernelPlan, term, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-row key bounds of one term in dimension d (the predicate's numbers, evaluated).
 
     A strided term (its dilation is not the layout's, which then is 1) gets its first and last key
-    in the dimension's own coordinates: a bounding range whose tiles are all partial (`_strided`).
+    in the dimension's own coordinates: a bounding range whose tiles are all partial (`backward_text.strided`).
     """
     td, dim = term[d], plan.dims[d]
     if td.dilation == dim.dilation:
@@ -55,22 +53,26 @@ def _rows(plan: KernelPlan, term, d: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(empty, 0, phase + e * lo), np.where(empty, -1, phase + e * hi)
 
 
-def _strided(plan: KernelPlan, term, d: int) -> bool:
-    return term[d].dilation != plan.dims[d].dilation
+def _columns(ranges: np.ndarray) -> np.ndarray:
+    """maskdsl.transpose's rows ([a, b, fa, fb] per tile) in the range table's named columns."""
+    out = np.empty((len(ranges), RANGE), dtype=np.int32)
+    out[:, A], out[:, B], out[:, FA], out[:, FB] = ranges[:, 0], ranges[:, 1], ranges[:, 2], ranges[:, 3]
+    return out
 
 
 def _no_full(table: np.ndarray) -> np.ndarray:
     """A strided term's keys are every dilation-th of its range: no tile pair of it is full."""
-    table[:, 2], table[:, 3] = 0, -1
+    table[:, FA], table[:, FB] = 0, -1
     return table
 
 
 def schedule_tables(plan_kv: KernelPlan, plan_q: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
-    """(dK/dV table, dQ table), each [terms, rank, max tiles in a dimension, 4] int32.
+    """(dK/dV table, dQ table), each [terms, rank, max tiles in a dimension, RANGE] int32: the
+    per-dimension range tables of maskdsl.tile_table, columns A, B (visited) and FA, FB (seen whole).
 
-    dK/dV rows are key tiles of `plan_kv` (group-major per dimension) holding [qa, qb, fa, fb]:
-    the query tiles that visit the key tile and those that see all of it. dQ rows are query tiles
-    of `plan_q` holding [a, b, fa, fb] in key tiles. Indices are local to the dilation group.
+    dK/dV rows are key tiles of `plan_kv` (group-major per dimension) holding the query tiles that
+    visit the key tile and those that see all of it. dQ rows are query tiles of `plan_q` holding key
+    tiles, the forward's way round. Indices are local to the dilation group.
     """
     rank = plan_q.rank
     kv_rows = [[None] * rank for _ in plan_q.terms]
@@ -79,17 +81,19 @@ def schedule_tables(plan_kv: KernelPlan, plan_q: KernelPlan) -> tuple[np.ndarray
         for d in range(rank):
             lo, hi = _rows(plan_q, term, d)
             dq_dim, kv_dim = plan_q.dims[d], plan_kv.dims[d]
-            q_rows[t][d] = query_tile_ranges(lo, hi, dq_dim.dilation, dq_dim.q_tile, dq_dim.kv_tile)
+            q_rows[t][d] = _columns(query_tile_ranges(lo, hi, dq_dim.dilation, dq_dim.q_tile, dq_dim.kv_tile))
             walk = query_tile_ranges(lo, hi, kv_dim.dilation, kv_dim.q_tile, kv_dim.kv_tile)
-            kv_rows[t][d] = key_tile_ranges(walk, kv_dim.dilation, _kv_tiles_per_group(kv_dim))
-            if _strided(plan_q, term, d):
+            kv_rows[t][d] = _columns(key_tile_ranges(walk, kv_dim.dilation, _kv_tiles_per_group(kv_dim)))
+            if strided(plan_q, term, d):
                 q_rows[t][d], kv_rows[t][d] = _no_full(q_rows[t][d]), _no_full(kv_rows[t][d])
     return _pack(kv_rows), _pack(q_rows)
 
 
 def _pack(rows) -> np.ndarray:
     maxt = max(len(r) for term in rows for r in term)
-    out = np.tile(np.array([0, -1, 0, -1], dtype=np.int32), (len(rows), len(rows[0]), maxt, 1))
+    empty = np.zeros(RANGE, dtype=np.int32)
+    empty[[A, B, FA, FB]] = 0, -1, 0, -1  # no tile visited, none seen whole
+    out = np.tile(empty, (len(rows), len(rows[0]), maxt, 1))
     for t, term in enumerate(rows):
         for d, r in enumerate(term):
             out[t, d, :len(r)] = r
@@ -100,95 +104,16 @@ def _shell_free(table: np.ndarray) -> bool:
     """One term whose every visited pair is full in every dimension: the kernel drops its predicate loops."""
     if table.shape[0] != 1:
         return False
-    t = table[0].reshape(-1, 4)
-    seen = t[:, 0] <= t[:, 1]
-    return bool(np.all(t[seen, 0] == t[seen, 2]) and np.all(t[seen, 1] == t[seen, 3]))
-
-
-def _dims(plan: KernelPlan) -> list[dict]:
-    cfg, rank = plan.config, plan.rank
-    out = []
-    for d, dp in enumerate(plan.dims):
-        q_inner = math.prod(cfg.q_tile[d + 1:])
-        kv_inner = math.prod(cfg.kv_tile[d + 1:])
-        kpg = _kv_tiles_per_group(dp)
-        out.append(dict(i=d, extent=dp.extent, stride=dp.stride, dilation=dp.dilation, q_tile=dp.q_tile,
-                        kv_tile=dp.kv_tile, q_tiles=dp.q_tiles, q_tiles_per_group=dp.q_tiles_per_group,
-                        kv_tiles=dp.dilation * kpg, kv_tiles_per_group=kpg, q_inner=q_inner, kv_inner=kv_inner))
-    assert len(out) == rank
-    return out
-
-
-def _context(plan: KernelPlan) -> dict:
-    """What the backward template reads of one kernel's plan: per-dimension facts (`_dims`) and the
-    2 x rank slabs that cut the partial shell around the fully-seen box (origin and size per dimension)."""
-    rank = plan.rank
-    slabs = []
-    for d in range(rank):
-        for side in ("left", "right"):
-            origin, size = [], []
-            for k in range(rank):
-                if k < d:
-                    origin.append(f"fa_0_{k}")
-                    size.append(f"nf_{k}")
-                elif k > d:
-                    origin.append(f"a_0_{k}")
-                    size.append(f"nb_0_{k}")
-                elif side == "left":
-                    origin.append(f"a_0_{k}")
-                    size.append(f"(fa_0_{k} - a_0_{k})")
-                else:
-                    origin.append(f"(fb_0_{k} + 1)")
-                    size.append(f"(a_0_{k} + nb_0_{k} - 1 - fb_0_{k})")
-            slabs.append({"name": f"partial tiles, {side} of the full box in dimension {d}",
-                          "origin": origin, "size": size})
-    return {"plan": plan, "cfg": plan.config, "dims": _dims(plan), "slabs": slabs,
-            "dilations": tuple(d.dilation for d in plan.dims),
-            "fa_list": [f"fa_0_{d}" for d in range(rank)], "nf_list": [f"nf_{d}" for d in range(rank)]}
-
-
-def _outside_dominant(t: int, rank: int) -> tuple[list[str], list[dict]]:
-    """(lines, pieces): term t's box of tiles minus term 0's, as at most 2 x rank boxes (origin and
-    size per dimension), the forward's `minus_box` on the table's [a, a + nb) ranges."""
-    dims = [SimpleNamespace(i=d) for d in range(rank)]
-    lines, boxes = minus_box(dims, str(t), "a", "e", "0")
-    size_of = {}
-    for d in range(rank):
-        x = f"{t}_{d}"
-        size_of[(f"a_{x}", f"e_{x}")] = f"nb_{x}"
-        ranges = [(f"a_{x}", f"left_hi_{x}", f"left_n_{x}"), (f"right_lo_{x}", f"e_{x}", f"right_n_{x}")]
-        if d < rank - 1:  # minus_box intersects every dimension but the last
-            ranges.append((f"in_lo_{x}", f"in_hi_{x}", f"in_n_{x}"))
-        for lo, hi, n in ranges:
-            lines.append(f"{n} = tl.maximum({hi} - {lo} + 1, 0)")
-            size_of[(lo, hi)] = n
-    pieces = [{"name": f"term {t}, {('left', 'right')[k % 2]} of term 0's box in dimension {k // 2}",
-               "origin": [lo for lo, _ in box], "size": [size_of[r] for r in box]} for k, box in enumerate(boxes)]
-    return lines, pieces
+    t = table[0].reshape(-1, RANGE)
+    seen = t[:, A] <= t[:, B]
+    return bool(np.all(t[seen, A] == t[seen, FA]) and np.all(t[seen, B] == t[seen, FB]))
 
 
 def render_backward(plan_kv: KernelPlan, plan_q: KernelPlan, tables: tuple[np.ndarray, np.ndarray]) -> str:
-    from maskdsl.version import __version__
-
-    kv, qd = _context(plan_kv), _context(plan_q)
-    rank = plan_q.rank
-    terms = []
-    for t, term in enumerate(plan_q.terms):
-        lines, pieces = _outside_dominant(t, rank) if t else ([], [])
-        bounds = []
-        for d, td in enumerate(term):
-            if _strided(plan_q, term, d):  # own coordinates; the predicate checks the phase
-                lo, hi = strided_bounds(td, plan_q.dims[d].extent, symbol("i"))
-                bounds.append({"lo": lo, "hi": hi, "phase": td.dilation, "clamped": True})
-            else:
-                bounds.append({"lo": td.lo, "hi": td.hi, "phase": None, "clamped": False})
-        terms.append({"i": t, "dims": list(term), "bounds": bounds, "minus_lines": lines, "pieces": pieces})
-    return render_template(
-        TEMPLATE, version=__version__, mask_text=comment_safe(plan_q.mask_text), kv=kv, qd=qd, terms=terms,
-        tokens=math.prod(plan_q.shape), inner=math.prod(plan_q.shape[1:]),
-        kv_tiles=math.prod(d["kv_tiles"] for d in kv["dims"]),
-        kv_maxt=tables[0].shape[2], q_maxt=tables[1].shape[2],
-        kv_shell_free=_shell_free(tables[0]), q_shell_free=_shell_free(tables[1]), full_box=plan_q.full_box)
+    """The backward module's source for the two plans and their range tables (codegen.backward_text)."""
+    context = backward_context(plan_kv, plan_q, (tables[0].shape[2], tables[1].shape[2]),
+                               (_shell_free(tables[0]), _shell_free(tables[1])))
+    return render_template(TEMPLATE, **context)
 
 
 class BackwardKernels:

@@ -126,16 +126,34 @@ def _layout_bounds(td: TermDim, dilation: int, extent: int, n: sp.Expr, g: sp.Ex
     return lo.subs(named, simultaneous=True), hi.subs(named, simultaneous=True), empty_rows
 
 
-def _aligned(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, full: bool, active, full_ok) -> None:
-    d, extent, T = dim.plan.dilation, dim.plan.extent, dim.plan.kv_tile
-    lo, hi, empty_rows = _layout_bounds(td, d, extent, dim.n, dim.g)
-    rows, first, last = symbol(f"rows_{dim.i}"), symbol(f"first_{dim.i}"), symbol(f"last_{dim.i}")
+def row_bounds(label: str, term: tuple[TermDim, ...], dims: list[KernelDim], temps: Temps) -> list[str]:
+    """The lines setting `lo_L_d`, `hi_L_d`, each row's first and last key, from the rows' coordinates
+    `rows_d`: what a partial tile's predicate reads (the forward's query rows, or the rows of the query
+    tile a backward kernel visits)."""
+    out = []
+    for td, dim in zip(term, dims):
+        s = f"{label}_{dim.i}"
+        out += _aligned_rows(s, td, dim, temps)[0] if td.dilation == dim.plan.dilation else _strided_rows(s, td, dim, temps)
+    return out
+
+
+def _aligned_rows(s: str, td: TermDim, dim: KernelDim, temps) -> tuple[list[str], sp.Expr, sp.Expr, bool]:
+    lo, hi, empty_rows = _layout_bounds(td, dim.plan.dilation, dim.plan.extent, dim.n, dim.g)
+    rows = symbol(f"rows_{dim.i}")
     lines, _ = assign([(f"lo_{s}", lo.subs(I, rows)), (f"hi_{s}", _opaque_hi(lo, hi, dim.n).subs(I, rows))], temps)
-    out.rows += lines
     if td.restricts_queries:
-        coord = dim.g + d * rows
+        coord = dim.g + dim.plan.dilation * rows
         inside = [c for c in (sp.Ge(coord, td.qa), sp.Lt(coord, td.qb)) if c is not sp.true]
-        out.rows.append(f"hi_{s} = tl.where({_conj([to_triton(c) for c in inside])}, hi_{s}, -1)")
+        lines.append(f"hi_{s} = tl.where({_conj([to_triton(c) for c in inside])}, hi_{s}, -1)")
+    return lines, lo, hi, empty_rows
+
+
+def _aligned(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, full: bool, active, full_ok) -> None:
+    d, T = dim.plan.dilation, dim.plan.kv_tile
+    lines, lo, hi, empty_rows = _aligned_rows(s, td, dim, temps)
+    out.rows += lines
+    first, last = symbol(f"first_{dim.i}"), symbol(f"last_{dim.i}")
+    if td.restricts_queries:
         qfirst, qlast = symbol(f"qfirst_{s}"), symbol(f"qlast_{s}")
         bounds = [(qfirst.name, sp.Max(first, sp.ceiling((td.qa - dim.g) / d))),
                   (qlast.name, sp.Min(last, sp.floor((td.qb - 1 - dim.g) / d)))]
@@ -160,13 +178,7 @@ def _aligned(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, full: bo
 def _strided(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, active) -> None:
     """A term of dilation e in an undilated dimension: row c is in group c % e at group coordinate c // e."""
     extent, T = dim.plan.extent, dim.plan.kv_tile
-    rows = symbol(f"rows_{dim.i}")
-    lo, hi = strided_bounds(td, extent, rows)
-    lines, _ = assign([(f"lo_{s}", lo), (f"hi_{s}", hi)], temps)
-    out.rows += lines
-    if td.restricts_queries:
-        inside = [c for c in (sp.Ge(rows, td.qa), sp.Lt(rows, td.qb)) if c is not sp.true]
-        out.rows.append(f"hi_{s} = tl.where({_conj([to_triton(c) for c in inside])}, hi_{s}, -1)")
+    out.rows += _strided_rows(s, td, dim, temps)
     seen = f"lo_{s} <= hi_{s}"
     if dim.ragged_q:
         seen = f"(rows_{dim.i} < {extent}) & ({seen})"
@@ -175,6 +187,16 @@ def _strided(out: TermText, s: str, td: TermDim, dim: KernelDim, temps, active) 
                   f"kt_lo_{s} = {_div(f'first_key_{s}', T)}",
                   f"kt_hi_{s} = {_div(f'last_key_{s}', T)}"]
     active.append(f"first_key_{s} <= last_key_{s}")
+
+
+def _strided_rows(s: str, td: TermDim, dim: KernelDim, temps) -> list[str]:
+    rows = symbol(f"rows_{dim.i}")
+    lo, hi = strided_bounds(td, dim.plan.extent, rows)
+    lines, _ = assign([(f"lo_{s}", lo), (f"hi_{s}", hi)], temps)
+    if td.restricts_queries:
+        inside = [c for c in (sp.Ge(rows, td.qa), sp.Lt(rows, td.qb)) if c is not sp.true]
+        lines.append(f"hi_{s} = tl.where({_conj([to_triton(c) for c in inside])}, hi_{s}, -1)")
+    return lines
 
 
 def strided_bounds(td: TermDim, extent: int, rows: sp.Symbol) -> tuple[sp.Expr, sp.Expr]:

@@ -71,18 +71,11 @@ class CompiledAttention:
 
     @property
     def gluon_schedule(self):
-        """The Gluon forward's tile table for this mask (codegen.gluon_plan), computed on first use."""
+        """The Gluon forward's schedule and tables for this mask (maskdsl.gluon_rule), computed on first use."""
         if self._gluon is None:
-            from maskdsl.codegen.gluon_boxes import box_ranges
-            from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
-            from maskdsl.codegen.gluon_runs import run_ranges
+            from maskdsl.codegen.gluon_plan import GluonSchedule
 
-            ranges = tile_ranges(self.plan)
-            if not ranges.ok:  # partial tiles or a ragged grid: a predicated mode (1-D: intervals, else boxes)
-                one_d = all(e == 1 for e in self.plan.shape[:-1])
-                pred = run_ranges(self.plan) if one_d else box_ranges(self.plan)
-                ranges = pred if pred.ok else ranges
-            self._gluon = GluonSchedule(ranges)
+            self._gluon = GluonSchedule.of(self.plan)
         return self._gluon
 
     def gluon_blocker(self, q, k=None, v=None, out=None, lse=None) -> str | None:

@@ -29,6 +29,36 @@ def kernel_dims(plan: KernelPlan) -> list[KernelDim]:
     return out
 
 
+# What the names in a rendered kernel mean, stated at the top of every kernel file (`notation`).
+_NOTATION = {
+    "common": [
+        "a name ending _<t>_<d> belongs to product term t and grid dimension d (_<d>: dimension d alone)",
+        "rows_d, kc_d: coordinates of a tile's query rows and keys; c_d: a key or query tile's coordinate in tiles",
+        "g_d, n_d: a dilated dimension's group and its length (coordinates count within the group)",
+        "lo, hi: each query row's first and last key, the predicate of a partial tile (inclusive)",
+    ],
+    "forward": [
+        "kt_lo, kt_hi: the key tiles a query tile visits; full_lo, full_hi: those all its rows see whole",
+        "(full tiles run without mask arithmetic, the shell of partial tiles around them with it)",
+    ],
+    "backward": [
+        "tix_d: the program's own tile, its row of the range table TBL (maskdsl.tile_table: columns A, B, FA, FB)",
+        "a, b: the other kind's tiles the program's tile visits; fa, fb: those it sees whole; nb, nf: how many",
+        "(pairs seen whole run without mask arithmetic, the partial shell around them with it)",
+    ],
+    "topk": [
+        "terms s<i> form the static part S, terms r<i> the restriction R of picked blocks: S | (picked & R)",
+        "kt_lo, kt_hi: the key tiles a query tile visits; full_lo, full_hi: those all its rows see whole",
+    ],
+}
+
+
+def notation(kind: str) -> str:
+    """The comment block naming a kernel file's variables: `forward`, `backward`, `topk` (both ways)."""
+    lines = _NOTATION["common"] + _NOTATION[kind]
+    return "\n".join(["# notation:"] + [f"#   {line}" for line in lines])
+
+
 def _mul(name: str, factor: int) -> str:
     return name if factor == 1 else f"{name} * {factor}"
 

@@ -1,212 +1,81 @@
-"""What the Gluon forward (codegen.gluon_fwd) can run: which masks (with each query tile's key-tile
-box), which tensors, and the per-device tables a launch reads. Nothing here imports Gluon, so the
-rule is checked (and tested) on machines where the kernel cannot run.
+"""What the Gluon forward (codegen.gluon_fwd) runs, as the tables a launch reads, and which tensors
+and devices it takes. Nothing here imports Gluon, so the tables are checked (and tested) on machines
+where the kernel cannot run.
 
-The Gluon kernel has no predicate at all: a query tile (a box of the grid, 128 tokens) walks a box
-of key tiles [lo_d, hi_d) per dimension (128 tokens each), every one of them seen entirely by every
-row. So a mask qualifies when, at those tiles, (1) every visited tile of every query tile is full
-and (2) a query tile's visited key tiles form one box. Perfectly block-sparse masks do (dense,
-block(n), neighborhood(window=w, stride=s) with tiles dividing s and w, unions of nested blocks); a
-plain sliding window or causal mask does not (its diagonal tiles are partial): on a 1-D token order
-those take the kernel's predicated mode (codegen.gluon_runs), elsewhere the Triton template.
-
-Which tiles: on a 1-D token order (every dimension but the last of extent 1) the kernel's own
-(1, .., 128); on a multi-dimensional grid the compiled config's, when each is 128 tokens (the
-tile shape decides whether a mask is block-sparse, and the config is what was tuned for it).
-
-The boxes come from the exact integer row bounds of the analysis' product terms
-(`maskdsl.intervals.evaluate`, tabulated per dimension by `maskdsl.transpose.query_tile_ranges`),
-the same numbers the Triton template and the backward's tables are built from. One product term is
-a box per query tile because a tile pair is visited (full) exactly when it is in every dimension. A
-union is accepted when each term's visited tiles are full for that term (then they are full for the
-union) and, per query tile, the terms' boxes agree on every dimension but the last and their runs
-there merge into one; a tile that only the union fills is refused, which costs speed, never
-correctness. Layouts with dilation are refused (a dilation group is not a box of memory), as are
-grids of more than 3 dimensions (the copy engine's boxes have 5: batch x head, 3, head_dim).
+Which mode runs a mask, and each query tile's key tiles in it, is maskdsl.gluon_rule's one rule
+(the simulator costs the same answer). Here a plan's product terms go in (`plan_ranges`: their exact
+row bounds, the numbers the Triton template is printed from) and the schedule comes out as the
+kernel's row tables, written by maskdsl.tile_table's column names (`row_table`), copied to each
+device once (`GluonSchedule`). `tile_ranges` (and codegen.gluon_runs' `run_ranges`,
+codegen.gluon_boxes' `box_ranges`) ask the rule for one mode only.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 import torch
 
+from maskdsl import tile_table as tt
+from maskdsl.analysis import Rel1D
 from maskdsl.codegen.checks import tma_aligned
 from maskdsl.codegen.plan import KernelPlan
+from maskdsl.gluon_rule import GLUON_DTYPES, GLUON_HEAD_DIMS, MODES, TILE, GluonRanges, gluon_ranges, pad_rank
+from maskdsl.gluon_rule import kernel_tiles as rule_tiles
 from maskdsl.intervals import SymRel, evaluate
-from maskdsl.transpose import query_tile_ranges
+from maskdsl.tile_table import RANK
 
-BLOCK_M = 128
-BLOCK_N = 128
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.float16, torch.bfloat16)
-RANK = 3  # the kernel's grid rank: smaller grids get leading dimensions of extent 1
+BLOCK_M = BLOCK_N = TILE
+HEAD_DIMS = GLUON_HEAD_DIMS
+DTYPES = tuple(getattr(torch, name) for name in GLUON_DTYPES)
 # Work items (query tile x head) visiting at most SHORT_ITEM key tiles on average run up to MAX_PER to a
-# program (codegen.gluon_fwd: the next item's Q and K/V load under the current one). Measured on an H100
-# (docs/BENCHMARKS.md): 4-tile items (3-D block(2, 16, 16)) and 16-tile items (one head at 32k) gain 2-7%;
-# items of 50+ tiles and the predicated modes do not (dense: PER 2 lost 8-11%).
+# program (codegen.gluon_fwd: the next item's Q and K/V load under the current one). 4-tile and 16-tile
+# items gain from it; items of 50+ tiles and the predicated modes do not (docs/BENCHMARKS.md).
 SHORT_ITEM = 16
 MAX_PER = 4
+TileRanges = GluonRanges  # a mode's schedule (maskdsl.gluon_rule)
 
 
-@dataclass(frozen=True)
-class TileRanges:
-    """Per query tile t (row-major over the query-tile grid) the key-tile box [lo[t, d], hi[t, d]) it
-    visits in each of the RANK dimensions (empty in one dimension: none), or why the mask does not qualify.
-
-    `shape`, `q_tile`, `kv_tile` are padded at the front to RANK dimensions; `reason` is None when the
-    Gluon kernel can run the mask, and then lo/hi are int32 [q tiles, RANK].
-    """
-
-    lo: np.ndarray
-    hi: np.ndarray
-    reason: str | None = None
-    shape: tuple[int, ...] = ()
-    q_tile: tuple[int, ...] = ()
-    kv_tile: tuple[int, ...] = ()
-    bounds = None  # whole tiles only: no per-row predicate (codegen.gluon_runs.RunRanges has one)
-    long = 0  # dispatched in tile order
-    mode = "whole"  # the kernel's mode: "whole", "runs" (codegen.gluon_runs) or "boxes" (codegen.gluon_boxes)
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-    @property
-    def busy(self) -> np.ndarray:
-        """Indices of the query tiles that visit at least one key tile (the kernel's grid), ascending."""
-        return np.nonzero((self.hi > self.lo).all(1))[0].astype(np.int32)
-
-    @property
-    def idle(self) -> np.ndarray:
-        """Indices of the query tiles that visit nothing: their rows output 0 and LSE -inf."""
-        return np.nonzero(~(self.hi > self.lo).all(1))[0].astype(np.int32)
-
-    @property
-    def q_tiles(self) -> tuple[int, ...]:
-        """Query tiles per dimension (the last one ragged where the tile does not divide the extent)."""
-        return tuple(-(-n // t) for n, t in zip(self.shape, self.q_tile))
-
-    def coords(self, tiles: np.ndarray) -> np.ndarray:
-        """[len(tiles), RANK] query-tile coordinates of flat tile indices."""
-        return np.stack(np.unravel_index(tiles, self.q_tiles), axis=1).astype(np.int64)
-
-    def rows(self, tiles: np.ndarray) -> np.ndarray:
-        """Flat (row-major) token indices of the rows of these query tiles, tile by tile (a ragged
-        tile's rows past the grid left out)."""
-        offsets = np.stack(np.unravel_index(np.arange(prod(self.q_tile)), self.q_tile), axis=1)
-        coords = (self.coords(tiles)[:, None, :] * np.array(self.q_tile) + offsets[None]).reshape(-1, RANK)
-        coords = coords[(coords < np.array(self.shape)).all(1)]
-        return np.ravel_multi_index(tuple(np.moveaxis(coords, 1, 0)), self.shape).astype(np.int64)
+def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:
+    """The plan's product terms as the rule reads them: each dimension's exact per-row key bounds."""
+    return [tuple(Rel1D(n, td.dilation, *evaluate(SymRel(td.dilation, td.lo, td.hi, td.qa, td.qb), n))
+                  for td, n in zip(term, plan.shape)) for term in plan.terms]
 
 
-def _refused(reason: str) -> TileRanges:
-    empty = np.zeros((0, RANK), np.int32)
-    return TileRanges(empty, empty, reason)
-
-
-def pad_rank(t) -> tuple[int, ...]:
-    return (1,) * (RANK - len(t)) + tuple(t)
+def plan_ranges(plan: KernelPlan, q_tile=None, kv_tile=None, modes=MODES) -> GluonRanges:
+    """The rule's schedule of the plan's mask at its config's tiles (`maskdsl.gluon_rule.kernel_tiles`),
+    or at these tiles (tests); head_dim and dtype are the launch's to check."""
+    given = q_tile is not None
+    q_tile, kv_tile = (q_tile, kv_tile) if given else (plan.config.q_tile, plan.config.kv_tile)
+    return gluon_ranges(plan_terms(plan), plan.shape, q_tile, kv_tile, modes=modes, as_given=given)
 
 
 def kernel_tiles(plan: KernelPlan) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
-    """The (query, key) tiles the kernel runs the plan's mask with, or why none (module docstring)."""
-    if all(e == 1 for e in plan.shape[:-1]):
-        return (1,) * (plan.rank - 1) + (BLOCK_M,), (1,) * (plan.rank - 1) + (BLOCK_N,)
-    cfg = plan.config
-    if prod(cfg.q_tile) != BLOCK_M or prod(cfg.kv_tile) != BLOCK_N:
-        return (f"config {cfg.key()}: the kernel's query and key tiles are {BLOCK_M} and {BLOCK_N} tokens "
-                f"(choose tiles such as q2x8x8_k2x8x8)")
-    return tuple(cfg.q_tile), tuple(cfg.kv_tile)
+    """The (query, key) tiles the kernel runs the plan's mask with, or why none."""
+    return rule_tiles(plan.shape, plan.config.q_tile, plan.config.kv_tile)
 
 
-def layout_tiles(plan: KernelPlan, q_tile=None, kv_tile=None) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
-    """(query tile, key tile) of a launch, `kernel_tiles` unless given, or why the grid's layout keeps
-    every mode of the kernel away (more than RANK dimensions, dilation)."""
-    if q_tile is None:
-        tiles = kernel_tiles(plan)
-        if isinstance(tiles, str):
-            return tiles
-        q_tile, kv_tile = tiles
-    if plan.rank > RANK:
-        return f"grid {plan.shape}: the kernel takes at most {RANK} dimensions"
-    if any(d.dilation != 1 for d in plan.dims):
-        return "dilated layout: a tile is not a box of memory"
-    return tuple(q_tile), tuple(kv_tile)
+def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> GluonRanges:
+    """The whole-tile schedule of the plan's mask (no predicate), or why it has none."""
+    return plan_ranges(plan, q_tile, kv_tile, ("whole",))
 
 
-def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> TileRanges:
-    """The key-tile box of every query tile of the plan's mask (module docstring); tiles default to
-    `kernel_tiles`, a test passes its own."""
-    tiles = layout_tiles(plan, q_tile, kv_tile)
-    if isinstance(tiles, str):
-        return _refused(tiles)
-    q_tile, kv_tile = tiles
-    for n, qt, kt in zip(plan.shape, q_tile, kv_tile):
-        if n % qt or n % kt:
-            return _refused(f"grid {plan.shape} is not a multiple of the tiles {tuple(q_tile)} x {tuple(kv_tile)}")
-    shape, q_tile, kv_tile = pad_rank(plan.shape), pad_rank(q_tile), pad_rank(kv_tile)
-    boxes = []
-    for term in plan.terms:
-        box = _term_box(term, shape, q_tile, kv_tile)
-        if isinstance(box, str):
-            return _refused(box)
-        boxes.append(box)
-    lo, hi = _merge(boxes, prod(-(-n // t) for n, t in zip(shape, q_tile)))
-    return (_refused(lo) if isinstance(lo, str)
-            else TileRanges(lo.astype(np.int32), hi.astype(np.int32), None, shape, q_tile, kv_tile))
-
-
-def _term_box(term, shape, q_tile, kv_tile):
-    """(lo, hi) [q tiles, RANK] of one product term (lo == hi in every dimension where it sees nothing),
-    or why one of its visited tiles is partial."""
-    los, his, exact = [], [], []
-    for td, n, qt, kt in zip((None,) * (RANK - len(term)) + tuple(term), shape, q_tile, kv_tile):
-        if td is None:  # a padding dimension: one tile, seen entirely
-            los.append(np.zeros(1, np.int64)), his.append(np.ones(1, np.int64)), exact.append(np.ones(1, bool))
-            continue
-        if td.dilation != 1:
-            return "a dilated (strided) term: none of its tiles is full"
-        tab = query_tile_ranges(*evaluate(SymRel(1, td.lo, td.hi, td.qa, td.qb), n), 1, qt, kt)  # inclusive
-        seen = tab[:, 0] <= tab[:, 1]
-        los.append(np.where(seen, tab[:, 0], 0)), his.append(np.where(seen, tab[:, 1] + 1, 0))
-        exact.append(~seen | ((tab[:, 0] == tab[:, 2]) & (tab[:, 1] == tab[:, 3])))
-    grid = np.meshgrid(*[np.arange(len(x)) for x in los], indexing="ij")
-    lo = np.stack([los[d][grid[d]].reshape(-1) for d in range(RANK)], axis=1)
-    hi = np.stack([his[d][grid[d]].reshape(-1) for d in range(RANK)], axis=1)
-    full = np.stack([exact[d][grid[d]].reshape(-1) for d in range(RANK)], axis=1).all(1)
-    busy = (hi > lo).all(1)
-    if (busy & ~full).any():
-        t = int(np.nonzero(busy & ~full)[0][0])
-        return f"query tile {t} visits partially seen key tiles (the kernel has no predicate)"
-    return np.where(busy[:, None], lo, 0), np.where(busy[:, None], hi, 0)
-
-
-def _merge(boxes: list, q_tiles: int):
-    """One box per query tile from every term's boxes, or a refusal where their union is not one box."""
-    if not boxes:
-        zero = np.zeros((q_tiles, RANK), np.int64)
-        return zero, zero.copy()
-    lo, hi = boxes[0]
-    lo, hi = lo.copy(), hi.copy()
-    for t in range(q_tiles) if len(boxes) > 1 else ():
-        used = [(b_lo[t], b_hi[t]) for b_lo, b_hi in boxes if (b_hi[t] > b_lo[t]).all()]
-        if len(used) < 2:
-            lo[t], hi[t] = used[0] if used else (0, 0)
-            continue
-        if any((a[:-1] != used[0][0][:-1]).any() or (b[:-1] != used[0][1][:-1]).any() for a, b in used):
-            return f"query tile {t}: the terms' key-tile boxes differ before the last dimension (not one box)", None
-        reach = min(a[-1] for a, _ in used)
-        for a, b in sorted((int(a[-1]), int(b[-1])) for a, b in used):
-            if a > reach:
-                return f"query tile {t} visits key tiles in more than one run (gap at tile {reach})", None
-            reach = max(reach, b)
-        lo[t], hi[t] = used[0][0], used[0][1]
-        lo[t, -1], hi[t, -1] = min(a[-1] for a, _ in used), reach
-    return lo, hi
+def row_table(ranges: GluonRanges) -> np.ndarray:
+    """int32 [busy query tiles, tile_table.WIDTH[mode]] in dispatch order: the rows the kernel reads."""
+    rows = ranges.order
+    table = np.zeros((len(rows), tt.WIDTH[ranges.mode]), np.int64)
+    coords = ranges.coords(rows)
+    for d in range(RANK):
+        table[:, tt.COORD + d] = coords[:, d]
+        table[:, tt.box_lo(d)], table[:, tt.box_hi(d)] = ranges.lo[rows, d], ranges.hi[rows, d]
+        if ranges.mode == "boxes":
+            table[:, tt.full_lo(d)], table[:, tt.full_hi(d)] = ranges.full_lo[rows, d], ranges.full_hi[rows, d]
+    if ranges.mode == "runs":
+        table[:, tt.RUN2], table[:, tt.RUN2 + 1] = ranges.run2[rows, 0], ranges.run2[rows, 1]
+        table[:, tt.FLAG] = ranges.flag[rows]
+    return table.astype(np.int32)
 
 
 def box_strides(t: torch.Tensor, grid: tuple[int, ...]) -> list[int] | None:
@@ -283,36 +152,30 @@ def _capability(device: torch.device) -> int:
 
 
 class GluonSchedule:
-    """A mask's tile boxes (or, predicated, its runs: codegen.gluon_runs) as the kernel reads them,
-    copied to each device once.
+    """A mask's schedule (maskdsl.gluon_rule) as the kernel reads it, copied to each device once.
 
-    `table`: int32 rows in tile order, the kernel's grid (query-tile coordinates, then lo, hi per
-    dimension; predicated: a second run and a flag too); `idle_rows`: int64 token indices of the
-    tiles that visit nothing, filled with 0 / -inf apart; `bounds`: the predicated mode's per-row key
-    intervals, else None.
+    `table`: int32 rows in dispatch order (`row_table`), the kernel's grid; `idle_rows`: int64 token
+    indices of the query tiles that visit nothing, filled with 0 / -inf apart; `bounds`: the
+    predicated modes' per-row key bounds, else None.
     """
 
-    def __init__(self, ranges):
+    def __init__(self, ranges: GluonRanges):
         self.ranges = ranges
         self.bounds = ranges.bounds if ranges.ok else None
-        self.boxes = ranges.ok and ranges.mode == "boxes"  # codegen.gluon_boxes: head_dim 128 only
-        if not ranges.ok:
-            self.table = np.zeros((0, 3 * RANK), np.int32)
-            self.idle_rows = np.zeros(0, np.int64)
-        elif self.bounds is not None:
-            self.table = ranges.table
-            self.idle_rows = ranges.rows(ranges.idle)
-        else:
-            busy = ranges.busy
-            bounds = np.stack([ranges.lo[busy], ranges.hi[busy]], axis=2).reshape(len(busy), 2 * RANK)
-            self.table = np.concatenate([ranges.coords(busy), bounds], axis=1).astype(np.int32)
-            self.idle_rows = ranges.rows(ranges.idle)
+        self.boxes = ranges.mode == "boxes"  # head_dim 128 only (maskdsl.gluon_rule.BOX_HEAD_DIMS)
+        self.table = row_table(ranges) if ranges.ok else np.zeros((0, tt.WIDTH["whole"]), np.int32)
+        self.idle_rows = ranges.rows(ranges.idle) if ranges.ok else np.zeros(0, np.int64)
         self._on: dict[torch.device, tuple] = {}
         self._segments: dict[tuple, tuple] = {}
         # whole tiles whose rows visit at most SHORT_ITEM key tiles on average (items_per_program)
-        whole = self.bounds is None and len(self.table) > 0
-        extents = self.table[:, RANK + 1:3 * RANK:2].astype(np.int64) - self.table[:, RANK:3 * RANK:2]
-        self._short = whole and float(extents.prod(axis=1).mean()) <= SHORT_ITEM
+        extents = np.stack([self.table[:, tt.box_hi(d)].astype(np.int64) - self.table[:, tt.box_lo(d)]
+                            for d in range(RANK)], axis=1)
+        self._short = ranges.mode == "whole" and len(self.table) > 0 and float(extents.prod(1).mean()) <= SHORT_ITEM
+
+    @classmethod
+    def of(cls, plan: KernelPlan) -> "GluonSchedule":
+        """The schedule of the plan's mask in the first mode the rule gives it."""
+        return cls(plan_ranges(plan))
 
     def items_per_program(self, items: int, sms: int) -> int:
         """Work items per Gluon program for `items` (table rows x batch x heads) on `sms` multiprocessors:
@@ -345,7 +208,7 @@ class GluonSchedule:
         if key not in self._segments:
             r = segment_ranges(self.ranges, q_rows, k_rows)
             if r.ok:
-                on = [torch.from_numpy(x).to(device) for x in (r.table, r.rows(r.idle), r.bounds)]
+                on = [torch.from_numpy(x).to(device) for x in (row_table(r), r.rows(r.idle), r.bounds)]
                 self._segments[key] = (*on, r)
             else:
                 self._segments[key] = (None, None, None, r)

@@ -16,11 +16,11 @@ from types import ModuleType
 
 import jinja2
 
+from maskdsl import tile_table
 from maskdsl.codegen.cache import cache_dir, load_module  # noqa: F401 - re-exported (the cache's old home)
 
 from maskdsl.codegen.plan import KernelPlan
-from maskdsl.codegen.context import static_context
-from maskdsl.codegen.printer import to_triton
+from maskdsl.codegen.context import _mul, notation, static_context
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "attention_fwd.py.jinja"
@@ -30,14 +30,17 @@ TEMPLATE = "attention_fwd.py.jinja"
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    # the backward templates print a bound for named row/group/extent variables: `{{ expr | tri('rows', 'g', 'n') }}`
-    env.filters["tri"] = lambda expr, i, g, n: to_triton(expr, {"i": i, "g": g, "n": n})
+    # `{{ 'q_frame0' | times(inner) }}`: a product that folds a factor of 1, as the printed text does
+    env.filters["times"] = _mul
+    env.globals["notation"] = notation
     return env
 
 
 # What shapes a kernel's text besides the template file it names: a change to any of these is a new kernel.
 _SOURCES = [*sorted(TEMPLATES.glob("*.jinja")),
-            *(Path(__file__).parent / f for f in ("backward.py", "bounds.py", "context.py", "plan.py", "printer.py"))]
+            *(Path(__file__).parent / f for f in ("backward.py", "backward_text.py", "bounds.py", "context.py", "plan.py",
+                                        "printer.py", "topk_bwd_text.py")),
+            Path(tile_table.__file__)]
 
 
 @lru_cache(maxsize=None)

@@ -14,8 +14,6 @@ from maskdsl.codegen.topk_grid import TopKGrid, term_texts
 from maskdsl import ir
 
 
-
-
 def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
     from maskdsl.version import __version__
 
@@ -40,8 +38,13 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
     for d in dims:
         n, t = d.plan.extent, d.plan.q_tile
         query_lines.append(f"first_{d.i} = {_mul(f'qc_{d.i}', t)}")
-        query_lines.append(f"last_{d.i} = " + (f"tl.minimum(first_{d.i} + {t}, {n}) - 1" if d.ragged_q
-                                                else f"first_{d.i} + {t - 1}"))
+        if t == 1:
+            last = f"first_{d.i}"
+        elif d.ragged_q:
+            last = f"tl.minimum(first_{d.i} + {t}, {n}) - 1"
+        else:
+            last = f"first_{d.i} + {t - 1}"
+        query_lines.append(f"last_{d.i} = {last}")
     query_lines += q.rows + [f"row_valid = {q.row_valid or 'offs_m >= 0'}", f"row_flat = {q.row_flat}"]
 
     key_lines = [f"kc_{d.i} = {_mul(f'c_{d.i}', d.plan.kv_tile)} + koff_{d.i}" for d in dims]
@@ -59,8 +62,11 @@ def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:
 
     width = max(grid.tiles)
     s_table = [box_loop("qc", lambda d, s=s: f"qlo_{d}", lambda d: f"qhi_{d}") for s in range(len(s_terms))]
-    table_loads = [[(f"qlo_{d}", ((s * rank + d) * 2) * width, f"c_{d}") for d in range(rank)]
-                   + [(f"qhi_{d}", ((s * rank + d) * 2 + 1) * width, f"c_{d}") for d in range(rank)]
+    def entry(offset: int, d: int) -> str:
+        return f"S_QT + {offset} + c_{d}" if offset else f"S_QT + c_{d}"
+
+    table_loads = [[(f"qlo_{d}", entry((s * rank + d) * 2 * width, d)) for d in range(rank)]
+                   + [(f"qhi_{d}", entry(((s * rank + d) * 2 + 1) * width, d)) for d in range(rank)]
                    for s in range(len(s_terms))]
     s_key_loops = [box_loop("c", lambda d, t=t: f"kt_lo_{t.label}_{d}", lambda d, t=t: f"kt_hi_{t.label}_{d}")
                    for t in s_terms]

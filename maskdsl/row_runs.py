@@ -1,8 +1,7 @@
 """A 1-D mask as runs of key tiles per query tile, with each row's keys as a few intervals.
 
-The rule behind the Gluon forward's predicated mode (codegen.gluon_runs) and the simulator's
-restatement of it (simulator.gluon), kept here once: both hand in the per-row key bounds of the
-mask's product terms (`intervals.evaluate`, the same numbers either way). A row's attended keys are
+The Gluon forward's "runs" mode (maskdsl.gluon_rule, whose schedule codegen.gluon_runs writes as
+tables and the simulator costs): the per-row key bounds of the mask's product terms go in. A row's attended keys are
 the union of its terms' intervals; merged, they are at most SLOTS disjoint intervals for the masks
 the kernel takes (a causal window plus sinks is two). A query tile of BLOCK rows walks the key
 tiles its rows' intervals touch, at most RUNS runs of them; the kernel masks the first and last
@@ -13,6 +12,8 @@ tiles: then its flag makes the kernel mask every tile of that query tile.
 from __future__ import annotations
 
 import numpy as np
+
+from maskdsl.tile_table import RANK, RUN2, box_hi, box_lo
 
 BLOCK = 128  # rows of a query tile and keys of a key tile
 SLOTS = 2  # key intervals per row the predicate holds
@@ -124,7 +125,9 @@ def dispatch_order(work: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def longest_first(table: np.ndarray) -> tuple[np.ndarray, int]:
-    """The table's rows in dispatch order (`dispatch_order` of each row's work), and the long rows'
-    count. Columns 7-10 of a row are its runs' [lo, hi)."""
-    order, long = dispatch_order((table[:, 8] - table[:, 7]) + (table[:, 10] - table[:, 9]))
+    """A "runs" row table's rows in dispatch order (`dispatch_order` of each row's work: its two runs'
+    key tiles, read by maskdsl.tile_table's names), and the long rows' count."""
+    last = RANK - 1  # the first run's dimension
+    work = (table[:, box_hi(last)] - table[:, box_lo(last)]) + (table[:, RUN2 + 1] - table[:, RUN2])
+    order, long = dispatch_order(work)
     return table[order], long

@@ -86,3 +86,12 @@ def test_fit_from_takes_the_latest_files_entry_of_a_case(tmp_path):
     got = {(r["file"].split("/")[-1], r["ours"][0]["ms"]) for r in latest_per_case([old, new])}
     assert got == {("dense_32k.mask", 1.0), ("window_1d_32k.mask", 3.0)}
     assert {r["ours"][0]["ms"] for r in latest_per_case([new, old])} == {2.0, 3.0}
+
+
+def test_best_configs_takes_the_last_run_of_each_case():
+    from maskdsl.bench.run import best_configs
+
+    runs = [{"results": [{"file": "bench/suite/gna_3d.mask", "mask": "gna", "ours_best": {"config": "q2x8x8_k2x8x8_w8_s3"}},
+                         {"file": "bench/suite/dense_32k.mask", "mask": "full", "ours_best": None}]},
+            {"results": [{"file": "/x/bench/suite/gna_3d.mask", "mask": "gna", "ours_best": {"config": "q1x8x16_k2x8x8_w8_s2"}}]}]
+    assert best_configs(runs) == {"gna_3d:gna": "q1x8x16_k2x8x8_w8_s2"}

@@ -11,8 +11,10 @@ import pytest
 
 import maskdsl
 from maskdsl.codegen.config import default_config
-from maskdsl.codegen.gluon_runs import BLOCK, plan_intervals as row_intervals, run_ranges
+from maskdsl.codegen.gluon_plan import row_table
+from maskdsl.codegen.gluon_runs import plan_intervals as row_intervals, run_ranges
 from maskdsl.codegen.plan import build_plan
+from maskdsl.row_runs import BLOCK
 from maskdsl.semantics import static_mask
 
 # (layout, mask, runs on Gluon): odd extents leave a ragged last tile
@@ -45,7 +47,7 @@ def applied_mask(ranges, n: int, keys: int | None = None) -> np.ndarray:
     cols = np.arange(m)
     predicate = ((cols[None, None, :] >= lo[:, :, None]) & (cols[None, None, :] <= hi[:, :, None])).any(0)
     out = np.zeros((n, m), bool)
-    for row in ranges.table:
+    for row in row_table(ranges):
         t = int(row[2])
         rows = slice(t * BLOCK, min((t + 1) * BLOCK, n))
         runs = [(int(row[7]), int(row[8])), (int(row[9]), int(row[10]))]
@@ -74,7 +76,7 @@ def test_the_kernels_mask_equals_the_reference(layout, text, ok):
     idle = got.rows(got.idle)
     assert not want[idle].any()
     held = np.zeros(n, bool)
-    for t in got.table[:, 2]:
+    for t in row_table(got)[:, 2]:
         held[t * BLOCK:(t + 1) * BLOCK] = True
     held[idle] = True
     assert held.all()
@@ -97,10 +99,10 @@ def test_flags_only_where_a_run_has_a_partial_tile_inside():
     """A causal window with sinks: only the sink rows' tile (it sees every key) and the tiles where the
     window meets the sink predicate every tile; the rest mask their runs' edges only."""
     _, plan = _plan("grid(4096)", "sliding_window(1024, causal=true) | sink(4)")
-    got = run_ranges(plan)
-    flagged = got.table[got.table[:, 11] == 1, 2].tolist()
+    table = row_table(run_ranges(plan))
+    flagged = table[table[:, 11] == 1, 2].tolist()
     assert 0 in flagged and len(flagged) <= 3, flagged
-    assert (got.table[:, 9:11] != 0).any(), "the sink's run and the window's should be two runs"
+    assert (table[:, 9:11] != 0).any(), "the sink's run and the window's should be two runs"
 
 
 def test_refusals_name_the_reason():
@@ -115,14 +117,15 @@ def test_long_tiles_lead_the_table_and_equal_ones_keep_their_order():
     sharing), the shorter first tiles of the sequence last."""
     _, plan = _plan("grid(8192)", "sliding_window(1024, causal=true) | sink(4)")
     got = run_ranges(plan)
-    work = (got.table[:, 8] - got.table[:, 7]) + (got.table[:, 10] - got.table[:, 9])
+    table = row_table(got)
+    work = (table[:, 8] - table[:, 7]) + (table[:, 10] - table[:, 9])
     assert (np.diff(work) <= 0).all()
-    assert got.long == 1 and got.table[0, 2] == 0 and work[0] == 64  # tile 0 walks all 64 key tiles
-    equal = got.table[work == work[1], 2]
+    assert got.long == 1 and table[0, 2] == 0 and work[0] == 64  # tile 0 walks all 64 key tiles
+    equal = table[work == work[1], 2]
     assert (np.diff(equal) > 0).all()
     _, plan = _plan("grid(4096)", "causal")
     got = run_ranges(plan)
-    assert got.long == 0 and got.table[:, 2].tolist() == list(range(31, -1, -1))  # longest first
+    assert got.long == 0 and row_table(got)[:, 2].tolist() == list(range(31, -1, -1))  # longest first
 
 
 @pytest.mark.parametrize("text", ["sliding_window(300, causal=true) | sink(4)", "sliding_window(257)", "causal"])

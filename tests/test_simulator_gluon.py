@@ -1,6 +1,6 @@
-"""The simulator's Gluon-forward rule (simulator.gluon) and its constants: which masks the Hopper kernel
-runs, that a prediction says so, that a GPU without Gluon constants predicts the template, and that the
-fit recovers a planted Gluon tile cost."""
+"""The simulator's Gluon-forward verdict (simulator.gluon: maskdsl.gluon_rule's) and its constants: which
+masks the Hopper kernel runs, that a prediction says so, that a GPU without Gluon constants predicts the
+template, and that the fit recovers a planted Gluon tile cost."""
 
 import math
 
@@ -183,6 +183,7 @@ def test_predicated_dispatch_order_is_the_kernels(grid, expr):
     """The simulator schedules the predicated Gluon forward's CTAs in the order codegen's table holds them
     (longest first, the long tiles head-major ahead of every head's rest), from its own tile counts."""
     from maskdsl.codegen.config import default_config
+    from maskdsl.codegen.gluon_plan import row_table
     from maskdsl.codegen.gluon_runs import run_ranges
     from maskdsl.codegen.plan import build_plan
 
@@ -192,7 +193,7 @@ def test_predicated_dispatch_order_is_the_kernels(grid, expr):
     ranges = run_ranges(build_plan(mask, default_config(mask)))
     assert ranges.ok and work is not None and work.order is not None
     busy = np.flatnonzero(np.asarray(simulate(spec, "m", (128,), (128,)).visits_per_query_tile) > 0)
-    assert busy[work.order].tolist() == ranges.table[:, 2].tolist()
+    assert busy[work.order].tolist() == row_table(ranges)[:, 2].tolist()
     assert work.long == ranges.long
 
 
