@@ -35,6 +35,10 @@ from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before,
 class NotAnalyzable(ValueError):
     """The mask has a part the closed-form analysis does not cover (said with the reason)."""
 
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
 
 @dataclass(frozen=True, eq=False)
 class Rel1D:
@@ -275,13 +279,20 @@ def check_analyzable(expr: ir.MaskExpr, shape) -> None:
         except ValueError as exc:
             raise NotAnalyzable(str(exc)) from None
         parts = [e for e in (form.static, form.restrict) if e is not None]
-        static = ir.union(*parts) if parts else None  # the envelope S | R: what selection can reach
+        # S and R are each counted, simulated and compiled on their own, and the envelope S | R bounds
+        # what selection can reach: each is held to the bound (S | full is one term whatever S is).
+        checked = parts + ([ir.union(*parts)] if len(parts) > 1 else [])
     else:
-        static = expr
-    if static is not None:
-        terms = num_products(static, shape)
+        checked = [expr]
+    for part in checked:
+        terms = num_products(part, shape)
         if len(terms) > MAX_PRODUCTS:
             raise NotAnalyzable(_too_many(len(terms)))
+        if ir.is_dynamic(expr) and any(rel.dilation != 1 for t in terms for rel in t.num):
+            raise NotAnalyzable(
+                "top-k cannot be combined with a dilated neighborhood: top-k picks key blocks of the grid in "
+                "row-major order, while a dilated mask is run (and simulated) on the grid regrouped by dilation",
+                "use the top-k mask without the dilated part, or the dilated neighborhood without topk(...)")
 
 
 def _too_many(count) -> str:

@@ -19,7 +19,14 @@ interval at every coordinate of that dimension (O(extent) time and memory per di
 bound `maskdsl check` of a 1-D causal window with sinks takes about 3 s and 0.6 GB."""
 
 MAX_DEPTH = 64
-"""Deepest nesting of a mask expression (each `|`, `&` or parenthesized operand is a level)."""
+"""Deepest nesting of a mask expression (each `|` or `&` is a level; the parser reads `a | b | c` as
+`(a | b) | c`), checked on the text and again on the mask with its named masks inlined, which is what
+`fmt` prints: whatever parses prints a text that parses. Parenthesised values nest at most as deep."""
+
+MAX_LEAVES = 1024
+"""Most primitives a mask may hold once the named masks it uses are inlined. Naming lets a short text
+reuse a mask many times (`mask b = a & a`, `mask c = b & b`, ...): each doubling costs one line of
+text, so without this bound thirty lines would print, hash and walk a billion-primitive expression."""
 
 MAX_PRODUCTS = 12
 """Most product terms a mask may expand to (maskdsl.analysis: a neighborhood or `full` is one term,
