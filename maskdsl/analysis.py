@@ -27,7 +27,7 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.boxes import flat_range_boxes
-from maskdsl.limits import MAX_PRODUCTS
+from maskdsl.limits import MAX_PRODUCTS, work_problem
 from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
@@ -284,10 +284,17 @@ def check_analyzable(expr: ir.MaskExpr, shape) -> None:
         checked = parts + ([ir.union(*parts)] if len(parts) > 1 else [])
     else:
         checked = [expr]
+    shape = tuple(int(n) for n in shape)
+    work_hint = "use fewer terms or a shorter grid; docs/LIMITS.md gives the bound on the analysis's work"
+    primitives = sum(not isinstance(node, (ir.Union_, ir.Intersection)) for node in ir.walk(expr))
+    if (problem := work_problem(primitives, None, shape)) is not None:  # before expanding: that is the work
+        raise NotAnalyzable(problem, work_hint)
     for part in checked:
         terms = num_products(part, shape)
         if len(terms) > MAX_PRODUCTS:
             raise NotAnalyzable(_too_many(len(terms)))
+        if (problem := work_problem(0, len(terms), shape)) is not None:
+            raise NotAnalyzable(problem, work_hint)
         if ir.is_dynamic(expr) and any(rel.dilation != 1 for t in terms for rel in t.num):
             raise NotAnalyzable(
                 "top-k cannot be combined with a dilated neighborhood: top-k picks key blocks of the grid in "

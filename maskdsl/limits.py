@@ -36,6 +36,32 @@ over the overlapping subsets of its terms: at most 2**12 - 1 = 4095 intersection
 O(extent) per dimension."""
 
 
+MAX_EVALUATED = 2**24
+"""Most coordinates the exact analysis evaluates primitives at: a mask of P primitives on a grid whose
+extents sum to E is refused unless P * E is at most this (each primitive is evaluated at every
+coordinate of each dimension, and terms are compared coordinate by coordinate). At the bound a
+parse takes about 5 s and 0.7 GB: four primitives at the largest extent, 64 on a 512 x 512 grid."""
+
+MAX_INTERSECTED = 2**25
+"""Most coordinates inclusion-exclusion may visit: T product terms on extents summing to E are refused
+unless 2**T * E is at most this (up to 2**T - 1 intersections of O(E) each). It admits the 12 terms
+up to E = 8,192 (4096 x 4096) and a causal window with a sink (3 terms) at the largest extent."""
+
+
+def work_problem(primitives: int, terms: int | None, shape: tuple[int, ...]) -> str | None:
+    """Why a mask is too much work to analyse exactly (MAX_EVALUATED, MAX_INTERSECTED), else None;
+    `terms` is None before the mask is expanded (the primitives' bound is checked first: it is that work)."""
+    extent = sum(shape)
+    if primitives * extent > MAX_EVALUATED:
+        return (f"{primitives} primitives on a grid whose extents sum to {extent:,} are {primitives * extent:,} "
+                f"coordinates to evaluate, more than the {MAX_EVALUATED:,} the exact analysis is bounded to")
+    if terms is not None and 2**terms * extent > MAX_INTERSECTED:
+        return (f"{terms} product terms on a grid whose extents sum to {extent:,} need up to {2**terms - 1:,} "
+                f"intersections of {extent:,} coordinates each, more than the {MAX_INTERSECTED:,} coordinates "
+                "the exact analysis is bounded to")
+    return None
+
+
 def shape_problem(shape: tuple[int, ...]) -> tuple[str, int | None, str] | None:
     """(reason, offending dimension or None for the whole grid, hint), else None. Extents are >= 1 here."""
     for d, n in enumerate(shape):
