@@ -24,7 +24,7 @@ import numpy as np
 from maskdsl.analysis import Rel1D
 
 GROUP_BLOCK = 1 << 20  # (dilation group, edge) pairs searched at once
-MAX_BAND = 1 << 24  # tile pairs one dimension's table may hold: about 1.5 GB of working arrays at the bound
+MAX_BAND = 1 << 22  # tile pairs one dimension's table may hold: at the bound about 10 s and 0.5 GB per table
 
 
 class TooManyTiles(ValueError):
