@@ -105,7 +105,11 @@ def validate_spec(spec) -> ir.Spec:
             _fail(f"duplicate {kind} names in {names}")
     for layout in spec.layouts:
         _check_layout(layout)
+    layouts = {layout.name: layout for layout in spec.layouts}
     for mask in spec.masks:
+        if layouts.get(mask.layout.name) != mask.layout:
+            _fail(f"mask {mask.name}: its layout {mask.layout.name!r} {getattr(mask.layout, 'shape', None)!r} is not "
+                  f"one of spec.layouts ({', '.join(layouts) or 'none'})", "put the mask's Layout in Spec.layouts")
         _check_layout(mask.layout)
         where = f"mask {mask.name}"
         if (problem := expression_problem(mask.expr)) is not None:  # first: the walk below does not memoise
