@@ -21,6 +21,11 @@ def default_path() -> Path:
     return cache_root() / "tuning.db"
 
 
+LOOKUP_WAIT_S = 1.0
+"""How long a compile's lookup waits for a SQLite database another writer holds locked (sqlite3's default
+is 5 s, paid by the forward's and the backward's lookup alike) before compiling with the default."""
+
+
 def storage_url(url: str | None = None) -> str:
     return url or os.environ.get("MASKDSL_TUNING_DB") or f"sqlite:///{default_path()}"
 
@@ -59,8 +64,9 @@ def redact(url: str) -> str:
 def _open(url: str, lookup: bool):
     import optuna
 
-    if lookup:
-        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    if lookup:  # a lookup waits at most LOOKUP_WAIT_S for another writer's lock, then the caller falls back
+        kwargs = {"engine_kwargs": {"connect_args": {"timeout": LOOKUP_WAIT_S}}} if url.startswith("sqlite") else {}
+        return optuna.storages.RDBStorage(url, skip_table_creation=True, **kwargs)
     if url.startswith("postgresql"):
         return _open_postgres(url)
     if not url.startswith("sqlite:///"):

@@ -30,8 +30,18 @@ def cache_dir() -> Path:
     root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
     path = Path(root) / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise CacheDirError(f"the kernel cache {str(path)!r} cannot be used ({exc.strerror or exc}); point "
+                            "MASKDSL_CACHE_DIR at a writable directory (docs/LIMITS.md)") from None
     return path
+
+
+class CacheDirError(RuntimeError):
+    """The kernel cache's directory cannot be created or written (MASKDSL_CACHE_DIR at a file, say)."""
 
 
 class CacheWarning(UserWarning):

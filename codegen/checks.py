@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,3 +101,31 @@ def check_out_lse(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lse_wri
     if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or (lse_written and not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous float32 tensor of shape {tuple(q.shape[:3])}; "
                          f"got {tuple(lse.shape)} {lse.dtype}")
+
+
+def check_call(q: torch.Tensor, k: torch.Tensor, scale) -> None:
+    """What `check_qkv` leaves to the call: a batch and heads to run (TMA descriptors cannot describe an empty
+    tensor) and a finite scale (inf or NaN would silently turn every output row into NaN)."""
+    if q.shape[0] < 1 or q.shape[1] < 1 or k.shape[1] < 1:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must hold at least one batch entry and head "
+                         "(dims 0 and 1); skip the call for an empty batch")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
+
+
+def check_config_fields(config) -> None:
+    """A KernelConfig's fields are what its arithmetic and key assume: tiles are tuples of integers,
+    warps and stages integers (never bool, float, str or dict), so a bad value fails here and names itself."""
+    for name in ("q_tile", "kv_tile"):
+        tile = getattr(config, name)
+        if not isinstance(tile, tuple) or not tile or not all(_integer(t) for t in tile):
+            raise ValueError(f"config.{name} must be a non-empty tuple of integers (one per dimension), got {tile!r}")
+    for name in ("num_warps", "num_stages"):
+        value = getattr(config, name)
+        if not _integer(value):
+            raise ValueError(f"config.{name} must be an integer, got {value!r}")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too

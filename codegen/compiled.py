@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from maskdsl.codegen.checks import check_out_lse, check_qkv, padded_head_dim, tma_aligned
+from maskdsl.codegen.checks import check_call, check_out_lse, check_qkv, padded_head_dim, tma_aligned
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import load_kernel
@@ -61,6 +61,7 @@ class CompiledAttention:
 
     def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, out=None):
         check_qkv(q, k, v, self.mask.layout.tokens, self.mask.layout.name, self.pads_head_dim)
+        check_call(q, k, scale)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if out is not None:  # writes into a caller's buffer (tests poison it first)
             lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)

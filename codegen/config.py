@@ -23,6 +23,11 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def __post_init__(self):
+        from maskdsl.codegen.checks import check_config_fields  # torch: only once a config is built
+
+        check_config_fields(self)
+
     @property
     def block_m(self) -> int:
         return _prod(self.q_tile)

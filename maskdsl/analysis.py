@@ -27,13 +27,17 @@ import numpy as np
 
 from maskdsl import ir
 from maskdsl.boxes import flat_range_boxes
-from maskdsl.limits import MAX_PRODUCTS
+from maskdsl.limits import MAX_PRODUCTS, work_problem
 from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
 
 class NotAnalyzable(ValueError):
     """The mask has a part the closed-form analysis does not cover (said with the reason)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,13 +279,27 @@ def check_analyzable(expr: ir.MaskExpr, shape) -> None:
         except ValueError as exc:
             raise NotAnalyzable(str(exc)) from None
         parts = [e for e in (form.static, form.restrict) if e is not None]
-        static = ir.union(*parts) if parts else None  # the envelope S | R: what selection can reach
+        # S and R are each counted, simulated and compiled on their own, and the envelope S | R bounds
+        # what selection can reach: each is held to the bound (S | full is one term whatever S is).
+        checked = parts + ([ir.union(*parts)] if len(parts) > 1 else [])
     else:
-        static = expr
-    if static is not None:
-        terms = num_products(static, shape)
+        checked = [expr]
+    shape = tuple(int(n) for n in shape)
+    work_hint = "use fewer terms or a shorter grid; docs/LIMITS.md gives the bound on the analysis's work"
+    primitives = sum(not isinstance(node, (ir.Union_, ir.Intersection)) for node in ir.walk(expr))
+    if (problem := work_problem(primitives, None, shape)) is not None:  # before expanding: that is the work
+        raise NotAnalyzable(problem, work_hint)
+    for part in checked:
+        terms = num_products(part, shape)
         if len(terms) > MAX_PRODUCTS:
             raise NotAnalyzable(_too_many(len(terms)))
+        if (problem := work_problem(0, len(terms), shape)) is not None:
+            raise NotAnalyzable(problem, work_hint)
+        if ir.is_dynamic(expr) and any(rel.dilation != 1 for t in terms for rel in t.num):
+            raise NotAnalyzable(
+                "top-k cannot be combined with a dilated neighborhood: top-k picks key blocks of the grid in "
+                "row-major order, while a dilated mask is run (and simulated) on the grid regrouped by dilation",
+                "use the top-k mask without the dilated part, or the dilated neighborhood without topk(...)")
 
 
 def _too_many(count) -> str:

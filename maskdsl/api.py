@@ -26,6 +26,8 @@ def resolve(spec, mask: str | None = None) -> tuple[ir.Spec, ir.MaskDef, ir.Atte
     Without a name: the mask the spec's attention statements use, else its only mask; a spec where
     that is ambiguous gets an error listing the names to choose from (every command resolves this way).
     """
+    if mask is not None and not isinstance(mask, str):
+        raise ValueError(f"mask must be a mask's name (a str) or None for the spec's default, got {type(mask).__name__}")
     if isinstance(spec, (str, Path)):
         from maskdsl.parser import load
 
@@ -59,13 +61,18 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
     stored config that does not fit this mask) gives one warning and the ranked default, never a
     failed compile.
     """
+    return _lookup(mask, attention)[0]
+
+
+def _lookup(mask: ir.MaskDef, attention: ir.Attention | None):
+    """(`lookup_config`'s config, whether the database could be read)."""
     from maskdsl.autotune.space import ranked_default
 
     head_dim = attention.head_dim if attention else 128
     try:
         from maskdsl.autotune.database import best_config, redact, storage_url
     except ImportError:  # optuna is not installed: compile still works without a tuning database
-        return ranked_default(mask, head_dim, attention)
+        return ranked_default(mask, head_dim, attention), False
     try:
         config = best_config(mask, attention)
         if config is not None:
@@ -74,8 +81,8 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
         _warn_once(f"the tuning database {redact(storage_url())} could not be used ({type(exc).__name__}: "
                    f"{str(exc).splitlines()[0] if str(exc) else ''}); compiling with the default config. "
                    "Fix or remove the database, or point MASKDSL_TUNING_DB at another one (docs/LIMITS.md)")
-        config = None
-    return config or ranked_default(mask, head_dim, attention)
+        return ranked_default(mask, head_dim, attention), False
+    return config or ranked_default(mask, head_dim, attention), True
 
 
 def _check_stored(config, mask: ir.MaskDef) -> None:
@@ -103,12 +110,15 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     from maskdsl.codegen.compiled import compile_attention
 
     spec, mdef, attention = resolve(spec, mask)
+    readable = True
     if config is None:
-        config = lookup_config(mdef, attention)
+        config, readable = _lookup(mdef, attention)
     if backward_config is None and not mdef.dynamic:
-        from maskdsl.autotune.database import best_backward_config
         from maskdsl.autotune.space import ranked_backward_default
 
-        backward_config = (best_backward_config(mdef, attention)  # tuned (never raises), else untuned
-                           or ranked_backward_default(mdef, attention.head_dim if attention else 128))
-    return compile_attention(spec, mask, config, backward_config)
+        if readable:  # a database the forward's lookup could not read is not asked again: one warning, one wait
+            from maskdsl.autotune.database import best_backward_config
+
+            backward_config = best_backward_config(mdef, attention)  # tuned (never raises), else None
+        backward_config = backward_config or ranked_backward_default(mdef, attention.head_dim if attention else 128)
+    return compile_attention(spec, mdef.name, config, backward_config)  # mask None: the resolved default

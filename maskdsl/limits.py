@@ -19,7 +19,14 @@ interval at every coordinate of that dimension (O(extent) time and memory per di
 bound `maskdsl check` of a 1-D causal window with sinks takes about 3 s and 0.6 GB."""
 
 MAX_DEPTH = 64
-"""Deepest nesting of a mask expression (each `|`, `&` or parenthesized operand is a level)."""
+"""Deepest nesting of a mask expression (each `|` or `&` is a level; the parser reads `a | b | c` as
+`(a | b) | c`), checked on the text and again on the mask with its named masks inlined, which is what
+`fmt` prints: whatever parses prints a text that parses. Parenthesised values nest at most as deep."""
+
+MAX_LEAVES = 1024
+"""Most primitives a mask may hold once the named masks it uses are inlined. Naming lets a short text
+reuse a mask many times (`mask b = a & a`, `mask c = b & b`, ...): each doubling costs one line of
+text, so without this bound thirty lines would print, hash and walk a billion-primitive expression."""
 
 MAX_PRODUCTS = 12
 """Most product terms a mask may expand to (maskdsl.analysis: a neighborhood or `full` is one term,
@@ -27,6 +34,32 @@ MAX_PRODUCTS = 12
 intersections and terms inside others are dropped). Exact counting of a union is inclusion-exclusion
 over the overlapping subsets of its terms: at most 2**12 - 1 = 4095 intersections, each numeric and
 O(extent) per dimension."""
+
+
+MAX_EVALUATED = 2**24
+"""Most coordinates the exact analysis evaluates primitives at: a mask of P primitives on a grid whose
+extents sum to E is refused unless P * E is at most this (each primitive is evaluated at every
+coordinate of each dimension, and terms are compared coordinate by coordinate). At the bound a
+parse takes about 5 s and 0.7 GB: four primitives at the largest extent, 64 on a 512 x 512 grid."""
+
+MAX_INTERSECTED = 2**25
+"""Most coordinates inclusion-exclusion may visit: T product terms on extents summing to E are refused
+unless 2**T * E is at most this (up to 2**T - 1 intersections of O(E) each). It admits the 12 terms
+up to E = 8,192 (4096 x 4096) and a causal window with a sink (3 terms) at the largest extent."""
+
+
+def work_problem(primitives: int, terms: int | None, shape: tuple[int, ...]) -> str | None:
+    """Why a mask is too much work to analyse exactly (MAX_EVALUATED, MAX_INTERSECTED), else None;
+    `terms` is None before the mask is expanded (the primitives' bound is checked first: it is that work)."""
+    extent = sum(shape)
+    if primitives * extent > MAX_EVALUATED:
+        return (f"{primitives} primitives on a grid whose extents sum to {extent:,} are {primitives * extent:,} "
+                f"coordinates to evaluate, more than the {MAX_EVALUATED:,} the exact analysis is bounded to")
+    if terms is not None and 2**terms * extent > MAX_INTERSECTED:
+        return (f"{terms} product terms on a grid whose extents sum to {extent:,} need up to {2**terms - 1:,} "
+                f"intersections of {extent:,} coordinates each, more than the {MAX_INTERSECTED:,} coordinates "
+                "the exact analysis is bounded to")
+    return None
 
 
 def shape_problem(shape: tuple[int, ...]) -> tuple[str, int | None, str] | None:

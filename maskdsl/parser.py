@@ -12,7 +12,7 @@ from maskdsl import ir, limits
 from maskdsl.errors import BindError, SpecError, suggest
 from maskdsl.primitives import BARE_PRIMITIVES, PRIMITIVES, Param, bind_args, bind_call
 from maskdsl.syntax import BinOp, Call, Ref, Stmt, parse_syntax
-from maskdsl.validate import HEAD_DIMS, RESERVED, attention_problem  # noqa: F401 - HEAD_DIMS re-exported
+from maskdsl.validate import HEAD_DIMS, RESERVED, attention_problem, expression_problem  # noqa: F401 - HEAD_DIMS re-exported
 
 ATTENTION_PARAMS = (Param("mask", "word"), Param("heads", "int"), Param("head_dim", "int", 128),
                     Param("kv_heads", "int", 0), Param("dtype", "word", "bf16"), Param("batch", "int", 1))
@@ -100,12 +100,15 @@ class _Resolver:
     def _mask(self, stmt: Stmt) -> ir.MaskDef:
         layout = self._mask_layout(stmt)
         expr = self._expr(stmt.body, layout)
+        problem = expression_problem(expr)  # on the inlined form, which is what `fmt` prints and later stages walk
+        if problem is not None:
+            raise BindError(f"mask {stmt.name!r}: {problem[0]}", stmt.name_pos, problem[1])
         from maskdsl.analysis import NotAnalyzable, check_analyzable  # numpy and sympy: only once a mask is read
 
         try:  # refused here, so that everything that parses can be analysed
             check_analyzable(expr, layout.shape)
         except NotAnalyzable as exc:
-            raise BindError(f"mask {stmt.name!r}: {exc}", stmt.name_pos,
+            raise BindError(f"mask {stmt.name!r}: {exc}", stmt.name_pos, exc.hint or
                             "split the mask, or combine fewer terms; docs/LIMITS.md lists what is accepted") from None
         return ir.MaskDef(stmt.name, expr, layout)
 

@@ -98,16 +98,22 @@ def _check_depth(stmt: lark.Tree) -> None:
 
     (A chain of a thousand `|` is a thousand levels deep: the conversion below, and every later
     walk of the IR, would hit Python's recursion limit.) The walk here keeps its own stack.
+    Parenthesised values (`grid(((4)))`, tuples of tuples) nest the same way and are bounded alike.
     """
-    stack = [(stmt, 0)]
+    stack = [(stmt, 0, 0)]
     while stack:
-        node, level = stack.pop()
+        node, level, parens = stack.pop()
         if node.data in ("union", "intersection"):
             level += 1
             if level > MAX_DEPTH:
                 raise BindError(f"the mask expression nests more than {MAX_DEPTH} levels of `|`/`&`", _pos(node),
                                 "name parts of it with their own `mask` statements")
-        stack.extend((c, level) for c in node.children if isinstance(c, lark.Tree))
+        elif node.data == "tuple":
+            parens += 1
+            if parens > MAX_DEPTH:
+                raise BindError(f"a value nests more than {MAX_DEPTH} levels of parentheses", _pos(node),
+                                "a value is a number, a name, or one flat tuple like (3, 3)")
+        stack.extend((c, level, parens) for c in node.children if isinstance(c, lark.Tree))
 
 
 def _syntax_error(exc: lark.exceptions.UnexpectedInput, text: str, filename: str) -> SpecError:

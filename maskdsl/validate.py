@@ -48,6 +48,46 @@ def attention_problem(a: dict) -> tuple[str, str, str | None] | None:
     return None
 
 
+def expression_size(expr: ir.MaskExpr) -> tuple[int, int]:
+    """(levels of `|`/`&` the parser counts in `expr.fmt()`, primitives in it), without recursion.
+
+    lark reads `a | b | c` as `(a | b) | c`: the i-th of n flattened terms (1-based) sits under
+    n - i + 1 operators, the first under n - 1. Named masks are shared objects in the inlined IR,
+    so both numbers are memoised per node: a mask reused a thousand times is walked once.
+    """
+    depth: dict[int, int] = {}
+    leaves: dict[int, int] = {}
+    stack = [(expr, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in depth:
+            continue
+        terms = node.terms if isinstance(node, (ir.Union_, ir.Intersection)) and isinstance(node.terms, tuple) else ()
+        if not terms:
+            depth[id(node)], leaves[id(node)] = 0, 1
+        elif done:
+            n = len(terms)
+            depth[id(node)] = max(depth[id(t)] + (n - 1 if i == 0 else n - i) for i, t in enumerate(terms))
+            leaves[id(node)] = sum(leaves[id(t)] for t in terms)
+        else:
+            stack.append((node, True))
+            stack.extend((t, False) for t in terms if id(t) not in depth)
+    return depth[id(expr)], leaves[id(expr)]
+
+
+def expression_problem(expr: ir.MaskExpr) -> tuple[str, str] | None:
+    """(reason, hint) when the mask, named masks inlined, is deeper or larger than the limits."""
+    levels, leaves = expression_size(expr)
+    if levels > limits.MAX_DEPTH:
+        return (f"with the masks it names written out, the expression nests {levels} levels of `|`/`&`, "
+                f"more than {limits.MAX_DEPTH}", "`fmt` writes named masks out in full, and a chain of n terms "
+                "joined by `|` (or `&`) is n - 1 levels: use fewer terms or fewer levels of named masks")
+    if leaves > limits.MAX_LEAVES:
+        return (f"with the masks it names written out, the expression holds {leaves:,} primitives, more than "
+                f"{limits.MAX_LEAVES}", "each use of a named mask copies it; combine fewer copies")
+    return None
+
+
 def validate_spec(spec) -> ir.Spec:
     """Check every name and number of `spec`; return it unchanged, or raise SpecError naming the field."""
     if not isinstance(spec, ir.Spec):
@@ -65,9 +105,15 @@ def validate_spec(spec) -> ir.Spec:
             _fail(f"duplicate {kind} names in {names}")
     for layout in spec.layouts:
         _check_layout(layout)
+    layouts = {layout.name: layout for layout in spec.layouts}
     for mask in spec.masks:
+        if layouts.get(mask.layout.name) != mask.layout:
+            _fail(f"mask {mask.name}: its layout {mask.layout.name!r} {getattr(mask.layout, 'shape', None)!r} is not "
+                  f"one of spec.layouts ({', '.join(layouts) or 'none'})", "put the mask's Layout in Spec.layouts")
         _check_layout(mask.layout)
         where = f"mask {mask.name}"
+        if (problem := expression_problem(mask.expr)) is not None:  # first: the walk below does not memoise
+            _fail(f"{where}: {problem[0]}", problem[1])
         _check_expr(mask.expr, mask.layout, where, 0)
         from maskdsl.analysis import NotAnalyzable, check_analyzable
 

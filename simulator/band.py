@@ -24,6 +24,11 @@ import numpy as np
 from maskdsl.analysis import Rel1D
 
 GROUP_BLOCK = 1 << 20  # (dilation group, edge) pairs searched at once
+MAX_BAND = 1 << 22  # tile pairs one dimension's table may hold: at the bound about 10 s and 0.5 GB per table
+
+
+class TooManyTiles(ValueError):
+    """A tile table the simulator would need is larger than MAX_BAND (docs/LIMITS.md): refused, not built."""
 KEEP_DENSE = 1 << 16  # dense copies of at most this many entries are kept with their band
 
 
@@ -161,6 +166,11 @@ def band_table(rel: Rel1D, q: np.ndarray, k: np.ndarray) -> BandTable:
     c0 = np.clip(np.searchsorted(edges, kmin, side="right") - 1, 0, nk - 1)
     c1 = np.clip(np.searchsorted(edges, kmax, side="right") - 1, 0, nk - 1)
     width = np.where(kmin <= kmax, c1 - c0 + 1, 0)
+    held = int(width.sum())
+    if held > MAX_BAND:  # known before anything of that size is allocated
+        raise TooManyTiles(f"{held:,} (query tile, key tile) pairs to count along one dimension ({nq:,} x {nk:,} "
+                           f"tiles of {n:,} tokens), more than the simulator's {MAX_BAND:,}; simulate larger "
+                           "tiles, or a shorter sequence of the same mask (docs/LIMITS.md)")
     start = np.where(width > 0, c0, 0)
     ptr = np.concatenate([[0], np.cumsum(width)])
 

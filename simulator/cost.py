@@ -56,7 +56,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +157,22 @@ class KernelWork:
                              (np.asarray(self.full, np.float64) + part) * unit, zero], axis=1)
         cols = [np.asarray(x, dtype=np.float64) * unit for x in (self.full, self.partial, self.union)]
         return np.stack(cols + [np.full(n, (self.block_m / REFERENCE_TILE) ** beta * h), zero, zero], axis=1)
+
+
+MAX_SCHEDULED = 1 << 21
+"""Most CTAs a launch is list-scheduled one by one. Copies (batch x heads) repeat the same query tiles,
+so past this a launch is scheduled at two copy counts c and 2c within the bound and extended linearly
+in the copies: the steady state adds (span(2c) - span(c)) / c per copy. Memory and time stay bounded
+however large the batch (a batch of 2,000,000,000 would otherwise list 477 GiB of CTAs)."""
+
+
+def _by_copies(copies: int, programs: int, span_of) -> float:
+    """span_of(copies), extended linearly from two scheduled copy counts past MAX_SCHEDULED CTAs."""
+    if copies <= 2 or copies * programs <= MAX_SCHEDULED:
+        return span_of(copies)
+    c = max(1, MAX_SCHEDULED // (2 * max(programs, 1)))
+    low, high = span_of(c), span_of(2 * c)
+    return low + (copies - c) * (high - low) / c
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,10 @@ class CostModel:
         work = self.kernel_work(work)
         k = work.ctas_per_sm
         slots = self.sms * k
+        n = len(work.full)
+        if work.copies > 2 and n * work.copies > MAX_SCHEDULED:
+            time = _by_copies(work.copies, n, lambda c: self.schedule(replace(work, copies=c)).time)
+            return Schedule(time, n * work.copies, k, slots)
         rows = work.launch_rows()
         coef = self.coefficients
         per_tile = self.slot_features(work, self.pair_exponent, coef) @ coef
@@ -368,8 +388,13 @@ class CostModel:
             return None
         coef = np.array([self.bwd_dkdv_us, self.bwd_dq_us, self.bwd_program_us])
         k = work.ctas_per_sm
-        jobs = np.tile((work.features(self.backward_exponent, self.bwd_partial) * k) @ coef, work.copies)  # as the fit
-        return shared_schedule(jobs, jobs / k, self.sms, k) + self.launch_us
+        per_program = (work.features(self.backward_exponent, self.bwd_partial) * k) @ coef
+
+        def span(copies: int) -> float:
+            jobs = np.tile(per_program, copies)  # as the fit
+            return shared_schedule(jobs, jobs / k, self.sms, k)
+
+        return _by_copies(work.copies, len(per_program), span) + self.launch_us
 
     @property
     def backward_exponent(self) -> float:

@@ -113,12 +113,17 @@ def test_wheel_installs_one_namespace(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheels), str(ROOT)], check=True, capture_output=True, text=True)
     venv = tmp_path / "venv"
-    # system site-packages give it the dependencies; the wheel's files go into the venv's own site-packages,
-    # which come first, so the imports below resolve to what the wheel installed
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    # A bare venv, and a .pth naming the directories this interpreter imports its dependencies from. Not
+    # --system-site-packages: inside a virtualenv that shows the base interpreter's packages, not this one's.
+    # Lines of a .pth come after the venv's own site-packages, where the wheel's files go, so the imports
+    # below resolve to what the wheel installed; the .pth files in those directories (an editable maskdsl)
+    # are not processed.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
+    deps = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT.resolve()]
+    (Path(site) / "test_dependencies.pth").write_text("\n".join(deps) + "\n")
     wheel = next(wheels.glob("maskdsl-*.whl"))
     import zipfile
 

@@ -7,6 +7,8 @@ MASKDSL_FUZZ_COUNT widen it locally.
 
 import os
 import random
+import resource
+import time
 
 import maskdsl
 from maskdsl.describe import density_line, describe
@@ -75,7 +77,12 @@ def spec_text(r: random.Random) -> str:
     hi = min((int(e) for e in extents if e.isdigit() and 0 < int(e) < 100), default=4)
     lines = [f"layout g = grid({', '.join(extents)})"]
     for i in range(r.randint(1, 3)):
-        lines.append(f"mask m{i} = {_expr(r, rank, hi)}" + (" on g" if r.random() < 0.3 else ""))
+        expr = _expr(r, rank, hi)
+        if i and r.random() < 0.3:  # named masks used again: fmt writes them out (depth, size on the inlined form)
+            expr = f"({expr}) {r.choice('|&')} m{r.randrange(i)}"
+        if r.random() < 0.03:  # top-k beside a dilated neighborhood: refused at parse, never later
+            expr = f"topk(k=2, block={r.choice(['4', '16'])}) | dilated({_tuple(r, rank, hi // 2)}, {_tuple(r, rank, 3)})"
+        lines.append(f"mask m{i} = {expr}" + (" on g" if r.random() < 0.3 else ""))
     if r.random() < 0.3:
         lines.append(f"attention a(mask=m0, heads={_int(r, 8)}, head_dim={r.choice(['16', '64', '128', '48'])}, "
                      f"dtype={r.choice(['bf16', 'fp32', 'fp16', 'int8'])})")
@@ -92,16 +99,36 @@ def spec_text(r: random.Random) -> str:
     return text
 
 
+SECONDS_PER_TEXT = 5.0  # CPU seconds (not wall: CI shares its cores) to parse, check and maybe simulate one text
+MEMORY_CEILING_KIB = 1536 * 1024  # peak resident memory of the whole run
+
+
+def _simulate_some(spec, index):
+    """Every 50th parsed spec is simulated too (the simulator's bounds are part of 'whatever parses works')."""
+    if index % 50:
+        return
+    from maskdsl.simulator.simulation import simulate
+
+    for mask in spec.masks:
+        simulate(spec, mask.name, tuple(1 for _ in mask.layout.shape[:-1]) + (16,))
+
+
 def test_generated_specs_raise_only_spec_error():
+    import maskdsl.simulator.simulation  # noqa: F401 - imported once, outside the per-text clock
+    import maskdsl.topk  # noqa: F401 - (torch)
+
     r = random.Random(SEED)
     parsed = refused = 0
     for index in range(COUNT):
         text = spec_text(r)
+        start = time.process_time()
         try:
             spec = maskdsl.parse(text, filename=f"fuzz{index}.mask")
         except maskdsl.SpecError as exc:
             refused += 1
             assert exc.line >= 0 and exc.column >= 0 and str(exc).startswith(f"fuzz{index}.mask:")
+            elapsed = time.process_time() - start
+            assert elapsed < SECONDS_PER_TEXT, f"seed {SEED} text #{index} took {elapsed:.1f} s to refuse\n{text!r}"
             continue
         except Exception as exc:  # noqa: BLE001 - the point of the test
             raise AssertionError(f"seed {SEED} text #{index} raised {type(exc).__name__}: {exc}\n{text!r}") from exc
@@ -111,7 +138,11 @@ def test_generated_specs_raise_only_spec_error():
                 density_line(mask)
                 describe(mask.expr, mask.layout.rank)
             assert maskdsl.parse(spec.fmt()) == spec
+            _simulate_some(spec, index)
         except Exception as exc:  # noqa: BLE001
             raise AssertionError(f"seed {SEED} text #{index} parsed but failed to analyse: "
                                  f"{type(exc).__name__}: {exc}\n{text!r}") from exc
+        elapsed = time.process_time() - start
+        assert elapsed < SECONDS_PER_TEXT, f"seed {SEED} text #{index} took {elapsed:.1f} s\n{text!r}"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < MEMORY_CEILING_KIB
     assert parsed > COUNT // 8 and refused > COUNT // 8, (parsed, refused)  # the generator reaches both sides
