@@ -139,7 +139,7 @@ def _hopper() -> bool:
     """Whether kernels compiled here will run the Gluon forward (a Hopper GPU, not the interpreter)."""
     import torch
 
-    from maskdsl.codegen.gluon_plan import device_blocker
+    from maskdsl.codegen.dispatch import device_blocker
 
     return torch.cuda.is_available() and device_blocker(torch.device("cuda", torch.cuda.current_device())) is None
 

@@ -16,7 +16,6 @@ and read by the kernels by the same names (constants of the rendered module, cod
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from maskdsl import ir
 from maskdsl.codegen.backward_text import backward_context, kv_tiles_per_group as _kv_tiles_per_group, strided
 from maskdsl.codegen.config import BackwardConfig
 from maskdsl.codegen.checks import padded_head_dim
+from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.plan import KernelPlan, build_plan
 from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl.codegen.segment import Segment, tile_run, whole
@@ -166,7 +166,7 @@ class BackwardKernels:
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, tokens,
             BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad)
         t_kv, t_q = self.tables_on(q.device)
-        dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+        dot_f32 = q.dtype == torch.bfloat16 and interpreting()
         group = heads // k.shape[1]
         common = (q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3])
         n0, dim0 = self.plan_q.shape[0], self.plan_kv.dims[0]

@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from maskdsl.codegen.dispatch import interpreting
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POW2_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -15,13 +17,6 @@ def padded_head_dim(head_dim: int) -> int:
     """The power of two a kernel's tiles are for `head_dim` (HEAD_DIM_PAD): the columns past head_dim
     are masked off in every load and store, so the inputs are never copied and the output is exact."""
     return max(16, 1 << (int(head_dim) - 1).bit_length())
-
-
-def tma_aligned(t: torch.Tensor, strides) -> bool:
-    """Whether the copy engine (TMA) can address `t` with these element strides: a contiguous last
-    one, and a 16-byte aligned base and other strides (Hopper's tensor-map rule)."""
-    return (strides[-1] == 1 and t.data_ptr() % 16 == 0
-            and all((s * t.element_size()) % 16 == 0 for s in strides[:-1]))
 
 
 def head_dim_error(head_dim: int, padded: bool = True) -> str | None:
@@ -83,12 +78,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, la
         raise ValueError(error)
     if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]}) for GQA/MQA")
-    if q.device.type == "cpu":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
-                             "triton to run the kernel in Triton's interpreter")
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
+                         "triton to run the kernel in Triton's interpreter")
 
 
 def check_out_lse(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lse_written: bool = True) -> None:

@@ -17,7 +17,7 @@ range), and only the others are masked; a key tile that overhangs the grid is ne
 past the extent are outside every row's interval, so the same test masks them). Rows past the
 grid see nothing on masked tiles and nothing of theirs is stored.
 
-Refused: head_dim other than 128 (`HEAD_DIM`), unions of several product terms (their keys per row
+Refused: head_dim other than 128 (`codegen.dispatch`), unions of several product terms (their keys per row
 are not one box; a union whose tiles are all full runs the whole-tile mode), dilated layouts, more
 than 3 dimensions, and 1-D token orders (`codegen.gluon_runs` has their predicate: intervals per
 row, no box needed). Nothing here imports Gluon.
@@ -27,20 +27,11 @@ from __future__ import annotations
 
 from maskdsl.codegen.gluon_plan import plan_ranges
 from maskdsl.codegen.plan import KernelPlan
-from maskdsl.gluon_rule import BOX_HEAD_DIMS, GluonRanges
+from maskdsl.gluon_rule import GluonRanges
 from maskdsl.tile_table import WIDTH
 
 ROW = WIDTH["boxes"]  # table columns (maskdsl.tile_table)
-HEAD_DIM = BOX_HEAD_DIMS[0]  # the predicate's one head_dim (maskdsl.gluon_rule.BOX_HEAD_DIMS says why)
 BoxRanges = GluonRanges  # the "boxes" mode's schedule
-
-
-def head_dim_blocker(head_dim: int) -> str | None:
-    """Why the per-dimension predicate does not run this head_dim (see HEAD_DIM), or None."""
-    if head_dim != HEAD_DIM:
-        return (f"head_dim {head_dim}: the per-dimension predicate runs head_dim {HEAD_DIM} only (at 64 its "
-                "masked tiles cost more than the template's)")
-    return None
 
 
 def box_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> GluonRanges:

@@ -57,8 +57,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
 from maskdsl import tile_table
+from maskdsl.codegen.dispatch import box_strides
 from maskdsl.codegen.gluon_aggregates import BOXES, RUNS, Buffers, Config, Counter, Dispatch, Launch, RowTable
-from maskdsl.codegen.gluon_plan import box_strides
 
 LOG2E = 1.4426950408889634
 NUM_STAGES = 2  # 160 KB of shared memory at head_dim 128; a third stage measured no faster

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from maskdsl.analysis import products
-from maskdsl.codegen.compiled import _interpreting
+from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl.codegen.topk_bwd_text import backward_context
 from maskdsl.codegen.topk_grid import TopKGrid, choose_tile
@@ -132,7 +132,7 @@ class TopKBackward:
         m = self.module
         tiles = math.prod(self.grid.tiles)
         pad = triton.next_power_of_2(dim)  # head_dim runs padded to a power of two, its extra columns masked
-        common = dict(HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+        common = dict(HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_F32=q.dtype == torch.bfloat16 and interpreting(),
                       num_warps=self.fn.config.num_warps, num_stages=self.fn.config.num_stages)
         delta = torch.empty(batch, heads, tokens, device=q.device, dtype=torch.float32)
         rows = 64

@@ -22,7 +22,8 @@ import torch
 import maskdsl
 from maskdsl.codegen.compiled import compile_attention
 from maskdsl.codegen.config import KernelConfig, default_config
-from maskdsl.codegen.gluon_plan import GluonSchedule, box_strides, layout_blocker, tensor_blocker, tile_ranges
+from maskdsl.codegen.dispatch import box_strides, layout_blocker, tensor_blocker
+from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
 from maskdsl.codegen.plan import build_plan, tile_rows
 from maskdsl.semantics import static_mask
 

@@ -11,9 +11,11 @@ import torch
 import maskdsl
 from maskdsl.analysis import Rel1D, num_products
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.gluon_boxes import head_dim_blocker
-from maskdsl.codegen.gluon_plan import DTYPES, HEAD_DIMS, GluonSchedule, plan_ranges, row_table
+from maskdsl.codegen.dispatch import GLUON_TORCH_DTYPES as DTYPES
+from maskdsl.codegen.dispatch import head_dim_blocker
+from maskdsl.codegen.gluon_plan import GluonSchedule, plan_ranges, row_table
 from maskdsl.codegen.plan import build_plan
+from maskdsl.gluon_rule import GLUON_HEAD_DIMS as HEAD_DIMS
 from maskdsl.gluon_rule import dtype_name, gluon_ranges, key_tile_visits
 from maskdsl.parser import load
 from maskdsl.semantics import static_mask

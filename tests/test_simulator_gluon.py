@@ -76,7 +76,7 @@ def test_3d_gna_runs_gluon_only_with_128_token_tiles_of_the_config():
 def test_one_product_term_on_a_grid_takes_the_box_predicate(grid, expr):
     plan = _plan(grid, expr, (2, 8, 8), (2, 8, 8))
     assert plan.eligible and plan.predicated, plan.reason
-    small = _plan(grid, expr, (2, 8, 8), (2, 8, 8), head_dim=64)  # codegen.gluon_boxes.HEAD_DIM: 128 only
+    small = _plan(grid, expr, (2, 8, 8), (2, 8, 8), head_dim=64)  # maskdsl.gluon_rule.BOX_HEAD_DIMS: 128 only
     assert not small.eligible and "head_dim 128 only" in small.reason
 
 
