@@ -116,7 +116,7 @@ class BackwardBench:
     rows: int = 24
 
     def __post_init__(self):
-        from maskdsl.autotune.space import ranked_backward_default, ranked_default
+        from maskdsl.autotune.policy import ranked_backward_default, ranked_default
         from maskdsl.codegen.compiled import compile_attention
 
         mdef = self.spec.mask(self.mask)

@@ -18,7 +18,7 @@ import optuna
 
 from typing import Callable
 
-from maskdsl.autotune import space
+from maskdsl.autotune import policy, space
 from maskdsl.autotune.space import decode, decode_any, decode_backward, encode, encode_backward, tiles_label
 from maskdsl.autotune.database import open_storage
 from maskdsl.autotune.keys import Device, current_device, study_name
@@ -57,7 +57,7 @@ def forward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_
     tiles = sorted({tiles_label(c.q_tile, c.kv_tile) for c in configs})
     return Search("fwd", {"tiles": tiles, "num_warps": list(space.WARPS), "num_stages": list(space.STAGES)},
                   decode, encode, space.seeds(spec, mask, count=min(4, trials), per_volume=per_volume),
-                  space.ranked_default(spec.mask(mask), problem.head_dim))
+                  policy.ranked_default(spec.mask(mask), problem.head_dim))
 
 
 def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_volume: int,

@@ -17,12 +17,13 @@ import time
 def backward_candidates(mask, head_dim: int):
     """The default backward config and a few neighbours worth timing (tuning replaces this list); every
     kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
-    from maskdsl.autotune.space import ranked_backward_default, ranked_tiles
-    from maskdsl.codegen.config import BackwardConfig, KernelConfig, _split
+    from maskdsl.autotune.policy import ranked_backward_default, ranked_tiles
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig
+    from maskdsl.tiles import split
 
     def kernel(block_m, block_n, warps, stages):
-        tiles = ranked_tiles(mask, block_m, block_n) or (_split(block_m, mask.layout.shape),
-                                                        _split(block_n, mask.layout.shape))
+        tiles = ranked_tiles(mask, block_m, block_n) or (split(block_m, mask.layout.shape),
+                                                        split(block_n, mask.layout.shape))
         return KernelConfig(*tiles, warps, stages)
 
     out = [ranked_backward_default(mask, head_dim)]

@@ -27,8 +27,9 @@ from maskdsl.analysis import products
 from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl.codegen.topk_bwd_text import backward_context
-from maskdsl.codegen.topk_grid import TopKGrid, choose_tile
+from maskdsl.codegen.topk_grid import TopKGrid
 from maskdsl.intervals import evaluate
+from maskdsl.tiles import block_tile
 
 TEMPLATE = "attention_topk_bwd.py.jinja"
 MAX_TILE = 64
@@ -106,7 +107,7 @@ class TopKBackward:
         shape = mask.layout.shape
         # tiles of at most 64 tokens: a dK/dV program holds K, V, dK, dV for its key tile in registers, so the
         # forward's 128 would spill at head_dim 128. Cut from the forward's tile, it still divides the block.
-        tile = choose_tile(shape, fn.grid.tile, MAX_TILE)
+        tile = block_tile(fn.grid.tile, MAX_TILE)
         self.fn = fn
         self.grid = TopKGrid(shape, form.topk.block, tile)
         s_terms = products(form.static, shape) if form.static is not None else []

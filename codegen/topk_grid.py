@@ -148,13 +148,3 @@ def term_texts(mask, form, grid: "TopKGrid", temps) -> tuple[list, list]:
     r_terms = [term_text(f"r{t}", term, dims, temps, full=True)
                for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
     return s_terms, r_terms
-
-
-def choose_tile(shape, block, volume: int) -> tuple[int, ...] | None:
-    """The largest power-of-two box of at most `volume` tokens dividing `block`, cut from the outer
-    dimensions first (inner ones stay long: contiguous rows); None if it holds fewer than 16."""
-    tile = [b & -b for b in block]  # the largest power of two dividing each extent
-    for d in range(len(tile)):
-        while math.prod(tile) > volume and tile[d] > 1:
-            tile[d] //= 2
-    return tuple(tile) if 16 <= math.prod(tile) <= volume else None

@@ -54,7 +54,7 @@ def default_mask(spec: ir.Spec) -> str:
 
 def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
     """The best stored config (tuning database: exact problem, else the nearest), else the simulator's
-    best-ranked tile pair (`maskdsl.autotune.space.ranked_default`).
+    best-ranked tile pair (`maskdsl.autotune.policy.ranked_default`).
 
     Never tunes: a lookup reads the database and nothing else. The database is optional and stays
     so: whatever goes wrong in it (a damaged file, a bad MASKDSL_TUNING_DB, a missing driver, a
@@ -66,7 +66,7 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
 
 def _lookup(mask: ir.MaskDef, attention: ir.Attention | None):
     """(`lookup_config`'s config, whether the database could be read)."""
-    from maskdsl.autotune.space import ranked_default
+    from maskdsl.autotune.policy import ranked_default
 
     head_dim = attention.head_dim if attention else 128
     try:
@@ -114,7 +114,7 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     if config is None:
         config, readable = _lookup(mdef, attention)
     if backward_config is None and not mdef.dynamic:
-        from maskdsl.autotune.space import ranked_backward_default
+        from maskdsl.autotune.policy import ranked_backward_default
 
         if readable:  # a database the forward's lookup could not read is not asked again: one warning, one wait
             from maskdsl.autotune.database import best_backward_config

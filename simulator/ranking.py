@@ -21,7 +21,8 @@ from maskdsl.analysis import NotAnalyzable
 from maskdsl.simulator.cost import CostModel
 from maskdsl.simulator.simulation import SimResult, _as_spec, simulate
 from maskdsl.simulator.support import SupportCounter
-from maskdsl.simulator.tiles import MAX_TILE_TOKENS, MIN_TILE_TOKENS, candidate_tiles, check_tile, default_tile
+from maskdsl.simulator.tiles import MAX_TILE_TOKENS, MIN_TILE_TOKENS, candidate_tiles, check_tile
+from maskdsl.tiles import split
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def default_config(spec, mask: str, permute: bool = True, tokens: int = 128, gpu
     """The best config whose query and key tiles are the same `tokens`-token box (GNA's setting)."""
     spec = _as_spec(spec)
     shape = spec.mask(mask).layout.shape
-    tiles = candidate_tiles(shape, tokens, tokens) or [default_tile(shape, tokens)]
+    tiles = candidate_tiles(shape, tokens, tokens) or [split(tokens, shape)]  # a grid smaller than the tile
     if not permute:
         tiles = [(1,) * (len(shape) - 1) + (math.prod(tiles[0]),)]
     return sweep(spec, mask, candidates=[(t, t) for t in tiles], permute=permute, limit=1, gpu=gpu, costs=costs)[0]

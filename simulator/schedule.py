@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from maskdsl.tiles import forward_launch
+
 SMEM_BYTES = 227 * 1024  # usable shared memory per SM (and per CTA) on H100 / H200
 REGISTERS = 65536  # 32-bit registers per SM
 MAX_THREADS = 2048
@@ -30,8 +32,9 @@ MAX_REGS = 255  # per thread; the compiler spills beyond
 
 
 def default_launch(block_m: int, head_dim: int = 128) -> tuple[int, int]:
-    """(num_warps, num_stages) of codegen's untuned config for a query tile of `block_m` tokens."""
-    return (8 if block_m >= 128 and head_dim > 64 else 4), 3
+    """(num_warps, num_stages) of codegen's untuned config for a query tile of `block_m` tokens
+    (the rule is maskdsl.tiles', which codegen.config builds its default with)."""
+    return forward_launch(block_m, head_dim)
 
 
 def ctas_per_sm(block_m: int, block_n: int, head_dim: int = 128, num_warps: int = 8, num_stages: int = 3,

@@ -22,6 +22,7 @@ from itertools import product
 import numpy as np
 
 from maskdsl.boxes import flat_range_boxes, row_major_tiles  # noqa: F401 - the layouts' row-major tiles
+from maskdsl.tiles import split
 
 MIN_TILE_TOKENS = 16
 MAX_TILE_TOKENS = 256
@@ -36,15 +37,15 @@ def check_tile(tile, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
         values = tuple(tile)
     except TypeError:
         raise ValueError(f"{name} must be a tuple of {rank} positive integers (one per grid dimension), "
-                         f"got {tile!r}; hint: {name}={default_tile(shape)}") from None
+                         f"got {tile!r}; hint: {name}={split(128, shape)}") from None
     if len(values) != rank:
         raise ValueError(f"{name} has {len(values)} entries but the grid {shape} has {rank} dimension(s); "
-                         f"hint: give one tile extent per dimension, e.g. {name}={default_tile(shape)}")
+                         f"hint: give one tile extent per dimension, e.g. {name}={split(128, shape)}")
     out = []
     for d, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"{name}[{d}] = {v!r} is not a positive integer; hint: tile extents are token counts "
-                             f"per dimension, e.g. {name}={default_tile(shape)}")
+                             f"per dimension, e.g. {name}={split(128, shape)}")
         out.append(int(v))
     return tuple(out)
 
@@ -71,23 +72,6 @@ def permuted_boxes(per_dim: list[np.ndarray]) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(len(iv)) for iv in per_dim], indexing="ij")
     idx = [g.reshape(-1) for g in grids]
     return np.stack([iv[i] for iv, i in zip(per_dim, idx)], axis=1)
-
-
-def default_tile(shape: tuple[int, ...], tokens: int = 128) -> tuple[int, ...]:
-    """`tokens` (a power of two) split into power-of-two extents, more where the grid is longer.
-
-    Repeatedly double the extent of the dimension with the most tiles left (extent / tile),
-    the later dimension on ties; stops early when every dimension is covered. Used for hints
-    and as the seed tile; `simulator.ranking.default_config` picks the best 128-token tile by
-    simulation instead.
-    """
-    tile = [1] * len(shape)
-    while math.prod(tile) < tokens:
-        room = [(shape[d] / tile[d], d) for d in range(len(shape)) if tile[d] < shape[d]]
-        if not room:
-            break
-        tile[max(room)[1]] *= 2
-    return tuple(tile)
 
 
 def candidate_tiles(shape: tuple[int, ...], min_tokens: int = MIN_TILE_TOKENS,

@@ -277,7 +277,7 @@ def test_launch_takes_the_mode_from_the_schedule_and_checks_the_table():
 def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     """The untuned default on Hopper: the simulator's best 128 x 128 pair when the Gluon table accepts it,
     checked against the table built independently here; a union with partial tiles and top-k get None."""
-    from maskdsl.autotune.space import _hopper, gluon_config
+    from maskdsl.autotune.policy import gluon_config, hopper
     from maskdsl.codegen.gluon_plan import tile_ranges
     from maskdsl.codegen.plan import build_plan
 
@@ -291,4 +291,4 @@ def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     for text in ("layout v = grid(16, 16)\nmask m = neighborhood(window=(5, 5)) | block((4, 4))",
                  "layout s = grid(512)\nmask m = topk(2, block=64)"):
         assert gluon_config(maskdsl.parse(text).masks[0]) is None, text
-    assert not _hopper()  # the interpreter never runs Gluon, so CPU defaults keep the template's tiles
+    assert not hopper()  # the interpreter never runs Gluon, so CPU defaults keep the template's tiles
