@@ -165,7 +165,8 @@ class CompiledAttention:
             out.index_fill_(2, idle_rows, 0.0)
             lse.index_fill_(2, idle_rows, float("-inf"))
         r = self.gluon_schedule.ranges
-        per = self.gluon_schedule.items_per_program(len(table) * q.shape[0] * q.shape[1], dispatch.sm_count(q.device))
+        items = len(table) * q.shape[0] * q.shape[1]
+        per = self.gluon_schedule.items_per_program(items, dispatch.sm_count(q.device))
         gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, r.mode,
                          bounds=bounds, long=r.long, per=per)
 

@@ -192,8 +192,9 @@ def head_dim_blocker(head_dim: int) -> str | None:
     """Why the boxes mode's per-dimension predicate does not run this head_dim, or None
     (maskdsl.gluon_rule.BOX_HEAD_DIMS says why it runs 128 only)."""
     if head_dim not in BOX_HEAD_DIMS:
-        return (f"head_dim {head_dim}: the per-dimension predicate runs head_dim {' or '.join(map(str, BOX_HEAD_DIMS))} "
-                "only (at 64 its masked tiles cost more than the template's)")
+        runs = " or ".join(map(str, BOX_HEAD_DIMS))
+        return (f"head_dim {head_dim}: the per-dimension predicate runs head_dim {runs} only (at 64 its "
+                "masked tiles cost more than the template's)")
     return None
 
 
@@ -244,11 +245,13 @@ FORWARD_CHECKS = {"gluon": can_run_gluon, "triton": can_run_template, "topk": ca
 
 def forward_reasons(fn, q, k=None, v=None, out=None, lse=None, target=None) -> list[tuple[str, str | None]]:
     """Every forward in `FORWARDS` order with why it cannot run `fn` on these tensors (None: it can)."""
+    target = _target(q.device if target is None else target)
     return [(name, FORWARD_CHECKS[name](fn, q, k, v, out, lse, target)) for name in FORWARDS]
 
 
 def choose_forward(fn, q, k=None, v=None, out=None, lse=None, target=None) -> str:
     """The first forward in `FORWARDS` order that runs `fn` on these tensors; ValueError if none does."""
+    target = _target(q.device if target is None else target)  # once: a one-head launch is host-bound
     refused = []
     for name in FORWARDS:
         reason = FORWARD_CHECKS[name](fn, q, k, v, out, lse, target)
