@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     else:
         import torch
 
-        from maskdsl.codegen.gluon_plan import sm_count, tensor_blocker
+        from maskdsl.codegen.dispatch import sm_count, tensor_blocker
 
         device, sms = "cuda", sm_count(torch.device("cuda"))
     result = {"old": args.old, "device": device, "cases": []}
