@@ -86,7 +86,7 @@ def build(name: str, heads: int | None, device: str, sms: int, seed: int = 0) ->
     """The case `name`: the Gluon forward's tile pair (the one the bench times: autotune.space.gluon_pair;
     the untuned config on a 1-D order), its schedule, and on a device the inputs and the reference rows."""
     from maskdsl.api import resolve
-    from maskdsl.autotune.space import gluon_pair
+    from maskdsl.autotune.policy import gluon_pair
     from maskdsl.codegen.compiled import compile_attention
     from maskdsl.harness import Problem, make_inputs, reference_rows, sample_rows
     from maskdsl.tile_table import WIDTH
