@@ -83,7 +83,7 @@ class Row:
 
 
 def build(name: str, heads: int | None, device: str, sms: int, seed: int = 0) -> Row:
-    """The case `name`: the Gluon forward's tile pair (the one the bench times: autotune.space.gluon_pair;
+    """The case `name`: the Gluon forward's tile pair (the one the bench times: autotune.policy.gluon_pair;
     the untuned config on a 1-D order), its schedule, and on a device the inputs and the reference rows."""
     from maskdsl.api import resolve
     from maskdsl.autotune.policy import gluon_pair
