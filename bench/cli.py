@@ -34,9 +34,9 @@ def cmd_bench(args) -> int:
             print("give FILE (and --mask when the spec has several), or --suite")
             return 2
         if args.suite:
-            run_training(suite_files(), args.json, only=args.only)
+            run_training(suite_files(), args.json, only=args.only, with_flex=not args.no_flex)
         else:
-            run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None)
+            run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None, with_flex=not args.no_flex)
         return 0
     if args.suite:
         configs_from = None

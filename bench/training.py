@@ -217,7 +217,7 @@ def format_row(result) -> str:
             f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex")
 
 
-def run_training(files, out_json: str | None = None, only: str | None = None) -> list[dict]:
+def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True) -> list[dict]:
     """`maskdsl bench --train`: every static attention statement of the files (matching `only`), one process."""
     import json
     from pathlib import Path
@@ -232,7 +232,7 @@ def run_training(files, out_json: str | None = None, only: str | None = None) ->
         if spec.mask(att.mask).dynamic:
             continue
         print(f"== {path} mask {att.mask} (training)", flush=True)
-        r = bench_training(spec, att.mask)
+        r = bench_training(spec, att.mask, with_flex=with_flex)
         r["file"] = str(path)
         results.append(r)
         print(format_row(r), flush=True)
