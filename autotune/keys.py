@@ -1,14 +1,14 @@
 """Who is tuning what: the device identity and the study key of a (GPU, Triton, mask, problem).
 
-The problem (`maskdsl.harness.Problem`) is the harness's: the tuner measures the problem it keys by.
+The problem (`maskdsl.harness.measure.Problem`) is the harness's: the tuner measures the problem it keys by.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maskdsl import ir
-from maskdsl.harness import Problem
+from maskdsl.spec import ir
+from maskdsl.harness.measure import Problem
 
 
 @dataclass(frozen=True)

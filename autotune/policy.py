@@ -13,7 +13,7 @@ The backward (`ranked_backward_default`) takes the simulator's best tiles at eac
 untuned block sizes. `rank_candidates` are the fixed configs a benchmark times beside these.
 
 Mechanism stays below: the config classes and the untuned configs codegen compiles with when given
-none are codegen.config's, the tile factorization and the launch-knob rules maskdsl.tiles', the
+none are codegen.config's, the tile factorization and the launch-knob rules maskdsl.analysis.tiles', the
 ranking the simulator's. Device-independent except `hopper`.
 """
 
@@ -22,15 +22,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config
-from maskdsl.tiles import clip
+from maskdsl.analysis.tiles import clip
 
 
 @lru_cache(maxsize=256)
 def ranked_tiles(mask: ir.MaskDef, q_tokens: int, kv_tokens: int):
     """The simulator's best (q_tile, kv_tile) at these block sizes, or None when it cannot rank them."""
-    from maskdsl.analysis import NotAnalyzable
+    from maskdsl.analysis.counts import NotAnalyzable
     from maskdsl.simulator import sweep
 
     spec = ir.Spec(layouts=(mask.layout,), masks=(mask,))
@@ -54,8 +54,8 @@ def gluon_pair(mask: ir.MaskDef, head_dim: int = 128,
     would take, so comparing them is the fair choice; with the `attention` (heads, batch) they see
     its waves too (one head of Cosmos ranks a ragged pair first that 16 heads do not).
     """
-    from maskdsl.analysis import NotAnalyzable
-    from maskdsl.gluon_rule import GLUON_HEAD_DIMS
+    from maskdsl.analysis.counts import NotAnalyzable
+    from maskdsl.analysis.gluon_rule import GLUON_HEAD_DIMS
     from maskdsl.simulator import sweep
 
     if mask.dynamic or head_dim not in GLUON_HEAD_DIMS:
@@ -69,7 +69,7 @@ def gluon_pair(mask: ir.MaskDef, head_dim: int = 128,
         return None
     best = max(res.predicted_speedup for _, res in ranked)
     for tiles, res in sorted(ranked, key=lambda r: -r[1].predicted_speedup):
-        if res.gluon:  # the simulator costs maskdsl.gluon_rule's verdict, the one codegen builds tables from
+        if res.gluon:  # the simulator costs maskdsl.analysis.gluon_rule's verdict, the one codegen builds tables from
             return KernelConfig(tiles.q_tile, tiles.kv_tile, 8, 3), res.predicted_speedup >= best
     return None
 
@@ -100,7 +100,7 @@ def ranked_default(mask: ir.MaskDef, head_dim: int = 128, attention: ir.Attentio
     (docs/BENCHMARKS.md: the 3-D GNA example). Ranking is analytical (well under a second), so a
     user who never tunes still gets the tile pair the simulator would seed a study with.
     """
-    from maskdsl.codegen.compiled import untuned_config
+    from maskdsl.codegen.build import untuned_config
 
     base = untuned_config(mask, head_dim)
     if hopper() if on_hopper is None else on_hopper:

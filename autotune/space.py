@@ -8,7 +8,7 @@ speedup. An explicit list keeps the space small enough to sweep exhaustively for
 from __future__ import annotations
 
 from maskdsl.codegen.config import KernelConfig
-from maskdsl import ir
+from maskdsl.spec import ir
 
 Q_TOKENS = (64, 128)
 KV_TOKENS = (32, 64, 128)
@@ -43,8 +43,8 @@ def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3,
 
 def _topk_tiles(mdef) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Top-k kernels take equal query and key tiles dividing the block: its largest of 128 and of 64 tokens."""
-    from maskdsl.tiles import block_tile
-    from maskdsl.topk import normal_form
+    from maskdsl.analysis.tiles import block_tile
+    from maskdsl.harness.topk import normal_form
 
     block = normal_form(mdef.expr).topk.block
     tiles = [t for v in (128, 64) if (t := block_tile(block, v)) is not None]

@@ -22,10 +22,10 @@ from maskdsl.autotune import policy, space
 from maskdsl.autotune.space import decode, decode_any, decode_backward, encode, encode_backward, tiles_label
 from maskdsl.autotune.database import open_storage
 from maskdsl.autotune.keys import Device, current_device, study_name
-from maskdsl.harness import Problem
+from maskdsl.harness.measure import Problem
 from maskdsl.autotune.measure import BackwardBench, Bench, WrongOutput
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def backward_candidates(mask, head_dim: int):
     kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
     from maskdsl.autotune.policy import ranked_backward_default, ranked_tiles
     from maskdsl.codegen.config import BackwardConfig, KernelConfig
-    from maskdsl.tiles import split
+    from maskdsl.analysis.tiles import split
 
     def kernel(block_m, block_n, warps, stages):
         tiles = ranked_tiles(mask, block_m, block_n) or (split(block_m, mask.layout.shape),
@@ -44,7 +44,7 @@ def check_gradients(fn, spec, mask_name, q, k, v, rows, scale=None) -> dict:
     """Relative errors of dQ (sampled rows), dK and dV (whole grid) against the float64 reference."""
     import torch
 
-    from maskdsl.reference import reference_attention_rows
+    from maskdsl.harness.reference import reference_attention_rows
 
     idx = rows.to(torch.int64).cpu()
     gen = torch.Generator().manual_seed(1)
@@ -83,9 +83,9 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     """
     import torch
 
-    from maskdsl.analysis import attended_pairs
+    from maskdsl.analysis.counts import attended_pairs
     from maskdsl.api import lookup_config
-    from maskdsl.codegen.compiled import compile_attention
+    from maskdsl.codegen.build import compile_attention
 
     mask = spec.mask(mask_name)
     if mask.dynamic:

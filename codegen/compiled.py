@@ -14,11 +14,10 @@ import torch
 
 from maskdsl.codegen import dispatch
 from maskdsl.codegen.checks import check_call, check_out_lse, check_qkv, padded_head_dim
-from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
-from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import load_kernel
+from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config
+from maskdsl.codegen.plan import KernelPlan
 from maskdsl.codegen.segment import Segment, segment, tile_run, whole
-from maskdsl import ir
+from maskdsl.spec import ir
 
 _REGISTRY: dict[str, "CompiledAttention"] = {}
 
@@ -72,7 +71,7 @@ class CompiledAttention:
 
     @property
     def gluon_schedule(self):
-        """The Gluon forward's schedule and tables for this mask (maskdsl.gluon_rule), computed on first use."""
+        """The Gluon forward's schedule and tables for this mask (maskdsl.analysis.gluon_rule), computed on first use."""
         if self._gluon is None:
             from maskdsl.codegen.gluon_plan import GluonSchedule
 
@@ -295,39 +294,3 @@ def _attention_grad(ctx, dout, _dlse):
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
-
-
-def untuned_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
-    """What a kernel uses when nobody chose a config: the default config (top-k picks its own tile)."""
-    if mask.dynamic:
-        from maskdsl.codegen.topk import topk_config
-
-        return topk_config(mask, None)
-    return default_config(mask, head_dim)
-
-
-def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = None,
-                      backward_config: BackwardConfig | None = None) -> CompiledAttention:
-    """Render (or load from the cache) the kernel of `mask` for `config`, the untuned default if None.
-
-    `backward_config` chooses the backward kernels' tiles (codegen.config.default_backward_config if
-    None); they are rendered on the first gradient.
-
-    Looking a tuned config up is the front door's job (maskdsl.api), not codegen's.
-    """
-    from maskdsl.validate import validate_spec
-
-    validate_spec(spec)  # public too: a Spec built in Python is checked before any of it is rendered
-    mdef = spec.mask(mask)
-    attention = spec.attention_for(mask)
-    if config is None:
-        config = untuned_config(mdef, attention.head_dim if attention else 128)
-    if mdef.dynamic:
-        from maskdsl.codegen.topk import CompiledTopKAttention
-
-        return CompiledTopKAttention(mdef, config)
-    plan = build_plan(mdef, config)
-    module, path = load_kernel(mdef.content_hash(), plan)
-    if backward_config is not None:
-        backward_config.validate(len(mdef.layout.shape))
-    return CompiledAttention(mdef, plan, module, path, backward_config)

@@ -1,5 +1,5 @@
 """Kernel configurations: tile shapes per dimension, warps and pipeline depth, and the untuned
-configs codegen compiles with when nobody chose one (the tiles and launch rules are maskdsl.tiles';
+configs codegen compiles with when nobody chose one (the tiles and launch rules are maskdsl.analysis.tiles';
 the ranked defaults `maskdsl.compile` uses are autotune.policy's)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from maskdsl import ir
-from maskdsl.tiles import block_tile, forward_launch, split, topk_launch
+from maskdsl.spec import ir
+from maskdsl.analysis.tiles import block_tile, forward_launch, split, topk_launch
 
 _KEY = re.compile(r"q(\d+(?:x\d+)*)_k(\d+(?:x\d+)*)_w(\d+)_s(\d+)")
 
@@ -130,7 +130,7 @@ def default_backward_config(mask: ir.MaskDef, head_dim: int = 128) -> BackwardCo
 def topk_default_config(mask: ir.MaskDef) -> KernelConfig | None:
     """The top-k kernel's untuned config: its largest tile of at most 128 tokens dividing the top-k
     block, for queries and keys alike; None where no tile of 16 tokens or more divides it."""
-    from maskdsl.topk import normal_form
+    from maskdsl.harness.topk import normal_form
 
     tile = block_tile(normal_form(mask.expr).topk.block, 128)
     return None if tile is None else KernelConfig(tile, tile, *topk_launch(tile))

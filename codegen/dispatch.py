@@ -30,8 +30,8 @@ from math import prod
 
 import torch
 
-from maskdsl.gluon_rule import BOX_HEAD_DIMS, GLUON_DTYPES, GLUON_HEAD_DIMS, pad_rank
-from maskdsl.tile_table import RANK
+from maskdsl.analysis.gluon_rule import BOX_HEAD_DIMS, GLUON_DTYPES, GLUON_HEAD_DIMS, pad_rank
+from maskdsl.analysis.tile_table import RANK
 
 FORWARDS = ("gluon", "triton", "topk")
 BACKWARDS = ("triton", "topk")
@@ -190,7 +190,7 @@ def tensor_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None, 
 
 def head_dim_blocker(head_dim: int) -> str | None:
     """Why the boxes mode's per-dimension predicate does not run this head_dim, or None
-    (maskdsl.gluon_rule.BOX_HEAD_DIMS says why it runs 128 only)."""
+    (maskdsl.analysis.gluon_rule.BOX_HEAD_DIMS says why it runs 128 only)."""
     if head_dim not in BOX_HEAD_DIMS:
         runs = " or ".join(map(str, BOX_HEAD_DIMS))
         return (f"head_dim {head_dim}: the per-dimension predicate runs head_dim {runs} only (at 64 its "

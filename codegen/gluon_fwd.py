@@ -36,7 +36,7 @@ Three partitions (`gl.warp_specialize`, 12 warps):
 
 The parts are Triton aggregates (codegen.gluon_aggregates, and `Rows` here): `Config` (what a launch
 compiles for: tiles, mode, layouts), `Dispatch` and `WorkItem` (which items a program runs, each decoded
-from its row of the `RowTable`, whose columns are read by maskdsl.tile_table's names), `Buffers` and
+from its row of the `RowTable`, whose columns are read by maskdsl.analysis.tile_table's names), `Buffers` and
 `Counter` (shared memory and its mbarriers; the slot and parity of a barrier's n-th use), `Launch` and
 `Rows` (what a consumer reads and writes, and its rows' predicate).
 
@@ -56,7 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from maskdsl import tile_table
+from maskdsl.analysis import tile_table
 from maskdsl.codegen.dispatch import box_strides
 from maskdsl.codegen.gluon_aggregates import BOXES, RUNS, Buffers, Config, Counter, Dispatch, Launch, RowTable
 
@@ -314,7 +314,7 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
                   LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles of
     the query tile Q_TILE, k and v in key tiles); `table_ptr` holds the MODE's rows
-    (maskdsl.tile_table) per launched tile. The work items are the count x BH (row, head) pairs in
+    (maskdsl.analysis.tile_table) per launched tile. The work items are the count x BH (row, head) pairs in
     dispatch order (`Dispatch`); row r runs table row tile_base + r. Program p of G runs items
     p, p + G, ... (PER at most; two Q buffers, QBUF = 2, when PER > 1): then the loader fetches the next
     item's Q and K/V while the consumers finish the current one, and a short item's launch and
@@ -376,7 +376,7 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
                 pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
                 k_grid: tuple[int, ...] | None = None, per: int = 1):
     """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`, a tile table
-    of `mode` (maskdsl.tile_table.MODES: the schedule's `ranges.mode`); grid and tiles are
+    of `mode` (maskdsl.analysis.tile_table.MODES: the schedule's `ranges.mode`); grid and tiles are
     RANK-dimensional (codegen.gluon_plan pads them). `bounds`: the predicated modes' per-row key
     intervals ("runs": [slots, 2, tokens] int32, codegen.gluon_runs; "boxes": per dimension,
     codegen.gluon_boxes). `per`: work items per program (codegen.gluon_plan.GluonSchedule.items_per_program).

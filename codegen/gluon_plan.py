@@ -2,10 +2,10 @@
 devices it takes: codegen.dispatch). Nothing here imports Gluon, so the tables are checked (and
 tested) on machines where the kernel cannot run.
 
-Which mode runs a mask, and each query tile's key tiles in it, is maskdsl.gluon_rule's one rule
+Which mode runs a mask, and each query tile's key tiles in it, is maskdsl.analysis.gluon_rule's one rule
 (the simulator costs the same answer). Here a plan's product terms go in (`plan_ranges`: their exact
 row bounds, the numbers the Triton template is printed from) and the schedule comes out as the
-kernel's row tables, written by maskdsl.tile_table's column names (`row_table`), copied to each
+kernel's row tables, written by maskdsl.analysis.tile_table's column names (`row_table`), copied to each
 device once (`GluonSchedule`). `tile_ranges` (and codegen.gluon_runs' `run_ranges`,
 codegen.gluon_boxes' `box_ranges`) ask the rule for one mode only.
 """
@@ -17,13 +17,13 @@ import os
 import numpy as np
 import torch
 
-from maskdsl import tile_table as tt
-from maskdsl.analysis import Rel1D
+from maskdsl.analysis import tile_table as tt
+from maskdsl.analysis.counts import Rel1D
 from maskdsl.codegen.plan import KernelPlan
-from maskdsl.gluon_rule import MODES, TILE, GluonRanges, gluon_ranges
-from maskdsl.gluon_rule import kernel_tiles as rule_tiles
-from maskdsl.intervals import SymRel, evaluate
-from maskdsl.tile_table import RANK
+from maskdsl.analysis.gluon_rule import MODES, TILE, GluonRanges, gluon_ranges, segment_ranges
+from maskdsl.analysis.gluon_rule import kernel_tiles as rule_tiles
+from maskdsl.analysis.intervals import SymRel, evaluate
+from maskdsl.analysis.tile_table import RANK
 
 BLOCK_M = BLOCK_N = TILE
 # Work items (query tile x head) visiting at most SHORT_ITEM key tiles on average run up to MAX_PER to a
@@ -31,7 +31,7 @@ BLOCK_M = BLOCK_N = TILE
 # items gain from it; items of 50+ tiles and the predicated modes do not (docs/BENCHMARKS.md).
 SHORT_ITEM = 16
 MAX_PER = 4
-TileRanges = GluonRanges  # a mode's schedule (maskdsl.gluon_rule)
+TileRanges = GluonRanges  # a mode's schedule (maskdsl.analysis.gluon_rule)
 
 
 def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:
@@ -41,7 +41,7 @@ def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:
 
 
 def plan_ranges(plan: KernelPlan, q_tile=None, kv_tile=None, modes=MODES) -> GluonRanges:
-    """The rule's schedule of the plan's mask at its config's tiles (`maskdsl.gluon_rule.kernel_tiles`),
+    """The rule's schedule of the plan's mask at its config's tiles (`maskdsl.analysis.gluon_rule.kernel_tiles`),
     or at these tiles (tests); head_dim and dtype are the launch's to check."""
     given = q_tile is not None
     q_tile, kv_tile = (q_tile, kv_tile) if given else (plan.config.q_tile, plan.config.kv_tile)
@@ -75,7 +75,7 @@ def row_table(ranges: GluonRanges) -> np.ndarray:
 
 
 class GluonSchedule:
-    """A mask's schedule (maskdsl.gluon_rule) as the kernel reads it, copied to each device once.
+    """A mask's schedule (maskdsl.analysis.gluon_rule) as the kernel reads it, copied to each device once.
 
     `table`: int32 rows in dispatch order (`row_table`), the kernel's grid; `idle_rows`: int64 token
     indices of the query tiles that visit nothing, filled with 0 / -inf apart; `bounds`: the
@@ -85,7 +85,7 @@ class GluonSchedule:
     def __init__(self, ranges: GluonRanges):
         self.ranges = ranges
         self.bounds = ranges.bounds if ranges.ok else None
-        self.boxes = ranges.mode == "boxes"  # head_dim 128 only (maskdsl.gluon_rule.BOX_HEAD_DIMS)
+        self.boxes = ranges.mode == "boxes"  # head_dim 128 only (maskdsl.analysis.gluon_rule.BOX_HEAD_DIMS)
         self.table = row_table(ranges) if ranges.ok else np.zeros((0, tt.WIDTH["whole"]), np.int32)
         self.idle_rows = ranges.rows(ranges.idle) if ranges.ok else np.zeros(0, np.int64)
         self._on: dict[torch.device, tuple] = {}
@@ -123,10 +123,8 @@ class GluonSchedule:
 
     def segment(self, q_rows: tuple[int, int], k_rows: tuple[int, int], device):
         """(table, idle rows, bounds, ranges) on `device` of rows [qa, qb) over a buffer of keys [ka, kb),
-        predicated 1-D mode only (codegen.gluon_runs.segment_ranges); ranges is refused where the cut
+        predicated 1-D mode only (maskdsl.analysis.gluon_rule.segment_ranges); ranges is refused where the cut
         schedule does not qualify. Cached: a context-parallel rank runs the same few segments each step."""
-        from maskdsl.codegen.gluon_runs import segment_ranges
-
         key = (q_rows, k_rows, torch.device(device))
         if key not in self._segments:
             r = segment_ranges(self.ranges, q_rows, k_rows)

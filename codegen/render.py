@@ -16,7 +16,7 @@ from types import ModuleType
 
 import jinja2
 
-from maskdsl import tile_table
+from maskdsl.analysis import tile_table
 from maskdsl.codegen.cache import cache_dir, load_module  # noqa: F401 - re-exported (the cache's old home)
 
 from maskdsl.codegen.plan import KernelPlan

@@ -23,8 +23,8 @@ from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
 from maskdsl.codegen.topk_grid import TopKGrid, term_texts
-from maskdsl import ir
-from maskdsl.topk import candidate_blocks, normal_form
+from maskdsl.spec import ir
+from maskdsl.harness.topk import candidate_blocks, normal_form
 
 TEMPLATE = "attention_topk.py.jinja"
 

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import triton
 
-from maskdsl.analysis import products
+from maskdsl.analysis.counts import products
 from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.render import kernel_key, load_module, render_template
 from maskdsl.codegen.topk_bwd_text import backward_context
 from maskdsl.codegen.topk_grid import TopKGrid
-from maskdsl.intervals import evaluate
-from maskdsl.tiles import block_tile
+from maskdsl.analysis.intervals import evaluate
+from maskdsl.analysis.tiles import block_tile
 
 TEMPLATE = "attention_topk_bwd.py.jinja"
 MAX_TILE = 64
@@ -39,7 +39,7 @@ def static_query_tiles(rels, tokens: int, tile: int) -> np.ndarray:
     """int32 [terms, 2, key tiles]: per S term and key tile, an interval of query tiles holding every
     query tile whose key-tile range (the forward's [sa, sb]) contains that key tile.
 
-    O(tokens): the per-row bounds come from maskdsl.intervals.evaluate, the tile bounds follow the
+    O(tokens): the per-row bounds come from maskdsl.analysis.intervals.evaluate, the tile bounds follow the
     kernel's formulas (first/last row of the tile, clipped to the term's query range). lo and hi are
     non-decreasing, so the interval is exact; it is a superset in any case, and the kernel re-checks.
     """

@@ -1,6 +1,6 @@
 """Where top-k blocks sit among the kernel's tiles, and the text the top-k templates print for it.
 
-A top-k block is a box of the grid (maskdsl.topk) and a kernel tile a box that divides it in
+A top-k block is a box of the grid (maskdsl.harness.topk) and a kernel tile a box that divides it in
 every dimension, so a block is a box of whole tiles: key block j holds the tiles
 (bj_d * tpb_d + s_d) per dimension, where bj_d are j's block coordinates and s_d in [0, tpb_d).
 The last block along a dimension may be cut by the grid; its tiles past the grid are skipped and
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from maskdsl.codegen.bounds import KernelDim
 from maskdsl.codegen.plan import DimPlan, TermDim, UnsupportedMask
-from maskdsl.analysis import NotAnalyzable, products
+from maskdsl.analysis.counts import NotAnalyzable, products
 
 
 @dataclass(frozen=True)

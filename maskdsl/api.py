@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 class TuningDatabaseWarning(UserWarning):
@@ -29,12 +29,12 @@ def resolve(spec, mask: str | None = None) -> tuple[ir.Spec, ir.MaskDef, ir.Atte
     if mask is not None and not isinstance(mask, str):
         raise ValueError(f"mask must be a mask's name (a str) or None for the spec's default, got {type(mask).__name__}")
     if isinstance(spec, (str, Path)):
-        from maskdsl.parser import load
+        from maskdsl.lang.parser import load
 
         spec = load(spec)
     if not isinstance(spec, ir.Spec):
         raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
-    from maskdsl.validate import validate_spec
+    from maskdsl.lang.validate import validate_spec
 
     validate_spec(spec)  # a Spec built in Python gets the parser's checks (names, numbers, limits)
     if mask is None:
@@ -107,7 +107,7 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     `backward_config` (a `BackwardConfig`) the backward kernels' (default: the tuning database's
     backward study, else the simulator's best tiles at codegen's backward block sizes).
     """
-    from maskdsl.codegen.compiled import compile_attention
+    from maskdsl.codegen.build import compile_attention
 
     spec, mdef, attention = resolve(spec, mask)
     readable = True

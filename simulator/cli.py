@@ -160,10 +160,10 @@ def dispatch_info(spec, mdef, args) -> dict:
 
     from maskdsl.autotune.policy import ranked_default
     from maskdsl.codegen import dispatch
-    from maskdsl.codegen.compiled import compile_attention
+    from maskdsl.codegen.build import compile_attention
     from maskdsl.codegen.config import KernelConfig
-    from maskdsl.harness import torch_dtype
-    from maskdsl.tiles import forward_launch
+    from maskdsl.harness.measure import torch_dtype
+    from maskdsl.analysis.tiles import forward_launch
 
     att = spec.attention_for(mdef.name)
     head_dim, dtype = (att.head_dim, torch_dtype(att.dtype)) if att else (128, torch.bfloat16)

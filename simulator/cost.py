@@ -103,7 +103,7 @@ class KernelWork:
         """Each CTA's query tile (row of the per-tile arrays), in the order the GPU dispatches them.
 
         The template and the whole-tile Gluon forward: tile-major within a head, then the next head.
-        The predicated Gluon forward (`maskdsl.row_runs.dispatch_order`): its `long` tiles of every head
+        The predicated Gluon forward (`maskdsl.analysis.row_runs.dispatch_order`): its `long` tiles of every head
         first, head-major, then each head's rest by descending work, so a sink's tile of the last head
         does not start near the end and a causal mask's longest tiles do not run last."""
         n = len(self.full)

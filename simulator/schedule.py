@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from maskdsl.tiles import forward_launch
+from maskdsl.analysis.tiles import forward_launch
 
 SMEM_BYTES = 227 * 1024  # usable shared memory per SM (and per CTA) on H100 / H200
 REGISTERS = 65536  # 32-bit registers per SM
@@ -33,7 +33,7 @@ MAX_REGS = 255  # per thread; the compiler spills beyond
 
 def default_launch(block_m: int, head_dim: int = 128) -> tuple[int, int]:
     """(num_warps, num_stages) of codegen's untuned config for a query tile of `block_m` tokens
-    (the rule is maskdsl.tiles', which codegen.config builds its default with)."""
+    (the rule is maskdsl.analysis.tiles', which codegen.config builds its default with)."""
     return forward_launch(block_m, head_dim)
 
 

@@ -47,7 +47,7 @@ def selection_work(shape, block, batch: int = 1, heads: int = 1, kv_heads: int |
                    head_dim: int = 128, dtype: str = "bf16") -> SelectionWork:
     """The traffic of pooling and selecting `block`-sized top-k blocks of a grid of `shape`.
 
-    Blocks are boxes of the grid, cut by it (maskdsl.topk): ceil(n_d / b_d) per dimension.
+    Blocks are boxes of the grid, cut by it (maskdsl.harness.topk): ceil(n_d / b_d) per dimension.
     """
     kv_heads = heads if kv_heads is None else kv_heads
     tokens = math.prod(shape)

@@ -3,7 +3,7 @@
 Two layouts, matching what codegen runs:
 
 * **tile-major** (``permute=True``, GNA's token permutation): a tile is a box of the grid. In a
-  dimension with dilation ``d`` (``maskdsl.analysis.layout_dilation``) the coordinates are first
+  dimension with dilation ``d`` (``maskdsl.analysis.counts.layout_dilation``) the coordinates are first
   laid out dilation-group-major: group ``g = c mod d`` occupies positions
   ``[off_g, off_g + len_g)`` with ``len_g = ceil((n - g) / d)``, and tiles are cut per group, so a
   tile never straddles two groups: the tile edges are ``off_g + k*T`` clipped to the group's end.
@@ -21,8 +21,8 @@ from itertools import product
 
 import numpy as np
 
-from maskdsl.boxes import flat_range_boxes, row_major_tiles  # noqa: F401 - the layouts' row-major tiles
-from maskdsl.tiles import split
+from maskdsl.analysis.boxes import flat_range_boxes, row_major_tiles  # noqa: F401 - the layouts' row-major tiles
+from maskdsl.analysis.tiles import split
 
 MIN_TILE_TOKENS = 16
 MAX_TILE_TOKENS = 256

@@ -2,7 +2,7 @@
 
 Written from DESIGN.md §3 and from NATTEN's CUDA reference formulation (window_left/right and
 get_win_start in csrc/include/natten/cuda/reference/mask.hpp), deliberately in a different form
-from maskdsl.semantics so that a shared mistake is unlikely.
+from maskdsl.harness.semantics so that a shared mistake is unlikely.
 """
 
 import itertools

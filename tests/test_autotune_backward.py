@@ -17,7 +17,7 @@ from maskdsl.autotune.tuner import tune
 from maskdsl.cli import main
 from maskdsl.codegen.compiled import _REGISTRY
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl.harness import Problem
+from maskdsl.harness.measure import Problem
 
 SPEC = """\
 layout g = grid(11, 10)

@@ -11,7 +11,8 @@ import torch
 
 import maskdsl
 from maskdsl.codegen import dispatch
-from maskdsl.codegen.compiled import compile_attention, tma_descriptors
+from maskdsl.codegen.build import compile_attention
+from maskdsl.codegen.compiled import tma_descriptors
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.dispatch import HOPPER, Target
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import KernelConfig, default_config
 from maskdsl.codegen.dispatch import box_strides, layout_blocker, tensor_blocker
 from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
 from maskdsl.codegen.plan import build_plan, tile_rows
-from maskdsl.semantics import static_mask
+from maskdsl.harness.semantics import static_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -232,7 +232,7 @@ def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
 
 
 def test_the_kernels_cache_key_holds_the_table_layout():
-    """The kernel reads maskdsl.tile_table's columns at compile time: another layout must give another
+    """The kernel reads maskdsl.analysis.tile_table's columns at compile time: another layout must give another
     JIT cache key, or Triton's cache would hand back a kernel that reads the old columns."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -254,7 +254,7 @@ def test_launch_takes_the_mode_from_the_schedule_and_checks_the_table():
     """The kernel's mode is the schedule's (a constexpr of the launch), not read off the table's width:
     a table or bounds that do not fit the mode are refused before anything compiles."""
     from maskdsl.codegen import gluon_fwd
-    from maskdsl.tile_table import WIDTH
+    from maskdsl.analysis.tile_table import WIDTH
 
     q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
     tiles = ((1, 1, 256), (1, 1, 128), (1, 1, 128))

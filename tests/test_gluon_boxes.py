@@ -16,7 +16,7 @@ from maskdsl.codegen.config import KernelConfig, default_config
 from maskdsl.codegen.gluon_boxes import ROW, box_ranges
 from maskdsl.codegen.gluon_plan import GluonSchedule
 from maskdsl.codegen.plan import build_plan
-from maskdsl.semantics import static_mask
+from maskdsl.harness.semantics import static_mask
 
 # (layout, mask, query tile, key tile): ragged extents, partial window edges, both
 CASES = [

@@ -1,4 +1,4 @@
-"""One rule for which Gluon forward mode runs a mask (maskdsl.gluon_rule): the simulator's verdict is
+"""One rule for which Gluon forward mode runs a mask (maskdsl.analysis.gluon_rule): the simulator's verdict is
 the one codegen builds tables for, on every suite and example mask; the rule's choices on masks that
 tell the modes apart; the transposed whole-tile schedule against brute force."""
 
@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.analysis import Rel1D, num_products
+from maskdsl.analysis.counts import Rel1D, num_products
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.dispatch import GLUON_TORCH_DTYPES as DTYPES
 from maskdsl.codegen.dispatch import head_dim_blocker
 from maskdsl.codegen.gluon_plan import GluonSchedule, plan_ranges, row_table
 from maskdsl.codegen.plan import build_plan
-from maskdsl.gluon_rule import GLUON_HEAD_DIMS as HEAD_DIMS
-from maskdsl.gluon_rule import dtype_name, gluon_ranges, key_tile_visits
-from maskdsl.parser import load
-from maskdsl.semantics import static_mask
+from maskdsl.analysis.gluon_rule import GLUON_HEAD_DIMS as HEAD_DIMS
+from maskdsl.analysis.gluon_rule import dtype_name, gluon_ranges, key_tile_visits
+from maskdsl.lang.parser import load
+from maskdsl.harness.semantics import static_mask
 from maskdsl.simulator.gluon import gluon_plan
 from maskdsl.simulator.ranking import _configs
 
@@ -140,7 +140,7 @@ def test_a_union_that_is_one_box_only_across_a_leading_dimension_is_refused():
 
 def test_row_tables_hold_what_the_ranges_say():
     """Columns by tile_table's names agree with the ranges' arrays, in dispatch order, for each mode."""
-    from maskdsl import tile_table as tt
+    from maskdsl.analysis import tile_table as tt
 
     for layout, text, tiles in (("grid(4096)", "block(512)", None), ("grid(4096)", "causal | sink(4)", None),
                                 ("grid(32, 64)", "neighborhood(window=(9, 9))", (4, 32))):

@@ -1,5 +1,5 @@
 """The shared measurement harness: one default problem, seeded inputs, and a row check that catches
-unwritten, stray and wrong rows (maskdsl/harness.py)."""
+unwritten, stray and wrong rows (maskdsl/harness/measure.py)."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl import ir
-from maskdsl.harness import (Problem, make_inputs, reference_rows, relative_error, sample_rows, tolerance,
+from maskdsl.spec import ir
+from maskdsl.harness.measure import (Problem, make_inputs, reference_rows, relative_error, sample_rows, tolerance,
                              torch_dtype)
 
 SPEC = """\

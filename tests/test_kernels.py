@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.harness import relative_error as rel_err
+from maskdsl.harness.measure import relative_error as rel_err
 
 from conftest import case_seed
 
@@ -216,7 +216,7 @@ def _tile_classes(spec, plan):
     import itertools
 
     from maskdsl.codegen.plan import tile_rows
-    from maskdsl.semantics import static_mask
+    from maskdsl.harness.semantics import static_mask
 
     shape = plan.shape
     dense = static_mask(spec.masks[0].expr, shape)

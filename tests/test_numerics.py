@@ -8,7 +8,7 @@ import torch
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.reference import reference_mask
+from maskdsl.harness.reference import reference_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -86,7 +86,7 @@ def test_a_row_whose_scores_are_all_minus_inf_gives_zero_as_sdpa(text, tiles):
 
 def test_a_nan_query_row_does_not_change_its_blocks_top_k_picks():
     """Top-k pools each block's finite rows: the picks are those of the block without the NaN row."""
-    from maskdsl.topk import normal_form, reference_picks
+    from maskdsl.harness.topk import normal_form, reference_picks
 
     spec = maskdsl.parse("layout s = grid(128)\nmask m = topk(k=2, block=16)")
     fn = maskdsl.compile(spec, "m")

@@ -1,4 +1,4 @@
-"""The one tile factorization (maskdsl.tiles) and the defaults built on it (codegen.config,
+"""The one tile factorization (maskdsl.analysis.tiles) and the defaults built on it (codegen.config,
 autotune.policy), pinned against values worked out by hand from the rules in their docstrings."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 
 import maskdsl
 from maskdsl.autotune.policy import rank_candidates, ranked_default
-from maskdsl.codegen.compiled import untuned_config
+from maskdsl.codegen.build import untuned_config
 from maskdsl.codegen.config import default_backward_config, default_config, topk_default_config
 from maskdsl.simulator.schedule import default_launch
-from maskdsl.tiles import block_tile, clip, forward_launch, split, topk_launch
+from maskdsl.analysis.tiles import block_tile, clip, forward_launch, split, topk_launch
 
 
 def _mask(layout: str, text: str):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.cli import main
 from maskdsl.simulator import simulate
 from maskdsl.simulator.figure import draw_tilemaps, tile_classes
@@ -77,7 +77,7 @@ def test_cli_says_which_forward_and_why_not_the_earlier_ones(capsys, tmp_path):
     assert "a Hopper GPU (none here" in line and "config q2x8x4_k2x8x4_w4_s3:" in line
     assert line.endswith(": triton (copy-engine loads)")
     refusal = next(x for x in out.splitlines() if x.startswith("  not gluon: "))
-    assert "query and key tiles are 128 tokens" in refusal  # the rule's reason (maskdsl.gluon_rule)
+    assert "query and key tiles are 128 tokens" in refusal  # the rule's reason (maskdsl.analysis.gluon_rule)
     assert main(["simulate", path, "--q-tile", "2,8,8", "--json"]) == 0
     forward = json.loads(capsys.readouterr().out)["forward"]
     assert forward["forward"] == "gluon" and forward["refused"] == {} and forward["mode"] in ("whole", "boxes")

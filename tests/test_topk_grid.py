@@ -1,7 +1,7 @@
 """Top-k on 2-D and 3-D grids: blocks are boxes of the grid (cubes), pooled over their valid tokens.
 
 The kernels (forward and backward, copy-engine loads included under the interpreter) run against
-the float64 reference built from maskdsl.topk's definition; the definition itself is checked
+the float64 reference built from maskdsl.harness.topk's definition; the definition itself is checked
 against a brute force that cuts the grid into boxes with plain Python loops.
 """
 
@@ -13,8 +13,8 @@ import torch
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.harness import relative_error
-from maskdsl.topk import normal_form, reference_picks, token_blocks
+from maskdsl.harness.measure import relative_error
+from maskdsl.harness.topk import normal_form, reference_picks, token_blocks
 
 from test_topk_backward import assert_close, run
 

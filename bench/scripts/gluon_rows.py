@@ -3,7 +3,7 @@
 For each case both kernels run on the same inputs from the same schedule (table, bounds, items per
 program: what `CompiledAttention` launches), into outputs poisoned with NaN. The script checks that
 out and LSE are bitwise equal, checks sampled rows of each against the float64 reference (the
-bench's row check, maskdsl.harness), and times both with `triton.testing.do_bench` (median),
+bench's row check, maskdsl.harness.measure), and times both with `triton.testing.do_bench` (median),
 interleaved old, new, old, new. It writes $OUT/gluon_rows.json (the working directory without OUT)
 and prints a table; it exits 1 when a case differs or fails its check.
 
@@ -45,7 +45,7 @@ ROWS = 64  # rows checked against the reference per case
 
 
 def load_spec(source):
-    from maskdsl.parser import load, parse
+    from maskdsl.lang.parser import load, parse
 
     if isinstance(source, str):
         return load(SUITE / f"{source}.mask")
@@ -75,7 +75,7 @@ class Row:
     q: object = None
     k: object = None
     v: object = None
-    reference: object = None  # maskdsl.harness.RowReference
+    reference: object = None  # maskdsl.harness.measure.RowReference
 
     @property
     def schedule(self):
@@ -87,9 +87,9 @@ def build(name: str, heads: int | None, device: str, sms: int, seed: int = 0) ->
     the untuned config on a 1-D order), its schedule, and on a device the inputs and the reference rows."""
     from maskdsl.api import resolve
     from maskdsl.autotune.policy import gluon_pair
-    from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import Problem, make_inputs, reference_rows, sample_rows
-    from maskdsl.tile_table import WIDTH
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import Problem, make_inputs, reference_rows, sample_rows
+    from maskdsl.analysis.tile_table import WIDTH
 
     spec, mask, attention = resolve(load_spec(CASES[name]))
     problem = Problem.for_attention(attention)
@@ -144,7 +144,7 @@ def run_row(row: Row, kernels: dict, repeats: int = 2) -> dict:
     """Both kernels once into poisoned outputs (checked), then timed interleaved, `repeats` times each."""
     import torch
 
-    from maskdsl.harness import time_ms, tolerance
+    from maskdsl.harness.measure import time_ms, tolerance
 
     r = row.schedule.ranges
     entry = {"case": row.name, "mask": row.mask.expr.fmt(), "grid": list(row.mask.layout.shape),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 def neighborhood_rule(i, j, n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False):

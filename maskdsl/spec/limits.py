@@ -1,7 +1,7 @@
 """What the language accepts in size, and why each bound sits where it does (docs/LIMITS.md).
 
 Every bound here is checked when a spec is parsed (and when a Spec built in Python is validated,
-maskdsl.validate), so that whatever is accepted can be analysed, simulated and compiled in bounded
+maskdsl.lang.validate), so that whatever is accepted can be analysed, simulated and compiled in bounded
 time and memory; nothing later fails on size with a raw Python error.
 """
 
@@ -29,7 +29,7 @@ reuse a mask many times (`mask b = a & a`, `mask c = b & b`, ...): each doubling
 text, so without this bound thirty lines would print, hash and walk a billion-primitive expression."""
 
 MAX_PRODUCTS = 12
-"""Most product terms a mask may expand to (maskdsl.analysis: a neighborhood or `full` is one term,
+"""Most product terms a mask may expand to (maskdsl.analysis.counts: a neighborhood or `full` is one term,
 `causal` one per dimension, `sink(n)` up to two per dimension; `&` distributes over `|`, empty
 intersections and terms inside others are dropped). Exact counting of a union is inclusion-exclusion
 over the overlapping subsets of its terms: at most 2**12 - 1 = 4095 intersections, each numeric and

@@ -40,7 +40,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class Neighborhood:
-    """NATTEN/GNA neighborhood attention, per dimension (see maskdsl.semantics)."""
+    """NATTEN/GNA neighborhood attention, per dimension (see maskdsl.harness.semantics)."""
 
     window: IntTuple
     dilation: IntTuple
@@ -88,7 +88,7 @@ class Sink:
 class TopK:
     """Data-dependent block selection: each query block keeps its `k` best-scoring key blocks.
 
-    A block is a box of the grid, `block[d]` tokens along dimension d (maskdsl.topk); an int is
+    A block is a box of the grid, `block[d]` tokens along dimension d (maskdsl.harness.topk); an int is
     the 1-D shorthand for `(int,)`.
     """
 
@@ -213,7 +213,7 @@ class Spec:
         for m in self.masks:
             if m.name == name:
                 return m
-        from maskdsl.errors import suggest
+        from maskdsl.spec.errors import suggest
 
         known = [m.name for m in self.masks]
         raise KeyError(f"no mask named {name!r} in the spec{suggest(name, known)}; masks: {', '.join(known) or 'none'}")

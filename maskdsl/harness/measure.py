@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # spec dtype name -> torch attribute
 
@@ -152,7 +152,7 @@ class RowReference:
 
 def reference_rows(q, k, v, spec: ir.Spec, mask: str, rows, heads: int = 2) -> RowReference:
     """The reference for `rows` of batch 0 and up to `heads` query heads (with the kv heads they use)."""
-    from maskdsl.reference import reference_attention_rows
+    from maskdsl.harness.reference import reference_attention_rows
 
     group = q.shape[1] // k.shape[1]
     heads = min(heads, q.shape[1])
