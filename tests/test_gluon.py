@@ -238,7 +238,7 @@ def test_the_kernels_cache_key_holds_the_table_layout():
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
     def key(edit: str) -> str:
-        code = (f"from maskdsl import tile_table\n{edit}\nfrom maskdsl.codegen import gluon_fwd\n"
+        code = (f"from maskdsl.analysis import tile_table\n{edit}\nfrom maskdsl.codegen import gluon_fwd\n"
                 "print(gluon_fwd.attention_fwd.cache_key)")
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
