@@ -5,8 +5,7 @@ on the tensor cores and one exponential (plus the row max and sum) on the specia
 rate is far lower: the H100 SXM does 989 dense bf16 TFLOPS of products but 3.9 T exponentials a second
 (16 per SM and clock; FlashAttention-3's numbers). At head_dim 128 a pair takes 0.52 ps of products and
 0.26 ps of exponentials. The Triton template runs them one after the other within a warp, so halving
-head_dim halves only the first: head_dim 64 costs 0.67 of 128's time per pair, not 0.5 (measured on the
-H100: 0.8-0.95 ns per thousand pairs at 64, against 1.0-1.1 at 128). The Gluon forward overlaps one
+head_dim halves only the first: head_dim 64 costs 0.67 of 128's time per pair, not 0.5. The Gluon forward overlaps one
 warpgroup's softmax with the other's products (ping-pong), so its pair costs the larger of the two.
 
 `share` = the products' share of a template pair's time at head_dim 128, from the two spec rates in the

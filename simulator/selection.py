@@ -8,10 +8,9 @@ Its cost has two parts of different physics:
   the pooling reads every row of Q and K once, and the score map ([batch, heads, query blocks,
   key blocks] fp32) is written once and then passed over by `select` (masked_fill, the sort's
   values and indices, the picked bitmap);
-* a fixed per-call cost (`CostModel.topk_call_us`, fitted): when the candidate map was copied to the
-  device on every call, that synchronised the host with the stream and exposed the Python work after
-  it. codegen.topk now copies it once; the H100 fit puts the per-call cost at 0 once the top-k kernel's
-  unpipelined loop waits for its loads (`simulator.pipeline`), which is what it had stood in for.
+* a fixed per-call cost (`CostModel.topk_call_us`, fitted): host work a call exposes by synchronising
+  with the stream. It fits to 0 once the top-k kernel's unpipelined loop waits for its loads
+  (`simulator.pipeline`), which is what it otherwise stands in for.
 
 Why not count the pooled keys each query block re-reads in the score kernel: they are a few MB,
 L2-resident, and the suite's top-k cases cannot tell a term for them apart from zero.
