@@ -213,8 +213,8 @@ def single_call_ms(fn, warmup: int = 10, calls: int = 5, idle_s: float = 0.1) ->
 
     NATTEN's published kernel times are single profiled calls. The same kernel's time depends on
     what ran just before (an idle GPU, back-to-back calls and short gaps between calls each give a
-    different time: docs/BENCHMARKS.md), so this number fixes the state: a call from idle. Speedups stay do_bench ratios (back to back, the sustained clock).
-    None without CUDA kernels to time.
+    different time: docs/BENCHMARKS.md), so this number fixes the state: a call from idle. Speedups
+    stay do_bench ratios (back to back, the sustained clock). None without CUDA kernels to time.
     """
     import statistics
 
