@@ -51,7 +51,7 @@ class CacheWarning(UserWarning):
 _LOADED: dict[str, ModuleType] = {}  # source digest -> module executed from that verified source
 # key -> the source rendered for it in this process. The key names everything the text depends on
 # (mask, config, Triton, templates and printers), so a warm compile re-verifies the file against this
-# text without paying sympy's printing again (DESIGN.md §7: warm compile <= 50 ms).
+# text without paying sympy's printing again (docs/DESIGN.md §7: warm compile <= 50 ms).
 _RENDERED: dict[str, str] = {}
 _LOCK = threading.Lock()
 

@@ -2,7 +2,7 @@
 
 One table drives argument binding (positional/keyword, defaults, broadcasting of scalars to
 every dimension) so that every primitive reports mistakes the same way. The checks mirror
-the semantics' domain (DESIGN.md §3): 1 <= w <= n, w*d <= n, 1 <= s <= w.
+the semantics' domain (docs/DESIGN.md §3): 1 <= w <= n, w*d <= n, 1 <= s <= w.
 """
 
 from __future__ import annotations
