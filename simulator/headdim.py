@@ -15,17 +15,18 @@ time is proportional to head_dim, the model before this term.
 
 from __future__ import annotations
 
+from maskdsl.spec.limits import padded_head_dim
+
 REFERENCE_HEAD_DIM = 128
 PRODUCT_FLOPS = 4  # per pair and head_dim column: S = Q K^T and O += P V, 2 FLOPs each
 
 
 def kernel_head_dim(head_dim: int) -> int:
-    """The head_dim the kernels' tiles are for: the next power of two, at least 16.
-
-    The same rule as codegen.checks.padded_head_dim (the simulator does not import codegen; a test
-    holds the two together): head_dim 96 runs 128-column tiles, masked, so it costs 128's work.
+    """The head_dim the kernels' tiles are for: the next power of two, at least 16, by the rule codegen
+    pads with (maskdsl.spec.limits.padded_head_dim): head_dim 96 runs 128-column tiles, masked, so it
+    costs 128's work.
     """
-    return max(16, 1 << (int(head_dim) - 1).bit_length())
+    return padded_head_dim(head_dim)
 
 
 def product_share(tensor_tflops: float | None, sfu_tflops: float | None) -> float:

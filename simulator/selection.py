@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from maskdsl.spec import ir
+
 # bytes per element of the score map: the score kernel writes it (fp32); `select` reads it for
 # masked_fill (4) and its bool candidates (1), writes and sorts the masked copy (4 + 4), the sort
 # writes values (4) and int64 indices (8), and the picked int8 bitmap is written (1)
 SCORE_MAP_BYTES = 4 + 4 + 1 + 4 + 4 + 4 + 8 + 1
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def selection_work(shape, block, batch: int = 1, heads: int = 1, kv_heads: int |
     kv_heads = heads if kv_heads is None else kv_heads
     tokens = math.prod(shape)
     blocks = math.prod(-(-n // min(b, n)) for n, b in zip(shape, block))
-    width = DTYPE_BYTES.get(dtype, 2)
+    width = ir.DTYPE_BYTES.get(dtype, 2)
     pool = batch * (heads + kv_heads) * tokens * head_dim * width
     score = batch * heads * blocks * blocks * SCORE_MAP_BYTES
     return SelectionWork(pool, score, blocks, blocks)

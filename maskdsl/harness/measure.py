@@ -18,16 +18,14 @@ from dataclasses import dataclass, replace
 
 from maskdsl.spec import ir
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # spec dtype name -> torch attribute
-
 
 def torch_dtype(name: str):
     """The torch dtype of a spec's dtype name (`bf16`, `fp16`, `fp32`)."""
     import torch
 
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; hint: use one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
+    if name not in ir.TORCH_DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; hint: use one of {', '.join(ir.SPEC_DTYPES)}")
+    return getattr(torch, ir.TORCH_DTYPE_NAMES[name])
 
 
 @dataclass(frozen=True)
