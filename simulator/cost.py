@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskdsl.cache import cache_root
 from maskdsl.simulator.backward_work import BACKWARD_FEATURES, BackwardWork  # noqa: F401 (re-exported)
 from maskdsl.simulator.headdim import head_dim_scale, kernel_head_dim, product_share
 from maskdsl.simulator.pipeline import split
@@ -413,9 +414,7 @@ class CostModel:
 
 def fitted_path() -> Path:
     """Where `maskdsl bench --suite` stores the constants it fits, next to the tuning database."""
-    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
-    return Path(root) / "gpu_costs.json"
+    return cache_root() / "gpu_costs.json"
 
 
 def _load(path: Path) -> dict:
