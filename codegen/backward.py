@@ -26,7 +26,8 @@ from maskdsl.codegen.config import BackwardConfig
 from maskdsl.spec.limits import padded_head_dim
 from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import kernel_key, render_template
 from maskdsl.codegen.segment import Segment, tile_run, whole
 from maskdsl.analysis.intervals import SymRel, evaluate
 from maskdsl.analysis.tile_table import A, B, FA, FB, RANGE

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from maskdsl.cache import cache_root
-from maskdsl.simulator.backward_work import BACKWARD_FEATURES, BackwardWork  # noqa: F401 (re-exported)
+from maskdsl.simulator.backward_work import BackwardWork
 from maskdsl.simulator.headdim import head_dim_scale, kernel_head_dim, product_share
 from maskdsl.simulator.pipeline import split
 from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, shared_schedule, spill_factor, uniform_makespan,

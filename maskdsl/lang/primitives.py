@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from maskdsl.spec import ir
-from maskdsl.spec.errors import BindError, suggest  # noqa: F401 - BindError re-exported
+from maskdsl.spec.errors import BindError, suggest
 from maskdsl.lang.syntax import Call, Pos, Value
 
 
