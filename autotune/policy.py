@@ -125,8 +125,8 @@ def ranked_backward_default(mask: ir.MaskDef, head_dim: int = 128):
     return BackwardConfig(*kernels)
 
 
-# Configs that measured best per grid rank (docs/BENCHMARKS.md): (query tile, key tile, warps, stages),
-# clipped to the grid by `rank_candidates`.
+# Configs that measured best per grid rank (docs/history/BENCHMARKS-log.md, the tuned suite runs):
+# (query tile, key tile, warps, stages), clipped to the grid by `rank_candidates`.
 RANK_CANDIDATES = {
     1: (((128,), (128,), 8, 3), ((128,), (64,), 8, 3), ((64,), (64,), 4, 3)),
     2: (((8, 8), (8, 8), 4, 3), ((8, 8), (4, 8), 4, 3), ((8, 16), (8, 8), 8, 3)),

@@ -121,7 +121,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="measure a mask on the GPU against dense SDPA and FlexAttention")
     p.add_argument("file", nargs="?")
     p.add_argument("--mask")
-    p.add_argument("--suite", action="store_true", help="run bench/suite (the DESIGN.md §7 cases and more)")
+    p.add_argument("--suite", action="store_true", help="run bench/suite (the docs/DESIGN.md §7 cases and more)")
     p.add_argument("--only", help="with --suite: only cases whose 'file:mask' contains this text (or any of "
                                   "several, comma-separated)")
     p.add_argument("--config", action="append", metavar="KEY",

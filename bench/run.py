@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from maskdsl.bench.cases import suite_cases, suite_files
+from maskdsl.bench.cases import suite_cases
 from maskdsl.bench.configs import PATH_CONFIGS, candidate_configs
 
 TIMER = {"warmup": 50, "rep": 300}  # do_bench settings of every benchmark number

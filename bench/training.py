@@ -86,6 +86,7 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     from maskdsl.analysis.counts import attended_pairs
     from maskdsl.api import lookup_config
     from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import torch_dtype
 
     mask = spec.mask(mask_name)
     if mask.dynamic:
@@ -93,7 +94,7 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     att = spec.attention_for(mask_name)
     heads, kv_heads, dim = (att.heads, att.kv_heads, att.head_dim) if att else (8, 8, 128)
     batch = att.batch if att else 1
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[att.dtype if att else "bf16"]
+    dtype = torch_dtype(att.dtype if att else "bf16")
     gpu = device != "cpu"
     if not gpu:  # the interpreter: a small slice of heads, check only
         batch, heads, kv_heads, dtype = 1, min(heads, 2), 1, torch.float32

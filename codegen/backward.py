@@ -23,10 +23,11 @@ import torch
 from maskdsl.spec import ir
 from maskdsl.codegen.backward_text import backward_context, kv_tiles_per_group as _kv_tiles_per_group, strided
 from maskdsl.codegen.config import BackwardConfig
-from maskdsl.codegen.checks import padded_head_dim
+from maskdsl.spec.limits import padded_head_dim
 from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import kernel_key, render_template
 from maskdsl.codegen.segment import Segment, tile_run, whole
 from maskdsl.analysis.intervals import SymRel, evaluate
 from maskdsl.analysis.tile_table import A, B, FA, FB, RANGE

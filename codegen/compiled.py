@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from maskdsl.codegen import dispatch
-from maskdsl.codegen.checks import check_call, check_out_lse, check_qkv, padded_head_dim
+from maskdsl.codegen.checks import check_call, check_out_lse, check_qkv
+from maskdsl.spec.limits import padded_head_dim
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.codegen.segment import Segment, segment, tile_run, whole

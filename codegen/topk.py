@@ -21,7 +21,8 @@ from maskdsl.codegen.config import KernelConfig, topk_default_config
 from maskdsl.codegen.context import _mul, all_of, any_of, join, query_text, wrap
 from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
-from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, render_template
 from maskdsl.codegen.topk_grid import TopKGrid, term_texts
 from maskdsl.spec import ir
 from maskdsl.harness.topk import candidate_blocks, normal_form

@@ -25,7 +25,8 @@ import triton
 
 from maskdsl.analysis.counts import products
 from maskdsl.codegen.dispatch import interpreting
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import kernel_key, render_template
 from maskdsl.codegen.topk_bwd_text import backward_context
 from maskdsl.codegen.topk_grid import TopKGrid
 from maskdsl.analysis.intervals import evaluate

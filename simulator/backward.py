@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from maskdsl.analysis.counts import products
-from maskdsl.simulator.cost import BackwardWork, CostModel
+from maskdsl.simulator.backward_work import BackwardWork
+from maskdsl.simulator.cost import CostModel
 from maskdsl.simulator.counting import key_tile_stats, tile_stats
 from maskdsl.simulator.tiles import check_tile
 from maskdsl.lang.parser import as_spec

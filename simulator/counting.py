@@ -28,7 +28,8 @@ from maskdsl.spec import ir
 from maskdsl.analysis.counts import layout_dilation, mask_box_counts, num_products
 from maskdsl.simulator.band import BandTable
 from maskdsl.simulator.tables import dim_tables, term_rels
-from maskdsl.simulator.tiles import dim_intervals, row_major_tiles
+from maskdsl.analysis.boxes import row_major_tiles
+from maskdsl.simulator.tiles import dim_intervals
 
 CHUNK_ELEMENTS = 1 << 22  # tile pairs assembled at once on the general path (~32 MiB of int64)
 SPARSE_RATIO = 8  # a union lists its terms' tile pairs when they are under 1/8 of the dense map

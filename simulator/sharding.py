@@ -20,8 +20,6 @@ from maskdsl.analysis.shard_plan import shard_plan
 from maskdsl.simulator.simulation import simulate
 from maskdsl.lang.parser import as_spec
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
 
 @dataclass(frozen=True)
 class RankPrediction:
@@ -81,12 +79,12 @@ def simulate_sharded(spec, mask: str, ranks: int, q_tile, kv_tile=None, link_gb_
     att = spec.attention_for(mask) or ir.Attention("default", mask, heads=8, kv_heads=8, head_dim=128,
                                                    dtype="bf16", batch=1)
     total = float(visits.sum())
-    row_bytes = 2 * att.head_dim * att.kv_heads * att.batch * DTYPE_BYTES.get(att.dtype, 2)  # K and V
+    row_bytes = 2 * att.head_dim * att.kv_heads * att.batch * ir.DTYPE_BYTES.get(att.dtype, 2)  # K and V
     out = []
     for r in range(ranks):
         rows = [slice(a // qt0, -(-b // qt0)) for a, b in plan.chunks[r]]
         visited = sum(int(visits[s].sum()) for s in rows)
-        nbytes = plan.received_bytes(r, att.head_dim, att.kv_heads, att.batch, DTYPE_BYTES.get(att.dtype, 2))
+        nbytes = plan.received_bytes(r, att.head_dim, att.kv_heads, att.batch, ir.DTYPE_BYTES.get(att.dtype, 2))
         compute = None if result.predicted_ms is None or not total else result.predicted_ms * visited / total
         comm = nbytes / (link_gb_per_s * 1e9) * 1e3
         gather = (shape[0] - plan.local_frames(r)) * plan.inner * row_bytes

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maskdsl.spec import ir
-from maskdsl.analysis.counts import NotAnalyzable, products
+from maskdsl.analysis.counts import NotAnalyzable
 from maskdsl.analysis.row_runs import dispatch_order
 from maskdsl.simulator.cost import GLUON_TILE, CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
@@ -90,11 +90,6 @@ class SimResult:
     @property
     def config(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
         return self.q_tile, self.kv_tile, self.permute
-
-    @property
-    def predicted_backward_ms(self) -> float | None:
-        """The backward's predicted time; None unless asked for and the GPU's backward is calibrated."""
-        return self.backward.ms if self.backward else None
 
     @property
     def predicted_fwd_bwd_ms(self) -> float | None:

@@ -11,7 +11,7 @@ Two layouts, matching what codegen runs:
   one dimension group 0's tiles come first, then group 1's, and so on.
 * **row-major** (``permute=False``): tokens keep their order; tile ``t`` is the flat range
   ``[t*V, min((t+1)*V, L))`` with ``V = prod(tile)``; the last one may be ragged. A flat range is
-  a union of at most ``2*rank - 1`` disjoint boxes (``flat_range_boxes``), which is how it is counted.
+  a union of at most ``2*rank - 1`` disjoint boxes (``maskdsl.analysis.boxes.flat_range_boxes``), which is how it is counted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from itertools import product
 
 import numpy as np
 
-from maskdsl.analysis.boxes import flat_range_boxes, row_major_tiles  # noqa: F401 - the layouts' row-major tiles
 from maskdsl.analysis.tiles import split
 
 MIN_TILE_TOKENS = 16

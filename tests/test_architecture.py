@@ -216,7 +216,7 @@ def test_wheel_installs_one_namespace(tmp_path):
         names = z.namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"maskdsl"}, top
-    for sub in ("codegen/templates/attention_fwd.py.jinja", "simulator/gpu_costs.json", "grammar.lark"):
+    for sub in ("codegen/templates/attention_fwd.py.jinja", "simulator/gpu_costs.json", "lang/grammar.lark"):
         assert f"maskdsl/{sub}" in names, sub
     probe = textwrap.dedent("""
         import importlib, importlib.util, json, sys

@@ -11,11 +11,11 @@ import torch
 import maskdsl
 from maskdsl.analysis.counts import Rel1D, num_products
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.dispatch import GLUON_TORCH_DTYPES as DTYPES
+from maskdsl.codegen.dispatch import GLUON_TORCH_DTYPES
 from maskdsl.codegen.dispatch import head_dim_blocker
 from maskdsl.codegen.gluon_plan import GluonSchedule, plan_ranges, row_table
 from maskdsl.codegen.plan import build_plan
-from maskdsl.analysis.gluon_rule import GLUON_HEAD_DIMS as HEAD_DIMS
+from maskdsl.analysis.gluon_rule import GLUON_HEAD_DIMS
 from maskdsl.analysis.gluon_rule import dtype_name, gluon_ranges, key_tile_visits
 from maskdsl.lang.parser import load
 from maskdsl.harness.semantics import static_mask
@@ -53,7 +53,7 @@ def codegen_verdict(mask, q_tile, kv_tile, head_dim, dtype):
         return None
     table = GluonSchedule(ranges).table
     assert len(table) == len(ranges.busy) and (table[:, 3:9:2] < table[:, 4:9:2]).all()
-    if head_dim not in HEAD_DIMS or getattr(torch, dtype_name(dtype), None) not in DTYPES:
+    if head_dim not in GLUON_HEAD_DIMS or getattr(torch, dtype_name(dtype), None) not in GLUON_TORCH_DTYPES:
         return None
     if ranges.mode == "boxes" and head_dim_blocker(head_dim) is not None:
         return None

@@ -159,7 +159,7 @@ def test_torch_compile_has_no_graph_break(gen):
 
 
 def test_source_is_cached_readable_and_a_warm_compile_renders_nothing(tmp_path, monkeypatch):
-    """DESIGN.md §7's warm-compile target rests on this: a second compile of the same mask and config neither
+    """docs/DESIGN.md §7's warm-compile target rests on this: a second compile of the same mask and config neither
     renders nor re-imports (same module); a new process renders again and finds its verified file."""
     from maskdsl.codegen import cache, render
 

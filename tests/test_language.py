@@ -97,7 +97,7 @@ def specs(draw):
         return ir.MaskDef(f"m{i}", expr(3), layout)
 
     masks = tuple(mask(i) for i in range(draw(st.integers(1, 3))))
-    atts = (ir.Attention("a", "m0", 8, draw(st.sampled_from([1, 2, 8])), 64, draw(st.sampled_from(ir.DTYPES)), 2),)
+    atts = (ir.Attention("a", "m0", 8, draw(st.sampled_from([1, 2, 8])), 64, draw(st.sampled_from(ir.SPEC_DTYPES)), 2),)
     return ir.Spec((layout,), masks, atts)
 
 

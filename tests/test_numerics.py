@@ -10,7 +10,7 @@ import maskdsl
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.harness.reference import reference_mask
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _inputs(tokens, seed, dtype=torch.float32, dim=16):
@@ -18,7 +18,7 @@ def _inputs(tokens, seed, dtype=torch.float32, dim=16):
     return [torch.randn(1, 2, tokens, dim, generator=gen).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_rows_the_mask_leaves_empty_give_zero_and_lse_minus_inf(dtype):
     spec = maskdsl.parse("layout s = grid(41)\nmask m = sink(3) & neighborhood(window=2)")
     fn = maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))

@@ -1,4 +1,4 @@
-"""The simulator's exact counts against brute force over the reference mask, and the numbers DESIGN.md names.
+"""The simulator's exact counts against brute force over the reference mask, and the numbers docs/DESIGN.md names.
 
 Counted tile pairs, full/partial classes, bounds, the cached tables and the closed-form pieces they rest on
 (prefix counts, integer-exact term bounds); expected values come from tests/sim_brute.py.

@@ -443,10 +443,6 @@ def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.nda
     return total
 
 
-def whole_grid(shape) -> np.ndarray:
-    return np.array([[(0, n) for n in shape]], dtype=np.int64)
-
-
 def attended_pairs(expr: ir.MaskExpr, shape) -> int:
     """How many (query, key) pairs the static mask attends, exactly, without materializing it.
 

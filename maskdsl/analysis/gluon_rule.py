@@ -42,6 +42,7 @@ import numpy as np
 from maskdsl.analysis.row_runs import BLOCK, EMPTY, dispatch_order, row_intervals, tile_runs
 from maskdsl.analysis.tile_table import MODES, RANK
 from maskdsl.analysis.transpose import query_tile_ranges
+from maskdsl.spec import ir
 
 TILE = BLOCK  # tokens of the kernel's query tile and of its key tile (the runs rule's block)
 GLUON_HEAD_DIMS = (64, 128)  # head_dims the kernel is compiled for
@@ -49,7 +50,7 @@ GLUON_HEAD_DIMS = (64, 128)  # head_dims the kernel is compiled for
 # whose tiles are mostly masked runs slower than the template (docs/BENCHMARKS.md).
 BOX_HEAD_DIMS = (128,)
 GLUON_DTYPES = ("float16", "bfloat16")  # by torch's name; `dtype_name` maps the spec's fp16 / bf16
-_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+_ALIASES = {**ir.TORCH_DTYPE_NAMES, "half": "float16"}
 
 
 def dtype_name(dtype) -> str:

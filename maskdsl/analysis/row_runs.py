@@ -114,8 +114,8 @@ def dispatch_order(work: np.ndarray) -> tuple[np.ndarray, int]:
 
     Why: the hardware dispatches programs in grid order. A causal mask's last tiles are its longest:
     run last, they leave a tail of one tile's loop. A sink's own rows walk every key: dispatched in tile
-    order per head, the last head's starts near the end of the kernel and runs alone (a 65k-token
-    window with sinks: 2.95 ms, as slow as the template). The kernel dispatches the long rows of every
+    order per head, the last head's starts near the end of the kernel and runs alone, leaving a tail as
+    long as the whole row. The kernel dispatches the long rows of every
     head first (codegen.gluon_fwd's LONG), then each head's rest in this order. The simulator schedules
     the same order (simulator.gluon)."""
     work = np.asarray(work)

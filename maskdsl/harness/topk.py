@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from maskdsl.spec import ir
-from maskdsl.spec.topk_form import TopKForm, normal_form  # noqa: F401 - the rewrite lives with the IR
+from maskdsl.spec.topk_form import TopKForm, normal_form  # the rewrite lives with the IR
 
 
 def block_grid(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:

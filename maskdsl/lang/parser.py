@@ -13,7 +13,7 @@ from maskdsl.spec import ir, limits
 from maskdsl.spec.errors import BindError, SpecError, suggest
 from maskdsl.lang.primitives import BARE_PRIMITIVES, PRIMITIVES, Param, bind_args, bind_call
 from maskdsl.lang.syntax import BinOp, Call, Ref, Stmt, parse_syntax
-from maskdsl.lang.validate import HEAD_DIMS, RESERVED, attention_problem, expression_problem  # noqa: F401 - HEAD_DIMS re-exported
+from maskdsl.lang.validate import RESERVED, attention_problem, expression_problem
 
 ATTENTION_PARAMS = (Param("mask", "word"), Param("heads", "int"), Param("head_dim", "int", 128),
                     Param("kv_heads", "int", 0), Param("dtype", "word", "bf16"), Param("batch", "int", 1))
@@ -169,7 +169,7 @@ class _Resolver:
         if problem is not None:
             message, key, hint = problem
             if key == "dtype":
-                message += suggest(out["dtype"], ir.DTYPES)
+                message += suggest(out["dtype"], ir.SPEC_DTYPES)
             raise BindError(message, values[key].pos, hint)
         kv = out["kv_heads"] or out["heads"]
         return ir.Attention(stmt.name, out["mask"], out["heads"], kv, out["head_dim"], out["dtype"], out["batch"])

@@ -2,7 +2,7 @@
 
 One table drives argument binding (positional/keyword, defaults, broadcasting of scalars to
 every dimension) so that every primitive reports mistakes the same way. The checks mirror
-the semantics' domain (DESIGN.md §3): 1 <= w <= n, w*d <= n, 1 <= s <= w.
+the semantics' domain (docs/DESIGN.md §3): 1 <= w <= n, w*d <= n, 1 <= s <= w.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from maskdsl.spec import ir
-from maskdsl.spec.errors import BindError, suggest  # noqa: F401 - BindError re-exported
+from maskdsl.spec.errors import BindError, suggest
 from maskdsl.lang.syntax import Call, Pos, Value
 
 

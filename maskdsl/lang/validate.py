@@ -17,7 +17,6 @@ from maskdsl.lang.primitives import PRIMITIVES, domain_problem
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the grammar's NAME token
 RESERVED = set(PRIMITIVES) | {"grid", "layout", "mask", "attention", "on", "true", "false"}
-HEAD_DIMS = tuple(range(16, 257, 8))  # any multiple of 8 from 16 to 256: static kernels pad to a power of two
 WHERE = "<Spec built in Python>"
 
 
@@ -40,11 +39,11 @@ def attention_problem(a: dict) -> tuple[str, str, str | None] | None:
     if kv < 1 or a["heads"] % kv:
         return (f"kv_heads={kv} must divide heads={a['heads']}", "kv_heads",
                 "grouped-query attention shares each kv head among heads/kv_heads query heads")
-    if a["head_dim"] not in HEAD_DIMS:
+    if a["head_dim"] not in limits.SPEC_HEAD_DIMS:
         return (f"head_dim={a['head_dim']} is not supported", "head_dim",
                 "use a multiple of 8 from 16 to 256 (top-k masks: a power of two)")
-    if a["dtype"] not in ir.DTYPES:
-        return f"unknown dtype {a['dtype']!r}", "dtype", f"dtypes: {', '.join(ir.DTYPES)}"
+    if a["dtype"] not in ir.SPEC_DTYPES:
+        return f"unknown dtype {a['dtype']!r}", "dtype", f"dtypes: {', '.join(ir.SPEC_DTYPES)}"
     return None
 
 

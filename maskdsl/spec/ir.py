@@ -181,7 +181,11 @@ class MaskDef:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-DTYPES = ("bf16", "fp16", "fp32")
+# The spec's dtype names, each with the torch dtype it runs as (by name: the spec floor does not import
+# torch) and its bytes per element. The kernels take exactly these.
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SPEC_DTYPES = tuple(TORCH_DTYPE_NAMES)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)

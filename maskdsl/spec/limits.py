@@ -7,6 +7,22 @@ time and memory; nothing later fails on size with a raw Python error.
 
 from __future__ import annotations
 
+SPEC_HEAD_DIMS = tuple(range(16, 257, 8))
+"""The head_dims a spec may name: every multiple of 8 from 16 to 256 (72, 80, 96, 192 occur in real
+models; 8 keeps 16-byte rows for 2-byte dtypes). The static kernels run them padded to a power of two
+(`padded_head_dim`)."""
+
+POW2_HEAD_DIMS = tuple(d for d in SPEC_HEAD_DIMS if d & (d - 1) == 0)
+"""The head_dims a kernel that does not pad takes: the powers of two among SPEC_HEAD_DIMS (16 to 256)."""
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two a kernel's tiles are for `head_dim` (HEAD_DIM_PAD), at least 16: the columns past
+    head_dim are masked off in every load and store, so the inputs are never copied and the output is
+    exact; head_dim 96 runs 128-column tiles and costs 128's work."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
 MAX_INT = 2**63 - 1
 """Largest integer literal: every count a kernel takes fits a signed 64-bit integer."""
 
