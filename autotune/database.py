@@ -13,7 +13,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.cache import cache_root
 
 
@@ -159,7 +159,7 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None  # nothing tuned yet: don't create a database just to look
     from maskdsl.autotune.keys import current_device
-    from maskdsl.harness import Problem
+    from maskdsl.harness.measure import Problem
 
     device = current_device()
     problem = Problem.for_attention(attention)

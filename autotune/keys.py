@@ -1,15 +1,14 @@
 """Who is tuning what: the device identity and the study key of a (GPU, Triton, mask, problem).
 
-The problem (`maskdsl.harness.Problem`) is the harness's: the tuner measures the problem it keys by.
+The problem (`maskdsl.harness.measure.Problem`) is the harness's: the tuner measures the problem it keys by.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from maskdsl import ir
-from maskdsl.harness import Problem
+from maskdsl.spec import ir
+from maskdsl.harness.measure import Problem
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,9 @@ def current_device() -> Device:
     import torch
     import triton
 
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    from maskdsl.codegen.dispatch import interpreting
+
+    if torch.cuda.is_available() and not interpreting():
         major, minor = torch.cuda.get_device_capability()
         return Device(torch.cuda.get_device_name(), f"sm{major}{minor}", triton.__version__)
     return Device("triton-interpreter", "cpu", triton.__version__)

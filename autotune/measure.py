@@ -3,7 +3,7 @@
 The forward (`Bench`): on a GPU every trial's output is compared with the default config's output on the same inputs
 before its time counts. In the interpreter (no GPU) the problem is cut to a slice of query tiles
 of one head, checked against the float64 reference rows; the time is wall-clock and says little.
-Inputs, the row check and the timer are the shared harness's (`maskdsl.harness`). The backward
+Inputs, the row check and the timer are the shared harness's (`maskdsl.harness.measure`). The backward
 (`BackwardBench`) times `torch.autograd.grad` after checking dQ, dK and dV the same two ways.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.autotune.keys import Device
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.harness import Problem, make_inputs, reference_rows, relative_error, time_ms, tolerance
+from maskdsl.harness.measure import Problem, make_inputs, reference_rows, relative_error, time_ms, tolerance
 
 
 class WrongOutput(Exception):
@@ -58,7 +58,7 @@ class Bench:
     interpreter_tiles: int = 2
 
     def __post_init__(self):
-        from maskdsl.codegen.compiled import compile_attention, untuned_config
+        from maskdsl.codegen.build import compile_attention, untuned_config
 
         mdef = self.spec.mask(self.mask)
         if self.device.interpreted:
@@ -116,8 +116,8 @@ class BackwardBench:
     rows: int = 24
 
     def __post_init__(self):
-        from maskdsl.autotune.space import ranked_backward_default, ranked_default
-        from maskdsl.codegen.compiled import compile_attention
+        from maskdsl.autotune.policy import ranked_backward_default, ranked_default
+        from maskdsl.codegen.build import compile_attention
 
         mdef = self.spec.mask(self.mask)
         tokens = mdef.layout.tokens
@@ -133,7 +133,7 @@ class BackwardBench:
         gen = torch.Generator(device=where).manual_seed(1)
         self.dout = torch.randn(self.q.shape, generator=gen, device=where, dtype=self.q.dtype)
         if self.device.interpreted:
-            from maskdsl.harness import sample_rows
+            from maskdsl.harness.measure import sample_rows
 
             self.sample = sample_rows(tokens, self.rows, seed=2)
             keep = torch.zeros(tokens, dtype=torch.bool)
@@ -150,7 +150,7 @@ class BackwardBench:
         return (leaves, out), torch.autograd.grad(out, leaves, self.dout, retain_graph=True)
 
     def _reference(self):
-        from maskdsl.reference import reference_attention_rows
+        from maskdsl.harness.reference import reference_attention_rows
 
         leaves = [t.detach().to(torch.float64).requires_grad_() for t in (self.q, self.k, self.v)]
         out = reference_attention_rows(*leaves, self.spec, self.mask, self.sample)

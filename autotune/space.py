@@ -7,10 +7,8 @@ speedup. An explicit list keeps the space small enough to sweep exhaustively for
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from maskdsl.codegen.config import KernelConfig
-from maskdsl import ir
+from maskdsl.spec import ir
 
 Q_TOKENS = (64, 128)
 KV_TOKENS = (32, 64, 128)
@@ -45,11 +43,11 @@ def tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 3,
 
 def _topk_tiles(mdef) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Top-k kernels take equal query and key tiles dividing the block: its largest of 128 and of 64 tokens."""
-    from maskdsl.codegen.topk_grid import choose_tile
-    from maskdsl.topk import normal_form
+    from maskdsl.analysis.tiles import block_tile
+    from maskdsl.harness.topk import normal_form
 
     block = normal_form(mdef.expr).topk.block
-    tiles = [t for v in (128, 64) if (t := choose_tile(mdef.layout.shape, block, v)) is not None]
+    tiles = [t for v in (128, 64) if (t := block_tile(block, v)) is not None]
     return [(t, t) for t in dict.fromkeys(tiles)]
 
 
@@ -81,107 +79,6 @@ def decode(params: dict) -> KernelConfig:
     return KernelConfig.from_key(f"q{q}_k{k}_w{params['num_warps']}_s{params['num_stages']}")
 
 
-@lru_cache(maxsize=256)
-def ranked_tiles(mask: ir.MaskDef, q_tokens: int, kv_tokens: int):
-    """The simulator's best (q_tile, kv_tile) at these block sizes, or None when it cannot rank them."""
-    from maskdsl.analysis import NotAnalyzable
-    from maskdsl.simulator import sweep
-
-    spec = ir.Spec(layouts=(mask.layout,), masks=(mask,))
-    try:
-        ranked = sweep(spec, mask.name, q_tokens=q_tokens, kv_tokens=kv_tokens, limit=1)
-    except (ValueError, NotAnalyzable):
-        return None
-    return (ranked[0][0].q_tile, ranked[0][0].kv_tile) if ranked else None
-
-
-@lru_cache(maxsize=256)
-def gluon_pair(mask: ir.MaskDef, head_dim: int = 128,
-               attention: ir.Attention | None = None) -> tuple[KernelConfig, bool] | None:
-    """(the 128 x 128-token config the simulator predicts fastest among those the Gluon forward takes,
-    whether it is also predicted faster than every template pair), or None when the kernel takes none.
-    Device-independent.
-
-    Not just the top of the ranking: that orders by the GNA bound first, and a ragged pair can have
-    the higher bound while it costs more (Cosmos 16x44x80: the top pair tiles 44 by 8; 4 x 4 x 8
-    tiles divide it and run the whole-tile mode). The predictions cost each pair on the path it
-    would take, so comparing them is the fair choice; with the `attention` (heads, batch) they see
-    its waves too (one head of Cosmos ranks a ragged pair first that 16 heads do not).
-    """
-    from maskdsl.analysis import NotAnalyzable
-    from maskdsl.gluon_rule import GLUON_HEAD_DIMS
-    from maskdsl.simulator import sweep
-
-    if mask.dynamic or head_dim not in GLUON_HEAD_DIMS:
-        return None
-    try:
-        spec = ir.Spec(layouts=(mask.layout,), masks=(mask,), attentions=(attention,) if attention else ())
-        ranked = sweep(spec, mask.name, q_tokens=128, kv_tokens=128, limit=None)
-    except (ValueError, NotAnalyzable):
-        return None
-    if not ranked:
-        return None
-    best = max(res.predicted_speedup for _, res in ranked)
-    for tiles, res in sorted(ranked, key=lambda r: -r[1].predicted_speedup):
-        if res.gluon:  # the simulator costs maskdsl.gluon_rule's verdict, the one codegen builds tables from
-            return KernelConfig(tiles.q_tile, tiles.kv_tile, 8, 3), res.predicted_speedup >= best
-    return None
-
-
-def gluon_config(mask: ir.MaskDef, head_dim: int = 128, attention: ir.Attention | None = None) -> KernelConfig | None:
-    """`gluon_pair`'s config when it is predicted faster than every template pair, else None: the
-    untuned default on Hopper."""
-    pair = gluon_pair(mask, head_dim, attention)
-    return pair[0] if pair is not None and pair[1] else None
-
-
-def _hopper() -> bool:
-    """Whether kernels compiled here will run the Gluon forward (a Hopper GPU, not the interpreter)."""
-    import torch
-
-    from maskdsl.codegen.gluon_plan import device_blocker
-
-    return torch.cuda.is_available() and device_blocker(torch.device("cuda", torch.cuda.current_device())) is None
-
-
-def ranked_default(mask: ir.MaskDef, head_dim: int = 128, attention: ir.Attention | None = None) -> KernelConfig:
-    """The config `compile` uses when nothing is tuned: the simulator's best tile pair at the default
-    block sizes, with the default warps and stages.
-
-    The fixed default tile (a near-cube) is far from the best on masks with a preferred tile shape:
-    on the 3-D GNA example it measured 5.2x where the simulator's first choice, which is perfectly
-    block-sparse, measured 7.2x. Ranking is analytical (well under a second), so a user who never
-    tunes still gets the tile pair the simulator would seed a study with.
-    """
-    from maskdsl.codegen.compiled import untuned_config
-
-    base = untuned_config(mask, head_dim)
-    if _hopper():  # the warp-specialized forward beats the template's best tiles wherever it applies
-        gluon = gluon_config(mask, head_dim, attention)  # (H100: hunyuan GNA 24.6 ms against 29.5 ms)
-        if gluon is not None:
-            return gluon
-    tiles = None if mask.dynamic else ranked_tiles(mask, base.block_m, base.block_n)
-    return base if tiles is None else KernelConfig(*tiles, base.num_warps, base.num_stages)
-
-
-def ranked_backward_default(mask: ir.MaskDef, head_dim: int = 128):
-    """The backward's untuned config: codegen's block sizes, warps and stages with the simulator's best
-    tiles for each kernel. A (query tile, key tile) pair is full or partial whichever kernel walks it,
-    so the forward's ranking serves the transposed walk too.
-
-    Measured on an H100 (3-D GNA, stride (2,8,8)): near-cubic backward tiles ran the backward at 5.6x
-    the forward's time, because those tiles cut the stride groups and most pairs became partial.
-    """
-    from maskdsl.codegen.config import BackwardConfig, default_backward_config
-
-    base = default_backward_config(mask, head_dim)
-    kernels = []
-    for cfg in (base.dkdv, base.dq):
-        tiles = ranked_tiles(mask, cfg.block_m, cfg.block_n)
-        kernels.append(cfg if tiles is None else KernelConfig(*tiles, cfg.num_warps, cfg.num_stages))
-    return BackwardConfig(*kernels)
-
-
 # --- the backward: two kernels, each with its own tiles, warps and stages ---------------------------
 
 # (queries walked, keys owned) of the dK/dV kernel and (queries owned, keys walked) of the dQ kernel:
@@ -197,17 +94,9 @@ def backward_tile_pairs(spec: ir.Spec, mask: str, per_volume: int = 1) -> dict[s
     """Per backward kernel, its tile pairs: the simulator's best `per_volume` at each of its block sizes.
 
     The ranking is the forward's: a (query tile, key tile) pair is full or partial whichever kernel
-    walks it, which is why ranked_backward_default takes the same tiles.
+    walks it, which is why autotune.policy.ranked_backward_default takes the same tiles.
     """
     return {name: tile_pairs(spec, mask, per_volume, BWD_BLOCKS[name]) for name in KERNELS}
-
-
-def backward_configs(spec: ir.Spec, mask: str, per_volume: int = 1) -> list:
-    """Every BackwardConfig of the space (the product of the two kernels' configs)."""
-    from maskdsl.codegen.config import BackwardConfig
-
-    per_kernel = [_kernel_configs(pairs) for pairs in backward_tile_pairs(spec, mask, per_volume).values()]
-    return [BackwardConfig(a, b) for a in per_kernel[0] for b in per_kernel[1]]
 
 
 def _kernel_configs(pairs) -> list[KernelConfig]:
@@ -244,6 +133,8 @@ def backward_seeds(spec: ir.Spec, mask: str, head_dim: int = 128, count: int = 4
     kernel ranked on its own: the backward's time is the sum of the two), else each kernel's
     best-ranked tile pairs at the default warps and stages."""
     from maskdsl.codegen.config import BackwardConfig
+
+    from maskdsl.autotune.policy import ranked_backward_default
 
     mdef = spec.mask(mask)
     default = ranked_backward_default(mdef, head_dim)

@@ -20,14 +20,14 @@ import optuna
 
 from typing import Callable
 
-from maskdsl.autotune import space
+from maskdsl.autotune import policy, space
 from maskdsl.autotune.space import decode, decode_any, decode_backward, encode, encode_backward, tiles_label
 from maskdsl.autotune.database import TuningDatabaseError, open_storage, redact, storage_url
 from maskdsl.autotune.keys import Device, current_device, study_name
-from maskdsl.harness import Problem
+from maskdsl.harness.measure import Problem
 from maskdsl.autotune.measure import BackwardBench, Bench, WrongOutput
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def forward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_
     tiles = sorted({tiles_label(c.q_tile, c.kv_tile) for c in configs})
     return Search("fwd", {"tiles": tiles, "num_warps": list(space.WARPS), "num_stages": list(space.STAGES)},
                   decode, encode, space.seeds(spec, mask, count=min(4, trials), per_volume=per_volume),
-                  space.ranked_default(spec.mask(mask), problem.head_dim))
+                  policy.ranked_default(spec.mask(mask), problem.head_dim))
 
 
 def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_volume: int,

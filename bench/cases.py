@@ -22,7 +22,7 @@ def selected(only: str | None, case: str) -> bool:
 
 def suite_cases(files, only: str | None = None):
     """(path, spec, attention statement) of every case of the suite files that `only` selects."""
-    from maskdsl.parser import load
+    from maskdsl.lang.parser import load
 
     for path in files:
         spec = load(path)

@@ -34,9 +34,9 @@ def cmd_bench(args) -> int:
             print("give FILE (and --mask when the spec has several), or --suite")
             return 2
         if args.suite:
-            run_training(suite_files(), args.json, only=args.only)
+            run_training(suite_files(), args.json, only=args.only, with_flex=not args.no_flex)
         else:
-            run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None)
+            run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None, with_flex=not args.no_flex)
         return 0
     if args.suite:
         configs_from = None
@@ -121,7 +121,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="measure a mask on the GPU against dense SDPA and FlexAttention")
     p.add_argument("file", nargs="?")
     p.add_argument("--mask")
-    p.add_argument("--suite", action="store_true", help="run bench/suite (the DESIGN.md §7 cases and more)")
+    p.add_argument("--suite", action="store_true", help="run bench/suite (the docs/DESIGN.md §7 cases and more)")
     p.add_argument("--only", help="with --suite: only cases whose 'file:mask' contains this text (or any of "
                                   "several, comma-separated)")
     p.add_argument("--config", action="append", metavar="KEY",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 # configs of the TMA / pointer-load comparison (`maskdsl bench --suite --paths`, docs/BENCHMARKS.md)
 PATH_CONFIGS = {
     "dense_32k": ["q128_k128_w8_s2", "q128_k64_w8_s3", "q128_k64_w8_s4", "q64_k64_w4_s3", "q64_k64_w4_s4",
@@ -19,38 +17,16 @@ PATH_CONFIGS = {
 
 
 def candidate_configs(mask, head_dim: int, limit: int = 6, attention=None):
-    """The tuned config (tuning database) if any, the default, and the configs that measured best on an
-    H200 for each rank (docs/BENCHMARKS.md), clipped to the grid."""
+    """The tuned config (tuning database) if any, codegen's untuned config, the Gluon forward's best pair
+    (timed even where a template pair is predicted faster) and the configs that measured best for the
+    grid's rank (autotune.policy.rank_candidates)."""
     from maskdsl.api import lookup_config
-    from maskdsl.codegen.config import KernelConfig, default_config
-
-    shape = mask.layout.shape
-    from maskdsl.autotune.space import gluon_pair
+    from maskdsl.autotune.policy import gluon_pair, rank_candidates
+    from maskdsl.codegen.config import default_config
 
     out = [lookup_config(mask, attention)]
-    gluon = gluon_pair(mask, head_dim, attention)  # the Gluon forward's best pair, timed even where a template pair is predicted faster
-    for cfg in (default_config(mask, head_dim), gluon and gluon[0]):  # None where the kernel cannot run it
-        if cfg is not None and cfg not in out:
-            out.append(cfg)
-    by_rank = {
-        1: [((128,), (128,), 8, 3), ((128,), (64,), 8, 3), ((64,), (64,), 4, 3)],
-        2: [((8, 8), (8, 8), 4, 3), ((8, 8), (4, 8), 4, 3), ((8, 16), (8, 8), 8, 3)],
-        3: [((2, 8, 8), (1, 8, 8), 8, 3), ((1, 8, 8), (1, 8, 8), 4, 3), ((4, 4, 4), (4, 4, 4), 4, 3),
-            ((2, 8, 8), (2, 4, 8), 8, 2)],
-    }
-    for q, k, warps, stages in by_rank.get(len(shape), []):
-        if head_dim > 128 and math.prod(k) > 64:
-            continue  # the K/V stages would not fit in shared memory
-        try:
-            cfg = KernelConfig(_clip(q, shape), _clip(k, shape), warps, stages)
-            cfg.validate(len(shape))
-        except ValueError:
-            continue
-        if cfg not in out:
+    gluon = gluon_pair(mask, head_dim, attention)
+    for cfg in (default_config(mask, head_dim), gluon and gluon[0], *rank_candidates(mask.layout.shape, head_dim)):
+        if cfg is not None and cfg not in out:  # None where the Gluon forward takes no pair
             out.append(cfg)
     return out[:limit]
-
-
-def _clip(tile, shape):
-    """A tile no longer than the grid in any dimension (rounded up to a power of two)."""
-    return tuple(min(t, 1 << max(0, (n - 1).bit_length())) for t, n in zip(tile, shape))

@@ -2,7 +2,7 @@
 
 FlexAttention runs on a tile-major (GNA-permuted) token order: tokens are laid out tile by tile
 (each tile a box of the grid), so that its blocks are our tiles. Its `mask_mod` applies
-maskdsl's own rule (`maskdsl.semantics.attends`) to the grid coordinates of a tile-major position,
+maskdsl's own rule (`maskdsl.harness.semantics.attends`) to the grid coordinates of a tile-major position,
 which it gets in one of two ways:
 
 * ``arithmetic`` (the default, the strongest FlexAttention): decode the position with integer
@@ -11,7 +11,7 @@ which it gets in one of two ways:
 * ``gather``: look the row-major token up in the permutation (`perm[q_idx]`), one global load per
   element and operand; the generic form, kept as a second column.
 
-The BlockMask is built from the exact closed-form tile classification (maskdsl.analysis), which is
+The BlockMask is built from the exact closed-form tile classification (maskdsl.analysis.counts), which is
 what `create_block_mask` would compute by evaluating the mask_mod over all L x L pairs.
 """
 
@@ -22,9 +22,9 @@ import math
 import numpy as np
 import torch
 
-from maskdsl import ir
-from maskdsl.analysis import mask_box_counts
-from maskdsl.semantics import attends, flat_coords, flat_index
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import mask_box_counts
+from maskdsl.harness.semantics import attends, flat_coords, flat_index
 from maskdsl.simulator.tiles import dim_intervals, permuted_boxes
 
 FORMS = ("arithmetic", "gather")

@@ -3,7 +3,7 @@
 On a GPU it runs the spec's whole problem, checks a sample of rows against the float64 reference
 and times the kernel and the best dense SDPA backend with do_bench medians. Without a GPU it runs
 a slice of query tiles through Triton's interpreter and says so. Inputs, checks and timings are
-the shared harness's (`maskdsl.harness`), so `maskdsl run`, `maskdsl tune` and `maskdsl bench`
+the shared harness's (`maskdsl.harness.measure`), so `maskdsl run`, `maskdsl tune` and `maskdsl bench`
 measure the same problem the same way.
 """
 
@@ -21,7 +21,7 @@ def run_main_job(path, mask_name=None, config_factory=None, tiles=2, seed=0) -> 
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel module
     from maskdsl.api import compile as compile_attention, resolve
     from maskdsl.describe import density_line, describe
-    from maskdsl.harness import Problem
+    from maskdsl.harness.measure import Problem
 
     spec, mask, attention = resolve(path, mask_name)
     problem = Problem.for_attention(attention)
@@ -46,7 +46,7 @@ def _query_tiles(fn) -> int:
 
 def _run_interpreted(fn, spec, mask, problem, tiles, seed) -> int:
     from maskdsl.autotune.measure import run_slice, slice_rows
-    from maskdsl.harness import make_inputs, reference_rows, tolerance
+    from maskdsl.harness.measure import make_inputs, reference_rows, tolerance
 
     q_tiles = _query_tiles(fn)
     small = problem.interpreter_slice()
@@ -68,7 +68,7 @@ def _run_interpreted(fn, spec, mask, problem, tiles, seed) -> int:
 def _run_gpu(fn, spec, mask, problem, seed) -> int:
     import torch
 
-    from maskdsl.harness import best_dense, check_rows, dense_times, make_inputs, sample_rows, time_ms, tolerance
+    from maskdsl.harness.measure import best_dense, check_rows, dense_times, make_inputs, sample_rows, time_ms, tolerance
 
     tokens = mask.layout.tokens
     q, k, v = make_inputs(problem, tokens, "cuda", seed)

@@ -82,7 +82,7 @@ def calibrate(results, gpu: str) -> dict | None:
     """Fit the simulator's cost constants to this run, store them, report predicted vs measured, and
     predict each case from a fit on the other cases (leave one case out): the out-of-sample check."""
     from maskdsl.codegen.config import KernelConfig
-    from maskdsl.parser import load
+    from maskdsl.lang.parser import load
     from maskdsl.simulator.calibrate import (Measurement, cross_validate, evaluate_fit, fit,
                                              format_cross_validation, path_mismatches, store, summarize)
     from maskdsl.simulator.cost import fitted_path

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from maskdsl.bench.cases import suite_cases, suite_files
+from maskdsl.bench.cases import suite_cases
 from maskdsl.bench.configs import PATH_CONFIGS, candidate_configs
 
 TIMER = {"warmup": 50, "rep": 300}  # do_bench settings of every benchmark number
@@ -34,11 +34,11 @@ class Case:
     spec: object
     mask: object  # ir.MaskDef
     attention: object  # ir.Attention | None
-    problem: object  # maskdsl.harness.Problem
+    problem: object  # maskdsl.harness.measure.Problem
     q: object
     k: object
     v: object
-    reference: object  # maskdsl.harness.RowReference
+    reference: object  # maskdsl.harness.measure.RowReference
     device: str = "cuda"
 
     def synchronize(self) -> None:
@@ -50,7 +50,7 @@ class Case:
 
 def make_case(spec, mask_name: str, rows: int = 128, seed: int = 0, device: str = "cuda") -> Case:
     from maskdsl.api import resolve
-    from maskdsl.harness import Problem, make_inputs, reference_rows, sample_rows
+    from maskdsl.harness.measure import Problem, make_inputs, reference_rows, sample_rows
 
     spec, mask, attention = resolve(spec, mask_name)
     problem = Problem.for_attention(attention)
@@ -62,12 +62,12 @@ def make_case(spec, mask_name: str, rows: int = 128, seed: int = 0, device: str 
 
 def density(mask) -> float:
     """Exact density of a static mask; for top-k, the picked fraction of key blocks."""
-    from maskdsl.analysis import attended_pairs
+    from maskdsl.analysis.counts import attended_pairs
 
     tokens = mask.layout.tokens
     if not mask.dynamic:
         return attended_pairs(mask.expr, mask.layout.shape) / tokens**2
-    from maskdsl.topk import block_count, normal_form
+    from maskdsl.harness.topk import block_count, normal_form
 
     topk = normal_form(mask.expr).topk
     blocks = block_count(mask.layout.shape, topk.block)
@@ -76,7 +76,7 @@ def density(mask) -> float:
 
 def record(case: Case) -> dict:
     """The result record's header: what was measured."""
-    from maskdsl.harness import torch_dtype
+    from maskdsl.harness.measure import torch_dtype
 
     p, mask = case.problem, case.mask
     d = density(mask)
@@ -87,7 +87,7 @@ def record(case: Case) -> dict:
 
 def dense_step(case: Case, result: dict) -> float:
     """Each SDPA backend alone; the best one is the baseline of every speedup."""
-    from maskdsl.harness import best_dense, dense_times
+    from maskdsl.harness.measure import best_dense, dense_times
 
     times, errors = dense_times(case.q, case.k, case.v, **TIMER)
     for name, message in errors.items():
@@ -105,7 +105,7 @@ def configs_for(case: Case, configs=None) -> list:
     if configs is not None:
         return configs
     if case.mask.dynamic:
-        from maskdsl.codegen.compiled import untuned_config
+        from maskdsl.codegen.build import untuned_config
         from maskdsl.codegen.config import KernelConfig
 
         base = untuned_config(case.mask, case.problem.head_dim)
@@ -118,8 +118,8 @@ def run_config(case: Case, cfg, best_dense: float, tma: bool | None = None) -> d
     """Compile, run once into a poisoned output, check the sampled rows, time. `tma` forces MASKDSL_TMA."""
     import torch
 
-    from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import GRAPH_BELOW_MS, graph_time_ms, time_ms
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import GRAPH_BELOW_MS, graph_time_ms, time_ms
 
     entry = {"config": cfg.key()}
     if tma is not None:
@@ -161,7 +161,7 @@ def run_config(case: Case, cfg, best_dense: float, tma: bool | None = None) -> d
 
 def pick_best(result: dict, best_dense: float) -> None:
     """The fastest config whose output is complete and within the GPU tolerance."""
-    from maskdsl.harness import tolerance
+    from maskdsl.harness.measure import tolerance
 
     tol = tolerance(result["device"])
     good = [e for e in result["ours"] if "ms" in e and e["unwritten"] == 0 and e["error"] < tol]
@@ -173,10 +173,10 @@ def pick_best(result: dict, best_dense: float) -> None:
 
 def single_call_step(case: Case, result: dict, configs) -> None:
     """The best config and the best dense backend timed one call from an idle GPU (kernel time,
-    maskdsl.harness.single_call_ms), as NATTEN's published kernel times are single profiled calls: the
+    maskdsl.harness.measure.single_call_ms), as NATTEN's published kernel times are single profiled calls: the
     column set beside NATTEN's figures."""
-    from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import best_dense, dense_call, single_call_ms
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import best_dense, dense_call, single_call_ms
 
     try:
         if "ours_best" in result:
@@ -196,7 +196,7 @@ def flex_step(case: Case, result: dict, best_dense: float, form: str = "arithmet
     flex_<form>_* keys beside them.
     """
     from maskdsl.bench.flex import FlexRunner
-    from maskdsl.harness import time_ms
+    from maskdsl.harness.measure import time_ms
 
     prefix = "flex" if form == "arithmetic" else f"flex_{form}"
     try:
@@ -231,8 +231,8 @@ def flex_topk_step(case: Case, result: dict, best_dense: float) -> None:
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import time_ms
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import time_ms
 
     try:
         fn = compile_attention(case.spec, case.mask.name, None)
@@ -245,7 +245,7 @@ def flex_topk_step(case: Case, result: dict, best_dense: float) -> None:
         if len(shape) > 1:
             # FlexAttention's blocks are runs of consecutive tokens: lay the grid out block-major (each box
             # of the grid contiguous), once, outside the timings; our kernel reads the row-major grid
-            from maskdsl.topk import token_blocks
+            from maskdsl.harness.topk import token_blocks
 
             if any(n % b for n, b in zip(shape, fn.form.topk.block)):
                 result["flex_note"] = "flex comparison needs blocks that divide the grid"
@@ -389,8 +389,8 @@ def profile_launches(spec, mask_name: str, config, launches: int = 3) -> None:
     """Launch one kernel a few times and nothing else, for a profiler (ncu --launch-skip 1 --launch-count 1)."""
     import torch
 
-    from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import Problem, make_inputs
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import Problem, make_inputs
 
     fn = compile_attention(spec, mask_name, config)
     q, k, v = make_inputs(Problem.of(spec, mask_name), spec.mask(mask_name).layout.tokens, "cuda")

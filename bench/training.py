@@ -17,12 +17,13 @@ import time
 def backward_candidates(mask, head_dim: int):
     """The default backward config and a few neighbours worth timing (tuning replaces this list); every
     kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
-    from maskdsl.autotune.space import ranked_backward_default, ranked_tiles
-    from maskdsl.codegen.config import BackwardConfig, KernelConfig, _split
+    from maskdsl.autotune.policy import ranked_backward_default, ranked_tiles
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig
+    from maskdsl.analysis.tiles import split
 
     def kernel(block_m, block_n, warps, stages):
-        tiles = ranked_tiles(mask, block_m, block_n) or (_split(block_m, mask.layout.shape),
-                                                        _split(block_n, mask.layout.shape))
+        tiles = ranked_tiles(mask, block_m, block_n) or (split(block_m, mask.layout.shape),
+                                                        split(block_n, mask.layout.shape))
         return KernelConfig(*tiles, warps, stages)
 
     out = [ranked_backward_default(mask, head_dim)]
@@ -43,7 +44,7 @@ def check_gradients(fn, spec, mask_name, q, k, v, rows, scale=None) -> dict:
     """Relative errors of dQ (sampled rows), dK and dV (whole grid) against the float64 reference."""
     import torch
 
-    from maskdsl.reference import reference_attention_rows
+    from maskdsl.harness.reference import reference_attention_rows
 
     idx = rows.to(torch.int64).cpu()
     gen = torch.Generator().manual_seed(1)
@@ -82,9 +83,10 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     """
     import torch
 
-    from maskdsl.analysis import attended_pairs
+    from maskdsl.analysis.counts import attended_pairs
     from maskdsl.api import lookup_config
-    from maskdsl.codegen.compiled import compile_attention
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import torch_dtype
 
     mask = spec.mask(mask_name)
     if mask.dynamic:
@@ -92,7 +94,7 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     att = spec.attention_for(mask_name)
     heads, kv_heads, dim = (att.heads, att.kv_heads, att.head_dim) if att else (8, 8, 128)
     batch = att.batch if att else 1
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[att.dtype if att else "bf16"]
+    dtype = torch_dtype(att.dtype if att else "bf16")
     gpu = device != "cpu"
     if not gpu:  # the interpreter: a small slice of heads, check only
         batch, heads, kv_heads, dtype = 1, min(heads, 2), 1, torch.float32
@@ -216,7 +218,7 @@ def format_row(result) -> str:
             f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex")
 
 
-def run_training(files, out_json: str | None = None, only: str | None = None) -> list[dict]:
+def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True) -> list[dict]:
     """`maskdsl bench --train`: every static attention statement of the files (matching `only`), one process."""
     import json
     from pathlib import Path
@@ -231,7 +233,7 @@ def run_training(files, out_json: str | None = None, only: str | None = None) ->
         if spec.mask(att.mask).dynamic:
             continue
         print(f"== {path} mask {att.mask} (training)", flush=True)
-        r = bench_training(spec, att.mask)
+        r = bench_training(spec, att.mask, with_flex=with_flex)
         r["file"] = str(path)
         results.append(r)
         print(format_row(r), flush=True)

@@ -3,12 +3,12 @@
 `attention_bwd.py.jinja` holds a preprocess (delta = rowsum(dO * O)), a dK/dV kernel (one program
 per key tile and kv head, walking the query tiles that see the tile) and a dQ kernel (one program
 per query tile and head, walking its key tiles). Both walks read per-dimension tile ranges from a
-small int32 table built here from the exact row bounds (`maskdsl.transpose`): [terms, rank, tiles
+small int32 table built here from the exact row bounds (`maskdsl.analysis.transpose`): [terms, rank, tiles
 in the dimension, RANGE], O(extent) entries per dimension, never [L, L] and no block mask. A GQA
 group's query heads are summed inside the dK/dV program, so no kernel uses atomics: the same
 inputs give the same bits.
 
-The tables follow the table contract of maskdsl.tile_table, the one the forward's Gluon tables
+The tables follow the table contract of maskdsl.analysis.tile_table, the one the forward's Gluon tables
 follow too: its per-dimension range tables, whose columns A, B, FA, FB are written here by name
 and read by the kernels by the same names (constants of the rendered module, codegen.backward_text).
 """
@@ -16,21 +16,22 @@ and read by the kernels by the same names (constants of the rendered module, cod
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.codegen.backward_text import backward_context, kv_tiles_per_group as _kv_tiles_per_group, strided
 from maskdsl.codegen.config import BackwardConfig
-from maskdsl.codegen.checks import padded_head_dim
+from maskdsl.spec.limits import padded_head_dim
+from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import kernel_key, render_template
 from maskdsl.codegen.segment import Segment, tile_run, whole
-from maskdsl.intervals import SymRel, evaluate
-from maskdsl.tile_table import A, B, FA, FB, RANGE
-from maskdsl.transpose import key_tile_ranges, query_tile_ranges
+from maskdsl.analysis.intervals import SymRel, evaluate
+from maskdsl.analysis.tile_table import A, B, FA, FB, RANGE
+from maskdsl.analysis.transpose import key_tile_ranges, query_tile_ranges
 
 TEMPLATE = "attention_bwd.py.jinja"
 LOG2E = 1.4426950408889634
@@ -54,7 +55,7 @@ def _rows(plan: KernelPlan, term, d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _columns(ranges: np.ndarray) -> np.ndarray:
-    """maskdsl.transpose's rows ([a, b, fa, fb] per tile) in the range table's named columns."""
+    """maskdsl.analysis.transpose's rows ([a, b, fa, fb] per tile) in the range table's named columns."""
     out = np.empty((len(ranges), RANGE), dtype=np.int32)
     out[:, A], out[:, B], out[:, FA], out[:, FB] = ranges[:, 0], ranges[:, 1], ranges[:, 2], ranges[:, 3]
     return out
@@ -68,7 +69,7 @@ def _no_full(table: np.ndarray) -> np.ndarray:
 
 def schedule_tables(plan_kv: KernelPlan, plan_q: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
     """(dK/dV table, dQ table), each [terms, rank, max tiles in a dimension, RANGE] int32: the
-    per-dimension range tables of maskdsl.tile_table, columns A, B (visited) and FA, FB (seen whole).
+    per-dimension range tables of maskdsl.analysis.tile_table, columns A, B (visited) and FA, FB (seen whole).
 
     dK/dV rows are key tiles of `plan_kv` (group-major per dimension) holding the query tiles that
     visit the key tile and those that see all of it. dQ rows are query tiles of `plan_q` holding key
@@ -166,7 +167,7 @@ class BackwardKernels:
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, tokens,
             BLOCK=PREPROCESS_BLOCK, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad)
         t_kv, t_q = self.tables_on(q.device)
-        dot_f32 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+        dot_f32 = q.dtype == torch.bfloat16 and interpreting()
         group = heads // k.shape[1]
         common = (q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3])
         n0, dim0 = self.plan_q.shape[0], self.plan_kv.dims[0]

@@ -7,7 +7,7 @@ a group length that is the same for every group is a number, a tile that divides
 needs no bounds check, a tile extent of 1 no division or product. The template lays them out.
 
 The walks read the per-dimension range tables (codegen.backward.schedule_tables) by the column
-names of maskdsl.tile_table, the contract the forward's Gluon tables use too; the kernel module
+names of maskdsl.analysis.tile_table, the contract the forward's Gluon tables use too; the kernel module
 holds those names as constants.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from maskdsl import tile_table
+from maskdsl.analysis import tile_table
 from maskdsl.codegen.bounds import KernelDim, row_bounds
 from maskdsl.codegen.context import _flat, _lane, _mul, all_of, join, kernel_dims, minus_box
 from maskdsl.codegen.plan import KernelPlan

@@ -11,7 +11,7 @@ dimension d, the kernel holds:
   empty and no tile is inside it; likewise the full range when `full_L` is false.
 
 Coordinates are the layout's: in a dimension the layout permutes by dilation d
-(`maskdsl.analysis.layout_dilation`), group coordinates of the query's group. A term with another
+(`maskdsl.analysis.counts.layout_dilation`), group coordinates of the query's group. A term with another
 dilation there ("strided": the layout then keeps the dimension undilated) is printed in the
 dimension's own coordinates: its rows' keys are the ones in [lo, hi] in phase with lo, its visited
 range is the min/max over the tile's rows, and it has no full tiles.
@@ -25,7 +25,7 @@ import sympy as sp
 
 from maskdsl.codegen.plan import DimPlan, TermDim
 from maskdsl.codegen.printer import FloorDiv, Temps, assign, drop_idle, symbol, to_triton
-from maskdsl.intervals import G, I, N, query_domain, values
+from maskdsl.analysis.intervals import G, I, N, query_domain, values
 
 
 @dataclass(frozen=True)

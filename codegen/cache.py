@@ -25,11 +25,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+from maskdsl.cache import cache_root
+
 
 def cache_dir() -> Path:
-    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
-    path = Path(root) / "kernels"
+    """The rendered kernels' folder under the one cache root (maskdsl.cache), created and checked writable."""
+    path = cache_root() / "kernels"
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
@@ -51,7 +52,7 @@ class CacheWarning(UserWarning):
 _LOADED: dict[str, ModuleType] = {}  # source digest -> module executed from that verified source
 # key -> the source rendered for it in this process. The key names everything the text depends on
 # (mask, config, Triton, templates and printers), so a warm compile re-verifies the file against this
-# text without paying sympy's printing again (DESIGN.md §7: warm compile <= 50 ms).
+# text without paying sympy's printing again (docs/DESIGN.md §7: warm compile <= 50 ms).
 _RENDERED: dict[str, str] = {}
 _LOCK = threading.Lock()
 

@@ -7,29 +7,18 @@ import numbers
 
 import torch
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-POW2_HEAD_DIMS = (16, 32, 64, 128, 256)
+from maskdsl.codegen.dispatch import interpreting
+from maskdsl.spec import ir
+from maskdsl.spec.limits import POW2_HEAD_DIMS, SPEC_HEAD_DIMS
 
-
-def padded_head_dim(head_dim: int) -> int:
-    """The power of two a kernel's tiles are for `head_dim` (HEAD_DIM_PAD): the columns past head_dim
-    are masked off in every load and store, so the inputs are never copied and the output is exact."""
-    return max(16, 1 << (int(head_dim) - 1).bit_length())
-
-
-def tma_aligned(t: torch.Tensor, strides) -> bool:
-    """Whether the copy engine (TMA) can address `t` with these element strides: a contiguous last
-    one, and a 16-byte aligned base and other strides (Hopper's tensor-map rule)."""
-    return (strides[-1] == 1 and t.data_ptr() % 16 == 0
-            and all((s * t.element_size()) % 16 == 0 for s in strides[:-1]))
+KERNEL_DTYPES = tuple(getattr(torch, name) for name in ir.TORCH_DTYPE_NAMES.values())  # the spec's dtypes
 
 
 def head_dim_error(head_dim: int, padded: bool = True) -> str | None:
-    """Why a kernel cannot take `head_dim`, or None. Kernels that pad (`padded`) take every multiple
-    of 8 from 16 to 256 (72, 80, 96, 192 occur in real models; 8 keeps 16-byte rows for 2-byte
-    dtypes); the others take powers of two only."""
+    """Why a kernel cannot take `head_dim`, or None. Kernels that pad (`padded`) take the spec's head_dims
+    (SPEC_HEAD_DIMS: every multiple of 8 from 16 to 256); the others take powers of two only."""
     if padded:
-        if 16 <= head_dim <= 256 and head_dim % 8 == 0:
+        if head_dim in SPEC_HEAD_DIMS:
             return None
         return (f"head_dim {head_dim} is not supported; use a multiple of 8 from 16 to 256 "
                 f"(e.g. {', '.join(map(str, _near(head_dim)))}): pad q, k and v with zero columns to it")
@@ -40,8 +29,8 @@ def head_dim_error(head_dim: int, padded: bool = True) -> str | None:
 
 def _near(head_dim: int) -> list[int]:
     """The supported head dims just below and above `head_dim`, for the hint."""
-    below = min(256, max(16, (head_dim // 8) * 8))
-    above = min(256, max(16, -(-head_dim // 8) * 8))
+    below = max((d for d in SPEC_HEAD_DIMS if d <= head_dim), default=SPEC_HEAD_DIMS[0])
+    above = min((d for d in SPEC_HEAD_DIMS if d >= head_dim), default=SPEC_HEAD_DIMS[-1])
     return sorted({below, above})
 
 
@@ -57,7 +46,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, la
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, L, D]; got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name}.dtype is {t.dtype}; use torch.float16, torch.bfloat16 or torch.float32")
         if t.shape[2] != want:
             if frames is not None:
@@ -83,12 +72,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, la
         raise ValueError(error)
     if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]}) for GQA/MQA")
-    if q.device.type == "cpu":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
-                             "triton to run the kernel in Triton's interpreter")
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
+                         "triton to run the kernel in Triton's interpreter")
 
 
 def check_out_lse(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lse_written: bool = True) -> None:

@@ -8,17 +8,17 @@ The call goes through `torch.ops.maskdsl.attention`, so `torch.compile` sees one
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from maskdsl.codegen.checks import check_call, check_out_lse, check_qkv, padded_head_dim, tma_aligned
-from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config, default_config
-from maskdsl.codegen.plan import KernelPlan, build_plan
-from maskdsl.codegen.render import load_kernel
+from maskdsl.codegen import dispatch
+from maskdsl.codegen.checks import check_call, check_out_lse, check_qkv
+from maskdsl.spec.limits import padded_head_dim
+from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_backward_config
+from maskdsl.codegen.plan import KernelPlan
 from maskdsl.codegen.segment import Segment, segment, tile_run, whole
-from maskdsl import ir
+from maskdsl.spec import ir
 
 _REGISTRY: dict[str, "CompiledAttention"] = {}
 
@@ -72,7 +72,7 @@ class CompiledAttention:
 
     @property
     def gluon_schedule(self):
-        """The Gluon forward's schedule and tables for this mask (maskdsl.gluon_rule), computed on first use."""
+        """The Gluon forward's schedule and tables for this mask (maskdsl.analysis.gluon_rule), computed on first use."""
         if self._gluon is None:
             from maskdsl.codegen.gluon_plan import GluonSchedule
 
@@ -80,27 +80,10 @@ class CompiledAttention:
         return self._gluon
 
     def gluon_blocker(self, q, k=None, v=None, out=None, lse=None) -> str | None:
-        """Why `launch` runs the Triton template instead of the Gluon forward for these tensors, or None.
-
-        The Gluon path (codegen.gluon_fwd) needs a Hopper GPU outside the interpreter, fp16/bf16,
-        head_dim 64 or 128, q/k/v/out that the copy engine addresses as [batch x heads, grid, head_dim],
-        and a mask whose visited 128-token tiles (the config's on a multi-dimensional grid) are all
-        full and form one box of key tiles per query tile (codegen.gluon_plan), or, on a 1-D token
-        order, whose rows' keys are at most two intervals in at most two runs of tiles (codegen.gluon_runs),
-        or, on a grid, one product term (a box of keys per row, head_dim 128: codegen.gluon_boxes);
-        MASKDSL_GLUON=0 turns it off. k, v and out default to q's layout, lse to the one the op allocates.
-        """
-        from maskdsl.codegen.gluon_plan import tensor_blocker
-
-        reason = tensor_blocker(q, q if k is None else k, q if v is None else v, q if out is None else out, lse,
-                                self.plan.shape)
-        if reason is None and not self.gluon_schedule.ranges.ok:
-            reason = self.gluon_schedule.ranges.reason
-        if reason is None and self.gluon_schedule.boxes:
-            from maskdsl.codegen.gluon_boxes import head_dim_blocker
-
-            reason = head_dim_blocker(q.shape[-1])
-        return reason
+        """Why `launch` runs the Triton template instead of the Gluon forward for these tensors, or None
+        (`codegen.dispatch.can_run_gluon`, which states the rule). k, v and out default to q's layout,
+        lse to the one the op allocates."""
+        return dispatch.can_run_gluon(self, q, k, v, out, lse)
 
     def gluon_ok(self, q, k=None, v=None, out=None, lse=None) -> bool:
         """Whether `launch` takes the Gluon forward for these tensors (`gluon_blocker` says why not)."""
@@ -109,11 +92,11 @@ class CompiledAttention:
     def launch(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
         """Run the kernel into `out`/`lse`; `tiles` limits it to a range of query tiles (a slice to check).
 
-        Dense and perfectly block-sparse masks on Hopper take the Gluon forward (`gluon_blocker`);
-        a slice always runs the template, whose tiles it counts in.
+        The forward is `codegen.dispatch.choose_forward`'s; a slice always runs the template, whose
+        tiles it counts in.
         """
         check_out_lse(q, out, lse)
-        if tiles is None and self.gluon_blocker(q, k, v, out, lse) is None:
+        if tiles is None and dispatch.choose_forward(self, q, k, v, out, lse) == "gluon":
             self._launch_gluon(q, k, v, scale, out, lse)
             return
         self._launch(q, k, v, scale, out, lse, whole(self.plan.shape), tiles or range(self.plan.q_tiles))
@@ -152,11 +135,9 @@ class CompiledAttention:
     def _gluon_segment(self, q, k, v, scale: float, out, lse, seg: Segment) -> bool:
         """Run a 1-D segment on the Gluon forward's predicated mode when the whole grid takes it
         (codegen.gluon_runs: the grid's row intervals cut to the buffer); False where the template must."""
-        from maskdsl.codegen.gluon_plan import tensor_blocker
-
         if self.plan.rank != 1 or self.gluon_schedule.bounds is None:
             return False
-        if tensor_blocker(q, k, v, out, lse) is not None:
+        if dispatch.tensor_blocker(q, k, v, out, lse) is not None:
             return False
         table, idle_rows, bounds, r = self.gluon_schedule.segment((seg.q0, seg.q1), (seg.k0, seg.k1), q.device)
         if not r.ok:
@@ -178,14 +159,14 @@ class CompiledAttention:
 
     def _launch_gluon(self, q, k, v, scale, out, lse) -> None:
         from maskdsl.codegen import gluon_fwd
-        from maskdsl.codegen.gluon_plan import sm_count
 
         table, idle_rows, bounds = self.gluon_schedule.on(q.device)
         if len(idle_rows):  # query tiles that see no key: output 0 and LSE -inf, as the template writes them
             out.index_fill_(2, idle_rows, 0.0)
             lse.index_fill_(2, idle_rows, float("-inf"))
         r = self.gluon_schedule.ranges
-        per = self.gluon_schedule.items_per_program(len(table) * q.shape[0] * q.shape[1], sm_count(q.device))
+        items = len(table) * q.shape[0] * q.shape[1]
+        per = self.gluon_schedule.items_per_program(items, dispatch.sm_count(q.device))
         gluon_fwd.launch(q, k, v, out, lse, scale, table, 0, len(table), r.shape, r.q_tile, r.kv_tile, r.mode,
                          bounds=bounds, long=r.long, per=per)
 
@@ -230,19 +211,13 @@ class CompiledAttention:
 def tma_descriptors(plan: KernelPlan, q, k, v, out, seg: Segment | None = None) -> dict:
     """Copy-engine (TMA) descriptors for Q, K, V and O when the layout allows them, else the pointer path.
 
-    A descriptor addresses a tile as a box of the grid: [batch x head, n_0, .., n_r-1, head_dim].
-    That needs every dimension undilated (a dilation group is not a box of memory), at most three grid
-    dimensions (the copy engine takes five), batch and head foldable into one stride, and 16-byte
-    aligned strides. Anything else keeps the pointer loads, which read any strides. A segment's
-    tensors hold its frames of dimension 0 only (the kernel subtracts its first frame).
+    A descriptor addresses a tile as a box of the grid: [batch x head, n_0, .., n_r-1, head_dim];
+    `codegen.dispatch.tma_blocker` says when the layout allows one. Anything else keeps the pointer
+    loads, which read any strides. A segment's tensors hold its frames of dimension 0 only (the
+    kernel subtracts its first frame).
     """
-    none = {"desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
-    if not plan.tma_ok or os.environ.get("MASKDSL_TMA") == "0":
-        return none
-    if padded_head_dim(q.shape[-1]) != q.shape[-1]:  # padded head_dim: the pointer loads mask the columns
-        return none
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
-        return none
+    if dispatch.tma_blocker(plan, q, k, v, out) is not None:
+        return {"desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     cfg = plan.config
@@ -252,11 +227,7 @@ def tma_descriptors(plan: KernelPlan, q, k, v, out, seg: Segment | None = None) 
     for name, t, tile, shape in (("desc_q", q, cfg.q_tile, q_shape), ("desc_k", k, cfg.kv_tile, k_shape),
                                  ("desc_v", v, cfg.kv_tile, k_shape), ("desc_o", out, cfg.q_tile, q_shape)):
         batch, heads = t.shape[:2]
-        sb, sh, sl, sd = t.stride()
-        strides = [sh, *(sl * d.stride for d in plan.dims), sd]
-        if (batch > 1 and sb != heads * sh) or not tma_aligned(t, strides):
-            return none
-        descs[name] = TensorDescriptor(t, [batch * heads, *shape, t.shape[-1]], strides,
+        descs[name] = TensorDescriptor(t, [batch * heads, *shape, t.shape[-1]], dispatch.tma_strides(plan, t),
                                        [1, *tile, t.shape[-1]])
     return {**descs, "TMA": True}
 
@@ -273,13 +244,9 @@ def launch_kernel(kernel, config: KernelConfig, q, k, v, out, lse, extra: tuple,
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, heads // k.shape[1], tiles.start,
-        HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+        HEAD_DIM=q.shape[-1], STORE_LSE=True, DOT_F32=q.dtype == torch.bfloat16 and dispatch.interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages, **(kwargs or {}),
     )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @torch.library.custom_op("maskdsl::attention", mutates_args=())
@@ -328,39 +295,3 @@ def _attention_grad(ctx, dout, _dlse):
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
-
-
-def untuned_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
-    """What a kernel uses when nobody chose a config: the default config (top-k picks its own tile)."""
-    if mask.dynamic:
-        from maskdsl.codegen.topk import topk_config
-
-        return topk_config(mask, None)
-    return default_config(mask, head_dim)
-
-
-def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = None,
-                      backward_config: BackwardConfig | None = None) -> CompiledAttention:
-    """Render (or load from the cache) the kernel of `mask` for `config`, the untuned default if None.
-
-    `backward_config` chooses the backward kernels' tiles (codegen.config.default_backward_config if
-    None); they are rendered on the first gradient.
-
-    Looking a tuned config up is the front door's job (maskdsl.api), not codegen's.
-    """
-    from maskdsl.validate import validate_spec
-
-    validate_spec(spec)  # public too: a Spec built in Python is checked before any of it is rendered
-    mdef = spec.mask(mask)
-    attention = spec.attention_for(mask)
-    if config is None:
-        config = untuned_config(mdef, attention.head_dim if attention else 128)
-    if mdef.dynamic:
-        from maskdsl.codegen.topk import CompiledTopKAttention
-
-        return CompiledTopKAttention(mdef, config)
-    plan = build_plan(mdef, config)
-    module, path = load_kernel(mdef.content_hash(), plan)
-    if backward_config is not None:
-        backward_config.validate(len(mdef.layout.shape))
-    return CompiledAttention(mdef, plan, module, path, backward_config)

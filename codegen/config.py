@@ -1,11 +1,14 @@
-"""Kernel configurations: tile shapes per dimension, warps and pipeline depth."""
+"""Kernel configurations: tile shapes per dimension, warps and pipeline depth, and the untuned
+configs codegen compiles with when nobody chose one (the tiles and launch rules are maskdsl.analysis.tiles';
+the ranked defaults `maskdsl.compile` uses are autotune.policy's)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from maskdsl import ir
+from maskdsl.spec import ir
+from maskdsl.analysis.tiles import block_tile, forward_launch, split, topk_launch
 
 _KEY = re.compile(r"q(\d+(?:x\d+)*)_k(\d+(?:x\d+)*)_w(\d+)_s(\d+)")
 
@@ -74,35 +77,11 @@ def _prod(values) -> int:
     return out
 
 
-def _split(volume: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Spread a power-of-two volume round-robin over the dimensions (last first), within each extent.
-
-    Near-cubic tiles keep the halo of a neighborhood small; whatever does not fit goes to
-    the first dimension that still has room (or the last one, padding a small grid).
-    """
-    tile = [1] * len(shape)
-    remaining = volume
-    while remaining > 1:
-        grew = False
-        for d in reversed(range(len(shape))):
-            if remaining > 1 and tile[d] * 2 <= max(shape[d], 1):
-                tile[d] *= 2
-                remaining //= 2
-                grew = True
-        if not grew:
-            tile[-1] *= remaining
-            remaining = 1
-    return tuple(tile)
-
-
 def default_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
     """A config that is correct everywhere and reasonable on Hopper; tuning finds better ones."""
     shape = mask.layout.shape
     block_n = 64 if head_dim > 64 else 128
-    q = _split(128, shape)
-    k = _split(block_n, shape)
-    # three stages of 64-token K/V tiles: 132 KB of shared memory at head_dim 128, within an A100's 164 KB
-    return KernelConfig(q, k, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+    return KernelConfig(split(128, shape), split(block_n, shape), *forward_launch(128, head_dim))
 
 
 @dataclass(frozen=True)
@@ -141,8 +120,17 @@ def default_backward_config(mask: ir.MaskDef, head_dim: int = 128) -> BackwardCo
     """
     shape = mask.layout.shape
     if head_dim > 64:
-        dkdv = KernelConfig(_split(64, shape), _split(64, shape), num_warps=4, num_stages=2)
+        dkdv = KernelConfig(split(64, shape), split(64, shape), num_warps=4, num_stages=2)
     else:
-        dkdv = KernelConfig(_split(64, shape), _split(128, shape), num_warps=8, num_stages=2)
-    dq = KernelConfig(_split(128, shape), _split(64, shape), num_warps=8, num_stages=2)
+        dkdv = KernelConfig(split(64, shape), split(128, shape), num_warps=8, num_stages=2)
+    dq = KernelConfig(split(128, shape), split(64, shape), num_warps=8, num_stages=2)
     return BackwardConfig(dkdv, dq)
+
+
+def topk_default_config(mask: ir.MaskDef) -> KernelConfig | None:
+    """The top-k kernel's untuned config: its largest tile of at most 128 tokens dividing the top-k
+    block, for queries and keys alike; None where no tile of 16 tokens or more divides it."""
+    from maskdsl.harness.topk import normal_form
+
+    tile = block_tile(normal_form(mask.expr).topk.block, 128)
+    return None if tile is None else KernelConfig(tile, tile, *topk_launch(tile))

@@ -42,7 +42,7 @@ _NOTATION = {
         "(full tiles run without mask arithmetic, the shell of partial tiles around them with it)",
     ],
     "backward": [
-        "tix_d: the program's own tile, its row of the range table TBL (maskdsl.tile_table: columns A, B, FA, FB)",
+        "tix_d: the program's own tile, its row of the range table TBL (maskdsl.analysis.tile_table: columns A, B, FA, FB)",
         "a, b: the other kind's tiles the program's tile visits; fa, fb: those it sees whole; nb, nf: how many",
         "(pairs seen whole run without mask arithmetic, the partial shell around them with it)",
     ],

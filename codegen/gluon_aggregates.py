@@ -1,5 +1,5 @@
 """The parts of the Gluon forward (codegen.gluon_fwd), as Triton aggregates: what a launch compiles
-for (`Config`), the table it reads (`RowTable`, columns by maskdsl.tile_table's names), the work items
+for (`Config`), the table it reads (`RowTable`, columns by maskdsl.analysis.tile_table's names), the work items
 a program runs (`Dispatch`, `WorkItem`), shared memory and its mbarriers (`Buffers`; `Counter`: the
 slot and parity of a barrier's n-th use) and what the consumers read and write (`Launch`).
 
@@ -14,12 +14,12 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.language.core import _aggregate as aggregate
 from triton.language.core import base_value
 
-from maskdsl import tile_table
+from maskdsl.analysis import tile_table
 
-# The kernel's modes (maskdsl.tile_table.MODES), a constexpr the host passes: whole tiles, predicated
+# The kernel's modes (maskdsl.analysis.tile_table.MODES), a constexpr the host passes: whole tiles, predicated
 # 1-D runs (codegen.gluon_runs), per-dimension boxes (codegen.gluon_boxes).
 WHOLE, RUNS, BOXES = (gl.constexpr(mode) for mode in tile_table.MODES)
-# The row tables' columns by their names in maskdsl.tile_table, per dimension d where they have one
+# The row tables' columns by their names in maskdsl.analysis.tile_table, per dimension d where they have one
 # (COORD[d], BOX_LO[d], ...; RUN2 = the second run's [lo, hi)), and WIDTH[mode]: constexpr globals, whose
 # values the JIT hashes into the kernel's cache key, so a changed table layout compiles anew.
 _DIMS = range(tile_table.RANK)
@@ -135,7 +135,7 @@ class Counter:
 
 @aggregate
 class RowTable:
-    """One launch's rows of a mode's tile table (maskdsl.tile_table: read by column name, WIDTH[mode] int32
+    """One launch's rows of a mode's tile table (maskdsl.analysis.tile_table: read by column name, WIDTH[mode] int32
     a row) from row `first` on."""
     ptr: gl.tensor
     first: _INT

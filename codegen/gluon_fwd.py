@@ -1,10 +1,10 @@
 """A warp-specialized Hopper (sm_90) attention forward in Gluon: whole tiles, with predicated modes.
 
-Why a second forward: on dense and perfectly block-sparse masks the Triton template stays near
-88% of cuDNN on an H100: it leaves the overlap of softmax and tensor-core work to Triton's
-scheduler. Gluon is Triton's lower level (same compiler, explicit layouts, shared memory, mbarriers
-and warp specialization), which lets this kernel schedule it by hand as FlashAttention-3 does; the
-prototype measured 101% of cuDNN on dense 32k (d128, bf16). Full tiles run with no mask arithmetic: it
+Why a second forward: on dense and perfectly block-sparse masks the Triton template stays short of
+cuDNN: it leaves the overlap of softmax and tensor-core work to Triton's scheduler. Gluon is Triton's
+lower level (same compiler, explicit layouts, shared memory, mbarriers and warp specialization),
+which lets this kernel schedule it by hand as FlashAttention-3 does, and so match cuDNN on dense
+masks (docs/BENCHMARKS.md). Full tiles run with no mask arithmetic: it
 runs the masks `codegen.gluon_plan` accepts (every visited 128 x 128 tile full, one box of key tiles
 per query tile) unmasked, 1-D masks with partial tiles in a predicated mode (`codegen.gluon_runs`:
 intervals per row), one-term masks on grids with partial tiles or ragged extents in another
@@ -36,14 +36,14 @@ Three partitions (`gl.warp_specialize`, 12 warps):
 
 The parts are Triton aggregates (codegen.gluon_aggregates, and `Rows` here): `Config` (what a launch
 compiles for: tiles, mode, layouts), `Dispatch` and `WorkItem` (which items a program runs, each decoded
-from its row of the `RowTable`, whose columns are read by maskdsl.tile_table's names), `Buffers` and
+from its row of the `RowTable`, whose columns are read by maskdsl.analysis.tile_table's names), `Buffers` and
 `Counter` (shared memory and its mbarriers; the slot and parity of a barrier's n-th use), `Launch` and
 `Rows` (what a consumer reads and writes, and its rows' predicate).
 
-Measured variants that lost (H100, dense 32k, d128): one 8-warp consumer (-20%), 64-key tiles
-(-17%), three stages (no gain), FlashAttention-3's intra-warpgroup overlap (QK(i) before PV(i-1), the
-softmax under PV(i-1): -10 to -20%, docs/BENCHMARKS.md). Ping-pong vs not is within noise on dense; it is
-kept as a knob.
+Designs tried and dropped because they ran slower on dense masks (docs/BENCHMARKS.md): one 8-warp
+consumer, 64-key tiles, three stages (no faster), FlashAttention-3's intra-warpgroup overlap (QK(i)
+before PV(i-1), the softmax under PV(i-1)). Ping-pong vs not is within noise on dense; it is kept as a
+knob.
 """
 
 import functools
@@ -56,12 +56,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from maskdsl import tile_table
+from maskdsl.analysis import tile_table
+from maskdsl.codegen.dispatch import box_strides
 from maskdsl.codegen.gluon_aggregates import BOXES, RUNS, Buffers, Config, Counter, Dispatch, Launch, RowTable
-from maskdsl.codegen.gluon_plan import box_strides
 
 LOG2E = 1.4426950408889634
-NUM_STAGES = 2  # 160 KB of shared memory at head_dim 128; a third stage measured no faster
+NUM_STAGES = 2  # 160 KB of shared memory at head_dim 128; a third stage is no faster
 CONSUMER_WARPS = 4
 LOADER_REGS = 24
 CONSUMER_REGS = 240
@@ -314,7 +314,7 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
                   LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """q/k/v/o descriptors address [batch x heads, n0, n1, n2, HEAD_D] (q and o in half query tiles of
     the query tile Q_TILE, k and v in key tiles); `table_ptr` holds the MODE's rows
-    (maskdsl.tile_table) per launched tile. The work items are the count x BH (row, head) pairs in
+    (maskdsl.analysis.tile_table) per launched tile. The work items are the count x BH (row, head) pairs in
     dispatch order (`Dispatch`); row r runs table row tile_base + r. Program p of G runs items
     p, p + G, ... (PER at most; two Q buffers, QBUF = 2, when PER > 1): then the loader fetches the next
     item's Q and K/V while the consumers finish the current one, and a short item's launch and
@@ -342,7 +342,7 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
 
 @functools.lru_cache(maxsize=None)
 def _smem_layout(box: tuple[int, ...], dtype: torch.dtype):
-    """The swizzled shared-memory layout of a box: computed once (it costs ~5 us a call, and a one-head
+    """The swizzled shared-memory layout of a box: computed once (it is not free, and a one-head
     launch is host-bound). A box of 64 or 128 rows of head_dim swizzles like a [rows, head_dim]
     matrix, so the wgmma reads it through a plain reshape."""
     return gl.NVMMASharedLayout.get_default_for(list(box), gl.float16 if dtype == torch.float16 else gl.bfloat16)
@@ -376,7 +376,7 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
                 pingpong: bool = PINGPONG, bounds: torch.Tensor | None = None, long: int = 0,
                 k_grid: tuple[int, ...] | None = None, per: int = 1):
     """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`, a tile table
-    of `mode` (maskdsl.tile_table.MODES: the schedule's `ranges.mode`); grid and tiles are
+    of `mode` (maskdsl.analysis.tile_table.MODES: the schedule's `ranges.mode`); grid and tiles are
     RANK-dimensional (codegen.gluon_plan pads them). `bounds`: the predicated modes' per-row key
     intervals ("runs": [slots, 2, tokens] int32, codegen.gluon_runs; "boxes": per dimension,
     codegen.gluon_boxes). `per`: work items per program (codegen.gluon_plan.GluonSchedule.items_per_program).

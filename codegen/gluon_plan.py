@@ -1,11 +1,11 @@
-"""What the Gluon forward (codegen.gluon_fwd) runs, as the tables a launch reads, and which tensors
-and devices it takes. Nothing here imports Gluon, so the tables are checked (and tested) on machines
-where the kernel cannot run.
+"""What the Gluon forward (codegen.gluon_fwd) runs, as the tables a launch reads (which tensors and
+devices it takes: codegen.dispatch). Nothing here imports Gluon, so the tables are checked (and
+tested) on machines where the kernel cannot run.
 
-Which mode runs a mask, and each query tile's key tiles in it, is maskdsl.gluon_rule's one rule
+Which mode runs a mask, and each query tile's key tiles in it, is maskdsl.analysis.gluon_rule's one rule
 (the simulator costs the same answer). Here a plan's product terms go in (`plan_ranges`: their exact
 row bounds, the numbers the Triton template is printed from) and the schedule comes out as the
-kernel's row tables, written by maskdsl.tile_table's column names (`row_table`), copied to each
+kernel's row tables, written by maskdsl.analysis.tile_table's column names (`row_table`), copied to each
 device once (`GluonSchedule`). `tile_ranges` (and codegen.gluon_runs' `run_ranges`,
 codegen.gluon_boxes' `box_ranges`) ask the rule for one mode only.
 """
@@ -13,29 +13,25 @@ codegen.gluon_boxes' `box_ranges`) ask the rule for one mode only.
 from __future__ import annotations
 
 import os
-from math import prod
 
 import numpy as np
 import torch
 
-from maskdsl import tile_table as tt
-from maskdsl.analysis import Rel1D
-from maskdsl.codegen.checks import tma_aligned
+from maskdsl.analysis import tile_table as tt
+from maskdsl.analysis.counts import Rel1D
 from maskdsl.codegen.plan import KernelPlan
-from maskdsl.gluon_rule import GLUON_DTYPES, GLUON_HEAD_DIMS, MODES, TILE, GluonRanges, gluon_ranges, pad_rank
-from maskdsl.gluon_rule import kernel_tiles as rule_tiles
-from maskdsl.intervals import SymRel, evaluate
-from maskdsl.tile_table import RANK
+from maskdsl.analysis.gluon_rule import MODES, TILE, GluonRanges, gluon_ranges, segment_ranges
+from maskdsl.analysis.gluon_rule import kernel_tiles as rule_tiles
+from maskdsl.analysis.intervals import SymRel, evaluate
+from maskdsl.analysis.tile_table import RANK
 
 BLOCK_M = BLOCK_N = TILE
-HEAD_DIMS = GLUON_HEAD_DIMS
-DTYPES = tuple(getattr(torch, name) for name in GLUON_DTYPES)
 # Work items (query tile x head) visiting at most SHORT_ITEM key tiles on average run up to MAX_PER to a
 # program (codegen.gluon_fwd: the next item's Q and K/V load under the current one). 4-tile and 16-tile
 # items gain from it; items of 50+ tiles and the predicated modes do not (docs/BENCHMARKS.md).
 SHORT_ITEM = 16
 MAX_PER = 4
-TileRanges = GluonRanges  # a mode's schedule (maskdsl.gluon_rule)
+TileRanges = GluonRanges  # a mode's schedule (maskdsl.analysis.gluon_rule)
 
 
 def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:
@@ -45,7 +41,7 @@ def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:
 
 
 def plan_ranges(plan: KernelPlan, q_tile=None, kv_tile=None, modes=MODES) -> GluonRanges:
-    """The rule's schedule of the plan's mask at its config's tiles (`maskdsl.gluon_rule.kernel_tiles`),
+    """The rule's schedule of the plan's mask at its config's tiles (`maskdsl.analysis.gluon_rule.kernel_tiles`),
     or at these tiles (tests); head_dim and dtype are the launch's to check."""
     given = q_tile is not None
     q_tile, kv_tile = (q_tile, kv_tile) if given else (plan.config.q_tile, plan.config.kv_tile)
@@ -78,81 +74,8 @@ def row_table(ranges: GluonRanges) -> np.ndarray:
     return table.astype(np.int32)
 
 
-def box_strides(t: torch.Tensor, grid: tuple[int, ...]) -> list[int] | None:
-    """Element strides of t as [batch x heads, *grid, head_dim] (grid padded to RANK dimensions)
-    when the copy engine can address it so, else None.
-
-    The rule of `compiled.tma_descriptors`: unit last stride, 16-byte aligned base and strides, and
-    batch folding into heads, so the kernel addresses a (batch, head) with one coordinate.
-    """
-    batch, heads, _, _ = t.shape
-    sb, sh, sl, sd = t.stride()
-    grid = pad_rank(grid)
-    inner = [sl * prod(grid[d + 1:]) for d in range(RANK)]
-    strides = [sh, *inner, sd]
-    if (batch > 1 and sb != heads * sh) or not tma_aligned(t, strides):
-        return None
-    return strides
-
-
-def tensor_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) -> str | None:
-    """Why the Gluon forward cannot take these tensors (mask aside), or None. Cheapest checks first.
-
-    The kernel writes LSE as [batch x heads x tokens] float32; None stands for the op's own.
-    """
-    return device_blocker(q.device) or layout_blocker(q, k, v, out, lse, grid)
-
-
-def device_blocker(device: torch.device) -> str | None:
-    """Why the Gluon forward cannot run on `device` at all (tensors aside), or None: the switch, the
-    interpreter, a GPU that is not Hopper. The untuned default asks it too (autotune.space)."""
-    if os.environ.get("MASKDSL_GLUON") == "0":
-        return "MASKDSL_GLUON=0"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "Triton's interpreter runs Triton kernels only"
-    if device.type != "cuda":
-        return f"tensors on {device.type}, not CUDA"
-    if _capability(device) != 9:
-        return f"compute capability {_capability(device)}.x; the kernel is Hopper's (9.x)"
-    return None
-
-
-def layout_blocker(q, k, v, out, lse=None, grid: tuple[int, ...] | None = None) -> str | None:
-    """The device-independent half of `tensor_blocker`: dtype, head_dim and memory layout
-    (`grid`, the mask's layout shape, defaults to a 1-D token order)."""
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype}; the kernel takes float16 and bfloat16"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]}; the kernel takes {HEAD_DIMS}"
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if box_strides(t, grid or (t.shape[2],)) is None:
-            return f"{name} (strides {t.stride()}) is not a copy-engine box [batch x heads, grid, head_dim]"
-    if lse is not None and not (lse.is_contiguous() and lse.dtype == torch.float32):
-        return "lse is not a contiguous float32 tensor"
-    return None
-
-
-_PROPERTIES: dict[torch.device, object] = {}
-
-
-def _properties(device: torch.device):
-    """torch.cuda.get_device_properties, cached: a one-head launch is host-bound."""
-    if device not in _PROPERTIES:
-        _PROPERTIES[device] = torch.cuda.get_device_properties(device)
-    return _PROPERTIES[device]
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device."""
-    return _properties(device).multi_processor_count
-
-
-def _capability(device: torch.device) -> int:
-    return _properties(device).major
-
-
 class GluonSchedule:
-    """A mask's schedule (maskdsl.gluon_rule) as the kernel reads it, copied to each device once.
+    """A mask's schedule (maskdsl.analysis.gluon_rule) as the kernel reads it, copied to each device once.
 
     `table`: int32 rows in dispatch order (`row_table`), the kernel's grid; `idle_rows`: int64 token
     indices of the query tiles that visit nothing, filled with 0 / -inf apart; `bounds`: the
@@ -162,7 +85,7 @@ class GluonSchedule:
     def __init__(self, ranges: GluonRanges):
         self.ranges = ranges
         self.bounds = ranges.bounds if ranges.ok else None
-        self.boxes = ranges.mode == "boxes"  # head_dim 128 only (maskdsl.gluon_rule.BOX_HEAD_DIMS)
+        self.boxes = ranges.mode == "boxes"  # head_dim 128 only (maskdsl.analysis.gluon_rule.BOX_HEAD_DIMS)
         self.table = row_table(ranges) if ranges.ok else np.zeros((0, tt.WIDTH["whole"]), np.int32)
         self.idle_rows = ranges.rows(ranges.idle) if ranges.ok else np.zeros(0, np.int64)
         self._on: dict[torch.device, tuple] = {}
@@ -200,10 +123,8 @@ class GluonSchedule:
 
     def segment(self, q_rows: tuple[int, int], k_rows: tuple[int, int], device):
         """(table, idle rows, bounds, ranges) on `device` of rows [qa, qb) over a buffer of keys [ka, kb),
-        predicated 1-D mode only (codegen.gluon_runs.segment_ranges); ranges is refused where the cut
+        predicated 1-D mode only (maskdsl.analysis.gluon_rule.segment_ranges); ranges is refused where the cut
         schedule does not qualify. Cached: a context-parallel rank runs the same few segments each step."""
-        from maskdsl.codegen.gluon_runs import segment_ranges
-
         key = (q_rows, k_rows, torch.device(device))
         if key not in self._segments:
             r = segment_ranges(self.ranges, q_rows, k_rows)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maskdsl.codegen.checks import padded_head_dim
+from maskdsl.spec.limits import padded_head_dim
 
 ROWS = 64
 

@@ -14,8 +14,8 @@ import numpy as np
 import sympy as sp
 
 from maskdsl.codegen.config import KernelConfig
-from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable, layout_dilation, products
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import NotAnalyzable, layout_dilation, products
 
 
 class UnsupportedMask(ValueError):
@@ -151,7 +151,7 @@ def _shell_free(rel, n: int, dim: DimPlan) -> bool:
     masks: blocked attention, GNA with tiles that divide the strides). Same tile arithmetic as
     the template, on the exact integer bounds of every row.
     """
-    from maskdsl.intervals import evaluate
+    from maskdsl.analysis.intervals import evaluate
 
     lo, hi = evaluate(rel, n)
     d, qt, kt = dim.dilation, dim.q_tile, dim.kv_tile

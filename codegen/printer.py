@@ -1,4 +1,4 @@
-"""Print maskdsl.intervals' sympy bounds as Triton source that reads like hand-written code.
+"""Print maskdsl.analysis.intervals' sympy bounds as Triton source that reads like hand-written code.
 
 The kernel evaluates the very expressions the simulator counts with; printing only changes how
 they read, never a value the kernel uses:
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import sympy as sp
 
-from maskdsl.intervals import values
+from maskdsl.analysis.intervals import values
 
 ATOM, UNARY, MUL, ADD, CMP = 4, 3, 2, 1, 0
 _RELATIONS = {sp.Le: "<=", sp.Lt: "<", sp.Ge: ">=", sp.Gt: ">", sp.Eq: "=="}

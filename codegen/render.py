@@ -16,8 +16,8 @@ from types import ModuleType
 
 import jinja2
 
-from maskdsl import tile_table
-from maskdsl.codegen.cache import cache_dir, load_module  # noqa: F401 - re-exported (the cache's old home)
+from maskdsl.analysis import tile_table
+from maskdsl.codegen.cache import load_module
 
 from maskdsl.codegen.plan import KernelPlan
 from maskdsl.codegen.context import _mul, notation, static_context

@@ -17,14 +17,15 @@ import triton
 
 from maskdsl.codegen.checks import check_out_lse
 from maskdsl.codegen.compiled import _REGISTRY, CompiledAttention, launch_kernel, tma_descriptors
-from maskdsl.codegen.config import KernelConfig
+from maskdsl.codegen.config import KernelConfig, topk_default_config
 from maskdsl.codegen.context import _mul, all_of, any_of, join, query_text, wrap
 from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
-from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, load_module, render_template
-from maskdsl.codegen.topk_grid import TopKGrid, choose_tile, term_texts
-from maskdsl import ir
-from maskdsl.topk import candidate_blocks, normal_form
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, render_template
+from maskdsl.codegen.topk_grid import TopKGrid, term_texts
+from maskdsl.spec import ir
+from maskdsl.harness.topk import candidate_blocks, normal_form
 
 TEMPLATE = "attention_topk.py.jinja"
 
@@ -121,12 +122,11 @@ def topk_config(mask: ir.MaskDef, config: KernelConfig | None) -> KernelConfig:
     block = normal_form(mask.expr).topk.block
     shape = mask.layout.shape
     if config is None:
-        tile = choose_tile(shape, block, 128)
-        if tile is None:
+        config = topk_default_config(mask)
+        if config is None:
             raise UnsupportedMask(f"topk block={_fmt(block)}: the kernel needs a block whose extents have a "
                                   f"power-of-two tile of 16..256 tokens dividing them (e.g. 64, 128 or (2, 8, 8))")
-        warps = 8 if math.prod(tile) >= 128 else 4
-        return KernelConfig(tile, tile, warps, 2)
+        return config
     config.validate(len(shape))
     if config.q_tile != config.kv_tile or any(b % t for b, t in zip(block, config.q_tile)):
         raise UnsupportedMask(f"topk block={_fmt(block)} with config {config.key()}: the top-k kernel needs equal "

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 import triton
 
-from maskdsl.analysis import products
-from maskdsl.codegen.compiled import _interpreting
-from maskdsl.codegen.render import kernel_key, load_module, render_template
+from maskdsl.analysis.counts import products
+from maskdsl.codegen.dispatch import interpreting
+from maskdsl.codegen.cache import load_module
+from maskdsl.codegen.render import kernel_key, render_template
 from maskdsl.codegen.topk_bwd_text import backward_context
-from maskdsl.codegen.topk_grid import TopKGrid, choose_tile
-from maskdsl.intervals import evaluate
+from maskdsl.codegen.topk_grid import TopKGrid
+from maskdsl.analysis.intervals import evaluate
+from maskdsl.analysis.tiles import block_tile
 
 TEMPLATE = "attention_topk_bwd.py.jinja"
 MAX_TILE = 64
@@ -38,7 +40,7 @@ def static_query_tiles(rels, tokens: int, tile: int) -> np.ndarray:
     """int32 [terms, 2, key tiles]: per S term and key tile, an interval of query tiles holding every
     query tile whose key-tile range (the forward's [sa, sb]) contains that key tile.
 
-    O(tokens): the per-row bounds come from maskdsl.intervals.evaluate, the tile bounds follow the
+    O(tokens): the per-row bounds come from maskdsl.analysis.intervals.evaluate, the tile bounds follow the
     kernel's formulas (first/last row of the tile, clipped to the term's query range). lo and hi are
     non-decreasing, so the interval is exact; it is a superset in any case, and the kernel re-checks.
     """
@@ -106,7 +108,7 @@ class TopKBackward:
         shape = mask.layout.shape
         # tiles of at most 64 tokens: a dK/dV program holds K, V, dK, dV for its key tile in registers, so the
         # forward's 128 would spill at head_dim 128. Cut from the forward's tile, it still divides the block.
-        tile = choose_tile(shape, fn.grid.tile, MAX_TILE)
+        tile = block_tile(fn.grid.tile, MAX_TILE)
         self.fn = fn
         self.grid = TopKGrid(shape, form.topk.block, tile)
         s_terms = products(form.static, shape) if form.static is not None else []
@@ -132,7 +134,7 @@ class TopKBackward:
         m = self.module
         tiles = math.prod(self.grid.tiles)
         pad = triton.next_power_of_2(dim)  # head_dim runs padded to a power of two, its extra columns masked
-        common = dict(HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_F32=q.dtype == torch.bfloat16 and _interpreting(),
+        common = dict(HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_F32=q.dtype == torch.bfloat16 and interpreting(),
                       num_warps=self.fn.config.num_warps, num_stages=self.fn.config.num_stages)
         delta = torch.empty(batch, heads, tokens, device=q.device, dtype=torch.float32)
         rows = 64

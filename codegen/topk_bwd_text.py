@@ -11,7 +11,7 @@ from maskdsl.codegen.context import _mul, all_of, any_of, query_text
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import comment_safe
 from maskdsl.codegen.topk_grid import TopKGrid, term_texts
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 def backward_context(mask: ir.MaskDef, form, cfg, grid: TopKGrid) -> dict:

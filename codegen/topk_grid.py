@@ -1,6 +1,6 @@
 """Where top-k blocks sit among the kernel's tiles, and the text the top-k templates print for it.
 
-A top-k block is a box of the grid (maskdsl.topk) and a kernel tile a box that divides it in
+A top-k block is a box of the grid (maskdsl.harness.topk) and a kernel tile a box that divides it in
 every dimension, so a block is a box of whole tiles: key block j holds the tiles
 (bj_d * tpb_d + s_d) per dimension, where bj_d are j's block coordinates and s_d in [0, tpb_d).
 The last block along a dimension may be cut by the grid; its tiles past the grid are skipped and
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from maskdsl.codegen.bounds import KernelDim
 from maskdsl.codegen.plan import DimPlan, TermDim, UnsupportedMask
-from maskdsl.analysis import NotAnalyzable, products
+from maskdsl.analysis.counts import NotAnalyzable, products
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,3 @@ def term_texts(mask, form, grid: "TopKGrid", temps) -> tuple[list, list]:
     r_terms = [term_text(f"r{t}", term, dims, temps, full=True)
                for t, term in enumerate(terms(form.restrict, shape, f"mask {mask.name!r}, top-k restriction"))]
     return s_terms, r_terms
-
-
-def choose_tile(shape, block, volume: int) -> tuple[int, ...] | None:
-    """The largest power-of-two box of at most `volume` tokens dividing `block`, cut from the outer
-    dimensions first (inner ones stay long: contiguous rows); None if it holds fewer than 16."""
-    tile = [b & -b for b in block]  # the largest power of two dividing each extent
-    for d in range(len(tile)):
-        while math.prod(tile) > volume and tile[d] > 1:
-            tile[d] //= 2
-    return tuple(tile) if 16 <= math.prod(tile) <= volume else None

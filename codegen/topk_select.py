@@ -1,10 +1,10 @@
 """Top-k block selection on the device: pool K once, then pool each query block and score it.
 
-Blocks are boxes of the grid (maskdsl.topk); the pooling kernels walk a block's box in chunks of
+Blocks are boxes of the grid (maskdsl.harness.topk); the pooling kernels walk a block's box in chunks of
 its flattened coordinates and read the grid's tokens only (a cut last block averages fewer).
 
 Scores are block-level ([B, H, query blocks, key blocks]), never [L, L]. Selection uses a
-stable descending sort so ties go to the lower block index, as maskdsl.topk specifies.
+stable descending sort so ties go to the lower block index, as maskdsl.harness.topk specifies.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _block_mean(base, j, stride_l, N0: tl.constexpr, N1: tl.constexpr, N2: tl.co
     """Mean (fp32) of the finite rows of block j, a box of B0 x B1 x B2 coordinates cut by the N0 x N1 x N2 grid.
 
     DP is D rounded up to a power of two (Triton's block shapes); the columns past D read as 0. A row
-    holding NaN or inf is left out (maskdsl.topk states why), so it cannot change the picks of the
+    holding NaN or inf is left out (maskdsl.harness.topk states why), so it cannot change the picks of the
     finite rows of its block; a block with no finite row has mean 0."""
     NB1: tl.constexpr = (N1 + B1 - 1) // B1
     NB2: tl.constexpr = (N2 + B2 - 1) // B2
@@ -83,7 +83,7 @@ def _score_kernel(Q, KBAR, S, stride_b, stride_h, stride_l, H, GROUP, NQB, NKB, 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, shape: tuple[int, ...], block: tuple[int, ...]) -> torch.Tensor:
     """float32 [B, H, query blocks, key blocks]: mean(q block) . mean(k block) per head, blocks as
-    maskdsl.topk defines them (boxes of the grid, cut by it); grids have at most three dimensions."""
+    maskdsl.harness.topk defines them (boxes of the grid, cut by it); grids have at most three dimensions."""
     pad = 3 - len(shape)
     n0, n1, n2 = (1,) * pad + tuple(shape)
     b0, b1, b2 = (1,) * pad + tuple(min(b, n) for b, n in zip(block, shape))

@@ -23,16 +23,17 @@ def _source_checkout_path() -> list[str]:
 
 __path__ += _source_checkout_path()  # noqa: F821 - a package's __path__
 
-from maskdsl.errors import SpecError  # noqa: E402
-from maskdsl.ir import Spec  # noqa: E402
-from maskdsl.parser import load, parse  # noqa: E402
+from maskdsl.spec.errors import SpecError  # noqa: E402
+from maskdsl.spec.ir import Spec  # noqa: E402
+from maskdsl.lang.parser import load, parse  # noqa: E402
 from maskdsl.version import __version__  # noqa: E402
 
 __all__ = ["SpecError", "Spec", "parse", "load", "reference_mask", "reference_attention", "compile"]
 
-_LAZY_FUNCTIONS = {"reference_mask": "maskdsl.reference", "reference_attention": "maskdsl.reference",
+_LAZY_FUNCTIONS = {"reference_mask": "maskdsl.harness.reference", "reference_attention": "maskdsl.harness.reference",
                    "compile": "maskdsl.api"}
-_LAZY_MODULES = ("nn", "metrics", "topk", "api")
+_LAZY_MODULES = {"nn": "maskdsl.nn", "metrics": "maskdsl.harness.metrics", "topk": "maskdsl.harness.topk",
+                 "api": "maskdsl.api"}
 
 
 def __getattr__(name):
@@ -41,5 +42,5 @@ def __getattr__(name):
     if name in _LAZY_FUNCTIONS:
         return getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
     if name in _LAZY_MODULES:
-        return importlib.import_module(f"maskdsl.{name}")
+        return importlib.import_module(_LAZY_MODULES[name])
     raise AttributeError(f"module 'maskdsl' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 class TuningDatabaseWarning(UserWarning):
@@ -29,12 +29,12 @@ def resolve(spec, mask: str | None = None) -> tuple[ir.Spec, ir.MaskDef, ir.Atte
     if mask is not None and not isinstance(mask, str):
         raise ValueError(f"mask must be a mask's name (a str) or None for the spec's default, got {type(mask).__name__}")
     if isinstance(spec, (str, Path)):
-        from maskdsl.parser import load
+        from maskdsl.lang.parser import load
 
         spec = load(spec)
     if not isinstance(spec, ir.Spec):
         raise ValueError(f"spec must be a maskdsl.Spec or a path to a .mask file, got {type(spec).__name__}")
-    from maskdsl.validate import validate_spec
+    from maskdsl.lang.validate import validate_spec
 
     validate_spec(spec)  # a Spec built in Python gets the parser's checks (names, numbers, limits)
     if mask is None:
@@ -54,7 +54,7 @@ def default_mask(spec: ir.Spec) -> str:
 
 def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
     """The best stored config (tuning database: exact problem, else the nearest), else the simulator's
-    best-ranked tile pair (`maskdsl.autotune.space.ranked_default`).
+    best-ranked tile pair (`maskdsl.autotune.policy.ranked_default`).
 
     Never tunes: a lookup reads the database and nothing else. The database is optional and stays
     so: whatever goes wrong in it (a damaged file, a bad MASKDSL_TUNING_DB, a missing driver, a
@@ -66,7 +66,7 @@ def lookup_config(mask: ir.MaskDef, attention: ir.Attention | None = None):
 
 def _lookup(mask: ir.MaskDef, attention: ir.Attention | None):
     """(`lookup_config`'s config, whether the database could be read)."""
-    from maskdsl.autotune.space import ranked_default
+    from maskdsl.autotune.policy import ranked_default
 
     head_dim = attention.head_dim if attention else 128
     try:
@@ -107,14 +107,14 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     `backward_config` (a `BackwardConfig`) the backward kernels' (default: the tuning database's
     backward study, else the simulator's best tiles at codegen's backward block sizes).
     """
-    from maskdsl.codegen.compiled import compile_attention
+    from maskdsl.codegen.build import compile_attention
 
     spec, mdef, attention = resolve(spec, mask)
     readable = True
     if config is None:
         config, readable = _lookup(mdef, attention)
     if backward_config is None and not mdef.dynamic:
-        from maskdsl.autotune.space import ranked_backward_default
+        from maskdsl.autotune.policy import ranked_backward_default
 
         if readable:  # a database the forward's lookup could not read is not asked again: one warning, one wait
             from maskdsl.autotune.database import best_backward_config

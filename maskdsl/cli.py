@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from maskdsl.errors import SpecError
+from maskdsl.spec.errors import SpecError
 
 
 def _parse_coords(text: str) -> tuple[int, ...]:
@@ -18,7 +18,7 @@ def _parse_coords(text: str) -> tuple[int, ...]:
 
 def cmd_check(args) -> int:
     from maskdsl.describe import density_line, describe
-    from maskdsl.parser import load
+    from maskdsl.lang.parser import load
 
     spec = load(args.file)
     for mask in spec.masks:
@@ -33,14 +33,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_fmt(args) -> int:
-    from maskdsl.parser import load
+    from maskdsl.lang.parser import load
 
     sys.stdout.write(load(args.file).fmt())
     return 0
 
 
 def cmd_show(args) -> int:
-    from maskdsl.parser import load
+    from maskdsl.lang.parser import load
     from maskdsl.show import draw
 
     spec = load(args.file)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-from maskdsl import ir
-from maskdsl.analysis import attended_pairs
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import attended_pairs
 
 
 def _dims(values) -> str:
@@ -44,7 +44,7 @@ def percent(x: float) -> str:
 def density_line(mask: ir.MaskDef) -> str:
     """Exact density of a static mask; for top-k, what is exact (the static part) and a bound on the rest.
 
-    A top-k mask is S | (picked & R) (`maskdsl.topk.normal_form`): S is attended whatever the data,
+    A top-k mask is S | (picked & R) (`maskdsl.harness.topk.normal_form`): S is attended whatever the data,
     R only limits where picks may land. So S's density is exact, the picks add at most k blocks of
     keys per query row, and the whole never exceeds S | R. The restriction R is not a static part.
     """
@@ -54,7 +54,7 @@ def density_line(mask: ir.MaskDef) -> str:
         pairs = attended_pairs(mask.expr, shape)  # an exact Python int
         return f"density {percent(pairs / tokens**2)} ({tokens**2 / pairs:.2f}x FLOP-ideal)" if pairs else \
             "density 0 (empty mask)"
-    from maskdsl.topk import block_count, normal_form  # torch: only top-k masks pay for it
+    from maskdsl.harness.topk import block_count, normal_form  # torch: only top-k masks pay for it
 
     form = normal_form(mask.expr)
     blocks = block_count(shape, form.topk.block)

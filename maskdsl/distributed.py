@@ -1,6 +1,6 @@
 """Context-parallel masked attention over torch.distributed: each rank fetches only the keys it attends.
 
-The grid is sharded along its outermost dimension (`maskdsl.shard_plan`): a rank holds the q, k and v
+The grid is sharded along its outermost dimension (`maskdsl.analysis.shard_plan`): a rank holds the q, k and v
 rows of its chunk(s) of frames, `[B, H, L_local, D]`, and gets back its chunk's output. Ring attention
 and all-gather (Ulysses) schemes move every key to every rank; a neighborhood mask's queries attend
 only a halo of frames around their own, known exactly from the analysis, so that halo is all that
@@ -23,10 +23,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from maskdsl.analysis import layout_dilation, num_products
+from maskdsl.analysis.counts import layout_dilation, num_products
 from maskdsl.codegen.merge import merge_into
+from maskdsl.analysis.shard_plan import ShardPlan, full_plan, shard_plan
 from maskdsl.rank_agreement import RanksDisagree, RankTimeout, agree, wait
-from maskdsl.shard_plan import ShardPlan, full_plan, shard_plan
 
 
 def plan_for(fn, ranks: int, zigzag: bool = False, max_segment_frames: int | None = None,

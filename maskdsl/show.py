@@ -2,15 +2,15 @@
 
 1-D layouts: one row per chosen query over the key axis. 2-D: one panel per query.
 3-D: for each query, 2-D slices (dims 1 x 2) at the query's own frame and at the first and
-last frames it sees. Only the chosen rows of the mask are built (maskdsl.semantics rows=).
+last frames it sees. Only the chosen rows of the mask are built (maskdsl.harness.semantics rows=).
 """
 
 from __future__ import annotations
 
 import torch
 
-from maskdsl import ir
-from maskdsl.semantics import static_mask
+from maskdsl.spec import ir
+from maskdsl.harness.semantics import static_mask
 
 
 def default_queries(shape: tuple[int, ...]) -> list[tuple[int, ...]]:

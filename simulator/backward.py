@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maskdsl.analysis import products
-from maskdsl.simulator.cost import BackwardWork, CostModel
+from maskdsl.analysis.counts import products
+from maskdsl.simulator.backward_work import BackwardWork
+from maskdsl.simulator.cost import CostModel
 from maskdsl.simulator.counting import key_tile_stats, tile_stats
 from maskdsl.simulator.tiles import check_tile
+from maskdsl.lang.parser import as_spec
 
 KERNELS = ("dkdv", "dq")
 
@@ -79,9 +81,7 @@ def backward_work(spec, mask: str, kernel: str, q_tile, kv_tile, num_warps: int 
     """What one backward kernel launches: per program its full and partial walked tiles (exact counts)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    from maskdsl.simulator.simulation import _as_spec
-
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     mdef = spec.mask(mask)
     if mdef.dynamic:
         raise ValueError(f"mask {mask!r} has a top-k term: the simulator predicts the backward of static masks")
@@ -137,9 +137,7 @@ def simulate_backward(spec, mask: str, config=None, q_tile=None, kv_tile=None, g
     works = [backward_work(spec, mask, name, c.q_tile, c.kv_tile, c.num_warps, c.num_stages, permute)
              for name, c in zip(KERNELS, kernels)]
     dkdv_us, dq_us = (model.backward_kernel_us(w) for w in works)
-    from maskdsl.simulator.simulation import _as_spec
-
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     tokens = spec.mask(mask).layout.tokens
     att = spec.attention_for(mask)
     dense = model.dense_backward_us(tokens, (att.batch * att.heads) if att else 1, att.head_dim if att else 128)

@@ -21,7 +21,7 @@ from functools import cached_property
 
 import numpy as np
 
-from maskdsl.analysis import Rel1D
+from maskdsl.analysis.counts import Rel1D
 
 GROUP_BLOCK = 1 << 20  # (dilation group, edge) pairs searched at once
 MAX_BAND = 1 << 22  # tile pairs one dimension's table may hold: at the bound about 10 s and 0.5 GB per table

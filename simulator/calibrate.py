@@ -156,8 +156,8 @@ def _fit_kernel(meas: list[Measurement], sms: int, gpu: str, betas=BETAS, hbm_gb
     known = np.array([probe.selection_bytes_us(w) for w in works])  # selection traffic: not fitted
     calls = np.array([float(w.selection is not None) for w in works])
     if len({m.case_key for m, w in zip(meas, works) if w.selection is not None}) < 2:
-        # one top-k case cannot tell a per-call cost from its tiles' c_union (an H200 run with topk_32k
-        # alone put 1.0 ms on the call and c_union at 0.92 of a full tile): leave topk_call_us at 0
+        # one top-k case cannot tell a per-call cost from its tiles' c_union (a fit puts time on either
+        # at will): leave topk_call_us at 0
         calls[:] = 0.0
     best = None
     for beta, load in ((b, x) for b in betas for x in loads):

@@ -33,6 +33,7 @@ from maskdsl.simulator.calibrate import _nnls
 from maskdsl.simulator.backward_work import PRODUCTS
 from maskdsl.simulator.cost import DENSE_TILE, REFERENCE_TILE, CostModel
 from maskdsl.simulator.schedule import shared_schedule
+from maskdsl.lang.parser import as_spec
 
 BETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
 PARTIAL = (1.0, 1.25, 1.5, 2.0)
@@ -134,9 +135,7 @@ def _fit_dense(measurements, model: CostModel) -> float | None:
             continue
         seen[m.case] = m
         w = _works(m)[1]
-        from maskdsl.simulator.simulation import _as_spec
-
-        tokens = _as_spec(m.spec).mask(m.mask).layout.tokens
+        tokens = as_spec(m.spec).mask(m.mask).layout.tokens
         n = math.ceil(tokens / DENSE_TILE)
         copies = w.copies
         waves = math.ceil(n * copies / model.sms)
@@ -156,9 +155,7 @@ def evaluate_backward(measurements: list[BackwardMeasurement], model: CostModel)
                "ratio": m.ms / pred, "error": pred / m.ms - 1.0}
         if m.dense_bwd_ms is not None:
             w = _works(m)[1]
-            from maskdsl.simulator.simulation import _as_spec
-
-            tokens = _as_spec(m.spec).mask(m.mask).layout.tokens
+            tokens = as_spec(m.spec).mask(m.mask).layout.tokens
             row["dense_bwd_ms"] = m.dense_bwd_ms
             row["predicted_dense_bwd_ms"] = model.dense_backward_us(tokens, w.copies, w.head_dim) / 1000.0
         rows.append(row)

@@ -5,8 +5,10 @@
 
 Without tiles it simulates the best 128-token tile (``simulator.ranking.default_config``). For a static
 mask it also predicts the backward and forward+backward (``simulator.backward``) of the backward config
-`compile` would use untuned (``autotune.space.ranked_backward_default``) or of --backward-config; a CLI
-sits above codegen and autotune, so it may ask them for the config.
+`compile` would use untuned (``autotune.policy.ranked_backward_default``) or of --backward-config; a CLI
+sits above codegen and autotune, so it may ask them for the config. It then says which forward kernel
+the mask gets (``codegen.dispatch``) for the config given, else the untuned one, and why the kernels
+before it in the order were refused: on this machine's GPU, or, without one, as on a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def cmd_simulate(args) -> int:
     else:
         rows = [default_config(spec, mask, permute=permute, **cost)[1]]
         title = f"simulation of {mask} (best 128-token tile; choose with --q-tile/--kv-tile)"
+    forward = None if args.sweep else dispatch_info(spec, mdef, args)
     backward = None
     if not args.sweep and not mdef.dynamic:
         backward = _backward(spec, mdef, args, permute, cost)
@@ -86,6 +89,8 @@ def cmd_simulate(args) -> int:
         suggestions = suggest(spec, mask, best.q_tile, best.kv_tile, **cost)
     if args.json:
         out = {"file": args.file, "mask": mask, "results": [r.to_dict() for r in rows]}
+        if forward is not None:
+            out["forward"] = forward
         if args.suggest:
             out["suggestions"] = [{"expr": nb.fmt(), **r.to_dict()} for nb, r in suggestions]
         json.dump(out, sys.stdout, indent=2)
@@ -95,6 +100,8 @@ def cmd_simulate(args) -> int:
     print(format_table(rows))
     if not args.sweep and not mdef.dynamic:
         print(format_backward(rows[0], args.backward_config is None))
+    if forward is not None:
+        print(format_dispatch(forward))
     for note in dict.fromkeys(n for r in rows for n in r.notes):
         print(f"note: {note}")
     if args.suggest:
@@ -136,11 +143,72 @@ def _backward(spec, mdef, args, permute, cost):
         config = BackwardConfig.from_key(args.backward_config)
         config.validate(len(mdef.layout.shape))
     else:
-        from maskdsl.autotune.space import ranked_backward_default
+        from maskdsl.autotune.policy import ranked_backward_default
 
         att = spec.attention_for(mdef.name)
         config = ranked_backward_default(mdef, att.head_dim if att else 128)
     return simulate_backward(spec, mdef.name, config, permute=permute, **cost)
+
+
+def dispatch_info(spec, mdef, args) -> dict:
+    """Which forward `codegen.dispatch` picks for the mask, its config and the refusals before it.
+
+    The tensors are the attention statement's (heads, head_dim, dtype; bf16 x 128 without one), built
+    on the meta device: shapes and strides only. The device is this machine's CUDA GPU, or a Hopper
+    GPU where there is none (or Triton's interpreter runs the kernels)."""
+    import torch
+
+    from maskdsl.autotune.policy import ranked_default
+    from maskdsl.codegen import dispatch
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.codegen.config import KernelConfig
+    from maskdsl.harness.measure import torch_dtype
+    from maskdsl.analysis.tiles import forward_launch
+
+    att = spec.attention_for(mdef.name)
+    head_dim, dtype = (att.head_dim, torch_dtype(att.dtype)) if att else (128, torch.bfloat16)
+    heads, kv_heads = (att.heads, att.kv_heads) if att else (1, 1)
+    here = torch.cuda.is_available() and not dispatch.interpreting()
+    target = dispatch.Target.of(torch.device("cuda", torch.cuda.current_device())) if here else dispatch.HOPPER
+    info = {"device": target.describe() if here else "a Hopper GPU (none here: as it would run there)",
+            "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim}
+    try:
+        if args.q_tile:
+            q_tile = tuple(args.q_tile)
+            warps, stages = forward_launch(math.prod(q_tile), head_dim)
+            config = KernelConfig(q_tile, tuple(args.kv_tile or q_tile), args.warps or warps, args.stages or stages)
+        else:
+            config = ranked_default(mdef, head_dim, att, on_hopper=target == dispatch.HOPPER)
+        fn = compile_attention(spec, mdef.name, config)
+    except ValueError as exc:  # a config the kernels cannot take, an unsupported mask
+        return {**info, "error": str(exc)}
+    q = torch.empty(1, heads, mdef.layout.tokens, head_dim, device="meta", dtype=dtype)
+    kv = torch.empty(1, kv_heads, mdef.layout.tokens, head_dim, device="meta", dtype=dtype)
+    reasons = dispatch.forward_reasons(fn, q, kv, kv, q, None, target)
+    chosen = next((name for name, reason in reasons if reason is None), None)
+    info.update(config=fn.config.key(), untuned=not args.q_tile, forward=chosen,
+                refused={name: reason for name, reason in reasons[:[n for n, _ in reasons].index(chosen)]
+                         if chosen is not None} if chosen else dict(reasons))
+    if chosen == "gluon":
+        info["mode"] = fn.gluon_schedule.ranges.mode
+    elif chosen is not None:
+        info["copy_engine"] = dispatch.tma_blocker(fn.plan, q, kv, kv, q, target) or "yes"
+    return info
+
+
+def format_dispatch(info: dict) -> str:
+    """The forward line(s) of `dispatch_info`."""
+    where = f"on {info['device']}, {info['dtype']} x head_dim {info['head_dim']}"
+    if "error" in info:
+        return f"forward {where}: cannot compile: {info['error']}"
+    which = " (the untuned default)" if info["untuned"] else ""
+    if info["forward"] is None:
+        head = f"forward {where}, config {info['config']}{which}: no kernel runs it"
+    else:
+        detail = (f"{info['mode']} mode" if "mode" in info else
+                  "copy-engine loads" if info["copy_engine"] == "yes" else f"pointer loads: {info['copy_engine']}")
+        head = f"forward {where}, config {info['config']}{which}: {info['forward']} ({detail})"
+    return "\n".join([head] + [f"  not {name}: {reason}" for name, reason in info["refused"].items()])
 
 
 def format_backward(r, default: bool) -> str:

@@ -30,10 +30,8 @@ On Hopper a mask whose visited 128x128 tiles are all full, one box of key tiles 
 one busy query tile at the kernel's own 128x128 tiles (on a 1-D order whatever the config's), one
 per SM, costing h * (full_q * c_gluon + c_tile). A mask of one product term on a grid runs it with a
 per-dimension predicate (codegen.gluon_boxes); a masked key tile there costs c_gluon plus the
-template's predicate premium c_partial - c_full (measured on an H100: at the same 128-token config the
-Gluon forward is 0.89x the template on NA, where most tiles are masked, and 0.88x on the whole-tile
-GNA). `c_gluon` is fitted only from runs that record the Gluon path; an entry without it (the
-H200's) predicts the template for every mask.
+template's predicate premium c_partial - c_full. `c_gluon` is fitted only from runs that record the
+Gluon path; an entry without it predicts the template for every mask.
 
 The baseline of `predicted_speedup` is the dense SDPA kernel `maskdsl bench` measures (cuDNN or
 FlashAttention on the flat, unpadded sequence): ceil(L/128) CTAs per (batch, head), each
@@ -61,7 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdsl.simulator.backward_work import BACKWARD_FEATURES, BackwardWork  # noqa: F401 (re-exported)
+from maskdsl.cache import cache_root
+from maskdsl.simulator.backward_work import BackwardWork
 from maskdsl.simulator.headdim import head_dim_scale, kernel_head_dim, product_share
 from maskdsl.simulator.pipeline import split
 from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, shared_schedule, spill_factor, uniform_makespan,
@@ -103,7 +102,7 @@ class KernelWork:
         """Each CTA's query tile (row of the per-tile arrays), in the order the GPU dispatches them.
 
         The template and the whole-tile Gluon forward: tile-major within a head, then the next head.
-        The predicated Gluon forward (`maskdsl.row_runs.dispatch_order`): its `long` tiles of every head
+        The predicated Gluon forward (`maskdsl.analysis.row_runs.dispatch_order`): its `long` tiles of every head
         first, head-major, then each head's rest by descending work, so a sink's tile of the last head
         does not start near the end and a causal mask's longest tiles do not run last."""
         n = len(self.full)
@@ -415,9 +414,7 @@ class CostModel:
 
 def fitted_path() -> Path:
     """Where `maskdsl bench --suite` stores the constants it fits, next to the tuning database."""
-    root = os.environ.get("MASKDSL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskdsl")
-    return Path(root) / "gpu_costs.json"
+    return cache_root() / "gpu_costs.json"
 
 
 def _load(path: Path) -> dict:

@@ -1,6 +1,6 @@
 """Exact per-tile counts of attended pairs, from the closed-form analysis (never [L, L]).
 
-The mask is a signed sum of product terms (``maskdsl.analysis.signed_terms``: the union of
+The mask is a signed sum of product terms (``maskdsl.analysis.counts.signed_terms``: the union of
 products by inclusion-exclusion). For one product term and tile-major tiles, the count of a
 (query tile, key tile) pair factors over the dimensions:
 
@@ -24,11 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from maskdsl import ir
-from maskdsl.analysis import layout_dilation, mask_box_counts, num_products
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import layout_dilation, mask_box_counts, num_products
 from maskdsl.simulator.band import BandTable
 from maskdsl.simulator.tables import dim_tables, term_rels
-from maskdsl.simulator.tiles import dim_intervals, row_major_tiles
+from maskdsl.analysis.boxes import row_major_tiles
+from maskdsl.simulator.tiles import dim_intervals
 
 CHUNK_ELEMENTS = 1 << 22  # tile pairs assembled at once on the general path (~32 MiB of int64)
 SPARSE_RATIO = 8  # a union lists its terms' tile pairs when they are under 1/8 of the dense map
@@ -316,7 +317,7 @@ def key_tile_stats(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = Tr
     """([NK] query tiles visiting each key tile, [NK] of them seeing all of it): the dK/dV kernel's walk.
 
     A ragged key tile is never full, as in the forward: the kernel's fully-seen box is built from
-    whole key tiles (`maskdsl.transpose.query_tile_ranges`). One product term: outer products of
+    whole key tiles (`maskdsl.analysis.transpose.query_tile_ranges`). One product term: outer products of
     per-dimension column counts, as for the query side; a union: column counts of the exact
     tile pairs (listed or in dense chunks, as `tile_stats`).
     """

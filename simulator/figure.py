@@ -12,9 +12,10 @@ import sys
 
 import numpy as np
 
-from maskdsl.parser import parse
+from maskdsl.lang.parser import parse
 from maskdsl.simulator.counting import layout_for, tile_pair_counts
-from maskdsl.simulator.simulation import _as_spec, simulate
+from maskdsl.simulator.simulation import simulate
+from maskdsl.lang.parser import as_spec
 
 COLORS = ("#f4f4f4", "#f0a35e", "#2d6a9f")  # empty, partial, full
 DOCS_SPEC = """\
@@ -26,7 +27,7 @@ mask gna     = neighborhood(window=12, stride=4)   # stride = tile: what --sugge
 
 def tile_classes(spec, mask: str, q_tile, kv_tile=None, permute: bool = True) -> np.ndarray:
     """[NQ, NK] int: 0 empty, 1 partial (needs the mask predicate), 2 full."""
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     mdef = spec.mask(mask)
     kv_tile = q_tile if kv_tile is None else kv_tile
     counts = tile_pair_counts(mdef.expr, mdef.layout.shape, q_tile, kv_tile, permute)
@@ -43,7 +44,7 @@ def draw_tilemaps(spec, panels, out_path: str, title: str | None = None) -> str:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 5.4), squeeze=False)
     for ax, (mask, q_tile, kv_tile) in zip(axes[0], panels):
         classes = tile_classes(spec, mask, q_tile, kv_tile)

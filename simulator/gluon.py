@@ -1,4 +1,4 @@
-"""Whether Hopper's warp-specialized Gluon forward runs a mask, and in which mode: maskdsl.gluon_rule's
+"""Whether Hopper's warp-specialized Gluon forward runs a mask, and in which mode: maskdsl.analysis.gluon_rule's
 verdict, which codegen builds the kernel's tables from, so a prediction is for the kernel that runs.
 
 The simulator only costs it (`simulator.simulation`): the whole-tile mode's tiles as full ones, the
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from maskdsl import ir
-from maskdsl.analysis import num_products
-from maskdsl.gluon_rule import dtype_name, gluon_ranges, kernel_tiles
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import num_products
+from maskdsl.analysis.gluon_rule import dtype_name, gluon_ranges, kernel_tiles
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class GluonPlan:
     q_tile: tuple[int, ...] = ()
     kv_tile: tuple[int, ...] = ()
     reason: str | None = None
-    mode: str | None = None  # maskdsl.tile_table.MODES
+    mode: str | None = None  # maskdsl.analysis.tile_table.MODES
 
     @property
     def eligible(self) -> bool:

@@ -5,8 +5,7 @@ on the tensor cores and one exponential (plus the row max and sum) on the specia
 rate is far lower: the H100 SXM does 989 dense bf16 TFLOPS of products but 3.9 T exponentials a second
 (16 per SM and clock; FlashAttention-3's numbers). At head_dim 128 a pair takes 0.52 ps of products and
 0.26 ps of exponentials. The Triton template runs them one after the other within a warp, so halving
-head_dim halves only the first: head_dim 64 costs 0.67 of 128's time per pair, not 0.5 (measured on the
-H100: 0.8-0.95 ns per thousand pairs at 64, against 1.0-1.1 at 128). The Gluon forward overlaps one
+head_dim halves only the first: head_dim 64 costs 0.67 of 128's time per pair, not 0.5. The Gluon forward overlaps one
 warpgroup's softmax with the other's products (ping-pong), so its pair costs the larger of the two.
 
 `share` = the products' share of a template pair's time at head_dim 128, from the two spec rates in the
@@ -16,17 +15,18 @@ time is proportional to head_dim, the model before this term.
 
 from __future__ import annotations
 
+from maskdsl.spec.limits import padded_head_dim
+
 REFERENCE_HEAD_DIM = 128
 PRODUCT_FLOPS = 4  # per pair and head_dim column: S = Q K^T and O += P V, 2 FLOPs each
 
 
 def kernel_head_dim(head_dim: int) -> int:
-    """The head_dim the kernels' tiles are for: the next power of two, at least 16.
-
-    The same rule as codegen.checks.padded_head_dim (the simulator does not import codegen; a test
-    holds the two together): head_dim 96 runs 128-column tiles, masked, so it costs 128's work.
+    """The head_dim the kernels' tiles are for: the next power of two, at least 16, by the rule codegen
+    pads with (maskdsl.spec.limits.padded_head_dim): head_dim 96 runs 128-column tiles, masked, so it
+    costs 128's work.
     """
-    return max(16, 1 << (int(head_dim) - 1).bit_length())
+    return padded_head_dim(head_dim)
 
 
 def product_share(tensor_tflops: float | None, sfu_tflops: float | None) -> float:

@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass
 from itertools import product
 
-from maskdsl.analysis import NotAnalyzable
+from maskdsl.analysis.counts import NotAnalyzable
 from maskdsl.simulator.cost import CostModel
-from maskdsl.simulator.simulation import SimResult, _as_spec, simulate
+from maskdsl.simulator.simulation import SimResult, simulate
 from maskdsl.simulator.support import SupportCounter
-from maskdsl.simulator.tiles import MAX_TILE_TOKENS, MIN_TILE_TOKENS, candidate_tiles, check_tile, default_tile
+from maskdsl.simulator.tiles import MAX_TILE_TOKENS, MIN_TILE_TOKENS, candidate_tiles, check_tile
+from maskdsl.analysis.tiles import split
+from maskdsl.lang.parser import as_spec
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def sweep(spec, mask: str, candidates=None, permute: bool = True, limit: int | N
     `candidates`: (q_tile, kv_tile) pairs to rank instead of the generated ones. `q_tokens` /
     `kv_tokens` keep one BLOCK_M / BLOCK_N only (e.g. the autotuner asking per block size).
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     mdef = spec.mask(mask)
     shape = mdef.layout.shape
     if limit is not None and limit < 1:
@@ -115,9 +117,9 @@ def _configs(shape, candidates, permute, q_tokens, kv_tokens, min_tokens, max_to
 def default_config(spec, mask: str, permute: bool = True, tokens: int = 128, gpu: str | None = None,
                    costs=None) -> tuple[TileConfig, SimResult]:
     """The best config whose query and key tiles are the same `tokens`-token box (GNA's setting)."""
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     shape = spec.mask(mask).layout.shape
-    tiles = candidate_tiles(shape, tokens, tokens) or [default_tile(shape, tokens)]
+    tiles = candidate_tiles(shape, tokens, tokens) or [split(tokens, shape)]  # a grid smaller than the tile
     if not permute:
         tiles = [(1,) * (len(shape) - 1) + (math.prod(tiles[0]),)]
     return sweep(spec, mask, candidates=[(t, t) for t in tiles], permute=permute, limit=1, gpu=gpu, costs=costs)[0]

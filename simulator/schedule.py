@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from maskdsl.analysis.tiles import forward_launch
+
 SMEM_BYTES = 227 * 1024  # usable shared memory per SM (and per CTA) on H100 / H200
 REGISTERS = 65536  # 32-bit registers per SM
 MAX_THREADS = 2048
@@ -30,8 +32,9 @@ MAX_REGS = 255  # per thread; the compiler spills beyond
 
 
 def default_launch(block_m: int, head_dim: int = 128) -> tuple[int, int]:
-    """(num_warps, num_stages) of codegen's untuned config for a query tile of `block_m` tokens."""
-    return (8 if block_m >= 128 and head_dim > 64 else 4), 3
+    """(num_warps, num_stages) of codegen's untuned config for a query tile of `block_m` tokens
+    (the rule is maskdsl.analysis.tiles', which codegen.config builds its default with)."""
+    return forward_launch(block_m, head_dim)
 
 
 def ctas_per_sm(block_m: int, block_n: int, head_dim: int = 128, num_warps: int = 8, num_stages: int = 3,
@@ -60,7 +63,7 @@ def register_demand(block_m: int, block_n: int, head_dim: int = 128, num_warps: 
 def spill_factor(block_m: int, block_n: int, head_dim: int = 128, num_warps: int = 8) -> float:
     """How much slower a key tile runs when its state does not fit the 255 registers a thread may
     hold: the excess lives in local memory and is reloaded every tile, so the tile's time grows with
-    demand / 255 (a 128-row tile on 4 warps: 368 / 255 = 1.44; measured 1.15-1.7x on the H100)."""
+    demand / 255 (a 128-row tile on 4 warps: 368 / 255 = 1.44)."""
     return max(1.0, register_demand(block_m, block_n, head_dim, num_warps) / MAX_REGS)
 
 
@@ -70,8 +73,8 @@ def warpgroup_split(rows: int, num_warps: int) -> float:
     Hopper's warpgroup MMA (4 warps) takes 64 rows (M) at a time; a CTA of several warpgroups on a tile
     of fewer rows than 64 per warpgroup splits the other dimension instead, so each warpgroup issues
     the same instructions for a fraction of the work: the time grows with 64 * groups / rows. One
-    warpgroup on a small tile uses the older MMA and is not covered here (the pair exponent is). Measured
-    on the backward (64-token owned tiles on 8 warps: 1.3-1.6x the whole backward on the H100)."""
+    warpgroup on a small tile uses the older MMA and is not covered here (the pair exponent is). The
+    backward's 64-token owned tiles on 8 warps are the case it exists for."""
     groups = num_warps // 4
     return max(1.0, 64 * groups / rows) if groups > 1 else 1.0
 

@@ -8,10 +8,9 @@ Its cost has two parts of different physics:
   the pooling reads every row of Q and K once, and the score map ([batch, heads, query blocks,
   key blocks] fp32) is written once and then passed over by `select` (masked_fill, the sort's
   values and indices, the picked bitmap);
-* a fixed per-call cost (`CostModel.topk_call_us`, fitted): when the candidate map was copied to the
-  device on every call, that synchronised the host with the stream and exposed the Python work after
-  it. codegen.topk now copies it once; the H100 fit puts the per-call cost at 0 once the top-k kernel's
-  unpipelined loop waits for its loads (`simulator.pipeline`), which is what it had stood in for.
+* a fixed per-call cost (`CostModel.topk_call_us`, fitted): host work a call exposes by synchronising
+  with the stream. It fits to 0 once the top-k kernel's unpipelined loop waits for its loads
+  (`simulator.pipeline`), which is what it otherwise stands in for.
 
 Why not count the pooled keys each query block re-reads in the score kernel: they are a few MB,
 L2-resident, and the suite's top-k cases cannot tell a term for them apart from zero.
@@ -22,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from maskdsl.spec import ir
+
 # bytes per element of the score map: the score kernel writes it (fp32); `select` reads it for
 # masked_fill (4) and its bool candidates (1), writes and sorts the masked copy (4 + 4), the sort
 # writes values (4) and int64 indices (8), and the picked int8 bitmap is written (1)
 SCORE_MAP_BYTES = 4 + 4 + 1 + 4 + 4 + 4 + 8 + 1
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,12 @@ def selection_work(shape, block, batch: int = 1, heads: int = 1, kv_heads: int |
                    head_dim: int = 128, dtype: str = "bf16") -> SelectionWork:
     """The traffic of pooling and selecting `block`-sized top-k blocks of a grid of `shape`.
 
-    Blocks are boxes of the grid, cut by it (maskdsl.topk): ceil(n_d / b_d) per dimension.
+    Blocks are boxes of the grid, cut by it (maskdsl.harness.topk): ceil(n_d / b_d) per dimension.
     """
     kv_heads = heads if kv_heads is None else kv_heads
     tokens = math.prod(shape)
     blocks = math.prod(-(-n // min(b, n)) for n, b in zip(shape, block))
-    width = DTYPE_BYTES.get(dtype, 2)
+    width = ir.DTYPE_BYTES.get(dtype, 2)
     pool = batch * (heads + kv_heads) * tokens * head_dim * width
     score = batch * heads * blocks * blocks * SCORE_MAP_BYTES
     return SelectionWork(pool, score, blocks, blocks)

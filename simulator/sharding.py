@@ -2,7 +2,7 @@
 
 Each rank owns whole query tiles along dimension 0 (chunk edges fall on tile edges, so a rank's query
 tiles are exactly the tiles the single-GPU schedule gives its frames); it receives the key frames its
-`maskdsl.shard_plan` names (the exact halo rounded out to whole key tiles: what `maskdsl.distributed`
+`maskdsl.analysis.shard_plan` names (the exact halo rounded out to whole key tiles: what `maskdsl.distributed`
 sends), and the exchange hides behind compute when its time over the link is shorter than the
 rank's attention. The rank's compute is its share of visited tiles of
 the single-GPU prediction: exact for tile counts, an estimate for time (the share of waves and
@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from maskdsl import ir
-from maskdsl.analysis import layout_dilation, num_products
-from maskdsl.shard_plan import shard_plan
-from maskdsl.simulator.simulation import _as_spec, simulate
-
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import layout_dilation, num_products
+from maskdsl.analysis.shard_plan import shard_plan
+from maskdsl.simulator.simulation import simulate
+from maskdsl.lang.parser import as_spec
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def simulate_sharded(spec, mask: str, ranks: int, q_tile, kv_tile=None, link_gb_
     `link_gb_per_s`: the point-to-point bandwidth between neighbouring ranks (H100 NVLink: about 450 GB/s
     one way). The problem (heads, kv heads, head_dim, dtype, batch) is the spec's attention statement.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     mdef = spec.mask(mask)
     if mdef.dynamic:
         raise ValueError(f"mask {mask!r} has a top-k term: its keys come from the data, so it needs a ring "
@@ -80,12 +79,12 @@ def simulate_sharded(spec, mask: str, ranks: int, q_tile, kv_tile=None, link_gb_
     att = spec.attention_for(mask) or ir.Attention("default", mask, heads=8, kv_heads=8, head_dim=128,
                                                    dtype="bf16", batch=1)
     total = float(visits.sum())
-    row_bytes = 2 * att.head_dim * att.kv_heads * att.batch * DTYPE_BYTES.get(att.dtype, 2)  # K and V
+    row_bytes = 2 * att.head_dim * att.kv_heads * att.batch * ir.DTYPE_BYTES.get(att.dtype, 2)  # K and V
     out = []
     for r in range(ranks):
         rows = [slice(a // qt0, -(-b // qt0)) for a, b in plan.chunks[r]]
         visited = sum(int(visits[s].sum()) for s in rows)
-        nbytes = plan.received_bytes(r, att.head_dim, att.kv_heads, att.batch, DTYPE_BYTES.get(att.dtype, 2))
+        nbytes = plan.received_bytes(r, att.head_dim, att.kv_heads, att.batch, ir.DTYPE_BYTES.get(att.dtype, 2))
         compute = None if result.predicted_ms is None or not total else result.predicted_ms * visited / total
         comm = nbytes / (link_gb_per_s * 1e9) * 1e3
         gather = (shape[0] - plan.local_frames(r)) * plan.inner * row_bytes

@@ -32,15 +32,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable, products
-from maskdsl.row_runs import dispatch_order
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import NotAnalyzable
+from maskdsl.analysis.row_runs import dispatch_order
 from maskdsl.simulator.cost import GLUON_TILE, CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
 from maskdsl.simulator.counting import TileStats, tile_stats
 from maskdsl.simulator.gluon import gluon_plan
 from maskdsl.simulator.selection import SelectionWork, selection_work
 from maskdsl.simulator.tiles import check_tile
+from maskdsl.lang.parser import as_spec
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,6 @@ class SimResult:
     @property
     def config(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
         return self.q_tile, self.kv_tile, self.permute
-
-    @property
-    def predicted_backward_ms(self) -> float | None:
-        """The backward's predicted time; None unless asked for and the GPU's backward is calibrated."""
-        return self.backward.ms if self.backward else None
 
     @property
     def predicted_fwd_bwd_ms(self) -> float | None:
@@ -146,7 +142,7 @@ def simulate(spec, mask: str, q_tile, kv_tile=None, permute: bool = True, gpu: s
     (`SimResult.backward`, when the GPU's backward constants are known): True with this config's
     tiles for both backward kernels, or a backward config (`.dkdv`, `.dq`: codegen.config.BackwardConfig).
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     mdef = spec.mask(mask)
     shape = mdef.layout.shape
     q_tile = check_tile(q_tile, shape, "q_tile")
@@ -206,16 +202,6 @@ def _gluon_work(expr, shape, q_tile, kv_tile, permute, att, copies, stats: TileS
     order, long = dispatch_order(visits[busy]) if plan.predicated else (None, 0)  # the whole-tile mode: tile order
     return KernelWork(visits[busy], zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True,
                       order=order, long=long)
-
-
-def _as_spec(spec) -> ir.Spec:
-    if isinstance(spec, ir.Spec):
-        return spec
-    if isinstance(spec, (str, os.PathLike)):
-        from maskdsl.parser import load
-
-        return load(spec)
-    raise ValueError(f"spec must be a maskdsl Spec or a path to a .mask file, got {type(spec).__name__}")
 
 
 def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, full, pairs, model: CostModel,

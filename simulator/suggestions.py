@@ -19,10 +19,11 @@ import math
 from dataclasses import replace
 from itertools import product
 
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.simulator.counting import tile_stats
-from maskdsl.simulator.simulation import SimResult, _as_spec, simulate
+from maskdsl.simulator.simulation import SimResult, simulate
 from maskdsl.simulator.tiles import check_tile
+from maskdsl.lang.parser import as_spec
 
 PER_DIM = 3  # best per-dimension choices combined
 NEAR = 2  # multiples of the tile considered on each side of the user's value
@@ -31,7 +32,7 @@ NEAR = 2  # multiples of the tile considered on each side of the user's value
 def suggest(spec, mask: str, q_tile, kv_tile=None, limit: int = 5, gpu: str | None = None,
             costs=None) -> list[tuple[ir.Neighborhood, SimResult]]:
     """Perfectly block-sparse neighborhoods near `mask`'s, nearest first (empty if there is none)."""
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     mdef = spec.mask(mask)
     expr, shape = mdef.expr, mdef.layout.shape
     if not isinstance(expr, ir.Neighborhood):

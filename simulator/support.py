@@ -1,6 +1,6 @@
 """Exact visited-tile totals from the supports of the product terms: ranking thousands of configs.
 
-A static mask is a union of product terms P_1..P_m (``maskdsl.analysis.products``). With tile-major
+A static mask is a union of product terms P_1..P_m (``maskdsl.analysis.counts.products``). With tile-major
 tiles, the (query tile, key tile) pairs P_j visits form a product set: V_j = V_j,0 x V_j,1 x ...
 (visited iff visited in every dimension). The union visits V_1 ∪ ... ∪ V_m, and by
 inclusion-exclusion
@@ -21,8 +21,8 @@ import math
 
 import numpy as np
 
-from maskdsl import ir
-from maskdsl.analysis import NotAnalyzable
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import NotAnalyzable
 from maskdsl.simulator.band import BandTable
 from maskdsl.simulator.tables import dim_tables, term_rels
 

@@ -21,8 +21,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from maskdsl import ir
-from maskdsl.analysis import layout_dilation, num_products, permuted_rels, signed_terms
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import layout_dilation, num_products, permuted_rels, signed_terms
 from maskdsl.simulator.band import BandTable, band_table
 from maskdsl.simulator.tiles import dim_intervals
 

@@ -3,7 +3,7 @@
 Two layouts, matching what codegen runs:
 
 * **tile-major** (``permute=True``, GNA's token permutation): a tile is a box of the grid. In a
-  dimension with dilation ``d`` (``maskdsl.analysis.layout_dilation``) the coordinates are first
+  dimension with dilation ``d`` (``maskdsl.analysis.counts.layout_dilation``) the coordinates are first
   laid out dilation-group-major: group ``g = c mod d`` occupies positions
   ``[off_g, off_g + len_g)`` with ``len_g = ceil((n - g) / d)``, and tiles are cut per group, so a
   tile never straddles two groups: the tile edges are ``off_g + k*T`` clipped to the group's end.
@@ -11,7 +11,7 @@ Two layouts, matching what codegen runs:
   one dimension group 0's tiles come first, then group 1's, and so on.
 * **row-major** (``permute=False``): tokens keep their order; tile ``t`` is the flat range
   ``[t*V, min((t+1)*V, L))`` with ``V = prod(tile)``; the last one may be ragged. A flat range is
-  a union of at most ``2*rank - 1`` disjoint boxes (``flat_range_boxes``), which is how it is counted.
+  a union of at most ``2*rank - 1`` disjoint boxes (``maskdsl.analysis.boxes.flat_range_boxes``), which is how it is counted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from itertools import product
 
 import numpy as np
 
-from maskdsl.boxes import flat_range_boxes, row_major_tiles  # noqa: F401 - the layouts' row-major tiles
+from maskdsl.analysis.tiles import split
 
 MIN_TILE_TOKENS = 16
 MAX_TILE_TOKENS = 256
@@ -36,15 +36,15 @@ def check_tile(tile, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
         values = tuple(tile)
     except TypeError:
         raise ValueError(f"{name} must be a tuple of {rank} positive integers (one per grid dimension), "
-                         f"got {tile!r}; hint: {name}={default_tile(shape)}") from None
+                         f"got {tile!r}; hint: {name}={split(128, shape)}") from None
     if len(values) != rank:
         raise ValueError(f"{name} has {len(values)} entries but the grid {shape} has {rank} dimension(s); "
-                         f"hint: give one tile extent per dimension, e.g. {name}={default_tile(shape)}")
+                         f"hint: give one tile extent per dimension, e.g. {name}={split(128, shape)}")
     out = []
     for d, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"{name}[{d}] = {v!r} is not a positive integer; hint: tile extents are token counts "
-                             f"per dimension, e.g. {name}={default_tile(shape)}")
+                             f"per dimension, e.g. {name}={split(128, shape)}")
         out.append(int(v))
     return tuple(out)
 
@@ -71,23 +71,6 @@ def permuted_boxes(per_dim: list[np.ndarray]) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(len(iv)) for iv in per_dim], indexing="ij")
     idx = [g.reshape(-1) for g in grids]
     return np.stack([iv[i] for iv, i in zip(per_dim, idx)], axis=1)
-
-
-def default_tile(shape: tuple[int, ...], tokens: int = 128) -> tuple[int, ...]:
-    """`tokens` (a power of two) split into power-of-two extents, more where the grid is longer.
-
-    Repeatedly double the extent of the dimension with the most tiles left (extent / tile),
-    the later dimension on ties; stops early when every dimension is covered. Used for hints
-    and as the seed tile; `simulator.ranking.default_config` picks the best 128-token tile by
-    simulation instead.
-    """
-    tile = [1] * len(shape)
-    while math.prod(tile) < tokens:
-        room = [(shape[d] / tile[d], d) for d in range(len(shape)) if tile[d] < shape[d]]
-        if not room:
-            break
-        tile[max(room)[1]] *= 2
-    return tuple(tile)
 
 
 def candidate_tiles(shape: tuple[int, ...], min_tokens: int = MIN_TILE_TOKENS,

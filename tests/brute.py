@@ -1,15 +1,15 @@
 """Independent, scalar statements of the mask definitions, for checking the vectorized oracle.
 
-Written from DESIGN.md §3 and from NATTEN's CUDA reference formulation (window_left/right and
+Written from docs/DESIGN.md §3 and from NATTEN's CUDA reference formulation (window_left/right and
 get_win_start in csrc/include/natten/cuda/reference/mask.hpp), deliberately in a different form
-from maskdsl.semantics so that a shared mistake is unlikely.
+from maskdsl.harness.semantics so that a shared mistake is unlikely.
 """
 
 import itertools
 
 
 def design_rule(n, w, d, s, causal, i, j):
-    """DESIGN.md §3, one query/key pair at a time."""
+    """docs/DESIGN.md §3, one query/key pair at a time."""
     if i % d != j % d:
         return False
     g = i % d

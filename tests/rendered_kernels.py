@@ -40,7 +40,7 @@ def forward_text(mask) -> str:
         from maskdsl.codegen.render import render_template
         from maskdsl.codegen.topk import TEMPLATE, _context, topk_config
         from maskdsl.codegen.topk_grid import TopKGrid
-        from maskdsl.topk import normal_form
+        from maskdsl.harness.topk import normal_form
 
         cfg = topk_config(mask, None)
         grid = TopKGrid(mask.layout.shape, normal_form(mask.expr).topk.block, cfg.q_tile)
@@ -54,11 +54,12 @@ def backward_text(mask) -> str:
         from maskdsl.codegen.topk import topk_config
         from maskdsl.codegen.topk_backward import MAX_TILE, TEMPLATE
         from maskdsl.codegen.topk_bwd_text import backward_context
-        from maskdsl.codegen.topk_grid import TopKGrid, choose_tile
-        from maskdsl.topk import normal_form
+        from maskdsl.codegen.topk_grid import TopKGrid
+        from maskdsl.analysis.tiles import block_tile
+        from maskdsl.harness.topk import normal_form
 
         form, cfg = normal_form(mask.expr), topk_config(mask, None)
-        tile = choose_tile(mask.layout.shape, cfg.q_tile, MAX_TILE)
+        tile = block_tile(cfg.q_tile, MAX_TILE)
         grid = TopKGrid(mask.layout.shape, form.topk.block, tile)
         return render_template(TEMPLATE, **backward_context(mask, form, cfg, grid))
     config = default_backward_config(mask)

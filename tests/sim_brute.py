@@ -12,8 +12,8 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import maskdsl
-from maskdsl import ir
-from maskdsl.analysis import layout_dilation, products
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import layout_dilation, products
 from maskdsl.simulator import simulate
 from maskdsl.simulator.counting import tile_pair_counts
 

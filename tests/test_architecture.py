@@ -1,8 +1,12 @@
-"""The house rules that keep the package one namespace with imports going one way (DESIGN.md §1, §8).
+"""The house rules that keep the package one namespace with imports going one way and no circles
+(docs/DESIGN.md, "Floors").
 
-Layers, bottom to top: the language (parse, IR, analysis, reference semantics) -> simulator and codegen
-(peers, neither imports the other) -> autotune -> bench, the CLI and the front door (maskdsl.api,
-maskdsl.nn, maskdsl.distributed). A module may import its own layer or any below it, never one above.
+Floors, bottom to top: the spec's data (maskdsl.spec, plus the leaf modules maskdsl.cache and
+maskdsl.version) -> the closed-form analysis (maskdsl.analysis) -> the language's front (maskdsl.lang)
+-> the oracles and measurement harness (maskdsl.harness) -> simulator and codegen (peers, neither
+imports the other) -> autotune -> bench, the CLIs and the front door (maskdsl.api, maskdsl.nn,
+maskdsl.distributed, maskdsl.describe, maskdsl.show). A module may import its own floor or any below it,
+never one above, and no set of modules may import each other in a circle (lazy imports count).
 """
 
 from __future__ import annotations
@@ -20,24 +24,34 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"maskdsl": "maskdsl", "codegen": "maskdsl.codegen", "simulator": "maskdsl.simulator",
            "autotune": "maskdsl.autotune", "bench": "maskdsl.bench"}
 FOLDER_NAMES = ("codegen", "simulator", "autotune", "bench")  # installed only as maskdsl.<name>
-FRONT_DOOR = {"maskdsl.api", "maskdsl.nn", "maskdsl.cli", "maskdsl.distributed"}
+FRONT_DOOR = {"maskdsl", "maskdsl.api", "maskdsl.nn", "maskdsl.cli", "maskdsl.distributed", "maskdsl.describe",
+              "maskdsl.show", "maskdsl.rank_agreement"}
+LEAVES = {"maskdsl.cache", "maskdsl.version"}  # import nothing of maskdsl; any floor may use them
+FLOORS = (("maskdsl.spec", 1), ("maskdsl.analysis", 2), ("maskdsl.lang", 3), ("maskdsl.harness", 4),
+          ("maskdsl.codegen", 5), ("maskdsl.simulator", 5), ("maskdsl.autotune", 6))
+PEERS = 5  # the floor whose families may not import each other
+TOP = 7
 
 
 def layer(module: str) -> tuple[int, str]:
     """(height, family) of a module; a family is a subpackage, peers share a height but not a family."""
+    if module in LEAVES:
+        return 0, module
     if module in FRONT_DOOR or module.endswith(".cli") or module.startswith("maskdsl.bench"):
-        return 4, "top"
-    for family, height in (("maskdsl.autotune", 3), ("maskdsl.codegen", 2), ("maskdsl.simulator", 2)):
+        return TOP, "top"
+    for family, height in FLOORS:
         if module == family or module.startswith(family + "."):
             return height, family
-    return 1, "maskdsl"
+    raise AssertionError(f"{module} is on no floor: add it to a subpackage of maskdsl/ or to FRONT_DOOR/LEAVES")
 
 
 def modules() -> dict[str, Path]:
     out = {}
     for folder, package in FOLDERS.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((package, *parts))] = path
     return out
 
 
@@ -72,7 +86,7 @@ def violations() -> list[str]:
             if top != "maskdsl" or target == "maskdsl":
                 continue
             t_height, t_family = layer(target)
-            if t_height > height or (t_height == height == 2 and t_family != family):
+            if t_height > height or (t_height == height == PEERS and t_family != family):
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {module} (layer {height}) imports {target} "
                            f"(layer {t_height}, {t_family})")
     return bad
@@ -93,6 +107,76 @@ def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
     found = violations()
     assert any("maskdsl.simulator.leak" in v and "maskdsl.codegen.config" in v for v in found)
     assert any("top-level 'codegen.plan'" in v for v in found)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (a `from package import name` counts as the package
+    unless name is a module), at any depth."""
+    known = modules()
+    graph = {m: set() for m in known}
+    for module, path in known.items():
+        for _, target in imports_of(path, module):
+            parts = target.split(".")
+            while parts and ".".join(parts) not in known:
+                parts.pop()
+            name = ".".join(parts)
+            if name and name != module and not module.startswith(name + "."):  # a package's own __init__ aside
+                graph[module].add(name)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root), on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            nxt = next(edges, None)
+            if nxt is not None:
+                if nxt not in graph:
+                    continue
+                if nxt not in index:
+                    index[nxt] = low[nxt] = counter[0]
+                    counter[0] += 1
+                    stack.append(nxt), on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    comp.append(m)
+                    if m == node:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def test_no_module_circles():
+    assert circles(import_graph()) == []
+
+
+def test_circle_check_catches_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert circles(graph) == [["a", "b", "c"]]
+
+
+def test_every_module_is_on_a_floor():
+    for module in modules():
+        layer(module)  # raises for a module on no floor
 
 
 def test_parse_does_not_import_torch():
@@ -132,7 +216,7 @@ def test_wheel_installs_one_namespace(tmp_path):
         names = z.namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"maskdsl"}, top
-    for sub in ("codegen/templates/attention_fwd.py.jinja", "simulator/gpu_costs.json", "grammar.lark"):
+    for sub in ("codegen/templates/attention_fwd.py.jinja", "simulator/gpu_costs.json", "lang/grammar.lark"):
         assert f"maskdsl/{sub}" in names, sub
     probe = textwrap.dedent("""
         import importlib, importlib.util, json, sys

@@ -11,12 +11,13 @@ from maskdsl.autotune import database
 from maskdsl.autotune.database import best_backward_config, best_config, clear_cache, list_studies
 from maskdsl.autotune.keys import Device, parse_study_name, study_name
 from maskdsl.autotune.measure import BackwardBench, WrongOutput
-from maskdsl.autotune.space import decode_backward, encode_backward, ranked_backward_default
+from maskdsl.autotune.policy import ranked_backward_default
+from maskdsl.autotune.space import decode_backward, encode_backward
 from maskdsl.autotune.tuner import tune
 from maskdsl.cli import main
 from maskdsl.codegen.compiled import _REGISTRY
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl.harness import Problem
+from maskdsl.harness.measure import Problem
 
 SPEC = """\
 layout g = grid(11, 10)

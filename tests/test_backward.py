@@ -11,7 +11,7 @@ import torch
 from conftest import EXAMPLES
 
 import maskdsl
-from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
 
 CASES = [
@@ -206,15 +206,15 @@ def test_training_example_runs_and_both_runs_agree(tmp_path):
 
 
 def test_transposed_schedule_covers_every_pair_and_full_means_full():
-    """maskdsl.transpose against brute force over tile pairs of random 1-D relations (neighborhoods with
+    """maskdsl.analysis.transpose against brute force over tile pairs of random 1-D relations (neighborhoods with
     window/stride/dilation/causal, query ranges of sinks, causal): every attended pair lies in both
     directions' visited ranges, and a pair either direction calls full has every (row, key) attended."""
     import random
 
     import numpy as np
 
-    from maskdsl.intervals import evaluate, rel_before, rel_neighborhood, rel_queries_in
-    from maskdsl.transpose import key_tile_ranges, query_tile_ranges
+    from maskdsl.analysis.intervals import evaluate, rel_before, rel_neighborhood, rel_queries_in
+    from maskdsl.analysis.transpose import key_tile_ranges, query_tile_ranges
 
     rng = random.Random(7)
     for _ in range(150):

@@ -8,7 +8,7 @@ broken step fails here and not first on the GPU machine.
 import pytest
 
 import maskdsl
-from maskdsl import harness
+from maskdsl.harness import measure as harness
 from maskdsl.bench.report import print_paths, print_table
 from maskdsl.bench.run import bench_mask
 from maskdsl.codegen.config import KernelConfig

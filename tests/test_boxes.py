@@ -1,4 +1,4 @@
-"""Row-major flat ranges as boxes (maskdsl.boxes): exact cover, disjoint, at most 2*rank - 1 boxes."""
+"""Row-major flat ranges as boxes (maskdsl.analysis.boxes): exact cover, disjoint, at most 2*rank - 1 boxes."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskdsl.boxes import flat_range_boxes, row_major_tiles
+from maskdsl.analysis.boxes import flat_range_boxes, row_major_tiles
 
 
 @st.composite

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.codegen import cache
 from maskdsl.codegen.cache import CacheWarning
 from maskdsl.codegen.config import KernelConfig
@@ -123,7 +123,7 @@ def _python_spec(name: str, window=(7,)) -> ir.Spec:
 
 @pytest.mark.parametrize("entry", ["api", "codegen"])
 def test_python_built_spec_with_code_in_its_name_is_refused(fresh_cache, entry):
-    from maskdsl.codegen.compiled import compile_attention
+    from maskdsl.codegen.build import compile_attention
 
     name = "m\nimport os; os.system('touch pwned')  # "
     spec = _python_spec(name)

@@ -2,18 +2,18 @@
 
 Folding idle clamps, sharing subexpressions and renaming must never change a bound the kernel uses:
 run the printed lines with numpy standing in for `tl` on every valid row, and compare with
-`maskdsl.intervals.evaluate` (the language layer's own integer evaluation).
+`maskdsl.analysis.intervals.evaluate` (the language layer's own integer evaluation).
 """
 
 import numpy as np
 import pytest
 
 import maskdsl
-from maskdsl.analysis import layout_dilation, products
+from maskdsl.analysis.counts import layout_dilation, products
 from maskdsl.codegen.bounds import KernelDim, term_text
 from maskdsl.codegen.plan import DimPlan, TermDim
 from maskdsl.codegen.printer import Temps
-from maskdsl.intervals import evaluate
+from maskdsl.analysis.intervals import evaluate
 
 
 class _TL:

@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 
 import maskdsl
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl.halo import needed_frames
-from maskdsl.reference import reference_attention
-from maskdsl.semantics import static_mask
-from maskdsl.shard_plan import chunk_bounds, full_plan, shard_plan
+from maskdsl.analysis.halo import needed_frames
+from maskdsl.harness.reference import reference_attention
+from maskdsl.harness.semantics import static_mask
+from maskdsl.analysis.shard_plan import chunk_bounds, full_plan, shard_plan
 
 # (layout, mask, forward q/kv tiles, zigzag[, overlap]): 1-3-D, strides, dilation off dimension 0, causal, a union
 # with sinks (rank 0's sink queries need every frame: a ring of segments), GQA in every case, top-k.

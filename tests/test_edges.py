@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl import api, ir
+from maskdsl import api
+from maskdsl.spec import ir
 from maskdsl.describe import density_line
-from maskdsl.limits import MAX_DEPTH
+from maskdsl.spec.limits import MAX_DEPTH
 
 
 def refused_at(text, line, column, match):
@@ -200,7 +201,7 @@ def test_kernel_config_fields_are_checked(args, field):
 
 
 def test_forged_layout_name_is_refused():
-    from maskdsl.validate import validate_spec
+    from maskdsl.lang.validate import validate_spec
 
     spec = maskdsl.parse(SMALL)
     forged = ir.Spec(spec.layouts, (ir.MaskDef("m", spec.masks[0].expr, ir.Layout("elsewhere", (32,))),),

@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 import maskdsl
 from maskdsl.bench.flex import FORMS, FlexRunner, block_mask_from_analysis, make_mask_mod, tile_permutation
-from maskdsl.harness import relative_error
+from maskdsl.harness.measure import relative_error
 
 CASES = [
     # (id, spec text, FlexAttention tile); all but 1d-streaming have ragged tiles (padding)

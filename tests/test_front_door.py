@@ -6,7 +6,7 @@ from pathlib import Path
 
 import maskdsl
 from maskdsl.api import lookup_config
-from maskdsl.codegen.compiled import untuned_config
+from maskdsl.codegen.build import untuned_config
 from maskdsl.simulator import simulate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -115,7 +115,7 @@ def _simulate_some(spec, index):
 
 def test_generated_specs_raise_only_spec_error():
     import maskdsl.simulator.simulation  # noqa: F401 - imported once, outside the per-text clock
-    import maskdsl.topk  # noqa: F401 - (torch)
+    import maskdsl.harness.topk  # noqa: F401 - (torch)
 
     r = random.Random(SEED)
     parsed = refused = 0

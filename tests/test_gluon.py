@@ -20,11 +20,12 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import KernelConfig, default_config
-from maskdsl.codegen.gluon_plan import GluonSchedule, box_strides, layout_blocker, tensor_blocker, tile_ranges
+from maskdsl.codegen.dispatch import box_strides, layout_blocker, tensor_blocker
+from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
 from maskdsl.codegen.plan import build_plan, tile_rows
-from maskdsl.semantics import static_mask
+from maskdsl.harness.semantics import static_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,13 +232,13 @@ def test_kernel_compiles_for_sm90_without_spills(head_dim, shape):
 
 
 def test_the_kernels_cache_key_holds_the_table_layout():
-    """The kernel reads maskdsl.tile_table's columns at compile time: another layout must give another
+    """The kernel reads maskdsl.analysis.tile_table's columns at compile time: another layout must give another
     JIT cache key, or Triton's cache would hand back a kernel that reads the old columns."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
     def key(edit: str) -> str:
-        code = (f"from maskdsl import tile_table\n{edit}\nfrom maskdsl.codegen import gluon_fwd\n"
+        code = (f"from maskdsl.analysis import tile_table\n{edit}\nfrom maskdsl.codegen import gluon_fwd\n"
                 "print(gluon_fwd.attention_fwd.cache_key)")
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
@@ -253,7 +254,7 @@ def test_launch_takes_the_mode_from_the_schedule_and_checks_the_table():
     """The kernel's mode is the schedule's (a constexpr of the launch), not read off the table's width:
     a table or bounds that do not fit the mode are refused before anything compiles."""
     from maskdsl.codegen import gluon_fwd
-    from maskdsl.tile_table import WIDTH
+    from maskdsl.analysis.tile_table import WIDTH
 
     q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
     tiles = ((1, 1, 256), (1, 1, 128), (1, 1, 128))
@@ -276,7 +277,7 @@ def test_launch_takes_the_mode_from_the_schedule_and_checks_the_table():
 def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     """The untuned default on Hopper: the simulator's best 128 x 128 pair when the Gluon table accepts it,
     checked against the table built independently here; a union with partial tiles and top-k get None."""
-    from maskdsl.autotune.space import _hopper, gluon_config
+    from maskdsl.autotune.policy import gluon_config, hopper
     from maskdsl.codegen.gluon_plan import tile_ranges
     from maskdsl.codegen.plan import build_plan
 
@@ -290,4 +291,4 @@ def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     for text in ("layout v = grid(16, 16)\nmask m = neighborhood(window=(5, 5)) | block((4, 4))",
                  "layout s = grid(512)\nmask m = topk(2, block=64)"):
         assert gluon_config(maskdsl.parse(text).masks[0]) is None, text
-    assert not _hopper()  # the interpreter never runs Gluon, so CPU defaults keep the template's tiles
+    assert not hopper()  # the interpreter never runs Gluon, so CPU defaults keep the template's tiles

@@ -16,7 +16,7 @@ from maskdsl.codegen.config import KernelConfig, default_config
 from maskdsl.codegen.gluon_boxes import ROW, box_ranges
 from maskdsl.codegen.gluon_plan import GluonSchedule
 from maskdsl.codegen.plan import build_plan
-from maskdsl.semantics import static_mask
+from maskdsl.harness.semantics import static_mask
 
 # (layout, mask, query tile, key tile): ragged extents, partial window edges, both
 CASES = [
@@ -78,7 +78,7 @@ def test_the_schedule_table_holds_the_box_and_the_full_box():
     _, plan = _plan("grid(6, 10, 20)", "neighborhood(window=(4, 8, 8), stride=(2, 4, 4))")
     ranges = box_ranges(plan, (2, 4, 4), (2, 4, 4))
     schedule = GluonSchedule(ranges)
-    assert schedule.boxes  # the head_dim gate reads this (codegen.gluon_boxes.HEAD_DIM)
+    assert schedule.boxes  # the head_dim gate reads this (codegen.dispatch.head_dim_blocker)
     assert schedule.table.shape == (len(ranges.busy), ROW) and schedule.table.dtype == np.int32
     row = schedule.table[5]
     t = int(ranges.busy[5])
@@ -108,7 +108,7 @@ def test_refusals_name_the_reason():
 
 
 def test_the_predicate_runs_head_dim_128_only():
-    from maskdsl.codegen.gluon_boxes import head_dim_blocker
+    from maskdsl.codegen.dispatch import head_dim_blocker
 
     assert head_dim_blocker(128) is None
     assert "head_dim 64" in head_dim_blocker(64) and "128 only" in head_dim_blocker(64)

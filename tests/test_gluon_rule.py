@@ -1,4 +1,4 @@
-"""One rule for which Gluon forward mode runs a mask (maskdsl.gluon_rule): the simulator's verdict is
+"""One rule for which Gluon forward mode runs a mask (maskdsl.analysis.gluon_rule): the simulator's verdict is
 the one codegen builds tables for, on every suite and example mask; the rule's choices on masks that
 tell the modes apart; the transposed whole-tile schedule against brute force."""
 
@@ -9,14 +9,16 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.analysis import Rel1D, num_products
+from maskdsl.analysis.counts import Rel1D, num_products
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.gluon_boxes import head_dim_blocker
-from maskdsl.codegen.gluon_plan import DTYPES, HEAD_DIMS, GluonSchedule, plan_ranges, row_table
+from maskdsl.codegen.dispatch import GLUON_TORCH_DTYPES
+from maskdsl.codegen.dispatch import head_dim_blocker
+from maskdsl.codegen.gluon_plan import GluonSchedule, plan_ranges, row_table
 from maskdsl.codegen.plan import build_plan
-from maskdsl.gluon_rule import dtype_name, gluon_ranges, key_tile_visits
-from maskdsl.parser import load
-from maskdsl.semantics import static_mask
+from maskdsl.analysis.gluon_rule import GLUON_HEAD_DIMS
+from maskdsl.analysis.gluon_rule import dtype_name, gluon_ranges, key_tile_visits
+from maskdsl.lang.parser import load
+from maskdsl.harness.semantics import static_mask
 from maskdsl.simulator.gluon import gluon_plan
 from maskdsl.simulator.ranking import _configs
 
@@ -51,7 +53,7 @@ def codegen_verdict(mask, q_tile, kv_tile, head_dim, dtype):
         return None
     table = GluonSchedule(ranges).table
     assert len(table) == len(ranges.busy) and (table[:, 3:9:2] < table[:, 4:9:2]).all()
-    if head_dim not in HEAD_DIMS or getattr(torch, dtype_name(dtype), None) not in DTYPES:
+    if head_dim not in GLUON_HEAD_DIMS or getattr(torch, dtype_name(dtype), None) not in GLUON_TORCH_DTYPES:
         return None
     if ranges.mode == "boxes" and head_dim_blocker(head_dim) is not None:
         return None
@@ -138,7 +140,7 @@ def test_a_union_that_is_one_box_only_across_a_leading_dimension_is_refused():
 
 def test_row_tables_hold_what_the_ranges_say():
     """Columns by tile_table's names agree with the ranges' arrays, in dispatch order, for each mode."""
-    from maskdsl import tile_table as tt
+    from maskdsl.analysis import tile_table as tt
 
     for layout, text, tiles in (("grid(4096)", "block(512)", None), ("grid(4096)", "causal | sink(4)", None),
                                 ("grid(32, 64)", "neighborhood(window=(9, 9))", (4, 32))):

@@ -14,8 +14,8 @@ from maskdsl.codegen.config import default_config
 from maskdsl.codegen.gluon_plan import row_table
 from maskdsl.codegen.gluon_runs import plan_intervals as row_intervals, run_ranges
 from maskdsl.codegen.plan import build_plan
-from maskdsl.row_runs import BLOCK
-from maskdsl.semantics import static_mask
+from maskdsl.analysis.row_runs import BLOCK
+from maskdsl.harness.semantics import static_mask
 
 # (layout, mask, runs on Gluon): odd extents leave a ragged last tile
 CASES = [
@@ -132,7 +132,7 @@ def test_long_tiles_lead_the_table_and_equal_ones_keep_their_order():
 def test_a_segments_schedule_is_the_mask_cut_to_its_rows_and_buffer(text):
     """Context parallelism's segments: rows [qa, qb) over keys [ka, kb) of a 1000-token grid (buffers that
     start off the 128-key tiles, the grid's ragged end, a buffer shorter than the rows)."""
-    from maskdsl.codegen.gluon_runs import segment_ranges
+    from maskdsl.analysis.gluon_rule import segment_ranges
 
     mask, plan = _plan("grid(1000)", text)
     whole = run_ranges(plan)

@@ -1,4 +1,4 @@
-"""The halo analysis (maskdsl.halo) against a brute-force count over the reference mask."""
+"""The halo analysis (maskdsl.analysis.halo) against a brute-force count over the reference mask."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.halo import even_bounds, halo_plan
-from maskdsl.semantics import static_mask
+from maskdsl.analysis.halo import even_bounds, halo_plan
+from maskdsl.harness.semantics import static_mask
 
 CASES = [
     ("grid(40)", "sliding_window(9)", 3),

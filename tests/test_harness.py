@@ -1,5 +1,5 @@
 """The shared measurement harness: one default problem, seeded inputs, and a row check that catches
-unwritten, stray and wrong rows (maskdsl/harness.py)."""
+unwritten, stray and wrong rows (maskdsl/harness/measure.py)."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl import ir
-from maskdsl.harness import (Problem, make_inputs, reference_rows, relative_error, sample_rows, tolerance,
+from maskdsl.spec import ir
+from maskdsl.harness.measure import (Problem, make_inputs, reference_rows, relative_error, sample_rows, tolerance,
                              torch_dtype)
 
 SPEC = """\
@@ -28,7 +28,7 @@ def test_problem_comes_from_the_attention_statement_else_one_default():
 
 
 def test_every_spec_dtype_has_a_torch_dtype():
-    assert {name: torch_dtype(name) for name in ir.DTYPES} == {
+    assert {name: torch_dtype(name) for name in ir.SPEC_DTYPES} == {
         "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     with pytest.raises(ValueError, match="unknown dtype 'fp8'.*bf16, fp16, fp32"):
         torch_dtype("fp8")

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.codegen.checks import head_dim_error, padded_head_dim
-from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.checks import head_dim_error
+from maskdsl.spec.limits import padded_head_dim
+from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl.harness import relative_error as rel_err
+from maskdsl.harness.measure import relative_error as rel_err
 
 from conftest import case_seed
 

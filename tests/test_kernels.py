@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.harness import relative_error as rel_err
+from maskdsl.harness.measure import relative_error as rel_err
 
 from conftest import case_seed
 
@@ -159,7 +159,7 @@ def test_torch_compile_has_no_graph_break(gen):
 
 
 def test_source_is_cached_readable_and_a_warm_compile_renders_nothing(tmp_path, monkeypatch):
-    """DESIGN.md §7's warm-compile target rests on this: a second compile of the same mask and config neither
+    """docs/DESIGN.md §7's warm-compile target rests on this: a second compile of the same mask and config neither
     renders nor re-imports (same module); a new process renders again and finds its verified file."""
     from maskdsl.codegen import cache, render
 
@@ -216,7 +216,7 @@ def _tile_classes(spec, plan):
     import itertools
 
     from maskdsl.codegen.plan import tile_rows
-    from maskdsl.semantics import static_mask
+    from maskdsl.harness.semantics import static_mask
 
     shape = plan.shape
     dense = static_mask(spec.masks[0].expr, shape)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.analysis import layout_dilation, products
+from maskdsl.analysis.counts import layout_dilation, products
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.plan import build_plan
 

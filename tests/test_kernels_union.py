@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
 from maskdsl.codegen.plan import build_plan, tile_rows
 from maskdsl.codegen.render import render
-from maskdsl.harness import relative_error as rel_err
+from maskdsl.harness.measure import relative_error as rel_err
 
 from conftest import case_seed
 

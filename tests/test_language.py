@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 
 SKETCH = """\
 # HunyuanVideo-like latent: 30 frames of 48x80 tokens
@@ -97,7 +97,7 @@ def specs(draw):
         return ir.MaskDef(f"m{i}", expr(3), layout)
 
     masks = tuple(mask(i) for i in range(draw(st.integers(1, 3))))
-    atts = (ir.Attention("a", "m0", 8, draw(st.sampled_from([1, 2, 8])), 64, draw(st.sampled_from(ir.DTYPES)), 2),)
+    atts = (ir.Attention("a", "m0", 8, draw(st.sampled_from([1, 2, 8])), 64, draw(st.sampled_from(ir.SPEC_DTYPES)), 2),)
     return ir.Spec((layout,), masks, atts)
 
 
@@ -107,7 +107,7 @@ REFUSALS = ("product terms", "top-k cannot be combined with a dilated neighborho
 @settings(max_examples=200, deadline=None)
 @given(specs())
 def test_fmt_round_trips(spec):
-    from maskdsl.validate import validate_spec
+    from maskdsl.lang.validate import validate_spec
 
     try:  # the strategy can exceed the size bounds (docs/LIMITS.md); those are refused alike both ways
         validate_spec(spec)

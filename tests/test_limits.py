@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.analysis import attended_pairs
+from maskdsl.analysis.counts import attended_pairs
 from maskdsl.describe import density_line
-from maskdsl.limits import MAX_EXTENT, MAX_PRODUCTS
-from maskdsl.reference import reference_mask
+from maskdsl.spec.limits import MAX_EXTENT, MAX_PRODUCTS
+from maskdsl.harness.reference import reference_mask
 
 
 def refused(text, line, column, match):
@@ -129,7 +129,7 @@ def test_caret_shows_the_line_the_parser_counted(sep):
 
 def test_show_builds_only_the_rows_it_draws(tmp_path, monkeypatch):
     """`show` on a 32k-token spec used to build [n, n] per dimension (4.5 GB); now only the drawn rows."""
-    from maskdsl import semantics
+    from maskdsl.harness import semantics
 
     seen = []
     real = semantics.neighborhood_1d

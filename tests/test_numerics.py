@@ -8,9 +8,9 @@ import torch
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.reference import reference_mask
+from maskdsl.harness.reference import reference_mask
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _inputs(tokens, seed, dtype=torch.float32, dim=16):
@@ -18,7 +18,7 @@ def _inputs(tokens, seed, dtype=torch.float32, dim=16):
     return [torch.randn(1, 2, tokens, dim, generator=gen).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_rows_the_mask_leaves_empty_give_zero_and_lse_minus_inf(dtype):
     spec = maskdsl.parse("layout s = grid(41)\nmask m = sink(3) & neighborhood(window=2)")
     fn = maskdsl.compile(spec, "m", KernelConfig((16,), (16,)))
@@ -86,7 +86,7 @@ def test_a_row_whose_scores_are_all_minus_inf_gives_zero_as_sdpa(text, tiles):
 
 def test_a_nan_query_row_does_not_change_its_blocks_top_k_picks():
     """Top-k pools each block's finite rows: the picks are those of the block without the NaN row."""
-    from maskdsl.topk import normal_form, reference_picks
+    from maskdsl.harness.topk import normal_form, reference_picks
 
     spec = maskdsl.parse("layout s = grid(128)\nmask m = topk(k=2, block=16)")
     fn = maskdsl.compile(spec, "m")

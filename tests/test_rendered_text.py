@@ -1,5 +1,5 @@
 """The rendered kernels read like hand-written code: no unfolded identities, a notation header, and
-the range tables' column names taken from maskdsl.tile_table (the table contract).
+the range tables' column names taken from maskdsl.analysis.tile_table (the table contract).
 
 Text only: nothing here compiles or runs a kernel (tests/test_backward.py and the others run them).
 """
@@ -9,7 +9,7 @@ import re
 import pytest
 from rendered_kernels import backward_text, forward_text, masks
 
-from maskdsl import tile_table
+from maskdsl.analysis import tile_table
 
 # An arithmetic identity a printer that folds would never write: `x // 1`, `x % 1`, `x * 1`, `1 * x`,
 # `x + 0`, `x - 0`, `0 + x` (a float constant such as 1.4426950408889634 is not one).

@@ -14,9 +14,9 @@ import torch
 from conftest import case_seed
 
 import maskdsl
-from maskdsl.codegen.compiled import compile_attention
+from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import BackwardConfig, KernelConfig
-from maskdsl.reference import reference_attention_block
+from maskdsl.harness.reference import reference_attention_block
 
 CASES = [
     # (id, spec, forward (q_tile, kv_tile), backward ((dkdv q, kv), (dq q, kv)))

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskdsl
-from maskdsl import ir
-from maskdsl.analysis import attended_pairs
-from maskdsl.semantics import neighborhood_1d, static_mask
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import attended_pairs
+from maskdsl.harness.semantics import neighborhood_1d, static_mask
 
 from brute import design_rule, natten_rule, product_mask
 
@@ -110,7 +110,7 @@ def test_combinators_and_exact_counting(case):
         try:
             assert attended_pairs(expr, shape) == int(dense.sum())
         except ValueError as exc:  # NotAnalyzable: two different dilations meet in one dimension, or the union
-            # expands past the product terms the exact analysis takes (maskdsl.limits; the front door refuses it)
+            # expands past the product terms the exact analysis takes (maskdsl.spec.limits; the front door refuses it)
             assert "dilations" in str(exc) or "overlapping terms" in str(exc) or "product terms" in str(exc), exc
 
 

@@ -1,6 +1,6 @@
 """Banded per-dimension tables (simulator.band) against the dense counts they replace, and their scaling.
 
-The dense reference is `maskdsl.analysis.box_pair_counts` (the [query tiles, key tiles] table the
+The dense reference is `maskdsl.analysis.counts.box_pair_counts` (the [query tiles, key tiles] table the
 simulator built before bands) or brute force over the reference mask (tests/sim_brute.py); every
 union path (listed tile pairs, dense chunks) and both kinds of ranking supports are checked.
 """
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskdsl
-from maskdsl.analysis import NotAnalyzable, Rel1D, box_pair_counts, layout_dilation, num_products
+from maskdsl.analysis.counts import NotAnalyzable, Rel1D, box_pair_counts, layout_dilation, num_products
 from maskdsl.simulator import counting, simulate, support, tables
 from maskdsl.simulator.band import band_table
 from maskdsl.simulator.counting import key_tile_stats, tile_stats

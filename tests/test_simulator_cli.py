@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.cli import main
 from maskdsl.simulator import simulate
 from maskdsl.simulator.figure import draw_tilemaps, tile_classes
@@ -65,3 +65,24 @@ def test_cli_ranks_prints_each_ranks_share(capsys):
         assert int(row[0]) == p.rank and int(row[3]) == p.query_tiles and int(row[4]) == p.visited_tiles
         assert float(row[6]) == pytest.approx(p.halo_bytes / 1e6, abs=0.05)
         assert float(row[-2]) == pytest.approx(p.gather_bytes / 1e6, abs=0.05)
+
+
+def test_cli_says_which_forward_and_why_not_the_earlier_ones(capsys, tmp_path):
+    """Without a GPU the dispatch is Hopper's, said so; a config the Gluon forward refuses names the
+    reason, and the JSON carries the same."""
+    path = str(EXAMPLES / "video_gna.mask")
+    assert main(["simulate", path, "--q-tile", "2,8,4"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("forward on"))
+    assert "a Hopper GPU (none here" in line and "config q2x8x4_k2x8x4_w4_s3:" in line
+    assert line.endswith(": triton (copy-engine loads)")
+    refusal = next(x for x in out.splitlines() if x.startswith("  not gluon: "))
+    assert "query and key tiles are 128 tokens" in refusal  # the rule's reason (maskdsl.analysis.gluon_rule)
+    assert main(["simulate", path, "--q-tile", "2,8,8", "--json"]) == 0
+    forward = json.loads(capsys.readouterr().out)["forward"]
+    assert forward["forward"] == "gluon" and forward["refused"] == {} and forward["mode"] in ("whole", "boxes")
+    spec_path = tmp_path / "topk.mask"
+    spec_path.write_text("layout s = grid(512)\nmask m = topk(2, block=64)\n")
+    assert main(["simulate", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    assert ": topk (" in out and "  not gluon: a top-k mask" in out and "  not triton: a top-k mask" in out

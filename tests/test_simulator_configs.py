@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.simulator import default_config, simulate, suggest, sweep
 
 from sim_brute import brute_counts, make_spec, video_spec

@@ -1,4 +1,4 @@
-"""The simulator's exact counts against brute force over the reference mask, and the numbers DESIGN.md names.
+"""The simulator's exact counts against brute force over the reference mask, and the numbers docs/DESIGN.md names.
 
 Counted tile pairs, full/partial classes, bounds, the cached tables and the closed-form pieces they rest on
 (prefix counts, integer-exact term bounds); expected values come from tests/sim_brute.py.
@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskdsl
-from maskdsl import analysis, ir
-from maskdsl.analysis import NotAnalyzable, Rel1D, attended_pairs, layout_dilation, products
+from maskdsl.analysis import counts as analysis
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import NotAnalyzable, Rel1D, attended_pairs, layout_dilation, products
 from maskdsl.simulator import simulate
 from maskdsl.simulator import tables
 from maskdsl.simulator.counting import tile_pair_counts
@@ -111,8 +112,8 @@ def test_prefix_counts_equal_counts_below(n, d, data):
 @given(st.integers(2, 14).flatmap(lambda n: st.tuples(st.just(n), neighborhoods((n,)), neighborhoods((n,), False))))
 def test_term_bounds_are_integer_exact(case):
     """intervals.evaluate against sympy's exact substitution, on dilated intersections."""
-    from maskdsl.intervals import evaluate
-    from maskdsl.intervals import G, I, N
+    from maskdsl.analysis.intervals import evaluate
+    from maskdsl.analysis.intervals import G, I, N
     n, a, b = case
     for term in products(ir.intersection(a, b), (n,)):
         rel = term.sym[0]

@@ -1,4 +1,4 @@
-"""The simulator's Gluon-forward verdict (simulator.gluon: maskdsl.gluon_rule's) and its constants: which
+"""The simulator's Gluon-forward verdict (simulator.gluon: maskdsl.analysis.gluon_rule's) and its constants: which
 masks the Hopper kernel runs, that a prediction says so, that a GPU without Gluon constants predicts the
 template, and that the fit recovers a planted Gluon tile cost."""
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from maskdsl.parser import parse
+from maskdsl.lang.parser import parse
 from maskdsl.simulator.calibrate import Measurement, evaluate_fit, fit
 from maskdsl.simulator.cost import CostModel
 from maskdsl.simulator.gluon import gluon_plan
@@ -76,14 +76,14 @@ def test_3d_gna_runs_gluon_only_with_128_token_tiles_of_the_config():
 def test_one_product_term_on_a_grid_takes_the_box_predicate(grid, expr):
     plan = _plan(grid, expr, (2, 8, 8), (2, 8, 8))
     assert plan.eligible and plan.predicated, plan.reason
-    small = _plan(grid, expr, (2, 8, 8), (2, 8, 8), head_dim=64)  # codegen.gluon_boxes.HEAD_DIM: 128 only
+    small = _plan(grid, expr, (2, 8, 8), (2, 8, 8), head_dim=64)  # maskdsl.analysis.gluon_rule.BOX_HEAD_DIMS: 128 only
     assert not small.eligible and "head_dim 128 only" in small.reason
 
 
 def test_masked_tiles_of_the_box_mode_pay_the_predicate_premium():
     """NA on a 32 x 32 grid at 8 x 16 tiles, one head (8 CTAs, one wave): the slowest query tile's
     time from the planted constants and a brute-force count of its full and masked key tiles."""
-    from maskdsl.semantics import static_mask
+    from maskdsl.harness.semantics import static_mask
 
     spec = _spec("32, 32", "neighborhood(window=(9, 9))", heads=1)
     r = simulate(spec, "m", (8, 16), (8, 16), costs=CostModel.from_entry("H", GLUON_ENTRY))

@@ -3,7 +3,7 @@ exponentials do not. Expected values are hand arithmetic from the spec rates."""
 
 import pytest
 
-from maskdsl.parser import parse
+from maskdsl.lang.parser import parse
 from maskdsl.simulator.cost import CostModel
 from maskdsl.simulator.headdim import head_dim_scale, product_share
 from maskdsl.simulator.simulation import simulate

@@ -7,12 +7,12 @@ import itertools
 import pytest
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.codegen.topk_grid import TopKGrid
 from maskdsl.simulator import simulate
 from maskdsl.simulator.calibrate import Measurement, fit
 from maskdsl.simulator.pipeline import split, tile_slot_time
-from maskdsl.topk import normal_form
+from maskdsl.harness.topk import normal_form
 
 from test_simulator_crossval import TRUTH
 

@@ -5,7 +5,7 @@ import pytest
 import maskdsl
 import math
 
-from maskdsl.semantics import static_mask
+from maskdsl.harness.semantics import static_mask
 from maskdsl.simulator.sharding import simulate_sharded
 
 from sim_brute import brute_counts

@@ -5,7 +5,7 @@ import math
 import numpy as np
 
 import maskdsl
-from maskdsl import ir
+from maskdsl.spec import ir
 from maskdsl.simulator import simulate
 
 from sim_brute import check_against_brute, make_spec

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.harness import relative_error
-from maskdsl.metrics import recall
-from maskdsl.topk import normal_form, reference_picks
+from maskdsl.harness.measure import relative_error
+from maskdsl.harness.metrics import recall
+from maskdsl.harness.topk import normal_form, reference_picks
 
 
 def brute_picks(q, k, block, kk, allowed):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl.analysis import products
+from maskdsl.analysis.counts import products
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.topk_backward import static_query_tiles, transpose_picks
-from maskdsl.intervals import evaluate
-from maskdsl.topk import normal_form, reference_picks, rows_mask
+from maskdsl.analysis.intervals import evaluate
+from maskdsl.harness.topk import normal_form, reference_picks, rows_mask
 
 SEED = 20261126
 
@@ -23,7 +23,7 @@ def tile(n):
 def attend64(q, k, v, mask, scale):
     """Masked softmax attention in float64 that autograd can run through; rows that see no key give 0.
 
-    Mirrors maskdsl.reference's convention (which detaches: it is a forward oracle).
+    Mirrors maskdsl.harness.reference's convention (which detaches: it is a forward oracle).
     """
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)

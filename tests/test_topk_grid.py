@@ -1,7 +1,7 @@
 """Top-k on 2-D and 3-D grids: blocks are boxes of the grid (cubes), pooled over their valid tokens.
 
 The kernels (forward and backward, copy-engine loads included under the interpreter) run against
-the float64 reference built from maskdsl.topk's definition; the definition itself is checked
+the float64 reference built from maskdsl.harness.topk's definition; the definition itself is checked
 against a brute force that cuts the grid into boxes with plain Python loops.
 """
 
@@ -13,8 +13,8 @@ import torch
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.harness import relative_error
-from maskdsl.topk import normal_form, reference_picks, token_blocks
+from maskdsl.harness.measure import relative_error
+from maskdsl.harness.topk import normal_form, reference_picks, token_blocks
 
 from test_topk_backward import assert_close, run
 
@@ -113,14 +113,14 @@ def test_grid_topk_gradients_match_autograd(name, text, kwargs):
     assert_close(run(text, **kwargs))
 
 
-HEAD_DIMS = [  # head_dim run padded to the next power of two inside the kernels (no copy of the inputs)
+PADDED_HEAD_DIM_CASES = [  # head_dim run padded to the next power of two inside the kernels (no copy of the inputs)
     (72, "layout s = grid(90)\nmask m = topk(k=2, block=16) | sliding_window(5)"),
     (96, "layout g = grid(10, 13)\nmask m = topk(k=2, block=(4, 8)) & neighborhood(window=(5, 9))"),
     (192, "layout g = grid(3, 4, 9)\nmask m = topk(k=2, block=(2, 2, 4)) | neighborhood(window=3)"),
 ]
 
 
-@pytest.mark.parametrize("dim,text", HEAD_DIMS, ids=[str(c[0]) for c in HEAD_DIMS])
+@pytest.mark.parametrize("dim,text", PADDED_HEAD_DIM_CASES, ids=[str(c[0]) for c in PADDED_HEAD_DIM_CASES])
 def test_padded_head_dims_are_exact_forward_and_backward(dim, text):
     r = run(text, dim=dim)
     assert r["q"].shape[-1] == dim and r["out"].shape[-1] == dim

@@ -12,7 +12,7 @@ from maskdsl import api
 from maskdsl.api import TuningDatabaseWarning
 from maskdsl.autotune.database import clear_cache
 from maskdsl.autotune.keys import Problem, current_device, study_name
-from maskdsl.codegen.compiled import untuned_config
+from maskdsl.codegen.build import untuned_config
 
 SPEC = "layout s = grid(40)\nmask m = sliding_window(5)\nattention a(mask=m, heads=2, head_dim=16, dtype=fp32)"
 

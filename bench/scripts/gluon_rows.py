@@ -3,7 +3,7 @@
 For each case both kernels run on the same inputs from the same schedule (table, bounds, items per
 program: what `CompiledAttention` launches), into outputs poisoned with NaN. The script checks that
 out and LSE are bitwise equal, checks sampled rows of each against the float64 reference (the
-bench's row check, maskdsl.harness), and times both with `triton.testing.do_bench` (median),
+bench's row check, maskdsl.harness.measure), and times both with `triton.testing.do_bench` (median),
 interleaved old, new, old, new. It writes $OUT/gluon_rows.json (the working directory without OUT)
 and prints a table; it exits 1 when a case differs or fails its check.
 
@@ -45,7 +45,7 @@ ROWS = 64  # rows checked against the reference per case
 
 
 def load_spec(source):
-    from maskdsl.parser import load, parse
+    from maskdsl.lang.parser import load, parse
 
     if isinstance(source, str):
         return load(SUITE / f"{source}.mask")
@@ -75,7 +75,7 @@ class Row:
     q: object = None
     k: object = None
     v: object = None
-    reference: object = None  # maskdsl.harness.RowReference
+    reference: object = None  # maskdsl.harness.measure.RowReference
 
     @property
     def schedule(self):
@@ -83,13 +83,13 @@ class Row:
 
 
 def build(name: str, heads: int | None, device: str, sms: int, seed: int = 0) -> Row:
-    """The case `name`: the Gluon forward's tile pair (the one the bench times: autotune.space.gluon_pair;
+    """The case `name`: the Gluon forward's tile pair (the one the bench times: autotune.policy.gluon_pair;
     the untuned config on a 1-D order), its schedule, and on a device the inputs and the reference rows."""
     from maskdsl.api import resolve
-    from maskdsl.autotune.space import gluon_pair
-    from maskdsl.codegen.compiled import compile_attention
-    from maskdsl.harness import Problem, make_inputs, reference_rows, sample_rows
-    from maskdsl.tile_table import WIDTH
+    from maskdsl.autotune.policy import gluon_pair
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.harness.measure import Problem, make_inputs, reference_rows, sample_rows
+    from maskdsl.analysis.tile_table import WIDTH
 
     spec, mask, attention = resolve(load_spec(CASES[name]))
     problem = Problem.for_attention(attention)
@@ -140,11 +140,11 @@ def bitwise_equal(a, b) -> bool:
     return bool(torch.equal(a.view(view), b.view(view)))
 
 
-def run_row(row: Row, kernels: dict) -> dict:
-    """Both kernels once into poisoned outputs (checked), then timed interleaved, twice each."""
+def run_row(row: Row, kernels: dict, repeats: int = 2) -> dict:
+    """Both kernels once into poisoned outputs (checked), then timed interleaved, `repeats` times each."""
     import torch
 
-    from maskdsl.harness import time_ms, tolerance
+    from maskdsl.harness.measure import time_ms, tolerance
 
     r = row.schedule.ranges
     entry = {"case": row.name, "mask": row.mask.expr.fmt(), "grid": list(row.mask.layout.shape),
@@ -165,7 +165,7 @@ def run_row(row: Row, kernels: dict) -> dict:
         outs[which] = (out, lse)
     entry["out_bitwise_equal"] = bitwise_equal(outs["old"][0], outs["new"][0])
     entry["lse_bitwise_equal"] = bitwise_equal(outs["old"][1], outs["new"][1])
-    for which in ("old", "new", "old", "new"):
+    for which in ("old", "new") * repeats:
         entry.setdefault(f"{which}_ms", []).append(time_ms(calls[which], **TIMER))
     entry["new_over_old"] = min(entry["new_ms"]) / min(entry["old_ms"])
     entry["ok"] = (entry["out_bitwise_equal"] and entry["lse_bitwise_equal"] and entry["old_check"]["ok"]
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("old", help="an earlier codegen/gluon_fwd.py (git show REV:codegen/gluon_fwd.py > FILE)")
     parser.add_argument("--only", help="comma-separated case names (default: all)", default="")
     parser.add_argument("--heads", type=int, help="run every case with this many heads (a quicker check)")
+    parser.add_argument("--repeats", type=int, default=2, help="timings of each kernel, interleaved (default 2)")
     parser.add_argument("--dry-run", action="store_true", help="build the cases and schedules only (no GPU)")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(CASES)
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     else:
         import torch
 
-        from maskdsl.codegen.gluon_plan import sm_count, tensor_blocker
+        from maskdsl.codegen.dispatch import sm_count, tensor_blocker
 
         device, sms = "cuda", sm_count(torch.device("cuda"))
     result = {"old": args.old, "device": device, "cases": []}
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
                 blocker = tensor_blocker(row.q, row.k, row.v, row.q)
                 if blocker:
                     raise RuntimeError(f"the Gluon forward cannot take these tensors: {blocker}")
-                entry = run_row(row, kernels)
+                entry = run_row(row, kernels, args.repeats)
         except Exception as exc:  # noqa: BLE001 - a case that fails must not hide the others
             entry = {"case": name, "failed": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False}
         result["cases"].append(entry)

@@ -1,11 +1,27 @@
 """What the language accepts in size, and why each bound sits where it does (docs/LIMITS.md).
 
 Every bound here is checked when a spec is parsed (and when a Spec built in Python is validated,
-maskdsl.validate), so that whatever is accepted can be analysed, simulated and compiled in bounded
+maskdsl.lang.validate), so that whatever is accepted can be analysed, simulated and compiled in bounded
 time and memory; nothing later fails on size with a raw Python error.
 """
 
 from __future__ import annotations
+
+SPEC_HEAD_DIMS = tuple(range(16, 257, 8))
+"""The head_dims a spec may name: every multiple of 8 from 16 to 256 (72, 80, 96, 192 occur in real
+models; 8 keeps 16-byte rows for 2-byte dtypes). The static kernels run them padded to a power of two
+(`padded_head_dim`)."""
+
+POW2_HEAD_DIMS = tuple(d for d in SPEC_HEAD_DIMS if d & (d - 1) == 0)
+"""The head_dims a kernel that does not pad takes: the powers of two among SPEC_HEAD_DIMS (16 to 256)."""
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two a kernel's tiles are for `head_dim` (HEAD_DIM_PAD), at least 16: the columns past
+    head_dim are masked off in every load and store, so the inputs are never copied and the output is
+    exact; head_dim 96 runs 128-column tiles and costs 128's work."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
 
 MAX_INT = 2**63 - 1
 """Largest integer literal: every count a kernel takes fits a signed 64-bit integer."""
@@ -29,7 +45,7 @@ reuse a mask many times (`mask b = a & a`, `mask c = b & b`, ...): each doubling
 text, so without this bound thirty lines would print, hash and walk a billion-primitive expression."""
 
 MAX_PRODUCTS = 12
-"""Most product terms a mask may expand to (maskdsl.analysis: a neighborhood or `full` is one term,
+"""Most product terms a mask may expand to (maskdsl.analysis.counts: a neighborhood or `full` is one term,
 `causal` one per dimension, `sink(n)` up to two per dimension; `&` distributes over `|`, empty
 intersections and terms inside others are dropped). Exact counting of a union is inclusion-exclusion
 over the overlapping subsets of its terms: at most 2**12 - 1 = 4095 intersections, each numeric and

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 def recall(q: torch.Tensor, k: torch.Tensor, spec: ir.Spec, mask: str, scale: float | None = None,
@@ -16,8 +16,8 @@ def recall(q: torch.Tensor, k: torch.Tensor, spec: ir.Spec, mask: str, scale: fl
     1.0 means the pattern loses nothing; use it to pick top-k's k or a window size. Runs in float64
     on q's device, a chunk of query rows at a time (memory O(chunk x L), never [L, L] at once).
     """
-    from maskdsl.semantics import static_mask
-    from maskdsl.topk import normal_form, reference_picks, rows_mask
+    from maskdsl.harness.semantics import static_mask
+    from maskdsl.harness.topk import normal_form, reference_picks, rows_mask
 
     mdef = spec.mask(mask)
     shape, tokens = mdef.layout.shape, mdef.layout.tokens

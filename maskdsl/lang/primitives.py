@@ -2,7 +2,7 @@
 
 One table drives argument binding (positional/keyword, defaults, broadcasting of scalars to
 every dimension) so that every primitive reports mistakes the same way. The checks mirror
-the semantics' domain (DESIGN.md §3): 1 <= w <= n, w*d <= n, 1 <= s <= w.
+the semantics' domain (docs/DESIGN.md §3): 1 <= w <= n, w*d <= n, 1 <= s <= w.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from maskdsl import ir
-from maskdsl.errors import BindError, suggest  # noqa: F401 - BindError re-exported
-from maskdsl.syntax import Call, Pos, Value
+from maskdsl.spec import ir
+from maskdsl.spec.errors import BindError, suggest
+from maskdsl.lang.syntax import Call, Pos, Value
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def check_expr(expr: ir.MaskExpr, layout: ir.Layout, values: dict[str, Value]) -
 def domain_problem(expr: ir.MaskExpr, layout: ir.Layout) -> tuple[str, str, int | None, str | None] | None:
     """(message, parameter, dimension or None, hint) for a primitive outside the semantics' domain.
 
-    One home for these rules: the parser points them at the source, maskdsl.validate at the field
+    One home for these rules: the parser points them at the source, maskdsl.lang.validate at the field
     of a Spec built in Python.
     """
     if isinstance(expr, ir.Neighborhood):

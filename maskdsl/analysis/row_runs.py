@@ -1,6 +1,6 @@
 """A 1-D mask as runs of key tiles per query tile, with each row's keys as a few intervals.
 
-The Gluon forward's "runs" mode (maskdsl.gluon_rule, whose schedule codegen.gluon_runs writes as
+The Gluon forward's "runs" mode (maskdsl.analysis.gluon_rule, whose schedule codegen.gluon_runs writes as
 tables and the simulator costs): the per-row key bounds of the mask's product terms go in. A row's attended keys are
 the union of its terms' intervals; merged, they are at most SLOTS disjoint intervals for the masks
 the kernel takes (a causal window plus sinks is two). A query tile of BLOCK rows walks the key
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from maskdsl.tile_table import RANK, RUN2, box_hi, box_lo
+from maskdsl.analysis.tile_table import RANK, RUN2, box_hi, box_lo
 
 BLOCK = 128  # rows of a query tile and keys of a key tile
 SLOTS = 2  # key intervals per row the predicate holds
@@ -114,8 +114,8 @@ def dispatch_order(work: np.ndarray) -> tuple[np.ndarray, int]:
 
     Why: the hardware dispatches programs in grid order. A causal mask's last tiles are its longest:
     run last, they leave a tail of one tile's loop. A sink's own rows walk every key: dispatched in tile
-    order per head, the last head's starts near the end of the kernel and runs alone (a 65k-token
-    window with sinks: 2.95 ms, as slow as the template). The kernel dispatches the long rows of every
+    order per head, the last head's starts near the end of the kernel and runs alone, leaving a tail as
+    long as the whole row. The kernel dispatches the long rows of every
     head first (codegen.gluon_fwd's LONG), then each head's rest in this order. The simulator schedules
     the same order (simulator.gluon)."""
     work = np.asarray(work)
@@ -126,7 +126,7 @@ def dispatch_order(work: np.ndarray) -> tuple[np.ndarray, int]:
 
 def longest_first(table: np.ndarray) -> tuple[np.ndarray, int]:
     """A "runs" row table's rows in dispatch order (`dispatch_order` of each row's work: its two runs'
-    key tiles, read by maskdsl.tile_table's names), and the long rows' count."""
+    key tiles, read by maskdsl.analysis.tile_table's names), and the long rows' count."""
     last = RANK - 1  # the first run's dimension
     work = (table[:, box_hi(last)] - table[:, box_lo(last)]) + (table[:, RUN2 + 1] - table[:, RUN2])
     order, long = dispatch_order(work)

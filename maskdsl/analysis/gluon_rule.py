@@ -3,7 +3,7 @@
 The one rule: codegen builds the kernel's tables from what `gluon_ranges` returns
 (codegen.gluon_plan.GluonSchedule) and the simulator costs the same answer (simulator.gluon), so a
 prediction is always for the kernel that runs. Both hand in the analysis' product terms as exact
-per-row key bounds (`maskdsl.analysis.Rel1D`: `num_products(expr, shape)[i].num`, or a codegen
+per-row key bounds (`maskdsl.analysis.counts.Rel1D`: `num_products(expr, shape)[i].num`, or a codegen
 plan's terms evaluated), the same numbers the Triton template and the backward's tables come from.
 
 The kernel walks 128-token query tiles, each over 128-token key tiles. Its tiles: on a 1-D token
@@ -20,7 +20,7 @@ the config is what was tuned). Modes, in order of preference:
   dividing its window and stride, unions of nested blocks.
 * "runs" (1-D token orders): each row's keys at most `row_runs.SLOTS` intervals, each query tile's
   key tiles at most `row_runs.RUNS` runs; the kernel masks a run's edge tiles (every tile where the
-  query tile's flag says so). Causal, sliding windows, sinks, ragged ends (maskdsl.row_runs).
+  query tile's flag says so). Causal, sliding windows, sinks, ragged ends (maskdsl.analysis.row_runs).
 * "boxes" (grids, head_dim 128): one product term, so each row's keys are a box of per-dimension
   intervals; a key tile is full where it is in every dimension, the others are masked by three
   interval tests per score. NA, GNA off the tiles, ragged extents.
@@ -39,9 +39,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from maskdsl.row_runs import BLOCK, dispatch_order, row_intervals, tile_runs
-from maskdsl.tile_table import MODES, RANK
-from maskdsl.transpose import query_tile_ranges
+from maskdsl.analysis.row_runs import BLOCK, EMPTY, dispatch_order, row_intervals, tile_runs
+from maskdsl.analysis.tile_table import MODES, RANK
+from maskdsl.analysis.transpose import query_tile_ranges
+from maskdsl.spec import ir
 
 TILE = BLOCK  # tokens of the kernel's query tile and of its key tile (the runs rule's block)
 GLUON_HEAD_DIMS = (64, 128)  # head_dims the kernel is compiled for
@@ -49,7 +50,7 @@ GLUON_HEAD_DIMS = (64, 128)  # head_dims the kernel is compiled for
 # whose tiles are mostly masked runs slower than the template (docs/BENCHMARKS.md).
 BOX_HEAD_DIMS = (128,)
 GLUON_DTYPES = ("float16", "bfloat16")  # by torch's name; `dtype_name` maps the spec's fp16 / bf16
-_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+_ALIASES = {**ir.TORCH_DTYPE_NAMES, "half": "float16"}
 
 
 def dtype_name(dtype) -> str:
@@ -349,7 +350,7 @@ def _runs(terms, shape) -> GluonRanges:
 
 def runs_of_intervals(iv: np.ndarray, keys: int) -> GluonRanges:
     """The "runs" schedule of rows with these key intervals ([rows, SLOTS, 2]) over `keys` keys: a
-    grid's, or a context-parallel segment's rows over its buffer (maskdsl.row_runs)."""
+    grid's, or a context-parallel segment's rows over its buffer (maskdsl.analysis.row_runs)."""
     runs = tile_runs(iv, keys)
     if isinstance(runs, str):
         return _refused(runs)
@@ -434,3 +435,14 @@ def key_tile_visits(ranges: GluonRanges) -> KeyTileVisits:
     np.cumsum(np.bincount(key, minlength=prod(k_tiles)), out=offsets[1:])
     return KeyTileVisits(k_tiles, offsets, q[order])
 
+
+def segment_ranges(whole: GluonRanges, q_rows: tuple[int, int], k_rows: tuple[int, int]) -> GluonRanges:
+    """The schedule of rows [qa, qb) over a buffer holding keys [ka, kb) of the grid (context
+    parallelism's segments): the whole grid's row intervals cut to the buffer, in its coordinates."""
+    (qa, qb), (ka, kb) = q_rows, k_rows
+    lo = whole.bounds[:, 0, qa:qb].T.astype(np.int64) - ka  # [rows, SLOTS]
+    hi = whole.bounds[:, 1, qa:qb].T.astype(np.int64) - ka
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, kb - ka - 1)
+    empty = lo > hi
+    iv = np.stack([np.where(empty, EMPTY[0], lo), np.where(empty, EMPTY[1], hi)], axis=2)
+    return runs_of_intervals(iv, kb - ka)

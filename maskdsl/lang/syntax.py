@@ -12,8 +12,8 @@ from pathlib import Path
 
 import lark
 
-from maskdsl.errors import BindError, SpecError
-from maskdsl.limits import MAX_DEPTH, MAX_INT
+from maskdsl.spec.errors import BindError, SpecError
+from maskdsl.spec.limits import MAX_DEPTH, MAX_INT
 
 Pos = tuple[int, int]
 

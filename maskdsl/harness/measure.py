@@ -16,18 +16,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from maskdsl import ir
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # spec dtype name -> torch attribute
+from maskdsl.spec import ir
 
 
 def torch_dtype(name: str):
     """The torch dtype of a spec's dtype name (`bf16`, `fp16`, `fp32`)."""
     import torch
 
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; hint: use one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
+    if name not in ir.TORCH_DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; hint: use one of {', '.join(ir.SPEC_DTYPES)}")
+    return getattr(torch, ir.TORCH_DTYPE_NAMES[name])
 
 
 @dataclass(frozen=True)
@@ -152,7 +150,7 @@ class RowReference:
 
 def reference_rows(q, k, v, spec: ir.Spec, mask: str, rows, heads: int = 2) -> RowReference:
     """The reference for `rows` of batch 0 and up to `heads` query heads (with the kv heads they use)."""
-    from maskdsl.reference import reference_attention_rows
+    from maskdsl.harness.reference import reference_attention_rows
 
     group = q.shape[1] // k.shape[1]
     heads = min(heads, q.shape[1])
@@ -182,7 +180,7 @@ GRAPH_BELOW_MS = 1.0  # calls faster than this are also timed from a CUDA graph 
 def graph_time_ms(fn, calls: int = 20, warmup: int = 25, rep: int = 100) -> float | None:
     """Milliseconds per call of `fn()` replayed from a CUDA graph of `calls` calls: the GPU's time alone.
 
-    A call of a small problem (one head, 32k tokens: ~60-100 us of kernel) costs as much again on the
+    A call of a small problem (one head, 32k tokens) costs about as much again on the
     host (Python, the launcher, TMA descriptor encoding), so do_bench measures the host. NATTEN's
     published times are kernel times (its profiler), and a server replays graphs: this is the number to
     set beside them. None if the call cannot be captured.
@@ -211,11 +209,10 @@ def single_call_ms(fn, warmup: int = 10, calls: int = 5, idle_s: float = 0.1) ->
     synchronize), `calls` times: `idle_s` seconds of idle, then the call under torch.profiler (CUDA
     activity), its kernels' CUPTI durations summed (kernel time, no host launch). The median.
 
-    NATTEN's published kernel times are single profiled calls. On an H100 the same kernel's time
-    depends on what ran just before (`.device/single.py`, docs/BENCHMARKS.md: HunyuanVideo GNA 22.9-23.2 ms
-    after 50-500 ms idle, 24.7 ms back to back, 24-30 ms with 5 ms gaps between calls), so this number
-    fixes the state: a call from idle. Speedups stay do_bench ratios (back to back, the sustained clock).
-    None without CUDA kernels to time.
+    NATTEN's published kernel times are single profiled calls. The same kernel's time depends on
+    what ran just before (an idle GPU, back-to-back calls and short gaps between calls each give a
+    different time: docs/BENCHMARKS.md), so this number fixes the state: a call from idle. Speedups
+    stay do_bench ratios (back to back, the sustained clock). None without CUDA kernels to time.
     """
     import statistics
 

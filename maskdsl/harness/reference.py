@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from maskdsl import ir
-from maskdsl.semantics import static_mask
+from maskdsl.spec import ir
+from maskdsl.harness.semantics import static_mask
 
 
 def _mask_def(spec: ir.Spec, mask_name: str) -> ir.MaskDef:
@@ -22,13 +22,13 @@ def reference_mask(spec: ir.Spec, mask_name: str, q: torch.Tensor | None = None,
     """Boolean [Lq, Lk] over row-major token order: True where the query attends to the key.
 
     A mask with a top-k term depends on the data: pass q [B, H, L, D] and k [B, H_kv, L, D]
-    and get [B, H, Lq, Lk] (maskdsl.topk states the rule).
+    and get [B, H, Lq, Lk] (maskdsl.harness.topk states the rule).
     """
     mask = _mask_def(spec, mask_name)
     if mask.dynamic:
         if q is None or k is None:
             raise ValueError(f"mask {mask_name!r} has a top-k term and depends on the data: pass q and k")
-        from maskdsl.topk import dynamic_mask
+        from maskdsl.harness.topk import dynamic_mask
 
         return dynamic_mask(mask, q.detach().cpu(), k.detach().cpu())
     return static_mask(mask.expr, mask.layout.shape)
@@ -43,7 +43,7 @@ def reference_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     mask_def = _mask_def(spec, mask_name)
     rows = rows.to(torch.int64).cpu()
     if mask_def.dynamic:
-        from maskdsl.topk import rows_mask
+        from maskdsl.harness.topk import rows_mask
 
         mask = rows_mask(mask_def, q, k, rows)
     else:

@@ -1,13 +1,13 @@
 """Per-dimension tile schedules in both directions: which key tiles a query tile visits, and which
 query tiles visit a key tile (the *transposed* schedule a dK/dV kernel walks).
 
-Both come from the exact integer bounds of every query row (`maskdsl.intervals.evaluate`), in
+Both come from the exact integer bounds of every query row (`maskdsl.analysis.intervals.evaluate`), in
 dilation-group coordinates, at O(extent) cost per dimension: nothing is ever [L, L] and no block
 mask is built. A product term's tile pair is visited (full) when it is in every dimension, so
 per-dimension ranges are all a kernel needs.
 
 Why the transposed ranges are contiguous: lo(i) and hi(i) are non-decreasing in i for every
-primitive (maskdsl.intervals states it), so a query tile's first/last visited key tile and its
+primitive (maskdsl.analysis.intervals states it), so a query tile's first/last visited key tile and its
 first/last fully seen key tile are non-decreasing in the tile index too; then the query tiles
 whose visited range holds key tile t are a contiguous run, and so are the ones that see all of it.
 This module checks that instead of trusting it: where a run is not contiguous it falls back to the

@@ -32,8 +32,8 @@ import math
 import numpy as np
 import torch
 
-from maskdsl import ir
-from maskdsl.topk_form import TopKForm, normal_form  # noqa: F401 - the rewrite lives with the IR
+from maskdsl.spec import ir
+from maskdsl.spec.topk_form import TopKForm, normal_form  # the rewrite lives with the IR
 
 
 def block_grid(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
@@ -62,7 +62,7 @@ def block_boxes(shape: tuple[int, ...], block: tuple[int, ...]) -> np.ndarray:
 
 def candidate_blocks(form: TopKForm, shape: tuple[int, ...]) -> torch.Tensor:
     """Bool [query blocks, key blocks]: where R attends at least one pair (closed form, no [L, L])."""
-    from maskdsl.analysis import mask_box_counts
+    from maskdsl.analysis.counts import mask_box_counts
 
     nb = block_count(shape, form.topk.block)
     if isinstance(form.restrict, ir.Full):
@@ -111,7 +111,7 @@ def reference_picks(q: torch.Tensor, k: torch.Tensor, form: TopKForm, shape) -> 
 
 def dynamic_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool [B, H, L, L]: the mask a top-k spec gives for these inputs (small problems only)."""
-    from maskdsl.semantics import static_mask
+    from maskdsl.harness.semantics import static_mask
 
     form = normal_form(mask.expr)
     shape = mask.layout.shape
@@ -127,7 +127,7 @@ def dynamic_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor) -> torch.Te
 def rows_mask(mask: ir.MaskDef, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
               picks: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B, H, len(rows), L]: the given query rows of a top-k mask (picks computed if not given)."""
-    from maskdsl.semantics import static_mask
+    from maskdsl.harness.semantics import static_mask
 
     form = normal_form(mask.expr)
     shape = mask.layout.shape

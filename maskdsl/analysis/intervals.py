@@ -23,7 +23,7 @@ I, G, N = sp.symbols("i g n", integer=True, nonnegative=True)
 
 
 def key_interval(window: int, stride: int, causal: bool) -> tuple[sp.Expr, sp.Expr]:
-    """(lo, hi) of a neighborhood dimension in group coordinates (maskdsl.semantics states the rule)."""
+    """(lo, hi) of a neighborhood dimension in group coordinates (maskdsl.harness.semantics states the rule)."""
     w, s = sp.Integer(window), sp.Integer(stride)
     group_start = sp.floor(I / s) * s
     if causal:

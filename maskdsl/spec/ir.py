@@ -40,7 +40,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class Neighborhood:
-    """NATTEN/GNA neighborhood attention, per dimension (see maskdsl.semantics)."""
+    """NATTEN/GNA neighborhood attention, per dimension (see maskdsl.harness.semantics)."""
 
     window: IntTuple
     dilation: IntTuple
@@ -88,7 +88,7 @@ class Sink:
 class TopK:
     """Data-dependent block selection: each query block keeps its `k` best-scoring key blocks.
 
-    A block is a box of the grid, `block[d]` tokens along dimension d (maskdsl.topk); an int is
+    A block is a box of the grid, `block[d]` tokens along dimension d (maskdsl.harness.topk); an int is
     the 1-D shorthand for `(int,)`.
     """
 
@@ -181,7 +181,11 @@ class MaskDef:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-DTYPES = ("bf16", "fp16", "fp32")
+# The spec's dtype names, each with the torch dtype it runs as (by name: the spec floor does not import
+# torch) and its bytes per element. The kernels take exactly these.
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SPEC_DTYPES = tuple(TORCH_DTYPE_NAMES)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ class Spec:
         for m in self.masks:
             if m.name == name:
                 return m
-        from maskdsl.errors import suggest
+        from maskdsl.spec.errors import suggest
 
         known = [m.name for m in self.masks]
         raise KeyError(f"no mask named {name!r} in the spec{suggest(name, known)}; masks: {', '.join(known) or 'none'}")

@@ -1,7 +1,7 @@
 """Row-major flat token ranges as disjoint boxes of the grid: the one decomposition every layer counts with.
 
 A range of consecutive row-major tokens is not a box, but it is a union of at most ``2*rank - 1``
-disjoint boxes, and boxes are what the closed-form counts (``maskdsl.analysis.mask_box_counts``)
+disjoint boxes, and boxes are what the closed-form counts (``maskdsl.analysis.counts.mask_box_counts``)
 take. Sink tokens (a prefix), top-k blocks (ranges of ``block`` tokens) and row-major kernel tiles
 (ranges of ``prod(tile)`` tokens) are all such ranges.
 """

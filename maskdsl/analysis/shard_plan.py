@@ -4,7 +4,7 @@ Context parallelism shards a grid along its outermost dimension ("frames": the f
 positions of a sequence). A rank owns one chunk of frames, or two under zig-zag sharding (chunks r
 and 2R-1-r of 2R, which evens out a causal mask's work), and holds the q, k and v rows of its chunks
 concatenated. Each query chunk then needs the key frames the analysis says its queries attend
-(`maskdsl.halo.needed_frames`, exact), rounded out to whole key tiles so a kernel never reads a tile
+(`maskdsl.analysis.halo.needed_frames`, exact), rounded out to whole key tiles so a kernel never reads a tile
 that straddles a buffer's edge. Those frames are cut into *segments*, one kernel call each, whose
 log-sum-exps are merged: the chunk's own frames first (no communication, so they hide the exchange
 of the rest), then one segment per run of remote frames, capped at `max_segment_frames` so that a
@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from maskdsl import ir
-from maskdsl.halo import needed_frames, query_frames
+from maskdsl.spec import ir
+from maskdsl.analysis.halo import needed_frames, query_frames
 
 
 @dataclass(frozen=True)

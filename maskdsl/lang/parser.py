@@ -6,13 +6,14 @@ named masks are inlined, which makes the IR self-contained and names irrelevant 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from maskdsl import ir, limits
-from maskdsl.errors import BindError, SpecError, suggest
-from maskdsl.primitives import BARE_PRIMITIVES, PRIMITIVES, Param, bind_args, bind_call
-from maskdsl.syntax import BinOp, Call, Ref, Stmt, parse_syntax
-from maskdsl.validate import HEAD_DIMS, RESERVED, attention_problem, expression_problem  # noqa: F401 - HEAD_DIMS re-exported
+from maskdsl.spec import ir, limits
+from maskdsl.spec.errors import BindError, SpecError, suggest
+from maskdsl.lang.primitives import BARE_PRIMITIVES, PRIMITIVES, Param, bind_args, bind_call
+from maskdsl.lang.syntax import BinOp, Call, Ref, Stmt, parse_syntax
+from maskdsl.lang.validate import RESERVED, attention_problem, expression_problem
 
 ATTENTION_PARAMS = (Param("mask", "word"), Param("heads", "int"), Param("head_dim", "int", 128),
                     Param("kv_heads", "int", 0), Param("dtype", "word", "bf16"), Param("batch", "int", 1))
@@ -103,7 +104,7 @@ class _Resolver:
         problem = expression_problem(expr)  # on the inlined form, which is what `fmt` prints and later stages walk
         if problem is not None:
             raise BindError(f"mask {stmt.name!r}: {problem[0]}", stmt.name_pos, problem[1])
-        from maskdsl.analysis import NotAnalyzable, check_analyzable  # numpy and sympy: only once a mask is read
+        from maskdsl.analysis.counts import NotAnalyzable, check_analyzable  # numpy and sympy: only once a mask is read
 
         try:  # refused here, so that everything that parses can be analysed
             check_analyzable(expr, layout.shape)
@@ -168,10 +169,19 @@ class _Resolver:
         if problem is not None:
             message, key, hint = problem
             if key == "dtype":
-                message += suggest(out["dtype"], ir.DTYPES)
+                message += suggest(out["dtype"], ir.SPEC_DTYPES)
             raise BindError(message, values[key].pos, hint)
         kv = out["kv_heads"] or out["heads"]
         return ir.Attention(stmt.name, out["mask"], out["heads"], kv, out["head_dim"], out["dtype"], out["batch"])
+
+
+def as_spec(spec) -> ir.Spec:
+    """A Spec as given, or the one a .mask file at this path holds: every entry point that takes either."""
+    if isinstance(spec, ir.Spec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return load(spec)
+    raise ValueError(f"spec must be a maskdsl Spec or a path to a .mask file, got {type(spec).__name__}")
 
 
 def _refs(node):

@@ -1,4 +1,4 @@
-"""The exact mask semantics (DESIGN.md §3): the oracle that every other part is tested against.
+"""The exact mask semantics (docs/DESIGN.md §3): the oracle that every other part is tested against.
 
 Per dimension of extent n, a neighborhood with window w, dilation d, stride s and causal flag c
 relates query coordinate i to key coordinate j as follows (NATTEN's rule, as written in
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 def neighborhood_rule(i, j, n: int, window: int, dilation: int = 1, stride: int = 1, causal: bool = False):

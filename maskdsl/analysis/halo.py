@@ -7,7 +7,7 @@ dimension, the exact key bounds of every query coordinate; the keys a slab's que
 product over dimensions of the per-dimension key sets, so the first and last needed row of every
 (rank, source) pair follow in closed form, O(extent) per dimension, with no [L, L] anywhere.
 
-`needed_frames` is the per-chunk form the exchange plan (`maskdsl.shard_plan`) is built from; the
+`needed_frames` is the per-chunk form the exchange plan (`maskdsl.analysis.shard_plan`) is built from; the
 exchange itself is `maskdsl.distributed`.
 """
 
@@ -19,8 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from maskdsl import ir
-from maskdsl.analysis import Rel1D, num_products
+from maskdsl.spec import ir
+from maskdsl.analysis.counts import Rel1D, num_products
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The top-k normal form S | (picked & R): one rewrite, torch-free, so the parser and analysis can use it.
 
-`maskdsl.topk` (selection, reference) and the kernels build on it; the analysis checks S and R at
+`maskdsl.harness.topk` (selection, reference) and the kernels build on it; the analysis checks S and R at
 parse time without loading torch.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from maskdsl import ir
+from maskdsl.spec import ir
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Every static primitive is a union of *products*: sets of (query, key) pairs that
 the grid's dimensions, each factor a 1-D relation "query coordinate i sees the keys j with
 j = i (mod d) and lo[i] <= j // d <= hi[i]" (an arithmetic interval, `Rel1D`):
 
-* a neighborhood is one product (its per-dimension intervals come from maskdsl.intervals);
+* a neighborhood is one product (its per-dimension intervals come from maskdsl.analysis.intervals);
 * flat causal (j <= i in row-major order) is the disjoint union over k of
   "equal in dims < k, j_k < i_k (<= in the last dim), anything after";
 * sink(n): "query among the first n tokens" or "key among the first n tokens"; a row-major
@@ -25,10 +25,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from maskdsl import ir
-from maskdsl.boxes import flat_range_boxes
-from maskdsl.limits import MAX_PRODUCTS, work_problem
-from maskdsl.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
+from maskdsl.spec import ir
+from maskdsl.analysis.boxes import flat_range_boxes
+from maskdsl.spec.limits import MAX_PRODUCTS, work_problem
+from maskdsl.analysis.intervals import (SymRel, evaluate, intersect, rel_all, rel_before, rel_equal, rel_keys_in,
                                rel_neighborhood, rel_queries_in)
 
 
@@ -272,7 +272,7 @@ def check_analyzable(expr: ir.MaskExpr, shape) -> None:
     if sum(isinstance(node, ir.TopK) for node in ir.walk(expr)) > 1:
         raise NotAnalyzable("a mask may hold one top-k term; combine several selections into one topk(...)")
     if ir.is_dynamic(expr):
-        from maskdsl.topk_form import normal_form
+        from maskdsl.spec.topk_form import normal_form
 
         try:
             form = normal_form(expr)
@@ -441,10 +441,6 @@ def mask_box_counts(expr: ir.MaskExpr, shape, qboxes: np.ndarray, kboxes: np.nda
         rels = term.num if dilation is None else permuted_rels(term, dilation)
         total += sign * box_pair_counts(rels, qboxes, kboxes)
     return total
-
-
-def whole_grid(shape) -> np.ndarray:
-    return np.array([[(0, n) for n in shape]], dtype=np.int64)
 
 
 def attended_pairs(expr: ir.MaskExpr, shape) -> int:

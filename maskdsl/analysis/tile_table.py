@@ -14,7 +14,7 @@ dimensions at the front):
     RUN2, RUN2 + 1      "runs" only: the second run of key tiles [lo, hi) (the first is BOX's last d)
     FLAG                "runs" only: 1 when every tile of the query tile is masked
 
-Per-dimension range tables (`maskdsl.transpose`; [..., tiles, RANGE]): for a tile of one kind, the
+Per-dimension range tables (`maskdsl.analysis.transpose`; [..., tiles, RANGE]): for a tile of one kind, the
 tiles of the other kind it visits [A, B] and those it sees whole [FA, FB], inclusive (B < A: none).
 """
 

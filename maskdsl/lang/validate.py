@@ -1,8 +1,8 @@
 """The rules a Spec must satisfy, however it was built: by the parser, or by hand in Python.
 
 The parser applies them while it still knows where each value came from (file:line:col);
-`validate_spec` applies the same rules to a `Spec` built from `maskdsl.ir` dataclasses, which the
-front door (`maskdsl.compile`, `maskdsl.codegen.compiled.compile_attention`) is handed with no
+`validate_spec` applies the same rules to a `Spec` built from `maskdsl.spec.ir` dataclasses, which the
+front door (`maskdsl.compile`, `maskdsl.codegen.build.compile_attention`) is handed with no
 guarantee at all: a name with a newline, a window of "3", a 10**12-token grid. Names and numbers
 reach generated code, the cache and the analysis only after this.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import re
 
-from maskdsl import ir, limits
-from maskdsl.errors import SpecError
-from maskdsl.primitives import PRIMITIVES, domain_problem
+from maskdsl.spec import ir, limits
+from maskdsl.spec.errors import SpecError
+from maskdsl.lang.primitives import PRIMITIVES, domain_problem
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the grammar's NAME token
 RESERVED = set(PRIMITIVES) | {"grid", "layout", "mask", "attention", "on", "true", "false"}
-HEAD_DIMS = tuple(range(16, 257, 8))  # any multiple of 8 from 16 to 256: static kernels pad to a power of two
 WHERE = "<Spec built in Python>"
 
 
@@ -40,11 +39,11 @@ def attention_problem(a: dict) -> tuple[str, str, str | None] | None:
     if kv < 1 or a["heads"] % kv:
         return (f"kv_heads={kv} must divide heads={a['heads']}", "kv_heads",
                 "grouped-query attention shares each kv head among heads/kv_heads query heads")
-    if a["head_dim"] not in HEAD_DIMS:
+    if a["head_dim"] not in limits.SPEC_HEAD_DIMS:
         return (f"head_dim={a['head_dim']} is not supported", "head_dim",
                 "use a multiple of 8 from 16 to 256 (top-k masks: a power of two)")
-    if a["dtype"] not in ir.DTYPES:
-        return f"unknown dtype {a['dtype']!r}", "dtype", f"dtypes: {', '.join(ir.DTYPES)}"
+    if a["dtype"] not in ir.SPEC_DTYPES:
+        return f"unknown dtype {a['dtype']!r}", "dtype", f"dtypes: {', '.join(ir.SPEC_DTYPES)}"
     return None
 
 
@@ -95,7 +94,7 @@ def validate_spec(spec) -> ir.Spec:
     for field, cls in (("layouts", ir.Layout), ("masks", ir.MaskDef), ("attentions", ir.Attention)):
         items = getattr(spec, field)
         if not isinstance(items, tuple) or not all(isinstance(x, cls) for x in items):
-            _fail(f"Spec.{field} must be a tuple of maskdsl.ir.{cls.__name__}")
+            _fail(f"Spec.{field} must be a tuple of maskdsl.spec.ir.{cls.__name__}")
     for kind, items in (("layout", spec.layouts), ("mask", spec.masks), ("attention", spec.attentions)):
         names = [x.name for x in items]
         for name in names:
@@ -115,7 +114,7 @@ def validate_spec(spec) -> ir.Spec:
         if (problem := expression_problem(mask.expr)) is not None:  # first: the walk below does not memoise
             _fail(f"{where}: {problem[0]}", problem[1])
         _check_expr(mask.expr, mask.layout, where, 0)
-        from maskdsl.analysis import NotAnalyzable, check_analyzable
+        from maskdsl.analysis.counts import NotAnalyzable, check_analyzable
 
         try:
             check_analyzable(mask.expr, mask.layout.shape)
@@ -179,7 +178,7 @@ def _check_expr(expr, layout: ir.Layout, where: str, level: int) -> None:
             _fail(f"{where}: topk k and block must be integers of at most 2^63 - 1 (block: one per dimension), "
                   f"got {expr.k!r}, {expr.block!r}")
     elif not isinstance(expr, (ir.Causal, ir.Full)):
-        _fail(f"{where}: {expr!r} is not a mask expression (maskdsl.ir.{', '.join(c.__name__ for c in ir.PRIMITIVES)},"
+        _fail(f"{where}: {expr!r} is not a mask expression (maskdsl.spec.ir.{', '.join(c.__name__ for c in ir.PRIMITIVES)},"
               " Union_, Intersection)")
     problem = domain_problem(expr, layout)
     if problem is not None:
