@@ -12,6 +12,8 @@ with their reason stored on the trial; nothing crashes the study.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import optuna
@@ -20,7 +22,7 @@ from typing import Callable
 
 from maskdsl.autotune import policy, space
 from maskdsl.autotune.space import decode, decode_any, decode_backward, encode, encode_backward, tiles_label
-from maskdsl.autotune.database import open_storage
+from maskdsl.autotune.database import TuningDatabaseError, open_storage, redact, storage_url
 from maskdsl.autotune.keys import Device, current_device, study_name
 from maskdsl.harness.measure import Problem
 from maskdsl.autotune.measure import BackwardBench, Bench, WrongOutput
@@ -82,7 +84,43 @@ def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per
 
 def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None, timeout: float | None = None,
          seed: int | None = None, progress: bool = False, per_volume: int = 3, backward: bool = False) -> TuneResult:
-    """Run (or resume) the study of `mask`'s forward kernel, or with `backward` of its backward kernels."""
+    """Run (or resume) the study of `mask`'s forward kernel, or with `backward` of its backward kernels.
+
+    A database that fails mid-run (a server gone, a dropped connection) is a TuningDatabaseError naming the
+    storage (never its password) and what failed: what finished is stored, and the same call resumes.
+    """
+    try:
+        return _tune(spec, mask, trials, storage, timeout, seed, progress, per_volume, backward)
+    except TuningDatabaseError:
+        raise
+    except Exception as exc:
+        cause = _database_failure(exc)
+        if cause is None:
+            raise
+        what = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise TuningDatabaseError(
+            f"the tuning database {redact(storage_url(storage))} failed while tuning mask {mask!r} "
+            f"({type(cause).__name__}: {what[:300]}); the trials that finished are stored: run the same command "
+            "again to resume the study (a trial this run left running is marked failed then)") from exc
+
+
+def _database_failure(exc: BaseException) -> BaseException | None:
+    """The storage error behind `exc`, if any: Optuna can fail on its own afterwards (an UnboundLocalError
+    while recording a trial whose state could not be written), with the driver's error as its context."""
+    import sqlalchemy.exc
+
+    seen, found = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+            found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    # the driver's own error says what happened; Optuna's wrapper only that a commit failed
+    return next((e for e in found if isinstance(e, sqlalchemy.exc.SQLAlchemyError)), found[0] if found else None)
+
+
+def _tune(spec: ir.Spec, mask: str, trials: int, storage: str | None, timeout: float | None, seed: int | None,
+          progress: bool, per_volume: int, backward: bool) -> TuneResult:
     optuna.logging.set_verbosity(logging.WARNING)
     mdef = spec.mask(mask)
     if backward and mdef.dynamic:
@@ -102,12 +140,14 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
         study.set_user_attr("grid", list(mdef.layout.shape))
         study.set_user_attr("interpreted", device.interpreted)
         study.set_user_attr("pass", search.pass_)
+    fail_dead_tuners_trials(study)
     if not study.trials:
         for cfg in search.seeds:
             study.enqueue_trial(search.encode(cfg), user_attrs={"seed": "simulator"})
     bench = (BackwardBench if backward else Bench)(spec, mask, problem, device)
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(TUNER_ATTR, _this_tuner())  # whose trial: a resume on this host can tell it died
         cfg = search.decode({key: trial.suggest_categorical(key, choices) for key, choices in search.choices.items()})
         try:
             return bench.time_ms(cfg)
@@ -125,6 +165,44 @@ def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None,
         except Exception as exc:
             study.set_user_attr("default_error", f"{type(exc).__name__}: {str(exc)[:300]}")
     return summarize(study, device)
+
+
+TUNER_ATTR = "tuner"  # a trial's user attribute: "host pid start", the tuner process running it
+
+
+def _this_tuner() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_process_start(os.getpid())}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (so a reused pid is not taken for the tuner)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def fail_dead_tuners_trials(study) -> list[int]:
+    """Mark FAIL the trials left RUNNING by a tuner process of this host that is gone (killed, or ended by
+    a database that went away): Optuna would keep them RUNNING forever. Trials of live tuners (a fleet
+    sharing the study) and of other hosts are left alone. Returns the numbers of the trials failed."""
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = str(t.user_attrs.get(TUNER_ATTR, "")).split()
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        pid = int(owner[1])
+        if _process_start(pid) is not None and _process_start(pid) == owner[2]:
+            continue  # still running (in another tuner process on this host)
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"its tuner (pid {pid}) died")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            failed.append(t.number)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            pass  # another resuming tuner got there first
+    return failed
 
 
 def summarize(study, device: Device) -> TuneResult:

@@ -17,6 +17,7 @@ a bounded buffer. A top-k mask needs every key to select from: its one segment i
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from maskdsl.analysis.counts import layout_dilation, num_products
 from maskdsl.codegen.merge import merge_into
 from maskdsl.analysis.shard_plan import ShardPlan, full_plan, shard_plan
+from maskdsl.rank_agreement import RanksDisagree, RankTimeout, agree, wait
 
 
 def plan_for(fn, ranks: int, zigzag: bool = False, max_segment_frames: int | None = None,
@@ -123,23 +125,52 @@ class ContextParallelAttention:
     choose the kernels' tiles (the tuning database's, else the simulator's best); chunk edges fall on
     every kernel's dimension-0 tiles. `overlap` (shard_plan): attend the own frames while the halo
     travels (one more call per halo), or join halo and own frames into one buffer and one call.
+
+    The ranks agree or fail together: construction, and the first call with each batch/heads/head_dim/
+    dtype/scale, check that every rank holds the same layer (RanksDisagree, on every rank, names the ranks
+    and what differs), and `timeout` seconds bound each wait on a peer (RankTimeout; on gloo the halo
+    exchange's waits too).
     """
 
     def __init__(self, spec, mask: str, group=None, zigzag: bool = False, config=None, backward_config=None,
-                 max_segment_frames: int | None = None, head_dim: int | None = None, overlap: bool = True):
+                 max_segment_frames: int | None = None, head_dim: int | None = None, overlap: bool = True,
+                 timeout: float = 60.0):
         from maskdsl.api import compile as compile_mask
 
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
                                "first (torchrun sets the environment it reads)")
-        self.fn = compile_mask(spec, mask, config, backward_config)
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.group = group
         self.ranks = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        attention = _attention(spec, mask)
-        self.head_dim = head_dim or (attention.head_dim if attention else 128)
-        self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim, overlap)
+        self.timeout = float(timeout)  # bounds every wait on a peer (the agreement checks; gloo's exchange too)
+        self._agreed_call = None  # the call signature every rank last agreed on
+        self._host_waits = "gloo" in str(dist.get_backend(group)).lower()
+        failure = None
+        try:
+            self.fn = compile_mask(spec, mask, config, backward_config)
+            attention = _attention(spec, mask)
+            self.head_dim = head_dim or (attention.head_dim if attention else 128)
+            self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim, overlap)
+            facts = self._layer_facts(zigzag, overlap, max_segment_frames)
+        except Exception as exc:  # noqa: BLE001 - the peers are told, then this rank raises its own error
+            failure = exc
+            facts = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]}
+        # Ranks holding different layers would exchange by different plans: a wrong result or a crash.
+        _agree_or_raise(facts, failure, group, self.timeout, "ContextParallelAttention")
         self.received_bytes = 0  # K/V bytes this rank received in its last forward (checked against the plan)
+
+    def _layer_facts(self, zigzag: bool, overlap: bool, max_segment_frames: int | None) -> dict[str, str]:
+        """What must be the same on every rank for the exchange to be right (readable, for the error)."""
+        mdef = self.fn.mask
+        plan_text = repr((self.plan.chunk_unit, self.plan.key_unit, self.plan.chunks, self.plan.segments))
+        return {"mask": f"{mdef.name} = {mdef.expr.fmt()}", "grid": f"grid({', '.join(map(str, mdef.layout.shape))})",
+                "world size": str(self.ranks), "zigzag": str(zigzag), "overlap": str(overlap),
+                "max_segment_frames": str(max_segment_frames), "head_dim": str(self.head_dim),
+                "frame tiles (forward, backward)": f"{self.fn.frame_tiles}, {self.fn.backward_frame_tiles(self.head_dim)}",
+                "shard plan": hashlib.sha256(plan_text.encode()).hexdigest()[:16]}
 
     # ---- moving whole tensors between the global and the sharded layouts (examples, tests) ----
     def local_rows(self, rank: int | None = None) -> int:
@@ -169,6 +200,26 @@ class ContextParallelAttention:
     # ---- the attention ----
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  return_lse: bool = False):
+        failure = None
+        try:
+            self._check_local(q, k, v)
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        except Exception as exc:  # noqa: BLE001
+            if self._agreed_call is not None:
+                raise  # the peers run on (documented): only the first call is checked by all ranks
+            failure = exc
+        signature = None if failure else _call_signature(q, k, v, scale)
+        if failure or signature != self._agreed_call:
+            # Checked on the first call and whenever this rank's call changes: a cheap host-side compare
+            # otherwise (each check is a collective, and on NCCL a device-to-host copy).
+            facts = {"error": f"{type(failure).__name__}: {str(failure).splitlines()[0]}"[:500]} if failure else \
+                dict(zip(("q", "k", "v", "device", "scale"), signature))
+            _agree_or_raise(facts, failure, self.group, self.timeout, "ContextParallelAttention call")
+            self._agreed_call = signature
+        out, lse = _Attention.apply(q, k, v, self, scale)
+        return (out, lse) if return_lse else out
+
+    def _check_local(self, q, k, v) -> None:
         want = self.local_rows()
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4 or t.shape[2] != want:
@@ -178,9 +229,6 @@ class ContextParallelAttention:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head_dim {q.shape[-1]} but this attention was planned for {self.head_dim} "
                              f"(its backward tiles, hence chunk edges, depend on it); pass head_dim={q.shape[-1]}")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse = _Attention.apply(q, k, v, self, scale)
-        return (out, lse) if return_lse else out
 
     def exchange(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """The forward's K/V exchange alone, with no attention: what the link costs (benchmarks time it
@@ -245,8 +293,7 @@ class ContextParallelAttention:
         steps = plan.steps(r)
         for step in range(plan.step_count()):
             works, received = pending
-            for w in works:
-                w.wait()
+            self._wait(works, f"exchange step {step}'s keys")
             pending = self._post(step + 1, tensors) if step + 1 < plan.step_count() else None
             self.received_bytes += count * sum(t.numel() * t.element_size() for bufs in received.values() for t in bufs)
             if step < len(steps):
@@ -310,13 +357,23 @@ class ContextParallelAttention:
                 returns.append(self._post_returns(step, ops, k, v))
         for step in range(len(steps), plan.step_count()):  # steps where only others send this rank's keys back
             returns.append(self._post_returns(step, [], k, v))
-        for works, adds in returns:
-            for w in works:
-                w.wait()
+        for i, (works, adds) in enumerate(returns):
+            self._wait(works, f"the dK/dV returns of exchange step {i}")
             for (a, _), gk, gv in adds:
                 dk.add(a, gk)
                 dv.add(a, gv)
         return dq.result(), dk.result(), dv.result()
+
+    def _wait(self, works, what: str) -> None:
+        """Wait for posted transfers. On gloo the host blocks, so the wait is bounded by `timeout` (a peer
+        that raised leaves a clear error, not a hang); NCCL orders them on the stream, and a lost peer is
+        its watchdog's to report (the process group's timeout)."""
+        for w in works:
+            if self._host_waits:
+                wait(w, self.group, self.timeout, f"ContextParallelAttention: rank {self.rank} waited "
+                                                  f"{self.timeout:g} s for {what}")
+            else:
+                w.wait()
 
     def _post_returns(self, step: int, ops: list, k, v):
         """Post this step's dK/dV returns: `ops` sends this rank's, plus receives of what the ranks this
@@ -382,6 +439,29 @@ def _union(ranges: list[tuple[int, int]], new: tuple[int, int]) -> list[tuple[in
         else:
             a, b = min(a, x), max(b, y)
     return sorted(out + [(a, b)])
+
+
+def _agree_or_raise(facts: dict, failure: Exception | None, group, timeout: float, what: str) -> None:
+    """Agree with the peers; a rank whose own set-up failed tells them why, then raises its own error."""
+    if failure is None:
+        agree(facts, group, timeout, what)
+        return
+    try:
+        agree(facts, group, timeout, what)
+    except (RanksDisagree, RankTimeout):
+        pass  # the peers were told (or are gone); this rank's own error is the one to see
+    raise failure
+
+
+def _call_signature(q, k, v, scale: float) -> tuple[str, ...]:
+    """What a call must share with every rank's: shapes but the local rows (chunks differ in size), dtypes,
+    device type, scale."""
+    def tensor(t):
+        shape = list(t.shape)
+        shape[2] = "local"
+        return f"[{', '.join(map(str, shape))}] {str(t.dtype).removeprefix('torch.')}"
+
+    return tensor(q), tensor(k), tensor(v), q.device.type, repr(scale)
 
 
 def _attention(spec, mask: str):

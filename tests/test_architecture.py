@@ -25,7 +25,7 @@ FOLDERS = {"maskdsl": "maskdsl", "codegen": "maskdsl.codegen", "simulator": "mas
            "autotune": "maskdsl.autotune", "bench": "maskdsl.bench"}
 FOLDER_NAMES = ("codegen", "simulator", "autotune", "bench")  # installed only as maskdsl.<name>
 FRONT_DOOR = {"maskdsl", "maskdsl.api", "maskdsl.nn", "maskdsl.cli", "maskdsl.distributed", "maskdsl.describe",
-              "maskdsl.show"}
+              "maskdsl.show", "maskdsl.rank_agreement"}
 LEAVES = {"maskdsl.cache", "maskdsl.version"}  # import nothing of maskdsl; any floor may use them
 FLOORS = (("maskdsl.spec", 1), ("maskdsl.analysis", 2), ("maskdsl.lang", 3), ("maskdsl.harness", 4),
           ("maskdsl.codegen", 5), ("maskdsl.simulator", 5), ("maskdsl.autotune", 6))

@@ -236,3 +236,94 @@ def test_row_sums_copy_first_parts_and_add_later_ones():
             want[:, :, a:b] += part
             got.add(a, part)
         torch.testing.assert_close(got.result(), want, msg=f"trial {trial}")
+
+
+# ---- ranks agree or fail together (real processes: what one rank holds, the other must hear of) ----
+
+AGREE_TIMEOUT = 3.0  # seconds: the layer's bound in these tests (the process group's own is 45 s below)
+
+
+def _layer(layout: str, text: str, mask: str = "m", **kwargs):
+    from maskdsl.distributed import ContextParallelAttention
+
+    spec = maskdsl.parse(f"layout g = {layout}\nmask m = {text}")
+    cfg = KernelConfig((16,), (16,))
+    return ContextParallelAttention(spec, mask, config=cfg, backward_config=BackwardConfig(cfg, cfg), head_dim=D,
+                                    timeout=AGREE_TIMEOUT, **kwargs)
+
+
+def _refused(kind, fn, *texts) -> float:
+    """Run fn, which must raise `kind` naming every text; the seconds it took."""
+    import time
+
+    start = time.monotonic()
+    try:
+        fn()
+    except kind as exc:
+        missing = [t for t in texts if t not in str(exc)]
+        assert not missing, f"{type(exc).__name__} does not name {missing}: {exc}"
+        return time.monotonic() - start
+    raise AssertionError(f"expected {kind.__name__} naming {texts}, got no error")
+
+
+def _agreement_worker(rank: int, world: int, port: int, errors) -> None:
+    import datetime
+    import time
+
+    from maskdsl.rank_agreement import RanksDisagree, RankTimeout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=45))
+    step = "start"
+    try:
+        step = "different windows"  # would run, each rank with its own plan, to a wrong result
+        _refused(RanksDisagree, lambda: _layer("grid(64)", f"sliding_window({9 + 2 * rank})"),
+                 "mask differs: rank 0 has m = neighborhood(window=9), rank 1 has m = neighborhood(window=11)")
+        step = "different grids"  # would post sends and receives of different sizes: gloo aborts the process
+        _refused(RanksDisagree, lambda: _layer(f"grid({64 + 16 * rank})", "sliding_window(9)"),
+                 "grid differs: rank 0 has grid(64), rank 1 has grid(80)")
+        step = "a rank that cannot build the layer"  # its peers hear its reason at once
+        if rank == 1:
+            _refused(KeyError, lambda: _layer("grid(64)", "sliding_window(9)", mask="nope"), "no mask named 'nope'")
+        else:
+            _refused(RanksDisagree, lambda: _layer("grid(64)", "sliding_window(9)"),
+                     "rank 1 could not build it (KeyError")
+        step = "different batch sizes on the first call"
+        attn = _layer("grid(64)", "sliding_window(9)")
+        gen = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1 + rank, h, 64, D, generator=gen) for h in (H, HKV, HKV))
+        _refused(RanksDisagree, lambda: attn(attn.shard(q), attn.shard(k), attn.shard(v)),
+                 "q differs: rank 0 has [1, 4, local, 16] float32, rank 1 has [2, 4, local, 16] float32")
+        step = "agreeing calls, then a rank raising on its next call"
+        q, k, v = (t[:1] for t in (q, k, v))
+        attn(attn.shard(q), attn.shard(k), attn.shard(v))
+        if rank == 1:
+            _refused(ValueError, lambda: attn(q, k, v), "local rows")  # whole tensors: refused here, alone
+            time.sleep(AGREE_TIMEOUT + 1)  # and stays alive while its peer waits for its keys
+        else:
+            took = _refused(RankTimeout, lambda: attn(attn.shard(q), attn.shard(k), attn.shard(v)),
+                            f"rank 0 waited {AGREE_TIMEOUT:g} s for exchange step 0's keys")
+            assert took < AGREE_TIMEOUT + 10, f"the exchange's wait took {took:.1f} s"
+        step = "a peer that raised before building the layer"
+        fresh = dist.new_group(backend="gloo")  # the timed-out pair of the last step is closed
+        if rank == 1:
+            time.sleep(AGREE_TIMEOUT + 2)  # it raised somewhere of its own, stays alive, never builds the layer
+        else:
+            took = _refused(RankTimeout, lambda: _layer("grid(64)", "sliding_window(9)", group=fresh),
+                            f"rank 0 of 2 waited {AGREE_TIMEOUT:g} s for every rank to join")
+            assert took < AGREE_TIMEOUT + 10, f"the agreement's wait took {took:.1f} s"
+    except Exception:  # noqa: BLE001 - the parent reports the traceback
+        errors.put(f"rank {rank}, {step}: {traceback.format_exc()}")
+    errors.put(f"done {rank}")
+    os._exit(0)  # a timed-out collective stays posted: skip the process group's teardown
+
+
+def test_ranks_holding_different_layers_fail_together_and_every_wait_is_bounded():
+    errors = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_agreement_worker, args=(2, _free_port(), errors), nprocs=2, join=True, start_method="spawn")
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert sorted(m for m in found if m.startswith("done")) == ["done 0", "done 1"], found
+    failures = [m for m in found if not m.startswith("done")]
+    assert not failures, "\n".join(failures)
