@@ -1,4 +1,4 @@
-"""Which compiled kernel a mask becomes: the static kernel (codegen.compiled) or the top-k one (codegen.topk).
+"""Which compiled kernel a mask becomes: the static kernel (codegen.compiled) or the top-k one (codegen.topk.forward).
 
 Its own module because the top-k kernel builds on the static one (it subclasses CompiledAttention and
 shares its launch and registry), so the choice between them cannot live beside the base class without
@@ -11,7 +11,7 @@ from maskdsl.codegen.compiled import CompiledAttention
 from maskdsl.codegen.config import BackwardConfig, KernelConfig, default_config
 from maskdsl.codegen.plan import build_plan
 from maskdsl.codegen.render import load_kernel
-from maskdsl.codegen.topk import CompiledTopKAttention, topk_config
+from maskdsl.codegen.topk.forward import CompiledTopKAttention, topk_config
 from maskdsl.spec import ir
 
 

@@ -11,10 +11,10 @@ Forwards, best first (`FORWARDS`):
 2. ``triton``: the Triton template (codegen.render), any static mask on any device the argument
    checks allow. It loads through the copy engine (TMA) where `tma_blocker` allows, else through
    pointers; MASKDSL_TMA=0 forces pointers.
-3. ``topk``: the top-k forward (codegen.topk): the masks with a top-k term, and only those.
+3. ``topk``: the top-k forward (codegen.topk.forward): the masks with a top-k term, and only those.
 
 Backwards (`BACKWARDS`): ``triton``, the split dK/dV + dQ kernels (codegen.backward), for static
-masks; ``topk``, the top-k backward (codegen.topk_backward), for top-k masks.
+masks; ``topk``, the top-k backward (codegen.topk.backward), for top-k masks.
 
 Every predicate returns None when its kernel can run, else a sentence saying why not; cheap tests
 come first. A `Target` stands for the device: the tensors' own by default, or `HOPPER` to ask what
@@ -274,7 +274,7 @@ def can_run_split_backward(fn) -> str | None:
 
 
 def can_run_topk_backward(fn) -> str | None:
-    """The top-k backward (codegen.topk_backward) takes the masks with a top-k term."""
+    """The top-k backward (codegen.topk.backward) takes the masks with a top-k term."""
     return None if fn.mask.dynamic else "no top-k term in the mask"
 
 

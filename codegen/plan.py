@@ -99,7 +99,7 @@ class KernelPlan:
 
 def build_plan(mask: ir.MaskDef, config: KernelConfig) -> KernelPlan:
     if mask.dynamic:
-        raise UnsupportedMask(f"mask {mask.name!r} has a top-k part; dynamic masks use codegen.topk")
+        raise UnsupportedMask(f"mask {mask.name!r} has a top-k part; dynamic masks use codegen.topk.forward")
     shape = mask.layout.shape
     config.validate(len(shape))
     try:

@@ -39,7 +39,7 @@ def _env() -> jinja2.Environment:
 # What shapes a kernel's text besides the template file it names: a change to any of these is a new kernel.
 _SOURCES = [*sorted(TEMPLATES.glob("*.jinja")),
             *(Path(__file__).parent / f for f in ("backward.py", "backward_text.py", "bounds.py", "context.py", "plan.py",
-                                        "printer.py", "topk_bwd_text.py")),
+                                        "printer.py", "topk/backward_text.py")),
             Path(tile_table.__file__)]
 
 

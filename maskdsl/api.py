@@ -89,7 +89,7 @@ def _check_stored(config, mask: ir.MaskDef) -> None:
     """A stored config must be one this mask's kernel can take (ValueError otherwise)."""
     config.validate(mask.layout.rank)
     if mask.dynamic:
-        from maskdsl.codegen.topk import topk_config
+        from maskdsl.codegen.topk.forward import topk_config
 
         topk_config(mask, config)
 

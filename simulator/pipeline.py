@@ -9,7 +9,7 @@ computes; by Little's law a slot then finishes at most (s - 1) tiles per load la
 
 c is the tile's SM time (the calibrated compute cost), k the CTAs sharing the SM (each slot runs at
 1/k of it, `simulator.schedule`). A loop whose loads sit inside a branch cannot be pipelined (the
-top-k kernel's general loop: `if full: ... else: masked ...` around every tile, codegen.topk), so
+top-k kernel's general loop: `if full: ... else: masked ...` around every tile, codegen.topk.forward), so
 each of its tiles waits for its load before computing; other CTAs on the SM fill that wait only
 when there are enough of them (the first max). A short tile in a two-stage pipeline (a 64-key tile
 on one CTA per SM) waits too: one load in flight does not cover the latency.

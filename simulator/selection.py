@@ -1,6 +1,6 @@
 """The top-k selection pass that runs before a top-k kernel's attention: its memory traffic.
 
-A top-k call (codegen.topk) is three steps before the attention kernel: pool K per block, pool Q
+A top-k call (codegen.topk.forward) is three steps before the attention kernel: pool K per block, pool Q
 per block fused with the block scores, then torch's stable sort of the block-level score map.
 Its cost has two parts of different physics:
 

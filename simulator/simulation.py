@@ -271,7 +271,7 @@ def _replace_topk(expr: ir.MaskExpr, as_full: bool) -> ir.MaskExpr | None:
 
 
 def _selection(expr, shape, att) -> SelectionWork:
-    """The top-k call's selection pass (one top-k term: codegen.topk's normal form has one)."""
+    """The top-k call's selection pass (one top-k term: codegen.topk.forward's normal form has one)."""
     node = next(n for n in ir.walk(expr) if isinstance(n, ir.TopK))
     if att is None:
         return selection_work(shape, node.block)
@@ -279,7 +279,7 @@ def _selection(expr, shape, att) -> SelectionWork:
 
 
 def _topk_pipelined(expr, shape, kv_tile) -> bool:
-    """Whether the top-k kernel walks its picked tiles in a pipelined loop: codegen.topk's fast loop, taken
+    """Whether the top-k kernel walks its picked tiles in a pipelined loop: codegen.topk.forward's fast loop, taken
     when nothing but the picks is attended (no static part, no restriction) and the blocks tile the grid in
     whole tiles; any other top-k mask branches around every tile's loads, which stops Triton prefetching
     them (`simulator.pipeline`). Restated here: the simulator does not import codegen."""

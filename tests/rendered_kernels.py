@@ -38,8 +38,8 @@ def _mask(source, name):
 def forward_text(mask) -> str:
     if mask.dynamic:
         from maskdsl.codegen.render import render_template
-        from maskdsl.codegen.topk import TEMPLATE, _context, topk_config
-        from maskdsl.codegen.topk_grid import TopKGrid
+        from maskdsl.codegen.topk.forward import TEMPLATE, _context, topk_config
+        from maskdsl.codegen.topk.grid import TopKGrid
         from maskdsl.harness.topk import normal_form
 
         cfg = topk_config(mask, None)
@@ -51,10 +51,10 @@ def forward_text(mask) -> str:
 def backward_text(mask) -> str:
     if mask.dynamic:
         from maskdsl.codegen.render import render_template
-        from maskdsl.codegen.topk import topk_config
-        from maskdsl.codegen.topk_backward import MAX_TILE, TEMPLATE
-        from maskdsl.codegen.topk_bwd_text import backward_context
-        from maskdsl.codegen.topk_grid import TopKGrid
+        from maskdsl.codegen.topk.forward import topk_config
+        from maskdsl.codegen.topk.backward import MAX_TILE, TEMPLATE
+        from maskdsl.codegen.topk.backward_text import backward_context
+        from maskdsl.codegen.topk.grid import TopKGrid
         from maskdsl.analysis.tiles import block_tile
         from maskdsl.harness.topk import normal_form
 

@@ -47,7 +47,7 @@ def codegen_verdict(mask, q_tile, kv_tile, head_dim, dtype):
     Hopper (None: the template): the schedule's, then the launch's own head_dim and dtype checks; the
     schedule's table is built."""
     if mask.dynamic:
-        return None  # top-k masks compile to codegen.topk, which has no Gluon forward
+        return None  # top-k masks compile to codegen.topk.forward, which has no Gluon forward
     ranges = plan_ranges(build_plan(mask, KernelConfig(q_tile, kv_tile, 4, 2)))
     if not ranges.ok:
         return None

@@ -8,7 +8,7 @@ import pytest
 
 import maskdsl
 from maskdsl.spec import ir
-from maskdsl.codegen.topk_grid import TopKGrid
+from maskdsl.codegen.topk.grid import TopKGrid
 from maskdsl.simulator import simulate
 from maskdsl.simulator.calibrate import Measurement, fit
 from maskdsl.simulator.pipeline import split, tile_slot_time
@@ -54,7 +54,7 @@ def test_a_short_two_stage_tile_waits_and_a_three_stage_one_does_not():
     assert s4[1] == s4[0]  # three loads in flight cover 3 us
 
 
-TOPK_MASKS = [  # (grid, mask): which of them codegen.topk runs in its pipelined fast loop
+TOPK_MASKS = [  # (grid, mask): which of them codegen.topk.forward runs in its pipelined fast loop
     ("4096", "topk(k=4, block=128)"),
     ("4000", "topk(k=4, block=128)"),  # the last block is cut: whole-tile loads no more
     ("4096", "topk(k=4, block=128) | sliding_window(256, causal=true)"),  # a static part
@@ -70,7 +70,7 @@ def test_the_topk_pipelined_rule_is_codegens_fast_loop(grid, mask):
     tile = (128,) if "," not in grid else (4, 8)
     form = normal_form(mdef.expr)
     g = TopKGrid(mdef.layout.shape, form.topk.block, tile)
-    # codegen.topk._context's rule: no static term, no restriction, blocks tiling the grid
+    # codegen.topk.forward._context's rule: no static term, no restriction, blocks tiling the grid
     fast = form.static is None and isinstance(form.restrict, ir.Full) and g.exact
     work = simulate(spec, "m", tile, costs=TRUTH).work
     assert work.pipelined == fast

@@ -9,7 +9,7 @@ import torch
 import maskdsl
 from maskdsl.analysis.counts import products
 from maskdsl.codegen.config import KernelConfig
-from maskdsl.codegen.topk_backward import static_query_tiles, transpose_picks
+from maskdsl.codegen.topk.backward import static_query_tiles, transpose_picks
 from maskdsl.analysis.intervals import evaluate
 from maskdsl.harness.topk import normal_form, reference_picks, rows_mask
 

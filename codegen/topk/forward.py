@@ -2,7 +2,7 @@
 
 The call is three launches: K pooling, fused Q pooling + block scores, and the attention
 kernel over S | (picked & R). Query and key tiles are boxes of the grid that divide the top-k
-block (codegen.topk_grid), addressed like the static kernel's (copy-engine loads included). Selection in between is torch's stable sort on the block-level
+block (codegen.topk.grid), addressed like the static kernel's (copy-engine loads included). Selection in between is torch's stable sort on the block-level
 scores (ties to the lower index). Only the [query blocks, key blocks] candidate map of R is
 computed at compile time (closed form); nothing is ever [L, L].
 """
@@ -23,7 +23,7 @@ from maskdsl.codegen.plan import KernelPlan, UnsupportedMask
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.cache import load_module
 from maskdsl.codegen.render import UNNAMED, comment_safe, kernel_key, render_template
-from maskdsl.codegen.topk_grid import TopKGrid, term_texts
+from maskdsl.codegen.topk.grid import TopKGrid, term_texts
 from maskdsl.spec import ir
 from maskdsl.harness.topk import candidate_blocks, normal_form
 
@@ -165,7 +165,7 @@ class CompiledTopKAttention(CompiledAttention):
         return f"CompiledTopKAttention({self.mask.name} = {self.mask.expr.fmt()}, {self.config.key()})"
 
     def select(self, q, k):
-        from maskdsl.codegen.topk_select import block_scores, select
+        from maskdsl.codegen.topk.select import block_scores, select
 
         scores = block_scores(q, k, self.mask.layout.shape, self.form.topk.block)
         cand = self._candidates.get(q.device)
@@ -187,7 +187,7 @@ class CompiledTopKAttention(CompiledAttention):
     @cached_property
     def backward(self):
         """The backward kernels, rendered on first use (inference never pays for them)."""
-        from maskdsl.codegen.topk_backward import TopKBackward
+        from maskdsl.codegen.topk.backward import TopKBackward
 
         return TopKBackward(self)
 

@@ -1,6 +1,6 @@
 """What the top-k backward template is rendered with: its tiles' lines, from the forward's pieces.
 
-The backward's query and key tiles are boxes of the grid (codegen.topk_grid), as the forward's;
+The backward's query and key tiles are boxes of the grid (codegen.topk.grid), as the forward's;
 the rows' key bounds and tile ranges of every S and R term are the forward's own text
 (codegen.bounds.term_text), printed again wherever a loop moves to another query tile.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from maskdsl.codegen.context import _mul, all_of, any_of, query_text
 from maskdsl.codegen.printer import Temps
 from maskdsl.codegen.render import comment_safe
-from maskdsl.codegen.topk_grid import TopKGrid, term_texts
+from maskdsl.codegen.topk.grid import TopKGrid, term_texts
 from maskdsl.spec import ir
 
 

@@ -5,7 +5,7 @@ the backward, and every pair they (and S) attend gets its exact gradient. Three 
 
 - preprocess: delta = rowsum(dO * O) per query row;
 - dK/dV: one program per (key tile, batch x kv head); tiles are boxes of the grid dividing the
-  block (codegen.topk_grid). It walks the query tiles that see its key tile: first S's, from a
+  block (codegen.topk.grid). It walks the query tiles that see its key tile: first S's, from a
   compile-time table that transposes S's closed-form per-query-tile key ranges per dimension (a
   term is a product, so the query tiles form a box of per-dimension intervals, a superset; the
   kernel re-checks each query tile with the forward's own bounds), then the query blocks that picked its key block, from the transposed
@@ -27,8 +27,8 @@ from maskdsl.analysis.counts import products
 from maskdsl.codegen.dispatch import interpreting
 from maskdsl.codegen.cache import load_module
 from maskdsl.codegen.render import kernel_key, render_template
-from maskdsl.codegen.topk_bwd_text import backward_context
-from maskdsl.codegen.topk_grid import TopKGrid
+from maskdsl.codegen.topk.backward_text import backward_context
+from maskdsl.codegen.topk.grid import TopKGrid
 from maskdsl.analysis.intervals import evaluate
 from maskdsl.analysis.tiles import block_tile
 
