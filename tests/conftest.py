@@ -38,3 +38,18 @@ def storage(tmp_path, monkeypatch):
     clear_cache()
     yield f"sqlite:///{tmp_path / 'tuning.db'}"
     clear_cache()
+
+
+@pytest.fixture
+def tuning_env(tmp_path, monkeypatch):
+    """A fresh cache root with no tuning database named, the lookup cache cleared and the front door's
+    once-per-process warnings forgotten: what `maskdsl.compile` sees on a new machine."""
+    from maskdsl import api
+    from maskdsl.autotune.database import clear_cache
+
+    monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MASKDSL_TUNING_DB", raising=False)
+    monkeypatch.setattr(api, "_WARNED", set())
+    clear_cache()
+    yield tmp_path
+    clear_cache()

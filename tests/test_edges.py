@@ -210,18 +210,6 @@ def test_forged_layout_name_is_refused():
         validate_spec(forged)
 
 
-@pytest.fixture
-def tuning_env(tmp_path, monkeypatch):
-    from maskdsl.autotune.database import clear_cache
-
-    monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("MASKDSL_TUNING_DB", raising=False)
-    monkeypatch.setattr(api, "_WARNED", set())
-    clear_cache()
-    yield tmp_path
-    clear_cache()
-
-
 def _compile_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

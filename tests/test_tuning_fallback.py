@@ -18,13 +18,8 @@ SPEC = "layout s = grid(40)\nmask m = sliding_window(5)\nattention a(mask=m, hea
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("MASKDSL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("MASKDSL_TUNING_DB", raising=False)
-    monkeypatch.setattr(api, "_WARNED", set())
-    clear_cache()
-    yield tmp_path
-    clear_cache()
+def env(tuning_env):
+    return tuning_env
 
 
 def compile_with_warnings():
