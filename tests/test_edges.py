@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import maskdsl
-from maskdsl import api
 from maskdsl.spec import ir
 from maskdsl.describe import density_line
 from maskdsl.spec.limits import MAX_DEPTH

@@ -10,7 +10,6 @@ import pytest
 import maskdsl
 from maskdsl import api
 from maskdsl.api import TuningDatabaseWarning
-from maskdsl.autotune.database import clear_cache
 from maskdsl.autotune.keys import Problem, current_device, study_name
 from maskdsl.codegen.build import untuned_config
 
