@@ -8,7 +8,6 @@ import optuna
 import pytest
 
 import maskdsl
-from maskdsl import api
 from maskdsl.api import TuningDatabaseWarning
 from maskdsl.autotune.keys import Problem, current_device, study_name
 from maskdsl.codegen.build import untuned_config
