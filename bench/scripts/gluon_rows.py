@@ -140,7 +140,7 @@ def bitwise_equal(a, b) -> bool:
     return bool(torch.equal(a.view(view), b.view(view)))
 
 
-def run_row(row: Row, kernels: dict, repeats: int = 2) -> dict:
+def run_row(row: Row, kernels: dict, repeats: int = 2, new_first: bool = False) -> dict:
     """Both kernels once into poisoned outputs (checked), then timed interleaved, `repeats` times each."""
     import torch
 
@@ -165,7 +165,7 @@ def run_row(row: Row, kernels: dict, repeats: int = 2) -> dict:
         outs[which] = (out, lse)
     entry["out_bitwise_equal"] = bitwise_equal(outs["old"][0], outs["new"][0])
     entry["lse_bitwise_equal"] = bitwise_equal(outs["old"][1], outs["new"][1])
-    for which in ("old", "new") * repeats:
+    for which in (("new", "old") if new_first else ("old", "new")) * repeats:
         entry.setdefault(f"{which}_ms", []).append(time_ms(calls[which], **TIMER))
     entry["new_over_old"] = min(entry["new_ms"]) / min(entry["old_ms"])
     entry["ok"] = (entry["out_bitwise_equal"] and entry["lse_bitwise_equal"] and entry["old_check"]["ok"]
@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma-separated case names (default: all)", default="")
     parser.add_argument("--heads", type=int, help="run every case with this many heads (a quicker check)")
     parser.add_argument("--repeats", type=int, default=2, help="timings of each kernel, interleaved (default 2)")
+    parser.add_argument("--new-first", action="store_true", help="interleave new, old (a check on order effects)")
     parser.add_argument("--dry-run", action="store_true", help="build the cases and schedules only (no GPU)")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(CASES)
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
                 blocker = tensor_blocker(row.q, row.k, row.v, row.q)
                 if blocker:
                     raise RuntimeError(f"the Gluon forward cannot take these tensors: {blocker}")
-                entry = run_row(row, kernels, args.repeats)
+                entry = run_row(row, kernels, args.repeats, args.new_first)
         except Exception as exc:  # noqa: BLE001 - a case that fails must not hide the others
             entry = {"case": name, "failed": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False}
         result["cases"].append(entry)
