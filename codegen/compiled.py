@@ -134,7 +134,7 @@ class CompiledAttention:
 
     def _gluon_segment(self, q, k, v, scale: float, out, lse, seg: Segment) -> bool:
         """Run a 1-D segment on the Gluon forward's predicated mode when the whole grid takes it
-        (codegen.gluon_runs: the grid's row intervals cut to the buffer); False where the template must."""
+        (gluon_rule's "runs" mode: the grid's row intervals cut to the buffer); False where the template must."""
         if self.plan.rank != 1 or self.gluon_schedule.bounds is None:
             return False
         if dispatch.tensor_blocker(q, k, v, out, lse) is not None:

@@ -17,7 +17,7 @@ from triton.language.core import base_value
 from maskdsl.analysis import tile_table
 
 # The kernel's modes (maskdsl.analysis.tile_table.MODES), a constexpr the host passes: whole tiles, predicated
-# 1-D runs (codegen.gluon_runs), per-dimension boxes (codegen.gluon_boxes).
+# 1-D runs (gluon_rule's "runs" mode), per-dimension boxes (gluon_rule's "boxes" mode).
 WHOLE, RUNS, BOXES = (gl.constexpr(mode) for mode in tile_table.MODES)
 # The row tables' columns by their names in maskdsl.analysis.tile_table, per dimension d where they have one
 # (COORD[d], BOX_LO[d], ...; RUN2 = the second run's [lo, hi)), and WIDTH[mode]: constexpr globals, whose

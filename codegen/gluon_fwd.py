@@ -6,9 +6,9 @@ lower level (same compiler, explicit layouts, shared memory, mbarriers and warp 
 which lets this kernel schedule it by hand as FlashAttention-3 does, and so match cuDNN on dense
 masks (docs/BENCHMARKS.md). Full tiles run with no mask arithmetic: it
 runs the masks `codegen.gluon_plan` accepts (every visited 128 x 128 tile full, one box of key tiles
-per query tile) unmasked, 1-D masks with partial tiles in a predicated mode (`codegen.gluon_runs`:
+per query tile) unmasked, 1-D masks with partial tiles in a predicated mode (the rule's "runs" mode:
 intervals per row), one-term masks on grids with partial tiles or ragged extents in another
-(`codegen.gluon_boxes`: an interval per row and dimension), and `CompiledAttention.launch` falls
+(the rule's "boxes" mode: an interval per row and dimension), and `CompiledAttention.launch` falls
 back to the template for everything else.
 
 A work item = one 128-token query tile (a box of the grid: a run of 128 tokens on a 1-D order, e.g.
@@ -98,7 +98,7 @@ class Rows:
         token = ((item.q0[0] + r // (cfg.T1 * cfg.T2)) * io.N1 + x1) * io.N2 + x2
         live = (token < io.L) & (x1 < io.N1) & (x2 < io.N2)  # a ragged tile's rows past the grid write nothing
         bnd = (token, token, token, token, token, token)
-        if cfg.MODE == BOXES:  # the rows' key interval per dimension (codegen.gluon_boxes: lo_d then hi_d, per d)
+        if cfg.MODE == BOXES:  # the rows' key interval per dimension (gluon_rule's "boxes" mode: lo_d then hi_d, per d)
             x0 = item.q0[0] + r // (cfg.T1 * cfg.T2)
             N0 = io.L // (io.N1 * io.N2)
             b1 = 2 * N0
@@ -131,7 +131,7 @@ class Rows:
     @gluon.jit
     def mask_edge(self, s, i, item, LK, cfg):
         """"runs": on the tiles that may be partial, the first and last of each run, or every tile of
-        a query tile whose table row says so (codegen.gluon_runs sets that flag where a run has a
+        a query tile whose table row says so (gluon_rule's "runs" mode sets that flag where a run has a
         partial tile inside). A row attends key j when one of its intervals [lo, hi] holds it; keys
         past the grid's end (a ragged last tile, zero-filled by the copy engine) never, nor past LK."""
         edge = (i == 0) | (i == item.n - 1) | (item.every != 0)
@@ -150,7 +150,7 @@ class Rows:
     @gluon.jit
     def mask_box(self, s, i, item, cfg):
         """"boxes": on the key tiles of step i that are not full for this query tile in some dimension
-        (codegen.gluon_boxes), a row sees a key when each of its coordinates lies in the row's
+        (gluon_rule's "boxes" mode), a row sees a key when each of its coordinates lies in the row's
         interval [lo_d, hi_d] there. A key past the grid (a tile overhanging a ragged extent; the
         copy engine loaded zeros) lies outside every interval."""
         fa0, fb0, fa1, fb1, fa2, fb2 = item.full
@@ -319,9 +319,9 @@ def attention_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, table_ptr, tile_base,
     p, p + G, ... (PER at most; two Q buffers, QBUF = 2, when PER > 1): then the loader fetches the next
     item's Q and K/V while the consumers finish the current one, and a short item's launch and
     prologue are paid once per PER items. "runs": the rows' TERMS key intervals are in `bounds_ptr` and
-    the runs' edge tiles are masked (codegen.gluon_runs). "boxes": the rows end with the key tiles
+    the runs' edge tiles are masked (gluon_rule's "runs" mode). "boxes": the rows end with the key tiles
     [lo, hi) per dimension that need no predicate; the others are masked with each row's key interval
-    per dimension from `bounds_ptr` (codegen.gluon_boxes), which also covers tiles overhanging a ragged
+    per dimension from `bounds_ptr` (gluon_rule's "boxes" mode), which also covers tiles overhanging a ragged
     grid (the copy engine zero-fills loads past it, clips stores)."""
     cfg = Config(Q_TILE, o_desc, k_desc, MODE, TERMS, NUM_STAGES, QBUF, PINGPONG, num_warps)
     # program p runs items p, p + G, p + 2G, ... (G programs): the items running at once stay neighbours
@@ -378,8 +378,8 @@ def kernel_args(q, k, v, out, lse, scale: float, table: torch.Tensor, first: int
     """(grid, args, keyword args) of one launch over rows [first, first + count) of `table`, a tile table
     of `mode` (maskdsl.analysis.tile_table.MODES: the schedule's `ranges.mode`); grid and tiles are
     RANK-dimensional (codegen.gluon_plan pads them). `bounds`: the predicated modes' per-row key
-    intervals ("runs": [slots, 2, tokens] int32, codegen.gluon_runs; "boxes": per dimension,
-    codegen.gluon_boxes). `per`: work items per program (codegen.gluon_plan.GluonSchedule.items_per_program).
+    intervals ("runs": [slots, 2, tokens] int32, gluon_rule's "runs" mode; "boxes": per dimension,
+    gluon_rule's "boxes" mode). `per`: work items per program (codegen.gluon_plan.GluonSchedule.items_per_program).
 
     Separate from `launch` so a test can bind and compile the kernel for sm_90 without a GPU.
     """

@@ -6,8 +6,7 @@ Which mode runs a mask, and each query tile's key tiles in it, is maskdsl.analys
 (the simulator costs the same answer). Here a plan's product terms go in (`plan_ranges`: their exact
 row bounds, the numbers the Triton template is printed from) and the schedule comes out as the
 kernel's row tables, written by maskdsl.analysis.tile_table's column names (`row_table`), copied to each
-device once (`GluonSchedule`). `tile_ranges` (and codegen.gluon_runs' `run_ranges`,
-codegen.gluon_boxes' `box_ranges`) ask the rule for one mode only.
+device once (`GluonSchedule`). `plan_ranges(plan, modes=(...))` asks the rule for some modes only (tests).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ BLOCK_M = BLOCK_N = TILE
 # items gain from it; items of 50+ tiles and the predicated modes do not (docs/BENCHMARKS.md).
 SHORT_ITEM = 16
 MAX_PER = 4
-TileRanges = GluonRanges  # a mode's schedule (maskdsl.analysis.gluon_rule)
 
 
 def plan_terms(plan: KernelPlan) -> list[tuple[Rel1D, ...]]:
@@ -51,11 +49,6 @@ def plan_ranges(plan: KernelPlan, q_tile=None, kv_tile=None, modes=MODES) -> Glu
 def kernel_tiles(plan: KernelPlan) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
     """The (query, key) tiles the kernel runs the plan's mask with, or why none."""
     return rule_tiles(plan.shape, plan.config.q_tile, plan.config.kv_tile)
-
-
-def tile_ranges(plan: KernelPlan, q_tile=None, kv_tile=None) -> GluonRanges:
-    """The whole-tile schedule of the plan's mask (no predicate), or why it has none."""
-    return plan_ranges(plan, q_tile, kv_tile, ("whole",))
 
 
 def row_table(ranges: GluonRanges) -> np.ndarray:

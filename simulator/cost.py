@@ -29,7 +29,7 @@ On Hopper a mask whose visited 128x128 tiles are all full, one box of key tiles 
 (`simulator.gluon`), runs the warp-specialized Gluon forward instead of the template: its CTA is
 one busy query tile at the kernel's own 128x128 tiles (on a 1-D order whatever the config's), one
 per SM, costing h * (full_q * c_gluon + c_tile). A mask of one product term on a grid runs it with a
-per-dimension predicate (codegen.gluon_boxes); a masked key tile there costs c_gluon plus the
+per-dimension predicate (gluon_rule's "boxes" mode); a masked key tile there costs c_gluon plus the
 template's predicate premium c_partial - c_full. `c_gluon` is fitted only from runs that record the
 Gluon path; an entry without it predicts the template for every mask.
 
@@ -150,7 +150,7 @@ class KernelWork:
         n = len(self.full)
         zero = np.zeros(n)
         unit = self.tile_unit(beta, share)
-        if self.gluon:  # a masked tile (gluon_boxes, head_dim 128) is a Gluon tile plus the template's premium
+        if self.gluon:  # a masked tile (the "boxes" mode, head_dim 128) is a Gluon tile plus the template's premium
             part = np.asarray(self.partial, np.float64)
             return np.stack([-part * h, part * h, zero, np.full(n, h),
                              (np.asarray(self.full, np.float64) + part) * unit, zero], axis=1)

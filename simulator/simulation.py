@@ -198,7 +198,7 @@ def _gluon_work(expr, shape, q_tile, kv_tile, permute, att, copies, stats: TileS
     if plan.predicated and any(n > 1 for n in shape[:-1]):  # boxes: the tiles not full in some dimension masked
         full = np.asarray(kstats.full if kstats.kernel_full is None else kstats.kernel_full)[busy]
         return KernelWork(full, visits[busy] - full, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies,
-                          gluon=True)  # dispatched in tile order (codegen.gluon_boxes' table)
+                          gluon=True)  # dispatched in tile order (the "boxes" mode's table)
     order, long = dispatch_order(visits[busy]) if plan.predicated else (None, 0)  # the whole-tile mode: tile order
     return KernelWork(visits[busy], zero, zero, GLUON_TILE, GLUON_TILE, head_dim, copies=copies, gluon=True,
                       order=order, long=long)
@@ -221,8 +221,8 @@ def _result(name, shape, q_tile, kv_tile, permute, stats: TileStats, visits, ful
     gluon = model.kernel_work(work).gluon
     if gluon:
         notes = notes + ("predicted for the Gluon forward (at 128x128 tiles: every visited tile full and one box "
-                         "per query tile; on a 1-D order the predicated runs of codegen.gluon_runs, on a grid "
-                         "the per-dimension predicate of codegen.gluon_boxes): its 128-token tiles, whatever "
+                         "per query tile; on a 1-D order the rule's predicated runs mode, on a grid "
+                         "the per-dimension predicate of its boxes mode): its 128-token tiles, whatever "
                          "the config's on a 1-D order",)
     elif work.gluon_work is not None:
         notes = notes + (f"the mask qualifies for Hopper's Gluon forward, but {model.name}'s constants do not "

@@ -51,7 +51,7 @@ class Sm90Driver:
 
 
 # (grid, query tile, key tile, table rows, mode, predicate terms): a 1-D token order, a 3-D grid's boxes, and
-# 1-D with two runs per query tile and the edge tiles' predicate over two terms (codegen.gluon_runs)
+# 1-D with two runs per query tile and the edge tiles' predicate over two terms (gluon_rule's "runs" mode)
 SHAPES = {
     "1d": ((1, 1, 256), (1, 1, 128), (1, 1, 128), [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]],
            "whole", 0),
@@ -59,7 +59,7 @@ SHAPES = {
            "whole", 0),
     "1d-masked": ((1, 1, 300), (1, 1, 128), (1, 1, 128),
                   [[0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1], [0, 0, 2, 0, 1, 0, 1, 0, 1, 1, 3, 0]], "runs", 2),
-    # a ragged 3-D grid with the per-dimension predicate (codegen.gluon_boxes): rows end in the full box
+    # a ragged 3-D grid with the per-dimension predicate (gluon_rule's "boxes" mode): rows end in the full box
     "3d-box": ((5, 12, 20), (2, 4, 16), (2, 8, 8), [[0, 0, 0, 0, 2, 0, 2, 0, 3, 0, 1, 0, 1, 1, 2],
                                                    [2, 2, 1, 1, 3, 0, 2, 1, 3, 1, 3, 0, 0, 0, 0]], "boxes", 0),
 }

@@ -23,7 +23,7 @@ import maskdsl
 from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import KernelConfig, default_config
 from maskdsl.codegen.dispatch import box_strides, layout_blocker, tensor_blocker
-from maskdsl.codegen.gluon_plan import GluonSchedule, tile_ranges
+from maskdsl.codegen.gluon_plan import GluonSchedule, plan_ranges
 from maskdsl.codegen.plan import build_plan, tile_rows
 from maskdsl.harness.semantics import static_mask
 
@@ -95,7 +95,7 @@ def _plan(layout, text, config=None):
 def test_tile_ranges_equal_a_brute_force_count(layout, text, qt, kt, ok):
     mask, plan = _plan(layout, text)
     want = brute(mask.expr, mask.layout.shape, qt, kt)
-    got = tile_ranges(plan, qt, kt)
+    got = plan_ranges(plan, qt, kt, ("whole",))
     assert (want is not None) == ok, "the case list says otherwise"
     assert got.ok == ok, got.reason
     if ok:
@@ -107,7 +107,7 @@ def test_tile_ranges_equal_a_brute_force_count(layout, text, qt, kt, ok):
 
 def test_idle_tiles_are_left_out_of_the_table_and_filled_apart():
     _, plan = _plan("grid(1024)", "sink(128) & block(256)")
-    schedule = GluonSchedule(tile_ranges(plan, (128,), (128,)))
+    schedule = GluonSchedule(plan_ranges(plan, (128,), (128,), ("whole",)))
     # tile 0 (the sink rows) sees key tiles 0-1 (its block), tile 1 sees the sink's key tile only
     assert schedule.table.tolist() == [[0, 0, 0, 0, 1, 0, 1, 0, 2], [0, 0, 1, 0, 1, 0, 1, 0, 1]]
     assert schedule.idle_rows.tolist() == list(range(256, 1024))
@@ -120,17 +120,16 @@ def test_short_whole_tile_items_share_a_program(monkeypatch):
     """Items per Gluon program: 1 for long items and for predicated modes; for short whole-tile items
     enough to fill the GPU once, at most MAX_PER; MASKDSL_GLUON_PER forces a count."""
     from maskdsl.codegen.gluon_plan import MAX_PER
-    from maskdsl.codegen.gluon_runs import run_ranges
 
     _, plan = _plan("grid(32768)", "block(2048)")  # 256 query tiles of 16 key tiles each
-    short = GluonSchedule(tile_ranges(plan, (128,), (128,)))
+    short = GluonSchedule(plan_ranges(plan, (128,), (128,), ("whole",)))
     assert short.items_per_program(256, 132) == 2  # one head: 128 programs run it in one wave
     assert short.items_per_program(256 * 24, 132) == MAX_PER
     assert short.items_per_program(100, 132) == 1
     _, plan = _plan("grid(32768)", "block(4096)")  # 32 key tiles per query tile: long
-    assert GluonSchedule(tile_ranges(plan, (128,), (128,))).items_per_program(10**5, 132) == 1
+    assert GluonSchedule(plan_ranges(plan, (128,), (128,), ("whole",))).items_per_program(10**5, 132) == 1
     _, plan = _plan("grid(32768)", "sliding_window(2048)")  # the predicated mode keeps one item
-    runs = GluonSchedule(run_ranges(plan))
+    runs = GluonSchedule(plan_ranges(plan, modes=("runs",)))
     assert runs.bounds is not None and runs.items_per_program(10**5, 132) == 1
     monkeypatch.setenv("MASKDSL_GLUON_PER", "3")
     assert runs.items_per_program(10, 132) == 3
@@ -139,23 +138,23 @@ def test_short_whole_tile_items_share_a_program(monkeypatch):
 def test_tile_rows_match_the_templates_order():
     """A query tile's token rows (the idle fill) are the ones the Triton template gives the same tile."""
     _, plan = _plan("grid(4, 16, 16)", "block((2, 8, 8))", KernelConfig((2, 8, 8), (2, 8, 8), 4, 2))
-    ranges = tile_ranges(plan)
+    ranges = plan_ranges(plan, modes=("whole",))
     assert ranges.ok and ranges.q_tile == (2, 8, 8) and len(ranges.lo) == plan.q_tiles
     for t in (0, 5, plan.q_tiles - 1):
         assert ranges.rows(np.array([t])).tolist() == tile_rows(plan, t)
 
 
 def test_refusals_name_the_reason():
-    assert "partially seen" in tile_ranges(_plan("grid(1024)", "sliding_window(129)")[1]).reason
-    assert "more than one run" in tile_ranges(_plan("grid(1024)", "block(256) | sink(128)")[1]).reason
-    assert "not a multiple" in tile_ranges(_plan("grid(1000)", "full")[1]).reason
+    assert "partially seen" in plan_ranges(_plan("grid(1024)", "sliding_window(129)")[1], modes=("whole",)).reason
+    assert "more than one run" in plan_ranges(_plan("grid(1024)", "block(256) | sink(128)")[1], modes=("whole",)).reason
+    assert "not a multiple" in plan_ranges(_plan("grid(1000)", "full")[1], modes=("whole",)).reason
     # a multi-D grid runs the config's tiles, only when each is the kernel's 128 tokens
     cfg = KernelConfig((4, 8), (8, 8), 4, 2)
-    assert "128 tokens" in tile_ranges(_plan("grid(8, 128)", "full", cfg)[1]).reason
-    assert tile_ranges(_plan("grid(8, 128)", "full", KernelConfig((4, 32), (2, 64), 4, 2))[1]).ok
+    assert "128 tokens" in plan_ranges(_plan("grid(8, 128)", "full", cfg)[1], modes=("whole",)).reason
+    assert plan_ranges(_plan("grid(8, 128)", "full", KernelConfig((4, 32), (2, 64), 4, 2))[1], modes=("whole",)).ok
     # two terms whose boxes differ before the last dimension: their union is not one box of tiles
     text = "block((4, 32)) | block((8, 8))"
-    assert "differ before the last" in tile_ranges(_plan("grid(8, 32)", text)[1], (4, 8), (4, 8)).reason
+    assert "differ before the last" in plan_ranges(_plan("grid(8, 32)", text)[1], (4, 8), (4, 8), ("whole",)).reason
 
 
 def test_layout_rule():
@@ -278,7 +277,6 @@ def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
     """The untuned default on Hopper: the simulator's best 128 x 128 pair when the Gluon table accepts it,
     checked against the table built independently here; a union with partial tiles and top-k get None."""
     from maskdsl.autotune.policy import gluon_config, hopper
-    from maskdsl.codegen.gluon_plan import tile_ranges
     from maskdsl.codegen.plan import build_plan
 
     for text in ("layout v = grid(4, 16, 16)\nmask m = block((2, 16, 16))",
@@ -286,7 +284,7 @@ def test_gluon_config_picks_a_128_token_pair_the_gluon_forward_takes():
         mask = maskdsl.parse(text).masks[0]
         cfg = gluon_config(mask)
         assert cfg is not None and math.prod(cfg.q_tile) == 128 and math.prod(cfg.kv_tile) == 128, text
-        assert tile_ranges(build_plan(mask, cfg)).ok
+        assert plan_ranges(build_plan(mask, cfg), modes=("whole",)).ok
         assert gluon_config(mask, head_dim=96) is None  # the kernel takes 64 and 128
     for text in ("layout v = grid(16, 16)\nmask m = neighborhood(window=(5, 5)) | block((4, 4))",
                  "layout s = grid(512)\nmask m = topk(2, block=64)"):

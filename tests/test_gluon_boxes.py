@@ -1,4 +1,4 @@
-"""The Gluon forward's per-dimension predicate on multi-dimensional grids (codegen.gluon_boxes), on the CPU.
+"""The Gluon forward's per-dimension predicate on multi-dimensional grids (gluon_rule's "boxes" mode), on the CPU.
 
 The kernel cannot run here (no Hopper GPU, no Gluon interpreter); what it attends is rebuilt from
 the tables it reads (`applied`: the key-tile box, the tiles it leaves unmasked, each
@@ -13,8 +13,8 @@ import torch
 
 import maskdsl
 from maskdsl.codegen.config import KernelConfig, default_config
-from maskdsl.codegen.gluon_boxes import ROW, box_ranges
-from maskdsl.codegen.gluon_plan import GluonSchedule
+from maskdsl.analysis.tile_table import WIDTH
+from maskdsl.codegen.gluon_plan import GluonSchedule, plan_ranges
 from maskdsl.codegen.plan import build_plan
 from maskdsl.harness.semantics import static_mask
 
@@ -58,7 +58,7 @@ def _plan(layout, text, config=None):
 @pytest.mark.parametrize("layout, text, qt, kt", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
 def test_the_mask_the_kernel_applies_is_the_reference(layout, text, qt, kt):
     mask, plan = _plan(layout, text)
-    ranges = box_ranges(plan, qt, kt)
+    ranges = plan_ranges(plan, qt, kt, ("boxes",))
     assert ranges.ok, ranges.reason
     want = static_mask(mask.expr, mask.layout.shape).numpy()
     n_tiles = len(ranges.lo)
@@ -76,10 +76,10 @@ def test_the_mask_the_kernel_applies_is_the_reference(layout, text, qt, kt):
 
 def test_the_schedule_table_holds_the_box_and_the_full_box():
     _, plan = _plan("grid(6, 10, 20)", "neighborhood(window=(4, 8, 8), stride=(2, 4, 4))")
-    ranges = box_ranges(plan, (2, 4, 4), (2, 4, 4))
+    ranges = plan_ranges(plan, (2, 4, 4), (2, 4, 4), ("boxes",))
     schedule = GluonSchedule(ranges)
     assert schedule.boxes  # the head_dim gate reads this (codegen.dispatch.head_dim_blocker)
-    assert schedule.table.shape == (len(ranges.busy), ROW) and schedule.table.dtype == np.int32
+    assert schedule.table.shape == (len(ranges.busy), WIDTH["boxes"]) and schedule.table.dtype == np.int32
     row = schedule.table[5]
     t = int(ranges.busy[5])
     assert row[:3].tolist() == ranges.coords(np.array([t]))[0].tolist()
@@ -91,7 +91,7 @@ def test_the_schedule_table_holds_the_box_and_the_full_box():
 
 def test_rows_of_a_ragged_tile_stop_at_the_grid():
     _, plan = _plan("grid(5, 9, 11)", "neighborhood(window=(3, 5, 5))")
-    ranges = box_ranges(plan, (2, 4, 8), (2, 8, 4))
+    ranges = plan_ranges(plan, (2, 4, 8), (2, 8, 4), ("boxes",))
     last = ranges.rows(np.array([len(ranges.lo) - 1]))  # tile (2, 2, 1): one plane, one row, three columns
     coords = np.stack(np.unravel_index(last, (5, 9, 11)), axis=1)
     assert coords.tolist() == [[4, 8, 8], [4, 8, 9], [4, 8, 10]]
@@ -100,11 +100,13 @@ def test_rows_of_a_ragged_tile_stop_at_the_grid():
 def test_refusals_name_the_reason():
     cfg = KernelConfig((4, 4), (4, 4), 4, 2)
     union = "neighborhood(window=(3, 3)) | block((4, 4))"
-    assert "union of 2 product terms" in box_ranges(_plan("grid(8, 8)", union, cfg)[1], (4, 4), (4, 4)).reason
-    assert "1-D" in box_ranges(_plan("grid(512)", "sliding_window(65)")[1]).reason
+    union_plan = _plan("grid(8, 8)", union, cfg)[1]
+    assert "union of 2 product terms" in plan_ranges(union_plan, (4, 4), (4, 4), ("boxes",)).reason
+    assert "1-D" in plan_ranges(_plan("grid(512)", "sliding_window(65)")[1], modes=("boxes",)).reason
     dilated = "dilated(window=(3, 3), dilation=(2, 2))"
-    assert "dilat" in box_ranges(_plan("grid(16, 16)", dilated, cfg)[1], (4, 4), (4, 4)).reason
-    assert "128 tokens" in box_ranges(_plan("grid(16, 16)", "neighborhood(window=(3, 3))", cfg)[1]).reason
+    assert "dilat" in plan_ranges(_plan("grid(16, 16)", dilated, cfg)[1], (4, 4), (4, 4), ("boxes",)).reason
+    small = _plan("grid(16, 16)", "neighborhood(window=(3, 3))", cfg)[1]
+    assert "128 tokens" in plan_ranges(small, modes=("boxes",)).reason
 
 
 def test_the_predicate_runs_head_dim_128_only():

@@ -1,4 +1,4 @@
-"""The Gluon forward's predicated 1-D mode (codegen.gluon_runs) against the reference mask.
+"""The Gluon forward's predicated 1-D mode (gluon_rule's "runs" mode) against the reference mask.
 
 The kernel itself needs a Hopper GPU; what it computes is fixed by its tables: each query tile walks
 its runs of 128-key tiles, masks S with the rows' key intervals on each run's first and last tile (on
@@ -11,8 +11,8 @@ import pytest
 
 import maskdsl
 from maskdsl.codegen.config import default_config
-from maskdsl.codegen.gluon_plan import row_table
-from maskdsl.codegen.gluon_runs import plan_intervals as row_intervals, run_ranges
+from maskdsl.analysis.gluon_rule import row_key_intervals
+from maskdsl.codegen.gluon_plan import plan_ranges, plan_terms, row_table
 from maskdsl.codegen.plan import build_plan
 from maskdsl.analysis.row_runs import BLOCK
 from maskdsl.harness.semantics import static_mask
@@ -65,7 +65,7 @@ def applied_mask(ranges, n: int, keys: int | None = None) -> np.ndarray:
 @pytest.mark.parametrize("layout, text, ok", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
 def test_the_kernels_mask_equals_the_reference(layout, text, ok):
     mask, plan = _plan(layout, text)
-    got = run_ranges(plan)
+    got = plan_ranges(plan, modes=("runs",))
     assert got.ok == ok, got.reason
     if not ok:
         return
@@ -84,7 +84,7 @@ def test_the_kernels_mask_equals_the_reference(layout, text, ok):
 
 def test_intervals_are_exact_sorted_and_disjoint():
     mask, plan = _plan("grid(500)", "sliding_window(60, causal=true) | sink(5) | block(100)")
-    iv = row_intervals(plan)
+    iv = row_key_intervals(plan_terms(plan), plan.shape[-1])
     want = static_mask(mask.expr, mask.layout.shape).numpy()
     for i in range(500):
         ranges = [(a, b) for a, b in iv[i] if a <= b]
@@ -99,7 +99,7 @@ def test_flags_only_where_a_run_has_a_partial_tile_inside():
     """A causal window with sinks: only the sink rows' tile (it sees every key) and the tiles where the
     window meets the sink predicate every tile; the rest mask their runs' edges only."""
     _, plan = _plan("grid(4096)", "sliding_window(1024, causal=true) | sink(4)")
-    table = row_table(run_ranges(plan))
+    table = row_table(plan_ranges(plan, modes=("runs",)))
     flagged = table[table[:, 11] == 1, 2].tolist()
     assert 0 in flagged and len(flagged) <= 3, flagged
     assert (table[:, 9:11] != 0).any(), "the sink's run and the window's should be two runs"
@@ -107,16 +107,16 @@ def test_flags_only_where_a_run_has_a_partial_tile_inside():
 
 def test_refusals_name_the_reason():
     _, plan = _plan("grid(1000)", "dilated(window=9, dilation=4)")
-    assert "dilated" in run_ranges(plan).reason
+    assert "dilated" in plan_ranges(plan, modes=("runs",)).reason
     _, plan = _plan("grid(12, 40)", "causal")
-    assert "1-D" in run_ranges(plan).reason
+    assert "1-D" in plan_ranges(plan, modes=("runs",)).reason
 
 
 def test_long_tiles_lead_the_table_and_equal_ones_keep_their_order():
     """The sink rows' tile (every key) leads; the window's equal tiles follow in tile order (L2
     sharing), the shorter first tiles of the sequence last."""
     _, plan = _plan("grid(8192)", "sliding_window(1024, causal=true) | sink(4)")
-    got = run_ranges(plan)
+    got = plan_ranges(plan, modes=("runs",))
     table = row_table(got)
     work = (table[:, 8] - table[:, 7]) + (table[:, 10] - table[:, 9])
     assert (np.diff(work) <= 0).all()
@@ -124,7 +124,7 @@ def test_long_tiles_lead_the_table_and_equal_ones_keep_their_order():
     equal = table[work == work[1], 2]
     assert (np.diff(equal) > 0).all()
     _, plan = _plan("grid(4096)", "causal")
-    got = run_ranges(plan)
+    got = plan_ranges(plan, modes=("runs",))
     assert got.long == 0 and row_table(got)[:, 2].tolist() == list(range(31, -1, -1))  # longest first
 
 
@@ -135,7 +135,7 @@ def test_a_segments_schedule_is_the_mask_cut_to_its_rows_and_buffer(text):
     from maskdsl.analysis.gluon_rule import segment_ranges
 
     mask, plan = _plan("grid(1000)", text)
-    whole = run_ranges(plan)
+    whole = plan_ranges(plan, modes=("runs",))
     want = static_mask(mask.expr, mask.layout.shape).numpy()
     for (qa, qb), (ka, kb) in [((0, 500), (0, 500)), ((500, 1000), (200, 500)), ((500, 1000), (500, 1000)),
                                ((256, 640), (64, 320)), ((896, 1000), (0, 64))]:

@@ -38,7 +38,7 @@ def test_1d_block_sparse_masks_run_gluon_at_its_own_128_tiles(expr, q, k):
 @pytest.mark.parametrize("expr", ["sliding_window(2048)", "causal", "block(128) | sink(128)",
                                   "sliding_window(4096, causal=true) | sink(4)"])
 def test_1d_masks_with_partial_tiles_or_two_runs_take_the_predicated_mode(expr):
-    """Partial diagonal tiles, a causal mask, two runs of key tiles: codegen.gluon_runs takes them."""
+    """Partial diagonal tiles, a causal mask, two runs of key tiles: gluon_rule's "runs" mode takes them."""
     for grid in ("8192", "8000"):  # a ragged last tile too
         plan = _plan(grid, expr, (64,), (64,))
         assert plan.eligible and plan.predicated, plan.reason
@@ -183,14 +183,13 @@ def test_predicated_dispatch_order_is_the_kernels(grid, expr):
     """The simulator schedules the predicated Gluon forward's CTAs in the order codegen's table holds them
     (longest first, the long tiles head-major ahead of every head's rest), from its own tile counts."""
     from maskdsl.codegen.config import default_config
-    from maskdsl.codegen.gluon_plan import row_table
-    from maskdsl.codegen.gluon_runs import run_ranges
+    from maskdsl.codegen.gluon_plan import plan_ranges, row_table
     from maskdsl.codegen.plan import build_plan
 
     spec = _spec(grid, expr, heads=3)
     work = simulate(spec, "m", (64,), (64,), costs=CostModel.from_entry("H", GLUON_ENTRY)).work.gluon_work
     mask = spec.mask("m")
-    ranges = run_ranges(build_plan(mask, default_config(mask)))
+    ranges = plan_ranges(build_plan(mask, default_config(mask)), modes=("runs",))
     assert ranges.ok and work is not None and work.order is not None
     busy = np.flatnonzero(np.asarray(simulate(spec, "m", (128,), (128,)).visits_per_query_tile) > 0)
     assert busy[work.order].tolist() == row_table(ranges)[:, 2].tolist()

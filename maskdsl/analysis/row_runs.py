@@ -1,6 +1,6 @@
 """A 1-D mask as runs of key tiles per query tile, with each row's keys as a few intervals.
 
-The Gluon forward's "runs" mode (maskdsl.analysis.gluon_rule, whose schedule codegen.gluon_runs writes as
+The Gluon forward's "runs" mode (maskdsl.analysis.gluon_rule, whose schedule codegen.gluon_plan writes as
 tables and the simulator costs): the per-row key bounds of the mask's product terms go in. A row's attended keys are
 the union of its terms' intervals; merged, they are at most SLOTS disjoint intervals for the masks
 the kernel takes (a causal window plus sinks is two). A query tile of BLOCK rows walks the key
