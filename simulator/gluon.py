@@ -17,6 +17,7 @@ from functools import lru_cache
 from maskdsl.spec import ir
 from maskdsl.analysis.counts import num_products
 from maskdsl.analysis.gluon_rule import dtype_name, gluon_ranges, kernel_tiles
+from maskdsl.analysis.tile_table import PREDICATED
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class GluonPlan:
     @property
     def predicated(self) -> bool:
         """A mode with a predicate: 1-D runs or per-dimension boxes."""
-        return self.mode in ("runs", "boxes")
+        return self.mode in PREDICATED
 
 
 def gluon_plan(expr: ir.MaskExpr, shape, q_tile, kv_tile, permute: bool = True, head_dim: int = 128,

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from maskdsl.analysis.row_runs import BLOCK, EMPTY, dispatch_order, row_intervals, tile_runs
-from maskdsl.analysis.tile_table import MODES, RANK
+from maskdsl.analysis.tile_table import MODES, PREDICATED, RANK
 from maskdsl.analysis.transpose import query_tile_ranges
 from maskdsl.spec import ir
 
@@ -137,7 +137,7 @@ class GluonRanges:
 
     @property
     def predicated(self) -> bool:
-        return self.mode in ("runs", "boxes")
+        return self.mode in PREDICATED
 
     @property
     def busy(self) -> np.ndarray:

@@ -29,6 +29,7 @@ RUN2 = BOX + 2 * RANK  # "runs"
 FLAG = RUN2 + 2  # "runs"
 
 MODES = ("whole", "runs", "boxes")
+PREDICATED = ("runs", "boxes")  # the modes that mask some tiles
 WIDTH = {"whole": BOX + 2 * RANK, "runs": FLAG + 1, "boxes": FULL + 2 * RANK}
 
 # per-dimension range tables: [A, B] visited, [FA, FB] seen whole, inclusive

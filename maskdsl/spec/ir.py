@@ -9,6 +9,7 @@ database, so it must never depend on names, comments, whitespace or file positio
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -29,10 +30,7 @@ class Layout:
 
     @property
     def tokens(self) -> int:
-        total = 1
-        for n in self.shape:
-            total *= n
-        return total
+        return math.prod(self.shape)
 
     def fmt(self) -> str:
         return f"layout {self.name} = grid({', '.join(map(str, self.shape))})"
@@ -102,10 +100,7 @@ class TopK:
     @property
     def volume(self) -> int:
         """Tokens in a whole block (the last block along a dimension may be cut by the grid)."""
-        total = 1
-        for b in self.block:
-            total *= b
-        return total
+        return math.prod(self.block)
 
     def fmt(self) -> str:
         return f"topk(k={self.k}, block={_fmt_tuple(self.block)})"
