@@ -75,7 +75,6 @@ _BUILTIN = Path(__file__).with_name("gpu_costs.json")
 # the fit adds launch_us and topk_call_us
 FEATURES = ("full", "partial", "union", "tile", "gluon_full", "load")
 LOAD = FEATURES.index("load")
-GLUON_TILE = 128  # the Gluon forward's query and key tiles (simulator.gluon)
 
 
 @dataclass(frozen=True)

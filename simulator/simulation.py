@@ -35,7 +35,8 @@ import numpy as np
 from maskdsl.spec import ir
 from maskdsl.analysis.counts import NotAnalyzable
 from maskdsl.analysis.row_runs import dispatch_order
-from maskdsl.simulator.cost import GLUON_TILE, CostModel, KernelWork
+from maskdsl.analysis.gluon_rule import TILE as GLUON_TILE
+from maskdsl.simulator.cost import CostModel, KernelWork
 from maskdsl.simulator.backward import BackwardPrediction, simulate_backward
 from maskdsl.simulator.counting import TileStats, tile_stats
 from maskdsl.simulator.gluon import gluon_plan
