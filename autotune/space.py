@@ -104,11 +104,14 @@ def _kernel_configs(pairs) -> list[KernelConfig]:
 
 
 def encode_backward(config) -> dict:
-    """A BackwardConfig as the parameters a trial stores: each kernel's tiles, warps and stages."""
+    """A BackwardConfig as the parameters a trial stores: each kernel's tiles, warps and stages, and
+    `atomic` for the atomic-dQ backward (absent for the split one, as in studies stored before it)."""
     out = {}
     for name, cfg in (("dkdv", config.dkdv), ("dq", config.dq)):
         for key, value in encode(cfg).items():
             out[f"{name}_{key}"] = value
+    if config.atomic:
+        out["atomic"] = True
     return out
 
 
@@ -118,7 +121,7 @@ def decode_backward(params: dict):
 
     keys = [decode({k: params[f"{name}_{k}"] for k in ("tiles", "num_warps", "num_stages")}).key()
             for name in KERNELS]
-    return BackwardConfig.from_key("bwd-" + "-".join(keys))
+    return BackwardConfig.from_key("bwd-" + "-".join(keys) + ("-atomic" if params.get("atomic") else ""))
 
 
 def decode_any(params: dict):

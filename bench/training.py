@@ -14,9 +14,17 @@ import math
 import time
 
 
-def backward_candidates(mask, head_dim: int):
-    """The default backward config and a few neighbours worth timing (tuning replaces this list); every
-    kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
+# (dK/dV kernel, dQ kernel) as (query tile, key tile, warps, stages) in tokens: the split backward's
+# neighbours of the default worth timing, then the atomic-dQ backward's dK/dV kernels (its dQ kernel does not run)
+SPLIT_OPTIONS = (((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 64, 4, 3)))
+ATOMIC_OPTIONS = ((64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2))
+
+
+def backward_candidates(mask, head_dim: int, modes=("split", "atomic")):
+    """The default backward config of each dQ mode and a few neighbours worth timing (tuning replaces this
+    list); every kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
+    from dataclasses import replace
+
     from maskdsl.autotune.policy import ranked_backward_default, ranked_tiles
     from maskdsl.codegen.config import BackwardConfig, KernelConfig
     from maskdsl.analysis.tiles import split
@@ -26,14 +34,15 @@ def backward_candidates(mask, head_dim: int):
                                                         split(block_n, mask.layout.shape))
         return KernelConfig(*tiles, warps, stages)
 
-    out = [ranked_backward_default(mask, head_dim)]
-    options = [((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 64, 4, 3)), ((64, 64, 4, 3), (128, 32, 8, 3)),
-               ((64, 64, 8, 2), (128, 64, 8, 3))]
-    for dkdv, dq in options:
-        cfg = BackwardConfig(kernel(*dkdv), kernel(*dq))
-        if cfg not in out:
-            out.append(cfg)
-    return out
+    default = ranked_backward_default(mask, head_dim)
+    out = []
+    if "split" in modes:
+        out.append(default)
+        out += [BackwardConfig(kernel(*dkdv), kernel(*dq)) for dkdv, dq in SPLIT_OPTIONS]
+    if "atomic" in modes:
+        out.append(replace(default, atomic=True))
+        out += [BackwardConfig(kernel(*dkdv), default.dq, True) for dkdv in ATOMIC_OPTIONS]
+    return list(dict.fromkeys(out))
 
 
 def _err(got, ref) -> float:
@@ -77,9 +86,11 @@ def _timings(bench, forward, inputs, dout) -> dict:
 
 
 def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, rows: int = 64, seed: int = 0,
-                   device: str = "cuda") -> dict:
+                   device: str = "cuda", modes=("split", "atomic")) -> dict:
     """Time maskdsl, dense SDPA and FlexAttention training steps of one mask; `configs` lists
-    KernelConfigs or (KernelConfig, BackwardConfig) pairs (default: tuned/default forward x backward_candidates).
+    KernelConfigs or (KernelConfig, BackwardConfig) pairs (default: tuned/default forward x
+    backward_candidates of the dQ `modes`). `ours_best` is the fastest checked config of any mode,
+    `ours_best_split` (deterministic) and `ours_best_atomic` each mode's.
     """
     import torch
 
@@ -109,7 +120,7 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
               "density": density, "flop_ideal": 1 / density}
     if configs is None:
         fwd_cfg = lookup_config(mask, att)
-        configs = [(fwd_cfg, b) for b in backward_candidates(mask, dim)]
+        configs = [(fwd_cfg, b) for b in backward_candidates(mask, dim, modes)]
     kvh = 1 if kv_heads == 1 or heads < 2 else max(1, kv_heads * 2 // heads)
     small = [t[:1, :h].contiguous() for t, h in ((q, 2), (k, kvh), (v, kvh))]
 
@@ -148,6 +159,10 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
             and max(e["dq_error"], e["dk_error"], e["dv_error"]) < 3e-2]
     if good:
         result["ours_best"] = min(good, key=lambda e: e["fwd_bwd_ms"])
+    for mode in ("split", "atomic"):
+        picked = [e for e in good if e["backward_config"].endswith("-atomic") == (mode == "atomic")]
+        if picked:
+            result[f"ours_best_{mode}"] = min(picked, key=lambda e: e["fwd_bwd_ms"])
     if not gpu:
         return result
 
@@ -215,7 +230,9 @@ def format_row(result) -> str:
     return (f"{result['mask']:>14s} ours {best.get('fwd_bwd_ms', math.nan):8.3f} ms  "
             f"dense {dense.get('fwd_bwd_ms', math.nan):8.3f} ms  flex {flex.get('fwd_bwd_ms', math.nan):8.3f} ms  "
             f"x{result.get('speedup_vs_dense_fwd_bwd', math.nan):.2f} vs dense  "
-            f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex")
+            f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex  "
+            f"(split {result.get('ours_best_split', {}).get('fwd_bwd_ms', math.nan):.3f} / atomic "
+            f"{result.get('ours_best_atomic', {}).get('fwd_bwd_ms', math.nan):.3f} ms)")
 
 
 def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True) -> list[dict]:
