@@ -94,14 +94,12 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     """
     import torch
 
-    from maskdsl.analysis.counts import attended_pairs
+    from maskdsl.bench.run import density as bench_density
     from maskdsl.api import lookup_config
     from maskdsl.codegen.build import compile_attention
     from maskdsl.harness.measure import torch_dtype
 
     mask = spec.mask(mask_name)
-    if mask.dynamic:
-        raise ValueError(f"mask {mask_name!r} has a top-k term; bench_training covers static masks")
     att = spec.attention_for(mask_name)
     heads, kv_heads, dim = (att.heads, att.kv_heads, att.head_dim) if att else (8, 8, 128)
     batch = att.batch if att else 1
@@ -114,13 +112,14 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     q, k, v, dout = (torch.randn(batch, h, tokens, dim, device=device, dtype=dtype, generator=gen)
                      for h in (heads, kv_heads, kv_heads, heads))
     sample = torch.randperm(tokens, device=device, generator=gen)[:rows].sort().values.cpu()
-    density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
+    density = bench_density(mask)  # top-k: the picked fraction of key blocks
     result = {"mask": mask_name, "expr": mask.expr.fmt(), "grid": list(mask.layout.shape), "tokens": tokens,
               "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
               "density": density, "flop_ideal": 1 / density}
     if configs is None:
         fwd_cfg = lookup_config(mask, att)
-        configs = [(fwd_cfg, b) for b in backward_candidates(mask, dim, modes)]
+        # a top-k mask's backward takes its forward's tiles (codegen.topk.backward): one config to time
+        configs = [fwd_cfg] if mask.dynamic else [(fwd_cfg, b) for b in backward_candidates(mask, dim, modes)]
     kvh = 1 if kv_heads == 1 or heads < 2 else max(1, kv_heads * 2 // heads)
     small = [t[:1, :h].contiguous() for t, h in ((q, 2), (k, kvh), (v, kvh))]
 
@@ -133,7 +132,8 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     ours = []
     for item in configs:
         fwd_cfg, bwd_cfg = item if isinstance(item, tuple) else (item, None)
-        entry = {"config": fwd_cfg.key(), "backward_config": bwd_cfg.key() if bwd_cfg else "default"}
+        entry = {"config": fwd_cfg.key(),
+                 "backward_config": bwd_cfg.key() if bwd_cfg else ("topk" if mask.dynamic else "default")}
         try:
             start = time.perf_counter()
             fn = compile_attention(spec, mask_name, fwd_cfg, bwd_cfg)
@@ -185,7 +185,10 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
         if "ours_best" in result:
             result["speedup_vs_dense_fwd_bwd"] = dense[best]["fwd_bwd_ms"] / result["ours_best"]["fwd_bwd_ms"]
             result["speedup_vs_dense_bwd"] = dense[best]["bwd_ms"] / result["ours_best"]["bwd_ms"]
-    if with_flex:
+    if with_flex and mask.dynamic:
+        result["flex_skipped"] = ("a top-k selection is made per call from q and k; a BlockMask built from it "
+                                  "per step is not FlexAttention as an expert writes it for a static mask")
+    elif with_flex:
         try:
             result.update(_flex(mask, leaves, dout, bench, result))
         except Exception as exc:
@@ -236,7 +239,8 @@ def format_row(result) -> str:
 
 
 def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True) -> list[dict]:
-    """`maskdsl bench --train`: every static attention statement of the files (matching `only`), one process."""
+    """`maskdsl bench --train`: every attention statement of the files (matching `only`; top-k ones too, whose
+    backward takes the forward's tiles), one process."""
     import json
     from pathlib import Path
 
@@ -247,8 +251,6 @@ def run_training(files, out_json: str | None = None, only: str | None = None, wi
     print(f"# {env}", flush=True)
     results = []
     for path, spec, att in suite_cases(files, only):
-        if spec.mask(att.mask).dynamic:
-            continue
         print(f"== {path} mask {att.mask} (training)", flush=True)
         r = bench_training(spec, att.mask, with_flex=with_flex)
         r["file"] = str(path)
