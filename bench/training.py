@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 
 # (dK/dV kernel, dQ kernel) as (query tile, key tile, warps, stages) in tokens: the split backward's
@@ -238,11 +239,33 @@ def format_row(result) -> str:
             f"{result.get('ours_best_atomic', {}).get('fwd_bwd_ms', math.nan):.3f} ms)")
 
 
-def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True) -> list[dict]:
+def best_training_configs(runs: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """{'file stem:mask': [(forward key, backward key) of each dQ mode's best]} of saved `--train` runs (a case
+    in several: the last run's), so a later call re-times exactly those pairs (`--configs-from`)."""
+    from pathlib import Path
+
+    best = {}
+    for run in runs:
+        for r in run["results"]:
+            pairs = [(r[k]["config"], r[k]["backward_config"]) for k in ("ours_best_split", "ours_best_atomic")
+                     if r.get(k)]
+            if pairs:
+                best[f"{Path(r['file']).stem}:{r['mask']}"] = pairs
+    return best
+
+
+def _configs(pairs):
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig
+
+    return [KernelConfig.from_key(f) if b in ("topk", "default") else (KernelConfig.from_key(f), BackwardConfig.from_key(b))
+            for f, b in pairs]
+
+
+def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True,
+                 configs_from: dict | None = None) -> list[dict]:
     """`maskdsl bench --train`: every attention statement of the files (matching `only`; top-k ones too, whose
     backward takes the forward's tiles), one process."""
     import json
-    from pathlib import Path
 
     from maskdsl.bench.cases import suite_cases
     from maskdsl.bench.run import environment
@@ -251,8 +274,14 @@ def run_training(files, out_json: str | None = None, only: str | None = None, wi
     print(f"# {env}", flush=True)
     results = []
     for path, spec, att in suite_cases(files, only):
+        configs = None
+        if configs_from is not None:  # a re-measurement: each mode's saved best pair, cases it names only
+            pairs = configs_from.get(f"{Path(path).stem}:{att.mask}")
+            if not pairs:
+                continue
+            configs = _configs(pairs)
         print(f"== {path} mask {att.mask} (training)", flush=True)
-        r = bench_training(spec, att.mask, with_flex=with_flex)
+        r = bench_training(spec, att.mask, configs=configs, with_flex=with_flex)
         r["file"] = str(path)
         results.append(r)
         print(format_row(r), flush=True)
