@@ -225,3 +225,44 @@ def test_cli_refits_the_backward_from_a_bench_file(tmp_path, capsys, monkeypatch
     assert simulate_backward(spec, "m", BackwardConfig.from_key(ATOMIC_KEYS[0]), costs=model) is not None
     assert main(["simulate"]) == 2  # neither a spec nor a bench file
     assert "needs a spec FILE" in capsys.readouterr().err
+
+
+def test_the_atomic_study_seeds_are_ranked_by_the_atomic_prediction(tmp_path, monkeypatch):
+    from maskdsl.autotune.space import backward_seeds
+
+    spec = maskdsl.parse("layout s = grid(2048)\nmask m = sliding_window(257)\n"
+                         "attention a(mask=m, heads=8, head_dim=128)\n")
+    entry = json.loads(_shipped_h100())
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"gpus": {"Test GPU": {**entry, "bwd_atomic_us": 0.7},
+                                          "Bare GPU": {**entry, "bwd_atomic_us": None}}}))
+    monkeypatch.setenv("MASKDSL_GPU_COSTS", str(costs))
+    seeds = backward_seeds(spec, "m", count=4, gpu="Test GPU", atomic=True)
+    split = backward_seeds(spec, "m", count=4, gpu="Test GPU")
+    assert len(seeds) > 2 and all(s.atomic and s.dq == split[0].dq for s in seeds)
+    assert seeds[0] == replace(split[0], atomic=True)  # the untuned default first, as the split study's
+    model = CostModel.for_gpu("Test GPU")
+    times = [predict_kernel(spec, "m", "dkdv", c.dkdv.q_tile, c.dkdv.kv_tile, c.dkdv.num_warps, c.dkdv.num_stages,
+                            costs=model, atomic=True) for c in seeds[1:]]
+    assert times == sorted(times)
+    # over all the dK/dV kernel's configs: the atomic order is not the split one's on this mask
+    from maskdsl.autotune.space import _kernel_configs, _rank_kernel, backward_tile_pairs
+
+    configs = _kernel_configs(backward_tile_pairs(spec, "m")["dkdv"])
+
+    def atomic_ms(ranked):
+        return [predict_kernel(spec, "m", "dkdv", c.q_tile, c.kv_tile, c.num_warps, c.num_stages, costs=model,
+                               atomic=True) for c in ranked]
+
+    by_atomic = atomic_ms(_rank_kernel(spec, "m", "dkdv", configs, "Test GPU", atomic=True))
+    by_split = atomic_ms(_rank_kernel(spec, "m", "dkdv", configs, "Test GPU"))
+    assert by_atomic == sorted(by_atomic) and by_split != sorted(by_split)
+    # without the atomic constant: still atomic seeds, the dK/dV kernels' best tile pairs at the default launch
+    bare = backward_seeds(spec, "m", count=4, gpu="Bare GPU", atomic=True)
+    assert all(s.atomic for s in bare) and {s.dkdv.num_warps for s in bare[1:]} <= {seeds[0].dkdv.num_warps}
+
+
+def _shipped_h100() -> str:
+    from maskdsl.simulator.cost import _BUILTIN, _load
+
+    return json.dumps({k: v for k, v in _load(_BUILTIN)[H100].items() if k != "bwd_measurements"})
