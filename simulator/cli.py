@@ -117,7 +117,8 @@ def cmd_simulate(args) -> int:
     print(title)
     print(format_table(rows))
     if not args.sweep and not mdef.dynamic:
-        print(format_backward(rows[0], args.backward_config is None))
+        print(format_backward(rows[0], args.backward_config is None,
+                              (args.backward_config or "").strip().endswith("-atomic")))
     if forward is not None:
         print(format_dispatch(forward))
     for note in dict.fromkeys(n for r in rows for n in r.notes):
@@ -286,12 +287,13 @@ def format_dispatch(info: dict) -> str:
     return "\n".join([head] + [f"  not {name}: {reason}" for name, reason in info["refused"].items()])
 
 
-def format_backward(r, default: bool) -> str:
+def format_backward(r, default: bool, atomic: bool = False) -> str:
     """The backward and forward+backward lines under the forward's table."""
     b = r.backward
     if b is None:
-        return (f"backward: not predicted: {r.gpu} has no backward constants; hint: fit them from maskdsl bench "
-                "--train times with maskdsl.simulator.calibrate_backward (docs/SIMULATOR.md)")
+        what = "constant for the atomic-dQ backward (bwd_atomic_us)" if atomic else "backward constants"
+        return (f"backward: not predicted: {r.gpu} has no {what}; hint: fit them from maskdsl bench --train "
+                "times with maskdsl simulate --calibrate-backward TRAIN.json (docs/SIMULATOR.md)")
     which = " (the untuned default)" if default else ""
     if b.atomic:
         line = (f"backward {b.label()}{which}: dK/dV with atomic dQ {b.dkdv_ms:.3f} ms + float32 buffers "

@@ -223,6 +223,12 @@ def test_cli_refits_the_backward_from_a_bench_file(tmp_path, capsys, monkeypatch
     assert model.bwd_atomic_us == pytest.approx(0.7, rel=1e-2)
     spec = maskdsl.parse("layout s = grid(1024)\nmask m = sliding_window(65)\nattention a(mask=m, heads=16, head_dim=128)\n")
     assert simulate_backward(spec, "m", BackwardConfig.from_key(ATOMIC_KEYS[0]), costs=model) is not None
+    spec_file = tmp_path / "bench" / "suite" / "win_a.mask"
+    assert main(["simulate", str(spec_file), "--gpu", H100, "--costs", str(out),
+                 "--backward-config", ATOMIC_KEYS[1]]) == 0
+    assert f"backward {ATOMIC_KEYS[1]}: dK/dV with atomic dQ" in capsys.readouterr().out
+    assert main(["simulate", str(spec_file), "--gpu", H100, "--backward-config", ATOMIC_KEYS[1]]) == 0
+    assert "has no constant for the atomic-dQ backward (bwd_atomic_us)" in capsys.readouterr().out
     assert main(["simulate"]) == 2  # neither a spec nor a bench file
     assert "needs a spec FILE" in capsys.readouterr().err
 
