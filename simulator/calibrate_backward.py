@@ -59,13 +59,14 @@ class BackwardMeasurement:
 def records_from_bench(results: list[dict], source: str = "", root=".") -> list[dict]:
     """`bwd_measurements` records (gpu_costs.json's shape) from the `results` of a `maskdsl bench --train
     --json` file: per case the backward configs whose gradients passed the bench's check (as its
-    `ours_best`), each with its `bwd_ms`, and the dense SDPA backward it picked (`dense_best`). A case is
+    `ours_best`), each with its `bwd_ms`, and the dense SDPA backward it picked (`dense_best`); a top-k case
+    (its backward config 'topk', the forward's tiles) is not the static backward modelled here. A case is
     the spec file's stem; its path is kept relative to `root` (the repository) where it lies under it or
     under a `bench/` folder (a run in another copy of the repository)."""
     out = []
     for r in results:
         good = [e for e in r.get("ours", []) if "bwd_ms" in e and not e.get("grad_nan")
-                and e.get("backward_config", "default") != "default"
+                and str(e.get("backward_config", "")).startswith("bwd-")
                 and max(e.get("dq_error", 0.0), e.get("dk_error", 0.0), e.get("dv_error", 0.0)) < 3e-2]
         if not good:
             continue

@@ -165,7 +165,7 @@ def test_leave_one_case_out_reports_each_mode():
 
 def _bench_json(tmp_path, truth):
     """A `maskdsl bench --train --json` file of three cases whose bwd_ms `truth` made, with a failed config,
-    a NaN one and one whose gradients missed (none of which may become a record)."""
+    a NaN one, one whose gradients missed and a top-k case (none of which may become a record)."""
     results = []
     for name, window in (("win_a", 65), ("win_b", 129), ("win_c", 257)):
         path = tmp_path / "bench" / "suite" / f"{name}.mask"
@@ -184,6 +184,9 @@ def _bench_json(tmp_path, truth):
                  {**ours[0], "backward_config": "bwd-q64_k64_w8_s2-q64_k64_w4_s3", "dk_error": 0.5}]
         results.append({"mask": "m", "file": str(path), "dtype": "torch.float16", "ours": ours,
                         "dense_best": {"backend": "cudnn", "fwd_ms": 3.0, "bwd_ms": 7.5, "fwd_bwd_ms": 10.5}})
+    # a top-k case: its backward takes the forward's tiles, no backward config of the static model
+    results.append({"mask": "t", "file": str(tmp_path / "bench" / "suite" / "topk.mask"), "dtype": "torch.bfloat16",
+                    "ours": [{**ours[0], "backward_config": "topk"}]})
     out = tmp_path / "train.json"
     out.write_text(json.dumps({"environment": {"gpu": H100}, "results": results}))
     return out, results
