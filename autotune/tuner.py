@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import optuna
 
@@ -72,9 +72,8 @@ def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per
     its knobs are searched (the dQ kernel's stay the default's, one choice each, and `atomic` is a
     one-choice parameter so that a stored trial says which backward it timed)."""
     gpu = None if device is None or device.interpreted else device.name
-    seeds = space.backward_seeds(spec, mask, problem.head_dim, count=min(4, trials), per_volume=per_volume, gpu=gpu)
-    if atomic:
-        seeds = list(dict.fromkeys(replace(cfg, dq=seeds[0].dq, atomic=True) for cfg in seeds))
+    seeds = space.backward_seeds(spec, mask, problem.head_dim, count=min(4, trials), per_volume=per_volume, gpu=gpu,
+                                 atomic=atomic)
     default = seeds[0]  # ranked_backward_default: the untuned backward
     pairs = space.backward_tile_pairs(spec, mask, per_volume)
     choices = {}
