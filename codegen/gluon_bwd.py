@@ -435,8 +435,8 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def launch(q, k, v, out, lse, dout, scale: float, dq, dk, dv, schedule: GluonBackwardSchedule,
-           stages: int = NUM_STAGES) -> None:
+def gluon_backward(q, k, v, out, lse, dout, scale: float, dq, dk, dv, schedule: GluonBackwardSchedule,
+                   stages: int = NUM_STAGES) -> None:
     """dq, dk, dv <- the gradients of softmax attention for dout (lse: the forward's natural-log LSE),
     for a whole-tile schedule; the caller checked eligibility (codegen.dispatch.can_run_gluon_backward).
 
