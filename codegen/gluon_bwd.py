@@ -13,8 +13,10 @@ key and visit tables), in 64-row halves of a query tile (a step).
 
 Four partitions (`gl.warp_specialize`, 10 warps):
   * loader (1 warp): TMA-loads the key tile's K and V once (two 64-row half boxes each, one per
-    consumer), then each step's Q and dO half boxes into a ring of NUM_STAGES stages (`q_ready`
-    with transaction counts; `q_empty`, count 2, arrived by both consumers).
+    consumer), then each step's Q and dO half boxes into a ring of NUM_STAGES stages, with the
+    step's rows' LSE and delta by cp.async (`q_ready`: transaction counts and the cp.async's
+    deferred arrive; `q_empty`, count 2, arrived by both consumers); at the end, the epilogue's
+    TMA stores.
   * two consumers (4 warps each), key rows 0-63 and 64-127 of the tile, each holding its dK, dV
     [64, head_dim] in fp32 registers. Per step, with S and dP [64 queries, 64 keys] (queries as rows,
     so LSE and delta are two registers a thread):
@@ -27,8 +29,10 @@ Four partitions (`gl.warp_specialize`, 10 warps):
   * dQ writer (1 warp): sums the two consumers' parts of a step and adds them, times the scale, to
     the fp32 dQ buffer [B, H, L, D] by relaxed vector atomics (Gluon 3.6 has no TMA reduce-add),
     one add per element and (key tile, query tile) pair; torch converts the buffer to dq's dtype.
-  * epilogue: each consumer's dK (times the scale), dV go through its (now free) K and V buffers by TMA
-    stores: into dk, dv (MHA), or into per-query-head partials [B, H, L, D] in the inputs' dtype
+  * epilogue: each consumer writes its dK (times the scale), dV into its (now free) K and V buffers and
+    the loader stores them by TMA (the coordinates and descriptors kept in a consumer's registers
+    through the main loop spilled at head_dim 128): into dk, dv (MHA), or into per-query-head
+    partials [B, H, L, D] in the inputs' dtype
     that the host sums over the group in fp32 in a fixed order (GQA: the heads of a group run as
     separate programs, not serialized on one, and dK, dV stay deterministic).
 
@@ -42,6 +46,7 @@ import functools
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -184,6 +189,7 @@ class BwdBuffers:
     v_smem: gl.shared_memory_descriptor
     q_smem: gl.shared_memory_descriptor
     do_smem: gl.shared_memory_descriptor
+    stats: gl.shared_memory_descriptor
     p_smem: gl.shared_memory_descriptor
     ds_smem: gl.shared_memory_descriptor
     kv_bar: gl.shared_memory_descriptor
@@ -194,9 +200,9 @@ class BwdBuffers:
     dq_empty: gl.shared_memory_descriptor
 
     @gluon.constexpr_function
-    def __init__(self, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, q_empty, dq_smem, dq_ready,
-                 dq_empty):
-        self.k_smem, self.v_smem, self.q_smem, self.do_smem = k_smem, v_smem, q_smem, do_smem
+    def __init__(self, k_smem, v_smem, q_smem, do_smem, stats, p_smem, ds_smem, kv_bar, q_ready, q_empty,
+                 dq_smem, dq_ready, dq_empty):
+        self.k_smem, self.v_smem, self.q_smem, self.do_smem, self.stats = k_smem, v_smem, q_smem, do_smem, stats
         self.p_smem, self.ds_smem = p_smem, ds_smem
         self.kv_bar, self.q_ready, self.q_empty = kv_bar, q_ready, q_empty
         self.dq_smem, self.dq_ready, self.dq_empty = dq_smem, dq_ready, dq_empty
@@ -209,10 +215,13 @@ class BwdBuffers:
                                            q_desc.layout)
         do_smem = gl.allocate_shared_memory(cfg.dtype, [cfg.NUM_STAGES, 1, cfg.H0, cfg.H1, cfg.H2, cfg.HEAD_D],
                                             q_desc.layout)
+        # per stage the step's rows' LSE, then their delta
+        stats = gl.allocate_shared_memory(gl.float32, [2 * cfg.NUM_STAGES, cfg.SUB_M],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [0]))
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([cfg.SUB_M, cfg.SUB_N], cfg.dtype)
         p_smem = gl.allocate_shared_memory(cfg.dtype, [2, cfg.SUB_M, cfg.SUB_N], ds_layout)
         ds_smem = gl.allocate_shared_memory(cfg.dtype, [2, cfg.SUB_M, cfg.SUB_N], ds_layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # K, V in; dK, dV out
         q_ready = gl.allocate_shared_memory(gl.int64, [cfg.NUM_STAGES, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [cfg.NUM_STAGES, 1], mbarrier.MBarrierLayout())
         dq_layout: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 1, [1, 0])
@@ -220,20 +229,25 @@ class BwdBuffers:
         dq_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar.index(0), count=1)
+        mbarrier.init(kv_bar.index(1), count=2)
         for st in gl.static_range(cfg.NUM_STAGES):
             mbarrier.init(q_ready.index(st), count=1)
             mbarrier.init(q_empty.index(st), count=2)
         for c in gl.static_range(2):
             mbarrier.init(dq_ready.index(c), count=1)
             mbarrier.init(dq_empty.index(c), count=1)
-        return BwdBuffers(k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_bar, q_ready, q_empty, dq_smem, dq_ready,
+        return BwdBuffers(k_smem, v_smem, q_smem, do_smem, stats, p_smem, ds_smem, kv_bar, q_ready, q_empty, dq_smem, dq_ready,
                           dq_empty)
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, do_desc, bufs, item, GROUP, cfg):
-    """K and V of the key tile once, then every step's Q and dO half boxes into the ring."""
+def _loader(q_desc, k_desc, v_desc, do_desc, bufs, item, GROUP, io, cfg):
+    """K and V of the key tile once, then every step's Q and dO half boxes into the ring, with its rows'
+    LSE and delta (cp.async, whose completion the stage's `q_ready` also waits for)."""
     bh_kv = item.bh // GROUP
+    rows: gl.constexpr = gl.BlockedLayout([cfg.SUB_M // 32], [32], [1], [0])
+    r = gl.arange(0, cfg.SUB_M, layout=rows)
+    head = item.bh.to(gl.int64) * io.L
     kv = bufs.kv_bar.index(0)
     mbarrier.expect(kv, 4 * k_desc.block_type.nbytes)
     for half in gl.static_range(2):
@@ -246,9 +260,23 @@ def _loader(q_desc, k_desc, v_desc, do_desc, bufs, item, GROUP, cfg):
         mbarrier.wait(bufs.q_empty.index(stage), c.free_phase())
         a0, a1, a2 = item.query_origin(j, cfg)
         bar = bufs.q_ready.index(stage)
+        # first the small copies and their deferred arrive (it raises the pending count at once), then the
+        # expect: the phase cannot complete between the two
+        tok = _tokens((a0, a1, a2), r, io.N1, io.N2, cfg.H1, cfg.H2)
+        async_copy.async_copy_global_to_shared(bufs.stats.index(2 * stage), io.lse_ptr + head + tok)
+        async_copy.async_copy_global_to_shared(bufs.stats.index(2 * stage + 1), io.delta_ptr + head + tok)
+        async_copy.mbarrier_arrive(bar)
         mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [item.bh, a0, a1, a2, 0], bar, bufs.q_smem.index(stage))
         tma.async_copy_global_to_shared(do_desc, [item.bh, a0, a1, a2, 0], bar, bufs.do_smem.index(stage))
+    # the epilogue: both consumers' dK, dV from their K and V buffers (the loader holds the coordinates
+    # and descriptors; in a consumer they would sit in registers through the main loop and spill)
+    mbarrier.wait(bufs.kv_bar.index(1), 0)
+    for half in gl.static_range(2):
+        a0, a1, a2 = item.key_origin(half, cfg)
+        tma.async_copy_shared_to_global(io.dk_desc, [item.bh, a0, a1, a2, 0], bufs.k_smem.index(half))
+        tma.async_copy_shared_to_global(io.dv_desc, [item.bh, a0, a1, a2, 0], bufs.v_smem.index(half))
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -260,15 +288,10 @@ def _consumer(io, bufs, item, cfg, CID: gl.constexpr):
     ds_buf = bufs.ds_smem.index(CID)
     dk = gl.zeros([cfg.SUB_N, cfg.HEAD_D], gl.float32, cfg.d_layout)
     dv = gl.zeros([cfg.SUB_N, cfg.HEAD_D], gl.float32, cfg.d_layout)
-    head = item.bh.to(gl.int64) * io.L  # this head's first row of LSE, delta and the dQ buffer
-    r_s = gl.arange(0, cfg.SUB_M, layout=cfg.s_row)
     mbarrier.wait(bufs.kv_bar.index(0), 0)
     for j in range(item.steps):
         c = Counter(j, cfg.NUM_STAGES)
         stage = c.slot()
-        tok = _tokens(item.query_origin(j, cfg), r_s, io.N1, io.N2, cfg.H1, cfg.H2)
-        lse = gl.load(io.lse_ptr + head + tok)  # issued before the wait: their latency hides under it
-        delta = gl.load(io.delta_ptr + head + tok)
         q_sub = bufs.q_smem.index(stage).reshape([cfg.SUB_M, cfg.HEAD_D])
         do_sub = bufs.do_smem.index(stage).reshape([cfg.SUB_M, cfg.HEAD_D])
         mbarrier.wait(bufs.q_ready.index(stage), c.phase())
@@ -277,11 +300,13 @@ def _consumer(io, bufs, item, cfg, CID: gl.constexpr):
         dp = warpgroup_mma(do_sub, v_sub.permute((1, 0)), gl.zeros([cfg.SUB_M, cfg.SUB_N], gl.float32, cfg.s_layout),
                            use_acc=False, is_async=True)
         # a row that sees no key (LSE -inf) gets P = 0: subtract +inf instead
+        lse = bufs.stats.index(2 * stage).load(cfg.s_row)
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         s = warpgroup_mma_wait(1, deps=(s, ))
         p = gl.exp2(s * io.qk_scale - gl.expand_dims(lse2, 1))
         p_buf.store(p.to(cfg.dtype))  # P [queries, keys]; dV = P^T dO reads it transposed
         dp = warpgroup_mma_wait(0, deps=(dp, ))
+        delta = bufs.stats.index(2 * stage + 1).load(cfg.s_row)
         ds = (p * (dp - gl.expand_dims(delta, 1))).to(cfg.dtype)
         ds_buf.store(ds)  # dK = dS^T Q reads it transposed
         fence_async_shared()
@@ -297,16 +322,11 @@ def _consumer(io, bufs, item, cfg, CID: gl.constexpr):
         bufs.dq_smem.index(CID).store(dq)
         mbarrier.arrive(bufs.dq_ready.index(CID))
 
-    # dK, dV leave through this consumer's K and V buffers (read for the last time) by TMA stores
-    k_out = bufs.k_smem.index(CID)
-    v_out = bufs.v_smem.index(CID)
+    # dK, dV go to this consumer's K and V buffers (read for the last time); the loader stores them
     k_sub.store((dk * io.scale).to(cfg.dtype))
     v_sub.store(dv.to(cfg.dtype))
     fence_async_shared()
-    a0, a1, a2 = item.key_origin(CID, cfg)
-    tma.async_copy_shared_to_global(io.dk_desc, [item.bh, a0, a1, a2, 0], k_out)
-    tma.async_copy_shared_to_global(io.dv_desc, [item.bh, a0, a1, a2, 0], v_out)
-    tma.store_wait(0)
+    mbarrier.arrive(bufs.kv_bar.index(1))
 
 
 @gluon.jit
@@ -371,7 +391,7 @@ def attention_bwd(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, d
     gl.warp_specialize([
         (_consumer, (io, bufs, item, cfg, 0)),
         (_consumer, (io, bufs, item, cfg, 1)),
-        (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, item, GROUP, cfg)),
+        (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, item, GROUP, io, cfg)),
         (_dq_writer, (io, bufs, item, cfg)),
     ], [num_warps, 1, 1], [CONSUMER_REGS, LOADER_REGS, WRITER_REGS])
 
