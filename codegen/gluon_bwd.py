@@ -62,7 +62,7 @@ NUM_STAGES = 2  # Q and dO stages: 64 KB at head_dim 128 beside K, V (64 KB) and
 CONSUMER_WARPS = 4
 LOADER_REGS = 24
 WRITER_REGS = 24
-DQ_ROWS = 1
+WRITER_WARPS = 1  # the dQ writer's warps (it shares the third warpgroup with the loader)
 CONSUMER_REGS = 240
 MAXNREG = 65536 // (32 * 12) // 8 * 8  # 12 warps at launch; setmaxnreg moves the loader's to the consumers
 DELTA_BLOCK = 64
@@ -95,7 +95,7 @@ class BwdConfig:
     SUB_N: gl.constexpr  # key rows of a consumer
     dtype: gl.constexpr
     NUM_STAGES: gl.constexpr
-    DQ_ROWS: gl.constexpr  # rows of dQ the writer adds at a time
+    WRITER_WARPS: gl.constexpr
     s_layout: gl.constexpr
     d_layout: gl.constexpr
     op_layout: gl.constexpr
@@ -104,7 +104,7 @@ class BwdConfig:
     d_col: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, q_tile, kv_tile, q_desc, k_desc, NUM_STAGES, DQ_ROWS, WARPS):
+    def __init__(self, q_tile, kv_tile, q_desc, k_desc, NUM_STAGES, WRITER_WARPS, WARPS):
         self.T0, self.T1, self.T2 = (gl.constexpr(t) for t in q_tile)
         self.H0, self.H1, self.H2 = (gl.constexpr(h) for h in q_desc.block_shape[1:4])
         self.KT0, self.KT1, self.KT2 = (gl.constexpr(t) for t in kv_tile)
@@ -114,7 +114,7 @@ class BwdConfig:
         self.SUB_N = gl.constexpr(self.KH0 * self.KH1 * self.KH2)
         self.dtype = gl.constexpr(q_desc.dtype)
         self.NUM_STAGES = gl.constexpr(NUM_STAGES)
-        self.DQ_ROWS = gl.constexpr(DQ_ROWS)
+        self.WRITER_WARPS = gl.constexpr(WRITER_WARPS)
         s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                              instr_shape=[16, self.SUB_N, 16])
         d_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
@@ -332,24 +332,43 @@ def _consumer(io, bufs, item, cfg, CID: gl.constexpr):
 @gluon.jit
 def _dq_writer(io, bufs, item, cfg):
     """Each step's two dQ parts (one per consumer's 64 keys) summed and added to the fp32 dQ buffer,
-    times the scale, DQ_ROWS rows at a time (few registers), by relaxed atomic adds."""
-    ROWS: gl.constexpr = cfg.DQ_ROWS
-    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // cfg.HEAD_D, cfg.HEAD_D // 4], [1, 1], [1, 0])
+    times the scale, by relaxed atomic adds of 4 floats a thread: a chunk of rows at a time, one
+    row a warp at head_dim 128 (few registers)."""
+    ROWS: gl.constexpr = cfg.WRITER_WARPS * 32 * 4 // cfg.HEAD_D
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // cfg.HEAD_D, cfg.HEAD_D // 4], [cfg.WRITER_WARPS, 1],
+                                            [1, 0])
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     cols = gl.expand_dims(gl.arange(0, cfg.HEAD_D, layout=gl.SliceLayout(0, layout)), 0)
     base = io.dq_ptr + item.bh.to(gl.int64) * io.L * cfg.HEAD_D
+    # the two parts as chunks of ROWS rows (the same bytes: the layout is unswizzled and row-major)
+    CHUNKS: gl.constexpr = cfg.SUB_M // ROWS
+    # the chunks unrolled at head_dim 128 (one row a warp), 8 at a time below: with two rows a warp
+    # the fully unrolled loop spills the writer's 24 registers, and a loop at 128 makes ptxas spill
+    # in a consumer
+    UNROLL: gl.constexpr = CHUNKS if cfg.HEAD_D >= 128 else 8
+    chunks = bufs.dq_smem._reinterpret(gl.float32, [2 * CHUNKS, ROWS, cfg.HEAD_D], bufs.dq_smem.layout)
     for j in range(item.steps):
         turn = Counter(j, 1)
         origin = item.query_origin(j, cfg)
         mbarrier.wait(bufs.dq_ready.index(0), turn.phase())
         mbarrier.wait(bufs.dq_ready.index(1), turn.phase())
-        for chunk in gl.static_range(cfg.SUB_M // ROWS):
-            part = bufs.dq_smem.index(0).slice(chunk * ROWS, ROWS).load(layout)
-            part += bufs.dq_smem.index(1).slice(chunk * ROWS, ROWS).load(layout)
-            tok = _tokens(origin, chunk * ROWS + r, io.N1, io.N2, cfg.H1, cfg.H2)
-            gl.atomic_add(base + gl.expand_dims(tok * cfg.HEAD_D, 1) + cols, part * io.scale, sem="relaxed")
+        if UNROLL == CHUNKS:
+            for chunk in gl.static_range(CHUNKS):
+                _add_chunk(chunks, chunk, CHUNKS, origin, r, cols, base, layout, io, cfg)
+        else:
+            for outer in range(CHUNKS // UNROLL):
+                for inner in gl.static_range(UNROLL):
+                    _add_chunk(chunks, outer * UNROLL + inner, CHUNKS, origin, r, cols, base, layout, io, cfg)
         mbarrier.arrive(bufs.dq_empty.index(0))
         mbarrier.arrive(bufs.dq_empty.index(1))
+
+
+@gluon.jit
+def _add_chunk(chunks, chunk, CHUNKS: gl.constexpr, origin, r, cols, base, layout: gl.constexpr, io, cfg):
+    """Chunk `chunk` of both consumers' dQ parts, summed, times the scale, added to its rows of dQ."""
+    part = chunks.index(chunk).load(layout) + chunks.index(CHUNKS + chunk).load(layout)
+    tok = _tokens(origin, chunk * (cfg.SUB_M // CHUNKS) + r, io.N1, io.N2, cfg.H1, cfg.H2)
+    gl.atomic_add(base + gl.expand_dims(tok * cfg.HEAD_D, 1) + cols, part * io.scale, sem="relaxed")
 
 
 @aggregate
@@ -378,13 +397,13 @@ class BwdLaunch:
 @gluon.jit
 def attention_bwd(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, dk_desc, dv_desc, keys_ptr,
                   visits_ptr, count, GROUP, L, N1, N2, qk_scale, scale, Q_TILE: gl.constexpr,
-                  KV_TILE: gl.constexpr, NUM_STAGES: gl.constexpr, DQ_ROWS: gl.constexpr,
+                  KV_TILE: gl.constexpr, NUM_STAGES: gl.constexpr, WRITER_WARPS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, WRITER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   num_warps: gl.constexpr):
     """q/do descriptors address [batch x heads, n0, n1, n2, HEAD_D] in half query tiles, k/v the kv heads'
     in half key tiles; program p runs key row p % count of `keys_ptr` (codegen.gluon_bwd_plan) for
     batch x head p // count."""
-    cfg = BwdConfig(Q_TILE, KV_TILE, q_desc, k_desc, NUM_STAGES, DQ_ROWS, num_warps)
+    cfg = BwdConfig(Q_TILE, KV_TILE, q_desc, k_desc, NUM_STAGES, WRITER_WARPS, num_warps)
     item = KeyItem.of(keys_ptr, visits_ptr, count)
     bufs = BwdBuffers.allocate(q_desc, k_desc, cfg)
     io = BwdLaunch(lse_ptr, delta_ptr, dq_ptr, dk_desc, dv_desc, L, N1, N2, qk_scale, scale)
@@ -393,7 +412,7 @@ def attention_bwd(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, d
         (_consumer, (io, bufs, item, cfg, 1)),
         (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, item, GROUP, io, cfg)),
         (_dq_writer, (io, bufs, item, cfg)),
-    ], [num_warps, 1, 1], [CONSUMER_REGS, LOADER_REGS, WRITER_REGS])
+    ], [num_warps, 1, WRITER_WARPS], [CONSUMER_REGS, LOADER_REGS, WRITER_REGS])
 
 
 @gluon.jit
@@ -435,7 +454,7 @@ def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) ->
 
 def kernel_args(q, k, v, dout, lse, delta, dq_acc, dk_out, dv_out, scale: float, keys: torch.Tensor,
                 visits: torch.Tensor, grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-                stages: int = NUM_STAGES):
+                stages: int = NUM_STAGES, writer_warps: int = WRITER_WARPS):
     """(grid, args, keyword args) of the backward over every row of `keys` for every (batch, head); grid
     and tiles 3-dimensional (the schedule's). Separate from `launch` so a test can bind and compile the
     kernel for sm_90 without a GPU."""
@@ -445,7 +464,7 @@ def kernel_args(q, k, v, dout, lse, delta, dq_acc, dk_out, dv_out, scale: float,
             _descriptor(dout, grid, half_tile(q_tile)), lse, delta, dq_acc, _descriptor(dk_out, grid, kv_half),
             _descriptor(dv_out, grid, kv_half), keys, visits, len(keys), heads // k.shape[1], tokens,
             grid[1], grid[2], scale * LOG2E, scale)
-    kwargs = dict(Q_TILE=tuple(q_tile), KV_TILE=tuple(kv_tile), NUM_STAGES=stages, DQ_ROWS=DQ_ROWS,
+    kwargs = dict(Q_TILE=tuple(q_tile), KV_TILE=tuple(kv_tile), NUM_STAGES=stages, WRITER_WARPS=writer_warps,
                   LOADER_REGS=LOADER_REGS, WRITER_REGS=WRITER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     return (len(keys) * batch * heads,), args, kwargs
 
@@ -456,7 +475,7 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def gluon_backward(q, k, v, out, lse, dout, scale: float, dq, dk, dv, schedule: GluonBackwardSchedule,
-                   stages: int = NUM_STAGES) -> None:
+                   stages: int = NUM_STAGES, writer_warps: int = WRITER_WARPS) -> None:
     """dq, dk, dv <- the gradients of softmax attention for dout (lse: the forward's natural-log LSE),
     for a whole-tile schedule; the caller checked eligibility (codegen.dispatch.can_run_gluon_backward).
 
@@ -480,7 +499,7 @@ def gluon_backward(q, k, v, out, lse, dout, scale: float, dq, dk, dv, schedule: 
         dk_out, dv_out = torch.empty_like(q), torch.empty_like(q)
     if len(keys):
         launch_grid, args, kwargs = kernel_args(q, k, v, dout, lse, delta, dq_acc, dk_out, dv_out, scale, keys,
-                                                visits, r.shape, r.q_tile, r.kv_tile, stages)
+                                                visits, r.shape, r.q_tile, r.kv_tile, stages, writer_warps)
         attention_bwd[launch_grid](*args, **kwargs)
     dq.copy_(dq_acc)  # the writer added dQ times the scale
     if not direct:  # the group's query heads summed in a fixed order: deterministic

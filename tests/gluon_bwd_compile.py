@@ -3,7 +3,7 @@
 A separate process for the reason tests/gluon_compile.py gives (the interpreter's builtins).
 
 Usage:
-  python tests/gluon_bwd_compile.py HEAD_DIM [1d|3d] [--gqa] [--fp16] [--stages N]
+  python tests/gluon_bwd_compile.py HEAD_DIM [1d|3d] [--gqa] [--fp16] [--stages N] [--writer-warps N]
 """
 
 import json
@@ -25,7 +25,8 @@ SHAPES = {
 }
 
 
-def compile_kernel(head_dim: int, shape: str = "1d", gqa: bool = False, dtype=torch.bfloat16, stages: int = 2):
+def compile_kernel(head_dim: int, shape: str = "1d", gqa: bool = False, dtype=torch.bfloat16, stages: int = 2,
+                   writer_warps: int = 1):
     grid, q_tile, kv_tile, keys, visits = SHAPES[shape]
     tokens = grid[0] * grid[1] * grid[2]
     q = torch.zeros(1, 4, tokens, head_dim, dtype=dtype)
@@ -35,7 +36,7 @@ def compile_kernel(head_dim: int, shape: str = "1d", gqa: bool = False, dtype=to
     lse = torch.zeros(1, 4, tokens)
     launch_grid, args, kwargs = gluon_bwd.kernel_args(
         q, kv, kv, q, lse, lse, f32, part, part, 0.1, torch.tensor(keys, dtype=torch.int32),
-        torch.tensor(visits, dtype=torch.int32), grid, q_tile, kv_tile, stages)
+        torch.tensor(visits, dtype=torch.int32), grid, q_tile, kv_tile, stages, writer_warps)
     driver.set_active(Sm90Driver())
     return gluon_bwd.attention_bwd.warmup(*args, grid=launch_grid, **kwargs)
 
@@ -60,11 +61,15 @@ def report(kernel) -> dict:
 
 
 def main(argv) -> dict:
-    args = [a for a in argv if not a.startswith("--")]
-    stages = int(argv[argv.index("--stages") + 1]) if "--stages" in argv else 2
-    args = [a for a in args if a != str(stages) or "--stages" not in argv]
+    def option(name, default):
+        return int(argv[argv.index(name) + 1]) if name in argv else default
+
+    stages, writers = option("--stages", 2), option("--writer-warps", 1)
+    args = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or not argv[i - 1].startswith("--s")
+                                                                          and not argv[i - 1].startswith("--w"))]
     dtype = torch.float16 if "--fp16" in argv else torch.bfloat16
-    out = report(compile_kernel(int(args[0]), args[1] if len(args) > 1 else "1d", "--gqa" in argv, dtype, stages))
+    out = report(compile_kernel(int(args[0]), args[1] if len(args) > 1 else "1d", "--gqa" in argv, dtype, stages,
+                                writers))
     out["delta"] = {k: v for k, v in report(compile_delta(int(args[0]), dtype)).items() if k != "report"}
     return out
 
