@@ -14,10 +14,11 @@ Forwards, best first (`FORWARDS`):
 3. ``topk``: the top-k forward (codegen.topk.forward): the masks with a top-k term, and only those.
 
 Backwards, best first (`BACKWARDS`): ``gluon``, the warp-specialized Hopper backward
-(codegen.gluon_bwd: dQ by fp32 atomics, so not bitwise reproducible), opt-in with MASKDSL_GLUON_BWD=1
-until measured, for the masks the Gluon forward runs in its whole-tile mode, on the forward's device
-and layout rules; ``triton``, the split dK/dV + dQ kernels (codegen.backward), for static masks;
-``topk``, the top-k backward (codegen.topk.backward), for top-k masks.
+(codegen.gluon_bwd: dQ by fp32 atomics, so not bitwise reproducible; never for a deterministic
+backward), opt-in with MASKDSL_GLUON_BWD=1 until measured, for the masks the Gluon forward runs in
+its whole-tile mode, on the forward's device and layout rules; ``triton``, the split dK/dV + dQ
+kernels (codegen.backward, or its atomic-dQ mode), for static masks; ``topk``, the top-k backward
+(codegen.topk.backward), for top-k masks.
 
 Every predicate returns None when its kernel can run, else a sentence saying why not; cheap tests
 come first. A `Target` stands for the device: the tensors' own by default, or `HOPPER` to ask what
@@ -273,7 +274,8 @@ def compatible_forwards(fn, q, k=None, v=None, out=None, lse=None, target=None) 
 
 def can_run_gluon_backward(fn, q=None, k=None, v=None, out=None, dout=None, lse=None, target=None) -> str | None:
     """Whether the Gluon backward (codegen.gluon_bwd) differentiates `fn` for these tensors: opted in
-    (MASKDSL_GLUON_BWD=1), a static mask whose forward schedule is the whole-tile mode, and the
+    (MASKDSL_GLUON_BWD=1), a static mask compiled with the atomic-dQ backward (the user did not ask for
+    a deterministic one), whose forward schedule is the whole-tile mode, and the
     Gluon forward's device and layout rules (Hopper outside the interpreter, fp16/bf16, head_dim 64
     or 128, copy-engine boxes) for q, k, v, out and dout; lse float32 and contiguous. Without tensors
     it cannot tell: refused."""
@@ -281,6 +283,9 @@ def can_run_gluon_backward(fn, q=None, k=None, v=None, out=None, dout=None, lse=
         return "opt-in until measured on a GPU: MASKDSL_GLUON_BWD=1"
     if fn.mask.dynamic:
         return "a top-k mask: the Gluon backward's tile schedule is fixed when it is compiled"
+    if fn.backward_config is None or not fn.backward_config.atomic:
+        return ("a deterministic backward (maskdsl.compile(deterministic=True), BackwardConfig.atomic False): "
+                "the Gluon backward adds dQ atomically, in an order that varies run to run")
     if q is None:
         return "no tensors: the Gluon backward's rule reads their device and layout"
     q, k, v, out = _defaults(q, k, v, out)

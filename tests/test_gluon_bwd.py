@@ -19,7 +19,6 @@ import torch
 
 import maskdsl
 from maskdsl.codegen import dispatch
-from maskdsl.codegen.build import compile_attention
 from maskdsl.codegen.config import KernelConfig
 from maskdsl.codegen.dispatch import HOPPER
 from maskdsl.codegen.gluon_bwd_plan import FIRST, KEY_COORD, LAST, VISIT_COORD, GluonBackwardSchedule
@@ -100,9 +99,10 @@ def test_only_whole_tile_schedules_are_taken():
         GluonBackwardSchedule(ranges)
 
 
-def _compile(text: str, config: KernelConfig | None = None):
+def _compile(text: str, deterministic: bool = False):
+    """What maskdsl.compile gives the first mask of `text` (the Gluon backward takes the atomic-dQ one)."""
     spec = maskdsl.parse(text)
-    return compile_attention(spec, spec.masks[0].name, config)
+    return maskdsl.compile(spec, spec.masks[0].name, deterministic=deterministic)
 
 
 def _meta(tokens: int, head_dim: int = 128, dtype=torch.bfloat16, heads: int = 2):
@@ -120,6 +120,9 @@ def test_the_backward_is_opt_in_until_measured(monkeypatch):
     assert dispatch.choose_backward(fn, q, target=HOPPER) == "gluon"
     assert dispatch.compatible_backwards(fn, q, target=HOPPER) == ["gluon", "triton"]
     assert dispatch.choose_backward(fn) == "triton"  # no tensors: the Gluon rule cannot tell
+    exact = _compile("layout g = grid(512)\nmask m = block(256)", deterministic=True)
+    assert "deterministic" in dispatch.can_run_gluon_backward(exact, q, target=HOPPER)
+    assert dispatch.choose_backward(exact, q, target=HOPPER) == "triton"
 
 
 def test_the_backward_rules_name_their_reason(monkeypatch):
@@ -151,7 +154,7 @@ def test_the_cpu_keeps_the_triton_backward(monkeypatch):
     """On the CPU (the interpreter) the gradient never reaches the Gluon path, opted in or not."""
     monkeypatch.setenv("MASKDSL_GLUON_BWD", "1")
     spec = maskdsl.parse("layout g = grid(256)\nmask m = block(128)")
-    fn = compile_attention(spec, "m", KernelConfig((64,), (64,), 4, 2))
+    fn = maskdsl.compile(spec, "m", KernelConfig((64,), (64,), 4, 2), deterministic=False)
     from maskdsl.codegen import gluon_bwd
 
     monkeypatch.setattr(gluon_bwd, "gluon_backward", lambda *a: pytest.fail("Gluon backward taken on the CPU"))

@@ -3,10 +3,11 @@
 For each case: the mask compiled with the Gluon forward's config (autotune.policy.gluon_pair, as the
 bench), gradients of a slice of heads (batch 0; a whole GQA group) checked against the float64
 reference with dO on sampled rows (bench.training.check_gradients: dQ on those rows, dK and dV on the
-whole grid), once through the Triton backward and once through the Gluon backward of each variant
-(MASKDSL_GLUON_BWD=1 in this process). Then on the whole problem: every backward once more into
-outputs poisoned with NaN, the Gluon variants' dQ, dK, dV compared with the Triton backward's, and
-`triton.testing.do_bench` medians of each backward (with its delta pass and the dQ conversion), of
+whole grid), once through the Triton backward (its atomic-dQ mode: maskdsl.compile's default) and
+once through the Gluon backward of each variant (MASKDSL_GLUON_BWD=1 in this process). Then on the
+whole problem: every backward once more into outputs poisoned with NaN, the Gluon variants' dQ, dK,
+dV compared with the Triton atomic backward's, and `triton.testing.do_bench` medians of each
+backward (with its delta pass and the dQ conversion; the Triton split, deterministic mode too), of
 our forward and of cuDNN's dense backward (SDPA, SDPBackend.CUDNN_ATTENTION, on a retained graph, KV
 heads repeated for GQA), all in this process. A case or variant that fails is recorded and the run
 goes on. Writes $OUT/gluon_bwd.json (the working directory without OUT) and prints a table; exits
@@ -54,9 +55,10 @@ def variants(head_dim: int) -> dict:
 
 
 def build(name: str, heads: int | None = None):
-    """(spec, mask, problem, compiled attention) of a case."""
+    """(spec, mask, problem, compiled attention) of a case, with the atomic-dQ backward (the one the Gluon
+    backward stands in for: maskdsl.compile's default, deterministic=False)."""
     from maskdsl.api import resolve
-    from maskdsl.autotune.policy import gluon_pair
+    from maskdsl.autotune.policy import gluon_pair, ranked_backward_default
     from maskdsl.codegen.build import compile_attention
     from maskdsl.harness.measure import Problem
     from maskdsl.lang.parser import load
@@ -67,7 +69,8 @@ def build(name: str, heads: int | None = None):
     if heads is not None:
         problem = replace(problem, heads=heads, kv_heads=max(1, heads * problem.kv_heads // problem.heads))
     pair = gluon_pair(mask, problem.head_dim, attention)
-    return spec, mask, problem, compile_attention(spec, mask.name, pair and pair[0])
+    backward = replace(ranked_backward_default(mask, problem.head_dim), atomic=True)
+    return spec, mask, problem, compile_attention(spec, mask.name, pair and pair[0], backward)
 
 
 def schedule_of(fn):
@@ -221,8 +224,12 @@ def run_case(name: str, heads: int | None) -> dict:
         out, lse = fn(q, k, v, scale=scale, return_lse=True)
         entry["fwd_ms"] = bench(lambda: fn(q, k, v, scale=scale))
     times, grads = {}, {}
-    kernels = fn.backward_kernels(problem.head_dim)
-    runs = {"triton": lambda dq, dk, dv: kernels.launch(q, k, v, out, lse, dout, scale, dq, dk, dv)}
+    from maskdsl.codegen.backward import BackwardKernels
+
+    atomic = fn.backward_kernels(problem.head_dim)
+    split = BackwardKernels(mask, replace(fn.backward_config, atomic=False))
+    runs = {"triton": lambda dq, dk, dv: atomic.launch(q, k, v, out, lse, dout, scale, dq, dk, dv),
+            "triton_split": lambda dq, dk, dv: split.launch(q, k, v, out, lse, dout, scale, dq, dk, dv)}
     if sched is not None:
         for variant, kwargs in variants(problem.head_dim).items():
             runs[variant] = (lambda kw: lambda dq, dk, dv: gluon_bwd.gluon_backward(
@@ -241,7 +248,7 @@ def run_case(name: str, heads: int | None) -> dict:
             times[backward] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if "triton" in grads:
         for backward, (dq, dk, dv) in grads.items():
-            if backward != "triton":
+            if backward not in ("triton", "triton_split"):
                 t = grads["triton"]
                 times[backward]["vs_triton"] = {"dq": rel(dq, t[0]), "dk": rel(dk, t[1]), "dv": rel(dv, t[2])}
     for t in times.values():
@@ -284,11 +291,14 @@ def print_row(e: dict) -> None:
     cudnn = e.get("cudnn", {}).get("ms", float("nan"))
     line = f"{e['case']:20} {e['problem']:16} fwd {e['fwd_ms']:8.3f}  cudnn bwd {cudnn:8.3f}"
     for name, t in e["backward"].items():
-        c = e["checks"].get(name, {})
-        err = max(c.get("dq_error", float("nan")), c.get("dk_error", float("nan")), c.get("dv_error", float("nan")))
+        c = e["checks"].get(name)
         if "ms" in t:
-            line += (f" | {name} {t['ms']:8.3f} ms {t['tflops']:5.0f} TF/s x{t.get('over_cudnn', float('nan')):.2f}"
-                     f" err {err:.1e}{' OK' if c.get('ok') else ' BAD'}")
+            line += f" | {name} {t['ms']:8.3f} ms {t['tflops']:5.0f} TF/s x{t.get('over_cudnn', float('nan')):.2f}"
+            if c is not None and "failed" not in c:
+                err = max(c["dq_error"], c["dk_error"], c["dv_error"])
+                line += f" err {err:.1e}{' OK' if c['ok'] else ' BAD'}"
+            elif c is not None:
+                line += " check FAILED"
         else:
             line += f" | {name} FAILED"
     if "gluon_refused" in e:
