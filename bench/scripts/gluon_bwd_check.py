@@ -13,7 +13,7 @@ heads repeated for GQA), all in this process. A case or variant that fails is re
 goes on. Writes $OUT/gluon_bwd.json (the working directory without OUT) and prints a table; exits
 1 when a gradient check failed.
 
-    python bench/scripts/gluon_bwd_check.py [--only dense_32k,blocked_3d] [--heads N]
+    python bench/scripts/gluon_bwd_check.py [--only dense_32k,blocked_3d | --only all] [--heads N]
     python bench/scripts/gluon_bwd_check.py --dry-run   # CPU: compile every variant for sm_90, ptxas' report
 """
 
@@ -42,10 +42,13 @@ CASES = {
     "block_2048_1head": ("block_2048_1head", {}),
     "window_1d_32k": ("window_1d_32k", {}),
 }
+# what a run without --only covers (about 5 minutes on an H100, compiles included); --only all: every case
+DEFAULT = ("dense_32k", "dense_32k_gqa", "dense_32k_d64", "blocked_3d", "hunyuan_gna_stride")
 # name -> keyword arguments of gluon_bwd.gluon_backward
 VARIANTS = {"gluon": {}, "gluon_w2": {"writer_warps": 2}}
 VARIANTS_D64 = {"gluon_s3": {"stages": 3}, "gluon_s3_w2": {"stages": 3, "writer_warps": 2}}
 TIMER = {"warmup": 25, "rep": 100}
+DEVICE = "cuda"  # a test runs the script's logic on the CPU (Triton's interpreter)
 ROWS = 64  # rows whose dO is nonzero in the gradient check
 TOLERANCE = 3e-2  # relative error of dQ, dK, dV against the float64 reference (bench --train's)
 
@@ -196,10 +199,10 @@ def run_case(name: str, heads: int | None) -> dict:
     tokens = mask.layout.tokens
     entry = {"case": name, "problem": problem.label(), "grid": list(mask.layout.shape), "config": fn.config.key(),
              "mode": fn.gluon_schedule.ranges.mode}
-    q, k, v = make_inputs(problem, tokens, "cuda", 0)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=gen)
-    sample = torch.randperm(tokens, device="cuda", generator=gen)[:ROWS].sort().values.cpu()
+    q, k, v = make_inputs(problem, tokens, DEVICE, 0)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    dout = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=gen)
+    sample = torch.randperm(tokens, device=DEVICE, generator=gen)[:ROWS].sort().values.cpu()
     scale = 1.0 / problem.head_dim ** 0.5
     pairs = attended_pairs(mask.expr, mask.layout.shape)
     fwd_flop = 4.0 * problem.batch * problem.heads * pairs * problem.head_dim
@@ -308,11 +311,11 @@ def print_row(e: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--only", default="", help=f"comma-separated case names, or all (default: {','.join(DEFAULT)})")
     parser.add_argument("--heads", type=int, help="run every case with this many query heads (a quicker check)")
     parser.add_argument("--dry-run", action="store_true", help="compile every variant for sm_90 on the CPU only")
     args = parser.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(CASES)
+    names = list(CASES) if args.only == "all" else [n for n in args.only.split(",") if n] or list(DEFAULT)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
