@@ -9,9 +9,11 @@ whole problem: every backward once more into outputs poisoned with NaN, the Gluo
 dV compared with the Triton atomic backward's, and `triton.testing.do_bench` medians of each
 backward (with its delta pass and the dQ conversion; the Triton split, deterministic mode too), of
 our forward and of cuDNN's dense backward (SDPA, SDPBackend.CUDNN_ATTENTION, on a retained graph, KV
-heads repeated for GQA), all in this process. A case or variant that fails is recorded and the run
-goes on. Writes $OUT/gluon_bwd.json (the working directory without OUT) and prints a table; exits
-1 when a gradient check failed.
+heads repeated for GQA), all in one process per case (a hang is stopped after --case-timeout seconds,
+a fault leaves the next case a clean context). A case or variant that fails is recorded and the run
+goes on; a small smoke case runs first, and its failure skips the Gluon variants of the rest. Writes
+$OUT/gluon_bwd.json (the working directory without OUT) and prints a table; exits 1 when a gradient
+check failed.
 
     python bench/scripts/gluon_bwd_check.py [--only dense_32k,blocked_3d | --only all] [--heads N]
     python bench/scripts/gluon_bwd_check.py --dry-run   # CPU: compile every variant for sm_90, ptxas' report
@@ -32,6 +34,10 @@ SUITE = ROOT / "bench" / "suite"
 # name -> (suite file, Problem fields to override): the whole-tile suite cases, MHA and GQA, head_dim 128
 # and 64, and the 1-D window (the "runs" mode: the Gluon backward refuses it; Triton and cuDNN timed)
 CASES = {
+    # a small case run first, alone: a kernel that hangs or faults shows here in seconds, and the Gluon
+    # variants of the other cases are then skipped
+    "smoke": ("layout seq = grid(2048)\nmask m = block(1024)\nattention main(mask=m, heads=4, kv_heads=2, "
+              "head_dim=128, dtype=bf16)", {}),
     "dense_32k": ("dense_32k", {}),
     "dense_32k_gqa": ("dense_32k", {"kv_heads": 8}),
     "dense_32k_d64": ("dense_32k", {"head_dim": 64}),
@@ -42,18 +48,22 @@ CASES = {
     "block_2048_1head": ("block_2048_1head", {}),
     "window_1d_32k": ("window_1d_32k", {}),
 }
-# what a run without --only covers (about 5 minutes on an H100, compiles included); --only all: every case
-DEFAULT = ("dense_32k", "dense_32k_gqa", "dense_32k_d64", "blocked_3d", "hunyuan_gna_stride")
+# what a run without --only covers (a few minutes on an H100, compiles included); --only all: every case
+DEFAULT = ("dense_32k", "dense_32k_gqa", "dense_32k_d64", "blocked_3d")
 # name -> keyword arguments of gluon_bwd.gluon_backward
 VARIANTS = {"gluon": {}, "gluon_w2": {"writer_warps": 2}}
 VARIANTS_D64 = {"gluon_s3": {"stages": 3}, "gluon_s3_w2": {"stages": 3, "writer_warps": 2}}
 TIMER = {"warmup": 25, "rep": 100}
-DEVICE = "cuda"  # a test runs the script's logic on the CPU (Triton's interpreter)
+# GLUON_BWD_DEVICE=cpu with TRITON_INTERPRET=1 runs the script's logic on the CPU (a check of the script:
+# the Gluon kernel cannot run there, so its variants are recorded as failed)
+DEVICE = os.environ.get("GLUON_BWD_DEVICE", "cuda")
 ROWS = 64  # rows whose dO is nonzero in the gradient check
 TOLERANCE = 3e-2  # relative error of dQ, dK, dV against the float64 reference (bench --train's)
 
 
 def variants(head_dim: int) -> dict:
+    if os.environ.get("GLUON_BWD_SKIP"):  # the smoke case failed: the Triton and cuDNN backwards only
+        return {}
     return {**VARIANTS, **(VARIANTS_D64 if head_dim == 64 else {})}
 
 
@@ -64,10 +74,10 @@ def build(name: str, heads: int | None = None):
     from maskdsl.autotune.policy import gluon_pair, ranked_backward_default
     from maskdsl.codegen.build import compile_attention
     from maskdsl.harness.measure import Problem
-    from maskdsl.lang.parser import load
+    from maskdsl.lang.parser import load, parse
 
     source, override = CASES[name]
-    spec, mask, attention = resolve(load(SUITE / f"{source}.mask"))
+    spec, mask, attention = resolve(parse(source) if source.startswith("layout") else load(SUITE / f"{source}.mask"))
     problem = replace(Problem.for_attention(attention), **override)
     if heads is not None:
         problem = replace(problem, heads=heads, kv_heads=max(1, heads * problem.kv_heads // problem.heads))
@@ -221,6 +231,10 @@ def run_case(name: str, heads: int | None) -> dict:
             entry["checks"][backward] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False}
 
     def bench(call):
+        if DEVICE != "cuda":  # the script's check on the CPU: one call's wall time
+            start = time.perf_counter()
+            call()
+            return (time.perf_counter() - start) * 1e3
         return triton.testing.do_bench(call, return_mode="median", **TIMER)
 
     with torch.no_grad():
@@ -242,7 +256,8 @@ def run_case(name: str, heads: int | None) -> dict:
             dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
             start = time.perf_counter()
             call(dq, dk, dv)
-            torch.cuda.synchronize()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             first = time.perf_counter() - start
             nan = any(bool(t.isnan().any()) for t in (dq, dk, dv))
             times[backward] = {"ms": bench(lambda: call(dq, dk, dv)), "first_call_s": first, "nan": nan}
@@ -287,6 +302,27 @@ def cudnn_backward(q, k, v, dout, scale, bench, problem) -> dict:
         return {"failed": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
+MARK = "@@gluon_bwd_check "
+
+
+def run_child(name: str, heads, env: dict, timeout: float) -> dict:
+    """One case in a process of its own: a kernel that hangs is stopped after `timeout` seconds, and one
+    that faults leaves the next case a clean CUDA context."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--child", name] + ([f"--heads={heads}"] if heads else [])
+    try:
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-1500:] if isinstance(exc.stdout, bytes) else (exc.stdout or "")[-1500:]
+        return {"case": name, "failed": f"timed out after {timeout:.0f} s (a hang?)", "output": str(tail), "ok": False}
+    for line in reversed(run.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    return {"case": name, "failed": f"exit {run.returncode} without a result", "stderr": run.stderr[-3000:],
+            "ok": False}
+
+
 def print_row(e: dict) -> None:
     if "failed" in e:
         print(f"{e['case']:20} FAILED {e['failed']}", flush=True)
@@ -314,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated case names, or all (default: {','.join(DEFAULT)})")
     parser.add_argument("--heads", type=int, help="run every case with this many query heads (a quicker check)")
     parser.add_argument("--dry-run", action="store_true", help="compile every variant for sm_90 on the CPU only")
+    parser.add_argument("--case-timeout", type=float, default=240, help="seconds a case may take (default 240)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one case, in a process of its own
     args = parser.parse_args(argv)
     names = list(CASES) if args.only == "all" else [n for n in args.only.split(",") if n] or list(DEFAULT)
     unknown = [n for n in names if n not in CASES]
@@ -325,19 +363,27 @@ def main(argv=None) -> int:
         result = {"device": "dry run (sm_90 compile on the CPU)", "cases": dry_run(names, args.heads)}
         ok = all("failed" not in e and all("failed" not in v for v in e.values() if isinstance(v, dict))
                  for e in result["cases"])
+    elif args.child:
+        try:
+            entry = run_case(args.child, args.heads)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as the case's failure
+            entry = {"case": args.child, "failed": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False}
+        print(MARK + json.dumps(entry), flush=True)
+        return 0
     else:
         import torch
 
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+        device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+        result = {"device": device, "torch": torch.__version__, "cases": []}
         print(f"# {result['device']}", flush=True)
-        for name in names:
-            try:
-                entry = run_case(name, args.heads)
-            except Exception as exc:  # noqa: BLE001 - a case that fails must not hide the others
-                entry = {"case": name, "failed": f"{type(exc).__name__}: {str(exc)[:300]}", "ok": False}
+        env = dict(os.environ)
+        for name in (["smoke"] if "smoke" not in names else []) + names:
+            entry = run_child(name, args.heads, env, args.case_timeout)
+            if name == "smoke" and not entry.get("ok"):
+                env["GLUON_BWD_SKIP"] = "1"
+                print("# the smoke case failed: the other cases time the Triton and cuDNN backwards only", flush=True)
             result["cases"].append(entry)
             print_row(entry)
-            torch.cuda.empty_cache()
         ok = all(e.get("ok") for e in result["cases"])
     path = Path(os.environ.get("OUT", ".")) / "gluon_bwd.json"
     path.write_text(json.dumps(result, indent=1))
