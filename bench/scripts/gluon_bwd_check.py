@@ -11,9 +11,9 @@ backward (with its delta pass and the dQ conversion; the Triton split, determini
 our forward and of cuDNN's dense backward (SDPA, SDPBackend.CUDNN_ATTENTION, on a retained graph, KV
 heads repeated for GQA), all in one process per case (a hang is stopped after --case-timeout seconds,
 a fault leaves the next case a clean context). A case or variant that fails is recorded and the run
-goes on; a small smoke case runs first, and a hang or fault there skips the Gluon variants of the rest. Writes
-$OUT/gluon_bwd.json (the working directory without OUT) and prints a table; exits 1 when a gradient
-check failed.
+goes on; a small smoke case runs first, and a hang or fault there skips the Gluon variants of the
+rest. Writes $OUT/gluon_bwd.json (the working directory without OUT) and prints a table; exits 1
+when a gradient check failed.
 
     python bench/scripts/gluon_bwd_check.py [--only dense_32k,blocked_3d | --only all] [--heads N]
     python bench/scripts/gluon_bwd_check.py --dry-run   # CPU: compile every variant for sm_90, ptxas' report
