@@ -25,7 +25,7 @@ Four partitions (`gl.warp_specialize`, 10 warps):
       dV += P^T dO, dK += dS^T Q  (P and dS through shared memory, read transposed),
       dQ_part = dS K over the consumer's 64 keys (dS from registers),
     and dQ_part goes to shared memory for the writer. At head_dim 128 that is 192 accumulator
-    registers of the 240 a consumer has.
+    registers of the 240 a consumer has. With PINGPONG the two take turns issuing their MMAs.
   * dQ writer (1 warp): sums the two consumers' parts of a step and adds them, times the scale, to
     the fp32 dQ buffer [B, H, L, D] by relaxed vector atomics (Gluon 3.6 has no TMA reduce-add),
     one add per element and (key tile, query tile) pair; torch converts the buffer to dq's dtype.
@@ -63,6 +63,9 @@ CONSUMER_WARPS = 4
 LOADER_REGS = 24
 WRITER_REGS = 24
 WRITER_WARPS = 1  # the dQ writer's warps (it shares the third warpgroup with the loader)
+# The consumers take turns issuing their MMAs (S and dP, then dV, dK and dQ), so one's exponentials and
+# shared-memory stores run under the other's MMAs; without it the two run in step. Unmeasured: off.
+PINGPONG = False
 CONSUMER_REGS = 240
 MAXNREG = 65536 // (32 * 12) // 8 * 8  # 12 warps at launch; setmaxnreg moves the loader's to the consumers
 DELTA_BLOCK = 64
@@ -95,6 +98,7 @@ class BwdConfig:
     SUB_N: gl.constexpr  # key rows of a consumer
     dtype: gl.constexpr
     NUM_STAGES: gl.constexpr
+    PINGPONG: gl.constexpr
     WRITER_WARPS: gl.constexpr
     s_layout: gl.constexpr
     d_layout: gl.constexpr
@@ -104,7 +108,7 @@ class BwdConfig:
     d_col: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, q_tile, kv_tile, q_desc, k_desc, NUM_STAGES, WRITER_WARPS, WARPS):
+    def __init__(self, q_tile, kv_tile, q_desc, k_desc, NUM_STAGES, PINGPONG, WRITER_WARPS, WARPS):
         self.T0, self.T1, self.T2 = (gl.constexpr(t) for t in q_tile)
         self.H0, self.H1, self.H2 = (gl.constexpr(h) for h in q_desc.block_shape[1:4])
         self.KT0, self.KT1, self.KT2 = (gl.constexpr(t) for t in kv_tile)
@@ -114,6 +118,7 @@ class BwdConfig:
         self.SUB_N = gl.constexpr(self.KH0 * self.KH1 * self.KH2)
         self.dtype = gl.constexpr(q_desc.dtype)
         self.NUM_STAGES = gl.constexpr(NUM_STAGES)
+        self.PINGPONG = gl.constexpr(PINGPONG)
         self.WRITER_WARPS = gl.constexpr(WRITER_WARPS)
         s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                              instr_shape=[16, self.SUB_N, 16])
@@ -198,14 +203,25 @@ class BwdBuffers:
     dq_smem: gl.shared_memory_descriptor
     dq_ready: gl.shared_memory_descriptor
     dq_empty: gl.shared_memory_descriptor
+    turn: gl.shared_memory_descriptor
 
     @gluon.constexpr_function
     def __init__(self, k_smem, v_smem, q_smem, do_smem, stats, p_smem, ds_smem, kv_bar, q_ready, q_empty,
-                 dq_smem, dq_ready, dq_empty):
+                 dq_smem, dq_ready, dq_empty, turn):
         self.k_smem, self.v_smem, self.q_smem, self.do_smem, self.stats = k_smem, v_smem, q_smem, do_smem, stats
         self.p_smem, self.ds_smem = p_smem, ds_smem
         self.kv_bar, self.q_ready, self.q_empty = kv_bar, q_ready, q_empty
-        self.dq_smem, self.dq_ready, self.dq_empty = dq_smem, dq_ready, dq_empty
+        self.dq_smem, self.dq_ready, self.dq_empty, self.turn = dq_smem, dq_ready, dq_empty, turn
+
+    @gluon.jit
+    def wait_turn(self, t, CID: gl.constexpr):
+        """Consumer CID waits for its turn t (consumer 0 first: a fresh barrier has completed the phase
+        before), then issues its MMAs and passes the turn (`pass_turn`)."""
+        mbarrier.wait(self.turn.index(CID), (t & 1) ^ (1 - CID))
+
+    @gluon.jit
+    def pass_turn(self, CID: gl.constexpr):
+        mbarrier.arrive(self.turn.index(1 - CID))
 
     @gluon.jit
     def allocate(q_desc, k_desc, cfg):
@@ -228,6 +244,7 @@ class BwdBuffers:
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, cfg.SUB_M, cfg.HEAD_D], dq_layout)
         dq_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar.index(0), count=1)
         mbarrier.init(kv_bar.index(1), count=2)
         for st in gl.static_range(cfg.NUM_STAGES):
@@ -236,8 +253,9 @@ class BwdBuffers:
         for c in gl.static_range(2):
             mbarrier.init(dq_ready.index(c), count=1)
             mbarrier.init(dq_empty.index(c), count=1)
+            mbarrier.init(turn.index(c), count=1)
         return BwdBuffers(k_smem, v_smem, q_smem, do_smem, stats, p_smem, ds_smem, kv_bar, q_ready, q_empty, dq_smem, dq_ready,
-                          dq_empty)
+                          dq_empty, turn)
 
 
 @gluon.jit
@@ -295,10 +313,14 @@ def _consumer(io, bufs, item, cfg, CID: gl.constexpr):
         q_sub = bufs.q_smem.index(stage).reshape([cfg.SUB_M, cfg.HEAD_D])
         do_sub = bufs.do_smem.index(stage).reshape([cfg.SUB_M, cfg.HEAD_D])
         mbarrier.wait(bufs.q_ready.index(stage), c.phase())
+        if cfg.PINGPONG:
+            bufs.wait_turn(2 * j, CID)
         s = warpgroup_mma(q_sub, k_sub.permute((1, 0)), gl.zeros([cfg.SUB_M, cfg.SUB_N], gl.float32, cfg.s_layout),
                           use_acc=False, is_async=True)
         dp = warpgroup_mma(do_sub, v_sub.permute((1, 0)), gl.zeros([cfg.SUB_M, cfg.SUB_N], gl.float32, cfg.s_layout),
                            use_acc=False, is_async=True)
+        if cfg.PINGPONG:
+            bufs.pass_turn(CID)
         # a row that sees no key (LSE -inf) gets P = 0: subtract +inf instead
         lse = bufs.stats.index(2 * stage).load(cfg.s_row)
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -310,11 +332,15 @@ def _consumer(io, bufs, item, cfg, CID: gl.constexpr):
         ds = (p * (dp - gl.expand_dims(delta, 1))).to(cfg.dtype)
         ds_buf.store(ds)  # dK = dS^T Q reads it transposed
         fence_async_shared()
+        if cfg.PINGPONG:
+            bufs.wait_turn(2 * j + 1, CID)
         dv = warpgroup_mma(p_buf.permute((1, 0)), do_sub, dv, is_async=True)
         dk = warpgroup_mma(ds_buf.permute((1, 0)), q_sub, dk, is_async=True)
         ds_op = gl.convert_layout(ds, cfg.op_layout)  # dQ part = dS K from registers
         dq = warpgroup_mma(ds_op, k_sub, gl.zeros([cfg.SUB_M, cfg.HEAD_D], gl.float32, cfg.d_layout), use_acc=False,
                            is_async=True)
+        if cfg.PINGPONG:
+            bufs.pass_turn(CID)
         dv, dk, dq, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, dq, ds_op))
         mbarrier.arrive(bufs.q_empty.index(stage))  # Q and dO of this stage are read
         turn = Counter(j, 1)
@@ -397,13 +423,14 @@ class BwdLaunch:
 @gluon.jit
 def attention_bwd(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, dk_desc, dv_desc, keys_ptr,
                   visits_ptr, count, GROUP, L, N1, N2, qk_scale, scale, Q_TILE: gl.constexpr,
-                  KV_TILE: gl.constexpr, NUM_STAGES: gl.constexpr, WRITER_WARPS: gl.constexpr,
+                  KV_TILE: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                  WRITER_WARPS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, WRITER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   num_warps: gl.constexpr):
     """q/do descriptors address [batch x heads, n0, n1, n2, HEAD_D] in half query tiles, k/v the kv heads'
     in half key tiles; program p runs key row p % count of `keys_ptr` (codegen.gluon_bwd_plan) for
     batch x head p // count."""
-    cfg = BwdConfig(Q_TILE, KV_TILE, q_desc, k_desc, NUM_STAGES, WRITER_WARPS, num_warps)
+    cfg = BwdConfig(Q_TILE, KV_TILE, q_desc, k_desc, NUM_STAGES, PINGPONG, WRITER_WARPS, num_warps)
     item = KeyItem.of(keys_ptr, visits_ptr, count)
     bufs = BwdBuffers.allocate(q_desc, k_desc, cfg)
     io = BwdLaunch(lse_ptr, delta_ptr, dq_ptr, dk_desc, dv_desc, L, N1, N2, qk_scale, scale)
@@ -454,7 +481,7 @@ def _descriptor(t: torch.Tensor, grid: tuple[int, ...], box: tuple[int, ...]) ->
 
 def kernel_args(q, k, v, dout, lse, delta, dq_acc, dk_out, dv_out, scale: float, keys: torch.Tensor,
                 visits: torch.Tensor, grid: tuple[int, ...], q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
-                stages: int = NUM_STAGES, writer_warps: int = WRITER_WARPS):
+                stages: int = NUM_STAGES, writer_warps: int = WRITER_WARPS, pingpong: bool = PINGPONG):
     """(grid, args, keyword args) of the backward over every row of `keys` for every (batch, head); grid
     and tiles 3-dimensional (the schedule's). Separate from `launch` so a test can bind and compile the
     kernel for sm_90 without a GPU."""
@@ -464,7 +491,7 @@ def kernel_args(q, k, v, dout, lse, delta, dq_acc, dk_out, dv_out, scale: float,
             _descriptor(dout, grid, half_tile(q_tile)), lse, delta, dq_acc, _descriptor(dk_out, grid, kv_half),
             _descriptor(dv_out, grid, kv_half), keys, visits, len(keys), heads // k.shape[1], tokens,
             grid[1], grid[2], scale * LOG2E, scale)
-    kwargs = dict(Q_TILE=tuple(q_tile), KV_TILE=tuple(kv_tile), NUM_STAGES=stages, WRITER_WARPS=writer_warps,
+    kwargs = dict(Q_TILE=tuple(q_tile), KV_TILE=tuple(kv_tile), NUM_STAGES=stages, PINGPONG=pingpong, WRITER_WARPS=writer_warps,
                   LOADER_REGS=LOADER_REGS, WRITER_REGS=WRITER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=CONSUMER_WARPS, maxnreg=MAXNREG)
     return (len(keys) * batch * heads,), args, kwargs
 
@@ -475,7 +502,7 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def gluon_backward(q, k, v, out, lse, dout, scale: float, dq, dk, dv, schedule: GluonBackwardSchedule,
-                   stages: int = NUM_STAGES, writer_warps: int = WRITER_WARPS) -> None:
+                   stages: int = NUM_STAGES, writer_warps: int = WRITER_WARPS, pingpong: bool = PINGPONG) -> None:
     """dq, dk, dv <- the gradients of softmax attention for dout (lse: the forward's natural-log LSE),
     for a whole-tile schedule; the caller checked eligibility (codegen.dispatch.can_run_gluon_backward).
 
@@ -499,7 +526,8 @@ def gluon_backward(q, k, v, out, lse, dout, scale: float, dq, dk, dv, schedule: 
         dk_out, dv_out = torch.empty_like(q), torch.empty_like(q)
     if len(keys):
         launch_grid, args, kwargs = kernel_args(q, k, v, dout, lse, delta, dq_acc, dk_out, dv_out, scale, keys,
-                                                visits, r.shape, r.q_tile, r.kv_tile, stages, writer_warps)
+                                                visits, r.shape, r.q_tile, r.kv_tile, stages, writer_warps,
+                                                pingpong)
         attention_bwd[launch_grid](*args, **kwargs)
     dq.copy_(dq_acc)  # the writer added dQ times the scale
     if not direct:  # the group's query heads summed in a fixed order: deterministic

@@ -3,7 +3,7 @@
 A separate process for the reason tests/gluon_compile.py gives (the interpreter's builtins).
 
 Usage:
-  python tests/gluon_bwd_compile.py HEAD_DIM [1d|3d] [--gqa] [--fp16] [--stages N] [--writer-warps N]
+  python tests/gluon_bwd_compile.py HEAD_DIM [1d|3d] [--gqa] [--fp16] [--stages N] [--writer-warps N] [--pingpong]
 """
 
 import json
@@ -26,7 +26,7 @@ SHAPES = {
 
 
 def compile_kernel(head_dim: int, shape: str = "1d", gqa: bool = False, dtype=torch.bfloat16, stages: int = 2,
-                   writer_warps: int = 1):
+                   writer_warps: int = 1, pingpong: bool = False):
     grid, q_tile, kv_tile, keys, visits = SHAPES[shape]
     tokens = grid[0] * grid[1] * grid[2]
     q = torch.zeros(1, 4, tokens, head_dim, dtype=dtype)
@@ -36,7 +36,7 @@ def compile_kernel(head_dim: int, shape: str = "1d", gqa: bool = False, dtype=to
     lse = torch.zeros(1, 4, tokens)
     launch_grid, args, kwargs = gluon_bwd.kernel_args(
         q, kv, kv, q, lse, lse, f32, part, part, 0.1, torch.tensor(keys, dtype=torch.int32),
-        torch.tensor(visits, dtype=torch.int32), grid, q_tile, kv_tile, stages, writer_warps)
+        torch.tensor(visits, dtype=torch.int32), grid, q_tile, kv_tile, stages, writer_warps, pingpong)
     driver.set_active(Sm90Driver())
     return gluon_bwd.attention_bwd.warmup(*args, grid=launch_grid, **kwargs)
 
@@ -69,7 +69,7 @@ def main(argv) -> dict:
                                                                           and not argv[i - 1].startswith("--w"))]
     dtype = torch.float16 if "--fp16" in argv else torch.bfloat16
     out = report(compile_kernel(int(args[0]), args[1] if len(args) > 1 else "1d", "--gqa" in argv, dtype, stages,
-                                writers))
+                                writers, "--pingpong" in argv))
     out["delta"] = {k: v for k, v in report(compile_delta(int(args[0]), dtype)).items() if k != "report"}
     return out
 

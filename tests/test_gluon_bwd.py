@@ -174,11 +174,12 @@ def _ptxas():
     return (path, None) if path and os.path.exists(path) else (None, f"ptxas not found at {path!r}")
 
 
-@pytest.mark.parametrize("args", [("128", "1d"), ("64", "3d", "--gqa")])
+@pytest.mark.parametrize("args", [("128", "1d"), ("64", "3d", "--gqa"),
+                                  ("128", "3d", "--gqa", "--pingpong", "--writer-warps", "2")])
 def test_kernel_compiles_for_sm90_without_spills(args):
-    """The real launch arguments (descriptors, the tables; MHA on a 1-D order, GQA on 3-D boxes) bound and
-    compiled through the JIT for sm_90 (tests/gluon_bwd_compile.py, in a process without the
-    interpreter), then ptxas' report."""
+    """The real launch arguments (descriptors, the tables; MHA on a 1-D order, GQA on 3-D boxes; the
+    knobs) bound and compiled through the JIT for sm_90 (tests/gluon_bwd_compile.py, in a process
+    without the interpreter), then ptxas' report."""
     ptxas, why = _ptxas()
     if ptxas is None:
         pytest.skip(why)

@@ -51,8 +51,8 @@ CASES = {
 # what a run without --only covers (a few minutes on an H100, compiles included); --only all: every case
 DEFAULT = ("dense_32k", "dense_32k_gqa", "dense_32k_d64", "blocked_3d")
 # name -> keyword arguments of gluon_bwd.gluon_backward
-VARIANTS = {"gluon": {}, "gluon_w2": {"writer_warps": 2}}
-VARIANTS_D64 = {"gluon_s3": {"stages": 3}, "gluon_s3_w2": {"stages": 3, "writer_warps": 2}}
+VARIANTS = {"gluon": {}, "gluon_pp": {"pingpong": True}, "gluon_pp_w2": {"pingpong": True, "writer_warps": 2}}
+VARIANTS_D64 = {"gluon_pp_s3": {"pingpong": True, "stages": 3}}
 TIMER = {"warmup": 25, "rep": 100}
 # GLUON_BWD_DEVICE=cpu with TRITON_INTERPRET=1 runs the script's logic on the CPU (a check of the script:
 # the Gluon kernel cannot run there, so its variants are recorded as failed)
