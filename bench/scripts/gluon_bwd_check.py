@@ -49,7 +49,7 @@ CASES = {
     "window_1d_32k": ("window_1d_32k", {}),
 }
 # what a run without --only covers (a few minutes on an H100, compiles included); --only all: every case
-DEFAULT = ("dense_32k", "dense_32k_gqa", "dense_32k_d64", "blocked_3d")
+DEFAULT = ("dense_32k", "dense_32k_gqa", "blocked_3d")
 # name -> keyword arguments of gluon_bwd.gluon_backward
 VARIANTS = {"gluon": {}, "gluon_pp": {"pingpong": True}, "gluon_pp_w2": {"pingpong": True, "writer_warps": 2}}
 VARIANTS_D64 = {"gluon_pp_s3": {"pingpong": True, "stages": 3}}
