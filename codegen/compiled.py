@@ -222,8 +222,23 @@ class CompiledAttention:
         """dq, dk, dv (pre-allocated, shaped like q, k, v) <- the gradients for dout; `lse` is the forward's.
 
         The interface `maskdsl::attention_backward` dispatches to (top-k kernels implement it too).
+        The backward is `codegen.dispatch.choose_backward`'s.
         """
+        if dispatch.choose_backward(self, q, k, v, out, dout, lse) == "gluon":
+            from maskdsl.codegen import gluon_bwd
+
+            gluon_bwd.gluon_backward(q, k, v, out, lse, dout, scale, dq, dk, dv, self.gluon_backward_schedule)
+            return
         self.backward_kernels(q.shape[-1]).launch(q, k, v, out, lse, dout, scale, dq, dk, dv)
+
+    @property
+    def gluon_backward_schedule(self):
+        """The Gluon backward's transposed whole-tile schedule (codegen.gluon_bwd_plan), computed on first use."""
+        if getattr(self, "_gluon_bwd", None) is None:
+            from maskdsl.codegen.gluon_bwd_plan import GluonBackwardSchedule
+
+            self._gluon_bwd = GluonBackwardSchedule(self.gluon_schedule.ranges)
+        return self._gluon_bwd
 
     def backward_frame_tiles(self, head_dim: int = 128) -> tuple[int, int]:
         """(query, key) frame alignment of a backward segment: the lcm of the backward kernels' query
