@@ -1,0 +1,187 @@
+"""Masks over packed documents: the normal form every layer reads (kernels, simulator, docs).
+
+`document & X` on a 1-D layout of L tokens: the call passes offsets [0, l1, l1 + l2, ..., L] (cu_seqlens),
+a query sees only keys of its own document, and X is evaluated in the document's own coordinates (a
+token's position minus its document's start; the document's length is the extent). So `causal` is
+causal inside each document, a non-causal window clamps to the document's extent (and sees the whole
+document when it is wider), `sink(n)` is each document's first n tokens, and `prefix` is the keys of the
+document's prefix, whose length per document comes with the call.
+
+The normal form writes X as a union of `DocTerm`s, each an intersection of atoms, so that every row's
+keys under one term are one interval of its document, and every key's queries under one term are one
+interval too (`row_interval`, `column_interval`, the closed forms the kernels evaluate on the device).
+What does not fit it is refused with a sentence and the primitive to point at (`DocumentProblem`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import product
+
+from maskdsl.spec import ir
+
+MAX_TERMS = 4  # terms of one document mask: the kernels unroll them (constexpr), each a few integer ops per row
+
+
+class DocumentProblem(ValueError):
+    """A document mask outside the supported form: `primitive` names the keyword to point the error at."""
+
+    def __init__(self, message: str, primitive: str, hint: str):
+        super().__init__(message)
+        self.primitive, self.hint = primitive, hint
+
+
+@dataclass(frozen=True)
+class DocTerm:
+    """One intersection of atoms: per row, keys [lo, hi) of its document (0 means the atom is absent).
+
+    causal: keys up to the query; window_causal w: the last w keys up to the query; window w: the NATTEN
+    window of w keys clamped to the document (all of it when w exceeds its length); prefix: the document's
+    prefix keys; sink_keys n: its first n keys; sink_queries n: only its first n queries take part.
+    """
+
+    causal: bool = False
+    window_causal: int = 0
+    window: int = 0
+    prefix: bool = False
+    sink_keys: int = 0
+    sink_queries: int = 0
+
+    def as_tuple(self) -> tuple[int, ...]:
+        """The kernels' constexpr encoding, in field order."""
+        return (int(self.causal), self.window_causal, self.window, int(self.prefix), self.sink_keys, self.sink_queries)
+
+
+@dataclass(frozen=True)
+class DocumentForm:
+    terms: tuple[DocTerm, ...]
+
+    @property
+    def uses_prefix(self) -> bool:
+        return any(t.prefix for t in self.terms)
+
+
+def document_form(expr: ir.MaskExpr, rank: int = 1) -> DocumentForm:
+    """The normal form of a mask holding `document`; DocumentProblem where it has none."""
+    if rank != 1:
+        raise DocumentProblem(f"document masks run on 1-D layouts; this layout has {rank} dimensions", "document",
+                              "pack the grid's tokens into one dimension (grid(L)); docs/LIMITS.md says why grids "
+                              "are not supported yet")
+    parts = expr.terms if isinstance(expr, ir.Intersection) else (expr,)
+    docs = [p for p in parts if isinstance(p, ir.Document)]
+    if not docs:
+        if ir.has_documents(expr):
+            where = "prefix" if not any(isinstance(n, ir.Document) for n in ir.walk(expr)) else "document"
+            if where == "prefix":
+                raise DocumentProblem("`prefix` is only meaningful inside documents", "prefix",
+                                      "write `document & (causal | prefix)`")
+            raise DocumentProblem("`document` must be a term of the mask's top-level intersection", "document",
+                                  "write `document & (...)` with the rest of the mask in the parentheses")
+        raise DocumentProblem("the mask has no `document` term", "document", "write `document & (...)`")
+    inner = [p for p in parts if not isinstance(p, ir.Document)]
+    terms = [DocTerm()]
+    for part in inner:
+        terms = [_merge(a, b) for a, b in product(terms, _terms(part))]
+    unique = tuple(dict.fromkeys(terms))
+    if len(unique) > MAX_TERMS:
+        raise DocumentProblem(f"inside documents the mask expands to {len(unique)} terms (intersections distributed "
+                              f"over unions, each sink(n) two terms), more than {MAX_TERMS}", "document",
+                              "combine fewer unions inside `document & (...)`")
+    return DocumentForm(unique)
+
+
+def _terms(expr: ir.MaskExpr) -> list[DocTerm]:
+    if isinstance(expr, ir.Full):
+        return [DocTerm()]
+    if isinstance(expr, ir.Causal):
+        return [DocTerm(causal=True)]
+    if isinstance(expr, ir.Prefix):
+        return [DocTerm(prefix=True)]
+    if isinstance(expr, ir.Sink):
+        return [DocTerm(sink_keys=expr.n), DocTerm(sink_queries=expr.n)]  # (key < n) | (query < n)
+    if isinstance(expr, ir.Neighborhood):
+        if expr.dilation != (1,) or expr.stride != (1,):
+            name = "dilated" if expr.dilation != (1,) else "strided"
+            raise DocumentProblem(f"a {name} neighborhood inside documents is not supported", "neighborhood"
+                                  if name == "dilated" else "strided",
+                                  "inside `document & (...)` use sliding_window(w) or sliding_window(w, causal=true)")
+        w = expr.window[0]
+        return [DocTerm(window_causal=w)] if expr.causal[0] else [DocTerm(window=w)]
+    if isinstance(expr, ir.TopK):
+        raise DocumentProblem("top-k selection with documents is not supported", "topk",
+                              "use a static mask inside `document & (...)`")
+    if isinstance(expr, ir.Document):
+        raise DocumentProblem("`document` must be a term of the mask's top-level intersection, not nested",
+                              "document", "write `document & (...)` once, at the top")
+    if isinstance(expr, ir.Union_):
+        return [t for part in expr.terms for t in _terms(part)]
+    if isinstance(expr, ir.Intersection):
+        terms = [DocTerm()]
+        for part in expr.terms:
+            terms = [_merge(a, b) for a, b in product(terms, _terms(part))]
+        return terms
+    raise TypeError(f"not a mask expression: {expr!r}")
+
+
+def _smaller(a: int, b: int) -> int:
+    return min(x for x in (a, b) if x) if (a or b) else 0
+
+
+def _merge(a: DocTerm, b: DocTerm) -> DocTerm:
+    """a & b as one term: each field keeps the tighter bound."""
+    if a.window and b.window and a.window != b.window:
+        raise DocumentProblem(f"two different non-causal windows ({a.window} and {b.window}) intersected inside "
+                              "documents are not one window", "sliding_window", "use one window per term")
+    merged = DocTerm(causal=a.causal or b.causal, window_causal=_smaller(a.window_causal, b.window_causal),
+                     window=a.window or b.window, prefix=a.prefix or b.prefix,
+                     sink_keys=_smaller(a.sink_keys, b.sink_keys), sink_queries=_smaller(a.sink_queries, b.sink_queries))
+    if merged.window_causal:  # a causal window is causal already
+        merged = replace(merged, causal=False)
+    return merged
+
+
+def row_interval(term: DocTerm, i: int, start: int, end: int, prefix: int = 0) -> tuple[int, int]:
+    """Keys [lo, hi) that query i of the document [start, end) sees under `term` (empty when hi <= lo).
+
+    The rule the kernels evaluate per row (codegen.documents): one home, in plain integers.
+    """
+    lo, hi = start, end
+    if term.causal:
+        hi = min(hi, i + 1)
+    if term.window_causal:
+        lo, hi = max(lo, i - term.window_causal + 1), min(hi, i + 1)
+    if term.window:
+        n = end - start
+        w = min(term.window, n)
+        first = start + min(max(i - start - w // 2, 0), n - w)
+        lo, hi = max(lo, first), min(hi, first + w)
+    if term.prefix:
+        hi = min(hi, start + max(prefix, 0))
+    if term.sink_keys:
+        hi = min(hi, start + term.sink_keys)
+    if term.sink_queries and i - start >= term.sink_queries:
+        hi = lo
+    return lo, hi
+
+
+def column_interval(term: DocTerm, j: int, start: int, end: int, prefix: int = 0) -> tuple[int, int]:
+    """Queries [lo, hi) of the document [start, end) that see key j under `term`: the transpose of
+    `row_interval` (the backward's dK/dV programs walk it)."""
+    lo, hi = start, end
+    if term.causal:
+        lo = max(lo, j)
+    if term.window_causal:
+        lo, hi = max(lo, j), min(hi, j + term.window_causal)
+    if term.window:
+        # the window's first key is clamp(i - w//2, start, end - w), non-decreasing in i: solve first <= j < first + w
+        w = min(term.window, end - start)
+        h = w // 2
+        lo = max(lo, start if j - w < start else j - w + h + 1)
+        hi = min(hi, end if j >= end - w else j + h + 1)
+    if term.prefix and j - start >= max(prefix, 0):
+        hi = lo
+    if term.sink_keys and j - start >= term.sink_keys:
+        hi = lo
+    if term.sink_queries:
+        hi = min(hi, start + term.sink_queries)
+    return lo, hi
