@@ -110,6 +110,8 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     from maskdsl.codegen.build import compile_attention
 
     spec, mdef, attention = resolve(spec, mask)
+    if mdef.documents:  # no tuning database yet: `config` is a codegen.documents.compiled.DocumentConfig or None
+        return compile_attention(spec, mdef.name, config)
     readable = True
     if config is None:
         config, readable = _lookup(mdef, attention)
