@@ -185,3 +185,14 @@ def column_interval(term: DocTerm, j: int, start: int, end: int, prefix: int = 0
     if term.sink_queries:
         hi = min(hi, start + term.sink_queries)
     return lo, hi
+
+
+def draw_offsets(total: int, low: int, high: int, rng) -> list[int]:
+    """Offsets [0, ..., total] of documents with lengths drawn uniformly in [low, high] (`rng`: a
+    random.Random), the last one cut to end at `total`: a packed sequence as a data loader builds it."""
+    if not 1 <= low <= high:
+        raise ValueError(f"document lengths need 1 <= low <= high, got [{low}, {high}]")
+    offsets = [0]
+    while offsets[-1] < total:
+        offsets.append(min(total, offsets[-1] + rng.randint(low, high)))
+    return offsets
