@@ -1,0 +1,369 @@
+"""`maskdsl bench --documents`: packed documents against PyTorch's varlen SDPA and FlexAttention, one process.
+
+Each case draws new document lengths for every call (a data loader's packing), uploads the draws before
+timing, and times `calls` consecutive calls with CUDA events: maskdsl's forward and forward+backward
+(offsets unchecked, as a training step that trusts its loader would call it), SDPA on nested jagged
+tensors (FlashAttention-2 varlen underneath; causal and full only) and FlexAttention with a document
+mask_mod whose BlockMask is rebuilt every call (its build time counted). Before timing, maskdsl's output
+on sampled rows and its dQ on those rows are checked against the float64 oracle at the real size, and
+dK/dV in full at a smaller one. The simulator's prediction and bound for each draw go beside the times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+import maskdsl
+from maskdsl.spec.documents import document_form, draw_offsets
+
+
+@dataclass(frozen=True)
+class DocumentCase:
+    name: str
+    inner: str  # what `document & (...)` holds
+    length: int
+    low: int  # document lengths drawn uniformly in [low, high]
+    high: int
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 128
+    prefix_share: float = 0.0  # prefix-LM: each document's prefix drawn in [0, share x its length]
+
+    @property
+    def text(self) -> str:
+        return f"layout seq = grid({self.length})\nmask m = document & ({self.inner})\n"
+
+    def spec(self):
+        return maskdsl.parse(self.text, filename=f"<bench --documents {self.name}>")
+
+    def draw(self, rng: random.Random) -> tuple[list[int], list[int] | None]:
+        offsets = draw_offsets(self.length, self.low, self.high, rng)
+        if not self.prefix_share:
+            return offsets, None
+        return offsets, [rng.randint(0, int(self.prefix_share * (b - a))) for a, b in zip(offsets, offsets[1:])]
+
+    def scaled(self, length: int, heads: int = 2, head_dim: int = 32) -> "DocumentCase":
+        """The same mask at a small size (the CPU check and tests): lengths and windows scaled down."""
+        f = length / self.length
+        inner = self.inner
+        if "4096" in inner:
+            inner = inner.replace("4096", str(max(1, int(4096 * f))))
+        return replace(self, length=length, low=max(1, int(self.low * f)), high=max(1, int(self.high * f)),
+                       heads=heads, kv_heads=heads, head_dim=head_dim, inner=inner)
+
+
+CASES = {c.name: c for c in [
+    DocumentCase("causal_32k", "causal", 32768, 512, 8192),
+    DocumentCase("window4096_128k", "sliding_window(4096, causal=true)", 131072, 2048, 32768),
+    DocumentCase("prefix_lm_128k", "causal | prefix", 131072, 2048, 32768, prefix_share=0.5),
+    DocumentCase("window_sink_32k", "sliding_window(4096, causal=true) | (sink(4) & causal)", 32768, 512, 8192),
+]}
+
+
+def pick_cases(only: str | None) -> list[DocumentCase]:
+    if not only:
+        return list(CASES.values())
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if not any(n in c for c in CASES)]
+    if unknown:
+        raise ValueError(f"no document case matches {unknown}; cases: {', '.join(CASES)}")
+    return [c for c in CASES.values() if any(n in c.name for n in names)]
+
+
+def attended_pairs(case: DocumentCase, offsets, prefix) -> int:
+    """Exact attended (query, key) pairs of one head: per row the union of its terms' intervals."""
+    from maskdsl.simulator.documents import _rows, _token_meta
+
+    s, e, p = _token_meta(offsets, prefix, case.length)
+    tok = np.arange(case.length, dtype=np.int64)
+    ivs = [_rows(t, tok, s, e, p) for t in document_form(case.spec().mask("m").expr).terms]
+    total = np.zeros(case.length, np.int64)
+    for size in range(1, len(ivs) + 1):  # inclusion-exclusion: intersections of intervals are intervals
+        from itertools import combinations
+
+        for group in combinations(ivs, size):
+            lo = np.max([g[0] for g in group], axis=0)
+            hi = np.min([g[1] for g in group], axis=0)
+            total += (-1) ** (size + 1) * np.maximum(hi - lo, 0)
+    return int(total.sum())
+
+
+def _tensors(case: DocumentCase, offsets, prefix, device):
+    off = torch.tensor(offsets, dtype=torch.int32, device=device)
+    pre = None if prefix is None else torch.tensor(prefix, dtype=torch.int32, device=device)
+    return off, pre
+
+
+def inputs(case: DocumentCase, device, dtype, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = lambda h: (1, h, case.length, case.head_dim)  # noqa: E731
+    return [torch.randn(shape(h), generator=gen).to(device=device, dtype=dtype)
+            for h in (case.heads, case.kv_heads, case.kv_heads, case.heads)]
+
+
+def check(case: DocumentCase, fn, q, k, v, offsets, prefix, rows: int = 64, seed: int = 0) -> dict:
+    """Sampled rows of O, the LSE and dQ against the float64 oracle: a row's output and its dQ depend on
+    that row alone (and every key), so these are exact at the real size."""
+    off, pre = _tensors(case, offsets, prefix, q.device)
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(case.length, generator=gen)[:rows].sort().values
+    idx = sample.to(q.device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, documents=off, prefix=pre, return_lse=True)
+    dout = torch.randn(out.shape, generator=gen).to(out)
+    dq, = torch.autograd.grad(out, leaves[0], dout)
+    q_rows = q.detach()[:, :, idx].cpu().double().requires_grad_()
+    ref, ref_lse = _rows_reference(q_rows, k, v, case.spec(), offsets, prefix, sample)
+    ref_dq, = torch.autograd.grad(ref, q_rows, dout[:, :, idx].cpu().double())
+    return {"rows": rows, "out_err": _err(out[:, :, idx], ref), "lse_err": _err(lse[:, :, idx], ref_lse),
+            "dq_err": _err(dq[:, :, idx], ref_dq)}
+
+
+def _rows_reference(q_rows, k, v, spec, offsets, prefix, sample):
+    """The float64 attention of the sampled query rows `q_rows` (differentiable in them) over all keys."""
+    from maskdsl.harness.documents import document_mask
+    from maskdsl.harness.reference import _attend
+
+    mdef = spec.mask("m")
+    mask = document_mask(mdef.expr, mdef.layout.tokens, offsets, prefix, rows=sample)
+    return _attend(q_rows, k.detach().cpu().double(), v.detach().cpu().double(), mask, None, True)
+
+
+def check_gradients(case: DocumentCase, fn, q, k, v, offsets, prefix, seed: int = 0) -> dict:
+    """dQ, dK, dV in full against autograd through the float64 oracle (small sizes: it is [L, L])."""
+    from maskdsl.harness.documents import reference_document_attention
+
+    off, pre = _tensors(case, offsets, prefix, q.device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, documents=off, prefix=pre)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    got = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_document_attention(*ref_leaves, case.spec(), "m", offsets, prefix)
+    want = torch.autograd.grad(ref, ref_leaves, dout.cpu().double())
+    return {"out_err": _err(out, ref), **{f"d{n}_err": _err(g, w) for n, g, w in zip("qkv", got, want)}}
+
+
+def _err(got, ref) -> float:
+    """Largest error relative to the reference's largest magnitude (0 rows: exact zeros compare as 0)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return math.inf
+    scale = ref[finite].abs().max().item() if finite.any() else 1.0
+    return (got[finite] - ref[finite]).abs().max().item() / max(scale, 1e-30) if finite.any() else 0.0
+
+
+def _events_ms(step, calls: int) -> float:
+    """Mean ms of `step(i)` over i in range(calls), timed with CUDA events around all of them."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(calls):
+        step(i)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def _time(step, calls: int, warmup: int = 3) -> float:
+    for i in range(warmup):
+        step(i % calls)
+    return _events_ms(step, calls)
+
+
+def sdpa_jagged(case: DocumentCase, q, k, v, offsets):
+    """SDPA on nested jagged tensors (FlashAttention varlen underneath); None where the mask is not plain
+    causal or full per document (what varlen serves)."""
+    if case.inner not in ("causal", "full") or case.kv_heads != case.heads:
+        return None
+    causal = case.inner == "causal"
+
+    def nest(t):  # [1, H, L, D] -> nested [docs, H, j, D]
+        values = t[0].transpose(0, 1)
+        return torch.nested.nested_tensor_from_jagged(values, offsets.long()).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(nest(q), nest(k), nest(v), is_causal=causal)
+    return out
+
+
+def flex_call(case: DocumentCase, offsets, prefix, device):
+    """A FlexAttention call with a document mask_mod and a BlockMask built for these offsets."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = case.length
+    doc = torch.searchsorted(offsets, torch.arange(length, device=device, dtype=torch.int32), right=True) - 1
+    start = offsets[doc]
+    pre = None if prefix is None else prefix[doc]
+    inner = case.inner
+    window = 4096 if "4096" in inner else None
+    sink = 4 if "sink(4)" in inner else None
+
+    def mask_mod(b, h, qi, ki):
+        same = doc[qi] == doc[ki]
+        causal = ki <= qi
+        if inner == "causal":
+            return same & causal
+        if inner == "causal | prefix":
+            return same & (causal | (ki - start[qi] < pre[qi]))
+        keep = causal & (qi - ki < window)
+        if sink:
+            keep = keep | (causal & ((ki - start[qi] < sink) | (qi - start[qi] < sink)))
+        return same & keep
+
+    return create_block_mask(mask_mod, None, None, length, length, device=device)
+
+
+def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: int = 0, device: str = "cuda",
+             dtype=torch.bfloat16) -> dict:
+    from maskdsl.simulator.documents import predict_documents
+
+    spec = case.spec()
+    fn = maskdsl.compile(spec, "m")
+    rng = random.Random(seed)
+    draws = [case.draw(rng) for _ in range(calls)]
+    device_draws = [_tensors(case, o, p, device) for o, p in draws]
+    q, k, v, dout = inputs(case, device, dtype, seed)
+    result = {"case": case.name, "mask": f"document & ({case.inner})", "length": case.length, "heads": case.heads,
+              "kv_heads": case.kv_heads, "head_dim": case.head_dim, "dtype": str(dtype).removeprefix("torch."),
+              "lengths": [case.low, case.high], "calls": calls,
+              "documents_per_call": [len(o) - 1 for o, _ in draws]}
+    result["check"] = check(case, fn, q, k, v, *draws[0])
+    small = case.scaled(2048, heads=2, head_dim=case.head_dim)
+    sfn = maskdsl.compile(small.spec(), "m")
+    sq, sk, sv, _ = inputs(small, device, dtype, seed)
+    result["check_small_gradients"] = check_gradients(small, sfn, sq, sk, sv, *small.draw(random.Random(seed)))
+    pairs = [attended_pairs(case, o, p) for o, p in draws]
+    flops_fwd = 4.0 * case.head_dim * case.heads * float(np.mean(pairs))
+    result["flops_forward"] = flops_fwd
+
+    def ours_fwd(i):
+        off, pre = device_draws[i]
+        fn(q, k, v, documents=off, prefix=pre, check_documents=False)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def ours_train(i):
+        off, pre = device_draws[i]
+        out = fn(*leaves, documents=off, prefix=pre, check_documents=False)
+        out.backward(dout)
+
+    def ours_checked(i):
+        off, pre = device_draws[i]
+        fn(q, k, v, documents=off, prefix=pre)
+
+    with torch.no_grad():
+        fwd = _time(ours_fwd, calls)
+        checked = _time(ours_checked, calls)
+    train = _time(ours_train, calls)
+    result["ours"] = {"forward_ms": fwd, "forward_checked_ms": checked, "train_ms": train,
+                      "backward_ms": train - fwd, "forward_tflops": flops_fwd / fwd / 1e9,
+                      "backward_tflops": 2.5 * flops_fwd / (train - fwd) / 1e9}
+    sims = [predict_documents(spec.mask("m").expr, case.length, o, p, heads=case.heads, head_dim=case.head_dim,
+                              gpu=torch.cuda.get_device_name()) for o, p in draws]
+    mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None  # noqa: E731
+    result["simulator"] = {"forward_us": mean([s.forward_us for s in sims]),
+                           "forward_bound_us": mean([s.forward_bound_us for s in sims]),
+                           "backward_us": mean([s.backward_us for s in sims]),
+                           "backward_bound_us": mean([s.backward_bound_us for s in sims])}
+    result["ours"]["forward_of_bound"] = result["simulator"]["forward_bound_us"] / 1e3 / fwd
+    if result["simulator"]["backward_bound_us"]:
+        result["ours"]["backward_of_bound"] = result["simulator"]["backward_bound_us"] / 1e3 / (train - fwd)
+
+    if sdpa_jagged(case, q, k, v, device_draws[0][0]) is not None:
+        def sdpa_fwd(i):
+            sdpa_jagged(case, q, k, v, device_draws[i][0])
+
+        def sdpa_train(i):
+            out = sdpa_jagged(case, *leaves, device_draws[i][0])
+            out.values().backward(dout[0].transpose(0, 1).contiguous().view_as(out.values()))
+
+        with torch.no_grad():
+            s_fwd = _time(sdpa_fwd, calls)
+        s_train = _time(sdpa_train, calls)
+        result["sdpa_jagged"] = {"forward_ms": s_fwd, "train_ms": s_train, "backward_ms": s_train - s_fwd}
+    if with_flex:
+        result["flex"] = _flex_times(case, q, k, v, dout, device_draws, calls, device)
+    return result
+
+
+def _flex_times(case, q, k, v, dout, device_draws, calls, device) -> dict:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    gqa = case.kv_heads != case.heads
+
+    def fwd(i):
+        block = flex_call(case, *device_draws[i], device)
+        compiled(q, k, v, block_mask=block, enable_gqa=gqa)
+
+    def train(i):
+        block = flex_call(case, *device_draws[i], device)
+        compiled(*leaves, block_mask=block, enable_gqa=gqa).backward(dout)
+
+    def build(i):
+        flex_call(case, *device_draws[i], device)
+
+    with torch.no_grad():
+        f = _time(fwd, calls)
+        b = _time(build, calls)
+    t = _time(train, calls)
+    return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "block_mask_build_ms": b}
+
+
+def run_documents(only: str | None = None, out_json: str | None = None, calls: int = 20,
+                  with_flex: bool = True) -> list[dict]:
+    from maskdsl.bench.run import environment
+
+    results = []
+    for case in pick_cases(only):
+        try:
+            r = run_case(case, calls, with_flex)
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others' numbers
+            r = {"case": case.name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        results.append(r)
+        print(format_row(r), flush=True)
+        if out_json:
+            with open(out_json, "w") as fh:
+                json.dump({"environment": environment(), "results": results}, fh, indent=1)
+    return results
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['case']}: {r['error']}"
+    o = r["ours"]
+    parts = [f"{r['case']}: ours fwd {o['forward_ms']:.3f} ms ({o['forward_tflops']:.0f} TFLOP/s), "
+             f"bwd {o['backward_ms']:.3f} ms ({o['backward_tflops']:.0f}), of bound {o['forward_of_bound']:.2f}"]
+    if "sdpa_jagged" in r:
+        s = r["sdpa_jagged"]
+        parts.append(f"sdpa jagged fwd {s['forward_ms']:.3f} bwd {s['backward_ms']:.3f}")
+    if "flex" in r:
+        f = r["flex"]
+        parts.append(f"flex fwd {f['forward_ms']:.3f} bwd {f['backward_ms']:.3f} (build {f['block_mask_build_ms']:.3f})")
+    parts.append(f"check out {r['check']['out_err']:.1e} dq {r['check']['dq_err']:.1e}")
+    return "; ".join(parts)
+
+
+def cpu_check(only: str | None = None, length: int = 96, seed: int = 0) -> list[dict]:
+    """Each case scaled to `length` tokens, run on Triton's interpreter and checked in full (no timing)."""
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.codegen.documents.compiled import DocumentConfig
+
+    config = DocumentConfig((16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1))
+    out = []
+    for case in pick_cases(only):
+        small = case.scaled(length, heads=2, head_dim=16)
+        fn = compile_attention(small.spec(), "m", config)
+        q, k, v, _ = inputs(small, "cpu", torch.float32, seed)
+        draw = small.draw(random.Random(seed))
+        out.append({"case": case.name, **check_gradients(small, fn, q, k, v, *draw, seed=seed),
+                    "rows": check(small, fn, q, k, v, *draw, rows=8, seed=seed)})
+    return out

@@ -1,0 +1,57 @@
+"""`maskdsl bench --documents` without a GPU: its arguments, its cases, and its checks on the interpreter."""
+
+import random
+
+import pytest
+import torch
+
+from maskdsl.bench.documents import CASES, attended_pairs, cpu_check, pick_cases
+from maskdsl.cli import build_parser, main
+from maskdsl.harness.documents import document_mask
+
+
+def test_arguments_parse():
+    args = build_parser().parse_args(["bench", "--documents", "--only", "causal,prefix", "--calls", "7",
+                                      "--json", "x.json", "--no-flex"])
+    assert args.documents and args.calls == 7 and args.only == "causal,prefix" and args.no_flex
+    assert [c.name for c in pick_cases(args.only)] == ["causal_32k", "prefix_lm_128k"]
+    with pytest.raises(ValueError, match="no document case matches"):
+        pick_cases("nope")
+
+
+def test_without_a_gpu_it_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main(["bench", "--documents"]) == 2
+    assert "GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cases_parse_and_draw_valid_layouts(name):
+    case = CASES[name]
+    spec = case.spec()
+    assert spec.mask("m").documents and spec.mask("m").layout.shape == (case.length,)
+    rng = random.Random(3)
+    for _ in range(5):
+        offsets, prefix = case.draw(rng)
+        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+        assert offsets[0] == 0 and offsets[-1] == case.length
+        assert all(case.low <= s <= case.high for s in sizes[:-1]) and 1 <= sizes[-1] <= case.high
+        assert (prefix is None) == (case.prefix_share == 0)
+        if prefix is not None:
+            assert all(0 <= p <= s for p, s in zip(prefix, sizes))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_attended_pairs_count_the_oracle(name):
+    case = CASES[name].scaled(120)
+    offsets, prefix = case.draw(random.Random(1))
+    mask = document_mask(case.spec().mask("m").expr, case.length, offsets, prefix)
+    assert attended_pairs(case, offsets, prefix) == int(mask.sum())
+
+
+def test_cpu_check_runs_the_kernels_against_the_oracle():
+    for row in cpu_check("causal,window_sink", length=64):
+        errors = [row[k] for k in ("out_err", "dq_err", "dk_err", "dv_err")]
+        errors += [row["rows"][k] for k in ("out_err", "lse_err", "dq_err")]
+        assert max(errors) < 1e-5, row
