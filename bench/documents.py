@@ -179,43 +179,51 @@ def _time(step, calls: int, warmup: int = 3) -> float:
 
 
 def sdpa_jagged(case: DocumentCase, q, k, v, offsets):
-    """SDPA on nested jagged tensors (FlashAttention varlen underneath); None where the mask is not plain
-    causal or full per document (what varlen serves)."""
+    """SDPA on nested jagged tensors (FlashAttention varlen underneath): q, k, v are [L, H, D] (varlen's own
+    layout, made once outside the timing) and offsets int64 shared by all three (one ragged dimension).
+    The output is [L, H, D]. None where the mask is not plain causal or full per document (what varlen
+    serves); on the CPU PyTorch has no causal jagged backend."""
     if case.inner not in ("causal", "full") or case.kv_heads != case.heads:
         return None
-    causal = case.inner == "causal"
-
-    def nest(t):  # [1, H, L, D] -> nested [docs, H, j, D]
-        values = t[0].transpose(0, 1)
-        return torch.nested.nested_tensor_from_jagged(values, offsets.long()).transpose(1, 2)
-
-    out = torch.nn.functional.scaled_dot_product_attention(nest(q), nest(k), nest(v), is_causal=causal)
-    return out
+    nest = lambda t: torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(nest(q), nest(k), nest(v), is_causal=case.inner == "causal")
+    return out.transpose(1, 2).values()
 
 
 def flex_call(case: DocumentCase, offsets, prefix, device):
-    """A FlexAttention call with a document mask_mod and a BlockMask built for these offsets."""
+    """A FlexAttention BlockMask for these offsets: a document mask_mod written from the mask's terms."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     length = case.length
     doc = torch.searchsorted(offsets, torch.arange(length, device=device, dtype=torch.int32), right=True) - 1
-    start = offsets[doc]
-    pre = None if prefix is None else prefix[doc]
-    inner = case.inner
-    window = 4096 if "4096" in inner else None
-    sink = 4 if "sink(4)" in inner else None
+    start, end = offsets[doc], offsets[doc + 1]
+    plen = None if prefix is None else prefix[doc]
+    terms = document_form(case.spec().mask("m").expr).terms
+
+    def term_mod(t, qi, ki):
+        s, e = start[qi], end[qi]
+        keep = ki >= s
+        if t.causal:
+            keep = keep & (ki <= qi)
+        if t.window_causal:
+            keep = keep & (ki <= qi) & (qi - ki < t.window_causal)
+        if t.window:
+            w = torch.clamp(e - s, max=t.window)
+            first = s + torch.minimum(torch.clamp(qi - s - w // 2, min=0), e - s - w)
+            keep = keep & (ki >= first) & (ki < first + w)
+        if t.prefix:
+            keep = keep & (ki - s < plen[qi])
+        if t.sink_keys:
+            keep = keep & (ki - s < t.sink_keys)
+        if t.sink_queries:
+            keep = keep & (qi - s < t.sink_queries)
+        return keep
 
     def mask_mod(b, h, qi, ki):
-        same = doc[qi] == doc[ki]
-        causal = ki <= qi
-        if inner == "causal":
-            return same & causal
-        if inner == "causal | prefix":
-            return same & (causal | (ki - start[qi] < pre[qi]))
-        keep = causal & (qi - ki < window)
-        if sink:
-            keep = keep | (causal & ((ki - start[qi] < sink) | (qi - start[qi] < sink)))
-        return same & keep
+        keep = term_mod(terms[0], qi, ki)
+        for t in terms[1:]:
+            keep = keep | term_mod(t, qi, ki)
+        return (doc[qi] == doc[ki]) & keep
 
     return create_block_mask(mask_mod, None, None, length, length, device=device)
 
@@ -276,21 +284,31 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
     if result["simulator"]["backward_bound_us"]:
         result["ours"]["backward_of_bound"] = result["simulator"]["backward_bound_us"] / 1e3 / (train - fwd)
 
-    if sdpa_jagged(case, q, k, v, device_draws[0][0]) is not None:
-        def sdpa_fwd(i):
-            sdpa_jagged(case, q, k, v, device_draws[i][0])
-
-        def sdpa_train(i):
-            out = sdpa_jagged(case, *leaves, device_draws[i][0])
-            out.values().backward(dout[0].transpose(0, 1).contiguous().view_as(out.values()))
-
-        with torch.no_grad():
-            s_fwd = _time(sdpa_fwd, calls)
-        s_train = _time(sdpa_train, calls)
-        result["sdpa_jagged"] = {"forward_ms": s_fwd, "train_ms": s_train, "backward_ms": s_train - s_fwd}
+    if case.inner in ("causal", "full") and case.kv_heads == case.heads:
+        result["sdpa_jagged"] = _sdpa_times(case, fn, q, k, v, dout, device_draws, calls)
     if with_flex:
         result["flex"] = _flex_times(case, q, k, v, dout, device_draws, calls, device)
     return result
+
+
+def _sdpa_times(case, fn, q, k, v, dout, device_draws, calls) -> dict:
+    lay = lambda t: t[0].transpose(0, 1).contiguous()  # noqa: E731 - [1, H, L, D] -> varlen's [L, H, D]
+    qs, ks, vs, ds = (lay(t) for t in (q, k, v, dout))
+    leaves = [t.detach().clone().requires_grad_() for t in (qs, ks, vs)]
+    offsets64 = [off.long() for off, _ in device_draws]
+    ours = fn(q, k, v, documents=device_draws[0][0])
+    agree = _err(sdpa_jagged(case, qs, ks, vs, offsets64[0]), lay(ours))
+
+    def fwd(i):
+        sdpa_jagged(case, qs, ks, vs, offsets64[i])
+
+    def train(i):
+        sdpa_jagged(case, *leaves, offsets64[i]).backward(ds)
+
+    with torch.no_grad():
+        f = _time(fwd, calls)
+    t = _time(train, calls)
+    return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "max_diff_to_ours": agree}
 
 
 def _flex_times(case, q, k, v, dout, device_draws, calls, device) -> dict:

@@ -1,6 +1,7 @@
 """`maskdsl bench --documents` without a GPU: its arguments, its cases, and its checks on the interpreter."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -55,3 +56,24 @@ def test_cpu_check_runs_the_kernels_against_the_oracle():
         errors = [row[k] for k in ("out_err", "dq_err", "dk_err", "dv_err")]
         errors += [row["rows"][k] for k in ("out_err", "lse_err", "dq_err")]
         assert max(errors) < 1e-5, row
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_flex_baseline_computes_the_same_mask(name):
+    """The baseline's BlockMask and mask_mod (FlexAttention's eager path on the CPU) against the oracle."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from maskdsl.bench.documents import flex_call
+    from maskdsl.harness.documents import reference_document_attention
+
+    case = CASES[name].scaled(128, heads=2, head_dim=16)
+    offsets, prefix = case.draw(random.Random(2))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=gen) for _ in range(3))
+    block = flex_call(case, torch.tensor(offsets, dtype=torch.int32),
+                      None if prefix is None else torch.tensor(prefix, dtype=torch.int32), "cpu")
+    with warnings.catch_warnings():  # eager flex_attention says (once) it is meant for debugging
+        warnings.simplefilter("ignore")
+        got = flex_attention(q, k, v, block_mask=block)
+    want = reference_document_attention(q.double(), k.double(), v.double(), case.spec(), "m", offsets, prefix)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
