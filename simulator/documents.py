@@ -177,3 +177,43 @@ def predict_documents(expr: ir.MaskExpr, length: int, offsets, prefix=None, head
         backward, backward_bound = times, ideal
     flops = 4.0 * fwd.visited * bm * bn * head_dim * copies
     return DocumentPrediction(forward_us, bound, backward, backward_bound, fwd.visited, int(fwd.full.sum()), flops)
+
+
+def simulate_cli(args, spec: ir.Spec, mdef: ir.MaskDef) -> int:
+    """`maskdsl simulate` of a document mask: 8 draws from --lengths LOW,HIGH (or the offsets given), mean
+    prediction and bound. Prefix lengths, where the mask has them, are drawn in [0, half the document]."""
+    import json
+    import random
+    import sys
+
+    from maskdsl.spec.documents import draw_offsets
+
+    length = mdef.layout.tokens
+    att = spec.attention_for(mdef.name)
+    heads, head_dim, batch = (att.heads, att.head_dim, att.batch) if att else (1, 128, 1)
+    given = tuple(args.lengths or ())
+    rng = random.Random(0)
+    if len(given) > 2:
+        draws = [list(given)]
+        if given[0] != 0 or given[-1] != length or any(b < a for a, b in zip(given, given[1:])):
+            raise ValueError(f"--lengths with offsets must run from 0 to {length} without decreasing, got {list(given)}")
+    else:
+        low, high = given if len(given) == 2 else (length, length)
+        draws = [draw_offsets(length, low, high, rng) for _ in range(8)]
+    rows = []
+    for offsets in draws:
+        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+        prefix = [rng.randint(0, s // 2) for s in sizes] if document_form(mdef.expr).uses_prefix else None
+        rows.append(predict_documents(mdef.expr, length, offsets, prefix, heads, batch, head_dim, args.gpu).as_dict())
+    mean = {k: (None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))) for k in rows[0]}
+    if args.json:
+        json.dump({"file": args.file, "mask": mdef.name, "draws": len(rows), "mean": mean}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"simulation of {mdef.name} = {mdef.expr.fmt()} over {len(rows)} draw(s) of documents, {heads} head(s), "
+          f"head_dim {head_dim}")
+    print(f"  forward  {mean['forward_us']:.1f} us predicted, bound {mean['forward_bound_us']:.1f} us; "
+          f"{mean['pairs']:.0f} tile pairs of 128x64 per head, {mean['full']:.0f} full")
+    if mean["backward_us"] is not None:
+        print(f"  backward {mean['backward_us']:.1f} us predicted, bound {mean['backward_bound_us']:.1f} us")
+    return 0

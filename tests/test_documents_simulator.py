@@ -92,3 +92,28 @@ def test_prediction_grows_with_longer_documents_and_respects_its_bound():
     for p in (short, whole):
         assert p.forward_bound_us <= p.forward_us
         assert p.backward_bound_us is None or p.backward_bound_us <= p.backward_us
+
+
+SPEC = """layout seq = grid(4096)
+mask packed = document & causal
+mask plm = document & (causal | prefix)
+attention main(mask=packed, heads=4, head_dim=128, dtype=bf16)
+"""
+
+
+def test_cli_check_and_simulate_document_masks(tmp_path, capsys):
+    import json
+
+    from maskdsl.cli import main
+
+    path = tmp_path / "d.mask"
+    path.write_text(SPEC)
+    assert main(["check", str(path)]) == 0
+    assert "density depends on the documents" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--lengths", "128,1024", "--json"]) == 0
+    many = json.loads(capsys.readouterr().out)["mean"]
+    assert main(["simulate", str(path), "--lengths", "4096,4096", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)["mean"]
+    assert one["pairs"] > 3 * many["pairs"]  # one long document: many more tile pairs than short ones
+    assert main(["simulate", str(path), "--mask", "plm", "--lengths", "0,100,4000"]) == 2
+    assert "must run from 0 to 4096" in capsys.readouterr().err
