@@ -163,3 +163,24 @@ def test_unchecked_garbage_offsets_stay_in_bounds(offsets):
     assert out.isfinite().all()
     out.sum().backward()
     assert all(t.grad.isfinite().all() for t in (q, k, v))
+
+
+def test_torch_compile_fullgraph_with_unchecked_offsets():
+    """One opaque custom op, forward and backward, with the offsets as a tensor input: no graph break."""
+    spec, fn = compiled("prefix", 40)
+
+    def model(q, k, v, offsets, prefix):
+        return fn(q * 2.0, k, v, documents=offsets, prefix=prefix, check_documents=False) + 1.0
+
+    compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True)
+    q, k, v, do = (t.float() for t in inputs(40, batch=1, heads=2, kv_heads=1, dim=16, seed=4))
+    for seed in range(2):
+        offsets, prefix = draw(random.Random(seed), 40, 4)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = compiled_model(*leaves, offsets, prefix)
+        torch.testing.assert_close(out, model(q, k, v, offsets, prefix))
+        got = torch.autograd.grad(out, leaves, do)
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(model(*ref_leaves, offsets, prefix), ref_leaves, do)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
