@@ -18,13 +18,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_one_kernel_per_cache_over_100_calls_with_new_offsets():
+def _compile(*args) -> dict:
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "documents_compile.py"), "100", "32768", "4097"],
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "documents_compile.py"), *args],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_one_kernel_per_cache_over_100_calls_with_new_offsets():
+    report = _compile("100", "32768", "4097")  # four terms: the kernels' general walk
     assert report["32768"] == {"forward": 1, "delta": 1, "dkdv": 1, "dq": 1}
     assert report["4097"] == {"forward": 2, "delta": 2, "dkdv": 2, "dq": 2}
+
+
+def test_one_term_loops_compile_once_too():
+    report = _compile("100", "--mask", "causal", "32768")
+    assert report["32768"] == {"forward": 1, "delta": 1, "dkdv": 1, "dq": 1}

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from maskdsl.codegen.documents.forward import _load_tile
 from maskdsl.codegen.documents.intervals import (column_interval, full_span, inside, keep_keys, keep_rows, load_meta,
-                                                 next_tile, row_interval, tile_span)
+                                                 next_tile, row_interval, split_span, tile_span)
 
 
 @triton.jit
@@ -57,12 +57,36 @@ def _row_state(LSE, DELTA, bh, rows, ok, L):
 
 
 @triton.jit
+def _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql, stride_dl, offs_m, offs_d,
+                lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                T3: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Query tile t's contribution to the key tile's dK and dV; MASKED: with the keys' query intervals."""
+    rows = t * BLOCK_M + offs_m
+    row_ok = rows < L
+    q = _load_tile(q_base, rows, row_ok, stride_ql, offs_d, HEAD_DIM, True)
+    do = _load_tile(do_base, rows, row_ok, stride_dl, offs_d, HEAD_DIM, True)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2, delta = _row_state(LSE, DELTA, bh, rows, row_ok, L)
+    if MASKED:
+        keep = keep_rows(rows, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3)
+        pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, keep, True)
+    else:
+        pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, None, False)
+    dv = tl.dot(tl.trans(pr).to(do.dtype), do, dv)
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
 def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                   stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                   stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
                   H, H_KV, GROUP,
-                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -103,25 +127,33 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
         bh = b * H + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-        t = first
-        while t < 2147483647:
-            rows = t * BLOCK_M + offs_m
-            row_ok = rows < L
-            q = _load_tile(q_base, rows, row_ok, stride_ql, offs_d, HEAD_DIM, True)
-            do = _load_tile(do_base, rows, row_ok, stride_dl, offs_d, HEAD_DIM, True)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2, delta = _row_state(LSE, DELTA, bh, rows, row_ok, L)
-            full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
-            if full:
-                pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, None, False)
-            else:
-                keep = keep_rows(rows, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3)
-                pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, keep, True)
-            dv = tl.dot(tl.trans(pr).to(do.dtype), do, dv)
-            dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk)
-            t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
+        if NT == 1:  # masked head, full middle, masked tail: loops the compiler can pipeline
+            f, g = split_span(a0, b0, f0, g0)
+            for t in range(a0, f):
+                dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
+                                     stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                     T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, True)
+            for t in range(f, g):
+                dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
+                                     stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                     T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, False)
+            for t in range(g, b0):
+                dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
+                                     stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                     T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, True)
+        else:
+            t = first
+            while t < 2147483647:
+                full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
+                if full:
+                    dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
+                                         stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                         T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, False)
+                else:
+                    dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
+                                         stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                         T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, True)
+                t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
 
     dk = dk * sm_scale
     col = offs_d[None, :] < HEAD_DIM
@@ -132,12 +164,32 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
 
 
 @triton.jit
+def _key_tile_dq(dq, q, do, lse2, delta, t, k_base, v_base, stride_kl, stride_vl, L, qk_scale, offs_n, offs_d,
+                 lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                 T3: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Key tile t's contribution to the query tile's dQ; MASKED: with the rows' key intervals."""
+    keys = t * BLOCK_N + offs_n
+    k = _load_tile(k_base, keys, keys < L, stride_kl, offs_d, HEAD_DIM, MASKED)
+    v = _load_tile(v_base, keys, keys < L, stride_vl, offs_d, HEAD_DIM, MASKED)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if MASKED:
+        keep = keep_keys(keys, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3)
+        pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, keep, True)
+    else:
+        pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, None, False)
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
 def document_dq(Q, K, V, DO, LSE, DELTA, DQ, META, L, qk_scale, sm_scale,
                 stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                 stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                 stride_dqb, stride_dqh, stride_dql,
                 H, GROUP,
-                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -175,27 +227,33 @@ def document_dq(Q, K, V, DO, LSE, DELTA, DQ, META, L, qk_scale, sm_scale,
         do = do.to(tl.float32)
     lse2, delta = _row_state(LSE, DELTA, pid_bh, rows, row_ok, L)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    t = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
-    while t < 2147483647:
-        keys = t * BLOCK_N + offs_n
-        full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
-        if full:
-            k = _load_tile(k_base, keys, keys < L, stride_kl, offs_d, HEAD_DIM, False)
-            v = _load_tile(v_base, keys, keys < L, stride_vl, offs_d, HEAD_DIM, False)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, None, False)
-        else:
-            k = _load_tile(k_base, keys, keys < L, stride_kl, offs_d, HEAD_DIM, True)
-            v = _load_tile(v_base, keys, keys < L, stride_vl, offs_d, HEAD_DIM, True)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            keep = keep_keys(keys, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3)
-            pr, ds = _pair_grads(q, k, v, do, lse2, delta, qk_scale, keep, True)
-        dq = tl.dot(ds.to(k.dtype), k, dq)
-        t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
+    if NT == 1:  # masked head, full middle, masked tail: loops the compiler can pipeline
+        f, g = split_span(a0, b0, f0, g0)
+        for t in range(a0, f):
+            dq = _key_tile_dq(dq, q, do, lse2, delta, t, k_base, v_base, stride_kl, stride_vl, L, qk_scale, offs_n,
+                              offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3, HEAD_DIM, BLOCK_N,
+                              DOT_F32, True)
+        for t in range(f, g):
+            dq = _key_tile_dq(dq, q, do, lse2, delta, t, k_base, v_base, stride_kl, stride_vl, L, qk_scale, offs_n,
+                              offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3, HEAD_DIM, BLOCK_N,
+                              DOT_F32, False)
+        for t in range(g, b0):
+            dq = _key_tile_dq(dq, q, do, lse2, delta, t, k_base, v_base, stride_kl, stride_vl, L, qk_scale, offs_n,
+                              offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3, HEAD_DIM, BLOCK_N,
+                              DOT_F32, True)
+    else:
+        t = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
+        while t < 2147483647:
+            full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
+            if full:
+                dq = _key_tile_dq(dq, q, do, lse2, delta, t, k_base, v_base, stride_kl, stride_vl, L, qk_scale,
+                                  offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3, HEAD_DIM,
+                                  BLOCK_N, DOT_F32, False)
+            else:
+                dq = _key_tile_dq(dq, q, do, lse2, delta, t, k_base, v_base, stride_kl, stride_vl, L, qk_scale,
+                                  offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3, HEAD_DIM,
+                                  BLOCK_N, DOT_F32, True)
+            t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
 
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None].to(tl.int64) * stride_dql

@@ -107,6 +107,7 @@ class CompiledDocumentAttention:
 
     def _common(self, q) -> dict:
         return {"T0": self.terms[0], "T1": self.terms[1], "T2": self.terms[2], "T3": self.terms[3],
+                "NT": len(self.form.terms),
                 "HEAD_DIM": q.shape[-1], "HEAD_DIM_PAD": padded_head_dim(q.shape[-1]),
                 "DOT_F32": q.dtype == torch.bfloat16 and dispatch.interpreting()}
 

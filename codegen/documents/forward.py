@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from maskdsl.codegen.documents.intervals import (full_span, inside, keep_keys, load_meta, next_tile, row_interval,
-                                                 tile_span)
+                                                 split_span, tile_span)
 
 
 @triton.jit
@@ -40,11 +40,31 @@ def _fold(acc, m_i, l_i, qk, v, keep, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L, offs_n, offs_d,
+              lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+              T3: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Key tile t into the query tile's online softmax; MASKED: with the rows' intervals as the predicate
+    (and keys past the grid masked), else none (a full tile lies inside the grid)."""
+    keys = t * BLOCK_N + offs_n
+    k = _load_tile(k_base, keys, keys < L, stride_kl, offs_d, HEAD_DIM, MASKED)
+    v = _load_tile(v_base, keys, keys < L, stride_vl, offs_d, HEAD_DIM, MASKED)
+    if DOT_F32:  # Triton's interpreter cannot multiply bf16
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        keep = keep_keys(keys, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3)
+        return _fold(acc, m_i, l_i, qk, v, keep, True)
+    return _fold(acc, m_i, l_i, qk, v, None, False)
+
+
+@triton.jit
 def document_fwd(Q, K, V, O, LSE, META, L, qk_scale,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                  stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
                  H, GROUP,
-                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -82,28 +102,33 @@ def document_fwd(Q, K, V, O, LSE, META, L, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    t = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
-    while t < 2147483647:
-        keys = t * BLOCK_N + offs_n
-        full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
-        if full:  # inside every row's interval of one term, and inside the grid: no predicate, no load mask
-            k = _load_tile(k_base, keys, keys < L, stride_kl, offs_d, HEAD_DIM, False)
-            v = _load_tile(v_base, keys, keys < L, stride_vl, offs_d, HEAD_DIM, False)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
-            acc, m_i, l_i = _fold(acc, m_i, l_i, qk, v, None, False)
-        else:
-            k = _load_tile(k_base, keys, keys < L, stride_kl, offs_d, HEAD_DIM, True)
-            v = _load_tile(v_base, keys, keys < L, stride_vl, offs_d, HEAD_DIM, True)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
-            keep = keep_keys(keys, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3)
-            acc, m_i, l_i = _fold(acc, m_i, l_i, qk, v, keep, True)
-        t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
+    if NT == 1:  # one span: masked head, full middle, masked tail, each a loop the compiler can pipeline
+        f, g = split_span(a0, b0, f0, g0)
+        for t in range(a0, f):
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
+                                      offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
+                                      HEAD_DIM, BLOCK_N, DOT_F32, True)
+        for t in range(f, g):
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
+                                      offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
+                                      HEAD_DIM, BLOCK_N, DOT_F32, False)
+        for t in range(g, b0):
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
+                                      offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
+                                      HEAD_DIM, BLOCK_N, DOT_F32, True)
+    else:  # the union of the spans, each tile once, in increasing order
+        t = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
+        while t < 2147483647:
+            full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
+            if full:  # inside every row's interval of one term, and inside the grid: no predicate
+                acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
+                                          offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
+                                          HEAD_DIM, BLOCK_N, DOT_F32, False)
+            else:
+                acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
+                                          offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
+                                          HEAD_DIM, BLOCK_N, DOT_F32, True)
+            t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)

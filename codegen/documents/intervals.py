@@ -118,6 +118,15 @@ def next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3):
 
 
 @triton.jit
+def split_span(a, b, f, g):
+    """(f', g') cutting the span [a, b) into a masked head [a, f'), a full middle [f', g') and a masked tail
+    [g', b), given the full span [f, g) inside it (empty ones included: then f' = g')."""
+    f = tl.minimum(tl.maximum(f, a), b)
+    g = tl.minimum(tl.maximum(g, f), b)
+    return f, g
+
+
+@triton.jit
 def inside(t, a, b):
     return (t >= a) & (t < b)
 
