@@ -151,7 +151,7 @@ class DocumentPrediction:
 
 def predict_documents(expr: ir.MaskExpr, length: int, offsets, prefix=None, heads: int = 1, batch: int = 1,
                       head_dim: int = 128, gpu: str | None = None, forward_tiles=(128, 64),
-                      dkdv_tiles=(64, 128), dq_tiles=(128, 64)) -> DocumentPrediction:
+                      dkdv_tiles=(32, 128), dq_tiles=(128, 64)) -> DocumentPrediction:
     """Predicted forward and backward time (us) of one call with these offsets, and their bounds."""
     model = CostModel.for_gpu(gpu)
     if model.tile_us is None:
