@@ -184,3 +184,31 @@ def test_torch_compile_fullgraph_with_unchecked_offsets():
         want = torch.autograd.grad(model(*ref_leaves, offsets, prefix), ref_leaves, do)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("name", ["causal", "prefix", "sink", "centred"])
+def test_kernels_visit_exactly_the_simulators_tiles(name):
+    """The forward's and dK/dV's (full, partial) tile counts per program, written by the kernels themselves,
+    equal the simulator's (simulator/documents.py), which a brute-force test holds to the oracle's blocks."""
+    from maskdsl.simulator.documents import document_tiles
+
+    length = 77
+    spec, fn = compiled(name, length)
+    offsets, prefix = draw(random.Random(name), length, 5)
+    prefix = prefix if fn.form.uses_prefix else None
+    q, k, v, do = (t.float() for t in inputs(length, batch=1, heads=2, kv_heads=1, dim=16))
+    meta = metadata(offsets, prefix, length)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    expr = spec.mask("m").expr
+    for kind, (bm, bn), transposed, programs in (("forward", SMALL.forward[:2], False, (2, -(-length // 16))),
+                                                 ("dkdv", SMALL.dkdv[:2], True, (1, -(-length // 32)))):
+        counts = torch.full((*programs, 2), -1, dtype=torch.int32)
+        kernel, grid, args, kwargs = fn.kernel_args(kind, q, k, v, 0.25, meta, out=out, lse=lse, dout=do,
+                                                    delta=torch.zeros(q.shape[:3]), dq=torch.empty_like(q),
+                                                    dk=torch.empty_like(k), dv=torch.empty_like(v), counts=counts)
+        kernel[grid](*args, **kwargs)
+        want = document_tiles(expr, length, offsets.tolist(), None if prefix is None else prefix.tolist(), bm, bn,
+                              transposed=transposed)
+        for row in counts:
+            assert row[:, 0].tolist() == want.full.tolist(), kind
+            assert row[:, 1].tolist() == want.partial.tolist(), kind

@@ -81,14 +81,16 @@ def _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, s
 
 
 @triton.jit
-def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
+def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, COUNTS, L, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                   stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                   stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
                   H, H_KV, GROUP,
                   T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, COUNT: tl.constexpr = False):
+    """COUNT: also write (full, partial) query tiles visited per program (one query head's walk) into
+    COUNTS [B x H_kv, key tiles, 2]."""
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
     b = pid_bkv // H_KV
@@ -122,6 +124,8 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     first = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
+    n_full = 0
+    n_partial = 0
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         bh = b * H + h
@@ -129,6 +133,8 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
         do_base = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
         if NT == 1:  # masked head, full middle, masked tail: loops the compiler can pipeline
             f, g = split_span(a0, b0, f0, g0)
+            n_full = g - f
+            n_partial = tl.maximum(f - a0, 0) + (b0 - g)
             for t in range(a0, f):
                 dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
                                      stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
@@ -143,8 +149,12 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
                                      T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, True)
         else:
             t = first
+            n_full = 0
+            n_partial = 0
             while t < 2147483647:
                 full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
+                n_full += full.to(tl.int32)
+                n_partial += 1 - full.to(tl.int32)
                 if full:
                     dk, dv = _query_tile(dk, dv, k, v, t, q_base, do_base, LSE, DELTA, bh, L, qk_scale, stride_ql,
                                          stride_dl, offs_m, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
@@ -155,6 +165,10 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, L, qk_scale, sm_scale,
                                          T0, T1, T2, T3, HEAD_DIM, BLOCK_M, DOT_F32, True)
                 t = next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3)
 
+    if COUNT:
+        counts = COUNTS + (pid_bkv * tl.num_programs(0) + pid_n) * 2
+        tl.store(counts, n_full)
+        tl.store(counts + 1, n_partial)
     dk = dk * sm_scale
     col = offs_d[None, :] < HEAD_DIM
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh + keys[:, None].to(tl.int64) * stride_dkl

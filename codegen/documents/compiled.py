@@ -112,8 +112,9 @@ class CompiledDocumentAttention:
                 "DOT_F32": q.dtype == torch.bfloat16 and dispatch.interpreting()}
 
     def kernel_args(self, kind: str, q, k, v, scale: float, meta, out=None, lse=None, dout=None, delta=None,
-                    dq=None, dk=None, dv=None):
-        """(kernel, grid, args, kwargs) of one launch: `kind` is forward, delta, dkdv or dq."""
+                    dq=None, dk=None, dv=None, counts=None):
+        """(kernel, grid, args, kwargs) of one launch: `kind` is forward, delta, dkdv or dq. `counts` (int32
+        [programs, 2], forward and dkdv only) receives the (full, partial) tiles each program visits."""
         batch, heads, length = q.shape[:3]
         kv_heads = k.shape[1]
         group = heads // kv_heads
@@ -122,9 +123,10 @@ class CompiledDocumentAttention:
         if kind == "forward":
             bm, bn, warps, stages = self.config.forward
             grid = (triton.cdiv(length, bm), batch * heads)
-            args = (q, k, v, out, lse, meta, length, scale * log2e, *strides, *out.stride()[:3], heads, group)
+            args = (q, k, v, out, lse, meta, counts, length, scale * log2e, *strides, *out.stride()[:3], heads, group)
             return forward.document_fwd, grid, args, {**self._common(q), "BLOCK_M": bm, "BLOCK_N": bn,
-                                                      "num_warps": warps, "num_stages": stages}
+                                                      "num_warps": warps, "num_stages": stages,
+                                                      "COUNT": counts is not None}
         if kind == "delta":
             bm = 64
             grid = (triton.cdiv(length, bm), batch * heads)
@@ -134,10 +136,11 @@ class CompiledDocumentAttention:
         if kind == "dkdv":
             bm, bn, warps, stages = self.config.dkdv
             grid = (triton.cdiv(length, bn), batch * kv_heads)
-            args = (q, k, v, dout, lse, delta, dk, dv, meta, length, scale * log2e, scale, *strides,
+            args = (q, k, v, dout, lse, delta, dk, dv, meta, counts, length, scale * log2e, scale, *strides,
                     *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], heads, kv_heads, group)
             return backward.document_dkdv, grid, args, {**self._common(q), "BLOCK_M": bm, "BLOCK_N": bn,
-                                                        "num_warps": warps, "num_stages": stages}
+                                                        "num_warps": warps, "num_stages": stages,
+                                                        "COUNT": counts is not None}
         if kind == "dq":
             bm, bn, warps, stages = self.config.dq
             grid = (triton.cdiv(length, bm), batch * heads)

@@ -60,13 +60,14 @@ def _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_v
 
 
 @triton.jit
-def document_fwd(Q, K, V, O, LSE, META, L, qk_scale,
+def document_fwd(Q, K, V, O, LSE, META, COUNTS, L, qk_scale,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                  stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
                  H, GROUP,
                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, COUNT: tl.constexpr = False):
+    """COUNT: also write (full, partial) key tiles visited per program into COUNTS [B x H, query tiles, 2]."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -102,8 +103,12 @@ def document_fwd(Q, K, V, O, LSE, META, L, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    n_full = 0
+    n_partial = 0
     if NT == 1:  # one span: masked head, full middle, masked tail, each a loop the compiler can pipeline
         f, g = split_span(a0, b0, f0, g0)
+        n_full = g - f
+        n_partial = tl.maximum(f - a0, 0) + (b0 - g)
         for t in range(a0, f):
             acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
                                       offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
@@ -120,6 +125,8 @@ def document_fwd(Q, K, V, O, LSE, META, L, qk_scale,
         t = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
         while t < 2147483647:
             full = inside(t, f0, g0) | inside(t, f1, g1) | inside(t, f2, g2) | inside(t, f3, g3)
+            n_full += full.to(tl.int32)
+            n_partial += 1 - full.to(tl.int32)
             if full:  # inside every row's interval of one term, and inside the grid: no predicate
                 acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, qk_scale, t, k_base, v_base, stride_kl, stride_vl, L,
                                           offs_n, offs_d, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, T0, T1, T2, T3,
@@ -136,3 +143,7 @@ def document_fwd(Q, K, V, O, LSE, META, L, qk_scale,
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + pid_bh.to(tl.int64) * L + rows, lse, mask=row_ok)
+    if COUNT:
+        counts = COUNTS + (pid_bh * tl.num_programs(0) + pid_m) * 2
+        tl.store(counts, n_full)
+        tl.store(counts + 1, n_partial)
