@@ -117,3 +117,14 @@ def test_cli_check_and_simulate_document_masks(tmp_path, capsys):
     assert one["pairs"] > 3 * many["pairs"]  # one long document: many more tile pairs than short ones
     assert main(["simulate", str(path), "--mask", "plm", "--lengths", "0,100,4000"]) == 2
     assert "must run from 0 to 4096" in capsys.readouterr().err
+
+
+def test_commands_without_document_support_say_so(tmp_path, capsys):
+    from maskdsl.cli import main
+
+    path = tmp_path / "d.mask"
+    path.write_text(SPEC)
+    assert main(["compile", str(path), "--mask", "packed", "-o", str(tmp_path / "k.py")]) == 2
+    assert "pass a DocumentConfig" in capsys.readouterr().err
+    assert main(["show", str(path), "--mask", "packed", "-o", str(tmp_path / "x.png")]) == 2
+    assert "depends on the offsets" in capsys.readouterr().err

@@ -82,6 +82,10 @@ class CompiledDocumentAttention:
         self.mask = mask
         self.form = document_form(mask.expr, mask.layout.rank)
         self.terms = constexpr_terms(mask)
+        if config is not None and not isinstance(config, DocumentConfig):
+            raise ValueError(f"mask {mask.name!r} holds `document`: its kernels (codegen/documents/) are not rendered "
+                             f"from a tile config ({type(config).__name__}); pass a DocumentConfig or None. "
+                             "`maskdsl bench --documents` measures such masks, `maskdsl simulate --lengths` predicts them")
         self.config = (config or DocumentConfig()).validate()
         self.length = mask.layout.tokens
         self.key = f"documents:{mask.content_hash()}:{self.config.key()}"
