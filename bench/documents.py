@@ -131,7 +131,7 @@ def _rows_reference(q_rows, k, v, spec, offsets, prefix, sample):
     from maskdsl.harness.reference import _attend
 
     mdef = spec.mask("m")
-    mask = document_mask(mdef.expr, mdef.layout.tokens, offsets, prefix, rows=sample)
+    mask = document_mask(mdef.expr, mdef.layout.shape, offsets, prefix, rows=sample)
     return _attend(q_rows, k.detach().cpu().double(), v.detach().cpu().double(), mask, None, True)
 
 

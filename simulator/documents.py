@@ -38,26 +38,29 @@ class DocumentTiles:
         return int(self.full.sum() + self.partial.sum())
 
 
-def _token_meta(offsets, prefix, length: int):
-    offsets = np.asarray(offsets, dtype=np.int64)
-    doc = np.clip(np.searchsorted(offsets, np.arange(length), side="right") - 1, 0, len(offsets) - 2)
-    start, end = offsets[doc], offsets[doc + 1]
+def _token_meta(offsets, prefix, length: int, inner: int = 1):
+    """Each token's document start, end (tokens) and prefix length; offsets count frames of `inner` tokens."""
+    offsets = np.clip(np.asarray(offsets, dtype=np.int64), 0, length // inner)
+    frame = np.arange(length) // inner
+    doc = np.clip(np.searchsorted(offsets, frame, side="right") - 1, 0, len(offsets) - 2)
+    start, end = offsets[doc] * inner, offsets[doc + 1] * inner
     plen = np.zeros(length, np.int64) if prefix is None else np.clip(np.asarray(prefix, np.int64)[doc], 0, end - start)
     return start, end, plen
 
 
-def _rows(term: DocTerm, i, s, e, p):
+def _rows(term: DocTerm, i, s, e, p, inner: int = 1):
     """numpy form of maskdsl.spec.documents.row_interval over arrays of rows."""
     lo, hi = s.copy(), e.copy()
     if term.causal:
         hi = np.minimum(hi, i + 1)
+    fi, fs, fe = i // inner, s // inner, e // inner
     if term.window_causal:
-        lo, hi = np.maximum(lo, i - term.window_causal + 1), np.minimum(hi, i + 1)
+        lo, hi = np.maximum(lo, (fi - term.window_causal + 1) * inner), np.minimum(hi, (fi + 1) * inner)
     if term.window:
-        n = e - s
+        n = fe - fs
         w = np.minimum(term.window, n)
-        first = s + np.minimum(np.maximum(i - s - w // 2, 0), n - w)
-        lo, hi = np.maximum(lo, first), np.minimum(hi, first + w)
+        first = fs + np.minimum(np.maximum(fi - fs - w // 2, 0), n - w)
+        lo, hi = np.maximum(lo, first * inner), np.minimum(hi, (first + w) * inner)
     if term.prefix:
         hi = np.minimum(hi, s + p)
     if term.sink_keys:
@@ -67,18 +70,19 @@ def _rows(term: DocTerm, i, s, e, p):
     return lo, hi
 
 
-def _columns(term: DocTerm, j, s, e, p):
+def _columns(term: DocTerm, j, s, e, p, inner: int = 1):
     """numpy form of maskdsl.spec.documents.column_interval over arrays of keys."""
     lo, hi = s.copy(), e.copy()
     if term.causal:
         lo = np.maximum(lo, j)
+    fj, fs, fe = j // inner, s // inner, e // inner
     if term.window_causal:
-        lo, hi = np.maximum(lo, j), np.minimum(hi, j + term.window_causal)
+        lo, hi = np.maximum(lo, fj * inner), np.minimum(hi, (fj + term.window_causal) * inner)
     if term.window:
-        w = np.minimum(term.window, e - s)
+        w = np.minimum(term.window, fe - fs)
         h = w // 2
-        lo = np.maximum(lo, np.where(j - w < s, s, j - w + h + 1))
-        hi = np.minimum(hi, np.where(j >= e - w, e, j + h + 1))
+        lo = np.maximum(lo, np.where(fj - w < fs, s, (fj - w + h + 1) * inner))
+        hi = np.minimum(hi, np.where(fj >= fe - w, e, (fj + h + 1) * inner))
     if term.prefix:
         hi = np.where(j - s < p, hi, lo)
     if term.sink_keys:
@@ -123,15 +127,19 @@ def _union(spans) -> int:
     return total
 
 
-def document_tiles(expr: ir.MaskExpr, length: int, offsets, prefix=None, block_m: int = 128, block_n: int = 64,
+def document_tiles(expr: ir.MaskExpr, shape, offsets, prefix=None, block_m: int = 128, block_n: int = 64,
                    transposed: bool = False) -> DocumentTiles:
-    """Forward / dQ (`transposed` False: programs are query tiles of block_m over key tiles of block_n) or
-    dK/dV (True: programs are key tiles of block_n over query tiles of block_m)."""
-    terms = document_form(expr).terms
-    s, e, p = _token_meta(offsets, prefix, length)
+    """Forward / dQ (`transposed` False: programs are query tiles of block_m tokens over key tiles of block_n)
+    or dK/dV (True: programs are key tiles of block_n over query tiles of block_m). `shape` is the layout's
+    (an int: 1-D); offsets count its frames along dimension 0."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    length = int(np.prod(shape))
+    inner = length // shape[0]
+    terms = document_form(expr, shape).terms
+    s, e, p = _token_meta(offsets, prefix, length, inner)
     tok = np.arange(length, dtype=np.int64)
     rule = _columns if transposed else _rows
-    intervals = [rule(t, tok, s, e, p) for t in terms]
+    intervals = [rule(t, tok, s, e, p, inner) for t in terms]
     return _count(intervals, length, block_n if transposed else block_m, block_m if transposed else block_n)
 
 
@@ -149,15 +157,16 @@ class DocumentPrediction:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def predict_documents(expr: ir.MaskExpr, length: int, offsets, prefix=None, heads: int = 1, batch: int = 1,
+def predict_documents(expr: ir.MaskExpr, shape, offsets, prefix=None, heads: int = 1, batch: int = 1,
                       head_dim: int = 128, gpu: str | None = None, forward_tiles=(128, 64),
                       dkdv_tiles=(32, 128), dq_tiles=(128, 64)) -> DocumentPrediction:
-    """Predicted forward and backward time (us) of one call with these offsets, and their bounds."""
+    """Predicted forward and backward time (us) of one call with these offsets (frames of the layout's
+    `shape`, an int on 1-D), and their bounds."""
     model = CostModel.for_gpu(gpu)
     if model.tile_us is None:
         raise ValueError(f"the cost entry for {model.name!r} has no tile_us: it predicts no times")
     bm, bn = forward_tiles
-    fwd = document_tiles(expr, length, offsets, prefix, bm, bn)
+    fwd = document_tiles(expr, shape, offsets, prefix, bm, bn)
     scale = (bm * bn / REFERENCE_TILE**2) ** model.pair_exponent * head_dim / 128
     copies = heads * batch
     per = (fwd.full * model.c_full + fwd.partial * model.c_partial) * scale + model.c_tile
@@ -166,8 +175,8 @@ def predict_documents(expr: ir.MaskExpr, length: int, offsets, prefix=None, head
     backward = backward_bound = None
     if model.bwd_dkdv_us is not None and model.bwd_dq_us is not None:
         beta = model.bwd_pair_exponent or model.pair_exponent
-        dkdv = document_tiles(expr, length, offsets, prefix, *dkdv_tiles, transposed=True)
-        dq = document_tiles(expr, length, offsets, prefix, *dq_tiles)
+        dkdv = document_tiles(expr, shape, offsets, prefix, *dkdv_tiles, transposed=True)
+        dq = document_tiles(expr, shape, offsets, prefix, *dq_tiles)
         times, ideal = 0.0, 0.0
         for tiles, us, (m, n) in ((dkdv, model.bwd_dkdv_us, dkdv_tiles), (dq, model.bwd_dq_us, dq_tiles)):
             pair = us * (m * n / REFERENCE_TILE**2) ** beta * head_dim / 128
@@ -188,7 +197,8 @@ def simulate_cli(args, spec: ir.Spec, mdef: ir.MaskDef) -> int:
 
     from maskdsl.spec.documents import draw_offsets
 
-    length = mdef.layout.tokens
+    length = mdef.layout.shape[0]  # what the offsets count: frames along dimension 0 (tokens on 1-D)
+    inner = mdef.layout.tokens // length
     att = spec.attention_for(mdef.name)
     heads, head_dim, batch = (att.heads, att.head_dim, att.batch) if att else (1, 128, 1)
     given = tuple(args.lengths or ())
@@ -203,8 +213,10 @@ def simulate_cli(args, spec: ir.Spec, mdef: ir.MaskDef) -> int:
     rows = []
     for offsets in draws:
         sizes = [b - a for a, b in zip(offsets, offsets[1:])]
-        prefix = [rng.randint(0, s // 2) for s in sizes] if document_form(mdef.expr).uses_prefix else None
-        rows.append(predict_documents(mdef.expr, length, offsets, prefix, heads, batch, head_dim, args.gpu).as_dict())
+        prefix = [rng.randint(0, s * inner // 2) for s in sizes] if document_form(mdef.expr, mdef.layout.shape).uses_prefix \
+            else None
+        rows.append(predict_documents(mdef.expr, mdef.layout.shape, offsets, prefix, heads, batch, head_dim,
+                                      args.gpu).as_dict())
     mean = {k: (None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))) for k in rows[0]}
     if args.json:
         json.dump({"file": args.file, "mask": mdef.name, "draws": len(rows), "mean": mean}, sys.stdout, indent=2)

@@ -46,6 +46,45 @@ def compiled(name, length):
     return spec, compile_attention(spec, "m", SMALL)
 
 
+# On a grid documents are runs of whole frames (dimension 0): block-causal video with clips of any length.
+GRIDS = {
+    "block-causal": "document & neighborhood(window=(9, 3, 5), causal=(true, false, false))",
+    "frame-window": "document & (neighborhood(window=(2, 3, 5), causal=(true, false, false)) | prefix)",
+    "centred-frames": "document & neighborhood(window=(3, 3, 5))",
+    "tokens-causal-sink": "document & (causal | sink(7))",
+}
+
+
+@pytest.mark.parametrize("name", GRIDS)
+@pytest.mark.parametrize("seed", range(2))
+def test_grid_documents_forward_and_backward(name, seed):
+    rng = random.Random(f"{name}{seed}")
+    spec = maskdsl.parse(f"layout v = grid(9, 3, 5)\nmask m = {GRIDS[name]}\n")
+    fn = compile_attention(spec, "m", SMALL)
+    offsets, _ = draw(rng, 9, rng.randint(1, 5))
+    prefix = torch.tensor([rng.randint(0, (b - a) * 15) for a, b in zip(offsets.tolist(), offsets.tolist()[1:])],
+                          dtype=torch.int32) if fn.form.uses_prefix else None
+    q, k, v, do = inputs(135, batch=1, heads=2, kv_heads=1, dim=16, seed=seed)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, documents=offsets, prefix=prefix, return_lse=True)
+    got = torch.autograd.grad(out, leaves, do.float())
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference_document_attention(*ref_leaves, spec, "m", offsets, prefix, return_lse=True)
+    want = torch.autograd.grad(ref, ref_leaves, do)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-4)
+    for g, w, what in zip(got, want, "qkv"):
+        torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=1e-4, msg=f"d{what}")
+
+
+def test_grid_offsets_count_frames():
+    spec = maskdsl.parse("layout v = grid(9, 3, 5)\nmask m = document & causal\n")
+    fn = compile_attention(spec, "m", SMALL)
+    q, k, v, _ = (t.float() for t in inputs(135, batch=1, heads=1, kv_heads=1, dim=16))
+    with pytest.raises(ValueError, match=r"must end at the layout's length 9 \(frames of dimension 0\), got 135"):
+        fn(q, k, v, documents=torch.tensor([0, 60, 135], dtype=torch.int32))
+
+
 @pytest.mark.parametrize("name", MASKS)
 @pytest.mark.parametrize("length, docs", [(45, 4), (77, 9), (33, 1)])
 def test_forward_and_backward_match_the_oracle(name, length, docs):

@@ -164,10 +164,73 @@ def test_unsupported_document_masks_name_line_and_column(text, column, words):
     assert words in str(err) and "hint:" in str(err)
 
 
-def test_grids_are_refused_with_a_hint():
-    with pytest.raises(maskdsl.SpecError, match="1-D layouts") as info:
-        maskdsl.parse("layout v = grid(4, 8)\nmask m = document & causal\n")
-    assert info.value.column == 10
+GRID_INNER = [
+    "causal",
+    "neighborhood(window=(2, 3, 4), causal=(true, false, false))",
+    "neighborhood(window=(3, 3, 4))",
+    "neighborhood(window=(1, 3, 4)) | sink(5) & causal",
+    "full",
+    "neighborhood(window=(9, 3, 4), causal=(true, false, false)) | sink(3)",
+]
+
+
+@pytest.mark.parametrize("inner", GRID_INNER)
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_oracle_is_the_static_mask_of_each_run_of_frames(inner, seed):
+    """On a grid documents are runs of whole frames: each one is the static mask on its own frames."""
+    rng = random.Random(seed + len(inner))
+    frames, rest = rng.randint(1, 9), (3, 4)
+    offsets = random_offsets(rng, frames, rng.randint(1, 4))
+    spec = maskdsl.parse(f"layout v = grid(9, 3, 4)\nmask m = document & ({inner})\n")
+    expr = spec.mask("m").expr
+    got = document_mask(expr, (frames, *rest), offsets)
+    want = torch.zeros(frames * 12, frames * 12, dtype=torch.bool)
+    inner_expr = ir.intersection(*[t for t in expr.terms if not isinstance(t, ir.Document)])
+    for d, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        if b > a:
+            block = static_mask(clamp_grid(inner_expr, b - a), (b - a, *rest))
+            want[a * 12:b * 12, a * 12:b * 12] = block
+    assert torch.equal(got, want), offsets
+
+
+def clamp_grid(expr, frames: int):
+    """`expr` on a document of `frames` frames of 3 x 4: dimension 0's window and sinks clamped to it."""
+    if isinstance(expr, ir.Neighborhood):
+        return ir.Neighborhood((min(expr.window[0], frames), *expr.window[1:]), expr.dilation, expr.stride, expr.causal)
+    if isinstance(expr, ir.Sink):
+        return ir.Sink(min(expr.n, frames * 12))
+    if isinstance(expr, ir.Union_):
+        return ir.union(*(clamp_grid(t, frames) for t in expr.terms))
+    if isinstance(expr, ir.Intersection):
+        return ir.intersection(*(clamp_grid(t, frames) for t in expr.terms))
+    return expr
+
+
+def test_grid_prefix_by_double_loop():
+    """Block-causal frames with a per-document prefix of tokens: a key is seen when its frame is not after
+    the query's, or when it is among the document's first prefix tokens."""
+    rng = random.Random(3)
+    offsets, inner = [0, 2, 2, 5, 6], 6
+    prefix = [rng.randint(0, (b - a) * inner) for a, b in zip(offsets, offsets[1:])]
+    spec = maskdsl.parse("layout v = grid(6, 2, 3)\n"
+                         "mask m = document & (neighborhood(window=(6, 2, 3), causal=(true, false, false)) | prefix)\n")
+    got = document_mask(spec.mask("m").expr, (6, 2, 3), offsets, prefix)
+    want = torch.zeros(36, 36, dtype=torch.bool)
+    for d, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        for i in range(a * inner, b * inner):
+            for j in range(a * inner, b * inner):
+                want[i, j] = j // inner <= i // inner or j - a * inner < prefix[d]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("inner, column, words", [
+    ("neighborhood(window=(2, 2, 4))", 21, "must span dimension 1 whole"),
+    ("neighborhood(window=(2, 3, 4), causal=(true, true, false))", 21, "must span dimension 1 whole"),
+])
+def test_spatial_windows_inside_documents_are_refused(inner, column, words):
+    with pytest.raises(maskdsl.SpecError, match=words) as info:
+        maskdsl.parse(f"layout v = grid(9, 3, 4)\nmask m = document & {inner}\n")
+    assert info.value.column == column and "frames" in str(info.value)
 
 
 def test_spec_built_in_python_goes_through_the_same_rules():
@@ -179,3 +242,33 @@ def test_spec_built_in_python_goes_through_the_same_rules():
     bad = ir.Spec((lay,), (ir.MaskDef("m", ir.union(ir.Document(), ir.Causal()), lay),))
     with pytest.raises(maskdsl.SpecError, match="top-level intersection"):
         validate_spec(bad)
+
+
+GRID_ALL = GRID_INNER + ["neighborhood(window=(2, 3, 4), causal=(true, false, false)) | prefix", "prefix",
+                         "neighborhood(window=(4, 3, 4)) | sink(2)"]
+
+
+@pytest.mark.parametrize("inner", GRID_ALL)
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_intervals_are_the_oracle(inner, seed):
+    rng = random.Random(seed * 31 + len(inner))
+    frames, per = rng.randint(1, 9), 12
+    offsets = random_offsets(rng, frames, rng.randint(1, 5))
+    prefix = [rng.randint(0, (b - a) * per) for a, b in zip(offsets, offsets[1:])]
+    expr = maskdsl.parse(f"layout v = grid(9, 3, 4)\nmask m = document & ({inner})\n").mask("m").expr
+    mask = document_mask(expr, (frames, 3, 4), offsets, prefix)
+    terms = document_form(expr, (9, 3, 4)).terms
+    for i in range(frames * per):
+        d = max(k for k in range(len(offsets) - 1) if offsets[k] <= i // per)
+        a, b = offsets[d] * per, offsets[d + 1] * per
+        rows = torch.zeros(frames * per, dtype=torch.bool)
+        cols = torch.zeros(frames * per, dtype=torch.bool)
+        for t in terms:
+            lo, hi = row_interval(t, i, a, b, prefix[d], per)
+            assert mask[i, lo:hi].all(), (t, i)
+            rows[lo:hi] = True
+            lo, hi = column_interval(t, i, a, b, prefix[d], per)
+            assert mask[lo:hi, i].all(), (t, i)
+            cols[lo:hi] = True
+        assert torch.equal(rows, mask[i]), (i, offsets)
+        assert torch.equal(cols, mask[:, i]), (i, offsets)

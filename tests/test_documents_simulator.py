@@ -128,3 +128,16 @@ def test_commands_without_document_support_say_so(tmp_path, capsys):
     assert "pass a DocumentConfig" in capsys.readouterr().err
     assert main(["show", str(path), "--mask", "packed", "-o", str(tmp_path / "x.png")]) == 2
     assert "depends on the offsets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inner", ["neighborhood(window=(9, 3, 4), causal=(true, false, false))",
+                                   "neighborhood(window=(3, 3, 4))"])
+def test_grid_tiles_are_the_attended_and_whole_blocks(inner):
+    rng = random.Random(5)
+    offsets, _ = draw(rng, 9, 4)
+    expr = maskdsl.parse(f"layout v = grid(9, 3, 4)\nmask m = document & {inner}\n").mask("m").expr
+    mask = document_mask(expr, (9, 3, 4), offsets).numpy()
+    some, every = blocks(mask, 16, 8)
+    fwd = document_tiles(expr, (9, 3, 4), offsets, None, 16, 8)
+    assert list(fwd.full + fwd.partial) == list(some.sum(1))
+    assert list(fwd.full) == list(every.sum(1))

@@ -86,7 +86,7 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, COUNTS, L, qk_scale, sm
                   stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                   stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
                   H, H_KV, GROUP,
-                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
+                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr, INNER: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_F32: tl.constexpr, COUNT: tl.constexpr = False):
     """COUNT: also write (full, partial) query tiles visited per program (one query head's walk) into
@@ -101,10 +101,10 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, COUNTS, L, qk_scale, sm
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
     s, e, p = load_meta(META, keys, key_ok, L)
-    lo0, hi0 = column_interval(keys, s, e, p, T0)
-    lo1, hi1 = column_interval(keys, s, e, p, T1)
-    lo2, hi2 = column_interval(keys, s, e, p, T2)
-    lo3, hi3 = column_interval(keys, s, e, p, T3)
+    lo0, hi0 = column_interval(keys, s, e, p, T0, INNER)
+    lo1, hi1 = column_interval(keys, s, e, p, T1, INNER)
+    lo2, hi2 = column_interval(keys, s, e, p, T2, INNER)
+    lo3, hi3 = column_interval(keys, s, e, p, T3, INNER)
     a0, b0 = tile_span(lo0, hi0, key_ok, BLOCK_M)
     a1, b1 = tile_span(lo1, hi1, key_ok, BLOCK_M)
     a2, b2 = tile_span(lo2, hi2, key_ok, BLOCK_M)
@@ -203,7 +203,7 @@ def document_dq(Q, K, V, DO, LSE, DELTA, DQ, META, L, qk_scale, sm_scale,
                 stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                 stride_dqb, stride_dqh, stride_dql,
                 H, GROUP,
-                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr, INNER: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -219,10 +219,10 @@ def document_dq(Q, K, V, DO, LSE, DELTA, DQ, META, L, qk_scale, sm_scale,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
     s, e, p = load_meta(META, rows, row_ok, L)
-    lo0, hi0 = row_interval(rows, s, e, p, T0)
-    lo1, hi1 = row_interval(rows, s, e, p, T1)
-    lo2, hi2 = row_interval(rows, s, e, p, T2)
-    lo3, hi3 = row_interval(rows, s, e, p, T3)
+    lo0, hi0 = row_interval(rows, s, e, p, T0, INNER)
+    lo1, hi1 = row_interval(rows, s, e, p, T1, INNER)
+    lo2, hi2 = row_interval(rows, s, e, p, T2, INNER)
+    lo3, hi3 = row_interval(rows, s, e, p, T3, INNER)
     a0, b0 = tile_span(lo0, hi0, row_ok, BLOCK_N)
     a1, b1 = tile_span(lo1, hi1, row_ok, BLOCK_N)
     a2, b2 = tile_span(lo2, hi2, row_ok, BLOCK_N)

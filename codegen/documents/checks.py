@@ -12,6 +12,7 @@ import torch
 
 
 def check_metadata(documents, prefix, q: torch.Tensor, length: int, wants_prefix: bool, mask_name: str) -> None:
+    """`length`: what the offsets end at (the layout's frames along dimension 0; its tokens on 1-D)."""
     if documents is None:
         raise ValueError(f"mask {mask_name!r} holds `document`: pass documents=offsets (int32 [D + 1] on "
                          f"{q.device}: 0, l1, l1 + l2, ..., {length})")
@@ -42,12 +43,13 @@ def check_metadata(documents, prefix, q: torch.Tensor, length: int, wants_prefix
                          "`document & (causal | prefix)`")
 
 
-def check_values(documents: torch.Tensor, prefix, length: int) -> None:
-    """Offsets [0, ..., L] non-decreasing, prefixes within their documents: one synchronisation."""
+def check_values(documents: torch.Tensor, prefix, length: int, inner: int = 1) -> None:
+    """Offsets [0, ..., T] (`length` frames of `inner` tokens) non-decreasing, prefixes (tokens) within their
+    documents: one synchronisation."""
     d = documents
     ok = [d[0] == 0, d[-1] == length, (d[1:] >= d[:-1]).all()]
     if prefix is not None:
-        sizes = d[1:] - d[:-1]
+        sizes = (d[1:] - d[:-1]).long() * inner
         ok += [(prefix >= 0).all(), (prefix <= sizes).all()]
     if all(torch.stack(ok).tolist()):
         return
@@ -55,15 +57,15 @@ def check_values(documents: torch.Tensor, prefix, length: int) -> None:
     if host[0] != 0:
         raise ValueError(f"documents must start at 0, got {host[0]} (offsets {_short(host)})")
     if host[-1] != length:
-        raise ValueError(f"documents must end at the layout's length {length}, got {host[-1]} (offsets {_short(host)}); "
-                         "pad with a last document to reach it")
+        raise ValueError(f"documents must end at the layout's length {length}{' (frames of dimension 0)' if inner > 1 else ''}, "
+                         f"got {host[-1]} (offsets {_short(host)}); pad with a last document to reach it")
     for i in range(1, len(host)):
         if host[i] < host[i - 1]:
             raise ValueError(f"documents must not decrease: offset {i} is {host[i]} after {host[i - 1]} "
                              f"(offsets {_short(host)}); empty documents (repeated offsets) are allowed")
     lengths = prefix.tolist()
     for i, p in enumerate(lengths):
-        size = host[i + 1] - host[i]
+        size = (host[i + 1] - host[i]) * inner
         if not 0 <= p <= size:
             raise ValueError(f"prefix[{i}] = {p} is outside document {i} of {size} tokens (0 <= prefix <= length)")
 

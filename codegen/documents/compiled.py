@@ -50,19 +50,27 @@ class DocumentConfig:
 
 def constexpr_terms(mask: ir.MaskDef) -> tuple:
     """The form's terms as the kernels' four constexpr tuples (inactive ones padded in)."""
-    terms = [(1, *t.as_tuple()) for t in document_form(mask.expr, mask.layout.rank).terms]
+    terms = [(1, *t.as_tuple()) for t in document_form(mask.expr, mask.layout.shape).terms]
     terms += [INACTIVE] * (MAX_TERMS - len(terms))
     return tuple(tuple(tl.constexpr(x) for x in t) for t in terms)
 
 
-def metadata(documents: torch.Tensor, prefix: torch.Tensor | None, length: int) -> torch.Tensor:
-    """int32 [3, L]: each token's document start, end and prefix length, on the offsets' device, no sync."""
+def metadata(documents: torch.Tensor, prefix: torch.Tensor | None, length: int, inner: int = 1) -> torch.Tensor:
+    """int32 [3, L]: each token's document start, end (tokens) and prefix length, on the offsets' device, no
+    sync. `documents` counts frames of `inner` tokens (tokens on a 1-D layout); offsets are clamped to the
+    frames first, so any offsets give starts and ends that are whole frames inside [0, L]."""
+    frames = length // inner
+    bounds = documents.clamp(0, frames)
     pos = torch.arange(length, device=documents.device, dtype=torch.int32)
-    doc = torch.searchsorted(documents, pos, right=True, out_int32=True) - 1
+    if inner > 1:
+        pos = pos // inner
+    doc = torch.searchsorted(bounds, pos, right=True, out_int32=True) - 1
     doc = doc.clamp_(0, documents.numel() - 2)
     meta = torch.empty(3, length, device=documents.device, dtype=torch.int32)
-    torch.index_select(documents, 0, doc, out=meta[0])
-    torch.index_select(documents, 0, doc + 1, out=meta[1])
+    torch.index_select(bounds, 0, doc, out=meta[0])
+    torch.index_select(bounds, 0, doc + 1, out=meta[1])
+    if inner > 1:
+        meta[:2] *= inner
     if prefix is None:
         meta[2].zero_()
     else:
@@ -73,14 +81,15 @@ def metadata(documents: torch.Tensor, prefix: torch.Tensor | None, length: int) 
 class CompiledDocumentAttention:
     """`fn(q, k, v, documents=offsets, prefix=None, scale=None, return_lse=False, check_documents=True)`.
 
-    q is [B, H, L, D], k and v [B, H_kv, L, D] with L the layout's length; `documents` int32 [D + 1] on
-    q's device (cu_seqlens: 0, l1, l1 + l2, ..., L; repeated offsets are empty documents); `prefix` int32
-    [D] for masks with `prefix`. The offsets' values are checked unless `check_documents=False`.
+    q is [B, H, L, D], k and v [B, H_kv, L, D] with L the layout's tokens; `documents` int32 [D + 1] on
+    q's device (cu_seqlens: 0, l1, l1 + l2, ..., T, in frames of dimension 0: tokens on a 1-D layout;
+    repeated offsets are empty documents); `prefix` int32 [D] (tokens) for masks with `prefix`. The
+    offsets' values are checked unless `check_documents=False`.
     """
 
     def __init__(self, mask: ir.MaskDef, config: DocumentConfig | None = None):
         self.mask = mask
-        self.form = document_form(mask.expr, mask.layout.rank)
+        self.form = document_form(mask.expr, mask.layout.shape)
         self.terms = constexpr_terms(mask)
         if config is not None and not isinstance(config, DocumentConfig):
             raise ValueError(f"mask {mask.name!r} holds `document`: its kernels (codegen/documents/) are not rendered "
@@ -88,6 +97,8 @@ class CompiledDocumentAttention:
                              "`maskdsl bench --documents` measures such masks, `maskdsl simulate --lengths` predicts them")
         self.config = (config or DocumentConfig()).validate()
         self.length = mask.layout.tokens
+        self.frames = mask.layout.shape[0]  # what the offsets count: frames of dimension 0 (tokens on 1-D)
+        self.inner = self.length // self.frames
         self.key = f"documents:{mask.content_hash()}:{self.config.key()}"
         _REGISTRY[self.key] = self
 
@@ -98,20 +109,20 @@ class CompiledDocumentAttention:
                  check_documents: bool = True, out=None):
         check_qkv(q, k, v, self.length, self.mask.layout.name, True)
         check_call(q, k, scale)
-        checks.check_metadata(documents, prefix, q, self.length, self.form.uses_prefix, self.mask.name)
+        checks.check_metadata(documents, prefix, q, self.frames, self.form.uses_prefix, self.mask.name)
         if check_documents:
-            checks.check_values(documents, prefix, self.length)
+            checks.check_values(documents, prefix, self.frames, self.inner)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if out is not None:  # writes into a caller's buffer (tests poison it first)
             lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-            self.launch(q, k, v, scale, out, lse, metadata(documents, prefix, self.length))
+            self.launch(q, k, v, scale, out, lse, metadata(documents, prefix, self.length, self.inner))
             return (out, lse) if return_lse else out
         o, lse = torch.ops.maskdsl.document_attention(q, k, v, documents, prefix, self.key, scale)
         return (o, lse) if return_lse else o
 
     def _common(self, q) -> dict:
         return {"T0": self.terms[0], "T1": self.terms[1], "T2": self.terms[2], "T3": self.terms[3],
-                "NT": len(self.form.terms),
+                "NT": len(self.form.terms), "INNER": self.inner,
                 "HEAD_DIM": q.shape[-1], "HEAD_DIM_PAD": padded_head_dim(q.shape[-1]),
                 "DOT_F32": q.dtype == torch.bfloat16 and dispatch.interpreting()}
 
@@ -175,7 +186,7 @@ def _document_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: t
     fn = _REGISTRY[key]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    fn.launch(q, k, v, scale, out, lse, metadata(documents, prefix, fn.length))
+    fn.launch(q, k, v, scale, out, lse, metadata(documents, prefix, fn.length, fn.inner))
     return out, lse
 
 
@@ -192,7 +203,7 @@ def _document_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
         dout = dout.contiguous()
     fn = _REGISTRY[key]
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    fn.launch_backward(q, k, v, out, lse, dout, scale, dq, dk, dv, metadata(documents, prefix, fn.length))
+    fn.launch_backward(q, k, v, out, lse, dout, scale, dq, dk, dv, metadata(documents, prefix, fn.length, fn.inner))
     return dq, dk, dv
 
 

@@ -64,7 +64,7 @@ def document_fwd(Q, K, V, O, LSE, META, COUNTS, L, qk_scale,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                  stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
                  H, GROUP,
-                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr, INNER: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_F32: tl.constexpr, COUNT: tl.constexpr = False):
     """COUNT: also write (full, partial) key tiles visited per program into COUNTS [B x H, query tiles, 2]."""
@@ -83,10 +83,10 @@ def document_fwd(Q, K, V, O, LSE, META, COUNTS, L, qk_scale,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
     s, e, p = load_meta(META, rows, row_ok, L)
-    lo0, hi0 = row_interval(rows, s, e, p, T0)
-    lo1, hi1 = row_interval(rows, s, e, p, T1)
-    lo2, hi2 = row_interval(rows, s, e, p, T2)
-    lo3, hi3 = row_interval(rows, s, e, p, T3)
+    lo0, hi0 = row_interval(rows, s, e, p, T0, INNER)
+    lo1, hi1 = row_interval(rows, s, e, p, T1, INNER)
+    lo2, hi2 = row_interval(rows, s, e, p, T2, INNER)
+    lo3, hi3 = row_interval(rows, s, e, p, T3, INNER)
     a0, b0 = tile_span(lo0, hi0, row_ok, BLOCK_N)
     a1, b1 = tile_span(lo1, hi1, row_ok, BLOCK_N)
     a2, b2 = tile_span(lo2, hi2, row_ok, BLOCK_N)

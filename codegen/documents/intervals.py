@@ -20,8 +20,9 @@ INACTIVE = (0,) * TERM_FIELDS  # the padding term: its intervals are empty
 
 @triton.jit
 def load_meta(META, tok, ok, L):
-    """(start, end, prefix length) of each token's document, clamped so that 0 <= start <= end <= L and
-    0 <= prefix <= end - start. META is int32 [3, L] (codegen.documents.metadata)."""
+    """(start, end, prefix length) of each token's document, in tokens, clamped so that 0 <= start <= end <= L
+    and 0 <= prefix <= end - start. META is int32 [3, L] (codegen.documents.compiled.metadata); start and end
+    are whole frames (multiples of INNER, as L is) whatever the offsets."""
     s = tl.load(META + tok, mask=ok, other=0)
     e = tl.load(META + L + tok, mask=ok, other=0)
     p = tl.load(META + 2 * L + tok, mask=ok, other=0)
@@ -32,8 +33,9 @@ def load_meta(META, tok, ok, L):
 
 
 @triton.jit
-def row_interval(i, s, e, p, T: tl.constexpr):
-    """Keys [lo, hi) query i sees under term T (maskdsl.spec.documents.row_interval)."""
+def row_interval(i, s, e, p, T: tl.constexpr, INNER: tl.constexpr):
+    """Keys [lo, hi) query token i sees under term T, INNER tokens per frame
+    (maskdsl.spec.documents.row_interval)."""
     lo = s
     hi = e
     if T[0] == 0:
@@ -42,14 +44,17 @@ def row_interval(i, s, e, p, T: tl.constexpr):
         if T[1] != 0:
             hi = tl.minimum(hi, i + 1)
         if T[2] != 0:
-            lo = tl.maximum(lo, i - T[2] + 1)
-            hi = tl.minimum(hi, i + 1)
+            fi = i // INNER
+            lo = tl.maximum(lo, (fi - T[2] + 1) * INNER)
+            hi = tl.minimum(hi, (fi + 1) * INNER)
         if T[3] != 0:
-            n = e - s
+            fi = i // INNER
+            fs = s // INNER
+            n = e // INNER - fs
             w = tl.minimum(n, T[3])
-            first = s + tl.minimum(tl.maximum(i - s - w // 2, 0), n - w)
-            lo = tl.maximum(lo, first)
-            hi = tl.minimum(hi, first + w)
+            first = fs + tl.minimum(tl.maximum(fi - fs - w // 2, 0), n - w)
+            lo = tl.maximum(lo, first * INNER)
+            hi = tl.minimum(hi, (first + w) * INNER)
         if T[4] != 0:
             hi = tl.minimum(hi, s + p)
         if T[5] != 0:
@@ -60,8 +65,8 @@ def row_interval(i, s, e, p, T: tl.constexpr):
 
 
 @triton.jit
-def column_interval(j, s, e, p, T: tl.constexpr):
-    """Queries [lo, hi) that see key j under term T (maskdsl.spec.documents.column_interval)."""
+def column_interval(j, s, e, p, T: tl.constexpr, INNER: tl.constexpr):
+    """Query tokens [lo, hi) that see key token j under term T (maskdsl.spec.documents.column_interval)."""
     lo = s
     hi = e
     if T[0] == 0:
@@ -70,13 +75,17 @@ def column_interval(j, s, e, p, T: tl.constexpr):
         if T[1] != 0:
             lo = tl.maximum(lo, j)
         if T[2] != 0:
-            lo = tl.maximum(lo, j)
-            hi = tl.minimum(hi, j + T[2])
+            fj = j // INNER
+            lo = tl.maximum(lo, fj * INNER)
+            hi = tl.minimum(hi, (fj + T[2]) * INNER)
         if T[3] != 0:
-            w = tl.minimum(e - s, T[3])
+            fj = j // INNER
+            fs = s // INNER
+            fe = e // INNER
+            w = tl.minimum(fe - fs, T[3])
             h = w // 2
-            lo = tl.maximum(lo, tl.where(j - w < s, s, j - w + h + 1))
-            hi = tl.minimum(hi, tl.where(j >= e - w, e, j + h + 1))
+            lo = tl.maximum(lo, tl.where(fj - w < fs, s, (fj - w + h + 1) * INNER))
+            hi = tl.minimum(hi, tl.where(fj >= fe - w, e, (fj + h + 1) * INNER))
         if T[4] != 0:
             hi = tl.where(j - s < p, hi, lo)
         if T[5] != 0:

@@ -108,7 +108,7 @@ class _Resolver:
             from maskdsl.spec.documents import DocumentProblem, document_form
 
             try:
-                document_form(expr, layout.rank)
+                document_form(expr, layout.shape)
             except DocumentProblem as exc:
                 raise BindError(f"mask {stmt.name!r}: {exc}", _culprit(stmt.body, exc.primitive) or stmt.name_pos,
                                 exc.hint) from None

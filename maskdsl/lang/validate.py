@@ -118,7 +118,7 @@ def validate_spec(spec) -> ir.Spec:
             from maskdsl.spec.documents import DocumentProblem, document_form
 
             try:
-                document_form(mask.expr, mask.layout.rank)
+                document_form(mask.expr, mask.layout.shape)
             except DocumentProblem as exc:
                 _fail(f"{where}: {exc}", exc.hint)
             continue

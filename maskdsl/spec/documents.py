@@ -1,16 +1,19 @@
 """Masks over packed documents: the normal form every layer reads (kernels, simulator, docs).
 
-`document & X` on a 1-D layout of L tokens: the call passes offsets [0, l1, l1 + l2, ..., L] (cu_seqlens),
+`document & X` on a layout of T frames (its dimension 0; on a 1-D layout a frame is a token): the call
+passes offsets [0, f1, f1 + f2, ..., T] in frames (cu_seqlens), so a document is a run of whole frames,
 a query sees only keys of its own document, and X is evaluated in the document's own coordinates (a
-token's position minus its document's start; the document's length is the extent). So `causal` is
-causal inside each document, a non-causal window clamps to the document's extent (and sees the whole
-document when it is wider), `sink(n)` is each document's first n tokens, and `prefix` is the keys of the
-document's prefix, whose length per document comes with the call.
+frame's index minus its document's first frame, the document's frames the extent of dimension 0; the
+other dimensions as they are). So `causal` is causal over the document's tokens, a window along
+dimension 0 clamps to the document's frames (and sees all of them when it is wider), `sink(n)` is each
+document's first n tokens, and `prefix` is the keys of the document's prefix, whose length in tokens per
+document comes with the call. On a grid a neighborhood inside documents must span dimensions 1.. whole
+(window = extent, not causal): block-causal or windowed attention over frames, full within a frame.
 
 The normal form writes X as a union of `DocTerm`s, each an intersection of atoms, so that every row's
-keys under one term are one interval of its document, and every key's queries under one term are one
-interval too (`row_interval`, `column_interval`, the closed forms the kernels evaluate on the device).
-What does not fit it is refused with a sentence and the primitive to point at (`DocumentProblem`).
+keys under one term are one interval of tokens of its document, and every key's queries under one term
+are one interval too (`row_interval`, `column_interval`, the closed forms the kernels evaluate on the
+device). What does not fit it is refused with a sentence and the primitive to point at (`DocumentProblem`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ class DocumentProblem(ValueError):
 class DocTerm:
     """One intersection of atoms: per row, keys [lo, hi) of its document (0 means the atom is absent).
 
-    causal: keys up to the query; window_causal w: the last w keys up to the query; window w: the NATTEN
-    window of w keys clamped to the document (all of it when w exceeds its length); prefix: the document's
-    prefix keys; sink_keys n: its first n keys; sink_queries n: only its first n queries take part.
+    causal: keys up to the query (tokens); window_causal w: keys of the last w frames up to the query's
+    frame; window w: the NATTEN window of w frames clamped to the document's frames (all of them when w
+    exceeds their number); prefix: the document's prefix keys; sink_keys n: its first n keys (tokens);
+    sink_queries n: only its first n queries take part. On a 1-D layout a frame is a token.
     """
 
     causal: bool = False
@@ -61,12 +65,10 @@ class DocumentForm:
         return any(t.prefix for t in self.terms)
 
 
-def document_form(expr: ir.MaskExpr, rank: int = 1) -> DocumentForm:
-    """The normal form of a mask holding `document`; DocumentProblem where it has none."""
-    if rank != 1:
-        raise DocumentProblem(f"document masks run on 1-D layouts; this layout has {rank} dimensions", "document",
-                              "pack the grid's tokens into one dimension (grid(L)); docs/LIMITS.md says why grids "
-                              "are not supported yet")
+def document_form(expr: ir.MaskExpr, shape: tuple[int, ...] | None = None) -> DocumentForm:
+    """The normal form of a mask holding `document` on a layout of this shape (None: 1-D); DocumentProblem
+    where it has none."""
+    shape = tuple(shape) if shape is not None else None
     parts = expr.terms if isinstance(expr, ir.Intersection) else (expr,)
     docs = [p for p in parts if isinstance(p, ir.Document)]
     if not docs:
@@ -81,7 +83,7 @@ def document_form(expr: ir.MaskExpr, rank: int = 1) -> DocumentForm:
     inner = [p for p in parts if not isinstance(p, ir.Document)]
     terms = [DocTerm()]
     for part in inner:
-        terms = [_merge(a, b) for a, b in product(terms, _terms(part))]
+        terms = [_merge(a, b) for a, b in product(terms, _terms(part, shape))]
     unique = tuple(dict.fromkeys(terms))
     if len(unique) > MAX_TERMS:
         raise DocumentProblem(f"inside documents the mask expands to {len(unique)} terms (intersections distributed "
@@ -90,7 +92,7 @@ def document_form(expr: ir.MaskExpr, rank: int = 1) -> DocumentForm:
     return DocumentForm(unique)
 
 
-def _terms(expr: ir.MaskExpr) -> list[DocTerm]:
+def _terms(expr: ir.MaskExpr, shape) -> list[DocTerm]:
     if isinstance(expr, ir.Full):
         return [DocTerm()]
     if isinstance(expr, ir.Causal):
@@ -100,11 +102,18 @@ def _terms(expr: ir.MaskExpr) -> list[DocTerm]:
     if isinstance(expr, ir.Sink):
         return [DocTerm(sink_keys=expr.n), DocTerm(sink_queries=expr.n)]  # (key < n) | (query < n)
     if isinstance(expr, ir.Neighborhood):
-        if expr.dilation != (1,) or expr.stride != (1,):
-            name = "dilated" if expr.dilation != (1,) else "strided"
+        if any(d != 1 for d in expr.dilation) or any(s != 1 for s in expr.stride):
+            name = "dilated" if any(d != 1 for d in expr.dilation) else "strided"
             raise DocumentProblem(f"a {name} neighborhood inside documents is not supported", "neighborhood"
                                   if name == "dilated" else "strided",
                                   "inside `document & (...)` use sliding_window(w) or sliding_window(w, causal=true)")
+        for d in range(1, len(expr.window)):
+            if expr.causal[d] or shape is None or expr.window[d] != shape[d]:
+                raise DocumentProblem(f"inside documents on a grid a neighborhood must span dimension {d} whole "
+                                      f"(window {shape[d] if shape else '?'}, not causal); got window "
+                                      f"{expr.window[d]}{', causal' if expr.causal[d] else ''}", "neighborhood",
+                                      "documents are runs of whole frames: windows along dimension 0 (frames) are "
+                                      "supported, windows inside a frame not yet (docs/LIMITS.md)")
         w = expr.window[0]
         return [DocTerm(window_causal=w)] if expr.causal[0] else [DocTerm(window=w)]
     if isinstance(expr, ir.TopK):
@@ -114,11 +123,11 @@ def _terms(expr: ir.MaskExpr) -> list[DocTerm]:
         raise DocumentProblem("`document` must be a term of the mask's top-level intersection, not nested",
                               "document", "write `document & (...)` once, at the top")
     if isinstance(expr, ir.Union_):
-        return [t for part in expr.terms for t in _terms(part)]
+        return [t for part in expr.terms for t in _terms(part, shape)]
     if isinstance(expr, ir.Intersection):
         terms = [DocTerm()]
         for part in expr.terms:
-            terms = [_merge(a, b) for a, b in product(terms, _terms(part))]
+            terms = [_merge(a, b) for a, b in product(terms, _terms(part, shape))]
         return terms
     raise TypeError(f"not a mask expression: {expr!r}")
 
@@ -140,21 +149,23 @@ def _merge(a: DocTerm, b: DocTerm) -> DocTerm:
     return merged
 
 
-def row_interval(term: DocTerm, i: int, start: int, end: int, prefix: int = 0) -> tuple[int, int]:
-    """Keys [lo, hi) that query i of the document [start, end) sees under `term` (empty when hi <= lo).
+def row_interval(term: DocTerm, i: int, start: int, end: int, prefix: int = 0, inner: int = 1) -> tuple[int, int]:
+    """Keys [lo, hi) that query token i of the document of tokens [start, end) sees under `term` (empty when
+    hi <= lo); `inner` tokens per frame (start and end are whole frames).
 
     The rule the kernels evaluate per row (codegen.documents): one home, in plain integers.
     """
     lo, hi = start, end
     if term.causal:
         hi = min(hi, i + 1)
+    fi, fs, fe = i // inner, start // inner, end // inner
     if term.window_causal:
-        lo, hi = max(lo, i - term.window_causal + 1), min(hi, i + 1)
+        lo, hi = max(lo, (fi - term.window_causal + 1) * inner), min(hi, (fi + 1) * inner)
     if term.window:
-        n = end - start
+        n = fe - fs
         w = min(term.window, n)
-        first = start + min(max(i - start - w // 2, 0), n - w)
-        lo, hi = max(lo, first), min(hi, first + w)
+        first = fs + min(max(fi - fs - w // 2, 0), n - w)
+        lo, hi = max(lo, first * inner), min(hi, (first + w) * inner)
     if term.prefix:
         hi = min(hi, start + max(prefix, 0))
     if term.sink_keys:
@@ -164,20 +175,22 @@ def row_interval(term: DocTerm, i: int, start: int, end: int, prefix: int = 0) -
     return lo, hi
 
 
-def column_interval(term: DocTerm, j: int, start: int, end: int, prefix: int = 0) -> tuple[int, int]:
-    """Queries [lo, hi) of the document [start, end) that see key j under `term`: the transpose of
+def column_interval(term: DocTerm, j: int, start: int, end: int, prefix: int = 0, inner: int = 1) -> tuple[int, int]:
+    """Query tokens [lo, hi) of the document [start, end) that see key token j under `term`: the transpose of
     `row_interval` (the backward's dK/dV programs walk it)."""
     lo, hi = start, end
     if term.causal:
         lo = max(lo, j)
+    fj, fs, fe = j // inner, start // inner, end // inner
     if term.window_causal:
-        lo, hi = max(lo, j), min(hi, j + term.window_causal)
+        lo, hi = max(lo, fj * inner), min(hi, (fj + term.window_causal) * inner)
     if term.window:
-        # the window's first key is clamp(i - w//2, start, end - w), non-decreasing in i: solve first <= j < first + w
-        w = min(term.window, end - start)
+        # the window's first frame is clamp(f - w//2, fs, fe - w), non-decreasing in the query's frame f:
+        # solve first <= fj < first + w
+        w = min(term.window, fe - fs)
         h = w // 2
-        lo = max(lo, start if j - w < start else j - w + h + 1)
-        hi = min(hi, end if j >= end - w else j + h + 1)
+        lo = max(lo, start if fj - w < fs else (fj - w + h + 1) * inner)
+        hi = min(hi, end if fj >= fe - w else (fj + h + 1) * inner)
     if term.prefix and j - start >= max(prefix, 0):
         hi = lo
     if term.sink_keys and j - start >= term.sink_keys:
