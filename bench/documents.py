@@ -275,7 +275,9 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
                       "backward_tflops": 2.5 * flops_fwd / (train - fwd) / 1e9}
     sims = [predict_documents(spec.mask("m").expr, case.length, o, p, heads=case.heads, head_dim=case.head_dim,
                               gpu=torch.cuda.get_device_name()) for o, p in draws]
-    mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None  # noqa: E731
+    def mean(xs):
+        return None if any(x is None for x in xs) else float(np.mean(xs))
+
     result["simulator"] = {"forward_us": mean([s.forward_us for s in sims]),
                            "forward_bound_us": mean([s.forward_bound_us for s in sims]),
                            "backward_us": mean([s.backward_us for s in sims]),
@@ -365,7 +367,8 @@ def format_row(r: dict) -> str:
         parts.append(f"sdpa jagged fwd {s['forward_ms']:.3f} bwd {s['backward_ms']:.3f}")
     if "flex" in r:
         f = r["flex"]
-        parts.append(f"flex fwd {f['forward_ms']:.3f} bwd {f['backward_ms']:.3f} (build {f['block_mask_build_ms']:.3f})")
+        parts.append(f"flex fwd {f['forward_ms']:.3f} bwd {f['backward_ms']:.3f} "
+                     f"(build {f['block_mask_build_ms']:.3f})")
     parts.append(f"check out {r['check']['out_err']:.1e} dq {r['check']['dq_err']:.1e}")
     return "; ".join(parts)
 

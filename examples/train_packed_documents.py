@@ -45,7 +45,8 @@ def build(p, device, dtype):
             self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
             self.qkv = torch.nn.Linear(dim, 3 * dim)
             self.proj = torch.nn.Linear(dim, dim)
-            self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(),
+                                           torch.nn.Linear(4 * dim, dim))
 
         def forward(self, x, documents, prefix):
             n = x.shape[1]

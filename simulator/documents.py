@@ -206,15 +206,16 @@ def simulate_cli(args, spec: ir.Spec, mdef: ir.MaskDef) -> int:
     if len(given) > 2:
         draws = [list(given)]
         if given[0] != 0 or given[-1] != length or any(b < a for a, b in zip(given, given[1:])):
-            raise ValueError(f"--lengths with offsets must run from 0 to {length} without decreasing, got {list(given)}")
+            raise ValueError(f"--lengths with offsets must run from 0 to {length} without decreasing, "
+                             f"got {list(given)}")
     else:
         low, high = given if len(given) == 2 else (length, length)
         draws = [draw_offsets(length, low, high, rng) for _ in range(8)]
     rows = []
     for offsets in draws:
         sizes = [b - a for a, b in zip(offsets, offsets[1:])]
-        prefix = [rng.randint(0, s * inner // 2) for s in sizes] if document_form(mdef.expr, mdef.layout.shape).uses_prefix \
-            else None
+        uses_prefix = document_form(mdef.expr, mdef.layout.shape).uses_prefix
+        prefix = [rng.randint(0, s * inner // 2) for s in sizes] if uses_prefix else None
         rows.append(predict_documents(mdef.expr, mdef.layout.shape, offsets, prefix, heads, batch, head_dim,
                                       args.gpu).as_dict())
     mean = {k: (None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))) for k in rows[0]}

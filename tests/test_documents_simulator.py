@@ -4,7 +4,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 import maskdsl
 from maskdsl.harness.documents import document_mask

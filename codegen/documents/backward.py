@@ -86,7 +86,8 @@ def document_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, META, COUNTS, L, qk_scale, sm
                   stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                   stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
                   H, H_KV, GROUP,
-                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr, INNER: tl.constexpr,
+                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
+                  INNER: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_F32: tl.constexpr, COUNT: tl.constexpr = False):
     """COUNT: also write (full, partial) query tiles visited per program (one query head's walk) into
@@ -203,7 +204,8 @@ def document_dq(Q, K, V, DO, LSE, DELTA, DQ, META, L, qk_scale, sm_scale,
                 stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
                 stride_dqb, stride_dqh, stride_dql,
                 H, GROUP,
-                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr, INNER: tl.constexpr,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
+                INNER: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)

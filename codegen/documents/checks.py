@@ -57,8 +57,9 @@ def check_values(documents: torch.Tensor, prefix, length: int, inner: int = 1) -
     if host[0] != 0:
         raise ValueError(f"documents must start at 0, got {host[0]} (offsets {_short(host)})")
     if host[-1] != length:
-        raise ValueError(f"documents must end at the layout's length {length}{' (frames of dimension 0)' if inner > 1 else ''}, "
-                         f"got {host[-1]} (offsets {_short(host)}); pad with a last document to reach it")
+        unit = " (frames of dimension 0)" if inner > 1 else ""
+        raise ValueError(f"documents must end at the layout's length {length}{unit}, got {host[-1]} "
+                         f"(offsets {_short(host)}); pad with a last document to reach it")
     for i in range(1, len(host)):
         if host[i] < host[i - 1]:
             raise ValueError(f"documents must not decrease: offset {i} is {host[i]} after {host[i - 1]} "

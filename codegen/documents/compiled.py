@@ -94,7 +94,8 @@ class CompiledDocumentAttention:
         if config is not None and not isinstance(config, DocumentConfig):
             raise ValueError(f"mask {mask.name!r} holds `document`: its kernels (codegen/documents/) are not rendered "
                              f"from a tile config ({type(config).__name__}); pass a DocumentConfig or None. "
-                             "`maskdsl bench --documents` measures such masks, `maskdsl simulate --lengths` predicts them")
+                             "`maskdsl bench --documents` measures such masks, `maskdsl simulate --lengths` "
+                             "predicts them")
         self.config = (config or DocumentConfig()).validate()
         self.length = mask.layout.tokens
         self.frames = mask.layout.shape[0]  # what the offsets count: frames of dimension 0 (tokens on 1-D)

@@ -64,7 +64,8 @@ def document_fwd(Q, K, V, O, LSE, META, COUNTS, L, qk_scale,
                  stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                  stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
                  H, GROUP,
-                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr, INNER: tl.constexpr,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr, NT: tl.constexpr,
+                 INNER: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_F32: tl.constexpr, COUNT: tl.constexpr = False):
     """COUNT: also write (full, partial) key tiles visited per program into COUNTS [B x H, query tiles, 2]."""

@@ -39,7 +39,8 @@ def document_mask(expr: ir.MaskExpr, shape, offsets, prefix=None, rows=None) -> 
     qd, kd = doc[queries].view(-1, 1), doc.view(1, -1)
     first = offsets[:-1]  # each document's first frame
     frames = (offsets[1:] - first)[qd]
-    plen = torch.zeros(len(first), dtype=torch.int64) if prefix is None else torch.as_tensor(prefix).to(torch.int64).cpu()
+    plen = torch.zeros(len(first), dtype=torch.int64) if prefix is None else \
+        torch.as_tensor(prefix).to(torch.int64).cpu()
     qc, kc = flat_coords(shape, queries.view(-1, 1)), flat_coords(shape, keys.view(1, -1))
     qc[0], kc[0] = qc[0] - first[qd], kc[0] - first[kd]  # local frames
     local = (queries.view(-1, 1) - first[qd] * inner, keys.view(1, -1) - first[kd] * inner)  # local tokens

@@ -143,7 +143,8 @@ def _merge(a: DocTerm, b: DocTerm) -> DocTerm:
                               "documents are not one window", "sliding_window", "use one window per term")
     merged = DocTerm(causal=a.causal or b.causal, window_causal=_smaller(a.window_causal, b.window_causal),
                      window=a.window or b.window, prefix=a.prefix or b.prefix,
-                     sink_keys=_smaller(a.sink_keys, b.sink_keys), sink_queries=_smaller(a.sink_queries, b.sink_queries))
+                     sink_keys=_smaller(a.sink_keys, b.sink_keys),
+                     sink_queries=_smaller(a.sink_queries, b.sink_queries))
     if merged.window_causal:  # a causal window is causal already
         merged = replace(merged, causal=False)
     return merged
