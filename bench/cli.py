@@ -26,7 +26,7 @@ def cmd_bench(args) -> int:
     if args.documents:
         from maskdsl.bench.documents import run_documents
 
-        run_documents(args.only, args.json, calls=args.calls, with_flex=not args.no_flex)
+        run_documents(args.only, args.json, calls=args.calls, with_flex=not args.no_flex, sweep=args.sweep)
         return 0
     from maskdsl.bench.report import print_paths, print_table
     from maskdsl.bench.cases import suite_files
@@ -147,6 +147,8 @@ def register(sub) -> None:
                    help="packed documents (bench/documents.py): new lengths every call, against SDPA on nested jagged "
                         "tensors and FlexAttention with a per-call BlockMask; --only picks cases")
     p.add_argument("--calls", type=int, default=20, help="with --documents: calls timed, each with its own draw")
+    p.add_argument("--sweep", action="store_true", help="with --documents: also time each kernel's candidate tiles "
+                                                        "(bench/documents.py SWEEP_*) and report the fastest")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
     p.add_argument("--fit-from", nargs="+", metavar="JSON",

@@ -228,8 +228,58 @@ def flex_call(case: DocumentCase, offsets, prefix, device):
     return create_block_mask(mask_mod, None, None, length, length, device=device)
 
 
+# What `--sweep` tries: (block_m, block_n, warps, stages) of each kernel kind; the defaults first.
+# (the ones ptxas reports heavy spills for at head_dim 128 are left out)
+SWEEP_FORWARD = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
+SWEEP_DKDV = [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
+SWEEP_DQ = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)]
+
+
+def sweep_configs(case: DocumentCase, q, k, v, dout, device_draws, calls: int) -> dict:
+    """Each forward config timed alone, then each (dK/dV, dQ) pair with the default forward: every config's
+    times and the fastest of each kind. One config that fails (resources) is recorded, not fatal."""
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.codegen.documents.compiled import DocumentConfig
+
+    spec = case.spec()
+    rows = []
+
+    def timed(config, train: bool):
+        fn = compile_attention(spec, "m", config)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+        def step(i):
+            off, pre = device_draws[i]
+            if train:
+                fn(*leaves, documents=off, prefix=pre, check_documents=False).backward(dout)
+            else:
+                fn(q, k, v, documents=off, prefix=pre, check_documents=False)
+
+        if train:
+            return _time(step, calls)
+        with torch.no_grad():
+            return _time(step, calls)
+
+    for fwd in SWEEP_FORWARD:
+        config = DocumentConfig(forward=fwd)
+        try:
+            rows.append({"config": config.key(), "forward_ms": timed(config, False)})
+        except Exception as exc:  # noqa: BLE001 - out of resources on this GPU: skip the config
+            rows.append({"config": config.key(), "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    for dkdv in SWEEP_DKDV:
+        for dq in SWEEP_DQ:
+            config = DocumentConfig(dkdv=dkdv, dq=dq)
+            try:
+                rows.append({"config": config.key(), "train_ms": timed(config, True)})
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"config": config.key(), "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    best_fwd = min((r for r in rows if "forward_ms" in r), key=lambda r: r["forward_ms"], default=None)
+    best_train = min((r for r in rows if "train_ms" in r), key=lambda r: r["train_ms"], default=None)
+    return {"configs": rows, "best_forward": best_fwd, "best_train": best_train}
+
+
 def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: int = 0, device: str = "cuda",
-             dtype=torch.bfloat16) -> dict:
+             dtype=torch.bfloat16, sweep: bool = False) -> dict:
     from maskdsl.simulator.documents import predict_documents
 
     spec = case.spec()
@@ -286,6 +336,8 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
     if result["simulator"]["backward_bound_us"]:
         result["ours"]["backward_of_bound"] = result["simulator"]["backward_bound_us"] / 1e3 / (train - fwd)
 
+    if sweep:
+        result["sweep"] = sweep_configs(case, q, k, v, dout, device_draws, calls)
     if case.inner in ("causal", "full") and case.kv_heads == case.heads:
         result["sdpa_jagged"] = _sdpa_times(case, fn, q, k, v, dout, device_draws, calls)
     if with_flex:
@@ -339,13 +391,13 @@ def _flex_times(case, q, k, v, dout, device_draws, calls, device) -> dict:
 
 
 def run_documents(only: str | None = None, out_json: str | None = None, calls: int = 20,
-                  with_flex: bool = True) -> list[dict]:
+                  with_flex: bool = True, sweep: bool = False) -> list[dict]:
     from maskdsl.bench.run import environment
 
     results = []
     for case in pick_cases(only):
         try:
-            r = run_case(case, calls, with_flex)
+            r = run_case(case, calls, with_flex, sweep=sweep)
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others' numbers
             r = {"case": case.name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         results.append(r)

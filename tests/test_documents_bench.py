@@ -77,3 +77,15 @@ def test_flex_baseline_computes_the_same_mask(name):
         got = flex_attention(q, k, v, block_mask=block)
     want = reference_document_attention(q.double(), k.double(), v.double(), case.spec(), "m", offsets, prefix)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sweep_candidates_are_valid_configs():
+    from maskdsl.bench.documents import SWEEP_DKDV, SWEEP_DQ, SWEEP_FORWARD
+    from maskdsl.codegen.documents.compiled import DocumentConfig
+
+    for kind, candidates in (("forward", SWEEP_FORWARD), ("dkdv", SWEEP_DKDV), ("dq", SWEEP_DQ)):
+        assert candidates[0] == getattr(DocumentConfig(), kind)  # the default is timed first
+        for c in candidates:
+            DocumentConfig(**{kind: c}).validate()
+    args = build_parser().parse_args(["bench", "--documents", "--sweep"])
+    assert args.sweep
