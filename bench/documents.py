@@ -235,6 +235,50 @@ SWEEP_DKDV = [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
 SWEEP_DQ = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)]
 
 
+def pad_documents(offsets: list[int], prefix: list[int] | None, count: int):
+    """The same layout as `count` documents: empty ones (repeated last offset) appended, so every call of a
+    CUDA graph sees offsets of one shape."""
+    extra = count - (len(offsets) - 1)
+    return offsets + [offsets[-1]] * extra, None if prefix is None else prefix + [0] * extra
+
+
+def graph_check(case: DocumentCase, fn, q, k, v, draws, device, calls: int) -> dict:
+    """Capture one forward in a CUDA graph with static offset buffers (documents padded to one count), then
+    for each draw copy its offsets in and replay: the largest difference to an eager call, and the replay
+    time. What "capturable, no recompile, no sync" means in practice."""
+    count = max(len(o) - 1 for o, _ in draws)
+    padded = [pad_documents(o, p, count) for o, p in draws]
+    off_buf, pre_buf = _tensors(case, *padded[0], device)
+    out_buf = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # warm up (allocations, autotuning) outside the capture
+            out_buf.copy_(fn(q, k, v, documents=off_buf, prefix=pre_buf, check_documents=False))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out_buf.copy_(fn(q, k, v, documents=off_buf, prefix=pre_buf, check_documents=False))
+    worst = 0.0
+    staged = [_tensors(case, o, p, device) for o, p in padded]
+    for off, pre in staged:
+        off_buf.copy_(off)
+        if pre_buf is not None:
+            pre_buf.copy_(pre)
+        graph.replay()
+        with torch.no_grad():
+            eager = fn(q, k, v, documents=off, prefix=pre)
+        worst = max(worst, (out_buf.float() - eager.float()).abs().max().item())
+
+    def replay(i):
+        off_buf.copy_(staged[i][0])
+        if pre_buf is not None:
+            pre_buf.copy_(staged[i][1])
+        graph.replay()
+
+    return {"documents_padded_to": count, "max_diff_to_eager": worst, "replay_ms": _time(replay, calls)}
+
+
 def sweep_configs(case: DocumentCase, q, k, v, dout, device_draws, calls: int) -> dict:
     """Each forward config timed alone, then each (dK/dV, dQ) pair with the default forward: every config's
     times and the fastest of each kind. One config that fails (resources) is recorded, not fatal."""
@@ -336,6 +380,10 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
     if result["simulator"]["backward_bound_us"]:
         result["ours"]["backward_of_bound"] = result["simulator"]["backward_bound_us"] / 1e3 / (train - fwd)
 
+    try:
+        result["cuda_graph"] = graph_check(case, fn, q, k, v, draws, device, calls)
+    except Exception as exc:  # noqa: BLE001 - recorded: capture failing is a finding, not a crash
+        result["cuda_graph"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if sweep:
         result["sweep"] = sweep_configs(case, q, k, v, dout, device_draws, calls)
     if case.inner in ("causal", "full") and case.kv_heads == case.heads:

@@ -89,3 +89,14 @@ def test_sweep_candidates_are_valid_configs():
             DocumentConfig(**{kind: c}).validate()
     args = build_parser().parse_args(["bench", "--documents", "--sweep"])
     assert args.sweep
+
+
+def test_padding_to_a_fixed_count_keeps_the_mask():
+    from maskdsl.bench.documents import pad_documents
+
+    case = CASES["prefix_lm_128k"].scaled(64)
+    offsets, prefix = case.draw(random.Random(0))
+    padded, padded_prefix = pad_documents(offsets, prefix, len(offsets) - 1 + 3)  # three empty documents more
+    assert len(padded) == len(offsets) + 3 and len(padded_prefix) == len(prefix) + 3
+    expr = case.spec().mask("m").expr
+    assert torch.equal(document_mask(expr, 64, offsets, prefix), document_mask(expr, 64, padded, padded_prefix))
