@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -161,7 +162,13 @@ def _err(got, ref) -> float:
 
 
 def _events_ms(step, calls: int) -> float:
-    """Mean ms of `step(i)` over i in range(calls), timed with CUDA events around all of them."""
+    """Mean ms of `step(i)` over i in range(calls), timed with CUDA events around all of them (wall clock
+    on a machine without a GPU: the CPU smoke run of the whole case)."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for i in range(calls):
+            step(i)
+        return (time.perf_counter() - t) * 1e3 / calls
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -190,8 +197,11 @@ def sdpa_jagged(case: DocumentCase, q, k, v, offsets):
     return out.transpose(1, 2).values()
 
 
-def flex_call(case: DocumentCase, offsets, prefix, device):
-    """A FlexAttention BlockMask for these offsets: a document mask_mod written from the mask's terms."""
+def flex_call(case: DocumentCase, offsets, prefix, device, compile_mask: bool = True):
+    """A FlexAttention BlockMask for these offsets: a document mask_mod written from the mask's terms.
+
+    `compile_mask`: build it with create_block_mask(_compile=True), FlexAttention's advice for long
+    sequences (the eager build evaluates the mask_mod over all L x L pairs: 17 G at 128k)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     length = case.length
@@ -225,7 +235,7 @@ def flex_call(case: DocumentCase, offsets, prefix, device):
             keep = keep | term_mod(t, qi, ki)
         return (doc[qi] == doc[ki]) & keep
 
-    return create_block_mask(mask_mod, None, None, length, length, device=device)
+    return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=compile_mask)
 
 
 # What `--sweep` tries: (block_m, block_n, warps, stages) of each kernel kind; the defaults first.
@@ -323,7 +333,9 @@ def sweep_configs(case: DocumentCase, q, k, v, dout, device_draws, calls: int) -
 
 
 def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: int = 0, device: str = "cuda",
-             dtype=torch.bfloat16, sweep: bool = False) -> dict:
+             dtype=torch.bfloat16, sweep: bool = False, check_length: int = 2048) -> dict:
+    """One case: checks, then timings; on a machine without a GPU (device "cpu", the interpreter) the same
+    steps run at whatever size the case has, without the CUDA-only baselines (SDPA jagged, graphs)."""
     from maskdsl.simulator.documents import predict_documents
 
     spec = case.spec()
@@ -337,7 +349,7 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
               "lengths": [case.low, case.high], "calls": calls,
               "documents_per_call": [len(o) - 1 for o, _ in draws]}
     result["check"] = check(case, fn, q, k, v, *draws[0])
-    small = case.scaled(2048, heads=2, head_dim=case.head_dim)
+    small = case.scaled(check_length, heads=2, head_dim=case.head_dim)
     sfn = maskdsl.compile(small.spec(), "m")
     sq, sk, sv, _ = inputs(small, device, dtype, seed)
     result["check_small_gradients"] = check_gradients(small, sfn, sq, sk, sv, *small.draw(random.Random(seed)))
@@ -364,11 +376,14 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
         fwd = _time(ours_fwd, calls)
         checked = _time(ours_checked, calls)
     train = _time(ours_train, calls)
+    bwd = max(train - fwd, 1e-9)
     result["ours"] = {"forward_ms": fwd, "forward_checked_ms": checked, "train_ms": train,
                       "backward_ms": train - fwd, "forward_tflops": flops_fwd / fwd / 1e9,
-                      "backward_tflops": 2.5 * flops_fwd / (train - fwd) / 1e9}
+                      "backward_tflops": 2.5 * flops_fwd / bwd / 1e9}
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
     sims = [predict_documents(spec.mask("m").expr, case.length, o, p, heads=case.heads, head_dim=case.head_dim,
-                              gpu=torch.cuda.get_device_name()) for o, p in draws]
+                              gpu=gpu) for o, p in draws]
+
     def mean(xs):
         return None if any(x is None for x in xs) else float(np.mean(xs))
 
@@ -378,8 +393,9 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
                            "backward_bound_us": mean([s.backward_bound_us for s in sims])}
     result["ours"]["forward_of_bound"] = result["simulator"]["forward_bound_us"] / 1e3 / fwd
     if result["simulator"]["backward_bound_us"]:
-        result["ours"]["backward_of_bound"] = result["simulator"]["backward_bound_us"] / 1e3 / (train - fwd)
-
+        result["ours"]["backward_of_bound"] = result["simulator"]["backward_bound_us"] / 1e3 / bwd
+    if device != "cuda":
+        return result
     try:
         result["cuda_graph"] = graph_check(case, fn, q, k, v, draws, device, calls)
     except Exception as exc:  # noqa: BLE001 - recorded: capture failing is a finding, not a crash

@@ -71,7 +71,7 @@ def test_flex_baseline_computes_the_same_mask(name):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 128, 16, generator=gen) for _ in range(3))
     block = flex_call(case, torch.tensor(offsets, dtype=torch.int32),
-                      None if prefix is None else torch.tensor(prefix, dtype=torch.int32), "cpu")
+                      None if prefix is None else torch.tensor(prefix, dtype=torch.int32), "cpu", compile_mask=False)
     with warnings.catch_warnings():  # eager flex_attention says (once) it is meant for debugging
         warnings.simplefilter("ignore")
         got = flex_attention(q, k, v, block_mask=block)
@@ -100,3 +100,15 @@ def test_padding_to_a_fixed_count_keeps_the_mask():
     assert len(padded) == len(offsets) + 3 and len(padded_prefix) == len(prefix) + 3
     expr = case.spec().mask("m").expr
     assert torch.equal(document_mask(expr, 64, offsets, prefix), document_mask(expr, 64, padded, padded_prefix))
+
+
+def test_a_whole_case_runs_on_the_interpreter():
+    """run_case end to end at a toy size (what the GPU run does, minus the CUDA-only baselines)."""
+    from maskdsl.bench.documents import format_row, run_case
+
+    case = CASES["window_sink_32k"].scaled(64, heads=2, head_dim=16)
+    result = run_case(case, calls=2, with_flex=False, device="cpu", dtype=torch.float32, check_length=48)
+    assert result["check"]["out_err"] < 1e-5 and result["check"]["dq_err"] < 1e-5
+    assert max(result["check_small_gradients"].values()) < 1e-5
+    assert result["ours"]["forward_ms"] > 0 and result["simulator"]["forward_bound_us"] > 0
+    assert case.name in format_row(result)
