@@ -29,7 +29,8 @@ def cmd_tune(args) -> int:
         return _exhaustive(spec, args)
     per_volume = args.per_volume or (1 if args.backward else 3)
     result = tune(spec, args.mask, trials=args.trials, storage=args.storage, timeout=args.timeout,
-                  progress=not args.quiet, per_volume=per_volume, backward=args.backward)
+                  progress=not args.quiet, per_volume=per_volume, backward=args.backward,
+                  deterministic=args.deterministic)
     print(f"{'backward' if args.backward else 'forward'} study {result.study}: {result.trials} trials "
           f"({result.pruned} pruned)")
     if result.best:
@@ -69,7 +70,7 @@ def _list(args) -> int:
         spd = "-" if r["speedup_vs_default"] is None else f"{r['speedup_vs_default']:.2f}x"
         note = " (interpreter)" if r["interpreted"] else ""
         print(f"  {r['gpu']} {r['capability']} {r['triton']} | {r['mask']} = {r['mask_text']} | {r['problem']} | "
-              f"{'backward' if r['pass'] == 'bwd' else 'forward'} | "
+              f"{ {'bwd': 'backward', 'bwd-atomic': 'backward (atomic dQ)'}.get(r['pass'], 'forward')} | "
               f"{r['trials']} trials | best {best} {r['best_config'] or ''} | vs default {spd}{note}")
     return 0
 
@@ -88,5 +89,10 @@ def register(sub) -> None:
                    help="tile shapes per (BLOCK_M, BLOCK_N) in the space (default 3; 1 with --backward)")
     p.add_argument("--backward", action="store_true",
                    help="tune the backward kernels (dK/dV and dQ configs; objective: the backward's time)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=None,
+                      help="with --backward: tune the split backward (bitwise-equal gradients run to run)")
+    mode.add_argument("--atomic", dest="deterministic", action="store_false",
+                      help="with --backward: tune the atomic-dQ backward (default: the one maskdsl.compile runs)")
     p.add_argument("--json", help="with --exhaustive: write every timing here")
     p.set_defaults(func=cmd_tune)

@@ -153,7 +153,8 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
     Reads only: a missing SQLite file is "nothing tuned", and nothing is ever created or written. A
     database that cannot be read raises TuningDatabaseError (the front door falls back to the default).
 
-    `pass_="bwd"` looks up a BackwardConfig from the backward studies instead (`best_backward_config`).
+    `pass_="bwd"` (or "bwd-atomic") looks up a BackwardConfig from those backward studies instead
+    (`best_backward_config`).
     """
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
@@ -169,15 +170,17 @@ def best_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: st
 _warned: set[str] = set()
 
 
-def best_backward_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None):
-    """The best stored BackwardConfig (exact problem, else the nearest), else None.
+def best_backward_config(mask: ir.MaskDef, attention: ir.Attention | None = None, url: str | None = None,
+                         atomic: bool = False):
+    """The best stored BackwardConfig of the split backward's studies, or with `atomic` of the
+    atomic-dQ backward's (exact problem, else the nearest), else None.
 
     Never raises: `compile` calls it on every static mask, and a database it cannot read (optuna
     missing, a locked or foreign storage) must leave compile on the untuned backward, with one
     warning per storage instead of an error.
     """
     try:
-        config = best_config(mask, attention, url, pass_="bwd")
+        config = best_config(mask, attention, url, pass_="bwd-atomic" if atomic else "bwd")
         if config is not None:
             config.validate(len(mask.layout.shape))  # a malformed record must not reach compile
         return config

@@ -34,7 +34,7 @@ def current_device() -> Device:
     return Device("triton-interpreter", "cpu", triton.__version__)
 
 
-PASSES = ("fwd", "bwd")
+PASSES = ("fwd", "bwd", "bwd-atomic")  # the backward's two dQ modes are studies of their own (BackwardConfig.atomic)
 
 
 def study_name(device: Device, mask: ir.MaskDef, problem: Problem, pass_: str = "fwd") -> str:
@@ -50,7 +50,7 @@ def study_name(device: Device, mask: ir.MaskDef, problem: Problem, pass_: str = 
 
 
 def parse_study_name(name: str) -> dict | None:
-    """The fields of a maskdsl study name (with `pass`: 'fwd' or 'bwd'), or None for another tool's study."""
+    """The fields of a maskdsl study name (with `pass`: one of PASSES), or None for another tool's study."""
     parts = name.split("|")
     if len(parts) == 6:
         parts.append("fwd")

@@ -104,11 +104,14 @@ def _kernel_configs(pairs) -> list[KernelConfig]:
 
 
 def encode_backward(config) -> dict:
-    """A BackwardConfig as the parameters a trial stores: each kernel's tiles, warps and stages."""
+    """A BackwardConfig as the parameters a trial stores: each kernel's tiles, warps and stages, and
+    `atomic` for the atomic-dQ backward (absent for the split one, as in studies stored before it)."""
     out = {}
     for name, cfg in (("dkdv", config.dkdv), ("dq", config.dq)):
         for key, value in encode(cfg).items():
             out[f"{name}_{key}"] = value
+    if config.atomic:
+        out["atomic"] = True
     return out
 
 
@@ -118,7 +121,7 @@ def decode_backward(params: dict):
 
     keys = [decode({k: params[f"{name}_{k}"] for k in ("tiles", "num_warps", "num_stages")}).key()
             for name in KERNELS]
-    return BackwardConfig.from_key("bwd-" + "-".join(keys))
+    return BackwardConfig.from_key("bwd-" + "-".join(keys) + ("-atomic" if params.get("atomic") else ""))
 
 
 def decode_any(params: dict):
@@ -127,11 +130,16 @@ def decode_any(params: dict):
 
 
 def backward_seeds(spec: ir.Spec, mask: str, head_dim: int = 128, count: int = 4, per_volume: int = 1,
-                   gpu: str | None = None) -> list:
+                   gpu: str | None = None, atomic: bool = False) -> list:
     """What a fresh backward study tries first: the untuned default (the yardstick), then the
     simulator's best predicted backward configs where `gpu`'s backward constants are fitted (each
     kernel ranked on its own: the backward's time is the sum of the two), else each kernel's
-    best-ranked tile pairs at the default warps and stages."""
+    best-ranked tile pairs at the default warps and stages.
+
+    `atomic`: the atomic-dQ backward's seeds (its dK/dV kernel ranked by the atomic prediction where
+    `bwd_atomic_us` is fitted; the unused dQ config stays the default's)."""
+    from dataclasses import replace
+
     from maskdsl.codegen.config import BackwardConfig
 
     from maskdsl.autotune.policy import ranked_backward_default
@@ -140,7 +148,9 @@ def backward_seeds(spec: ir.Spec, mask: str, head_dim: int = 128, count: int = 4
     default = ranked_backward_default(mdef, head_dim)
     out = [default]
     pairs = backward_tile_pairs(spec, mask, per_volume)
-    ranked = {name: _rank_kernel(spec, mask, name, _kernel_configs(pairs[name]), gpu) for name in KERNELS}
+    ranked = {name: _rank_kernel(spec, mask, name, _kernel_configs(pairs[name]), gpu, atomic) for name in KERNELS}
+    if atomic:
+        ranked["dq"] = [default.dq] if ranked["dkdv"] else []
     if ranked["dkdv"] and ranked["dq"]:
         for i in range(count):
             cfg = BackwardConfig(ranked["dkdv"][min(i, len(ranked["dkdv"]) - 1)],
@@ -153,12 +163,17 @@ def backward_seeds(spec: ir.Spec, mask: str, head_dim: int = 128, count: int = 4
                                  KernelConfig(*dq_pair, default.dq.num_warps, default.dq.num_stages))
             if cfg not in out:
                 out.append(cfg)
+    if atomic:
+        out = list(dict.fromkeys(replace(cfg, dq=default.dq, atomic=True) for cfg in out))
     return out[:count]
 
 
 def _rank_kernel(spec: ir.Spec, mask: str, kernel: str, configs: list[KernelConfig],
-                 gpu: str | None = None) -> list[KernelConfig]:
-    """Configs of one backward kernel, fastest predicted first; [] when `gpu`'s backward is not calibrated."""
+                 gpu: str | None = None, atomic: bool = False) -> list[KernelConfig]:
+    """Configs of one backward kernel, fastest predicted first; [] when `gpu`'s backward is not calibrated
+    (with `atomic`: the atomic-dQ backward's dK/dV kernel, [] for its dQ kernel, which does not run)."""
+    if atomic and kernel != "dkdv":
+        return []
     from maskdsl.simulator.backward import predict_kernel
     from maskdsl.simulator.cost import CostModel
 
@@ -170,7 +185,7 @@ def _rank_kernel(spec: ir.Spec, mask: str, kernel: str, configs: list[KernelConf
     for cfg in configs:
         try:
             t = predict_kernel(spec, mask, kernel, cfg.q_tile, cfg.kv_tile, cfg.num_warps, cfg.num_stages,
-                               costs=model)
+                               costs=model, atomic=atomic)
         except ValueError:
             continue
         if t is None:

@@ -21,6 +21,7 @@ import optuna
 from typing import Callable
 
 from maskdsl.autotune import policy, space
+from maskdsl.codegen.config import DETERMINISTIC
 from maskdsl.autotune.space import decode, decode_any, decode_backward, encode, encode_backward, tiles_label
 from maskdsl.autotune.database import TuningDatabaseError, open_storage, redact, storage_url
 from maskdsl.autotune.keys import Device, current_device, study_name
@@ -46,7 +47,7 @@ class Search:
     """One pass's search: the categorical choices a trial samples, how parameters map to a config,
     what a fresh study tries first, and the config its speedup is measured against."""
 
-    pass_: str  # "fwd" or "bwd" (the study key's pass)
+    pass_: str  # the study key's pass: "fwd", "bwd" or "bwd-atomic" (keys.PASSES)
     choices: dict
     decode: Callable[[dict], object]
     encode: Callable[[object], dict]
@@ -63,11 +64,16 @@ def forward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_
 
 
 def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per_volume: int,
-                    device: Device | None = None) -> Search:
+                    device: Device | None = None, atomic: bool = False) -> Search:
     """Each backward kernel's tiles (the simulator's best at its block sizes), warps and stages; seeds
-    ranked with this GPU's backward constants (the default GPU's in the interpreter)."""
+    ranked with this GPU's backward constants (the default GPU's in the interpreter).
+
+    `atomic`: the atomic-dQ backward's study (pass 'bwd-atomic'): only the dK/dV kernel runs, so only
+    its knobs are searched (the dQ kernel's stay the default's, one choice each, and `atomic` is a
+    one-choice parameter so that a stored trial says which backward it timed)."""
     gpu = None if device is None or device.interpreted else device.name
-    seeds = space.backward_seeds(spec, mask, problem.head_dim, count=min(4, trials), per_volume=per_volume, gpu=gpu)
+    seeds = space.backward_seeds(spec, mask, problem.head_dim, count=min(4, trials), per_volume=per_volume, gpu=gpu,
+                                 atomic=atomic)
     default = seeds[0]  # ranked_backward_default: the untuned backward
     pairs = space.backward_tile_pairs(spec, mask, per_volume)
     choices = {}
@@ -79,18 +85,25 @@ def backward_search(spec: ir.Spec, mask: str, problem: Problem, trials: int, per
         choices[f"{name}_tiles"] = sorted(set(labels))
         choices[f"{name}_num_warps"] = list(space.BWD_WARPS)
         choices[f"{name}_num_stages"] = list(space.BWD_STAGES)
-    return Search("bwd", choices, decode_backward, encode_backward, seeds, default)
+    if atomic:
+        choices.update({key: [value] for key, value in encode_backward(default).items() if key.startswith("dq_")})
+        choices["atomic"] = [True]
+    return Search("bwd-atomic" if atomic else "bwd", choices, decode_backward, encode_backward, seeds, default)
 
 
 def tune(spec: ir.Spec, mask: str, trials: int = 50, storage: str | None = None, timeout: float | None = None,
-         seed: int | None = None, progress: bool = False, per_volume: int = 3, backward: bool = False) -> TuneResult:
-    """Run (or resume) the study of `mask`'s forward kernel, or with `backward` of its backward kernels.
+         seed: int | None = None, progress: bool = False, per_volume: int = 3, backward: bool = False,
+         deterministic: bool | None = None) -> TuneResult:
+    """Run (or resume) the study of `mask`'s forward kernel, or with `backward` of its backward kernels:
+    the deterministic split's, or the atomic-dQ backward's with `deterministic=False` (None: the one
+    `maskdsl.compile` runs by default, codegen.config.DETERMINISTIC).
 
     A database that fails mid-run (a server gone, a dropped connection) is a TuningDatabaseError naming the
     storage (never its password) and what failed: what finished is stored, and the same call resumes.
     """
     try:
-        return _tune(spec, mask, trials, storage, timeout, seed, progress, per_volume, backward)
+        return _tune(spec, mask, trials, storage, timeout, seed, progress, per_volume, backward,
+                     DETERMINISTIC if deterministic is None else deterministic)
     except TuningDatabaseError:
         raise
     except Exception as exc:
@@ -120,7 +133,7 @@ def _database_failure(exc: BaseException) -> BaseException | None:
 
 
 def _tune(spec: ir.Spec, mask: str, trials: int, storage: str | None, timeout: float | None, seed: int | None,
-          progress: bool, per_volume: int, backward: bool) -> TuneResult:
+          progress: bool, per_volume: int, backward: bool, deterministic: bool) -> TuneResult:
     optuna.logging.set_verbosity(logging.WARNING)
     mdef = spec.mask(mask)
     if backward and mdef.dynamic:
@@ -128,7 +141,7 @@ def _tune(spec: ir.Spec, mask: str, trials: int, storage: str | None, timeout: f
                          "(the top-k backward takes the forward's tiles); hint: tune its forward instead")
     device = current_device()
     problem = Problem.of(spec, mask)
-    search = (backward_search(spec, mask, problem, trials, per_volume, device) if backward
+    search = (backward_search(spec, mask, problem, trials, per_volume, device, atomic=not deterministic) if backward
               else forward_search(spec, mask, problem, trials, per_volume))
     name = study_name(device, mdef, problem, search.pass_)
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="minimize",

@@ -38,8 +38,13 @@ def cmd_bench(args) -> int:
         if not (args.suite or args.file):
             print("give FILE (and --mask when the spec has several), or --suite")
             return 2
+        configs_from = None
+        if args.configs_from:
+            from maskdsl.bench.training import best_training_configs
+
+            configs_from = best_training_configs([json.load(open(path)) for path in args.configs_from])
         if args.suite:
-            run_training(suite_files(), args.json, only=args.only, with_flex=not args.no_flex)
+            run_training(suite_files(), args.json, only=args.only, with_flex=not args.no_flex, configs_from=configs_from)
         else:
             run_training([args.file], args.json, only=f":{args.mask}" if args.mask else None, with_flex=not args.no_flex)
         return 0
@@ -142,7 +147,8 @@ def register(sub) -> None:
                    help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
     p.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (ours and dense SDPA only)")
     p.add_argument("--configs-from", nargs="+", metavar="JSON",
-                   help="with --suite: re-time only the best config of each case in these saved runs")
+                   help="with --suite: re-time only the best config of each case in these saved runs (with --train: "
+                        "each dQ mode's best forward/backward pair of saved --train runs)")
     p.add_argument("--documents", action="store_true",
                    help="packed documents (bench/documents.py): new lengths every call, against SDPA on nested jagged "
                         "tensors and FlexAttention with a per-call BlockMask; --only picks cases")

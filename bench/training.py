@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 
-def backward_candidates(mask, head_dim: int):
-    """The default backward config and a few neighbours worth timing (tuning replaces this list); every
-    kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
+# (dK/dV kernel, dQ kernel) as (query tile, key tile, warps, stages) in tokens: the split backward's
+# neighbours of the default worth timing, then the atomic-dQ backward's dK/dV kernels (its dQ kernel does not run)
+SPLIT_OPTIONS = (((64, 128, 8, 2), (128, 64, 8, 2)),)
+ATOMIC_OPTIONS = ((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3))
+
+
+def backward_candidates(mask, head_dim: int, modes=("split", "atomic")):
+    """The default backward config of each dQ mode and a few neighbours worth timing (tuning replaces this
+    list); every kernel's tiles are the simulator's best at its block sizes (near-cubes only where it cannot rank)."""
+    from dataclasses import replace
+
     from maskdsl.autotune.policy import ranked_backward_default, ranked_tiles
     from maskdsl.codegen.config import BackwardConfig, KernelConfig
     from maskdsl.analysis.tiles import split
@@ -26,14 +35,15 @@ def backward_candidates(mask, head_dim: int):
                                                         split(block_n, mask.layout.shape))
         return KernelConfig(*tiles, warps, stages)
 
-    out = [ranked_backward_default(mask, head_dim)]
-    options = [((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 64, 4, 3), (64, 64, 4, 3)), ((64, 64, 4, 3), (128, 32, 8, 3)),
-               ((64, 64, 8, 2), (128, 64, 8, 3))]
-    for dkdv, dq in options:
-        cfg = BackwardConfig(kernel(*dkdv), kernel(*dq))
-        if cfg not in out:
-            out.append(cfg)
-    return out
+    default = ranked_backward_default(mask, head_dim)
+    out = []
+    if "split" in modes:
+        out.append(default)
+        out += [BackwardConfig(kernel(*dkdv), kernel(*dq)) for dkdv, dq in SPLIT_OPTIONS]
+    if "atomic" in modes:
+        out.append(replace(default, atomic=True))
+        out += [BackwardConfig(kernel(*dkdv), default.dq, True) for dkdv in ATOMIC_OPTIONS]
+    return list(dict.fromkeys(out))
 
 
 def _err(got, ref) -> float:
@@ -77,20 +87,20 @@ def _timings(bench, forward, inputs, dout) -> dict:
 
 
 def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, rows: int = 64, seed: int = 0,
-                   device: str = "cuda") -> dict:
+                   device: str = "cuda", modes=("split", "atomic")) -> dict:
     """Time maskdsl, dense SDPA and FlexAttention training steps of one mask; `configs` lists
-    KernelConfigs or (KernelConfig, BackwardConfig) pairs (default: tuned/default forward x backward_candidates).
+    KernelConfigs or (KernelConfig, BackwardConfig) pairs (default: tuned/default forward x
+    backward_candidates of the dQ `modes`). `ours_best` is the fastest checked config of any mode,
+    `ours_best_split` (deterministic) and `ours_best_atomic` each mode's.
     """
     import torch
 
-    from maskdsl.analysis.counts import attended_pairs
+    from maskdsl.bench.run import density as bench_density
     from maskdsl.api import lookup_config
     from maskdsl.codegen.build import compile_attention
     from maskdsl.harness.measure import torch_dtype
 
     mask = spec.mask(mask_name)
-    if mask.dynamic:
-        raise ValueError(f"mask {mask_name!r} has a top-k term; bench_training covers static masks")
     att = spec.attention_for(mask_name)
     heads, kv_heads, dim = (att.heads, att.kv_heads, att.head_dim) if att else (8, 8, 128)
     batch = att.batch if att else 1
@@ -103,13 +113,14 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     q, k, v, dout = (torch.randn(batch, h, tokens, dim, device=device, dtype=dtype, generator=gen)
                      for h in (heads, kv_heads, kv_heads, heads))
     sample = torch.randperm(tokens, device=device, generator=gen)[:rows].sort().values.cpu()
-    density = attended_pairs(mask.expr, mask.layout.shape) / tokens**2
+    density = bench_density(mask)  # top-k: the picked fraction of key blocks
     result = {"mask": mask_name, "expr": mask.expr.fmt(), "grid": list(mask.layout.shape), "tokens": tokens,
               "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "dtype": str(dtype),
               "density": density, "flop_ideal": 1 / density}
     if configs is None:
         fwd_cfg = lookup_config(mask, att)
-        configs = [(fwd_cfg, b) for b in backward_candidates(mask, dim)]
+        # a top-k mask's backward takes its forward's tiles (codegen.topk.backward): one config to time
+        configs = [fwd_cfg] if mask.dynamic else [(fwd_cfg, b) for b in backward_candidates(mask, dim, modes)]
     kvh = 1 if kv_heads == 1 or heads < 2 else max(1, kv_heads * 2 // heads)
     small = [t[:1, :h].contiguous() for t, h in ((q, 2), (k, kvh), (v, kvh))]
 
@@ -122,7 +133,8 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
     ours = []
     for item in configs:
         fwd_cfg, bwd_cfg = item if isinstance(item, tuple) else (item, None)
-        entry = {"config": fwd_cfg.key(), "backward_config": bwd_cfg.key() if bwd_cfg else "default"}
+        entry = {"config": fwd_cfg.key(),
+                 "backward_config": bwd_cfg.key() if bwd_cfg else ("topk" if mask.dynamic else "default")}
         try:
             start = time.perf_counter()
             fn = compile_attention(spec, mask_name, fwd_cfg, bwd_cfg)
@@ -148,6 +160,10 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
             and max(e["dq_error"], e["dk_error"], e["dv_error"]) < 3e-2]
     if good:
         result["ours_best"] = min(good, key=lambda e: e["fwd_bwd_ms"])
+    for mode in ("split", "atomic"):
+        picked = [e for e in good if e["backward_config"].endswith("-atomic") == (mode == "atomic")]
+        if picked:
+            result[f"ours_best_{mode}"] = min(picked, key=lambda e: e["fwd_bwd_ms"])
     if not gpu:
         return result
 
@@ -170,7 +186,10 @@ def bench_training(spec, mask_name: str, configs=None, with_flex: bool = True, r
         if "ours_best" in result:
             result["speedup_vs_dense_fwd_bwd"] = dense[best]["fwd_bwd_ms"] / result["ours_best"]["fwd_bwd_ms"]
             result["speedup_vs_dense_bwd"] = dense[best]["bwd_ms"] / result["ours_best"]["bwd_ms"]
-    if with_flex:
+    if with_flex and mask.dynamic:
+        result["flex_skipped"] = ("a top-k selection is made per call from q and k; a BlockMask built from it "
+                                  "per step is not FlexAttention as an expert writes it for a static mask")
+    elif with_flex:
         try:
             result.update(_flex(mask, leaves, dout, bench, result))
         except Exception as exc:
@@ -215,13 +234,38 @@ def format_row(result) -> str:
     return (f"{result['mask']:>14s} ours {best.get('fwd_bwd_ms', math.nan):8.3f} ms  "
             f"dense {dense.get('fwd_bwd_ms', math.nan):8.3f} ms  flex {flex.get('fwd_bwd_ms', math.nan):8.3f} ms  "
             f"x{result.get('speedup_vs_dense_fwd_bwd', math.nan):.2f} vs dense  "
-            f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex")
+            f"x{result.get('speedup_vs_flex_fwd_bwd', math.nan):.2f} vs flex  "
+            f"(split {result.get('ours_best_split', {}).get('fwd_bwd_ms', math.nan):.3f} / atomic "
+            f"{result.get('ours_best_atomic', {}).get('fwd_bwd_ms', math.nan):.3f} ms)")
 
 
-def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True) -> list[dict]:
-    """`maskdsl bench --train`: every static attention statement of the files (matching `only`), one process."""
-    import json
+def best_training_configs(runs: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """{'file stem:mask': [(forward key, backward key) of each dQ mode's best]} of saved `--train` runs (a case
+    in several: the last run's), so a later call re-times exactly those pairs (`--configs-from`)."""
     from pathlib import Path
+
+    best = {}
+    for run in runs:
+        for r in run["results"]:
+            pairs = [(r[k]["config"], r[k]["backward_config"]) for k in ("ours_best_split", "ours_best_atomic")
+                     if r.get(k)]
+            if pairs:
+                best[f"{Path(r['file']).stem}:{r['mask']}"] = pairs
+    return best
+
+
+def _configs(pairs):
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig
+
+    return [KernelConfig.from_key(f) if b in ("topk", "default") else (KernelConfig.from_key(f), BackwardConfig.from_key(b))
+            for f, b in pairs]
+
+
+def run_training(files, out_json: str | None = None, only: str | None = None, with_flex: bool = True,
+                 configs_from: dict | None = None) -> list[dict]:
+    """`maskdsl bench --train`: every attention statement of the files (matching `only`; top-k ones too, whose
+    backward takes the forward's tiles), one process."""
+    import json
 
     from maskdsl.bench.cases import suite_cases
     from maskdsl.bench.run import environment
@@ -230,10 +274,14 @@ def run_training(files, out_json: str | None = None, only: str | None = None, wi
     print(f"# {env}", flush=True)
     results = []
     for path, spec, att in suite_cases(files, only):
-        if spec.mask(att.mask).dynamic:
-            continue
+        configs = None
+        if configs_from is not None:  # a re-measurement: each mode's saved best pair, cases it names only
+            pairs = configs_from.get(f"{Path(path).stem}:{att.mask}")
+            if not pairs:
+                continue
+            configs = _configs(pairs)
         print(f"== {path} mask {att.mask} (training)", flush=True)
-        r = bench_training(spec, att.mask, with_flex=with_flex)
+        r = bench_training(spec, att.mask, configs=configs, with_flex=with_flex)
         r["file"] = str(path)
         results.append(r)
         print(format_row(r), flush=True)

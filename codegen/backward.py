@@ -4,9 +4,16 @@
 per key tile and kv head, walking the query tiles that see the tile) and a dQ kernel (one program
 per query tile and head, walking its key tiles). Both walks read per-dimension tile ranges from a
 small int32 table built here from the exact row bounds (`maskdsl.analysis.transpose`): [terms, rank, tiles
-in the dimension, RANGE], O(extent) entries per dimension, never [L, L] and no block mask. A GQA
-group's query heads are summed inside the dK/dV program, so no kernel uses atomics: the same
-inputs give the same bits.
+in the dimension, RANGE], O(extent) entries per dimension, never [L, L] and no block mask.
+
+Two ways to get dQ (BackwardConfig.atomic, chosen by the user's `deterministic`):
+  * split (deterministic): the dQ kernel recomputes S and dP for its query tile: seven products per
+    tile pair. A GQA group's query heads are summed inside the dK/dV program, so no kernel uses
+    atomics: the same inputs give the same bits.
+  * atomic: each dK/dV program adds dS K into a float32 dQ buffer (4 x L x D bytes per head), five
+    products per pair and no dQ kernel, as FlashAttention-2/3 do; a GQA group's heads get programs of
+    their own (adding into float32 dK, dV), so a group no longer runs on one program. The float32 sums'
+    order varies with the schedule, so the last bits of the gradients vary run to run.
 
 The tables follow the table contract of maskdsl.analysis.tile_table, the one the forward's Gluon tables
 follow too: its per-dimension range tables, whose columns A, B, FA, FB are written here by name
@@ -169,16 +176,29 @@ class BackwardKernels:
         t_kv, t_q = self.tables_on(q.device)
         dot_f32 = q.dtype == torch.bfloat16 and interpreting()
         group = heads // k.shape[1]
+        atomic = self.config.atomic
+        per_head = atomic and group > 1
+        # the atomic path's float32 accumulators: dQ [B, H, rows, D] (4 x L x D bytes per head), and with
+        # a GQA group on separate programs dK, dV too; each is cast into the caller's tensor at the end
+        dq_acc = torch.zeros((batch, heads, tokens, head_dim), device=q.device, dtype=torch.float32) if atomic else dq
+        dk_out, dv_out = ((torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in (dk, dv)) if per_head
+                          else (dk, dv))
         common = (q.stride()[:3], k.stride()[:3], v.stride()[:3], dout.stride()[:3])
         n0, dim0 = self.plan_q.shape[0], self.plan_kv.dims[0]
         cfg = self.config.dkdv
         kv_tiles = tile_run(seg.k_frames, cfg.kv_tile[0], dim0.dilation * _kv_tiles_per_group(dim0), self.kv_tiles, n0)
-        m.attention_bwd_dkdv[(len(kv_tiles), batch * k.shape[1])](
-            q, k, v, dout, dk, dv, lse, delta, t_kv, scale * LOG2E, scale,
-            *(s for st in common for s in st), *dk.stride()[:3], *dv.stride()[:3], heads, group,
+        m.attention_bwd_dkdv[(len(kv_tiles), batch * (heads if per_head else k.shape[1]))](
+            q, k, v, dout, dk_out, dv_out, lse, delta, t_kv, dq_acc, scale * LOG2E, scale,
+            *(s for st in common for s in st), *dk_out.stride()[:3], *dv_out.stride()[:3], heads, group,
             kv_tiles.start, *seg.args,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_F32=dot_f32, ATOMIC_DQ=atomic, PER_HEAD=per_head,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if per_head:
+            dk.copy_(dk_out)
+            dv.copy_(dv_out)
+        if atomic:
+            dq.copy_(dq_acc)
+            return
         cfg = self.config.dq
         q_tiles = tile_run(seg.q_frames, cfg.q_tile[0], self.plan_q.dims[0].q_tiles, self.plan_q.q_tiles, n0)
         m.attention_bwd_dq[(len(q_tiles), batch * heads)](

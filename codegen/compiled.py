@@ -8,6 +8,7 @@ The call goes through `torch.ops.maskdsl.attention`, so `torch.compile` sees one
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ class CompiledAttention:
         self.backward_config = backward_config
         self._backward = None
         self._gluon = None
+        self._checked: set = set()  # tensor signatures whose checks passed (`_check`)
+        self._forwards: dict = {}  # tensor signature -> the forward that runs it (`_forward`)
         self.key = f"{mask.content_hash()}:{plan.config.key()}"
         if backward_config is not None:
             self.key += f":{backward_config.key()}"
@@ -64,15 +67,34 @@ class CompiledAttention:
         if documents is not None or prefix is not None:  # only `document & ...` masks take them (codegen.documents)
             raise ValueError(f"mask {self.mask.name!r} has no `document` term, so documents=/prefix= mean nothing "
                              "to it; write `document & (...)` to make the mask per document")
-        check_qkv(q, k, v, self.mask.layout.tokens, self.mask.layout.name, self.pads_head_dim)
-        check_call(q, k, scale)
+        self._check(q, k, v, scale)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if out is not None:  # writes into a caller's buffer (tests poison it first)
             lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
             self.launch(q, k, v, scale, out, lse)
             return (out, lse) if return_lse else out
-        o, lse = torch.ops.maskdsl.attention(q, k, v, self.key, scale)
+        if torch.compiler.is_compiling():  # torch.compile sees the one opaque custom op
+            o, lse = torch.ops.maskdsl.attention(q, k, v, self.key, scale)
+        else:  # eager: the same kernels and gradient formula without the custom-op dispatcher's host time
+            o, lse = _EagerAttention.apply(q, k, v, self, scale)
         return (o, lse) if return_lse else o
+
+    def _check(self, q, k, v, scale) -> None:
+        """check_qkv and check_call, run once per tensor signature (they read only shapes, strides, dtypes
+        and devices): a warm call pays a dictionary lookup, not the checks."""
+        try:
+            sig = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+                   q.device, k.device, v.device)
+        except AttributeError:  # not tensors: the checks say what is wrong
+            sig = None
+        if sig is None or sig not in self._checked:
+            check_qkv(q, k, v, self.mask.layout.tokens, self.mask.layout.name, self.pads_head_dim)
+            check_call(q, k, None)
+            if len(self._checked) > 64:
+                self._checked.clear()
+            self._checked.add(sig)
+        if scale is not None:
+            check_call(q, k, scale)
 
     @property
     def gluon_schedule(self):
@@ -100,10 +122,27 @@ class CompiledAttention:
         tiles it counts in.
         """
         check_out_lse(q, out, lse)
-        if tiles is None and dispatch.choose_forward(self, q, k, v, out, lse) == "gluon":
+        self._run(q, k, v, scale, out, lse, tiles)
+
+    def _run(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
+        """`launch` after its checks (the eager op allocates out and lse itself, as the checks want them)."""
+        if tiles is None and self._forward(q, k, v, out, lse) == "gluon":
             self._launch_gluon(q, k, v, scale, out, lse)
             return
         self._launch(q, k, v, scale, out, lse, whole(self.plan.shape), tiles or range(self.plan.q_tiles))
+
+    def _forward(self, q, k, v, out, lse) -> str:
+        """`dispatch.choose_forward`, remembered per signature of what it reads: the tensors' shapes,
+        strides, dtypes, devices and 16-byte alignment, and the switches in the environment."""
+        sig = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in (q, k, v, out)) + (
+            lse.is_contiguous(), lse.dtype, os.environ.get("MASKDSL_GLUON"), os.environ.get("MASKDSL_TMA"))
+        name = self._forwards.get(sig)
+        if name is None:
+            name = dispatch.choose_forward(self, q, k, v, out, lse)
+            if len(self._forwards) > 64:
+                self._forwards.clear()
+            self._forwards[sig] = name
+        return name
 
     @property
     def frame_tiles(self) -> tuple[int, int]:
@@ -187,8 +226,23 @@ class CompiledAttention:
         """dq, dk, dv (pre-allocated, shaped like q, k, v) <- the gradients for dout; `lse` is the forward's.
 
         The interface `maskdsl::attention_backward` dispatches to (top-k kernels implement it too).
+        The backward is `codegen.dispatch.choose_backward`'s.
         """
+        if dispatch.choose_backward(self, q, k, v, out, dout, lse) == "gluon":
+            from maskdsl.codegen import gluon_bwd
+
+            gluon_bwd.gluon_backward(q, k, v, out, lse, dout, scale, dq, dk, dv, self.gluon_backward_schedule)
+            return
         self.backward_kernels(q.shape[-1]).launch(q, k, v, out, lse, dout, scale, dq, dk, dv)
+
+    @property
+    def gluon_backward_schedule(self):
+        """The Gluon backward's transposed whole-tile schedule (codegen.gluon_bwd_plan), computed on first use."""
+        if getattr(self, "_gluon_bwd", None) is None:
+            from maskdsl.codegen.gluon_bwd_plan import GluonBackwardSchedule
+
+            self._gluon_bwd = GluonBackwardSchedule(self.gluon_schedule.ranges)
+        return self._gluon_bwd
 
     def backward_frame_tiles(self, head_dim: int = 128) -> tuple[int, int]:
         """(query, key) frame alignment of a backward segment: the lcm of the backward kernels' query
@@ -299,3 +353,27 @@ def _attention_grad(ctx, dout, _dlse):
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's forward and gradient for eager calls (`CompiledAttention.__call__`): the same
+    launches, the same saved tensors, the log-sum-exp non-differentiable; only the dispatcher is skipped."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fn, scale):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        fn._run(q, k, v, scale, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.fn, ctx.scale = fn, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        ctx.fn.launch_backward(q, k, v, out, lse, dout, ctx.scale, dq, dk, dv)
+        return dq, dk, dv, None, None

@@ -84,6 +84,12 @@ def default_config(mask: ir.MaskDef, head_dim: int = 128) -> KernelConfig:
     return KernelConfig(split(128, shape), split(block_n, shape), *forward_launch(128, head_dim))
 
 
+# What `maskdsl.compile` gives a static mask's backward unless the user says: False is the atomic-dQ
+# backward (BackwardConfig.atomic; last bits vary run to run), True the split one (bitwise equal run to
+# run). docs/TRAINING.md gives the measured difference.
+DETERMINISTIC = False
+
+
 @dataclass(frozen=True)
 class BackwardConfig:
     """The backward's two walking kernels, each a KernelConfig read the forward's way round:
@@ -93,18 +99,23 @@ class BackwardConfig:
 
     dkdv: KernelConfig
     dq: KernelConfig
+    # dQ added by the dK/dV programs in float32 atomics (five products per tile pair, no dQ kernel; a GQA
+    # group's heads on programs of their own) instead of the dQ kernel's seven-product split, whose
+    # gradients are bitwise equal run to run. `dq` is then unused. The user's `deterministic` decides it.
+    atomic: bool = False
 
     def key(self) -> str:
-        return f"bwd-{self.dkdv.key()}-{self.dq.key()}"
+        return f"bwd-{self.dkdv.key()}-{self.dq.key()}" + ("-atomic" if self.atomic else "")
 
     @classmethod
     def from_key(cls, key: str) -> "BackwardConfig":
-        """The inverse of `key()`: 'bwd-q64_k64_w4_s2-q128_k64_w8_s2'."""
+        """The inverse of `key()`: 'bwd-q64_k64_w4_s2-q128_k64_w8_s2[-atomic]'."""
         parts = key.strip().split("-")
-        if len(parts) != 3 or parts[0] != "bwd":
+        atomic = len(parts) == 4 and parts[3] == "atomic"
+        if len(parts) != 3 + atomic or parts[0] != "bwd":
             raise ValueError(f"not a backward config key: {key!r}; expected e.g. 'bwd-q64_k64_w4_s2-q128_k64_w8_s2' "
-                             "(the dK/dV kernel's config, then the dQ kernel's)")
-        return cls(KernelConfig.from_key(parts[1]), KernelConfig.from_key(parts[2]))
+                             "(the dK/dV kernel's config, then the dQ kernel's, then '-atomic' for the atomic dQ)")
+        return cls(KernelConfig.from_key(parts[1]), KernelConfig.from_key(parts[2]), atomic)
 
     def validate(self, rank: int) -> None:
         self.dkdv.validate(rank)

@@ -13,8 +13,12 @@ Forwards, best first (`FORWARDS`):
    pointers; MASKDSL_TMA=0 forces pointers.
 3. ``topk``: the top-k forward (codegen.topk.forward): the masks with a top-k term, and only those.
 
-Backwards (`BACKWARDS`): ``triton``, the split dK/dV + dQ kernels (codegen.backward), for static
-masks; ``topk``, the top-k backward (codegen.topk.backward), for top-k masks.
+Backwards, best first (`BACKWARDS`): ``gluon``, the warp-specialized Hopper backward
+(codegen.gluon_bwd: dQ by fp32 atomics, so not bitwise reproducible; never for a deterministic
+backward), opt-in with MASKDSL_GLUON_BWD=1 until measured, for the masks the Gluon forward runs in
+its whole-tile mode, on the forward's device and layout rules; ``triton``, the split dK/dV + dQ
+kernels (codegen.backward, or its atomic-dQ mode), for static masks; ``topk``, the top-k backward
+(codegen.topk.backward), for top-k masks.
 
 Every predicate returns None when its kernel can run, else a sentence saying why not; cheap tests
 come first. A `Target` stands for the device: the tensors' own by default, or `HOPPER` to ask what
@@ -34,7 +38,7 @@ from maskdsl.analysis.gluon_rule import BOX_HEAD_DIMS, GLUON_DTYPES, GLUON_HEAD_
 from maskdsl.analysis.tile_table import RANK
 
 FORWARDS = ("gluon", "triton", "topk")
-BACKWARDS = ("triton", "topk")
+BACKWARDS = ("gluon", "triton", "topk")
 
 GLUON_TORCH_DTYPES = tuple(getattr(torch, name) for name in GLUON_DTYPES)
 
@@ -268,26 +272,63 @@ def compatible_forwards(fn, q, k=None, v=None, out=None, lse=None, target=None) 
 
 # ---- the backwards --------------------------------------------------------------------------------
 
-def can_run_split_backward(fn) -> str | None:
+def can_run_gluon_backward(fn, q=None, k=None, v=None, out=None, dout=None, lse=None, target=None) -> str | None:
+    """Whether the Gluon backward (codegen.gluon_bwd) differentiates `fn` for these tensors: opted in
+    (MASKDSL_GLUON_BWD=1), a static mask compiled with the atomic-dQ backward (the user did not ask for
+    a deterministic one), whose forward schedule is the whole-tile mode, and the
+    Gluon forward's device and layout rules (Hopper outside the interpreter, fp16/bf16, head_dim 64
+    or 128, copy-engine boxes) for q, k, v, out and dout; lse float32 and contiguous. Without tensors
+    it cannot tell: refused."""
+    if os.environ.get("MASKDSL_GLUON_BWD") != "1":
+        return "opt-in until measured on a GPU: MASKDSL_GLUON_BWD=1"
+    if fn.mask.dynamic:
+        return "a top-k mask: the Gluon backward's tile schedule is fixed when it is compiled"
+    if fn.backward_config is None or not fn.backward_config.atomic:
+        return ("a deterministic backward (maskdsl.compile(deterministic=True), BackwardConfig.atomic False): "
+                "the Gluon backward adds dQ atomically, in an order that varies run to run")
+    if q is None:
+        return "no tensors: the Gluon backward's rule reads their device and layout"
+    q, k, v, out = _defaults(q, k, v, out)
+    dout = q if dout is None else dout
+    reason = tensor_blocker(q, k, v, out, lse, fn.plan.shape, target)
+    if reason is None and box_strides(dout, fn.plan.shape) is None:
+        reason = f"dout (strides {dout.stride()}) is not a copy-engine box [batch x heads, grid, head_dim]"
+    if reason is None:
+        ranges = fn.gluon_schedule.ranges
+        if not ranges.ok:
+            reason = ranges.reason
+        elif ranges.mode != "whole":
+            reason = f"the forward's {ranges.mode!r} mode: the Gluon backward runs whole tiles only"
+    return reason
+
+
+def can_run_split_backward(fn, *tensors, target=None) -> str | None:
     """The Triton split backward (preprocess, dK/dV, dQ: codegen.backward) takes every static mask."""
     return "a top-k mask: its backward replays the forward's selection" if fn.mask.dynamic else None
 
 
-def can_run_topk_backward(fn) -> str | None:
+def can_run_topk_backward(fn, *tensors, target=None) -> str | None:
     """The top-k backward (codegen.topk.backward) takes the masks with a top-k term."""
     return None if fn.mask.dynamic else "no top-k term in the mask"
 
 
-BACKWARD_CHECKS = {"triton": can_run_split_backward, "topk": can_run_topk_backward}
+BACKWARD_CHECKS = {"gluon": can_run_gluon_backward, "triton": can_run_split_backward, "topk": can_run_topk_backward}
 
 
-def choose_backward(fn) -> str:
-    """The first backward in `BACKWARDS` order that differentiates `fn`."""
-    for name in BACKWARDS:
-        if BACKWARD_CHECKS[name](fn) is None:
+def backward_reasons(fn, q=None, k=None, v=None, out=None, dout=None, lse=None, target=None
+                     ) -> list[tuple[str, str | None]]:
+    """Every backward in `BACKWARDS` order with why it cannot differentiate `fn` for these tensors
+    (None: it can); without tensors, the ones that need none."""
+    return [(name, BACKWARD_CHECKS[name](fn, q, k, v, out, dout, lse, target=target)) for name in BACKWARDS]
+
+
+def choose_backward(fn, q=None, k=None, v=None, out=None, dout=None, lse=None, target=None) -> str:
+    """The first backward in `BACKWARDS` order that differentiates `fn` (for these tensors, if given)."""
+    for name, reason in backward_reasons(fn, q, k, v, out, dout, lse, target):
+        if reason is None:
             return name
     raise ValueError("no backward kernel differentiates this mask")
 
 
-def compatible_backwards(fn) -> list[str]:
-    return [name for name in BACKWARDS if BACKWARD_CHECKS[name](fn) is None]
+def compatible_backwards(fn, q=None, k=None, v=None, out=None, dout=None, lse=None, target=None) -> list[str]:
+    return [name for name, reason in backward_reasons(fn, q, k, v, out, dout, lse, target) if reason is None]

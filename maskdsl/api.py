@@ -100,15 +100,29 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, TuningDatabaseWarning, stacklevel=4)
 
 
-def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 - the name users expect
+def compile(spec, mask: str, config=None, backward_config=None, deterministic: bool | None = None):  # noqa: A001
     """Compile `mask` of `spec` into a callable attention kernel (differentiable: it trains).
 
     `config` (a `maskdsl.codegen.config.KernelConfig`) overrides the tuning database's choice;
     `backward_config` (a `BackwardConfig`) the backward kernels' (default: the tuning database's
     backward study, else the simulator's best tiles at codegen's backward block sizes).
-    """
-    from maskdsl.codegen.build import compile_attention
 
+    `deterministic=True` gives a static mask the split backward, whose gradients are bitwise equal run
+    to run; False the atomic-dQ backward (faster; float32 adds in a varying order, so the last bits
+    vary); None: `backward_config.atomic` when given, else codegen.config.DETERMINISTIC. Top-k masks'
+    backward is always deterministic.
+    """
+    from dataclasses import replace
+
+    from maskdsl.codegen.build import compile_attention
+    from maskdsl.codegen.config import DETERMINISTIC
+
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True, False or None, got {deterministic!r}")
+    if deterministic is not None and backward_config is not None and backward_config.atomic == deterministic:
+        raise ValueError(f"deterministic={deterministic} contradicts backward_config {backward_config.key()!r}; "
+                         "hint: leave deterministic=None to take the config's dQ mode, or give a config "
+                         f"{'without' if deterministic else 'with'} atomic=True")
     spec, mdef, attention = resolve(spec, mask)
     if mdef.documents:  # no tuning database yet: `config` is a codegen.documents.compiled.DocumentConfig or None
         return compile_attention(spec, mdef.name, config)
@@ -118,9 +132,11 @@ def compile(spec, mask: str, config=None, backward_config=None):  # noqa: A001 -
     if backward_config is None and not mdef.dynamic:
         from maskdsl.autotune.policy import ranked_backward_default
 
+        atomic = not (DETERMINISTIC if deterministic is None else deterministic)
         if readable:  # a database the forward's lookup could not read is not asked again: one warning, one wait
             from maskdsl.autotune.database import best_backward_config
 
-            backward_config = best_backward_config(mdef, attention)  # tuned (never raises), else None
+            backward_config = best_backward_config(mdef, attention, atomic=atomic)  # tuned (never raises), else None
         backward_config = backward_config or ranked_backward_default(mdef, attention.head_dim if attention else 128)
+        backward_config = replace(backward_config, atomic=atomic)
     return compile_attention(spec, mdef.name, config, backward_config)  # mask None: the resolved default

@@ -122,7 +122,8 @@ class ContextParallelAttention:
 
     `spec`/`mask` as for `maskdsl.compile` (a path, text or Spec, and the mask's name); `zigzag`
     gives each rank chunks r and 2R-1-r of 2R (balances a causal mask); `config`/`backward_config`
-    choose the kernels' tiles (the tuning database's, else the simulator's best); chunk edges fall on
+    choose the kernels' tiles (the tuning database's, else the simulator's best), `deterministic` the
+    backward's dQ mode (as for `maskdsl.compile`); chunk edges fall on
     every kernel's dimension-0 tiles. `overlap` (shard_plan): attend the own frames while the halo
     travels (one more call per halo), or join halo and own frames into one buffer and one call.
 
@@ -134,7 +135,7 @@ class ContextParallelAttention:
 
     def __init__(self, spec, mask: str, group=None, zigzag: bool = False, config=None, backward_config=None,
                  max_segment_frames: int | None = None, head_dim: int | None = None, overlap: bool = True,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, deterministic: bool | None = None):
         from maskdsl.api import compile as compile_mask
 
         if not dist.is_initialized():
@@ -150,7 +151,7 @@ class ContextParallelAttention:
         self._host_waits = "gloo" in str(dist.get_backend(group)).lower()
         failure = None
         try:
-            self.fn = compile_mask(spec, mask, config, backward_config)
+            self.fn = compile_mask(spec, mask, config, backward_config, deterministic=deterministic)
             attention = _attention(spec, mask)
             self.head_dim = head_dim or (attention.head_dim if attention else 128)
             self.plan: ShardPlan = plan_for(self.fn, self.ranks, zigzag, max_segment_frames, self.head_dim, overlap)
@@ -170,6 +171,7 @@ class ContextParallelAttention:
                 "world size": str(self.ranks), "zigzag": str(zigzag), "overlap": str(overlap),
                 "max_segment_frames": str(max_segment_frames), "head_dim": str(self.head_dim),
                 "frame tiles (forward, backward)": f"{self.fn.frame_tiles}, {self.fn.backward_frame_tiles(self.head_dim)}",
+                "backward": self.fn.backward_config.key() if self.fn.backward_config else "top-k",
                 "shard plan": hashlib.sha256(plan_text.encode()).hexdigest()[:16]}
 
     # ---- moving whole tensors between the global and the sharded layouts (examples, tests) ----

@@ -12,11 +12,12 @@ import torch
 class MaskedAttention(torch.nn.Module):
     """softmax(q k^T * scale, masked) v for q [B, H, L, D] and k, v [B, H_kv, L, D] (row-major tokens)."""
 
-    def __init__(self, spec, mask: str, config=None, scale: float | None = None, backward_config=None):
+    def __init__(self, spec, mask: str, config=None, scale: float | None = None, backward_config=None,
+                 deterministic: bool | None = None):
         super().__init__()
         from maskdsl.api import compile
 
-        self.attention = compile(spec, mask, config, backward_config)
+        self.attention = compile(spec, mask, config, backward_config, deterministic=deterministic)
         self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

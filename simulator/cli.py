@@ -2,6 +2,7 @@
 
     maskdsl simulate FILE --mask NAME [--q-tile 2,8,8 --kv-tile 2,8,8] [--no-permute] [--warps 8 --stages 3]
                      [--backward-config KEY] [--sweep [--limit N]] [--suggest] [--json] [--gpu NAME] [--costs FILE]
+    maskdsl simulate --calibrate-backward TRAIN.json [...] [--no-recorded] [--out FILE] [--gpu NAME] [--costs FILE]
 
 Without tiles it simulates the best 128-token tile (``simulator.ranking.default_config``). For a static
 mask it also predicts the backward and forward+backward (``simulator.backward``) of the backward config
@@ -9,6 +10,12 @@ mask it also predicts the backward and forward+backward (``simulator.backward``)
 sits above codegen and autotune, so it may ask them for the config. It then says which forward kernel
 the mask gets (``codegen.dispatch``) for the config given, else the untuned one, and why the kernels
 before it in the order were refused: on this machine's GPU, or, without one, as on a Hopper GPU.
+
+--calibrate-backward refits the backward's constants (``simulator.calibrate_backward``) from
+``maskdsl bench --train --json`` files, with the GPU entry's recorded ``bwd_measurements`` unless
+--no-recorded, and prints the constants, the in-sample and the leave-one-case-out tables (per dQ mode);
+--out writes the GPU's entry, refitted and with the new records, into a cost file (created, or updated
+in place keeping its other entries: ``--out simulator/gpu_costs.json`` refits the shipped constants).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ def _tile(text: str) -> tuple[int, ...]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="predict the tile schedule and speedup of a mask (GNA-style)")
-    p.add_argument("file")
+    p.add_argument("file", nargs="?", help="the spec (not with --calibrate-backward)")
     p.add_argument("--mask", help="mask name (default: the attention statement's mask, or the only mask)")
     p.add_argument("--q-tile", type=_tile, help="query tile extents per dimension, e.g. 2,8,8")
     p.add_argument("--kv-tile", type=_tile, help="key tile extents (default: the query tile)")
@@ -55,6 +62,12 @@ def register(subparsers) -> None:
     p.add_argument("--zigzag", action="store_true", help="with --ranks: zig-zag chunks (balance a causal mask)")
     p.add_argument("--link-gbps", type=float, default=400.0,
                    help="with --ranks: point-to-point GB/s between neighbouring GPUs (default 400, H100 NVLink)")
+    p.add_argument("--calibrate-backward", nargs="+", metavar="TRAIN_JSON",
+                   help="refit the backward's constants from `maskdsl bench --train --json` files (GPU: theirs, "
+                        "or --gpu) and print the leave-one-case-out table")
+    p.add_argument("--no-recorded", action="store_true",
+                   help="with --calibrate-backward: fit the files' timings alone, not the entry's bwd_measurements too")
+    p.add_argument("--out", help="with --calibrate-backward: cost file to write the refitted entry into")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -69,6 +82,11 @@ def _offsets(text: str) -> tuple[int, ...]:
 
 
 def cmd_simulate(args) -> int:
+    if args.calibrate_backward:
+        return cmd_calibrate_backward(args)
+    if args.file is None:
+        raise ValueError("maskdsl simulate needs a spec FILE; hint: maskdsl simulate FILE [--mask NAME], "
+                         "or --calibrate-backward TRAIN.json")
     from maskdsl.api import resolve
     from maskdsl.simulator.simulation import simulate
     from maskdsl.simulator.suggestions import suggest
@@ -115,7 +133,8 @@ def cmd_simulate(args) -> int:
     print(title)
     print(format_table(rows))
     if not args.sweep and not mdef.dynamic:
-        print(format_backward(rows[0], args.backward_config is None))
+        print(format_backward(rows[0], args.backward_config is None,
+                              (args.backward_config or "").strip().endswith("-atomic")))
     if forward is not None:
         print(format_dispatch(forward))
     for note in dict.fromkeys(n for r in rows for n in r.notes):
@@ -124,6 +143,63 @@ def cmd_simulate(args) -> int:
         _print_suggestions(spec.mask(mask).expr, rows[0], suggestions)
     if args.ranks:
         print(format_ranks(spec, mask, rows[0], args))
+    return 0
+
+
+def cmd_calibrate_backward(args) -> int:
+    """Bench --train files -> records -> the refitted backward entry, its in-sample and held-out tables."""
+    from pathlib import Path
+
+    from maskdsl.codegen.config import BackwardConfig
+    from maskdsl.simulator.calibrate_backward import (cross_validate_backward, evaluate_backward, fit_backward,
+                                                      format_evaluation, measurements_from_records,
+                                                      records_from_bench)
+    from maskdsl.simulator.cost import _BUILTIN, CostModel, _load, _match
+
+    records, gpus = [], set()
+    for path in args.calibrate_backward:
+        data = json.loads(Path(path).read_text())
+        gpus.add((data.get("environment") or {}).get("gpu"))
+        records += records_from_bench(data.get("results", []), source=str(path))
+    if not records:
+        raise ValueError(f"no checked backward timing in {', '.join(args.calibrate_backward)}; "
+                         "hint: pass the JSON of maskdsl bench --train --json FILE run on a GPU")
+    gpu = args.gpu or next(iter(gpus - {None}), None)
+    if gpu is None or (args.gpu is None and len(gpus - {None}) > 1):
+        raise ValueError(f"the files were run on {sorted(map(str, gpus))}; hint: name the GPU with --gpu")
+    table = _load(_BUILTIN)  # the shipped entry, not this machine's cached forward fit
+    if args.costs:
+        table.update(_load(Path(args.costs)))
+    name = _match(gpu, table)
+    entry = dict(table[name])
+    model = CostModel.from_entry(name, entry)
+    recorded = [] if args.no_recorded else list(entry.get("bwd_measurements", []))
+    records = recorded + records
+    measurements = measurements_from_records(records, BackwardConfig.from_key)
+    source = (f"fitted by maskdsl simulate --calibrate-backward {' '.join(args.calibrate_backward)}"
+              f"{' --no-recorded' if args.no_recorded else ''} ({len(measurements)} timings of "
+              f"{len({m.case for m in measurements})} cases, {sum(m.config.atomic for m in measurements)} atomic-dQ)")
+    fitted = fit_backward(measurements, model, source=source)
+    entry.update(fitted)
+    entry["bwd_measurements"] = records
+    refit = CostModel.from_entry(name, entry)
+    print(f"backward constants for {name} from {len(measurements)} timings:")
+    for key, value in fitted.items():
+        if key not in ("bwd_source", "bwd_fitted_cases"):
+            print(f"  {key} = {value if value is None or isinstance(value, str) else round(value, 6)}")
+    print("\nin sample:")
+    print(format_evaluation(evaluate_backward(measurements, refit)))
+    if len({m.case for m in measurements}) < 3:
+        print("\nleave one case out: not run (fitting needs 2 cases besides the held-out one)")
+    else:
+        print("\nleave one case out (each case predicted by constants fitted on the others):")
+        print(format_evaluation(cross_validate_backward(measurements, model)))
+    if args.out:
+        out = Path(args.out)
+        data = json.loads(out.read_text()) if out.exists() else {"gpus": {}}
+        data.setdefault("gpus", {})[name] = entry
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"\nwrote {name}'s entry to {out}")
     return 0
 
 
@@ -227,15 +303,20 @@ def format_dispatch(info: dict) -> str:
     return "\n".join([head] + [f"  not {name}: {reason}" for name, reason in info["refused"].items()])
 
 
-def format_backward(r, default: bool) -> str:
+def format_backward(r, default: bool, atomic: bool = False) -> str:
     """The backward and forward+backward lines under the forward's table."""
     b = r.backward
     if b is None:
-        return (f"backward: not predicted: {r.gpu} has no backward constants; hint: fit them from maskdsl bench "
-                "--train times with maskdsl.simulator.calibrate_backward (docs/SIMULATOR.md)")
+        what = "constant for the atomic-dQ backward (bwd_atomic_us)" if atomic else "backward constants"
+        return (f"backward: not predicted: {r.gpu} has no {what}; hint: fit them from maskdsl bench --train "
+                "times with maskdsl simulate --calibrate-backward TRAIN.json (docs/SIMULATOR.md)")
     which = " (the untuned default)" if default else ""
-    line = (f"backward {b.label()}{which}: dK/dV {b.dkdv_ms:.3f} ms + dQ {b.dq_ms:.3f} ms = {b.ms:.3f} ms "
-            f"predicted ({b.dkdv.ctas_per_sm} + {b.dq.ctas_per_sm} CTAs/SM)")
+    if b.atomic:
+        line = (f"backward {b.label()}{which}: dK/dV with atomic dQ {b.dkdv_ms:.3f} ms + float32 buffers "
+                f"{b.pass_ms:.3f} ms = {b.ms:.3f} ms predicted ({b.dkdv.ctas_per_sm} CTAs/SM)")
+    else:
+        line = (f"backward {b.label()}{which}: dK/dV {b.dkdv_ms:.3f} ms + dQ {b.dq_ms:.3f} ms = {b.ms:.3f} ms "
+                f"predicted ({b.dkdv.ctas_per_sm} + {b.dq.ctas_per_sm} CTAs/SM)")
     if b.speedup is not None:
         line += f"; dense SDPA backward {b.dense_ms:.3f} ms ({_x(b.speedup)})"
     if r.predicted_fwd_bwd_ms is not None:

@@ -47,6 +47,9 @@ The backward (`BackwardWork`, `backward_kernel_us`) has its own constants, in mi
 refit of the forward's units leaves them valid: per visited 128x128 pair of the dK/dV walk and of
 the dQ walk, per program, and the partial pairs' premium; scheduled by the same occupancy and list
 scheduling. They stay None until measured (`simulator.calibrate_backward`): the prediction is then None.
+The atomic-dQ backward's walk costs its five products at the dK/dV walk's rate per product plus
+`bwd_atomic_us` per 128 rows x head_dim of float32 atomic adds (None until measured: no atomic
+prediction), and its float32 buffers' zero-fill and cast passes their bytes at `hbm_gbps`.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from maskdsl.cache import cache_root
-from maskdsl.simulator.backward_work import BackwardWork
+from maskdsl.simulator.backward_work import PRODUCTS, BackwardWork
 from maskdsl.simulator.headdim import head_dim_scale, kernel_head_dim, product_share
 from maskdsl.simulator.pipeline import split
 from maskdsl.simulator.schedule import (ctas_per_sm, default_launch, shared_schedule, spill_factor, uniform_makespan,
@@ -208,6 +211,7 @@ class CostModel:
     bwd_program_us: float = 0.0  # per backward program (a 128-token owned tile)
     bwd_partial: float = 1.0  # a partial pair (mask predicate) costs this many full ones
     bwd_pair_exponent: float | None = None  # None: the forward's
+    bwd_atomic_us: float | None = None  # atomic-dQ backward: per 128 rows x head_dim of float32 atomic adds
     dense_bwd_tile_us: float | None = None  # the dense SDPA backward, per 128x128 tile on one SM
     topk_call_us: float = 0.0  # a top-k call's fixed selection cost (host-synchronised launches), us
     hbm_gbps: float | None = None  # HBM bandwidth (spec), GB/s: the selection pass's traffic
@@ -251,6 +255,7 @@ class CostModel:
                         bwd_program_us=float(entry.get("bwd_program_us") or 0.0),
                         bwd_partial=float(entry.get("bwd_partial") or 1.0),
                         bwd_pair_exponent=opt("bwd_pair_exponent"), dense_bwd_tile_us=opt("dense_bwd_tile_us"),
+                        bwd_atomic_us=opt("bwd_atomic_us"),
                         topk_call_us=float(entry.get("topk_call_us") or 0.0), hbm_gbps=opt("hbm_gbps"),
                         c_gluon=opt("c_gluon"), load_us=float(entry.get("load_us") or 0.0),
                         tensor_tflops=opt("tensor_tflops"), sfu_tflops=opt("sfu_tflops"))
@@ -376,15 +381,28 @@ class CostModel:
     def backward_calibrated(self) -> bool:
         return self.bwd_dkdv_us is not None and self.bwd_dq_us is not None
 
+    @property
+    def atomic_backward_calibrated(self) -> bool:
+        return self.backward_calibrated and self.bwd_atomic_us is not None
+
+    @property
+    def backward_coefficients(self) -> np.ndarray:
+        """The backward's constants in BACKWARD_FEATURES order (us); an atomic-dQ pair's products at the
+        dK/dV walk's rate per product (the fit ties the walks to one cost per product)."""
+        per_product = self.bwd_dkdv_us / PRODUCTS["dkdv"]
+        return np.array([self.bwd_dkdv_us, self.bwd_dq_us, self.bwd_program_us, PRODUCTS["atomic"] * per_product,
+                         self.bwd_atomic_us or 0.0])
+
     def backward_kernel_us(self, work: "BackwardWork") -> float | None:
-        """Predicted time (us) of one backward kernel, None until the backward constants are measured.
+        """Predicted time (us) of one backward kernel, None until the backward constants are measured
+        (for the atomic-dQ walk, until `bwd_atomic_us` is).
 
         Scheduled like the forward: `ctas_per_sm` slots per SM, each program occupying its slot for
         k times its SM time, greedy list scheduling in launch order, plus one launch.
         """
-        if not self.backward_calibrated:
+        if not self.backward_calibrated or (work.atomic and self.bwd_atomic_us is None):
             return None
-        coef = np.array([self.bwd_dkdv_us, self.bwd_dq_us, self.bwd_program_us])
+        coef = self.backward_coefficients
         k = work.ctas_per_sm
         per_program = (work.features(self.backward_exponent, self.bwd_partial) * k) @ coef
 
@@ -397,6 +415,12 @@ class CostModel:
     @property
     def backward_exponent(self) -> float:
         return self.pair_exponent if self.bwd_pair_exponent is None else self.bwd_pair_exponent
+
+    def memory_pass_us(self, nbytes: float, passes: int) -> float:
+        """`passes` memory-bound kernels moving `nbytes` in all (us): the bytes at `hbm_gbps` plus a launch
+        each. Without a bandwidth only the launches: the traffic is then in no constant."""
+        traffic = nbytes / (self.hbm_gbps * 1e3) if self.hbm_gbps else 0.0
+        return traffic + passes * self.launch_us
 
     def dense_backward_us(self, tokens: int, copies: int, head_dim: int) -> float | None:
         """The dense SDPA backward (us): ceil(L/128) key-tile programs per (batch, head), each walking

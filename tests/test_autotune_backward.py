@@ -73,7 +73,7 @@ def test_backward_study_stores_trials_and_compile_takes_the_best(storage, monkey
     forward = tune(spec, "m", trials=1, storage=storage, seed=0)
     clear_cache()
     assert best_backward_config(mdef, att, storage) is None, "a forward study is not a backward one"
-    result = tune(spec, "m", trials=3, storage=storage, seed=1, backward=True)
+    result = tune(spec, "m", trials=3, storage=storage, seed=1, backward=True, deterministic=True)
     assert result.study.endswith("|bwd") and result.trials == 3 and result.pruned == 0
     best, study = _best_stored(storage, result.study)
     assert result.best == best != default and study.user_attrs["default_ms"] == 10.0
@@ -85,21 +85,31 @@ def test_backward_study_stores_trials_and_compile_takes_the_best(storage, monkey
     clear_cache()
     assert best_backward_config(mdef, att, storage) == best
     assert best_config(mdef, att, storage) == forward.best, "a backward study is not a forward one"
-    fn = maskdsl.compile(spec, "m")
+    fn = maskdsl.compile(spec, "m", deterministic=True)
     assert fn.backward_config == best and fn.config == forward.best
     assert _REGISTRY[fn.key] is fn and fn.key.endswith(best.key())
+    # the atomic-dQ backward is a study of its own; compile takes each mode's best for that mode
+    atomic = tune(spec, "m", trials=2, storage=storage, seed=2, backward=True, deterministic=False)
+    assert atomic.study.endswith("|bwd-atomic") and atomic.best.atomic and atomic.best.dq == default.dq
+    clear_cache()
+    assert maskdsl.compile(spec, "m", deterministic=False).backward_config == atomic.best
+    assert maskdsl.compile(spec, "m", deterministic=True).backward_config == best
 
 
 def test_cli_tunes_the_backward_and_lists_the_pass(storage, tmp_path, capsys):
     path = tmp_path / "tiny.mask"
     path.write_text(SPEC)
-    assert main(["tune", str(path), "--mask", "m", "--backward", "--trials", "2", "--storage", storage,
-                 "--quiet"]) == 0
+    assert main(["tune", str(path), "--mask", "m", "--backward", "--deterministic", "--trials", "2", "--storage",
+                 storage, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "backward study maskdsl|" in out and "|bwd: 2 trials" in out and "best bwd-" in out
+    assert main(["tune", str(path), "--mask", "m", "--backward", "--atomic", "--trials", "1", "--storage",
+                 storage, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "|bwd-atomic: 1 trials" in out and "-atomic" in out.split("best ")[-1]
     assert main(["tune", "--list", "--storage", storage]) == 0
     listing = capsys.readouterr().out
-    assert "1 study(ies)" in listing and "| backward |" in listing and "bwd-q" in listing
+    assert "2 study(ies)" in listing and "| backward |" in listing and "| backward (atomic dQ) |" in listing
 
 
 def test_wrong_gradients_are_caught_before_timing():
@@ -142,7 +152,7 @@ def test_a_failing_lookup_warns_once_and_compile_falls_back(storage, monkeypatch
         assert best_backward_config(mdef, att) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second failure stays quiet
-        fn = maskdsl.compile(spec, "m")
+        fn = maskdsl.compile(spec, "m", deterministic=True)
     assert fn.backward_config == ranked_backward_default(mdef, 16)
 
 

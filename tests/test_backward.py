@@ -32,9 +32,9 @@ CASES = [
 ]
 
 
-def _compile(text, q_tile, kv_tile):
+def _compile(text, q_tile, kv_tile, atomic=False):
     spec = maskdsl.parse(text)
-    bwd = BackwardConfig(KernelConfig(q_tile, kv_tile), KernelConfig(q_tile, kv_tile))
+    bwd = BackwardConfig(KernelConfig(q_tile, kv_tile), KernelConfig(q_tile, kv_tile), atomic)
     return spec, compile_attention(spec, "m", KernelConfig(q_tile, kv_tile), bwd)
 
 
@@ -63,9 +63,10 @@ def rel_err(a, b):
     return ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["split", "atomic"])
 @pytest.mark.parametrize("name,text,q_tile,kv_tile", CASES, ids=[c[0] for c in CASES])
-def test_gradients_match_reference_autograd_fp32(name, text, q_tile, kv_tile):
-    spec, fn = _compile(text, q_tile, kv_tile)
+def test_gradients_match_reference_autograd_fp32(name, text, q_tile, kv_tile, atomic):
+    spec, fn = _compile(text, q_tile, kv_tile, atomic)
     tokens = spec.masks[0].layout.tokens
     # GQA (2 query heads per kv head) and a batch of 2 on the 1-D cases; one head pair elsewhere (interpreter time)
     batch, heads = (2, 4) if len(q_tile) == 1 else (1, 2)
@@ -108,6 +109,25 @@ def test_launch_backward_writes_every_element_and_is_deterministic():
     ref = maskdsl.reference_attention(*leaves, spec, "m", scale=0.3)
     for a, b in zip(runs[0], torch.autograd.grad(ref, leaves, do.double())):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 1), (3, 3)], ids=["gqa", "mha"])
+def test_atomic_backward_writes_every_element_and_matches_reference(heads, kv_heads):
+    """The atomic-dQ path: float32 accumulators cast into the caller's (NaN-poisoned) tensors; with a GQA
+    group its heads run on programs of their own, adding into float32 dK, dV."""
+    spec, fn = _compile("layout g = grid(7, 9)\nmask m = neighborhood(window=(3, 5), stride=(1, 2)) | sink(4)",
+                        (4, 4), (2, 8), atomic=True)
+    q, k, v, do = (t.float() for t in _inputs(63, 2, heads, kv_heads, 24, seed=13))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3])
+    fn.launch(q, k, v, 0.3, out, lse)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    fn.launch_backward(q, k, v, out, lse, do, 0.3, *grads)
+    assert not any(torch.isnan(g).any() for g in grads), "a gradient element was not written"
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = maskdsl.reference_attention(*leaves, spec, "m", scale=0.3)
+    for n, a, b in zip("qkv", grads, torch.autograd.grad(ref, leaves, do.double())):
+        assert rel_err(a, b) < 1e-5, (n, rel_err(a, b))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
@@ -184,10 +204,23 @@ def test_bench_training_checks_gradients_on_sampled_rows():
     spec = maskdsl.parse("layout g = grid(6, 9)\nmask m = neighborhood(window=(3, 5), stride=(1, 2)) | sink(3)\n"
                          "attention a(mask=m, heads=4, kv_heads=2, head_dim=16, dtype=bf16)")
     cfg = KernelConfig((2, 8), (4, 4))
-    result = bench_training(spec, "m", configs=[(cfg, BackwardConfig(cfg, cfg))], rows=7, device="cpu")
-    entry = result["ours"][0]
-    assert "failed" not in entry, entry
-    assert not entry["grad_nan"] and max(entry["dq_error"], entry["dk_error"], entry["dv_error"]) < 1e-5
+    configs = [(cfg, BackwardConfig(cfg, cfg)), (cfg, BackwardConfig(cfg, cfg, atomic=True))]
+    result = bench_training(spec, "m", configs=configs, rows=7, device="cpu")
+    for entry in result["ours"]:
+        assert "failed" not in entry, entry
+        assert not entry["grad_nan"] and max(entry["dq_error"], entry["dk_error"], entry["dv_error"]) < 1e-5
+    assert [e["backward_config"].endswith("-atomic") for e in result["ours"]] == [False, True]
+
+
+def test_training_candidates_cover_both_dq_modes():
+    from maskdsl.bench.training import ATOMIC_OPTIONS, backward_candidates
+
+    mask = maskdsl.parse("layout s = grid(4096)\nmask m = sliding_window(257)").mask("m")
+    both = backward_candidates(mask, 128)
+    atomic = [c for c in both if c.atomic]
+    assert len(atomic) >= len(ATOMIC_OPTIONS) - 1 and len(both) > len(atomic) > 0
+    assert all(c.dq == atomic[0].dq for c in atomic)  # the atomic backward's dQ kernel never runs: one dQ config
+    assert all(c.atomic for c in backward_candidates(mask, 128, ("atomic",)))
 
 
 def test_training_example_runs_and_both_runs_agree(tmp_path):

@@ -95,3 +95,21 @@ def test_best_configs_takes_the_last_run_of_each_case():
                          {"file": "bench/suite/dense_32k.mask", "mask": "full", "ours_best": None}]},
             {"results": [{"file": "/x/bench/suite/gna_3d.mask", "mask": "gna", "ours_best": {"config": "q1x8x16_k2x8x8_w8_s2"}}]}]
     assert best_configs(runs) == {"gna_3d:gna": "q1x8x16_k2x8x8_w8_s2"}
+
+
+def test_train_configs_from_a_saved_run_retimes_each_modes_best_pair():
+    from maskdsl.bench.training import _configs, best_training_configs
+
+    run = {"results": [
+        {"file": "bench/suite/window_1d_32k.mask", "mask": "window",
+         "ours_best_split": {"config": "q128_k128_w8_s3", "backward_config": "bwd-q64_k64_w4_s2-q128_k64_w8_s2"},
+         "ours_best_atomic": {"config": "q128_k128_w8_s3", "backward_config": "bwd-q64_k128_w8_s2-q128_k64_w8_s2-atomic"}},
+        {"file": "bench/suite/topk_32k.mask", "mask": "t",
+         "ours_best_split": {"config": "q128_k128_w8_s3", "backward_config": "topk"}},
+        {"file": "bench/suite/failed.mask", "mask": "f"}]}
+    best = best_training_configs([run])
+    assert set(best) == {"window_1d_32k:window", "topk_32k:t"}
+    (fwd, split), (_, atomic) = _configs(best["window_1d_32k:window"])
+    assert fwd.key() == "q128_k128_w8_s3" and not split.atomic and atomic.atomic and atomic.dkdv.kv_tile == (128,)
+    (topk,) = _configs(best["topk_32k:t"])
+    assert topk.key() == "q128_k128_w8_s3"

@@ -38,3 +38,36 @@ def test_untuned_compile_of_a_topk_mask_keeps_its_own_tile(tmp_path, monkeypatch
     name = spec.masks[0].name
     mask = spec.mask(name)
     assert lookup_config(mask, spec.attention_for(name)) == untuned_config(mask, 128)
+
+
+def test_deterministic_chooses_the_backwards_dq_mode(tmp_path, monkeypatch):
+    """`deterministic` decides BackwardConfig.atomic: True the split backward (bitwise run to run), False
+    the atomic-dQ one; None the module default; a contradicting explicit config is refused with a hint."""
+    import pytest
+
+    from maskdsl.codegen.config import DETERMINISTIC, BackwardConfig, KernelConfig
+
+    monkeypatch.setenv("MASKDSL_TUNING_DB", f"sqlite:///{tmp_path / 'absent.db'}")
+    text = "layout s = grid(64)\nmask m = sliding_window(9, causal=true)"
+    assert maskdsl.compile(maskdsl.parse(text), "m", deterministic=True).backward_config.atomic is False
+    assert maskdsl.compile(maskdsl.parse(text), "m", deterministic=False).backward_config.atomic is True
+    assert maskdsl.compile(maskdsl.parse(text), "m").backward_config.atomic is (not DETERMINISTIC)
+    split = BackwardConfig(KernelConfig((16,), (16,)), KernelConfig((16,), (16,)))
+    assert maskdsl.compile(maskdsl.parse(text), "m", backward_config=split).backward_config == split
+    with pytest.raises(ValueError, match="contradicts backward_config"):
+        maskdsl.compile(maskdsl.parse(text), "m", backward_config=split, deterministic=False)
+    with pytest.raises(ValueError, match="deterministic must be"):
+        maskdsl.compile(maskdsl.parse(text), "m", deterministic="yes")
+
+
+def test_backward_config_key_round_trips_the_dq_mode():
+    from maskdsl.codegen.config import BackwardConfig, KernelConfig
+
+    for atomic in (False, True):
+        cfg = BackwardConfig(KernelConfig((64,), (32,), 4, 2), KernelConfig((128,), (64,), 8, 3), atomic)
+        assert BackwardConfig.from_key(cfg.key()) == cfg
+    assert BackwardConfig.from_key("bwd-q64_k64_w4_s2-q128_k64_w8_s2-atomic").atomic
+    import pytest
+
+    with pytest.raises(ValueError, match="atomic"):
+        BackwardConfig.from_key("bwd-q64_k64_w4_s2-q128_k64_w8_s2-fast")

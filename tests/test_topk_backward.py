@@ -174,3 +174,17 @@ def test_gradient_buffers_are_checked():
     out, lse = torch.empty_like(q), torch.empty(1, 1, 32)
     with pytest.raises(ValueError, match=r"dk must be \(1, 1, 32, 16\) torch.float32"):
         fn.launch_backward(q, k, v, out, lse, q, 0.25, torch.empty_like(q), torch.empty(1, 1, 32, 8), torch.empty_like(v))
+
+
+def test_bench_training_checks_a_topk_masks_gradients():
+    """`maskdsl bench --train` covers top-k masks: their gradients checked on sampled rows like static ones."""
+    from maskdsl.bench.training import bench_training
+    from maskdsl.codegen.config import KernelConfig
+
+    spec = maskdsl.parse("layout s = grid(96)\nmask m = topk(2, 16) | sliding_window(9)\n"
+                         "attention a(mask=m, heads=2, head_dim=16, dtype=bf16)")
+    result = bench_training(spec, "m", configs=[KernelConfig((16,), (16,))], rows=9, device="cpu")
+    (entry,) = result["ours"]
+    assert "failed" not in entry, entry
+    assert entry["backward_config"] == "topk"
+    assert not entry["grad_nan"] and max(entry["dq_error"], entry["dk_error"], entry["dv_error"]) < 1e-5

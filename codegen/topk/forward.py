@@ -159,6 +159,7 @@ class CompiledTopKAttention(CompiledAttention):
         self.module, self.source_path = load_module(key, lambda: render_template(TEMPLATE, **context))
         self.key = f"{mask.content_hash()}:{self.config.key()}"
         self.last_picks = None
+        self._checked: set = set()  # tensor signatures whose checks passed (CompiledAttention._check)
         _REGISTRY[self.key] = self
 
     def __repr__(self) -> str:
@@ -183,6 +184,9 @@ class CompiledTopKAttention(CompiledAttention):
             "desc_q": None, "desc_k": None, "desc_v": None, "desc_o": None, "TMA": False}
         launch_kernel(self.module.attention_fwd, self.config, q, k, v, out, lse, (picked, idx, count), scale,
                       tiles or range(self.q_tiles), {**tma, "HEAD_DIM_PAD": pad})
+
+    def _run(self, q, k, v, scale, out, lse, tiles: range | None = None) -> None:
+        self.launch(q, k, v, scale, out, lse, tiles)  # the selection is per call: nothing to remember
 
     @cached_property
     def backward(self):
