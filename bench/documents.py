@@ -197,45 +197,65 @@ def sdpa_jagged(case: DocumentCase, q, k, v, offsets):
     return out.transpose(1, 2).values()
 
 
-def flex_call(case: DocumentCase, offsets, prefix, device, compile_mask: bool = True):
-    """A FlexAttention BlockMask for these offsets: a document mask_mod written from the mask's terms.
+class FlexDocuments:
+    """FlexAttention's document mask for a case: one mask_mod over buffers that each call refills, then a
+    BlockMask built for the new offsets (`block_mask`).
 
-    `compile_mask`: build it with create_block_mask(_compile=True), FlexAttention's advice for long
-    sequences (the eager build evaluates the mask_mod over all L x L pairs: 17 G at 128k)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    The mask_mod and its buffers are the same objects every call (FlexAttention's recipe for masks that
+    change per step), so the build compiles once; `compile_mask` builds with create_block_mask(_compile=True),
+    its advice for long sequences (the eager build evaluates the mask_mod over all L x L pairs: 17 G at 128k).
+    """
 
-    length = case.length
-    doc = torch.searchsorted(offsets, torch.arange(length, device=device, dtype=torch.int32), right=True) - 1
-    start, end = offsets[doc], offsets[doc + 1]
-    plen = None if prefix is None else prefix[doc]
-    terms = document_form(case.spec().mask("m").expr).terms
+    def __init__(self, case: DocumentCase, device, compile_mask: bool = True):
+        self.case, self.device, self.compile_mask = case, device, compile_mask
+        length = case.length
+        self.pos = torch.arange(length, device=device, dtype=torch.int32)
+        self.doc = torch.zeros(length, device=device, dtype=torch.int64)
+        self.start = torch.zeros(length, device=device, dtype=torch.int32)
+        self.end = torch.zeros(length, device=device, dtype=torch.int32)
+        self.plen = torch.zeros(length, device=device, dtype=torch.int32)
+        terms = document_form(case.spec().mask("m").expr).terms
+        doc, start, end, plen = self.doc, self.start, self.end, self.plen
 
-    def term_mod(t, qi, ki):
-        s, e = start[qi], end[qi]
-        keep = ki >= s
-        if t.causal:
-            keep = keep & (ki <= qi)
-        if t.window_causal:
-            keep = keep & (ki <= qi) & (qi - ki < t.window_causal)
-        if t.window:
-            w = torch.clamp(e - s, max=t.window)
-            first = s + torch.minimum(torch.clamp(qi - s - w // 2, min=0), e - s - w)
-            keep = keep & (ki >= first) & (ki < first + w)
-        if t.prefix:
-            keep = keep & (ki - s < plen[qi])
-        if t.sink_keys:
-            keep = keep & (ki - s < t.sink_keys)
-        if t.sink_queries:
-            keep = keep & (qi - s < t.sink_queries)
-        return keep
+        def term_mod(t, qi, ki):
+            s, e = start[qi], end[qi]
+            keep = ki >= s
+            if t.causal:
+                keep = keep & (ki <= qi)
+            if t.window_causal:
+                keep = keep & (ki <= qi) & (qi - ki < t.window_causal)
+            if t.window:
+                w = torch.clamp(e - s, max=t.window)
+                first = s + torch.minimum(torch.clamp(qi - s - w // 2, min=0), e - s - w)
+                keep = keep & (ki >= first) & (ki < first + w)
+            if t.prefix:
+                keep = keep & (ki - s < plen[qi])
+            if t.sink_keys:
+                keep = keep & (ki - s < t.sink_keys)
+            if t.sink_queries:
+                keep = keep & (qi - s < t.sink_queries)
+            return keep
 
-    def mask_mod(b, h, qi, ki):
-        keep = term_mod(terms[0], qi, ki)
-        for t in terms[1:]:
-            keep = keep | term_mod(t, qi, ki)
-        return (doc[qi] == doc[ki]) & keep
+        def mask_mod(b, h, qi, ki):
+            keep = term_mod(terms[0], qi, ki)
+            for t in terms[1:]:
+                keep = keep | term_mod(t, qi, ki)
+            return (doc[qi] == doc[ki]) & keep
 
-    return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=compile_mask)
+        self.mask_mod = mask_mod
+
+    def block_mask(self, offsets, prefix):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        torch.searchsorted(offsets, self.pos, right=True, out=self.doc)
+        self.doc -= 1
+        torch.index_select(offsets, 0, self.doc, out=self.start)
+        torch.index_select(offsets, 0, self.doc + 1, out=self.end)
+        if prefix is not None:
+            torch.index_select(prefix, 0, self.doc, out=self.plen)
+        length = self.case.length
+        return create_block_mask(self.mask_mod, None, None, length, length, device=self.device,
+                                 _compile=self.compile_mask)
 
 
 # What `--sweep` tries: (block_m, block_n, warps, stages) of each kernel kind; the defaults first.
@@ -405,7 +425,7 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
     if case.inner in ("causal", "full") and case.kv_heads == case.heads:
         result["sdpa_jagged"] = _sdpa_times(case, fn, q, k, v, dout, device_draws, calls)
     if with_flex:
-        result["flex"] = _flex_times(case, q, k, v, dout, device_draws, calls, device)
+        result["flex"] = _flex_times(case, fn, q, k, v, dout, device_draws, calls, device)
     return result
 
 
@@ -429,29 +449,35 @@ def _sdpa_times(case, fn, q, k, v, dout, device_draws, calls) -> dict:
     return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "max_diff_to_ours": agree}
 
 
-def _flex_times(case, q, k, v, dout, device_draws, calls, device) -> dict:
+def _flex_times(case, fn, q, k, v, dout, device_draws, calls, device) -> dict:
     from torch.nn.attention.flex_attention import flex_attention
 
     compiled = torch.compile(flex_attention, dynamic=False)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     gqa = case.kv_heads != case.heads
 
+    docs = FlexDocuments(case, device)
+    with torch.no_grad():
+        agree = _err(compiled(q, k, v, block_mask=docs.block_mask(*device_draws[0]), enable_gqa=gqa),
+                     fn(q, k, v, documents=device_draws[0][0], prefix=device_draws[0][1]))
+
     def fwd(i):
-        block = flex_call(case, *device_draws[i], device)
+        block = docs.block_mask(*device_draws[i])
         compiled(q, k, v, block_mask=block, enable_gqa=gqa)
 
     def train(i):
-        block = flex_call(case, *device_draws[i], device)
+        block = docs.block_mask(*device_draws[i])
         compiled(*leaves, block_mask=block, enable_gqa=gqa).backward(dout)
 
     def build(i):
-        flex_call(case, *device_draws[i], device)
+        docs.block_mask(*device_draws[i])
 
     with torch.no_grad():
         f = _time(fwd, calls)
         b = _time(build, calls)
     t = _time(train, calls)
-    return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "block_mask_build_ms": b}
+    return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "block_mask_build_ms": b,
+            "max_diff_to_ours": agree}
 
 
 def run_documents(only: str | None = None, out_json: str | None = None, calls: int = 20,

@@ -63,15 +63,17 @@ def test_flex_baseline_computes_the_same_mask(name):
     """The baseline's BlockMask and mask_mod (FlexAttention's eager path on the CPU) against the oracle."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from maskdsl.bench.documents import flex_call
+    from maskdsl.bench.documents import FlexDocuments
     from maskdsl.harness.documents import reference_document_attention
 
     case = CASES[name].scaled(128, heads=2, head_dim=16)
     offsets, prefix = case.draw(random.Random(2))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 128, 16, generator=gen) for _ in range(3))
-    block = flex_call(case, torch.tensor(offsets, dtype=torch.int32),
-                      None if prefix is None else torch.tensor(prefix, dtype=torch.int32), "cpu", compile_mask=False)
+    flex = FlexDocuments(case, "cpu", compile_mask=False)
+    flex.block_mask(torch.tensor([0, 128], dtype=torch.int32), torch.tensor([64], dtype=torch.int32))  # refilled below
+    block = flex.block_mask(torch.tensor(offsets, dtype=torch.int32),
+                            None if prefix is None else torch.tensor(prefix, dtype=torch.int32))
     with warnings.catch_warnings():  # eager flex_attention says (once) it is meant for debugging
         warnings.simplefilter("ignore")
         got = flex_attention(q, k, v, block_mask=block)
