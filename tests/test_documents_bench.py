@@ -114,3 +114,12 @@ def test_a_whole_case_runs_on_the_interpreter():
     assert max(result["check_small_gradients"].values()) < 1e-5
     assert result["ours"]["forward_ms"] > 0 and result["simulator"]["forward_bound_us"] > 0
     assert case.name in format_row(result)
+
+
+def test_format_row_survives_failed_parts():
+    from maskdsl.bench.documents import format_row
+
+    row = {"case": "c", "ours": {"forward_ms": 1.0, "forward_tflops": 2.0, "backward_ms": 3.0, "backward_tflops": 4.0},
+           "flex": {"error": "RuntimeError: boom"}, "check": {"out_err": 0.0, "dq_err": 0.0}}
+    text = format_row(row)
+    assert "boom" in text and "of bound" not in text
