@@ -7,20 +7,20 @@ tensors (FlashAttention-2 varlen underneath; causal and full only) and FlexAtten
 mask_mod whose BlockMask is rebuilt every call (its build time counted). Before timing, maskdsl's output
 on sampled rows and its dQ on those rows are checked against the float64 oracle at the real size, and
 dK/dV in full at a smaller one. The simulator's prediction and bound for each draw go beside the times.
+The baselines are in bench/document_baselines.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 import maskdsl
+from maskdsl.bench.document_baselines import max_relative_error, time_calls
 from maskdsl.spec.documents import document_form, draw_offsets
 
 
@@ -122,8 +122,8 @@ def check(case: DocumentCase, fn, q, k, v, offsets, prefix, rows: int = 64, seed
     q_rows = q.detach()[:, :, idx].cpu().double().requires_grad_()
     ref, ref_lse = _rows_reference(q_rows, k, v, case.spec(), offsets, prefix, sample)
     ref_dq, = torch.autograd.grad(ref, q_rows, dout[:, :, idx].cpu().double())
-    return {"rows": rows, "out_err": _err(out[:, :, idx], ref), "lse_err": _err(lse[:, :, idx], ref_lse),
-            "dq_err": _err(dq[:, :, idx], ref_dq)}
+    return {"rows": rows, "out_err": max_relative_error(out[:, :, idx], ref), "lse_err": max_relative_error(lse[:, :, idx], ref_lse),
+            "dq_err": max_relative_error(dq[:, :, idx], ref_dq)}
 
 
 def _rows_reference(q_rows, k, v, spec, offsets, prefix, sample):
@@ -148,121 +148,7 @@ def check_gradients(case: DocumentCase, fn, q, k, v, offsets, prefix, seed: int 
     ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     ref = reference_document_attention(*ref_leaves, case.spec(), "m", offsets, prefix)
     want = torch.autograd.grad(ref, ref_leaves, dout.cpu().double())
-    return {"out_err": _err(out, ref), **{f"d{n}_err": _err(g, w) for n, g, w in zip("qkv", got, want)}}
-
-
-def _err(got, ref) -> float:
-    """Largest error relative to the reference's largest magnitude (0 rows: exact zeros compare as 0)."""
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    finite = torch.isfinite(ref)
-    if not torch.equal(finite, torch.isfinite(got)):
-        return math.inf
-    scale = ref[finite].abs().max().item() if finite.any() else 1.0
-    return (got[finite] - ref[finite]).abs().max().item() / max(scale, 1e-30) if finite.any() else 0.0
-
-
-def _events_ms(step, calls: int) -> float:
-    """Mean ms of `step(i)` over i in range(calls), timed with CUDA events around all of them (wall clock
-    on a machine without a GPU: the CPU smoke run of the whole case)."""
-    if not torch.cuda.is_available():
-        t = time.perf_counter()
-        for i in range(calls):
-            step(i)
-        return (time.perf_counter() - t) * 1e3 / calls
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for i in range(calls):
-        step(i)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
-
-
-def _time(step, calls: int, warmup: int = 3) -> float:
-    for i in range(warmup):
-        step(i % calls)
-    return _events_ms(step, calls)
-
-
-def sdpa_jagged(case: DocumentCase, q, k, v, offsets):
-    """SDPA on nested jagged tensors (FlashAttention varlen underneath): q, k, v are [L, H, D] (varlen's own
-    layout, made once outside the timing) and offsets int64 shared by all three (one ragged dimension).
-    The output is [L, H, D]. None where the mask is not plain causal or full per document (what varlen
-    serves); on the CPU PyTorch has no causal jagged backend."""
-    if case.inner not in ("causal", "full") or case.kv_heads != case.heads:
-        return None
-    nest = lambda t: torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2)  # noqa: E731
-    out = torch.nn.functional.scaled_dot_product_attention(nest(q), nest(k), nest(v), is_causal=case.inner == "causal")
-    return out.transpose(1, 2).values()
-
-
-class FlexDocuments:
-    """FlexAttention's document mask for a case: one mask_mod over buffers that each call refills, then a
-    BlockMask built for the new offsets (`block_mask`).
-
-    The mask_mod and its buffers are the same objects every call (FlexAttention's recipe for masks that
-    change per step), so the build compiles once; `compile_mask` builds with create_block_mask(_compile=True),
-    its advice for long sequences (the eager build evaluates the mask_mod over all L x L pairs: 17 G at 128k).
-    """
-
-    def __init__(self, case: DocumentCase, device, compile_mask: bool = True):
-        self.case, self.device, self.compile_mask = case, device, compile_mask
-        length = case.length
-        self.pos = torch.arange(length, device=device, dtype=torch.int32)
-        self.doc = torch.zeros(length, device=device, dtype=torch.int64)
-        self.start = torch.zeros(length, device=device, dtype=torch.int32)
-        self.end = torch.zeros(length, device=device, dtype=torch.int32)
-        self.plen = torch.zeros(length, device=device, dtype=torch.int32)
-        terms = document_form(case.spec().mask("m").expr).terms
-        doc, start, end, plen = self.doc, self.start, self.end, self.plen
-
-        def term_mod(t, qi, ki):
-            s, e = start[qi], end[qi]
-            keep = ki >= s
-            if t.causal:
-                keep = keep & (ki <= qi)
-            if t.window_causal:
-                keep = keep & (ki <= qi) & (qi - ki < t.window_causal)
-            if t.window:
-                w = torch.clamp(e - s, max=t.window)
-                first = s + torch.minimum(torch.clamp(qi - s - w // 2, min=0), e - s - w)
-                keep = keep & (ki >= first) & (ki < first + w)
-            if t.prefix:
-                keep = keep & (ki - s < plen[qi])
-            if t.sink_keys:
-                keep = keep & (ki - s < t.sink_keys)
-            if t.sink_queries:
-                keep = keep & (qi - s < t.sink_queries)
-            return keep
-
-        def mask_mod(b, h, qi, ki):
-            keep = term_mod(terms[0], qi, ki)
-            for t in terms[1:]:
-                keep = keep | term_mod(t, qi, ki)
-            return (doc[qi] == doc[ki]) & keep
-
-        self.mask_mod = mask_mod
-
-    def block_mask(self, offsets, prefix):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        torch.searchsorted(offsets, self.pos, right=True, out=self.doc)
-        self.doc -= 1
-        torch.index_select(offsets, 0, self.doc, out=self.start)
-        torch.index_select(offsets, 0, self.doc + 1, out=self.end)
-        if prefix is not None:
-            torch.index_select(prefix, 0, self.doc, out=self.plen)
-        length = self.case.length
-        return create_block_mask(self.mask_mod, None, None, length, length, device=self.device,
-                                 _compile=self.compile_mask)
-
-
-# What `--sweep` tries: (block_m, block_n, warps, stages) of each kernel kind; the defaults first.
-# (the ones ptxas reports heavy spills for at head_dim 128 are left out)
-SWEEP_FORWARD = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
-SWEEP_DKDV = [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
-SWEEP_DQ = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)]
+    return {"out_err": max_relative_error(out, ref), **{f"d{n}_err": max_relative_error(g, w) for n, g, w in zip("qkv", got, want)}}
 
 
 def pad_documents(offsets: list[int], prefix: list[int] | None, count: int):
@@ -306,7 +192,14 @@ def graph_check(case: DocumentCase, fn, q, k, v, draws, device, calls: int) -> d
             pre_buf.copy_(staged[i][1])
         graph.replay()
 
-    return {"documents_padded_to": count, "max_diff_to_eager": worst, "replay_ms": _time(replay, calls)}
+    return {"documents_padded_to": count, "max_diff_to_eager": worst, "replay_ms": time_calls(replay, calls)}
+
+
+# What `--sweep` tries: (block_m, block_n, warps, stages) of each kernel kind; the defaults first.
+# (the ones ptxas reports heavy spills for at head_dim 128 are left out)
+SWEEP_FORWARD = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
+SWEEP_DKDV = [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
+SWEEP_DQ = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)]
 
 
 def sweep_configs(case: DocumentCase, q, k, v, dout, device_draws, calls: int) -> dict:
@@ -330,9 +223,9 @@ def sweep_configs(case: DocumentCase, q, k, v, dout, device_draws, calls: int) -
                 fn(q, k, v, documents=off, prefix=pre, check_documents=False)
 
         if train:
-            return _time(step, calls)
+            return time_calls(step, calls)
         with torch.no_grad():
-            return _time(step, calls)
+            return time_calls(step, calls)
 
     for fwd in SWEEP_FORWARD:
         config = DocumentConfig(forward=fwd)
@@ -371,6 +264,8 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
              dtype=torch.bfloat16, sweep: bool = False, check_length: int = 2048) -> dict:
     """One case: checks, then timings; on a machine without a GPU (device "cpu", the interpreter) the same
     steps run at whatever size the case has, without the CUDA-only baselines (SDPA jagged, graphs)."""
+    from maskdsl.bench.document_baselines import flex_times, sdpa_times
+
     spec = case.spec()
     fn = maskdsl.compile(spec, "m")
     rng = random.Random(seed)
@@ -406,9 +301,9 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
         fn(q, k, v, documents=off, prefix=pre)
 
     with torch.no_grad():
-        fwd = _time(ours_fwd, calls)
-        checked = _time(ours_checked, calls)
-    train = _time(ours_train, calls)
+        fwd = time_calls(ours_fwd, calls)
+        checked = time_calls(ours_checked, calls)
+    train = time_calls(ours_train, calls)
     bwd = max(train - fwd, 1e-9)
     result["ours"] = {"forward_ms": fwd, "forward_checked_ms": checked, "train_ms": train,
                       "backward_ms": train - fwd, "forward_tflops": flops_fwd / fwd / 1e9,
@@ -431,66 +326,15 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
         result["sweep"] = sweep_configs(case, q, k, v, dout, device_draws, calls)
     baselines = []
     if case.inner in ("causal", "full") and case.kv_heads == case.heads:
-        baselines.append(("sdpa_jagged", lambda: _sdpa_times(case, fn, q, k, v, dout, device_draws, calls)))
+        baselines.append(("sdpa_jagged", lambda: sdpa_times(case, fn, q, k, v, dout, device_draws, calls)))
     if with_flex:
-        baselines.append(("flex", lambda: _flex_times(case, fn, q, k, v, dout, device_draws, calls, device)))
+        baselines.append(("flex", lambda: flex_times(case, fn, q, k, v, dout, device_draws, calls, device)))
     for name, timed in baselines:
         try:
             result[name] = timed()
         except Exception as exc:  # noqa: BLE001 - a baseline failing keeps our numbers and says why
             result[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return result
-
-
-def _sdpa_times(case, fn, q, k, v, dout, device_draws, calls) -> dict:
-    lay = lambda t: t[0].transpose(0, 1).contiguous()  # noqa: E731 - [1, H, L, D] -> varlen's [L, H, D]
-    qs, ks, vs, ds = (lay(t) for t in (q, k, v, dout))
-    leaves = [t.detach().clone().requires_grad_() for t in (qs, ks, vs)]
-    offsets64 = [off.long() for off, _ in device_draws]
-    ours = fn(q, k, v, documents=device_draws[0][0])
-    agree = _err(sdpa_jagged(case, qs, ks, vs, offsets64[0]), lay(ours))
-
-    def fwd(i):
-        sdpa_jagged(case, qs, ks, vs, offsets64[i])
-
-    def train(i):
-        sdpa_jagged(case, *leaves, offsets64[i]).backward(ds)
-
-    with torch.no_grad():
-        f = _time(fwd, calls)
-    t = _time(train, calls)
-    return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "max_diff_to_ours": agree}
-
-
-def _flex_times(case, fn, q, k, v, dout, device_draws, calls, device) -> dict:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    gqa = case.kv_heads != case.heads
-
-    docs = FlexDocuments(case, device)
-    with torch.no_grad():
-        agree = _err(compiled(q, k, v, block_mask=docs.block_mask(*device_draws[0]), enable_gqa=gqa),
-                     fn(q, k, v, documents=device_draws[0][0], prefix=device_draws[0][1]))
-
-    def fwd(i):
-        block = docs.block_mask(*device_draws[i])
-        compiled(q, k, v, block_mask=block, enable_gqa=gqa)
-
-    def train(i):
-        block = docs.block_mask(*device_draws[i])
-        compiled(*leaves, block_mask=block, enable_gqa=gqa).backward(dout)
-
-    def build(i):
-        docs.block_mask(*device_draws[i])
-
-    with torch.no_grad():
-        f = _time(fwd, calls)
-        b = _time(build, calls)
-    t = _time(train, calls)
-    return {"forward_ms": f, "train_ms": t, "backward_ms": t - f, "block_mask_build_ms": b,
-            "max_diff_to_ours": agree}
 
 
 def run_documents(only: str | None = None, out_json: str | None = None, calls: int = 20,

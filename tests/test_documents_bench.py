@@ -63,7 +63,7 @@ def test_flex_baseline_computes_the_same_mask(name):
     """The baseline's BlockMask and mask_mod (FlexAttention's eager path on the CPU) against the oracle."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from maskdsl.bench.documents import FlexDocuments
+    from maskdsl.bench.document_baselines import FlexDocuments
     from maskdsl.harness.documents import reference_document_attention
 
     case = CASES[name].scaled(128, heads=2, head_dim=16)
