@@ -23,6 +23,11 @@ def cmd_bench(args) -> int:
         print("maskdsl bench measures on a GPU and none is available here; "
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
+    if args.documents:
+        from maskdsl.bench.documents import run_documents
+
+        run_documents(args.only, args.json, calls=args.calls, with_flex=not args.no_flex, sweep=args.sweep)
+        return 0
     from maskdsl.bench.report import print_paths, print_table
     from maskdsl.bench.cases import suite_files
     from maskdsl.bench.run import bench_mask, profile_launches, run_suite
@@ -144,6 +149,12 @@ def register(sub) -> None:
     p.add_argument("--configs-from", nargs="+", metavar="JSON",
                    help="with --suite: re-time only the best config of each case in these saved runs (with --train: "
                         "each dQ mode's best forward/backward pair of saved --train runs)")
+    p.add_argument("--documents", action="store_true",
+                   help="packed documents (bench/documents.py): new lengths every call, against SDPA on nested jagged "
+                        "tensors and FlexAttention with a per-call BlockMask; --only picks cases")
+    p.add_argument("--calls", type=int, default=20, help="with --documents: calls timed, each with its own draw")
+    p.add_argument("--sweep", action="store_true", help="with --documents: also time each kernel's candidate tiles "
+                                                        "(bench/documents.py SWEEP_*) and report the fastest")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw predicted vs measured vs FlexAttention speedups (PNG)")
     p.add_argument("--fit-from", nargs="+", metavar="JSON",

@@ -35,6 +35,10 @@ def compile_attention(spec: ir.Spec, mask: str, config: KernelConfig | None = No
 
     validate_spec(spec)  # public too: a Spec built in Python is checked before any of it is rendered
     mdef = spec.mask(mask)
+    if mdef.documents:  # its kernels take the offsets at each call (codegen.documents); nothing is rendered
+        from maskdsl.codegen.documents.compiled import CompiledDocumentAttention
+
+        return CompiledDocumentAttention(mdef, config)
     attention = spec.attention_for(mask)
     if config is None:
         config = untuned_config(mdef, attention.head_dim if attention else 128)

@@ -62,7 +62,11 @@ class CompiledAttention:
     def __repr__(self) -> str:
         return f"CompiledAttention({self.mask.name} = {self.mask.expr.fmt()}, {self.config.key()})"
 
-    def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, out=None):
+    def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, out=None, documents=None,
+                 prefix=None):
+        if documents is not None or prefix is not None:  # only `document & ...` masks take them (codegen.documents)
+            raise ValueError(f"mask {self.mask.name!r} has no `document` term, so documents=/prefix= mean nothing "
+                             "to it; write `document & (...)` to make the mask per document")
         self._check(q, k, v, scale)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if out is not None:  # writes into a caller's buffer (tests poison it first)

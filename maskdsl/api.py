@@ -124,6 +124,8 @@ def compile(spec, mask: str, config=None, backward_config=None, deterministic: b
                          "hint: leave deterministic=None to take the config's dQ mode, or give a config "
                          f"{'without' if deterministic else 'with'} atomic=True")
     spec, mdef, attention = resolve(spec, mask)
+    if mdef.documents:  # no tuning database yet: `config` is a codegen.documents.compiled.DocumentConfig or None
+        return compile_attention(spec, mdef.name, config)
     readable = True
     if config is None:
         config, readable = _lookup(mdef, attention)

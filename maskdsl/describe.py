@@ -32,6 +32,10 @@ def describe(expr: ir.MaskExpr, rank: int) -> str:
         return f"{expr.n} global sink token(s)"
     if isinstance(expr, ir.TopK):
         return f"top-{expr.k} key blocks of {expr.block} tokens per query block (dynamic)"
+    if isinstance(expr, ir.Document):
+        return "within each document (offsets passed at call time)"
+    if isinstance(expr, ir.Prefix):
+        return "each document's prefix (lengths passed at call time)"
     joiner = " or " if isinstance(expr, ir.Union_) else " and "
     return "(" + joiner.join(describe(t, rank) for t in expr.terms) + ")"
 
@@ -50,6 +54,8 @@ def density_line(mask: ir.MaskDef) -> str:
     """
     tokens = mask.layout.tokens
     shape = mask.layout.shape
+    if mask.documents:
+        return "density depends on the documents passed at each call"
     if not mask.dynamic:
         pairs = attended_pairs(mask.expr, shape)  # an exact Python int
         return f"density {percent(pairs / tokens**2)} ({tokens**2 / pairs:.2f}x FLOP-ideal)" if pairs else \

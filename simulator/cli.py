@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--suggest", action="store_true",
                    help="perfectly block-sparse windows/strides near the mask's, for the tile")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--lengths", type=_offsets, help="document masks: document lengths drawn in LOW,HIGH (default: one "
+                                                 "document) or, with more numbers, the offsets 0,l1,...,L themselves")
     p.add_argument("--gpu", help="GPU whose cost constants to use (default: NVIDIA H100 80GB HBM3)")
     p.add_argument("--costs", help="JSON file of fitted cost constants overriding the built-in ones")
     p.add_argument("--warps", type=int, help="num_warps of the kernel (occupancy; default: codegen's untuned choice)")
@@ -69,6 +71,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
+def _offsets(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give integers separated by commas, got {text!r}") from None
+    if any(x < 0 for x in values) or len(values) < 2:
+        raise argparse.ArgumentTypeError(f"give LOW,HIGH or offsets 0,...,L (non-negative), got {text!r}")
+    return values
+
+
 def cmd_simulate(args) -> int:
     if args.calibrate_backward:
         return cmd_calibrate_backward(args)
@@ -81,6 +93,10 @@ def cmd_simulate(args) -> int:
     from maskdsl.simulator.ranking import default_config, sweep
 
     spec, mdef, _ = resolve(args.file, args.mask)
+    if mdef.documents:  # its tiles depend on the offsets of each call: predicted from drawn layouts
+        from maskdsl.simulator.documents import simulate_cli
+
+        return simulate_cli(args, spec, mdef)
     mask = mdef.name
     permute = not args.no_permute
     cost = {"gpu": args.gpu, "costs": args.costs}

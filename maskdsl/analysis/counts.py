@@ -212,6 +212,9 @@ def _symbolic(expr: ir.MaskExpr, shape) -> list[Product]:
         return rows + cols
     if isinstance(expr, ir.TopK):
         raise NotAnalyzable(f"{expr.fmt()} depends on the data; only its static part can be counted exactly")
+    if isinstance(expr, (ir.Document, ir.Prefix)):  # maskdsl.spec.documents is these masks' analysis
+        raise NotAnalyzable(f"`{expr.fmt()}` depends on the offsets passed with each call; maskdsl.compile, "
+                            "`maskdsl simulate --lengths` and `maskdsl bench --documents` take document masks")
     raise TypeError(f"not a mask expression: {expr!r}")
 
 

@@ -93,6 +93,9 @@ def attends(expr: ir.MaskExpr, shape: tuple[int, ...], qc, kc, neighborhood=None
         return out
     if isinstance(expr, ir.TopK):
         raise ValueError(f"{expr.fmt()} depends on the data: pass q and k to build its mask")
+    if isinstance(expr, (ir.Document, ir.Prefix)):
+        raise ValueError(f"`{expr.fmt()}` depends on the offsets of a call: maskdsl.harness.documents.document_mask "
+                         "builds its mask")
     qf, kf = flat_index(shape, qc), flat_index(shape, kc)
     if isinstance(expr, ir.Causal):
         return qf >= kf

@@ -104,6 +104,15 @@ class _Resolver:
         problem = expression_problem(expr)  # on the inlined form, which is what `fmt` prints and later stages walk
         if problem is not None:
             raise BindError(f"mask {stmt.name!r}: {problem[0]}", stmt.name_pos, problem[1])
+        if ir.has_documents(expr):  # its shape comes with each call: the document form is its analysis
+            from maskdsl.spec.documents import DocumentProblem, document_form
+
+            try:
+                document_form(expr, layout.shape)
+            except DocumentProblem as exc:
+                raise BindError(f"mask {stmt.name!r}: {exc}", _culprit(stmt.body, exc.primitive) or stmt.name_pos,
+                                exc.hint) from None
+            return ir.MaskDef(stmt.name, expr, layout)
         from maskdsl.analysis.counts import NotAnalyzable, check_analyzable  # numpy and sympy: only once a mask is read
 
         try:  # refused here, so that everything that parses can be analysed
@@ -182,6 +191,25 @@ def as_spec(spec) -> ir.Spec:
     if isinstance(spec, (str, os.PathLike)):
         return load(spec)
     raise ValueError(f"spec must be a maskdsl Spec or a path to a .mask file, got {type(spec).__name__}")
+
+
+# The keywords a user may have written for the primitive a document problem names.
+_SPELLINGS = {"neighborhood": ("dilated", "neighborhood"), "strided": ("strided", "block", "neighborhood"),
+              "sliding_window": ("sliding_window", "neighborhood")}
+
+
+def _culprit(node, primitive: str):
+    """The position of the first call or bare word spelling `primitive` in a mask's syntax, else None."""
+    names = _SPELLINGS.get(primitive, (primitive,))
+    for name in names:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, BinOp):
+                stack.extend((n.right, n.left))
+            elif isinstance(n, (Call, Ref)) and n.name == name:
+                return n.pos
+    return None
 
 
 def _refs(node):

@@ -64,11 +64,15 @@ PRIMITIVES: dict[str, Primitive] = {
         Primitive("topk", (Param("k", "int"), Param("block", "dims")),
                   lambda a, lay: ir.TopK(a["k"], a["block"]),
                   "dynamic: each query block (a box of the grid) keeps its k best key blocks"),
+        Primitive("document", (), lambda a, lay: ir.Document(),
+                  "within the query's own document; boundaries passed with each call (maskdsl.spec.documents)"),
+        Primitive("prefix", (), lambda a, lay: ir.Prefix(),
+                  "inside documents: the keys of each document's prefix, lengths passed with each call"),
     ]
 }
 
-# Written without parentheses in expressions (`causal`, `full`).
-BARE_PRIMITIVES = ("causal", "full")
+# Written without parentheses in expressions (`causal`, `full`, `document`, `prefix`).
+BARE_PRIMITIVES = ("causal", "full", "document", "prefix")
 
 
 def bind_call(call: Call, layout: ir.Layout) -> ir.MaskExpr:

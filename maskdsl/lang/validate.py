@@ -114,6 +114,14 @@ def validate_spec(spec) -> ir.Spec:
         if (problem := expression_problem(mask.expr)) is not None:  # first: the walk below does not memoise
             _fail(f"{where}: {problem[0]}", problem[1])
         _check_expr(mask.expr, mask.layout, where, 0)
+        if ir.has_documents(mask.expr):
+            from maskdsl.spec.documents import DocumentProblem, document_form
+
+            try:
+                document_form(mask.expr, mask.layout.shape)
+            except DocumentProblem as exc:
+                _fail(f"{where}: {exc}", exc.hint)
+            continue
         from maskdsl.analysis.counts import NotAnalyzable, check_analyzable
 
         try:
@@ -177,7 +185,7 @@ def _check_expr(expr, layout: ir.Layout, where: str, level: int) -> None:
         if not (_is_int(expr.k) and block and all(_is_int(b) for b in block)) or max(expr.k, *block) > limits.MAX_INT:
             _fail(f"{where}: topk k and block must be integers of at most 2^63 - 1 (block: one per dimension), "
                   f"got {expr.k!r}, {expr.block!r}")
-    elif not isinstance(expr, (ir.Causal, ir.Full)):
+    elif not isinstance(expr, (ir.Causal, ir.Full, ir.Document, ir.Prefix)):
         _fail(f"{where}: {expr!r} is not a mask expression (maskdsl.spec.ir.{', '.join(c.__name__ for c in ir.PRIMITIVES)},"
               " Union_, Intersection)")
     problem = domain_problem(expr, layout)

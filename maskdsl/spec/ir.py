@@ -107,6 +107,26 @@ class TopK:
 
 
 @dataclass(frozen=True)
+class Document:
+    """Attention stays inside the query's own document; the boundaries come with each call (offsets).
+
+    Only as a term of the mask's top-level intersection: `document & X` evaluates X in the document's
+    own coordinates (maskdsl.spec.documents states the rule, maskdsl.harness.documents is its oracle).
+    """
+
+    def fmt(self) -> str:
+        return "document"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Inside `document & ...` only: the keys of the document's prefix, whose length comes with each call."""
+
+    def fmt(self) -> str:
+        return "prefix"
+
+
+@dataclass(frozen=True)
 class Union_:
     """A key is seen if any term sees it. Terms are flattened (no nested unions)."""
 
@@ -126,8 +146,8 @@ class Intersection:
         return " & ".join(_fmt_operand(t, Intersection) for t in self.terms)
 
 
-MaskExpr = Union[Neighborhood, Causal, Full, Sink, TopK, Union_, Intersection]
-PRIMITIVES = (Neighborhood, Causal, Full, Sink, TopK)
+MaskExpr = Union[Neighborhood, Causal, Full, Sink, TopK, Document, Prefix, Union_, Intersection]
+PRIMITIVES = (Neighborhood, Causal, Full, Sink, TopK, Document, Prefix)
 
 
 def union(*terms: MaskExpr) -> MaskExpr:
@@ -157,6 +177,11 @@ def is_dynamic(expr: MaskExpr) -> bool:
     return any(isinstance(node, TopK) for node in walk(expr))
 
 
+def has_documents(expr: MaskExpr) -> bool:
+    """Whether the mask's shape arrives with each call (`document` or `prefix` in it)."""
+    return any(isinstance(node, (Document, Prefix)) for node in walk(expr))
+
+
 @dataclass(frozen=True)
 class MaskDef:
     name: str
@@ -166,6 +191,11 @@ class MaskDef:
     @property
     def dynamic(self) -> bool:
         return is_dynamic(self.expr)
+
+    @property
+    def documents(self) -> bool:
+        """Whether calls pass document offsets (maskdsl.spec.documents)."""
+        return has_documents(self.expr)
 
     def fmt(self) -> str:
         return f"mask {self.name} = {self.expr.fmt()} on {self.layout.name}"

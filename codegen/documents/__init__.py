@@ -1,0 +1,1 @@
+"""Kernels for masks whose shape arrives with each call: packed documents (maskdsl.spec.documents)."""
