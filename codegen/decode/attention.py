@@ -1,0 +1,152 @@
+"""`fn.decode(...)`: a compiled mask run on a few new tokens per sequence against a KV cache.
+
+Convention (docs/SERVING.md): the new tokens' keys and values are already in the cache and
+`cache_seqlens[b]` counts them, so sequence b's q_len new tokens sit at positions
+cache_seqlens[b] - q_len .. cache_seqlens[b] - 1 of the mask's grid, and each attends to the cached
+keys the mask gives that position on the grid. A mask that lets a query see a key past the new
+tokens is refused (`reach.decode_problem` at build time, the value check at call time).
+
+Everything a launch derives from the lengths is computed by the kernel from `cache_seqlens` on the
+device; the host chooses the tiles and the number of splits from shapes only, so growing lengths
+never recompile and a step can be captured in a CUDA graph (with `check_values=False`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from maskdsl.codegen import dispatch
+from maskdsl.codegen.decode import kernel
+from maskdsl.codegen.decode.checks import CacheShape, check_decode, value_problem
+from maskdsl.codegen.decode.predicate import load_predicate
+from maskdsl.codegen.decode.reach import decode_problem, reach_table
+from maskdsl.spec import ir
+
+MAX_SPLITS = 64
+MIN_TILES_PER_SPLIT = 2  # a split shorter than this spends more on its partial's write and merge than it saves
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class DecodeError(ValueError):
+    """A decode call's inputs do not fit the mask or the cache (the message says which and why)."""
+
+
+class CompiledDecode:
+    """The decode path of one static mask; `maskdsl.compile(...).decode` builds it on first use."""
+
+    def __init__(self, mask: ir.MaskDef):
+        if mask.dynamic:
+            raise DecodeError(f"mask {mask.name!r} ({mask.expr.fmt()}) has a top-k term; decode runs static masks "
+                              "(1-D windows, causal, sinks, dilation, their unions and intersections, grids causal "
+                              "in their first dimension): docs/SERVING.md")
+        self.mask = mask
+        self.tokens = mask.layout.tokens
+        self.table = reach_table(mask)
+        if (problem := decode_problem(mask, self.table)) is not None:
+            raise DecodeError(problem + "; decode needs a mask causal in token order, e.g. `(... | sink(4)) & causal` "
+                              "(docs/SERVING.md)")
+        self.attends = load_predicate(mask)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"CompiledDecode({self.mask.name} = {self.mask.expr.fmt()})"
+
+    def tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(intervals [L, 4], last key [L]) int32 on `device`, uploaded once."""
+        device = torch.device(device)
+        if device not in self._on:
+            self._on[device] = (torch.from_numpy(self.table.intervals).to(device),
+                                torch.from_numpy(self.table.last).to(device))
+        return self._on[device]
+
+    def tiles(self, shape: CacheShape) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call's shapes."""
+        rows = shape.group * shape.q_len
+        block_m = min(64, max(16, _pow2(rows)))
+        block_n = 32 if shape.head_dim > 128 else 64
+        return block_m, block_n, 4, 2
+
+    def num_splits(self, shape: CacheShape, device, block_m: int, block_n: int) -> int:
+        """Splits of each row block's keys: enough programs for about two per multiprocessor, no more
+        than the widest reach (the mask's, cut to the cache) gives each split MIN_TILES_PER_SPLIT tiles.
+        Shapes only: the same call at any lengths launches the same grid."""
+        programs = shape.batch * shape.kv_heads * -(-shape.group * shape.q_len // block_m)
+        sms = dispatch.sm_count(device) if device.type == "cuda" else 4
+        reach = min(shape.capacity, self.tokens, self.table.widest + shape.q_len)
+        tiles = -(-reach // block_n) + 1
+        want = -(-2 * sms // programs)
+        return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+
+    def __call__(self, q, k_cache, v_cache, cache_seqlens, page_table=None, *, scale: float | None = None,
+                 return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None):
+        shape = check_decode(q, k_cache, v_cache, cache_seqlens, page_table, self.tokens)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise DecodeError(f"scale must be a finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
+        scale = 1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale)
+        if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                       or not 1 <= num_splits <= MAX_SPLITS):
+            raise DecodeError(f"num_splits must be an integer from 1 to {MAX_SPLITS}, got {num_splits!r}")
+        if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                                or out.stride(-1) != 1):
+            raise DecodeError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last "
+                              f"dimension; got {tuple(out.shape)} {out.dtype}")
+        intervals, last = self.tables(q.device)
+        if check_values and (problem := value_problem(shape, cache_seqlens, page_table, last, self.tokens)):
+            raise DecodeError(problem)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        self.launch(shape, q, k_cache, v_cache, cache_seqlens, page_table, scale, out, lse, num_splits)
+        return (out, lse) if return_lse else out
+
+    def launch(self, shape: CacheShape, q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
+               num_splits: int | None = None) -> None:
+        """The split kernel (and the merge when it splits) into `out` and `lse`; no checks, no sync."""
+        intervals, _ = self.tables(q.device)
+        block_m, block_n, warps, stages = self.tiles(shape)
+        splits = num_splits or self.num_splits(shape, q.device, block_m, block_n)
+        m_tiles = -(-shape.group * shape.q_len // block_m)
+        direct = splits == 1
+        if direct:
+            part_o = part_l = lse
+        else:
+            rows = shape.batch * shape.heads * shape.q_len * splits
+            part_o = torch.empty((rows, shape.head_dim), device=q.device, dtype=torch.float32)
+            part_l = torch.empty((rows,), device=q.device, dtype=torch.float32)
+        pages = page_table if shape.paged else cache_seqlens
+        kernel.decode_split[(shape.batch, shape.kv_heads * m_tiles, splits)](
+            q, k_cache, v_cache, cache_seqlens, pages, intervals, out, lse, part_o, part_l,
+            scale * kernel.LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            pages.stride(0), shape.capacity, max(shape.num_pages, 1),
+            ATTENDS=self.attends, TOKENS=self.tokens, HEADS=shape.heads, GROUP=shape.group, Q_LEN=shape.q_len,
+            Q_PAD=max(2, _pow2(shape.q_len)), HEAD_DIM=shape.head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            PAGED=shape.paged, PAGE_SIZE=max(shape.page_size, 1), DIRECT=direct,
+            DOT_F32=q.dtype == torch.bfloat16 and dispatch.interpreting(),
+            num_warps=warps, num_stages=stages,
+        )
+        if not direct:
+            kernel.decode_merge[(shape.batch * shape.heads * shape.q_len,)](
+                part_o, part_l, out, lse, splits, out.stride(0), out.stride(1), out.stride(2),
+                HEADS=shape.heads, Q_LEN=shape.q_len, HEAD_DIM=shape.head_dim, SPLITS_PAD=max(2, _pow2(splits)),
+                num_warps=4,
+            )
+
+
+_DECODERS: dict[str, CompiledDecode] = {}
+
+
+def decoder(mask: ir.MaskDef) -> CompiledDecode:
+    """The decode path of `mask`, built once per mask content (its tables and predicate)."""
+    key = mask.content_hash()
+    if key not in _DECODERS:
+        _DECODERS[key] = CompiledDecode(mask)
+    return _DECODERS[key]

@@ -1,0 +1,87 @@
+"""Which keys a decode step can reach: per query position, its keys as at most two flat intervals.
+
+Decode runs the new tokens of a sequence against its cache, so the kernel needs, on the device and
+without knowing the lengths in advance, the keys a block of consecutive query positions can see. The
+table holds it for every position of the grid once: each product term of the mask
+(maskdsl.analysis.counts) gives a query a box of keys, whose first and last keys in row-major order
+bound an interval; a row's intervals are merged (maskdsl.analysis.row_runs) into at most SLOTS disjoint
+ones, or into one covering interval where they would need more. The intervals may hold keys the
+mask does not attend (a box's row-major span, a dilation group's gaps): the kernel's predicate
+decides pair by pair, the table only bounds what is read.
+
+The last key of each row is exact (a product of per-dimension key sets has its row-major last key at
+the corner of the per-dimension maxima), which is what decides whether a decode step has every key
+its new tokens see already in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from maskdsl.analysis.counts import num_products
+from maskdsl.analysis.row_runs import SLOTS, row_intervals
+from maskdsl.spec import ir
+
+MAX_Q_LEN = 16
+"""Most new tokens per sequence one decode call takes (the kernel packs a GQA group's rows into one tile)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ReachTable:
+    """`intervals` [L, 2 * SLOTS] int32: per query position, (lo, hi) inclusive key intervals, sorted and
+    disjoint (an empty slot is lo > hi); `last` [L] int32: the last key each position sees (-1: none);
+    `widest`: most keys one position's intervals span (what one decode row can reach at most)."""
+
+    intervals: np.ndarray
+    last: np.ndarray
+    widest: int
+
+    @property
+    def lookahead(self) -> tuple[int, int]:
+        """(position, how many tokens past itself it sees) of the position that sees furthest ahead."""
+        ahead = np.where(self.last >= 0, self.last - np.arange(len(self.last)), 0)
+        p = int(np.argmax(ahead))
+        return p, int(ahead[p])
+
+
+def reach_table(mask: ir.MaskDef) -> ReachTable:
+    """The table of `mask` (static masks only: a top-k selection is not known before the data)."""
+    shape = tuple(mask.layout.shape)
+    tokens = mask.layout.tokens
+    coords = np.indices(shape).reshape(len(shape), tokens)  # row-major: position p has coords[:, p]
+    los, his = [], []
+    for term in num_products(mask.expr, shape):
+        first = np.zeros(tokens, np.int64)
+        last = np.zeros(tokens, np.int64)
+        seen = np.ones(tokens, bool)
+        for d, rel in enumerate(term.num):
+            f, l = rel.key_span()
+            f, l = f[coords[d]], l[coords[d]]
+            seen &= f <= l
+            first = first * shape[d] + f
+            last = last * shape[d] + l
+        los.append(np.where(seen, first, 1))
+        his.append(np.where(seen, last, 0))
+    iv = row_intervals(los, his, tokens)
+    if isinstance(iv, str):  # more than SLOTS separate intervals in some row: one covering interval per row
+        lo = np.min([np.where(a <= b, a, tokens) for a, b in zip(los, his)], axis=0)
+        hi = np.max([np.where(a <= b, b, -1) for a, b in zip(los, his)], axis=0)
+        iv = np.tile(np.array([1, 0], np.int64), (tokens, SLOTS, 1))
+        iv[:, 0, 0], iv[:, 0, 1] = np.where(lo <= hi, lo, 1), np.where(lo <= hi, hi, 0)
+    used = iv[..., 0] <= iv[..., 1]
+    last = np.where(used, iv[..., 1], -1).max(axis=1)
+    widest = int(np.where(used, iv[..., 1] - iv[..., 0] + 1, 0).sum(axis=1).max(initial=0))
+    return ReachTable(np.ascontiguousarray(iv.reshape(tokens, 2 * SLOTS), np.int32), last.astype(np.int32), widest)
+
+
+def decode_problem(mask: ir.MaskDef, table: ReachTable) -> str | None:
+    """Why no decode step can run this mask exactly, else None: a mask whose query sees MAX_Q_LEN or more
+    tokens past itself needs keys no cache holds when its tokens arrive at most MAX_Q_LEN at a time."""
+    p, ahead = table.lookahead
+    if ahead < MAX_Q_LEN:
+        return None
+    return (f"mask {mask.name!r} ({mask.expr.fmt()}) lets the query at position {p} see key {p + ahead}, "
+            f"{ahead} tokens later; a decode step appends at most {MAX_Q_LEN} tokens, so that key is never in "
+            "the cache when the query runs")
