@@ -21,7 +21,7 @@ from maskdsl.codegen import dispatch
 from maskdsl.codegen.decode import kernel
 from maskdsl.codegen.decode.checks import CacheShape, check_decode, value_problem
 from maskdsl.codegen.decode.predicate import load_predicate
-from maskdsl.codegen.decode.reach import decode_problem, reach_table
+from maskdsl.analysis.decode_reach import decode_problem, reach_table
 from maskdsl.spec import ir
 
 MAX_SPLITS = 64

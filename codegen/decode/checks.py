@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from maskdsl.codegen.checks import KERNEL_DTYPES
-from maskdsl.codegen.decode.reach import MAX_Q_LEN
+from maskdsl.analysis.decode_reach import MAX_Q_LEN
 from maskdsl.codegen.dispatch import interpreting
 from maskdsl.spec.limits import POW2_HEAD_DIMS
 
@@ -115,7 +115,7 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, page_table, tokens: int) ->
 
 def value_problem(shape: CacheShape, cache_seqlens, page_table, last_key, tokens: int) -> str | None:
     """Why these lengths (and pages) do not fit, else None; one sync. `last_key` [tokens] int32 on the device:
-    the last key each position sees (codegen.decode.reach), so a new token that sees a key not yet in the
+    the last key each position sees (maskdsl.analysis.decode_reach), so a new token that sees a key not yet in the
     cache is refused."""
     lens = cache_seqlens.to(torch.int64)
     limit = min(shape.capacity, tokens)

@@ -2,7 +2,7 @@
 
 One program per (sequence, kv head and block of its query rows, split). The rows of a program are
 the GQA group's query heads times the new tokens (they read the same keys, so they share one tile and
-one pass over the cache). The keys a program may need come from the reach table (codegen.decode.reach)
+one pass over the cache). The keys a program may need come from the reach table (maskdsl.analysis.decode_reach)
 at the new tokens' positions, read on the device: per slot, the lowest first key and the highest last
 key over the new rows, cut to the cache's length, the second slot starting past the first. The key
 tiles of both slots are numbered in one run and the splits take equal shares of it, so a window of

@@ -1,5 +1,8 @@
 """Which keys a decode step can reach: per query position, its keys as at most two flat intervals.
 
+On the analysis floor because codegen's decode kernel reads the table (codegen.decode) and the
+simulator costs the bytes it reaches (simulator.decode): one rule for both.
+
 Decode runs the new tokens of a sequence against its cache, so the kernel needs, on the device and
 without knowing the lengths in advance, the keys a block of consecutive query positions can see. The
 table holds it for every position of the grid once: each product term of the mask
@@ -85,3 +88,33 @@ def decode_problem(mask: ir.MaskDef, table: ReachTable) -> str | None:
     return (f"mask {mask.name!r} ({mask.expr.fmt()}) lets the query at position {p} see key {p + ahead}, "
             f"{ahead} tokens later; a decode step appends at most {MAX_Q_LEN} tokens, so that key is never in "
             "the cache when the query runs")
+
+
+def step_ranges(table: ReachTable, lengths, q_len: int, capacity: int | None = None) -> np.ndarray:
+    """[B, SLOTS, 2] the key ranges [lo, hi] (inclusive; lo > hi: empty) a decode step reads per sequence:
+    per slot the lowest first and highest last key of the new rows at positions lengths[b] - q_len ..
+    lengths[b] - 1, cut to the keys that exist, each slot starting past the ones before it. The kernel
+    computes the same on the device (codegen.decode.kernel `_slot`); here for the simulator and tests."""
+    lengths = np.asarray(lengths, np.int64)
+    tokens = len(table.last)
+    exist = np.minimum(lengths, tokens if capacity is None else min(capacity, tokens))
+    pos = lengths[:, None] - q_len + np.arange(q_len)[None, :]
+    ok = (pos >= 0) & (pos < tokens)
+    rows = table.intervals[np.clip(pos, 0, tokens - 1)].astype(np.int64)  # [B, q_len, 2 * SLOTS]
+    out = np.zeros((len(lengths), SLOTS, 2), np.int64)
+    reach = np.full(len(lengths), -1, np.int64)
+    for s in range(SLOTS):
+        lo, hi = rows[..., 2 * s], rows[..., 2 * s + 1]
+        used = ok & (lo <= hi)
+        a = np.where(used, lo, np.iinfo(np.int32).max).min(1)
+        b = np.where(used, hi, -1).max(1)
+        a, b = np.maximum(a, reach + 1), np.minimum(b, exist - 1)
+        out[:, s, 0], out[:, s, 1] = a, b
+        reach = np.maximum(reach, b)
+    return out
+
+
+def reached_keys(table: ReachTable, lengths, q_len: int, capacity: int | None = None) -> np.ndarray:
+    """[B] keys each sequence's decode step reads (the sum of `step_ranges`' lengths)."""
+    r = step_ranges(table, lengths, q_len, capacity)
+    return np.clip(r[..., 1] - r[..., 0] + 1, 0, None).sum(1)
