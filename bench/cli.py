@@ -23,6 +23,11 @@ def cmd_bench(args) -> int:
         print("maskdsl bench measures on a GPU and none is available here; "
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
+    if args.decode:
+        from maskdsl.bench.decode import run_decode
+
+        run_decode(args.json, only=args.only, with_flex=not args.no_flex)
+        return 0
     from maskdsl.bench.report import print_paths, print_table
     from maskdsl.bench.cases import suite_files
     from maskdsl.bench.run import bench_mask, profile_launches, run_suite
@@ -140,6 +145,10 @@ def register(sub) -> None:
                    help="with FILE and one --config: three launches of that kernel and nothing else (for ncu)")
     p.add_argument("--train", action="store_true",
                    help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
+    p.add_argument("--decode", action="store_true",
+                   help="decode steps against a KV cache (bench/decode.py: GQA 64/8, 8k-128k, batch 1-64, q_len 1-8; "
+                        "a window of 4096 with sinks at 128k) against SDPA over the whole cache and flex decoding; "
+                        "--only picks cases by name")
     p.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (ours and dense SDPA only)")
     p.add_argument("--configs-from", nargs="+", metavar="JSON",
                    help="with --suite: re-time only the best config of each case in these saved runs (with --train: "

@@ -1,0 +1,262 @@
+"""`maskdsl bench --decode`: decode steps against a KV cache, ours beside SDPA and FlexAttention's decoding.
+
+Each case is a batch of sequences at one context length, GQA heads, a few new tokens per sequence
+(issue 27's targets: 64 query / 8 kv heads, head_dim 128, bf16, contexts 8k-128k, batch 1-64, q_len
+1-8, and a window of 4096 with sinks at 128k). Per case, in one process on the same tensors:
+
+* correctness first: our output (contiguous and paged cache) against the float64 reference of the
+  new rows over the whole cached sequence, for the first and last sequence; a case that fails is
+  reported and not timed;
+* ours, contiguous and paged (shuffled pages), `check_values=False` as a server that captures graphs
+  runs it: do_bench's median (host launch included) and the replay of a CUDA graph (device time);
+* dense SDPA over the whole cache (every backend that takes GQA, the best reported), which reads the
+  whole cache whatever the mask: the baseline a user without a sparse decode path has;
+* FlexAttention with the same mask: compiled `flex_attention` at q_len < 128 takes its decoding
+  kernel; its BlockMask is built once per case, outside the timing, at the new tokens' positions.
+
+The figure of merit is the K/V bytes the mask reaches per step over the step's time (TB/s), the
+bytes from maskdsl.analysis.decode_reach (what the kernel reads), beside the simulator's prediction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import maskdsl
+from maskdsl.analysis.decode_reach import reach_table
+from maskdsl.spec import ir
+
+MASKS = {
+    "causal": "causal",
+    "window_sinks": "(sliding_window(4096, causal=true) | sink(4)) & causal",
+}
+MAX_CACHED_TOKENS = 2**22  # batch x context: 16 GiB for K and V at 8 kv heads, twice over with the paged copy
+PAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    mask: str  # a key of MASKS
+    context: int  # the grid's length and every sequence's cache length (new tokens included)
+    batch: int
+    q_len: int
+    heads: int = 64
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bf16"
+
+    @property
+    def name(self) -> str:
+        return f"{self.mask}_ctx{self.context}_b{self.batch}_q{self.q_len}"
+
+    def spec(self) -> ir.Spec:
+        return maskdsl.parse(f"layout seq = grid({self.context})\nmask m = {MASKS[self.mask]}\n")
+
+
+def default_cases() -> list[DecodeCase]:
+    """The issue's grid: causal (the whole cache) at 8k-128k, batch 1-64, q_len 1 and 8, within
+    MAX_CACHED_TOKENS; the window with sinks at 128k."""
+    cases = [DecodeCase("causal", ctx, batch, q_len) for ctx in (8192, 32768, 131072) for batch in (1, 8, 64)
+             for q_len in (1, 8) if ctx * batch <= MAX_CACHED_TOKENS]
+    cases += [DecodeCase("window_sinks", 131072, batch, q_len) for batch in (1, 8, 32) for q_len in (1, 8)]
+    return cases
+
+
+def select(cases: list[DecodeCase], only: str | None) -> list[DecodeCase]:
+    """Cases whose name contains `only` (or any of several, comma-separated)."""
+    if not only:
+        return cases
+    words = [w for w in only.split(",") if w]
+    return [c for c in cases if any(w in c.name for w in words)]
+
+
+def make_inputs(case: DecodeCase, device, seed: int = 0):
+    """(q, k_cache, v_cache, cache_seqlens, pool_k, pool_v, page_table): a contiguous cache and the same
+    keys in a pool of shuffled pages."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = getattr(torch, ir.TORCH_DTYPE_NAMES[case.dtype])
+    b, h, hk, d, n = case.batch, case.heads, case.kv_heads, case.head_dim, case.context
+    q = torch.randn(b, h, case.q_len, d, generator=gen, device=device, dtype=dtype)
+    kc = torch.randn(b, hk, n, d, generator=gen, device=device, dtype=dtype)
+    vc = torch.randn(b, hk, n, d, generator=gen, device=device, dtype=dtype)
+    lens = torch.full((b,), n, dtype=torch.int32, device=device)
+    pages = -(-n // PAGE_SIZE)
+    perm = torch.randperm(b * pages, generator=gen, device=device)
+    pool_k, pool_v = (_paged(c, perm, pages) for c in (kc, vc))
+    return q, kc, vc, lens, pool_k, pool_v, perm.view(b, pages).to(torch.int32)
+
+
+def _paged(cache: torch.Tensor, perm: torch.Tensor, pages: int) -> torch.Tensor:
+    b, hk, n, d = cache.shape
+    padded = torch.nn.functional.pad(cache, (0, 0, 0, pages * PAGE_SIZE - n))
+    in_order = padded.view(b, hk, pages, PAGE_SIZE, d).permute(0, 2, 1, 3, 4).reshape(b * pages, hk, PAGE_SIZE, d)
+    pool = torch.empty_like(in_order)
+    pool[perm] = in_order
+    return pool
+
+
+def reference_error(case: DecodeCase, spec, q, kc, vc, out, sequences) -> float:
+    """The largest relative error of `out` over `sequences` against the float64 reference."""
+    from maskdsl.harness.measure import relative_error
+    from maskdsl.harness.reference import reference_attention_block
+
+    n = case.context
+    rows = torch.arange(n - case.q_len, n)
+    keys = torch.arange(n)
+    worst = 0.0
+    for b in sequences:
+        ref = reference_attention_block(q[b:b + 1], kc[b:b + 1], vc[b:b + 1], spec, "m", rows, keys)
+        err = relative_error(out[b:b + 1], ref)
+        worst = err if err != err else max(worst, err)  # NaN stays NaN
+    return worst
+
+
+def sdpa_times(q, kc, vc, timer) -> dict:
+    """Dense SDPA over the whole cache with each backend that takes GQA (ms, or why it could not run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def call(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+        try:
+            call()
+            out[f"sdpa_{name}_ms"] = timer(call)
+        except RuntimeError as exc:
+            out[f"sdpa_{name}_failed"] = str(exc).splitlines()[0][:200]
+    return out
+
+
+def flex_decoding(case: DecodeCase, mask: ir.MaskDef, device):
+    """Compiled flex_attention with a BlockMask of the new tokens' rows (built here, once)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from maskdsl.harness.semantics import attends
+
+    first = case.context - case.q_len
+    shape = tuple(mask.layout.shape)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return attends(mask.expr, shape, [q_idx + first], [kv_idx])
+
+    torch._dynamo.reset()  # a fresh compile cache per case (dynamo's recompile limit, as bench.run says)
+    block_mask = create_block_mask(mask_mod, None, None, case.q_len, case.context, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with_flex: bool = True,
+             check_sequences: int = 2) -> dict:
+    """One case's record (see the module docstring); `timer(fn) -> ms`, `graph_timer(fn) -> ms or None`."""
+    from maskdsl.codegen.decode import decoder
+    from maskdsl.harness.measure import tolerance
+    from maskdsl.simulator.decode import DecodeStep, predict_decode
+
+    if timer is None:
+        from maskdsl.harness.measure import graph_time_ms, time_ms
+
+        timer, graph_timer = time_ms, graph_time_ms
+    spec = case.spec()
+    mask = spec.mask("m")
+    result = {"case": case.name, **asdict(case), "page_size": PAGE_SIZE}
+    start = time.perf_counter()
+    fn = decoder(mask)
+    result["build_s"] = time.perf_counter() - start
+    q, kc, vc, lens, pool_k, pool_v, table = make_inputs(case, device)
+    shape = dict(lengths=(case.context,) * case.batch, heads=case.heads, kv_heads=case.kv_heads, q_len=case.q_len,
+                 head_dim=case.head_dim, dtype_bytes=ir.DTYPE_BYTES[case.dtype])
+    from maskdsl.codegen.decode.checks import check_decode
+
+    call_shape = check_decode(q, kc, vc, lens, None, mask.layout.tokens)
+    block_m, block_n, _, _ = fn.tiles(call_shape)
+    splits = fn.num_splits(call_shape, q.device, block_m, block_n)
+    result["splits"] = splits
+    sequences = sorted({0, case.batch - 1})[:check_sequences]
+    runs = {"ours": lambda: fn(q, kc, vc, lens, check_values=False),
+            "ours_paged": lambda: fn(q, pool_k, pool_v, lens, table, check_values=False)}
+    tol = tolerance(device)
+    for name, call in runs.items():
+        err = reference_error(case, spec, q, kc, vc, call(), sequences)
+        result[f"{name}_error"] = err
+        if not err < tol:
+            result[f"{name}_failed"] = f"relative error {err:.3g} against the float64 reference (tolerance {tol})"
+            continue
+        result[f"{name}_ms"] = timer(call)
+        if graph_timer is not None:
+            result[f"{name}_graph_ms"] = graph_timer(call)
+    table_ = reach_table(mask)
+    for paged in (False, True):
+        step = DecodeStep(**shape, splits=splits, page_size=PAGE_SIZE if paged else 0)
+        pred = predict_decode(table_, step)
+        key = "ours_paged" if paged else "ours"
+        result["kv_bytes"] = pred.kv_bytes
+        result[f"{key}_predicted_us"] = pred.time_us
+        for kind in ("ms", "graph_ms"):
+            ms = result.get(f"{key}_{kind}")
+            if ms:
+                result[f"{key}_{kind.replace('ms', 'tbps')}"] = pred.kv_bytes / (ms * 1e-3) / 1e12
+    result.update(sdpa_times(q, kc, vc, timer))
+    sdpa = [v for k, v in result.items() if k.startswith("sdpa_") and k.endswith("_ms")]
+    if sdpa:
+        result["sdpa_best_ms"] = min(sdpa)
+    if with_flex:
+        try:
+            start = time.perf_counter()
+            flex = flex_decoding(case, mask, q.device)
+            flex(q, kc, vc)
+            result["flex_build_s"] = time.perf_counter() - start
+            result["flex_ms"] = timer(lambda: flex(q, kc, vc))
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            result["flex_failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    ours = result.get("ours_ms")
+    if ours:
+        for base in ("sdpa_best", "flex"):
+            if result.get(f"{base}_ms"):
+                result[f"speedup_vs_{base.split('_')[0]}"] = result[f"{base}_ms"] / ours
+    return result
+
+
+def run_decode(out_json: str | None, only: str | None = None, with_flex: bool = True, device="cuda") -> list[dict]:
+    """Every selected case in this process; the JSON (environment and results) rewritten after each case."""
+    import json
+
+    from maskdsl.bench.run import environment
+
+    results = []
+    for case in select(default_cases(), only):
+        try:
+            results.append(run_case(case, device, with_flex=with_flex))
+        except torch.cuda.OutOfMemoryError as exc:
+            results.append({"case": case.name, "failed": f"out of memory: {str(exc).splitlines()[0][:200]}"})
+        torch.cuda.empty_cache()
+        print(summary(results[-1]), flush=True)
+        if out_json:
+            with open(out_json, "w") as fh:
+                json.dump({"environment": environment(), "results": results}, fh, indent=1)
+    return results
+
+
+def summary(r: dict) -> str:
+    """One line of a case's record."""
+    if "failed" in r:
+        return f"{r['case']}: {r['failed']}"
+    cols = [f"{r['case']:34}", f"splits {r.get('splits')}"]
+    for key in ("ours", "ours_paged"):
+        if f"{key}_failed" in r:
+            cols.append(f"{key} FAILED ({r[f'{key}_failed']})")
+        elif f"{key}_ms" in r:
+            cols.append(f"{key} {r[f'{key}_ms'] * 1e3:.1f} us ({r.get(f'{key}_tbps', 0):.2f} TB/s"
+                        + (f", graph {r[f'{key}_graph_tbps']:.2f}" if r.get(f"{key}_graph_tbps") else "") + ")")
+    if r.get("sdpa_best_ms"):
+        cols.append(f"SDPA {r['sdpa_best_ms'] * 1e3:.1f} us")
+    if r.get("flex_ms"):
+        cols.append(f"flex {r['flex_ms'] * 1e3:.1f} us")
+    for base in ("sdpa", "flex"):
+        if r.get(f"speedup_vs_{base}"):
+            cols.append(f"{r[f'speedup_vs_{base}']:.2f}x {base}")
+    return " | ".join(cols)
