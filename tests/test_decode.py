@@ -263,3 +263,18 @@ def test_compiled_attention_exposes_decode(gen):
     got = fn.decode(new_rows(q, [50], 1), kc, vc, torch.tensor([50], dtype=torch.int32))
     torch.testing.assert_close(got.double(), new_rows(reference_attention(q, k, v, spec, "m"), [50], 1),
                                atol=1e-5, rtol=0)
+
+
+def test_the_serving_example_prefills_then_decodes_against_the_reference():
+    """examples/serve_decode.py on the CPU: it exits non-zero when a step leaves the reference's tolerance."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(root / "examples" / "serve_decode.py"), "--device", "cpu", "--paged",
+                          "--q-len", "2", "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("relative error vs float64 reference") == 3  # the prefill and two steps
