@@ -4,7 +4,8 @@ A separate process for the reason tests/gluon_compile.py gives (TRITON_INTERPRET
 to the interpreter at import). The real host path binds the arguments: `CompiledDecode.launch` with
 the kernels swapped for their `warmup`, so what compiles is what a GPU call would launch.
 
-Usage: python tests/decode_compile.py HEAD_DIM {contiguous|paged} Q_LEN SPLITS
+Usage: python tests/decode_compile.py HEAD_DIM {contiguous|paged} Q_LEN SPLITS [topk]
+    (topk: an NSA-style mask, top-k blocks with a causal window and sinks, instead of the window and sinks)
 """
 
 import json
@@ -23,8 +24,12 @@ from maskdsl.codegen.decode import attention, kernel  # noqa: E402
 from maskdsl.codegen.decode.checks import CacheShape  # noqa: E402
 
 
-def main(head_dim: int, layout: str, q_len: int, splits: int) -> dict:
-    spec = maskdsl.parse("layout seq = grid(4096)\nmask m = (sliding_window(1024, causal=true) | sink(4)) & causal\n")
+MASKS = {"window": "(sliding_window(1024, causal=true) | sink(4)) & causal",
+         "topk": "(topk(k=8, block=64) | sliding_window(256, causal=true) | sink(4)) & causal"}
+
+
+def main(head_dim: int, layout: str, q_len: int, splits: int, mask: str = "window") -> dict:
+    spec = maskdsl.parse(f"layout seq = grid(4096)\nmask m = {MASKS[mask]}\n")
     fn = attention.CompiledDecode(spec.mask("m"))
     batch, heads, kv_heads, dtype = 2, 8, 1, torch.bfloat16
     q = torch.zeros(batch, heads, q_len, head_dim, dtype=dtype)
@@ -65,4 +70,4 @@ def main(head_dim: int, layout: str, q_len: int, splits: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    print(json.dumps(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])))

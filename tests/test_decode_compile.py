@@ -22,16 +22,17 @@ def _ptxas_missing() -> str | None:
     return None if path and os.path.exists(path) else f"ptxas not found at {path!r}"
 
 
-@pytest.mark.parametrize("head_dim, layout, q_len, splits", [(64, "contiguous", 1, 1), (128, "paged", 4, 3),
-                                                             (128, "contiguous", 16, 2), (256, "paged", 16, 1),
-                                                             (256, "contiguous", 1, 4)])
-def test_decode_compiles_for_sm90_without_spills(head_dim, layout, q_len, splits):
+@pytest.mark.parametrize("head_dim, layout, q_len, splits, mask", [
+    (64, "contiguous", 1, 1, "window"), (128, "paged", 4, 3, "window"), (128, "contiguous", 16, 2, "window"),
+    (256, "paged", 16, 1, "window"), (256, "contiguous", 1, 4, "window"), (128, "paged", 8, 3, "topk"),
+    (64, "contiguous", 1, 1, "topk")])
+def test_decode_compiles_for_sm90_without_spills(head_dim, layout, q_len, splits, mask):
     if (why := _ptxas_missing()) is not None:
         pytest.skip(why)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "decode_compile.py"), str(head_dim), layout, str(q_len),
-                          str(splits)], env=env, capture_output=True, text=True, timeout=300)
+                          str(splits), mask], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(got) == ({"decode_split"} if splits == 1 else {"decode_split", "decode_merge"})

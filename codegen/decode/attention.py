@@ -21,7 +21,7 @@ from maskdsl.codegen import dispatch
 from maskdsl.codegen.decode import kernel
 from maskdsl.codegen.decode.checks import CacheShape, check_decode, value_problem
 from maskdsl.codegen.decode.predicate import load_predicate
-from maskdsl.analysis.decode_reach import decode_problem, reach_table
+from maskdsl.analysis.decode_reach import decode_problem, reach_table, reach_table_of
 from maskdsl.spec import ir
 
 MAX_SPLITS = 64
@@ -40,17 +40,25 @@ class CompiledDecode:
     """The decode path of one static mask; `maskdsl.compile(...).decode` builds it on first use."""
 
     def __init__(self, mask: ir.MaskDef):
-        if mask.dynamic:
-            raise DecodeError(f"mask {mask.name!r} ({mask.expr.fmt()}) has a top-k term; decode runs static masks "
-                              "(1-D windows, causal, sinks, dilation, their unions and intersections, grids causal "
-                              "in their first dimension): docs/SERVING.md")
         self.mask = mask
         self.tokens = mask.layout.tokens
-        self.table = reach_table(mask)
-        if (problem := decode_problem(mask, self.table)) is not None:
+        shape = tuple(mask.layout.shape)
+        if mask.dynamic:  # S | (picked & R): the intervals are S's, every key a pick can add is R's
+            from maskdsl.codegen.decode.select import DecodeSelection
+
+            self.selection = DecodeSelection(mask)
+            form = self.selection.form
+            self.table = reach_table_of(form.static, shape)
+            envelope = reach_table_of(ir.union(*filter(None, (form.static, form.restrict))), shape)
+        else:
+            self.selection = None
+            self.table = envelope = reach_table(mask)
+        if (problem := decode_problem(mask, envelope)) is not None:
             raise DecodeError(problem + "; decode needs a mask causal in token order, e.g. `(... | sink(4)) & causal` "
                               "(docs/SERVING.md)")
-        self.attends = load_predicate(mask)
+        self.last_key = envelope.last
+        self.kernels = load_predicate(mask)
+        self.attends = self.kernels.attends
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
@@ -61,7 +69,7 @@ class CompiledDecode:
         device = torch.device(device)
         if device not in self._on:
             self._on[device] = (torch.from_numpy(self.table.intervals).to(device),
-                                torch.from_numpy(self.table.last).to(device))
+                                torch.from_numpy(self.last_key).to(device))
         return self._on[device]
 
     def tiles(self, shape: CacheShape) -> tuple[int, int, int, int]:
@@ -80,8 +88,20 @@ class CompiledDecode:
         sms = dispatch.sm_count(device) if device.type == "cuda" else 4
         reach = min(shape.capacity, self.tokens, self.table.widest + shape.q_len)
         tiles = -(-reach // block_n) + 1
+        if self.selection is not None:
+            tiles += self.selection.n_picks(shape.group) * self.block_tiles(block_n)
         want = -(-2 * sms // programs)
         return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+
+    def block_tiles(self, block_n: int) -> int:
+        """Key tiles of block_n keys that the row-major span of a top-k block can touch (the most of any block)."""
+        from maskdsl.harness.topk import block_boxes
+
+        boxes = block_boxes(self.mask.layout.shape, self.selection.form.topk.block)  # [blocks, rank, 2]
+        first = last = 0
+        for d, n in enumerate(self.mask.layout.shape):
+            first, last = first * n + boxes[:, d, 0], last * n + boxes[:, d, 1] - 1
+        return int((last // block_n - first // block_n + 1).max())
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, page_table=None, *, scale: float | None = None,
                  return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None):
@@ -120,8 +140,16 @@ class CompiledDecode:
             part_o = torch.empty((rows, shape.head_dim), device=q.device, dtype=torch.float32)
             part_l = torch.empty((rows,), device=q.device, dtype=torch.float32)
         pages = page_table if shape.paged else cache_seqlens
+        topk = {}
+        picked = plist = cache_seqlens  # not read without a top-k term
+        if self.selection is not None:
+            picked, plist = self.selection.picks(q, k_cache, cache_seqlens, page_table, shape.capacity)
+            m = self.kernels
+            topk = dict(TOPK=True, RESTRICT=m.restrict, KEY_BLOCK=m.key_block, BLOCK_FIRST=m.block_first,
+                        BLOCK_LAST=m.block_last, N_BLOCKS=self.selection.blocks, N_PICKS=plist.shape[-1],
+                        BLOCK_TILES=self.block_tiles(block_n))
         kernel.decode_split[(shape.batch, shape.kv_heads * m_tiles, splits)](
-            q, k_cache, v_cache, cache_seqlens, pages, intervals, out, lse, part_o, part_l,
+            q, k_cache, v_cache, cache_seqlens, pages, intervals, out, lse, part_o, part_l, picked, plist,
             scale * kernel.LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -132,7 +160,7 @@ class CompiledDecode:
             Q_PAD=max(2, _pow2(shape.q_len)), HEAD_DIM=shape.head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
             PAGED=shape.paged, PAGE_SIZE=max(shape.page_size, 1), DIRECT=direct,
             DOT_F32=q.dtype == torch.bfloat16 and dispatch.interpreting(),
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, **topk,
         )
         if not direct:
             kernel.decode_merge[(shape.batch * shape.heads * shape.q_len,)](

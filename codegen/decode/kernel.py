@@ -64,56 +64,101 @@ def _tiles(a, b, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, a, bb, t0, t1,
-            k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages,
-            ATTENDS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
-    """The online softmax over key tiles t0..t1-1 of the interval [a, bb] (tile 0 holds key a)."""
+def _tile(acc, m_i, l_i, q, scale_log2, keys, kv_ok, seen, K, V, PAGES, b, kvh,
+          k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages,
+          HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One key tile into the online softmax: `keys` [BLOCK_N] (read where kv_ok), `seen` [BLOCK_M, BLOCK_N]."""
     d = tl.arange(0, HEAD_DIM)
+    if PAGED:
+        page = tl.load(PAGES + b * p_sb + keys // PAGE_SIZE, mask=kv_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        k_rows = page * k_sb + (keys % PAGE_SIZE) * k_st
+        v_rows = page * v_sb + (keys % PAGE_SIZE) * v_st
+    else:
+        k_rows = b.to(tl.int64) * k_sb + keys.to(tl.int64) * k_st
+        v_rows = b.to(tl.int64) * v_sb + keys.to(tl.int64) * v_st
+    k = tl.load(K + kvh.to(tl.int64) * k_sh + k_rows[:, None] + d[None, :], mask=kv_ok[:, None], other=0.0)
+    v = tl.load(V + kvh.to(tl.int64) * v_sh + v_rows[:, None] + d[None, :], mask=kv_ok[:, None], other=0.0)
+    if DOT_F32:  # Triton's interpreter multiplies bf16 through numpy: take fp32 there
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(seen & kv_ok[None, :], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet stays 0, not NaN
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, a, bb, t0, t1,
+            k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages, PICKED, pick_rows,
+            ATTENDS: tl.constexpr, TOPK: tl.constexpr, RESTRICT: tl.constexpr, KEY_BLOCK: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """Key tiles t0..t1-1 of the interval [a, bb] (tile 0 holds key a). With TOPK, the interval is the
+    static part's and a pair is seen where S holds or its key's block is picked for the row's head and R holds."""
     base = a // BLOCK_N
     for i in range(t0, t1):
         keys = (base + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = (keys >= a) & (keys <= bb)
-        if PAGED:
-            page = tl.load(PAGES + b * p_sb + keys // PAGE_SIZE, mask=kv_ok, other=0)
-            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-            k_rows = page * k_sb + (keys % PAGE_SIZE) * k_st
-            v_rows = page * v_sb + (keys % PAGE_SIZE) * v_st
-        else:
-            k_rows = b.to(tl.int64) * k_sb + keys.to(tl.int64) * k_st
-            v_rows = b.to(tl.int64) * v_sb + keys.to(tl.int64) * v_st
-        k = tl.load(K + kvh.to(tl.int64) * k_sh + k_rows[:, None] + d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(V + kvh.to(tl.int64) * v_sh + v_rows[:, None] + d[None, :], mask=kv_ok[:, None], other=0.0)
-        if DOT_F32:  # Triton's interpreter multiplies bf16 through numpy: take fp32 there
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2
-        seen = ATTENDS(pos[:, None], keys[None, :]) & kv_ok[None, :] & row_ok[:, None]
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet stays 0, not NaN
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        seen = ATTENDS(pos[:, None], keys[None, :])
+        if TOPK:
+            block = KEY_BLOCK(keys)
+            picked = tl.load(PICKED + pick_rows[:, None] + block[None, :], mask=row_ok[:, None] & kv_ok[None, :],
+                             other=0)
+            seen = seen | ((picked != 0) & RESTRICT(pos[:, None], keys[None, :]))
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, scale_log2, keys, kv_ok, seen & row_ok[:, None], K, V, PAGES, b, kvh,
+                              k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages, HEAD_DIM, PAGED, PAGE_SIZE, DOT_F32)
     return acc, m_i, l_i
 
 
 @triton.jit
-def decode_split(Q, K, V, SEQLENS, PAGES, IV, OUT, LSE, PART_O, PART_L, scale_log2,
+def _attend_picks(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, length, v0, v1, a0, b0, a1, b1,
+                  k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages, PICKED, pick_rows, PLIST,
+                  RESTRICT: tl.constexpr, KEY_BLOCK: tl.constexpr, BLOCK_FIRST: tl.constexpr,
+                  BLOCK_LAST: tl.constexpr, BLOCK_TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Work items v0..v1-1 of the picked blocks (BLOCK_TILES key tiles per entry of PLIST, the group's
+    picks in block order, -1 past its last): the keys of the block outside the static intervals
+    [a0, b0] and [a1, b1] (visited already), a pair seen where the row's head picked the block and R holds."""
+    for v in range(v0, v1):
+        j = tl.load(PLIST + v // BLOCK_TILES)
+        if j >= 0:
+            lo = BLOCK_FIRST(j)
+            hi = tl.minimum(BLOCK_LAST(j), length - 1)
+            keys = (lo // BLOCK_N + v % BLOCK_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+            kv_ok = (keys >= lo) & (keys <= hi) & (KEY_BLOCK(keys) == j)
+            kv_ok = kv_ok & ((keys < a0) | (keys > b0)) & ((keys < a1) | (keys > b1))
+            picked = tl.load(PICKED + pick_rows + j, mask=row_ok, other=0) != 0
+            seen = (picked & row_ok)[:, None] & RESTRICT(pos[:, None], keys[None, :])
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, scale_log2, keys, kv_ok, seen, K, V, PAGES, b, kvh, k_sb, k_sh,
+                                  k_st, v_sb, v_sh, v_st, p_sb, num_pages, HEAD_DIM, PAGED, PAGE_SIZE, DOT_F32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def decode_split(Q, K, V, SEQLENS, PAGES, IV, OUT, LSE, PART_O, PART_L, PICKED, PLIST, scale_log2,
                  q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st, o_sb, o_sh, o_st, p_sb,
                  capacity, num_pages,
                  ATTENDS: tl.constexpr, TOKENS: tl.constexpr, HEADS: tl.constexpr, GROUP: tl.constexpr,
                  Q_LEN: tl.constexpr, Q_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DIRECT: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, TOPK: tl.constexpr = False, RESTRICT: tl.constexpr = None,
+                 KEY_BLOCK: tl.constexpr = None, BLOCK_FIRST: tl.constexpr = None, BLOCK_LAST: tl.constexpr = None,
+                 N_BLOCKS: tl.constexpr = 1, N_PICKS: tl.constexpr = 0, BLOCK_TILES: tl.constexpr = 1):
     """Grid (batch, kv heads x row blocks, splits). DIRECT (one split): write the output and the natural
-    LSE; else each split writes its normalized partial output and base-2 LSE for `decode_merge`."""
+    LSE; else each split writes its normalized partial output and base-2 LSE for `decode_merge`.
+
+    TOPK: `attends` is the static part S, PICKED [B, H, N_BLOCKS] int8 the blocks each head picked and
+    PLIST [B, H_kv, N_PICKS] int32 their union over the group (codegen.decode.select); the picked blocks'
+    tiles follow the static intervals' in the run the splits share."""
     b = tl.program_id(0)
     M_TILES: tl.constexpr = (GROUP * Q_LEN + BLOCK_M - 1) // BLOCK_M
     kvh = tl.program_id(1) // M_TILES
@@ -138,19 +183,29 @@ def decode_split(Q, K, V, SEQLENS, PAGES, IV, OUT, LSE, PART_O, PART_L, scale_lo
     a1, b1 = _slot(IV, first, length, 1, tl.maximum(b0, -1), TOKENS, Q_LEN, Q_PAD)
     n0 = _tiles(a0, b0, BLOCK_N)
     n1 = _tiles(a1, b1, BLOCK_N)
-    total = n0 + n1
+    total = n0 + n1 + N_PICKS * BLOCK_TILES
     start = total * split // splits
     stop = total * (split + 1) // splits
+    pick_rows = (b * HEADS + head).to(tl.int64) * N_BLOCKS
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, a0, b0,
                             tl.maximum(start, 0), tl.minimum(stop, n0), k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb,
-                            num_pages, ATTENDS, HEAD_DIM, BLOCK_N, PAGED, PAGE_SIZE, DOT_F32)
+                            num_pages, PICKED, pick_rows, ATTENDS, TOPK, RESTRICT, KEY_BLOCK, HEAD_DIM, BLOCK_N,
+                            PAGED, PAGE_SIZE, DOT_F32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, a1, b1,
                             tl.maximum(start - n0, 0), tl.minimum(stop - n0, n1), k_sb, k_sh, k_st, v_sb, v_sh,
-                            v_st, p_sb, num_pages, ATTENDS, HEAD_DIM, BLOCK_N, PAGED, PAGE_SIZE, DOT_F32)
+                            v_st, p_sb, num_pages, PICKED, pick_rows, ATTENDS, TOPK, RESTRICT, KEY_BLOCK, HEAD_DIM,
+                            BLOCK_N, PAGED, PAGE_SIZE, DOT_F32)
+    if TOPK:
+        acc, m_i, l_i = _attend_picks(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, length,
+                                      tl.maximum(start - n0 - n1, 0), tl.minimum(stop - n0 - n1, N_PICKS * BLOCK_TILES),
+                                      a0, b0, a1, b1, k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages, PICKED,
+                                      pick_rows, PLIST + (b * (HEADS // GROUP) + kvh).to(tl.int64) * N_PICKS,
+                                      RESTRICT, KEY_BLOCK, BLOCK_FIRST, BLOCK_LAST, BLOCK_TILES, HEAD_DIM, BLOCK_N,
+                                      PAGED, PAGE_SIZE, DOT_F32)
 
     some = l_i > 0.0
     o = acc / tl.where(some, l_i, 1.0)[:, None]

@@ -19,6 +19,7 @@ its new tokens see already in the cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,12 +51,20 @@ class ReachTable:
 
 
 def reach_table(mask: ir.MaskDef) -> ReachTable:
-    """The table of `mask` (static masks only: a top-k selection is not known before the data)."""
-    shape = tuple(mask.layout.shape)
-    tokens = mask.layout.tokens
+    """The table of a static `mask` (a top-k selection is not known before the data: `reach_table_of`
+    its normal form's parts)."""
+    return reach_table_of(mask.expr, tuple(mask.layout.shape))
+
+
+def reach_table_of(expr: ir.MaskExpr | None, shape: tuple[int, ...]) -> ReachTable:
+    """The table of a static expression on a grid (None: no key for any position)."""
+    tokens = math.prod(shape)
+    if expr is None:
+        empty = np.tile(np.array([1, 0], np.int32), (tokens, SLOTS))
+        return ReachTable(empty, np.full(tokens, -1, np.int32), 0)
     coords = np.indices(shape).reshape(len(shape), tokens)  # row-major: position p has coords[:, p]
     los, his = [], []
-    for term in num_products(mask.expr, shape):
+    for term in num_products(expr, shape):
         first = np.zeros(tokens, np.int64)
         last = np.zeros(tokens, np.int64)
         seen = np.ones(tokens, bool)
@@ -81,7 +90,8 @@ def reach_table(mask: ir.MaskDef) -> ReachTable:
 
 def decode_problem(mask: ir.MaskDef, table: ReachTable) -> str | None:
     """Why no decode step can run this mask exactly, else None: a mask whose query sees MAX_Q_LEN or more
-    tokens past itself needs keys no cache holds when its tokens arrive at most MAX_Q_LEN at a time."""
+    tokens past itself needs keys no cache holds when its tokens arrive at most MAX_Q_LEN at a time.
+    `table` is the mask's (a top-k mask's envelope S | R: every key a selection can reach)."""
     p, ahead = table.lookahead
     if ahead < MAX_Q_LEN:
         return None
