@@ -9,8 +9,10 @@ Each case is a batch of sequences at one context length, GQA heads, a few new to
   reported and not timed;
 * ours, contiguous and paged (shuffled pages), `check_values=False` as a server that captures graphs
   runs it: do_bench's median (host launch included) and the replay of a CUDA graph (device time);
-* dense SDPA over the whole cache (every backend that takes GQA, the best reported), which reads the
-  whole cache whatever the mask: the baseline a user without a sparse decode path has;
+* dense SDPA over the whole cache (cuDNN, flash and efficient; with `enable_gqa`, else with the kv
+  heads repeated outside the timing where that fits; the best reported; q_len > 1 without a mask, a
+  timing reference), which reads the whole cache whatever the mask: what a user without a sparse
+  decode path runs;
 * FlexAttention with the same mask: compiled `flex_attention` at q_len < 128 takes its decoding
   kernel; its BlockMask is built once per case, outside the timing, at the new tokens' positions.
 
@@ -114,21 +116,38 @@ def reference_error(case: DecodeCase, spec, q, kc, vc, out, sequences) -> float:
     return worst
 
 
+EXPAND_LIMIT = 16 * 2**30  # bytes: kv heads repeated for a backend without GQA only below this
+
+
 def sdpa_times(q, kc, vc, timer) -> dict:
-    """Dense SDPA over the whole cache with each backend that takes GQA (ms, or why it could not run)."""
+    """Dense SDPA over the whole cache with each backend (ms, or why it could not run): with `enable_gqa`,
+    and where a backend refuses that, with the kv heads repeated once outside the timing (`_expanded`)
+    when the copy fits EXPAND_LIMIT."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    group = q.shape[1] // kc.shape[1]
+    expanded = None
     out = {}
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        def call(backend=backend):
+        def call(backend=backend, k=kc, v=vc, gqa=True):
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         try:
             call()
             out[f"sdpa_{name}_ms"] = timer(call)
+            continue
         except RuntimeError as exc:
             out[f"sdpa_{name}_failed"] = str(exc).splitlines()[0][:200]
+        if group == 1 or kc.numel() * kc.element_size() * 2 * group > EXPAND_LIMIT:
+            continue
+        try:
+            if expanded is None:
+                expanded = tuple(c.repeat_interleave(group, 1) for c in (kc, vc))
+            call(backend, *expanded, False)
+            out[f"sdpa_{name}_expanded_ms"] = timer(lambda backend=backend: call(backend, *expanded, False))
+        except RuntimeError as exc:
+            out[f"sdpa_{name}_expanded_failed"] = str(exc).splitlines()[0][:200]
     return out
 
 
