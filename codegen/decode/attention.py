@@ -4,7 +4,8 @@ Convention (docs/SERVING.md): the new tokens' keys and values are already in the
 `cache_seqlens[b]` counts them, so sequence b's q_len new tokens sit at positions
 cache_seqlens[b] - q_len .. cache_seqlens[b] - 1 of the mask's grid, and each attends to the cached
 keys the mask gives that position on the grid. A mask that lets a query see a key past the new
-tokens is refused (`reach.decode_problem` at build time, the value check at call time).
+tokens is refused (`maskdsl.analysis.decode_reach.decode_problem` when the decode path is built,
+`checks.value_problem` at each call unless skipped).
 
 Everything a launch derives from the lengths is computed by the kernel from `cache_seqlens` on the
 device; the host chooses the tiles and the number of splits from shapes only, so growing lengths
@@ -17,11 +18,11 @@ import math
 
 import torch
 
+from maskdsl.analysis.decode_reach import decode_problem, reach_table, reach_table_of
 from maskdsl.codegen import dispatch
 from maskdsl.codegen.decode import kernel
 from maskdsl.codegen.decode.checks import CacheShape, check_decode, value_problem
 from maskdsl.codegen.decode.predicate import load_predicate
-from maskdsl.analysis.decode_reach import decode_problem, reach_table, reach_table_of
 from maskdsl.spec import ir
 
 MAX_SPLITS = 64
@@ -37,7 +38,8 @@ class DecodeError(ValueError):
 
 
 class CompiledDecode:
-    """The decode path of one static mask; `maskdsl.compile(...).decode` builds it on first use."""
+    """The decode path of one mask (static, or with a top-k term); `maskdsl.compile(...).decode` builds it
+    on first use (`decoder`): its reach table, its rendered predicate and, for top-k, its selection."""
 
     def __init__(self, mask: ir.MaskDef):
         self.mask = mask
@@ -60,6 +62,7 @@ class CompiledDecode:
         self.kernels = load_predicate(mask)
         self.attends = self.kernels.attends
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_tiles: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return f"CompiledDecode({self.mask.name} = {self.mask.expr.fmt()})"
@@ -95,13 +98,15 @@ class CompiledDecode:
 
     def block_tiles(self, block_n: int) -> int:
         """Key tiles of block_n keys that the row-major span of a top-k block can touch (the most of any block)."""
-        from maskdsl.harness.topk import block_boxes
+        if block_n not in self._block_tiles:
+            from maskdsl.harness.topk import block_boxes
 
-        boxes = block_boxes(self.mask.layout.shape, self.selection.form.topk.block)  # [blocks, rank, 2]
-        first = last = 0
-        for d, n in enumerate(self.mask.layout.shape):
-            first, last = first * n + boxes[:, d, 0], last * n + boxes[:, d, 1] - 1
-        return int((last // block_n - first // block_n + 1).max())
+            boxes = block_boxes(self.mask.layout.shape, self.selection.form.topk.block)  # [blocks, rank, 2]
+            first = last = 0
+            for d, n in enumerate(self.mask.layout.shape):
+                first, last = first * n + boxes[:, d, 0], last * n + boxes[:, d, 1] - 1
+            self._block_tiles[block_n] = int((last // block_n - first // block_n + 1).max())
+        return self._block_tiles[block_n]
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, page_table=None, *, scale: float | None = None,
                  return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None):

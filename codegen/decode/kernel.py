@@ -2,18 +2,18 @@
 
 One program per (sequence, kv head and block of its query rows, split). The rows of a program are
 the GQA group's query heads times the new tokens (they read the same keys, so they share one tile and
-one pass over the cache). The keys a program may need come from the reach table (maskdsl.analysis.decode_reach)
-at the new tokens' positions, read on the device: per slot, the lowest first key and the highest last
-key over the new rows, cut to the cache's length, the second slot starting past the first. The key
-tiles of both slots are numbered in one run and the splits take equal shares of it, so a window of
-4096 at a 128k context is split over its own ~64 tiles, and nothing derived from the lengths is a
-compile-time constant.
+one pass over the cache). The keys a program may need come from the reach table
+(maskdsl.analysis.decode_reach) at the new tokens' positions, read on the device: per slot, the lowest
+first key and the highest last key over the new rows, cut to the cache's length, the second slot
+starting past the first. The key tiles of both slots (and, for a top-k mask, of the picked blocks)
+are numbered in one run and the splits take equal shares of it, so a window of 4096 at a 128k context
+is split over its own ~64 tiles, and nothing derived from the lengths is a compile-time constant.
 
-`attends(q_pos, k_pos)` is the mask's predicate, a jitted function rendered per mask
-(codegen.decode.predicate) and passed as a constexpr; `neighborhood` below is the per-dimension rule
-it calls (maskdsl/harness/semantics.py states it). Every load is masked or clamped: keys past the
-cache's length are never read, page numbers are clamped to the pool, positions outside the grid
-give empty rows (output 0, LSE -inf).
+`attends(q_pos, k_pos)` is the mask's predicate (a top-k mask's static part S; `restrict` is its R),
+a jitted function rendered per mask (codegen.decode.predicate) and passed as a constexpr;
+`neighborhood` below is the per-dimension rule it calls (maskdsl/harness/semantics.py states it).
+Every load is masked or clamped: keys past the cache's length are never read, page numbers are
+clamped to the pool, positions outside the grid give empty rows (output 0, LSE -inf).
 """
 
 from __future__ import annotations
