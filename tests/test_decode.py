@@ -175,9 +175,11 @@ def test_lengths_change_no_launch_argument(monkeypatch):
     fn = decoder(spec.mask("m"))
     q = torch.zeros(2, 4, 1, 16)
     kc = torch.zeros(2, 2, 192, 16)
+    plans = len(fn._plans)
     for lens in ([1, 1], [16, 17], [32, 191], [64, 128], [192, 100]):
         fn(q, kc, kc, torch.tensor(lens, dtype=torch.int32), num_splits=2)
     assert len(seen["decode_split"]) == 1 and len(seen["decode_merge"]) == 1, seen
+    assert len(fn._plans) <= plans + 1  # one checked plan serves every length
 
 
 def _call(fn, **over):
@@ -198,6 +200,7 @@ def _call(fn, **over):
     ({"q": torch.zeros(2, 3, 1, 16)}, "kv heads must divide"),
     ({"cache_seqlens": torch.tensor([5, 6])}, "use torch.int32"),
     ({"cache_seqlens": torch.tensor([5], dtype=torch.int32)}, "has 1 entries"),
+    ({"cache_seqlens": torch.tensor([5, 0, 6], dtype=torch.int32)[::2]}, "cache_seqlens must be contiguous"),
     ({"v_cache": torch.zeros(2, 2, 31, 16)}, "must have the same shape"),
     ({"k_cache": torch.zeros(3, 2, 32, 16), "v_cache": torch.zeros(3, 2, 32, 16)}, "holds 3 sequences"),
     ({"page_table": torch.zeros(2, 4, dtype=torch.int64)}, "page_table.dtype"),

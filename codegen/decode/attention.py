@@ -15,6 +15,7 @@ never recompile and a step can be captured in a CUDA graph (with `check_values=F
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,7 @@ from maskdsl.codegen.decode.predicate import load_predicate
 from maskdsl.spec import ir
 
 MAX_SPLITS = 64
+MAX_PLANS = 256  # signatures remembered per mask (a server sees a few: its batch sizes and q_lens)
 MIN_TILES_PER_SPLIT = 2  # a split shorter than this spends more on its partial's write and merge than it saves
 
 
@@ -63,6 +65,7 @@ class CompiledDecode:
         self.attends = self.kernels.attends
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_tiles: dict[int, int] = {}
+        self._plans: dict[tuple, _Plan] = {}
 
     def __repr__(self) -> str:
         return f"CompiledDecode({self.mask.name} = {self.mask.expr.fmt()})"
@@ -110,11 +113,34 @@ class CompiledDecode:
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, page_table=None, *, scale: float | None = None,
                  return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None):
-        shape = check_decode(q, k_cache, v_cache, cache_seqlens, page_table, self.tokens)
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale)):
+        key = _signature(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
+        plan = self._plans.get(key)
+        if plan is None:  # a new signature: every shape check, then the launch arguments, once
+            plan = self._plan(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        if scale is None:
+            scale = plan.scale
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise DecodeError(f"scale must be a finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
-        scale = 1.0 / math.sqrt(shape.head_dim) if scale is None else float(scale)
+        intervals, last = self.tables(q.device)
+        if check_values and (problem := value_problem(plan.shape, cache_seqlens, page_table, last, self.tokens)):
+            raise DecodeError(problem)
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        self._run(plan, q, k_cache, v_cache, cache_seqlens, page_table, float(scale), out, lse, intervals)
+        return (out, lse) if return_lse else out
+
+    def launch(self, shape: CacheShape, q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
+               num_splits: int | None = None) -> None:
+        """The split kernel (and the merge when it splits) into `out` and `lse`; no value checks, no sync."""
+        plan = self._plan(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
+        self._run(plan, q, k_cache, v_cache, cache_seqlens, page_table, scale, out, lse, self.tables(q.device)[0])
+
+    def _plan(self, q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits) -> "_Plan":
+        """Every check of the shapes, then what the launches take besides the tensors and the scale."""
+        shape = check_decode(q, k_cache, v_cache, cache_seqlens, page_table, self.tokens)
         if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                        or not 1 <= num_splits <= MAX_SPLITS):
             raise DecodeError(f"num_splits must be an integer from 1 to {MAX_SPLITS}, got {num_splits!r}")
@@ -122,57 +148,76 @@ class CompiledDecode:
                                 or out.stride(-1) != 1):
             raise DecodeError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last "
                               f"dimension; got {tuple(out.shape)} {out.dtype}")
-        intervals, last = self.tables(q.device)
-        if check_values and (problem := value_problem(shape, cache_seqlens, page_table, last, self.tokens)):
-            raise DecodeError(problem)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        self.launch(shape, q, k_cache, v_cache, cache_seqlens, page_table, scale, out, lse, num_splits)
-        return (out, lse) if return_lse else out
-
-    def launch(self, shape: CacheShape, q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
-               num_splits: int | None = None) -> None:
-        """The split kernel (and the merge when it splits) into `out` and `lse`; no checks, no sync."""
-        intervals, _ = self.tables(q.device)
         block_m, block_n, warps, stages = self.tiles(shape)
         splits = num_splits or self.num_splits(shape, q.device, block_m, block_n)
         m_tiles = -(-shape.group * shape.q_len // block_m)
-        direct = splits == 1
-        if direct:
+        o_strides = out.stride()[:3] if out is not None else (q.shape[1] * q.shape[2] * q.shape[3],
+                                                               q.shape[2] * q.shape[3], q.shape[3])
+        pages = page_table if shape.paged else cache_seqlens
+        ints = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides, pages.stride(0),
+                shape.capacity, max(shape.num_pages, 1))
+        consts = dict(ATTENDS=self.attends, TOKENS=self.tokens, HEADS=shape.heads, GROUP=shape.group,
+                      Q_LEN=shape.q_len, Q_PAD=max(2, _pow2(shape.q_len)), HEAD_DIM=shape.head_dim, BLOCK_M=block_m,
+                      BLOCK_N=block_n, PAGED=shape.paged, PAGE_SIZE=max(shape.page_size, 1), DIRECT=splits == 1,
+                      DOT_F32=q.dtype == torch.bfloat16 and dispatch.interpreting(), num_warps=warps,
+                      num_stages=stages)
+        if self.selection is not None:
+            m = self.kernels
+            consts.update(TOPK=True, RESTRICT=m.restrict, KEY_BLOCK=m.key_block, BLOCK_FIRST=m.block_first,
+                          BLOCK_LAST=m.block_last, N_BLOCKS=self.selection.blocks,
+                          N_PICKS=self.selection.n_picks(shape.group), BLOCK_TILES=self.block_tiles(block_n))
+        merge = dict(HEADS=shape.heads, Q_LEN=shape.q_len, HEAD_DIM=shape.head_dim, SPLITS_PAD=max(2, _pow2(splits)),
+                     num_warps=4)
+        return _Plan(shape, (shape.batch, shape.kv_heads * m_tiles, splits), splits, ints, consts, o_strides, merge,
+                     1.0 / math.sqrt(shape.head_dim))
+
+    def _run(self, plan: "_Plan", q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
+             intervals) -> None:
+        shape = plan.shape
+        if plan.splits == 1:
             part_o = part_l = lse
         else:
-            rows = shape.batch * shape.heads * shape.q_len * splits
+            rows = shape.batch * shape.heads * shape.q_len * plan.splits
             part_o = torch.empty((rows, shape.head_dim), device=q.device, dtype=torch.float32)
             part_l = torch.empty((rows,), device=q.device, dtype=torch.float32)
-        pages = page_table if shape.paged else cache_seqlens
-        topk = {}
         picked = plist = cache_seqlens  # not read without a top-k term
         if self.selection is not None:
             picked, plist = self.selection.picks(q, k_cache, cache_seqlens, page_table, shape.capacity)
-            m = self.kernels
-            topk = dict(TOPK=True, RESTRICT=m.restrict, KEY_BLOCK=m.key_block, BLOCK_FIRST=m.block_first,
-                        BLOCK_LAST=m.block_last, N_BLOCKS=self.selection.blocks, N_PICKS=plist.shape[-1],
-                        BLOCK_TILES=self.block_tiles(block_n))
-        kernel.decode_split[(shape.batch, shape.kv_heads * m_tiles, splits)](
-            q, k_cache, v_cache, cache_seqlens, pages, intervals, out, lse, part_o, part_l, picked, plist,
-            scale * kernel.LOG2E,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            pages.stride(0), shape.capacity, max(shape.num_pages, 1),
-            ATTENDS=self.attends, TOKENS=self.tokens, HEADS=shape.heads, GROUP=shape.group, Q_LEN=shape.q_len,
-            Q_PAD=max(2, _pow2(shape.q_len)), HEAD_DIM=shape.head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            PAGED=shape.paged, PAGE_SIZE=max(shape.page_size, 1), DIRECT=direct,
-            DOT_F32=q.dtype == torch.bfloat16 and dispatch.interpreting(),
-            num_warps=warps, num_stages=stages, **topk,
-        )
-        if not direct:
+        pages = page_table if shape.paged else cache_seqlens
+        kernel.decode_split[plan.grid](q, k_cache, v_cache, cache_seqlens, pages, intervals, out, lse, part_o, part_l,
+                                       picked, plist, scale * kernel.LOG2E, *plan.ints, **plan.consts)
+        if plan.splits > 1:
             kernel.decode_merge[(shape.batch * shape.heads * shape.q_len,)](
-                part_o, part_l, out, lse, splits, out.stride(0), out.stride(1), out.stride(2),
-                HEADS=shape.heads, Q_LEN=shape.q_len, HEAD_DIM=shape.head_dim, SPLITS_PAD=max(2, _pow2(splits)),
-                num_warps=4,
-            )
+                part_o, part_l, out, lse, plan.splits, *plan.out_strides, **plan.merge)
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What a call of one signature launches with, besides its tensors and scale (`CompiledDecode._plan`)."""
+
+    shape: CacheShape
+    grid: tuple[int, int, int]
+    splits: int
+    ints: tuple[int, ...]  # strides, capacity, pool size
+    consts: dict  # the split kernel's constexprs and launch options
+    out_strides: tuple[int, ...]
+    merge: dict
+    scale: float  # the default: 1 / sqrt(head_dim)
+
+
+def _signature(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits) -> tuple:
+    """Everything the checks and the launch arguments depend on, and nothing the values do: a call with the
+    same signature reuses the checked plan (a warm decode step's host work is this tuple, a dict lookup,
+    the allocations and the launches)."""
+    key = [num_splits]
+    for t in (q, k_cache, v_cache, cache_seqlens, page_table, out):
+        if not isinstance(t, torch.Tensor):
+            key.append(None if t is None else type(t))
+            continue
+        key += (t.shape, t.stride(), t.dtype, t.device)
+    if isinstance(q, torch.Tensor) and q.device.type == "cpu":
+        key.append(dispatch.interpreting())  # whether the CPU may run kernels at all
+    return tuple(key)
 
 
 _DECODERS: dict[str, CompiledDecode] = {}

@@ -88,6 +88,9 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, page_table, tokens: int) ->
         raise ValueError(f"cache_seqlens has {cache_seqlens.shape[0]} entries but q holds {batch} sequences")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if batch > 1 and cache_seqlens.stride(0) != 1:
+        raise ValueError(f"cache_seqlens must be contiguous (stride {cache_seqlens.stride(0)}); call "
+                         "cache_seqlens.contiguous()")
     if q.device.type == "cpu" and not interpreting():
         raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
                          "triton to run the kernel in Triton's interpreter")
