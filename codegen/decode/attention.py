@@ -135,11 +135,11 @@ class CompiledDecode:
     def launch(self, shape: CacheShape, q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
                num_splits: int | None = None) -> None:
         """The split kernel (and the merge when it splits) into `out` and `lse`; no value checks, no sync."""
-        plan = self._plan(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
+        plan = self._arguments(shape, q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
         self._run(plan, q, k_cache, v_cache, cache_seqlens, page_table, scale, out, lse, self.tables(q.device)[0])
 
     def _plan(self, q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits) -> "_Plan":
-        """Every check of the shapes, then what the launches take besides the tensors and the scale."""
+        """Every check of the shapes, then `_arguments`."""
         shape = check_decode(q, k_cache, v_cache, cache_seqlens, page_table, self.tokens)
         if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                        or not 1 <= num_splits <= MAX_SPLITS):
@@ -148,6 +148,11 @@ class CompiledDecode:
                                 or out.stride(-1) != 1):
             raise DecodeError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last "
                               f"dimension; got {tuple(out.shape)} {out.dtype}")
+        return self._arguments(shape, q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
+
+    def _arguments(self, shape: CacheShape, q, k_cache, v_cache, cache_seqlens, page_table, out,
+                   num_splits) -> "_Plan":
+        """What the launches take besides the tensors and the scale, for checked shapes."""
         block_m, block_n, warps, stages = self.tiles(shape)
         splits = num_splits or self.num_splits(shape, q.device, block_m, block_n)
         m_tiles = -(-shape.group * shape.q_len // block_m)
