@@ -21,7 +21,7 @@ from gluon_compile import Sm90Driver, ptxas  # noqa: E402
 
 import maskdsl  # noqa: E402
 from maskdsl.codegen.decode import attention, kernel  # noqa: E402
-from maskdsl.codegen.decode.checks import CacheShape  # noqa: E402
+from maskdsl.codegen.decode.checks import CacheShape, value_problem  # noqa: E402
 
 
 MASKS = {"window": "(sliding_window(1024, causal=true) | sink(4)) & causal",
@@ -46,7 +46,7 @@ def main(head_dim: int, layout: str, q_len: int, splits: int, mask: str = "windo
 
     class Warm:
         def __init__(self, name):
-            self.jit = getattr(kernel, name)
+            self.jit = saved[name]
             self.name = name
 
         def __getitem__(self, grid):
@@ -54,13 +54,17 @@ def main(head_dim: int, layout: str, q_len: int, splits: int, mask: str = "windo
 
     driver.set_active(Sm90Driver())
     fn._on[torch.device("cpu")] = (torch.zeros(4096, 4, dtype=torch.int32), torch.zeros(4096, dtype=torch.int32))
-    split_kernel, merge_kernel = kernel.decode_split, kernel.decode_merge
-    kernel.decode_split, kernel.decode_merge = Warm("decode_split"), Warm("decode_merge")
+    names = ("decode_split", "decode_merge", "decode_check")
+    saved = {name: getattr(kernel, name) for name in names}
+    for name in names:
+        setattr(kernel, name, Warm(name))
     try:
         out = torch.empty_like(q)
         fn.launch(shape, q, kc, kc, lens, table, 0.1, out, torch.empty(q.shape[:3]), splits)
+        value_problem(shape, lens, table, torch.zeros(4096, dtype=torch.int32), 4096)  # binds the value check
     finally:
-        kernel.decode_split, kernel.decode_merge = split_kernel, merge_kernel
+        for name, jit in saved.items():
+            setattr(kernel, name, jit)
     result = {}
     for name, k in compiled.items():
         report, _ = ptxas(k.asm["ptx"])

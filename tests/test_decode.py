@@ -281,3 +281,32 @@ def test_the_serving_example_prefills_then_decodes_against_the_reference():
                           "--q-len", "2", "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("relative error vs float64 reference") == 3  # the prefill and two steps
+
+
+def test_the_value_check_kernel_and_its_messages_agree(gen):
+    """`value_problem` detects with one kernel (codegen.decode.kernel.decode_check) and `value_message`
+    explains in torch: over random lengths and page tables, one refuses exactly when the other does."""
+    from maskdsl.codegen.decode.checks import check_decode, value_message, value_problem
+
+    spec, _ = spec_of("image_rows")  # lengths can be short, past the cache, or see past it
+    fn = decoder(spec.mask("m"))
+    _, last = fn.tables("cpu")
+    refused = 0
+    for trial in range(40):
+        q_len = int(torch.randint(1, 9, (1,), generator=gen))
+        q = torch.zeros(3, 2, q_len, 16)
+        pool = torch.zeros(13, 2, 8, 16)
+        table = None
+        if trial % 2:
+            table = torch.stack([torch.randperm(13, generator=gen)[:12] for _ in range(3)]).to(torch.int32)
+            if int(torch.randint(0, 3, (1,), generator=gen)) == 0:  # a page outside the pool
+                table[int(torch.randint(0, 3, (1,), generator=gen)), int(torch.randint(0, 12, (1,), generator=gen))] = -1
+        lens = (torch.randint(1, 12, (3,), generator=gen) * 8).to(torch.int32)  # whole rows: fit
+        if int(torch.randint(0, 3, (1,), generator=gen)) == 0:  # shorter than q_len, past the cache or mid-row
+            lens[int(torch.randint(0, 3, (1,), generator=gen))] += int(torch.randint(-10, 10, (1,), generator=gen))
+        caches = (pool, pool) if table is not None else (torch.zeros(3, 2, 90, 16),) * 2
+        shape = check_decode(q, *caches, lens, table, fn.tokens)
+        problem = value_problem(shape, lens, table, last, fn.tokens)
+        assert (problem is None) == (value_message(shape, lens, table, last, fn.tokens) is None), (lens, table)
+        refused += problem is not None
+    assert 5 < refused < 40  # both outcomes were exercised

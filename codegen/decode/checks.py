@@ -1,7 +1,8 @@
 """Argument checks of a decode call, in one place; every error echoes the offending value.
 
-`check_decode` reads shapes, dtypes and devices only (no sync): it runs on every call. `value_problem`
-reads the lengths and the page table on the device and syncs once to learn whether anything is wrong;
+`check_decode` reads shapes, dtypes and devices only (no sync): it runs once per call signature.
+`value_problem` reads the lengths and the page table on the device and syncs once to learn whether
+anything is wrong;
 a call skips it with `check_values=False` (under CUDA-graph capture, say): the kernel never reads out of
 bounds whatever the values, but a wrong length then gives a wrong answer instead of an error.
 """
@@ -117,9 +118,28 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, page_table, tokens: int) ->
 
 
 def value_problem(shape: CacheShape, cache_seqlens, page_table, last_key, tokens: int) -> str | None:
-    """Why these lengths (and pages) do not fit, else None; one sync. `last_key` [tokens] int32 on the device:
-    the last key each position sees (maskdsl.analysis.decode_reach), so a new token that sees a key not yet in the
-    cache is refused."""
+    """Why these lengths (and pages) do not fit, else None. `last_key` [tokens] int32 on the device: the
+    last key each position sees (maskdsl.analysis.decode_reach), so a new token that sees a key not yet
+    in the cache is refused. One small kernel and one sync (`kernel.decode_check`); only a call that
+    fails pays for `value_message`."""
+    from maskdsl.codegen.decode import kernel
+
+    flags = torch.zeros(shape.batch + 1, dtype=torch.int32, device=cache_seqlens.device)
+    pages = page_table if shape.paged else cache_seqlens
+    max_pages = page_table.shape[1] if shape.paged else 1
+    kernel.decode_check[(shape.batch,)](cache_seqlens, last_key, pages, flags, pages.stride(0),
+                                        min(shape.capacity, tokens), max(shape.num_pages, 1), TOKENS=tokens,
+                                        Q_LEN=shape.q_len, Q_PAD=max(2, 1 << (shape.q_len - 1).bit_length()),
+                                        PAGED=shape.paged, PAGE_SIZE=max(shape.page_size, 1), MAX_PAGES=max_pages,
+                                        BLOCK_P=min(1024, max(16, 1 << (max_pages - 1).bit_length())))
+    if not int(flags[shape.batch]):  # the one sync
+        return None
+    return value_message(shape, cache_seqlens, page_table, last_key, tokens) or (
+        f"sequence {int(torch.nonzero(flags[:-1])[0, 0])}: its length or pages do not fit the cache or the mask")
+
+
+def value_message(shape: CacheShape, cache_seqlens, page_table, last_key, tokens: int) -> str | None:
+    """The message for the first sequence whose length or pages do not fit (None if all do), in torch."""
     lens = cache_seqlens.to(torch.int64)
     limit = min(shape.capacity, tokens)
     bad_len = (lens < shape.q_len) | (lens > limit)

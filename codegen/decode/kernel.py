@@ -242,3 +242,27 @@ def decode_merge(PART_O, PART_L, OUT, LSE, splits, o_sb, o_sh, o_st,
     tl.store(OUT + b.to(tl.int64) * o_sb + head * o_sh + t * o_st + d, o.to(OUT.dtype.element_ty))
     tl.store(LSE + row, tl.where(total > 0.0, (top_use + tl.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
                                  float("-inf")))
+
+
+@triton.jit
+def decode_check(SEQLENS, LAST, PAGES, FLAGS, p_sb, limit, num_pages, TOKENS: tl.constexpr, Q_LEN: tl.constexpr,
+                 Q_PAD: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """One program per sequence: FLAGS[b] = 1 when its length or pages do not fit (codegen.decode.checks
+    says which), and FLAGS[batch] the largest flag, the one number the host reads."""
+    b = tl.program_id(0)
+    n = tl.load(SEQLENS + b)
+    bad = (n < Q_LEN) | (n > limit)
+    t = tl.arange(0, Q_PAD)
+    pos = tl.minimum(tl.maximum(n - Q_LEN + t, 0), TOKENS - 1)
+    last = tl.load(LAST + pos, mask=t < Q_LEN, other=-1)
+    bad = bad | (tl.max(last, 0) >= n)
+    if PAGED:
+        used = (n + PAGE_SIZE - 1) // PAGE_SIZE
+        for j0 in range(0, MAX_PAGES, BLOCK_P):
+            j = j0 + tl.arange(0, BLOCK_P)
+            page = tl.load(PAGES + b * p_sb + j, mask=j < MAX_PAGES, other=0)
+            bad = bad | (tl.max(((j < used) & ((page < 0) | (page >= num_pages))).to(tl.int32), 0) > 0)
+    flag = bad.to(tl.int32)
+    tl.store(FLAGS + b, flag)
+    tl.atomic_max(FLAGS + tl.num_programs(0), flag)
