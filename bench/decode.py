@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import maskdsl
-from maskdsl.analysis.decode_reach import reach_table
 from maskdsl.spec import ir
 
 MASKS = {
     "causal": "causal",
     "window_sinks": "(sliding_window(4096, causal=true) | sink(4)) & causal",
+    "nsa": "(topk(k=16, block=128) | sliding_window(512, causal=true) | sink(4)) & causal",
 }
 MAX_CACHED_TOKENS = 2**22  # batch x context: 16 GiB for K and V at 8 kv heads, twice over with the paged copy
 PAGE_SIZE = 64
@@ -60,10 +60,12 @@ class DecodeCase:
 
 def default_cases() -> list[DecodeCase]:
     """The issue's grid: causal (the whole cache) at 8k-128k, batch 1-64, q_len 1 and 8, within
-    MAX_CACHED_TOKENS; the window with sinks at 128k."""
+    MAX_CACHED_TOKENS; the window with sinks at 128k; an NSA-style top-k mask at 32k (its reference is
+    computed on the CPU)."""
     cases = [DecodeCase("causal", ctx, batch, q_len) for ctx in (8192, 32768, 131072) for batch in (1, 8, 64)
              for q_len in (1, 8) if ctx * batch <= MAX_CACHED_TOKENS]
     cases += [DecodeCase("window_sinks", 131072, batch, q_len) for batch in (1, 8, 32) for q_len in (1, 8)]
+    cases += [DecodeCase("nsa", 32768, batch, q_len) for batch in (1, 8) for q_len in (1, 8)]
     return cases
 
 
@@ -100,20 +102,55 @@ def _paged(cache: torch.Tensor, perm: torch.Tensor, pages: int) -> torch.Tensor:
     return pool
 
 
-def reference_error(case: DecodeCase, spec, q, kc, vc, out, sequences) -> float:
-    """The largest relative error of `out` over `sequences` against the float64 reference."""
-    from maskdsl.harness.measure import relative_error
+def references(case: DecodeCase, spec, q, kc, vc, sequences) -> dict:
+    """{sequence: float64 reference of its new rows} over its whole cache (a top-k mask: the decode
+    selection's reference, maskdsl.harness.decode, on the CPU)."""
+    from maskdsl.harness.decode import decode_reference
     from maskdsl.harness.reference import reference_attention_block
 
     n = case.context
-    rows = torch.arange(n - case.q_len, n)
-    keys = torch.arange(n)
-    worst = 0.0
+    out = {}
     for b in sequences:
-        ref = reference_attention_block(q[b:b + 1], kc[b:b + 1], vc[b:b + 1], spec, "m", rows, keys)
-        err = relative_error(out[b:b + 1], ref)
-        worst = err if err != err else max(worst, err)  # NaN stays NaN
-    return worst
+        if spec.mask("m").dynamic:
+            out[b] = decode_reference(q[b:b + 1], kc[b:b + 1], vc[b:b + 1], spec, "m", [n])
+        else:
+            out[b] = reference_attention_block(q[b:b + 1], kc[b:b + 1], vc[b:b + 1], spec, "m",
+                                               torch.arange(n - case.q_len, n), torch.arange(n))
+    return out
+
+
+def worst_error(got, refs: dict) -> float:
+    """The largest relative error of `got` over the referenced sequences (NaN anywhere gives NaN)."""
+    from maskdsl.harness.measure import relative_error
+
+    errors = [relative_error(got[b:b + 1], ref.to(got.device)) for b, ref in refs.items()]
+    return float("nan") if any(e != e for e in errors) else max(errors)
+
+
+def reached_bytes(fn, case: DecodeCase, q, kc, lens) -> tuple[int, int]:
+    """(K/V bytes the step reaches, bytes a top-k selection reads besides): the static part's key ranges
+    (maskdsl.analysis.decode_reach) and, with a top-k term, the keys of the blocks the group picked."""
+    import numpy as np
+
+    from maskdsl.analysis.decode_reach import step_ranges
+
+    row = case.head_dim * ir.DTYPE_BYTES[case.dtype]
+    ranges = step_ranges(fn.table, lens.cpu().numpy(), case.q_len)  # [B, slots, 2]
+    if fn.selection is None:
+        keys = np.clip(ranges[..., 1] - ranges[..., 0] + 1, 0, None).sum(1) * case.kv_heads
+        return int(keys.sum()) * 2 * row, 0
+    _, plist = fn.selection.picks(q, kc, lens, None, kc.shape[2])
+    owner = fn.selection.owner("cpu")[:case.context].numpy()
+    total = 0
+    for b in range(case.batch):
+        static = np.zeros(case.context, bool)
+        for lo, hi in ranges[b]:
+            if lo <= hi:
+                static[lo:hi + 1] = True
+        for h in range(case.kv_heads):
+            picked = plist[b, h].cpu().numpy()
+            total += int((static | np.isin(owner, picked[picked >= 0])).sum())
+    return total * 2 * row, case.batch * case.kv_heads * case.context * row
 
 
 EXPAND_LIMIT = 16 * 2**30  # bytes: kv heads repeated for a backend without GQA only below this
@@ -169,10 +206,16 @@ def flex_decoding(case: DecodeCase, mask: ir.MaskDef, device):
     return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+DEFAULT_CONFIGS = (None,)  # the decode path's own tiles (codegen.decode.attention.CompiledDecode.tiles)
+
+
 def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with_flex: bool = True,
-             check_sequences: int = 2) -> dict:
-    """One case's record (see the module docstring); `timer(fn) -> ms`, `graph_timer(fn) -> ms or None`."""
+             check_sequences: int = 2, configs=DEFAULT_CONFIGS) -> dict:
+    """One case's record (see the module docstring); `timer(fn) -> ms`, `graph_timer(fn) -> ms or None`;
+    `configs`: (BLOCK_N, num_warps, num_stages) launch configs to time (None: the defaults), each checked
+    first; the headline numbers are the best config's."""
     from maskdsl.codegen.decode import decoder
+    from maskdsl.codegen.decode.checks import check_decode
     from maskdsl.harness.measure import tolerance
     from maskdsl.simulator.decode import DecodeStep, predict_decode
 
@@ -182,48 +225,61 @@ def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with
         timer, graph_timer = time_ms, graph_time_ms
     spec = case.spec()
     mask = spec.mask("m")
-    result = {"case": case.name, **asdict(case), "page_size": PAGE_SIZE}
+    result = {"case": case.name, **asdict(case), "mask_text": MASKS[case.mask], "page_size": PAGE_SIZE}
     start = time.perf_counter()
     fn = decoder(mask)
     result["build_s"] = time.perf_counter() - start
     q, kc, vc, lens, pool_k, pool_v, table = make_inputs(case, device)
-    shape = dict(lengths=(case.context,) * case.batch, heads=case.heads, kv_heads=case.kv_heads, q_len=case.q_len,
-                 head_dim=case.head_dim, dtype_bytes=ir.DTYPE_BYTES[case.dtype])
-    from maskdsl.codegen.decode.checks import check_decode
-
-    call_shape = check_decode(q, kc, vc, lens, None, mask.layout.tokens)
-    block_m, block_n, _, _ = fn.tiles(call_shape)
-    splits = fn.num_splits(call_shape, q.device, block_m, block_n)
-    result["splits"] = splits
-    sequences = sorted({0, case.batch - 1})[:check_sequences]
+    refs = references(case, spec, q, kc, vc, sorted({0, case.batch - 1})[:check_sequences])
+    kv_bytes, selection_bytes = reached_bytes(fn, case, q, kc, lens)
+    result["kv_bytes"], result["selection_bytes"] = kv_bytes, selection_bytes
     runs = {"ours": lambda: fn(q, kc, vc, lens, check_values=False),
             "ours_paged": lambda: fn(q, pool_k, pool_v, lens, table, check_values=False)}
     tol = tolerance(device)
-    for name, call in runs.items():
-        err = reference_error(case, spec, q, kc, vc, call(), sequences)
-        result[f"{name}_error"] = err
-        if not err < tol:
-            result[f"{name}_failed"] = f"relative error {err:.3g} against the float64 reference (tolerance {tol})"
+    result["configs"] = []
+    try:
+        for config in configs:
+            fn.configure(config)
+            call_shape = check_decode(q, kc, vc, lens, None, mask.layout.tokens)
+            block_m, block_n, warps, stages = fn.tiles(call_shape)
+            row = {"config": [block_n, warps, stages], "splits": fn.num_splits(call_shape, q.device, block_m, block_n)}
+            for name, call in runs.items():
+                row[f"{name}_error"] = err = worst_error(call(), refs)
+                if not err < tol:
+                    row[f"{name}_failed"] = f"relative error {err:.3g} against the float64 reference (tolerance {tol})"
+                    continue
+                row[f"{name}_ms"] = timer(call)
+                if graph_timer is not None:
+                    row[f"{name}_graph_ms"] = graph_timer(call)
+                for kind in ("ms", "graph_ms"):
+                    if row.get(f"{name}_{kind}"):
+                        row[f"{name}_{kind.replace('ms', 'tbps')}"] = kv_bytes / (row[f"{name}_{kind}"] * 1e-3) / 1e12
+            result["configs"].append(row)
+    finally:
+        fn.configure(None)
+    for name in runs:  # the headline: the best checked config of each cache layout
+        timed = [r for r in result["configs"] if r.get(f"{name}_ms")]
+        if not timed:
+            result[f"{name}_failed"] = "; ".join(r.get(f"{name}_failed", "not timed") for r in result["configs"])
             continue
-        result[f"{name}_ms"] = timer(call)
-        if graph_timer is not None:
-            result[f"{name}_graph_ms"] = graph_timer(call)
-    table_ = reach_table(mask)
-    for paged in (False, True):
-        step = DecodeStep(**shape, splits=splits, page_size=PAGE_SIZE if paged else 0)
-        pred = predict_decode(table_, step)
-        key = "ours_paged" if paged else "ours"
-        result["kv_bytes"] = pred.kv_bytes
-        result[f"{key}_predicted_us"] = pred.time_us
-        for kind in ("ms", "graph_ms"):
-            ms = result.get(f"{key}_{kind}")
-            if ms:
-                result[f"{key}_{kind.replace('ms', 'tbps')}"] = pred.kv_bytes / (ms * 1e-3) / 1e12
+        best = min(timed, key=lambda r: r[f"{name}_ms"])
+        result[f"{name}_config"] = best["config"]
+        result[f"{name}_splits"] = best["splits"]
+        for key in ("error", "ms", "graph_ms", "tbps", "graph_tbps"):
+            if best.get(f"{name}_{key}") is not None:
+                result[f"{name}_{key}"] = best[f"{name}_{key}"]
+        step = DecodeStep(lengths=(case.context,) * case.batch, heads=case.heads, kv_heads=case.kv_heads,
+                          q_len=case.q_len, head_dim=case.head_dim, dtype_bytes=ir.DTYPE_BYTES[case.dtype],
+                          splits=best["splits"], page_size=PAGE_SIZE if name == "ours_paged" else 0)
+        if fn.selection is None:  # the simulator costs static masks (a selection's reads are the data's)
+            result[f"{name}_predicted_us"] = predict_decode(fn.table, step).time_us
     result.update(sdpa_times(q, kc, vc, timer))
     sdpa = [v for k, v in result.items() if k.startswith("sdpa_") and k.endswith("_ms")]
     if sdpa:
         result["sdpa_best_ms"] = min(sdpa)
-    if with_flex:
+    if with_flex and mask.dynamic:
+        result["flex_failed"] = "not run: a top-k selection changes every step, FlexAttention's BlockMask is static"
+    elif with_flex:
         try:
             start = time.perf_counter()
             flex = flex_decoding(case, mask, q.device)
@@ -240,7 +296,18 @@ def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with
     return result
 
 
-def run_decode(out_json: str | None, only: str | None = None, with_flex: bool = True, device="cuda") -> list[dict]:
+def parse_configs(text: str | None):
+    """`64x4x2,128x8x3` -> ((64, 4, 2), (128, 8, 3)); None or empty: DEFAULT_CONFIGS."""
+    if not text:
+        return DEFAULT_CONFIGS
+    try:
+        return tuple(tuple(int(x) for x in item.split("x")) for item in text.split(",") if item)
+    except ValueError:
+        raise ValueError(f"--decode-configs takes BLOCK_NxWARPSxSTAGES items, comma-separated; got {text!r}") from None
+
+
+def run_decode(out_json: str | None, only: str | None = None, with_flex: bool = True, device="cuda",
+               configs=DEFAULT_CONFIGS) -> list[dict]:
     """Every selected case in this process; the JSON (environment and results) rewritten after each case."""
     import json
 
@@ -249,7 +316,7 @@ def run_decode(out_json: str | None, only: str | None = None, with_flex: bool = 
     results = []
     for case in select(default_cases(), only):
         try:
-            results.append(run_case(case, device, with_flex=with_flex))
+            results.append(run_case(case, device, with_flex=with_flex, configs=configs))
         except torch.cuda.OutOfMemoryError as exc:
             results.append({"case": case.name, "failed": f"out of memory: {str(exc).splitlines()[0][:200]}"})
         torch.cuda.empty_cache()
@@ -264,7 +331,7 @@ def summary(r: dict) -> str:
     """One line of a case's record."""
     if "failed" in r:
         return f"{r['case']}: {r['failed']}"
-    cols = [f"{r['case']:34}", f"splits {r.get('splits')}"]
+    cols = [f"{r['case']:34}", f"config {r.get('ours_config')} splits {r.get('ours_splits')}"]
     for key in ("ours", "ours_paged"):
         if f"{key}_failed" in r:
             cols.append(f"{key} FAILED ({r[f'{key}_failed']})")

@@ -66,6 +66,7 @@ class CompiledDecode:
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_tiles: dict[int, int] = {}
         self._plans: dict[tuple, _Plan] = {}
+        self.launch_config: tuple[int, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"CompiledDecode({self.mask.name} = {self.mask.expr.fmt()})"
@@ -79,12 +80,25 @@ class CompiledDecode:
         return self._on[device]
 
     def tiles(self, shape: CacheShape) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call's shapes."""
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call's shapes; `launch_config` (BLOCK_N, num_warps,
+        num_stages), when set, replaces the last three (what `maskdsl bench --decode --decode-configs` sweeps)."""
         rows = shape.group * shape.q_len
         wide = shape.head_dim > 128  # a 256-column fp32 accumulator: smaller tiles keep it in registers (sm_90)
         block_m = min(32 if wide else 64, max(16, _pow2(rows)))
-        block_n = 32 if wide else 64
-        return block_m, block_n, 4, 2
+        if self.launch_config is not None:
+            return (block_m, *self.launch_config)
+        return block_m, 32 if wide else 64, 4, 2
+
+    def configure(self, launch_config: tuple[int, int, int] | None) -> None:
+        """Set (BLOCK_N, num_warps, num_stages) for the calls that follow (None: the defaults of `tiles`)."""
+        if launch_config is not None:
+            block_n, warps, stages = launch_config
+            if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+                raise DecodeError(f"launch config {launch_config!r}: BLOCK_N a power of two >= 16, num_warps a power "
+                                  "of two up to 16, num_stages >= 1")
+            launch_config = (int(block_n), int(warps), int(stages))
+        self.launch_config = launch_config
+        self._plans.clear()
 
     def num_splits(self, shape: CacheShape, device, block_m: int, block_n: int) -> int:
         """Splits of each row block's keys: enough programs for about two per multiprocessor, no more
