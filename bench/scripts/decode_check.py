@@ -3,7 +3,8 @@
 For each case: sequences at random lengths, contiguous and paged caches (shuffled pages, page sizes
 16 and 256), caches NaN past every length and in unused pages, outputs poisoned with NaN; every new
 row of the checked sequences against the float64 reference of the whole sequence
-(maskdsl.harness.reference), splits from the host's choice and forced ones. Then one CUDA graph of a
+(maskdsl.harness.reference; a top-k mask: maskdsl.harness.decode), splits from the host's choice and
+forced ones. Then one CUDA graph of a
 decode step (check_values=False) captured once and replayed at new lengths (the cache's contents
 changed in place), each replay checked; and the number of compiled kernel variants before and after
 calls at many lengths (a recompile would add one). Writes $OUT/decode_check.json (the working
@@ -23,6 +24,7 @@ import torch
 import maskdsl
 from maskdsl.codegen.decode import decoder, kernel
 from maskdsl.harness.measure import relative_error
+from maskdsl.harness.decode import decode_reference
 from maskdsl.harness.reference import reference_attention_block
 
 # name -> (grid, mask, heads, kv_heads, head_dim, dtype, q_len, length step: whole frames or rows)
@@ -37,6 +39,8 @@ CASES = {
                          "causal=true) | sink(16)) & causal", 16, 2, 128, torch.bfloat16, 2, 1),
     "video_frames": ("grid(16, 4, 4)", "neighborhood(window=(4, 3, 3), causal=(true, false, false)) | sink(16) & causal",
                      8, 8, 128, torch.bfloat16, 16, 16),
+    "nsa_8k": ("grid(8192)", "(topk(k=8, block=64) | sliding_window(256, causal=true) | sink(4)) & causal", 16, 4,
+               128, torch.bfloat16, 4, 1),
     "image_rows": ("grid(256, 16)", "neighborhood(window=(33, 9), causal=(true, false))", 32, 8, 128, torch.float16,
                    16, 16),
 }
@@ -84,6 +88,9 @@ def caches(k, v, lens, page_size, gen):
 
 def reference(spec, q, k, v, lens, q_len, b):
     n = lens[b]
+    if spec.mask("m").dynamic:  # top-k: the decode selection's reference (maskdsl.harness.decode), on the CPU
+        out, lse = decode_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], spec, "m", [n], return_lse=True)
+        return out.to(q.device), lse.to(q.device)
     return reference_attention_block(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], spec, "m",
                                      torch.arange(n - q_len, n), torch.arange(n), return_lse=True)
 
