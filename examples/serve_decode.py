@@ -67,8 +67,8 @@ def main() -> int:
     # a causal mask's prompt rows see only prompt keys, so this is their attention on the whole sequence)
     out = torch.empty_like(q[:, :, :prompt])
     lse = torch.empty(out.shape[:3], device=args.device, dtype=torch.float32)
-    fn.launch_segment(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], d ** -0.5, out, lse,
-                      (0, prompt), (0, prompt))
+    prompt_qkv = (x[:, :, :prompt].contiguous() for x in (q, k, v))
+    fn.launch_segment(*prompt_qkv, d ** -0.5, out, lse, (0, prompt), (0, prompt))
     rows = torch.cat([torch.arange(8), torch.arange(prompt - 8, prompt)])  # the sinks' rows and the prompt's last
     check(f"prefill of {prompt} tokens (rows {rows.tolist()})", out[:, :, rows.to(out.device)], rows)
 

@@ -219,7 +219,7 @@ def test_bad_inputs_are_refused_before_any_kernel_runs(over, words, monkeypatch)
 
     monkeypatch.setattr(kernel, "decode_split", _Refuse())
     spec, _ = spec_of("window_sinks")
-    with pytest.raises(ValueError, match=_escaped(words)):
+    with pytest.raises(DecodeError, match=_escaped(words)):
         _call(decoder(spec.mask("m")), **over)
 
 

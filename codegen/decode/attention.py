@@ -22,7 +22,7 @@ import torch
 from maskdsl.analysis.decode_reach import decode_problem, reach_table, reach_table_of
 from maskdsl.codegen import dispatch
 from maskdsl.codegen.decode import kernel
-from maskdsl.codegen.decode.checks import CacheShape, check_decode, value_problem
+from maskdsl.codegen.decode.checks import CacheShape, DecodeError, check_decode, value_problem
 from maskdsl.codegen.decode.predicate import load_predicate
 from maskdsl.spec import ir
 
@@ -33,10 +33,6 @@ MIN_TILES_PER_SPLIT = 2  # a split shorter than this spends more on its partial'
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-class DecodeError(ValueError):
-    """A decode call's inputs do not fit the mask or the cache (the message says which and why)."""
 
 
 class CompiledDecode:

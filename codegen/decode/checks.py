@@ -19,6 +19,10 @@ from maskdsl.codegen.dispatch import interpreting
 from maskdsl.spec.limits import POW2_HEAD_DIMS
 
 
+class DecodeError(ValueError):
+    """A decode call's inputs do not fit the mask or the cache (the message says which and why)."""
+
+
 @dataclass(frozen=True)
 class CacheShape:
     """What a decode call's tensors say: the batch, heads, new tokens, head_dim, how many keys a sequence's
@@ -44,13 +48,13 @@ class CacheShape:
 
 def _tensor(name: str, t, dims: int, what: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise DecodeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dims:
-        raise ValueError(f"{name} must be {what}; got shape {tuple(t.shape)}")
+        raise DecodeError(f"{name} must be {what}; got shape {tuple(t.shape)}")
 
 
 def check_decode(q, k_cache, v_cache, cache_seqlens, page_table, tokens: int) -> CacheShape:
-    """The call's shapes, or a ValueError naming the argument; `tokens` is the grid's length (positions)."""
+    """The call's shapes, or a DecodeError (a ValueError) naming the argument; `tokens` is the grid's length (positions)."""
     _tensor("q", q, 4, "[batch, heads, q_len, head_dim]")
     paged = page_table is not None
     layout = "[pages, kv_heads, page_size, head_dim]" if paged else "[batch, kv_heads, max_len, head_dim]"
@@ -59,61 +63,61 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, page_table, tokens: int) ->
     _tensor("cache_seqlens", cache_seqlens, 1, "[batch]")
     batch, heads, q_len, head_dim = q.shape
     if q.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"q.dtype is {q.dtype}; use torch.float16, torch.bfloat16 or torch.float32")
+        raise DecodeError(f"q.dtype is {q.dtype}; use torch.float16, torch.bfloat16 or torch.float32")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
-            raise ValueError(f"{name}.dtype is {t.dtype} but q.dtype is {q.dtype}; q and the caches share one dtype")
+            raise DecodeError(f"{name}.dtype is {t.dtype} but q.dtype is {q.dtype}; q and the caches share one dtype")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; put them on one device")
+            raise DecodeError(f"{name} is on {t.device} but q is on {q.device}; put them on one device")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)}); "
+            raise DecodeError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)}); "
                              f"call {name}.contiguous()")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same shape")
+        raise DecodeError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same shape")
     if not 1 <= q_len <= MAX_Q_LEN:
-        raise ValueError(f"q holds {q_len} new tokens per sequence (dim 2 of {tuple(q.shape)}); decode takes 1 to "
+        raise DecodeError(f"q holds {q_len} new tokens per sequence (dim 2 of {tuple(q.shape)}); decode takes 1 to "
                          f"{MAX_Q_LEN}: run longer chunks through the compiled attention (a prefill)")
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, the caches have {k_cache.shape[3]}")
+        raise DecodeError(f"head_dim mismatch: q has {head_dim}, the caches have {k_cache.shape[3]}")
     if head_dim not in POW2_HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported by decode; use one of {POW2_HEAD_DIMS} "
+        raise DecodeError(f"head_dim {head_dim} is not supported by decode; use one of {POW2_HEAD_DIMS} "
                          "(pad q and the caches with zero columns)")
     kv_heads = k_cache.shape[1]
     if batch < 1 or heads < 1 or kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"q has {heads} heads and the caches {kv_heads} kv heads (dim 1): kv heads must divide "
+        raise DecodeError(f"q has {heads} heads and the caches {kv_heads} kv heads (dim 1): kv heads must divide "
                          "query heads (GQA/MQA), and there must be at least one sequence and head")
     if cache_seqlens.dtype != torch.int32:
-        raise ValueError(f"cache_seqlens.dtype is {cache_seqlens.dtype}; use torch.int32")
+        raise DecodeError(f"cache_seqlens.dtype is {cache_seqlens.dtype}; use torch.int32")
     if cache_seqlens.shape[0] != batch:
-        raise ValueError(f"cache_seqlens has {cache_seqlens.shape[0]} entries but q holds {batch} sequences")
+        raise DecodeError(f"cache_seqlens has {cache_seqlens.shape[0]} entries but q holds {batch} sequences")
     if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+        raise DecodeError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     if batch > 1 and cache_seqlens.stride(0) != 1:
-        raise ValueError(f"cache_seqlens must be contiguous (stride {cache_seqlens.stride(0)}); call "
+        raise DecodeError(f"cache_seqlens must be contiguous (stride {cache_seqlens.stride(0)}); call "
                          "cache_seqlens.contiguous()")
     if q.device.type == "cpu" and not interpreting():
-        raise ValueError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
+        raise DecodeError("q is on the CPU: move tensors to a GPU, or set TRITON_INTERPRET=1 before importing "
                          "triton to run the kernel in Triton's interpreter")
     if not paged:
         if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences (dim 0) but q holds {batch}; a paged "
+            raise DecodeError(f"k_cache holds {k_cache.shape[0]} sequences (dim 0) but q holds {batch}; a paged "
                              "cache needs its page_table")
         return CacheShape(batch, heads, kv_heads, q_len, head_dim, k_cache.shape[2])
     _tensor("page_table", page_table, 2, "[batch, max_pages]")
     if page_table.dtype != torch.int32:
-        raise ValueError(f"page_table.dtype is {page_table.dtype}; use torch.int32")
+        raise DecodeError(f"page_table.dtype is {page_table.dtype}; use torch.int32")
     if page_table.shape[0] != batch:
-        raise ValueError(f"page_table has {page_table.shape[0]} rows but q holds {batch} sequences")
+        raise DecodeError(f"page_table has {page_table.shape[0]} rows but q holds {batch} sequences")
     if page_table.device != q.device:
-        raise ValueError(f"page_table is on {page_table.device} but q is on {q.device}")
+        raise DecodeError(f"page_table is on {page_table.device} but q is on {q.device}")
     if page_table.stride(-1) != 1:
-        raise ValueError("page_table must be contiguous in its last dimension; call page_table.contiguous()")
+        raise DecodeError("page_table must be contiguous in its last dimension; call page_table.contiguous()")
     pages, page_size = k_cache.shape[0], k_cache.shape[2]
     if page_size < 1 or page_size & (page_size - 1):
-        raise ValueError(f"page size {page_size} (dim 2 of the caches) is not a power of two")
+        raise DecodeError(f"page size {page_size} (dim 2 of the caches) is not a power of two")
     if pages < 1 or page_table.shape[1] < 1:
-        raise ValueError(f"the page pool ({pages} pages) and page_table {tuple(page_table.shape)} must not be empty")
+        raise DecodeError(f"the page pool ({pages} pages) and page_table {tuple(page_table.shape)} must not be empty")
     return CacheShape(batch, heads, kv_heads, q_len, head_dim, page_table.shape[1] * page_size, page_size, pages)
 
 
