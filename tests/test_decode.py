@@ -310,3 +310,28 @@ def test_the_value_check_kernel_and_its_messages_agree(gen):
         assert (problem is None) == (value_message(shape, lens, table, last, fn.tokens) is None), (lens, table)
         refused += problem is not None
     assert 5 < refused < 40  # both outcomes were exercised
+
+
+def test_splits_fill_the_gpu_from_shapes_only(monkeypatch):
+    """One sequence at a long context splits its keys over the GPU; a batch that fills it alone does not
+    split; a short reach caps the splits (each keeps MIN_TILES_PER_SPLIT key tiles)."""
+    from maskdsl.codegen import dispatch
+    from maskdsl.codegen.decode import attention
+    from maskdsl.codegen.decode.checks import CacheShape
+
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    causal = decoder(maskdsl.parse("layout s = grid(131072)\nmask m = causal\n").mask("m"))
+    window = decoder(maskdsl.parse("layout s = grid(131072)\nmask m = sliding_window(256, causal=true)\n").mask("m"))
+
+    def splits(fn, batch, q_len=1):
+        shape = CacheShape(batch, 64, 8, q_len, 128, 131072)
+        block_m, block_n, _, _ = fn.tiles(shape)
+        return fn.num_splits(shape, cuda, block_m, block_n), block_n
+
+    one, _ = splits(causal, 1)
+    assert 8 * one >= 132  # at least a program per multiprocessor
+    assert splits(causal, 256)[0] == 1  # 2048 programs: whole waves already
+    short, block_n = splits(window, 1)
+    assert 1 < short <= (-(-257 // block_n) + 1) // attention.MIN_TILES_PER_SPLIT
+    assert all(1 <= splits(causal, b, q)[0] <= attention.MAX_SPLITS for b in (1, 3, 8, 64) for q in (1, 5, 16))

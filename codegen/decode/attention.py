@@ -29,6 +29,8 @@ from maskdsl.spec import ir
 MAX_SPLITS = 64
 MAX_PLANS = 256  # signatures remembered per mask (a server sees a few: its batch sizes and q_lens)
 MIN_TILES_PER_SPLIT = 2  # a split shorter than this spends more on its partial's write and merge than it saves
+FILL = 0.85  # the least share of its last wave of programs `num_splits` accepts without looking further
+SHARED_BYTES = 227 * 1024  # shared memory a program may use on sm_90 (programs per SM follow from it)
 
 
 def _pow2(n: int) -> int:
@@ -97,17 +99,25 @@ class CompiledDecode:
         self._plans.clear()
 
     def num_splits(self, shape: CacheShape, device, block_m: int, block_n: int) -> int:
-        """Splits of each row block's keys: enough programs for about two per multiprocessor, no more
-        than the widest reach (the mask's, cut to the cache) gives each split MIN_TILES_PER_SPLIT tiles.
-        Shapes only: the same call at any lengths launches the same grid."""
+        """Splits of each row block's keys, from shapes only (the same call at any lengths launches the same
+        grid): the fewest that fill the GPU's program slots in whole waves (at least one wave, the last at
+        least FILL full), else the best filled; never so many that a split of the widest reach (the mask's,
+        cut to the cache) gets fewer than MIN_TILES_PER_SPLIT tiles."""
         programs = shape.batch * shape.kv_heads * -(-shape.group * shape.q_len // block_m)
-        sms = dispatch.sm_count(device) if device.type == "cuda" else 4
         reach = min(shape.capacity, self.tokens, self.table.widest + shape.q_len)
         tiles = -(-reach // block_n) + 1
         if self.selection is not None:
             tiles += self.selection.n_picks(shape.group) * self.block_tiles(block_n)
-        want = -(-2 * sms // programs)
-        return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+        most = max(1, min(tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+        _, _, _, stages = self.tiles(shape)
+        tile_bytes = 2 * block_n * shape.head_dim * 2  # a K and a V tile, 2-byte elements
+        per_sm = max(1, min(4, SHARED_BYTES // (stages * tile_bytes + block_m * shape.head_dim * 2)))
+        slots = (dispatch.sm_count(device) if device.type == "cuda" else 4) * per_sm
+        fill = [(programs * s / slots) / math.ceil(programs * s / slots) for s in range(1, most + 1)]
+        for s, f in enumerate(fill, 1):
+            if programs * s >= slots and f >= FILL:
+                return s
+        return 1 + max(range(most), key=lambda i: (fill[i], -i))
 
     def block_tiles(self, block_n: int) -> int:
         """Key tiles of block_n keys that the row-major span of a top-k block can touch (the most of any block)."""
