@@ -66,11 +66,16 @@ def _tiles(a, b, BLOCK_N: tl.constexpr):
 @triton.jit
 def _tile(acc, m_i, l_i, q, scale_log2, keys, kv_ok, seen, K, V, PAGES, b, kvh,
           k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages,
-          HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+          DOT_F32: tl.constexpr):
     """One key tile into the online softmax: `keys` [BLOCK_N] (read where kv_ok), `seen` [BLOCK_M, BLOCK_N]."""
     d = tl.arange(0, HEAD_DIM)
     if PAGED:
-        page = tl.load(PAGES + b * p_sb + keys // PAGE_SIZE, mask=kv_ok, other=0)
+        if PAGE_SIZE >= BLOCK_N:  # tiles start on multiples of BLOCK_N: the whole tile is in one page
+            page = tl.load(PAGES + b * p_sb + tl.min(keys, 0) // PAGE_SIZE, mask=tl.max(kv_ok.to(tl.int32), 0) > 0,
+                           other=0)
+        else:
+            page = tl.load(PAGES + b * p_sb + keys // PAGE_SIZE, mask=kv_ok, other=0)
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
         k_rows = page * k_sb + (keys % PAGE_SIZE) * k_st
         v_rows = page * v_sb + (keys % PAGE_SIZE) * v_st
@@ -115,7 +120,8 @@ def _attend(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh, a, b
                              other=0)
             seen = seen | ((picked != 0) & RESTRICT(pos[:, None], keys[None, :]))
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, scale_log2, keys, kv_ok, seen & row_ok[:, None], K, V, PAGES, b, kvh,
-                              k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages, HEAD_DIM, PAGED, PAGE_SIZE, DOT_F32)
+                              k_sb, k_sh, k_st, v_sb, v_sh, v_st, p_sb, num_pages, HEAD_DIM, BLOCK_N, PAGED, PAGE_SIZE,
+                              DOT_F32)
     return acc, m_i, l_i
 
 
@@ -139,7 +145,8 @@ def _attend_picks(acc, m_i, l_i, q, scale_log2, pos, row_ok, K, V, PAGES, b, kvh
             picked = tl.load(PICKED + pick_rows + j, mask=row_ok, other=0) != 0
             seen = (picked & row_ok)[:, None] & RESTRICT(pos[:, None], keys[None, :])
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, scale_log2, keys, kv_ok, seen, K, V, PAGES, b, kvh, k_sb, k_sh,
-                                  k_st, v_sb, v_sh, v_st, p_sb, num_pages, HEAD_DIM, PAGED, PAGE_SIZE, DOT_F32)
+                                  k_st, v_sb, v_sh, v_st, p_sb, num_pages, HEAD_DIM, BLOCK_N, PAGED, PAGE_SIZE,
+                                  DOT_F32)
     return acc, m_i, l_i
 
 
