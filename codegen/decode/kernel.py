@@ -50,8 +50,8 @@ def _slot(IV, first, length, slot: tl.constexpr, reach, TOKENS: tl.constexpr, Q_
     pos = first + t
     ok = (t < Q_LEN) & (pos >= 0) & (pos < TOKENS)
     row = tl.minimum(tl.maximum(pos, 0), TOKENS - 1)
-    lo = tl.load(IV + row * 4 + 2 * slot, mask=ok, other=1)
-    hi = tl.load(IV + row * 4 + 2 * slot + 1, mask=ok, other=0)
+    lo = tl.load(IV + row.to(tl.int64) * 4 + 2 * slot, mask=ok, other=1)
+    hi = tl.load(IV + row.to(tl.int64) * 4 + 2 * slot + 1, mask=ok, other=0)
     used = ok & (lo <= hi)
     a = tl.min(tl.where(used, lo, 2147483647), 0)
     b = tl.max(tl.where(used, hi, -1), 0)
@@ -183,8 +183,8 @@ def decode_split(Q, K, V, SEQLENS, PAGES, IV, OUT, LSE, PART_O, PART_L, PICKED, 
     row_ok = exists & (pos >= 0) & (pos < TOKENS)
 
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * q_sb + head[:, None] * q_sh + t[:, None] * q_st + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_rows = b.to(tl.int64) * q_sb + head.to(tl.int64) * q_sh + t * q_st  # q may be a view of a longer tensor
+    q = tl.load(Q + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
 
     a0, b0 = _slot(IV, first, length, 0, -1, TOKENS, Q_LEN, Q_PAD)
     a1, b1 = _slot(IV, first, length, 1, tl.maximum(b0, -1), TOKENS, Q_LEN, Q_PAD)
@@ -218,7 +218,7 @@ def decode_split(Q, K, V, SEQLENS, PAGES, IV, OUT, LSE, PART_O, PART_L, PICKED, 
     o = acc / tl.where(some, l_i, 1.0)[:, None]
     lse2 = tl.where(some, m_i + tl.log2(tl.where(some, l_i, 1.0)), float("-inf"))
     if DIRECT:
-        out = OUT + b.to(tl.int64) * o_sb + head[:, None] * o_sh + t[:, None] * o_st + d[None, :]
+        out = OUT + (b.to(tl.int64) * o_sb + head.to(tl.int64) * o_sh + t * o_st)[:, None] + d[None, :]
         tl.store(out, o.to(OUT.dtype.element_ty), mask=exists[:, None])
         tl.store(LSE + (b * HEADS + head) * Q_LEN + t, lse2 * 0.6931471805599453, mask=exists)
     else:
@@ -246,7 +246,7 @@ def decode_merge(PART_O, PART_L, OUT, LSE, splits, o_sb, o_sh, o_st,
     part = tl.load(PART_O + (row.to(tl.int64) * splits + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None],
                    other=0.0)
     o = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(OUT + b.to(tl.int64) * o_sb + head * o_sh + t * o_st + d, o.to(OUT.dtype.element_ty))
+    tl.store(OUT + b.to(tl.int64) * o_sb + head.to(tl.int64) * o_sh + t * o_st + d, o.to(OUT.dtype.element_ty))
     tl.store(LSE + row, tl.where(total > 0.0, (top_use + tl.log2(tl.where(total > 0.0, total, 1.0))) * 0.6931471805599453,
                                  float("-inf")))
 
