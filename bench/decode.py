@@ -127,30 +127,30 @@ def worst_error(got, refs: dict) -> float:
     return float("nan") if any(e != e for e in errors) else max(errors)
 
 
-def reached_bytes(fn, case: DecodeCase, q, kc, lens) -> tuple[int, int]:
-    """(K/V bytes the step reaches, bytes a top-k selection reads besides): the static part's key ranges
-    (maskdsl.analysis.decode_reach) and, with a top-k term, the keys of the blocks the group picked."""
+def reached_keys(fn, case: DecodeCase, q, kc, lens) -> tuple[int, int, int]:
+    """(keys of the static part's ranges, keys of picked blocks outside them, keys a top-k selection
+    averages), each summed over sequences and kv heads: maskdsl.analysis.decode_reach's ranges and,
+    with a top-k term, the blocks the group picked."""
     import numpy as np
 
     from maskdsl.analysis.decode_reach import step_ranges
 
-    row = case.head_dim * ir.DTYPE_BYTES[case.dtype]
     ranges = step_ranges(fn.table, lens.cpu().numpy(), case.q_len)  # [B, slots, 2]
+    static = int(np.clip(ranges[..., 1] - ranges[..., 0] + 1, 0, None).sum()) * case.kv_heads
     if fn.selection is None:
-        keys = np.clip(ranges[..., 1] - ranges[..., 0] + 1, 0, None).sum(1) * case.kv_heads
-        return int(keys.sum()) * 2 * row, 0
+        return static, 0, 0
     _, plist = fn.selection.picks(q, kc, lens, None, kc.shape[2])
     owner = fn.selection.owner("cpu")[:case.context].numpy()
-    total = 0
+    picked_keys = 0
     for b in range(case.batch):
-        static = np.zeros(case.context, bool)
+        seen = np.zeros(case.context, bool)
         for lo, hi in ranges[b]:
             if lo <= hi:
-                static[lo:hi + 1] = True
+                seen[lo:hi + 1] = True
         for h in range(case.kv_heads):
             picked = plist[b, h].cpu().numpy()
-            total += int((static | np.isin(owner, picked[picked >= 0])).sum())
-    return total * 2 * row, case.batch * case.kv_heads * case.context * row
+            picked_keys += int((np.isin(owner, picked[picked >= 0]) & ~seen).sum())
+    return static, picked_keys, case.batch * case.kv_heads * case.context
 
 
 EXPAND_LIMIT = 16 * 2**30  # bytes: kv heads repeated for a backend without GQA only below this
@@ -231,8 +231,10 @@ def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with
     result["build_s"] = time.perf_counter() - start
     q, kc, vc, lens, pool_k, pool_v, table = make_inputs(case, device)
     refs = references(case, spec, q, kc, vc, sorted({0, case.batch - 1})[:check_sequences])
-    kv_bytes, selection_bytes = reached_bytes(fn, case, q, kc, lens)
-    result["kv_bytes"], result["selection_bytes"] = kv_bytes, selection_bytes
+    static_keys, picked_keys, selection_keys = reached_keys(fn, case, q, kc, lens)
+    row_bytes = case.head_dim * ir.DTYPE_BYTES[case.dtype]
+    kv_bytes = (static_keys + picked_keys) * 2 * row_bytes
+    result["kv_bytes"], result["selection_bytes"] = kv_bytes, selection_keys * row_bytes
     runs = {"ours": lambda: fn(q, kc, vc, lens, check_values=False),
             "ours_paged": lambda: fn(q, pool_k, pool_v, lens, table, check_values=False)}
     tol = tolerance(device)
@@ -270,9 +272,9 @@ def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with
                 result[f"{name}_{key}"] = best[f"{name}_{key}"]
         step = DecodeStep(lengths=(case.context,) * case.batch, heads=case.heads, kv_heads=case.kv_heads,
                           q_len=case.q_len, head_dim=case.head_dim, dtype_bytes=ir.DTYPE_BYTES[case.dtype],
-                          splits=best["splits"], page_size=PAGE_SIZE if name == "ours_paged" else 0)
-        if fn.selection is None:  # the simulator costs static masks (a selection's reads are the data's)
-            result[f"{name}_predicted_us"] = predict_decode(fn.table, step).time_us
+                          splits=best["splits"], page_size=PAGE_SIZE if name == "ours_paged" else 0,
+                          picked_keys=picked_keys, selection_keys=selection_keys)
+        result[f"{name}_predicted_us"] = predict_decode(fn.table, step).time_us
     result.update(sdpa_times(q, kc, vc, timer))
     sdpa = [v for k, v in result.items() if k.startswith("sdpa_") and k.endswith("_ms")]
     if sdpa:

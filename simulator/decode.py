@@ -3,7 +3,8 @@
 A decode step reads, per sequence and kv head, the K and V rows of the key ranges it reaches
 (maskdsl.analysis.decode_reach: the same ranges the kernel computes on the device), the new queries,
 and writes the outputs; split over programs, each split also writes a partial output and LSE in
-fp32 that the merge reads back. Nothing here is compute-bound at q_len <= 16 (a GQA group of 8 at
+fp32 that the merge reads back. A top-k mask's step also reads the blocks its heads picked (data:
+the caller counts them, `picked_keys`) and, for the selection, every cached key once (`selection_keys`). Nothing here is compute-bound at q_len <= 16 (a GQA group of 8 at
 q_len 8 is 64 rows against each key: far below the tensor cores' balance point), so the time is
 
     launches * floor_us + bytes / (hbm_gbps * efficiency)
@@ -25,6 +26,7 @@ from maskdsl.simulator.cost import CostModel
 
 DEFAULT_EFFICIENCY = 1.0  # the spec bandwidth: the prediction is a lower bound on time until fitted
 DEFAULT_FLOOR_US = 2.0  # per kernel launch on the device; a placeholder until fitted
+SELECTION_LAUNCHES = 40  # about as many torch operations (each a launch) as the top-k selection runs (codegen.decode.select)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class DecodeStep:
     splits: int = 1
     capacity: int | None = None  # keys a sequence's cache holds (None: the grid's length)
     page_size: int = 0  # a paged cache also reads one int32 page number per key row it gathers
+    picked_keys: int = 0  # top-k: keys of picked blocks outside the static ranges (all sequences and kv heads)
+    selection_keys: int = 0  # top-k: cached keys the selection averages (K only; all sequences and kv heads)
 
 
 @dataclass(frozen=True)
@@ -59,13 +63,14 @@ def step_bytes(table: ReachTable, step: DecodeStep) -> tuple[int, int]:
     """(K/V bytes reached, all bytes moved) by one step."""
     keys = reached_keys(table, np.asarray(step.lengths), step.q_len, step.capacity)
     row = step.head_dim * step.dtype_bytes
-    kv = int(keys.sum()) * step.kv_heads * 2 * row
+    kv = (int(keys.sum()) * step.kv_heads + step.picked_keys) * 2 * row
     batch = len(step.lengths)
     rows = batch * step.heads * step.q_len
     io = rows * row * 2 + rows * 4  # q in, out and LSE out
     partial = rows * step.splits * (step.head_dim + 1) * 4 * 2 if step.splits > 1 else 0  # written, read back
-    pages = int(keys.sum()) * step.kv_heads * 4 if step.page_size else 0
-    return kv, kv + io + partial + pages
+    pages = kv // (2 * row) * 4 if step.page_size else 0
+    selection = step.selection_keys * row + batch * step.heads * step.q_len * row if step.selection_keys else 0
+    return kv, kv + io + partial + pages + selection
 
 
 def predict_decode(table: ReachTable, step: DecodeStep, model: CostModel | None = None,
@@ -76,6 +81,6 @@ def predict_decode(table: ReachTable, step: DecodeStep, model: CostModel | None 
         raise ValueError(f"the cost entry {model.name!r} has no HBM bandwidth (hbm_gbps); decode's time is bytes "
                          "over bandwidth")
     kv, total = step_bytes(table, step)
-    launches = 1 if step.splits == 1 else 2
+    launches = (1 if step.splits == 1 else 2) + (SELECTION_LAUNCHES if step.selection_keys else 0)
     time_us = launches * floor_us + total / (model.hbm_gbps * 1e9 * efficiency) * 1e6
     return DecodePrediction(kv, total, launches, time_us)

@@ -58,3 +58,18 @@ def test_the_simulator_costs_bytes_over_bandwidth_plus_a_floor_per_launch():
     assert got.launches == 2
     assert got.time_us == pytest.approx(2 * 3.0 + total / (model.hbm_gbps * 1e9 * 0.5) * 1e6)
     assert predict_decode(table, DecodeStep((131072,), 64, 8, 1, 128), model).launches == 1
+
+
+def test_a_top_k_step_adds_its_picked_blocks_and_the_selection_read():
+    spec = maskdsl.parse("layout s = grid(32768)\nmask m = (sliding_window(512, causal=true) | sink(4)) & causal\n")
+    table = reach_table(spec.mask("m"))
+    base = DecodeStep((32768,), heads=64, kv_heads=8, q_len=1, head_dim=128)
+    step = DecodeStep((32768,), heads=64, kv_heads=8, q_len=1, head_dim=128, picked_keys=8 * 16 * 128,
+                      selection_keys=8 * 32768)
+    (kv0, total0), (kv, total) = step_bytes(table, base), step_bytes(table, step)
+    assert kv - kv0 == 8 * 16 * 128 * 2 * 256  # the picked blocks' K and V rows (bf16, head_dim 128)
+    assert total - total0 == (kv - kv0) + 8 * 32768 * 256 + 64 * 256  # + every cached K row, the queries again
+    model = CostModel.for_gpu("H100")
+    from maskdsl.simulator.decode import SELECTION_LAUNCHES
+
+    assert predict_decode(table, step, model).launches == 1 + SELECTION_LAUNCHES
