@@ -43,6 +43,7 @@ class CompiledDecode:
 
     def __init__(self, mask: ir.MaskDef):
         self.mask = mask
+        self.key = mask.content_hash()  # what `maskdsl::decode` names it by
         self.tokens = mask.layout.tokens
         shape = tuple(mask.layout.shape)
         if mask.dynamic:  # S | (picked & R): the intervals are S's, every key a pick can add is R's
@@ -65,6 +66,7 @@ class CompiledDecode:
         self._block_tiles: dict[int, int] = {}
         self._plans: dict[tuple, _Plan] = {}
         self.launch_config: tuple[int, int, int] | None = None
+        _DECODERS.setdefault(self.key, self)  # the `maskdsl::decode` op finds it by its key
 
     def __repr__(self) -> str:
         return f"CompiledDecode({self.mask.name} = {self.mask.expr.fmt()})"
@@ -133,6 +135,9 @@ class CompiledDecode:
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, page_table=None, *, scale: float | None = None,
                  return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None):
+        if torch.compiler.is_compiling():  # torch.compile sees one opaque op (`maskdsl::decode`)
+            return _op_call(self.key, q, k_cache, v_cache, cache_seqlens, page_table, scale, return_lse, check_values,
+                            num_splits, out)
         key = _signature(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
         plan = self._plans.get(key)
         if plan is None:  # a new signature: every shape check, then the launch arguments, once
@@ -245,7 +250,7 @@ def _signature(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits) 
     return tuple(key)
 
 
-_DECODERS: dict[str, CompiledDecode] = {}
+_DECODERS: dict[str, CompiledDecode] = {}  # a mask's content hash, or a CompiledAttention's key -> its decode path
 
 
 def decoder(mask: ir.MaskDef) -> CompiledDecode:
@@ -254,3 +259,45 @@ def decoder(mask: ir.MaskDef) -> CompiledDecode:
     if key not in _DECODERS:
         _DECODERS[key] = CompiledDecode(mask)
     return _DECODERS[key]
+
+
+def decode_call(key: str, mask: ir.MaskDef, q, k_cache, v_cache, cache_seqlens, page_table=None, **kwargs):
+    """`CompiledAttention.decode` (named by its `key`): the decode path of its mask, found without hashing
+    the mask again, and under torch.compile the `maskdsl::decode` op (the op finds the path by the key)."""
+    if torch.compiler.is_compiling():
+        return _op_call(key, q, k_cache, v_cache, cache_seqlens, page_table, **kwargs)
+    fn = _DECODERS.get(key)
+    if fn is None:
+        fn = _DECODERS[key] = decoder(mask)
+    return fn(q, k_cache, v_cache, cache_seqlens, page_table, **kwargs)
+
+
+def _op_call(key, q, k_cache, v_cache, cache_seqlens, page_table, scale=None, return_lse=False, check_values=True,
+             num_splits=None, out=None):
+    if out is not None:
+        raise DecodeError("out= is not taken under torch.compile: use the returned output")
+    o, lse = torch.ops.maskdsl.decode(q, k_cache, v_cache, cache_seqlens, page_table, key,
+                                      None if scale is None else float(scale), check_values, num_splits or 0)
+    return (o, lse) if return_lse else o
+
+
+def _resolve(key: str) -> CompiledDecode:
+    fn = _DECODERS.get(key)
+    if fn is None:  # a CompiledAttention whose decode was first called inside torch.compile
+        from maskdsl.codegen.compiled import _REGISTRY
+
+        fn = _DECODERS[key] = decoder(_REGISTRY[key].mask)
+    return fn
+
+
+@torch.library.custom_op("maskdsl::decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               page_table: torch.Tensor | None, key: str, scale: float | None, check_values: bool,
+               num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _resolve(key)(q, k_cache, v_cache, cache_seqlens, page_table, scale=scale, return_lse=True,
+                         check_values=check_values, num_splits=num_splits or None)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, page_table, key, scale, check_values, num_splits):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
