@@ -237,6 +237,9 @@ def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with
     result["kv_bytes"], result["selection_bytes"] = kv_bytes, selection_keys * row_bytes
     runs = {"ours": lambda: fn(q, kc, vc, lens, check_values=False),
             "ours_paged": lambda: fn(q, pool_k, pool_v, lens, table, check_values=False)}
+    if fn.selection is not None:  # top-k with the block means kept beside the cache: the sparse selection
+        means = fn.block_means(kc, lens)
+        runs["ours_means"] = lambda: fn(q, kc, vc, lens, check_values=False, block_means=means)
     tol = tolerance(device)
     result["configs"] = []
     try:
@@ -273,7 +276,7 @@ def run_case(case: DecodeCase, device="cuda", timer=None, graph_timer=None, with
         step = DecodeStep(lengths=(case.context,) * case.batch, heads=case.heads, kv_heads=case.kv_heads,
                           q_len=case.q_len, head_dim=case.head_dim, dtype_bytes=ir.DTYPE_BYTES[case.dtype],
                           splits=best["splits"], page_size=PAGE_SIZE if name == "ours_paged" else 0,
-                          picked_keys=picked_keys, selection_keys=selection_keys)
+                          picked_keys=picked_keys, selection_keys=0 if name == "ours_means" else selection_keys)
         result[f"{name}_predicted_us"] = predict_decode(fn.table, step).time_us
     result.update(sdpa_times(q, kc, vc, timer))
     sdpa = [v for k, v in result.items() if k.startswith("sdpa_") and k.endswith("_ms")]
@@ -334,7 +337,7 @@ def summary(r: dict) -> str:
     if "failed" in r:
         return f"{r['case']}: {r['failed']}"
     cols = [f"{r['case']:34}", f"config {r.get('ours_config')} splits {r.get('ours_splits')}"]
-    for key in ("ours", "ours_paged"):
+    for key in ("ours", "ours_paged", "ours_means"):
         if f"{key}_failed" in r:
             cols.append(f"{key} FAILED ({r[f'{key}_failed']})")
         elif f"{key}_ms" in r:

@@ -365,4 +365,4 @@ def test_the_decode_op_passes_opcheck(gen):
     kc, vc = contiguous_cache(k, v, [50], 192)
     torch.library.opcheck(torch.ops.maskdsl.decode.default,
                           (new_rows(q, [50], 2), kc, vc, torch.tensor([50], dtype=torch.int32), None, fn.key, None,
-                           True, 0), test_utils=("test_schema", "test_faketensor"))
+                           True, 0, None, None), test_utils=("test_schema", "test_faketensor"))

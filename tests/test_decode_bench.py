@@ -39,16 +39,21 @@ def test_a_case_checks_then_times_each_config_and_reports_bytes_per_second(mask,
     monkeypatch.setitem(bench.MASKS, "window_sinks", "(sliding_window(20, causal=true) | sink(4)) & causal")
     monkeypatch.setitem(bench.MASKS, "nsa", "(topk(k=2, block=16) | sliding_window(8, causal=true) | sink(2)) & causal")
     case = bench.DecodeCase(mask, 96, 2, 2, heads=4, kv_heads=2, head_dim=16, dtype="fp32")
-    times = iter([0.5, 0.6, 0.25, 0.7] * 4)  # ms: the second config is the faster on the contiguous cache
+    times = iter([0.5, 0.6, 0.25, 0.7] if mask != "nsa" else [0.5, 0.6, 0.4, 0.25, 0.7, 0.3])  # ms per timed call:
+    # the second config is the faster on the contiguous cache, the first on the paged one
 
-    def timer(fn):
+    def timer(fn):  # ours first (config by config, each cache layout in turn), then SDPA's backends
         fn()
-        return next(times)
+        return next(times, 1.0)
 
     r = bench.run_case(case, "cpu", timer=timer, graph_timer=None, with_flex=False,
                        configs=bench.parse_configs("32x4x2,16x2x1"))
     assert [c["config"] for c in r["configs"]] == [[32, 4, 2], [16, 2, 1]]
     assert all(c["ours_error"] < 1e-5 and c["ours_paged_error"] < 1e-5 for c in r["configs"])
+    if mask == "nsa":  # top-k also runs with the block means kept beside the cache
+        assert all(c["ours_means_error"] < 1e-5 for c in r["configs"]) and r["ours_means_ms"] == 0.3
+    else:
+        assert not any("ours_means_ms" in c for c in r["configs"])
     assert (r["ours_config"], r["ours_ms"], r["ours_paged_config"], r["ours_paged_ms"]) == ([16, 2, 1], 0.25,
                                                                                           [32, 4, 2], 0.6)
     row = 2 * 2 * 16 * 4  # kv heads x (K, V) x head_dim x fp32

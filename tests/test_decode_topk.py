@@ -75,3 +75,39 @@ def test_a_whole_query_block_decodes_as_the_whole_sequence_selects(name, length,
                                        num_splits=3, return_lse=True)
     torch.testing.assert_close(got.double(), new_rows(full, lens, 16), atol=1e-5, rtol=0)
     torch.testing.assert_close(lse.double(), new_rows(full_lse, lens, 16), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["nsa_1d", "video"])
+def test_block_means_kept_beside_the_cache_give_the_same_steps(name, gen):
+    """A generation loop that keeps the block means (built once, then appended to each step) decodes as
+    the reference does, and its means stay those of the cache."""
+    spec = spec_of(name)
+    n = spec.mask("m").layout.tokens
+    q, k, v = inputs(spec, 6, 2, 2, gen)
+    fn = decoder(spec.mask("m"))
+    q_len = 16 if name == "video" else 3
+    lens = [32, 48] if name == "video" else [40, 71]
+    kc, vc = contiguous_cache(k, v, [n, n], n)  # the whole sequence written; lengths say what is cached
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    means = fn.block_means(kc, seqlens)
+    for _ in range(3):
+        seqlens += q_len
+        lens = seqlens.tolist()
+        means.append(torch.stack([k[b, :, m - q_len:m] for b, m in enumerate(lens)]), seqlens)
+        qn = new_rows(q, lens, q_len)
+        got = fn(qn, kc, vc, seqlens, num_splits=2, block_means=means)
+        torch.testing.assert_close(got.double(), decode_reference(qn, k, v, spec, "m", lens), atol=1e-5, rtol=0)
+    fresh = fn.block_means(kc, seqlens)
+    torch.testing.assert_close(means.sums, fresh.sums, atol=1e-5, rtol=0)
+    assert torch.equal(means.counts, fresh.counts)
+
+
+def test_block_means_of_the_wrong_shape_are_refused(gen):
+    from maskdsl.codegen.decode import DecodeError
+
+    spec = spec_of("nsa_1d")
+    fn = decoder(spec.mask("m"))
+    kc = torch.zeros(2, 2, 160, 16)
+    means = fn.block_means(kc[:1], torch.tensor([20], dtype=torch.int32))
+    with pytest.raises(DecodeError, match=r"needs \[B, H_kv, blocks, D\] = \[2, 2, 10, 16\]"):
+        fn(torch.zeros(2, 4, 1, 16), kc, kc, torch.tensor([20, 30], dtype=torch.int32), block_means=means)

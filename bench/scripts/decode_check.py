@@ -102,10 +102,12 @@ def check_case(name, gen, tol) -> list[dict]:
     rows = []
     for page_size in (0, 16, 256):
         kc, vc, table = caches(k, v, lens, page_size, gen)
-        for splits in (None, 1, 7):
+        seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        means = fn.block_means(kc, seqlens, table) if fn.selection is not None else None
+        for splits in (None, 1, 7, "means") if means is not None else (None, 1, 7):
             out = torch.full_like(q, float("nan"))
-            got, lse = fn(q, kc, vc, torch.tensor(lens, dtype=torch.int32, device="cuda"), table,
-                          num_splits=splits, return_lse=True, out=out)
+            got, lse = fn(q, kc, vc, seqlens, table, num_splits=None if splits == "means" else splits,
+                          return_lse=True, out=out, block_means=means if splits == "means" else None)
             torch.cuda.synchronize()
             err = max(relative_error(got[b:b + 1], refs[b][0]) for b in CHECKED)
             lse_err = max((lse[b:b + 1].double() - refs[b][1]).abs().nan_to_num(0.0).max().item() for b in CHECKED)

@@ -133,11 +133,21 @@ class CompiledDecode:
             self._block_tiles[block_n] = int((last // block_n - first // block_n + 1).max())
         return self._block_tiles[block_n]
 
+    def block_means(self, k_cache, cache_seqlens, page_table=None):
+        """A top-k mask's `KeyBlockMeans` of a filled cache (codegen.decode.select): keep them beside the
+        cache, `append` each step's new keys, and pass them to `decode(..., block_means=)` so that the
+        selection reads the block means instead of the whole cache."""
+        if self.selection is None:
+            raise DecodeError(f"mask {self.mask.name!r} has no top-k term: it has no block means to keep")
+        capacity = k_cache.shape[2] if page_table is None else page_table.shape[1] * k_cache.shape[2]
+        return self.selection.block_means(k_cache, cache_seqlens, page_table, capacity)
+
     def __call__(self, q, k_cache, v_cache, cache_seqlens, page_table=None, *, scale: float | None = None,
-                 return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None):
+                 return_lse: bool = False, check_values: bool = True, num_splits: int | None = None, out=None,
+                 block_means=None):
         if torch.compiler.is_compiling():  # torch.compile sees one opaque op (`maskdsl::decode`)
             return _op_call(self.key, q, k_cache, v_cache, cache_seqlens, page_table, scale, return_lse, check_values,
-                            num_splits, out)
+                            num_splits, out, block_means)
         key = _signature(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits)
         plan = self._plans.get(key)
         if plan is None:  # a new signature: every shape check, then the launch arguments, once
@@ -149,13 +159,24 @@ class CompiledDecode:
             scale = plan.scale
         elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise DecodeError(f"scale must be a finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
+        if block_means is not None:
+            self._check_means(block_means, plan.shape, q.device)
         intervals, last = self.tables(q.device)
         if check_values and (problem := value_problem(plan.shape, cache_seqlens, page_table, last, self.tokens)):
             raise DecodeError(problem)
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        self._run(plan, q, k_cache, v_cache, cache_seqlens, page_table, float(scale), out, lse, intervals)
+        self._run(plan, q, k_cache, v_cache, cache_seqlens, page_table, float(scale), out, lse, intervals, block_means)
         return (out, lse) if return_lse else out
+
+    def _check_means(self, means, shape: CacheShape, device) -> None:
+        if self.selection is None:
+            raise DecodeError(f"block_means= is for masks with a top-k term; mask {self.mask.name!r} has none")
+        want = (shape.batch, shape.kv_heads, self.selection.blocks, shape.head_dim)
+        if (tuple(means.sums.shape) != want or tuple(means.counts.shape) != want[:3]
+                or means.sums.device != device or means.counts.device != device):
+            raise DecodeError(f"block_means hold sums {tuple(means.sums.shape)} on {means.sums.device}; this call "
+                              f"needs [B, H_kv, blocks, D] = {list(want)} on {device} (CompiledDecode.block_means)")
 
     def launch(self, shape: CacheShape, q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
                num_splits: int | None = None) -> None:
@@ -202,7 +223,7 @@ class CompiledDecode:
                      1.0 / math.sqrt(shape.head_dim))
 
     def _run(self, plan: "_Plan", q, k_cache, v_cache, cache_seqlens, page_table, scale: float, out, lse,
-             intervals) -> None:
+             intervals, block_means=None) -> None:
         shape = plan.shape
         if plan.splits == 1:
             part_o = part_l = lse
@@ -212,7 +233,7 @@ class CompiledDecode:
             part_l = torch.empty((rows,), device=q.device, dtype=torch.float32)
         picked = plist = cache_seqlens  # not read without a top-k term
         if self.selection is not None:
-            picked, plist = self.selection.picks(q, k_cache, cache_seqlens, page_table, shape.capacity)
+            picked, plist = self.selection.picks(q, k_cache, cache_seqlens, page_table, shape.capacity, block_means)
         pages = page_table if shape.paged else cache_seqlens
         kernel.decode_split[plan.grid](q, k_cache, v_cache, cache_seqlens, pages, intervals, out, lse, part_o, part_l,
                                        picked, plist, scale * kernel.LOG2E, *plan.ints, **plan.consts)
@@ -273,11 +294,13 @@ def decode_call(key: str, mask: ir.MaskDef, q, k_cache, v_cache, cache_seqlens, 
 
 
 def _op_call(key, q, k_cache, v_cache, cache_seqlens, page_table, scale=None, return_lse=False, check_values=True,
-             num_splits=None, out=None):
+             num_splits=None, out=None, block_means=None):
     if out is not None:
         raise DecodeError("out= is not taken under torch.compile: use the returned output")
+    sums, counts = (None, None) if block_means is None else (block_means.sums, block_means.counts)
     o, lse = torch.ops.maskdsl.decode(q, k_cache, v_cache, cache_seqlens, page_table, key,
-                                      None if scale is None else float(scale), check_values, num_splits or 0)
+                                      None if scale is None else float(scale), check_values, num_splits or 0, sums,
+                                      counts)
     return (o, lse) if return_lse else o
 
 
@@ -293,11 +316,18 @@ def _resolve(key: str) -> CompiledDecode:
 @torch.library.custom_op("maskdsl::decode", mutates_args=())
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                page_table: torch.Tensor | None, key: str, scale: float | None, check_values: bool,
-               num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _resolve(key)(q, k_cache, v_cache, cache_seqlens, page_table, scale=scale, return_lse=True,
-                         check_values=check_values, num_splits=num_splits or None)
+               num_splits: int, means_sums: torch.Tensor | None,
+               means_counts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _resolve(key)
+    means = None
+    if means_sums is not None and means_counts is not None and fn.selection is not None:
+        from maskdsl.codegen.decode.select import KeyBlockMeans
+
+        means = KeyBlockMeans(means_sums, means_counts, fn.selection.owner(q.device))
+    return fn(q, k_cache, v_cache, cache_seqlens, page_table, scale=scale, return_lse=True, check_values=check_values,
+              num_splits=num_splits or None, block_means=means)
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, page_table, key, scale, check_values, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, page_table, key, scale, check_values, num_splits, means_sums, means_counts):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)

@@ -36,11 +36,14 @@ MAX_Q_LEN = 16
 class ReachTable:
     """`intervals` [L, 2 * SLOTS] int32: per query position, (lo, hi) inclusive key intervals, sorted and
     disjoint (an empty slot is lo > hi); `last` [L] int32: the last key each position sees (-1: none);
-    `widest`: most keys one position's intervals span (what one decode row can reach at most)."""
+    `widest`: most keys one position's intervals span (what one decode row can reach at most); `exact`:
+    whether the intervals hold exactly the keys each position sees (a 1-D grid, no dilation, at most SLOTS
+    intervals per row), not a superset."""
 
     intervals: np.ndarray
     last: np.ndarray
     widest: int
+    exact: bool = False
 
     @property
     def lookahead(self) -> tuple[int, int]:
@@ -61,10 +64,12 @@ def reach_table_of(expr: ir.MaskExpr | None, shape: tuple[int, ...]) -> ReachTab
     tokens = math.prod(shape)
     if expr is None:
         empty = np.tile(np.array([1, 0], np.int32), (tokens, SLOTS))
-        return ReachTable(empty, np.full(tokens, -1, np.int32), 0)
+        return ReachTable(empty, np.full(tokens, -1, np.int32), 0, True)
     coords = np.indices(shape).reshape(len(shape), tokens)  # row-major: position p has coords[:, p]
     los, his = [], []
-    for term in num_products(expr, shape):
+    terms = num_products(expr, shape)
+    exact = len(shape) == 1 and all(rel.dilation == 1 for term in terms for rel in term.num)
+    for term in terms:
         first = np.zeros(tokens, np.int64)
         last = np.zeros(tokens, np.int64)
         seen = np.ones(tokens, bool)
@@ -78,6 +83,7 @@ def reach_table_of(expr: ir.MaskExpr | None, shape: tuple[int, ...]) -> ReachTab
         his.append(np.where(seen, last, 0))
     iv = row_intervals(los, his, tokens)
     if isinstance(iv, str):  # more than SLOTS separate intervals in some row: one covering interval per row
+        exact = False
         lo = np.min([np.where(a <= b, a, tokens) for a, b in zip(los, his)], axis=0)
         hi = np.max([np.where(a <= b, b, -1) for a, b in zip(los, his)], axis=0)
         iv = np.tile(np.array([1, 0], np.int64), (tokens, SLOTS, 1))
@@ -85,7 +91,8 @@ def reach_table_of(expr: ir.MaskExpr | None, shape: tuple[int, ...]) -> ReachTab
     used = iv[..., 0] <= iv[..., 1]
     last = np.where(used, iv[..., 1], -1).max(axis=1)
     widest = int(np.where(used, iv[..., 1] - iv[..., 0] + 1, 0).sum(axis=1).max(initial=0))
-    return ReachTable(np.ascontiguousarray(iv.reshape(tokens, 2 * SLOTS), np.int32), last.astype(np.int32), widest)
+    return ReachTable(np.ascontiguousarray(iv.reshape(tokens, 2 * SLOTS), np.int32), last.astype(np.int32), widest,
+                      exact)
 
 
 def decode_problem(mask: ir.MaskDef, table: ReachTable) -> str | None:
