@@ -73,3 +73,22 @@ def test_a_top_k_step_adds_its_picked_blocks_and_the_selection_read():
     from maskdsl.simulator.decode import SELECTION_LAUNCHES
 
     assert predict_decode(table, step, model).launches == 1 + SELECTION_LAUNCHES
+
+
+@pytest.mark.parametrize("name, exact", [("window_sinks", True), ("causal", True), ("strided", True),
+                                         ("dilated", False), ("image_rows", False)])
+def test_a_table_says_whether_its_intervals_are_exactly_the_keys(name, exact):
+    """Exact tables (1-D, undilated) hold each row's keys and nothing else: checked against the oracle."""
+    spec, _ = spec_of(name)
+    mask = spec.mask("m")
+    table = reach_table(mask)
+    assert table.exact == exact
+    rows = torch.arange(mask.layout.tokens)
+    seen = static_mask(mask.expr, mask.layout.shape, rows)
+    covered = torch.zeros_like(seen)
+    for p in range(mask.layout.tokens):
+        for lo, hi in table.intervals[p].reshape(-1, 2):
+            if lo <= hi:
+                covered[p, lo:hi + 1] = True
+    assert not (seen & ~covered).any()  # every key is inside the intervals
+    assert torch.equal(seen, covered) == exact
