@@ -271,7 +271,7 @@ def _signature(q, k_cache, v_cache, cache_seqlens, page_table, out, num_splits) 
     return tuple(key)
 
 
-_DECODERS: dict[str, CompiledDecode] = {}  # a mask's content hash, or a CompiledAttention's key -> its decode path
+_DECODERS: dict[str, CompiledDecode] = {}  # a mask's content hash, its text or a CompiledAttention's key -> its path
 
 
 def decoder(mask: ir.MaskDef) -> CompiledDecode:
@@ -285,8 +285,9 @@ def decoder(mask: ir.MaskDef) -> CompiledDecode:
 def decode_call(key: str, mask: ir.MaskDef, q, k_cache, v_cache, cache_seqlens, page_table=None, **kwargs):
     """`CompiledAttention.decode` (named by its `key`): the decode path of its mask, found without hashing
     the mask again, and under torch.compile the `maskdsl::decode` op (the op finds the path by the key)."""
-    if torch.compiler.is_compiling():
-        return _op_call(key, q, k_cache, v_cache, cache_seqlens, page_table, **kwargs)
+    if torch.compiler.is_compiling():  # the op names the mask by its text, which builds the path if need be
+        text = f"layout g = grid({', '.join(str(n) for n in mask.layout.shape)})\nmask m = {mask.expr.fmt()}\n"
+        return _op_call(text, q, k_cache, v_cache, cache_seqlens, page_table, **kwargs)
     fn = _DECODERS.get(key)
     if fn is None:
         fn = _DECODERS[key] = decoder(mask)
@@ -305,11 +306,12 @@ def _op_call(key, q, k_cache, v_cache, cache_seqlens, page_table, scale=None, re
 
 
 def _resolve(key: str) -> CompiledDecode:
+    """The decode path named `key`: a CompiledDecode's content hash, or a mask's text (`decode_call`)."""
     fn = _DECODERS.get(key)
-    if fn is None:  # a CompiledAttention whose decode was first called inside torch.compile
-        from maskdsl.codegen.compiled import _REGISTRY
+    if fn is None:
+        from maskdsl.lang.parser import parse
 
-        fn = _DECODERS[key] = decoder(_REGISTRY[key].mask)
+        fn = _DECODERS[key] = decoder(parse(key).mask("m"))
     return fn
 
 
