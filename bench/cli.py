@@ -24,9 +24,7 @@ def cmd_bench(args) -> int:
               "`maskdsl simulate FILE --mask NAME` predicts the speedup without one")
         return 2
     if args.decode:
-        from maskdsl.bench.decode import run_decode
-
-        from maskdsl.bench.decode import parse_configs
+        from maskdsl.bench.decode import parse_configs, run_decode
 
         run_decode(args.json, only=args.only, with_flex=not args.no_flex, configs=parse_configs(args.decode_configs))
         return 0
@@ -149,8 +147,8 @@ def register(sub) -> None:
                    help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
     p.add_argument("--decode", action="store_true",
                    help="decode steps against a KV cache (bench/decode.py: GQA 64/8, 8k-128k, batch 1-64, q_len 1-8; "
-                        "a window of 4096 with sinks at 128k) against SDPA over the whole cache and flex decoding; "
-                        "--only picks cases by name")
+                        "a window of 4096 with sinks at 128k; NSA-style top-k at 32k) against SDPA over the whole "
+                        "cache and flex decoding; --only picks cases by name")
     p.add_argument("--decode-configs", metavar="NxWxS,...",
                    help="with --decode: time these launch configs (BLOCK_N x num_warps x num_stages, e.g. 64x4x2,128x8x3) "
                         "and report the best, each checked first (default: the decode path's own)")
