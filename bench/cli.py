@@ -28,6 +28,11 @@ def cmd_bench(args) -> int:
 
         run_documents(args.only, args.json, calls=args.calls, with_flex=not args.no_flex, sweep=args.sweep)
         return 0
+    if args.decode:
+        from maskdsl.bench.decode import parse_configs, run_decode
+
+        run_decode(args.json, only=args.only, with_flex=not args.no_flex, configs=parse_configs(args.decode_configs))
+        return 0
     from maskdsl.bench.report import print_paths, print_table
     from maskdsl.bench.cases import suite_files
     from maskdsl.bench.run import bench_mask, profile_launches, run_suite
@@ -145,6 +150,13 @@ def register(sub) -> None:
                    help="with FILE and one --config: three launches of that kernel and nothing else (for ncu)")
     p.add_argument("--train", action="store_true",
                    help="forward, backward and forward+backward (training) against dense SDPA and FlexAttention")
+    p.add_argument("--decode", action="store_true",
+                   help="decode steps against a KV cache (bench/decode.py: GQA 64/8, 8k-128k, batch 1-64, q_len 1-8; "
+                        "a window of 4096 with sinks at 128k; NSA-style top-k at 32k) against SDPA over the whole "
+                        "cache and flex decoding; --only picks cases by name")
+    p.add_argument("--decode-configs", metavar="NxWxS,...",
+                   help="with --decode: time these launch configs (BLOCK_N x num_warps x num_stages, e.g. 64x4x2,128x8x3) "
+                        "and report the best, each checked first (default: the decode path's own)")
     p.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (ours and dense SDPA only)")
     p.add_argument("--configs-from", nargs="+", metavar="JSON",
                    help="with --suite: re-time only the best config of each case in these saved runs (with --train: "

@@ -96,6 +96,13 @@ class CompiledAttention:
         if scale is not None:
             check_call(q, k, scale)
 
+    def decode(self, q, k_cache, v_cache, cache_seqlens, page_table=None, **kwargs):
+        """The new tokens q [B, H, q_len <= 16, D] against a KV cache that already holds them (docs/SERVING.md:
+        contiguous [B, H_kv, max_len, D] or paged [pages, H_kv, page_size, D] with `page_table`)."""
+        from maskdsl.codegen.decode import decode_call
+
+        return decode_call(self.key, self.mask, q, k_cache, v_cache, cache_seqlens, page_table, **kwargs)
+
     @property
     def gluon_schedule(self):
         """The Gluon forward's schedule and tables for this mask (maskdsl.analysis.gluon_rule), computed on first use."""
