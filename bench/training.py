@@ -17,8 +17,8 @@ from pathlib import Path
 
 # (dK/dV kernel, dQ kernel) as (query tile, key tile, warps, stages) in tokens: the split backward's
 # neighbours of the default worth timing, then the atomic-dQ backward's dK/dV kernels (its dQ kernel does not run)
-SPLIT_OPTIONS = (((64, 128, 8, 2), (128, 64, 8, 2)),)
-ATOMIC_OPTIONS = ((64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3))
+SPLIT_OPTIONS = ()
+ATOMIC_OPTIONS = ((64, 128, 8, 2),)
 
 
 def backward_candidates(mask, head_dim: int, modes=("split", "atomic")):
