@@ -136,6 +136,10 @@ def _tune(spec: ir.Spec, mask: str, trials: int, storage: str | None, timeout: f
           progress: bool, per_volume: int, backward: bool, deterministic: bool) -> TuneResult:
     optuna.logging.set_verbosity(logging.WARNING)
     mdef = spec.mask(mask)
+    if mdef.documents:
+        raise ValueError(f"mask {mask!r} is a document mask: its tiles are fixed by codegen.documents' DocumentConfig "
+                         "and the tuning database has no study for it yet (its time depends on each call's lengths); "
+                         "hint: `maskdsl bench --documents --sweep` times its candidate tiles")
     if backward and mdef.dynamic:
         raise ValueError(f"mask {mask!r} has a top-k term: backward tuning covers static masks "
                          "(the top-k backward takes the forward's tiles); hint: tune its forward instead")

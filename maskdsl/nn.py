@@ -20,8 +20,9 @@ class MaskedAttention(torch.nn.Module):
         self.attention = compile(spec, mask, config, backward_config, deterministic=deterministic)
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.attention(q, k, v, scale=self.scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **documents) -> torch.Tensor:
+        """`documents=offsets` (and `prefix=`, `check_documents=`) go to a document mask's call (docs/LANGUAGE.md)."""
+        return self.attention(q, k, v, scale=self.scale, **documents)
 
     def extra_repr(self) -> str:
         m = self.attention.mask

@@ -251,3 +251,23 @@ def test_kernels_visit_exactly_the_simulators_tiles(name):
         for row in counts:
             assert row[:, 0].tolist() == want.full.tolist(), kind
             assert row[:, 1].tolist() == want.partial.tolist(), kind
+
+
+def test_nn_module_passes_documents_and_tune_refuses_a_document_mask():
+    import pytest
+    import torch
+
+    import maskdsl
+    from maskdsl.autotune.tuner import tune
+    from maskdsl.nn import MaskedAttention
+
+    spec = maskdsl.parse("layout s = grid(40)\nmask m = document & causal")
+    layer = MaskedAttention(spec, "m")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+    offsets = torch.tensor([0, 13, 40], dtype=torch.int32)
+    got = layer(q, k, v, documents=offsets)
+    want = maskdsl.compile(spec, "m")(q, k, v, documents=offsets)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="document mask"):
+        tune(spec, "m", trials=1)
