@@ -91,8 +91,9 @@ def register(sub) -> None:
                    help="tune the backward kernels (dK/dV and dQ configs; objective: the backward's time)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=None,
-                      help="with --backward: tune the split backward (bitwise-equal gradients run to run)")
+                      help="with --backward: tune the split backward (bitwise-equal gradients run to run; the default "
+                           "maskdsl.compile runs)")
     mode.add_argument("--atomic", dest="deterministic", action="store_false",
-                      help="with --backward: tune the atomic-dQ backward (default: the one maskdsl.compile runs)")
+                      help="with --backward: tune the atomic-dQ backward (maskdsl.compile(deterministic=False))")
     p.add_argument("--json", help="with --exhaustive: write every timing here")
     p.set_defaults(func=cmd_tune)
