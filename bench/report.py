@@ -14,14 +14,15 @@ def print_table(results) -> None:
     """One row per case: best dense, FlexAttention (and its gather form when timed), ours, ratios, bound, error."""
     gather = any("flex_gather_ms" in r for r in results)
     print(f"\n{'case':34s} {'dense':>9s} {'flex':>9s} " + (f"{'flex gather':>11s} " if gather else "")
-          + f"{'ours':>9s} {'x dense':>8s} {'x flex':>7s} {'ideal':>7s} {'bound':>7s} {'err':>8s}  config")
+          + f"{'ours':>9s} {'x dense':>8s} {'x flex':>7s} {'ideal':>7s} {'bound':>7s} {'err':>8s} {'host us':>8s}  config")
     for r in results:
         best = r.get("ours_best", {})
         print(f"{Path(r['file']).stem + ':' + r['mask']:34s} {_fmt(r.get('dense_best_ms')):>9s} "
               f"{_fmt(r.get('flex_ms')):>9s} " + (f"{_fmt(r.get('flex_gather_ms')):>11s} " if gather else "")
               + f"{_fmt(best.get('ms')):>9s} {_fmt(r.get('speedup_vs_dense'), 2):>8s} "
               f"{_fmt(r.get('speedup_vs_flex'), 2):>7s} {_fmt(r.get('flop_ideal'), 1):>7s} "
-              f"{_fmt(r.get('sim_upper_bound'), 2):>7s} {_fmt(best.get('error'), 5) if best else '-':>8s}  "
+              f"{_fmt(r.get('sim_upper_bound'), 2):>7s} {_fmt(best.get('error'), 5) if best else '-':>8s} "
+              f"{_fmt(best.get('host_us'), 1):>8s}  "
               f"{best.get('config', '-')}")
     small = [r for r in results if r.get("dense_graph_ms") or r.get("ours_best", {}).get("graph_ms")]
     if small:

@@ -119,7 +119,7 @@ def run_config(case: Case, cfg, best_dense: float, tma: bool | None = None) -> d
     import torch
 
     from maskdsl.codegen.build import compile_attention
-    from maskdsl.harness.measure import GRAPH_BELOW_MS, graph_time_ms, time_ms
+    from maskdsl.harness.measure import GRAPH_BELOW_MS, graph_time_ms, host_us, time_ms
 
     entry = {"config": cfg.key()}
     if tma is not None:
@@ -140,6 +140,8 @@ def run_config(case: Case, cfg, best_dense: float, tma: bool | None = None) -> d
         entry["ms"] = time_ms(lambda: fn(case.q, case.k, case.v), **TIMER)
         if case.device == "cuda" and entry["ms"] < GRAPH_BELOW_MS:  # host-bound: the kernel's own time too
             entry["graph_ms"] = graph_time_ms(lambda: fn(case.q, case.k, case.v), **TIMER)
+        if case.device == "cuda":  # the warm host time of a call, its own column
+            entry["host_us"] = host_us(lambda: fn(case.q, case.k, case.v), sync=torch.cuda.synchronize)
         if hasattr(fn, "gluon_blocker"):
             entry["path"] = "gluon" if fn.gluon_blocker(case.q, case.k, case.v) is None else "triton"
         dense_flops = 4 * case.problem.batch * case.problem.heads * case.mask.layout.tokens**2 * case.problem.head_dim

@@ -90,3 +90,16 @@ def test_check_passes_the_exact_output_and_catches_each_fault(case):
     outside = next(r for r in range(40) if r not in rows.tolist())
     sliced[0, 0, outside] = 0.0
     assert ref.check(sliced, slice_only=True).stray == 1
+
+
+def test_host_us_times_each_call_and_syncs_between_groups():
+    """host_us is the median per-call wall time; the sync runs between groups of calls, never inside one."""
+    import time
+
+    from maskdsl.harness.measure import host_us
+
+    syncs = []
+    slow = host_us(lambda: time.sleep(0.002), calls=30, sync=lambda: syncs.append(1), every=10)
+    fast = host_us(lambda: None, calls=30)
+    assert 1500 < slow < 20000 and fast < slow / 10
+    assert len(syncs) == 4  # before each group of 10 and once at the end

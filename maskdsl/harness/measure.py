@@ -238,6 +238,27 @@ def single_call_ms(fn, warmup: int = 10, calls: int = 5, idle_s: float = 0.1) ->
     return statistics.median(times)
 
 
+def host_us(fn, calls: int = 200, sync=None, every: int = 20) -> float:
+    """Warm host time of one call of `fn()` in microseconds: the median over `calls` of the wall time each
+    call takes to return, without waiting for the GPU (`sync`, e.g. torch.cuda.synchronize, runs only
+    between groups of `every` calls, so the launch queue stays short and never holds the host back).
+    What a decode step or a small layer pays on the CPU on top of its kernels."""
+    import statistics
+
+    for _ in range(10):
+        fn()
+    times = []
+    for i in range(calls):
+        if sync is not None and i % every == 0:
+            sync()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    if sync is not None:
+        sync()
+    return statistics.median(times) * 1e6
+
+
 DENSE_BACKENDS = ("cudnn", "flash")
 
 
