@@ -12,8 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from maskdsl.codegen.documents.intervals import (full_span, inside, keep_keys, load_meta, next_tile, row_interval,
-                                                 split_span, tile_span)
+from maskdsl.codegen.documents.intervals import inside, keep_keys, load_meta, next_tile, split_span, term_spans
 
 
 @triton.jit
@@ -84,18 +83,8 @@ def document_fwd(Q, K, V, O, LSE, META, COUNTS, L, qk_scale,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
     s, e, p = load_meta(META, rows, row_ok, L)
-    lo0, hi0 = row_interval(rows, s, e, p, T0, INNER)
-    lo1, hi1 = row_interval(rows, s, e, p, T1, INNER)
-    lo2, hi2 = row_interval(rows, s, e, p, T2, INNER)
-    lo3, hi3 = row_interval(rows, s, e, p, T3, INNER)
-    a0, b0 = tile_span(lo0, hi0, row_ok, BLOCK_N)
-    a1, b1 = tile_span(lo1, hi1, row_ok, BLOCK_N)
-    a2, b2 = tile_span(lo2, hi2, row_ok, BLOCK_N)
-    a3, b3 = tile_span(lo3, hi3, row_ok, BLOCK_N)
-    f0, g0 = full_span(lo0, hi0, row_ok, BLOCK_N)
-    f1, g1 = full_span(lo1, hi1, row_ok, BLOCK_N)
-    f2, g2 = full_span(lo2, hi2, row_ok, BLOCK_N)
-    f3, g3 = full_span(lo3, hi3, row_ok, BLOCK_N)
+    (lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, a0, b0, a1, b1, a2, b2, a3, b3,
+     f0, g0, f1, g1, f2, g2, f3, g3) = term_spans(rows, s, e, p, row_ok, T0, T1, T2, T3, INNER, BLOCK_N, True)
 
     q = _load_tile(q_base, rows, row_ok, stride_ql, offs_d, HEAD_DIM, True)
     if DOT_F32:  # Triton's interpreter cannot multiply bf16

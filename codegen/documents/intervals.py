@@ -115,6 +115,34 @@ def full_span(lo, hi, ok, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def term_spans(lane, s, e, p, ok, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+               INNER: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Each of the four terms' intervals for the lanes (query rows with ROWS, else keys: `row_interval` or
+    `column_interval`), the tiles of BLOCK tokens each visits [a, b) and those it holds whole [f, g):
+    what every walking program derives from the metadata before its loop."""
+    if ROWS:
+        lo0, hi0 = row_interval(lane, s, e, p, T0, INNER)
+        lo1, hi1 = row_interval(lane, s, e, p, T1, INNER)
+        lo2, hi2 = row_interval(lane, s, e, p, T2, INNER)
+        lo3, hi3 = row_interval(lane, s, e, p, T3, INNER)
+    else:
+        lo0, hi0 = column_interval(lane, s, e, p, T0, INNER)
+        lo1, hi1 = column_interval(lane, s, e, p, T1, INNER)
+        lo2, hi2 = column_interval(lane, s, e, p, T2, INNER)
+        lo3, hi3 = column_interval(lane, s, e, p, T3, INNER)
+    a0, b0 = tile_span(lo0, hi0, ok, BLOCK)
+    a1, b1 = tile_span(lo1, hi1, ok, BLOCK)
+    a2, b2 = tile_span(lo2, hi2, ok, BLOCK)
+    a3, b3 = tile_span(lo3, hi3, ok, BLOCK)
+    f0, g0 = full_span(lo0, hi0, ok, BLOCK)
+    f1, g1 = full_span(lo1, hi1, ok, BLOCK)
+    f2, g2 = full_span(lo2, hi2, ok, BLOCK)
+    f3, g3 = full_span(lo3, hi3, ok, BLOCK)
+    return (lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, a0, b0, a1, b1, a2, b2, a3, b3,
+            f0, g0, f1, g1, f2, g2, f3, g3)
+
+
+@triton.jit
 def next_tile(t, a0, b0, a1, b1, a2, b2, a3, b3):
     """The first tile after t inside one of the spans [a, b) (2147483647 when none): a union of spans
     walked once, each tile once."""
