@@ -314,10 +314,9 @@ def parse_configs(text: str | None):
 def run_decode(out_json: str | None, only: str | None = None, with_flex: bool = True, device="cuda",
                configs=DEFAULT_CONFIGS) -> list[dict]:
     """Every selected case in this process; the JSON (environment and results) rewritten after each case."""
-    import json
+    from maskdsl.bench.run import environment, save_run
 
-    from maskdsl.bench.run import environment
-
+    env = environment()
     results = []
     for case in select(default_cases(), only):
         try:
@@ -327,8 +326,7 @@ def run_decode(out_json: str | None, only: str | None = None, with_flex: bool = 
         torch.cuda.empty_cache()
         print(summary(results[-1]), flush=True)
         if out_json:
-            with open(out_json, "w") as fh:
-                json.dump({"environment": environment(), "results": results}, fh, indent=1)
+            save_run(out_json, env, results)
     return results
 
 

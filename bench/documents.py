@@ -12,7 +12,6 @@ The baselines are in bench/document_baselines.py.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 
@@ -339,8 +338,9 @@ def run_case(case: DocumentCase, calls: int = 20, with_flex: bool = True, seed: 
 
 def run_documents(only: str | None = None, out_json: str | None = None, calls: int = 20,
                   with_flex: bool = True, sweep: bool = False) -> list[dict]:
-    from maskdsl.bench.run import environment
+    from maskdsl.bench.run import environment, save_run
 
+    env = environment()
     results = []
     for case in pick_cases(only):
         try:
@@ -350,8 +350,7 @@ def run_documents(only: str | None = None, out_json: str | None = None, calls: i
         results.append(r)
         print(format_row(r), flush=True)
         if out_json:
-            with open(out_json, "w") as fh:
-                json.dump({"environment": environment(), "results": results}, fh, indent=1)
+            save_run(out_json, env, results)
     return results
 
 

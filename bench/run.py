@@ -338,6 +338,13 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def save_run(out_json, env: dict, results: list[dict], **extra) -> None:
+    """A run as every bench command writes it, after each case (a run cut short keeps what finished)."""
+    import json
+
+    Path(out_json).write_text(json.dumps({"environment": env, "results": results, **extra}, indent=1))
+
+
 def best_configs(runs: list[dict]) -> dict[str, str]:
     """{'file stem:mask': the best config's key} of saved suite runs (a case in several: the last run's),
     so a later call can re-time exactly the configs a table was made of (`--configs-from`)."""
@@ -355,8 +362,6 @@ def run_suite(files, out_json: str | None, only: str | None = None, flex_gather:
 
     `configs_from` ({'stem:mask': config key}, `best_configs`): time only that config of each case it names
     (and skip the cases it does not): a re-measurement of a saved table without its whole search."""
-    import json
-
     from maskdsl.bench.report import calibrate, print_table
     from maskdsl.codegen.config import KernelConfig
 
@@ -377,13 +382,13 @@ def run_suite(files, out_json: str | None, only: str | None = None, flex_gather:
         r["file"] = str(path)
         results.append(r)
         if out_json:
-            Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+            save_run(out_json, env, results)
     print_table(results)
     if paths:
         return results
     fitted = calibrate(results, env["gpu"])
     if out_json:  # the fit goes with the run, so the shipped simulator/gpu_costs.json can be updated from it
-        Path(out_json).write_text(json.dumps({"environment": env, "results": results, "cost_fit": fitted}, indent=1))
+        save_run(out_json, env, results, cost_fit=fitted)
     return results
 
 

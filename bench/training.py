@@ -265,10 +265,8 @@ def run_training(files, out_json: str | None = None, only: str | None = None, wi
                  configs_from: dict | None = None) -> list[dict]:
     """`maskdsl bench --train`: every attention statement of the files (matching `only`; top-k ones too, whose
     backward takes the forward's tiles), one process."""
-    import json
-
     from maskdsl.bench.cases import suite_cases
-    from maskdsl.bench.run import environment
+    from maskdsl.bench.run import environment, save_run
 
     env = environment()
     print(f"# {env}", flush=True)
@@ -286,7 +284,7 @@ def run_training(files, out_json: str | None = None, only: str | None = None, wi
         results.append(r)
         print(format_row(r), flush=True)
         if out_json:
-            Path(out_json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
+            save_run(out_json, env, results)
     print("\nforward+backward, do_bench medians:")
     for r in results:
         print(format_row(r))

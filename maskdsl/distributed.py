@@ -171,7 +171,7 @@ class ContextParallelAttention:
                 "world size": str(self.ranks), "zigzag": str(zigzag), "overlap": str(overlap),
                 "max_segment_frames": str(max_segment_frames), "head_dim": str(self.head_dim),
                 "frame tiles (forward, backward)": f"{self.fn.frame_tiles}, {self.fn.backward_frame_tiles(self.head_dim)}",
-                "backward": getattr(getattr(self.fn, "backward_config", None), "key", lambda: "top-k")(),
+                "backward": self.fn.backward_config.key() if getattr(self.fn, "backward_config", None) else "top-k",
                 "shard plan": hashlib.sha256(plan_text.encode()).hexdigest()[:16]}
 
     # ---- moving whole tensors between the global and the sharded layouts (examples, tests) ----
