@@ -9,14 +9,12 @@ Usage: python bench/scripts/host_time.py [OUT.json] [--calls N]
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 import maskdsl
-from maskdsl.codegen.build import compile_attention
+from maskdsl.harness.measure import host_us
 
 CASES = [  # (name, spec text, mask): each kernel family the dispatch can pick
     ("gluon_fwd_1d", "layout s = grid(4096)\nmask m = sliding_window(513, causal=true)\n"
@@ -31,18 +29,7 @@ CASES = [  # (name, spec text, mask): each kernel family the dispatch can pick
 
 
 def _median_us(fn, calls: int) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(calls):
-        if i % 50 == 0:
-            torch.cuda.synchronize()  # keep the launch queue short: the host must never wait on it
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+    return host_us(fn, calls=calls, sync=torch.cuda.synchronize, every=50)
 
 
 def main(argv=None) -> int:
